@@ -1,0 +1,1 @@
+"""lte-swarm's peer roles (trainer, coordinator, monitor), their data and models, and the CLI."""

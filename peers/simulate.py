@@ -1,0 +1,154 @@
+"""One-process LTE: all N heads of a run in one process, merged every T steps, plus the full-rank and
+single-LoRA baselines on the same model, data and sample budget. The swarm must reproduce this."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterator, Literal
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from peers.data import DataSource, ImageShape
+from peers.models import create_lte_model, create_model, resolve_device
+from swarm.config import RunConfig, TrainConfig
+from swarm.lte_model import LTEModel, clip_head_grads_
+
+Mode = Literal["lte", "full", "lora"]
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass
+class EvalPoint:
+    round: int
+    step: int
+    samples: int
+    accuracy: float
+    loss: float
+    train_loss: float
+    seconds: float
+
+
+@dataclass
+class SimResult:
+    mode: Mode
+    accuracy: float
+    loss: float
+    samples: int
+    seconds: float
+    steps: int
+    rounds: int
+    history: list[EvalPoint] = field(default_factory=list)
+    weight_digest: str | None = None
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def lr_factor(step: int, total: int, train: TrainConfig) -> float:
+    """Linear warm-up, then constant or cosine decay to zero over the run."""
+    if step < train.warmup_steps:
+        return (step + 1) / train.warmup_steps
+    if train.schedule == "constant":
+        return 1.0
+    progress = (step - train.warmup_steps) / max(1, total - train.warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+@torch.no_grad()
+def evaluate(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor,
+             device: torch.device, batch: int = 512) -> tuple[float, float]:
+    """(accuracy, mean cross-entropy) of `forward` on the held-out set."""
+    correct, loss = 0, 0.0
+    for i in range(0, len(y), batch):
+        xb, yb = x[i:i + batch].to(device), y[i:i + batch].to(device)
+        logits = forward(xb).float()
+        loss += F.cross_entropy(logits, yb, reduction="sum").item()
+        correct += (logits.argmax(-1) == yb).sum().item()
+    return correct / len(y), loss / len(y)
+
+
+def head_loss(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum over heads of each head's mean loss (so each head's gradient is its own loss's gradient),
+    and the mean loss for reporting. logits (H, b, C), y (H, b)."""
+    per = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="none").view(y.shape).mean(1)
+    return per.sum(), per.mean().detach()
+
+
+def stack_batches(streams: list[Iterator[Batch]], device: torch.device) -> Batch:
+    pairs = [next(s) for s in streams]
+    return torch.stack([p[0] for p in pairs]).to(device), torch.stack([p[1] for p in pairs]).to(device)
+
+
+def simulate(cfg: RunConfig, mode: Mode = "lte", *, on_eval: Callable[[EvalPoint], None] | None = None,
+             on_step: Callable[[int, int], None] | None = None) -> SimResult:
+    """Train `mode` on the config's data for `train.samples` samples; evaluate every
+    `train.eval_every` merge rounds (every T steps for the baselines, to align the curves)."""
+    device = resolve_device(cfg.train.device)
+    torch.manual_seed(cfg.train.seed)
+    source = DataSource(cfg.data, ImageShape(cfg.model.image_size, cfg.model.channels), seed=cfg.train.seed)
+    x_eval, y_eval = source.eval_set()
+    steps, period = cfg.steps, cfg.lte.merge_every
+
+    if mode == "full":
+        net = create_model(cfg.model).to(device)
+        params = [p for p in net.parameters() if p.requires_grad]
+        streams = [source.batches(0, 1, cfg.train.batch_size)]
+        lr = cfg.train.full_lr
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            return net(x[0])[None]
+        eval_forward = net
+    else:
+        n = cfg.lte.heads if mode == "lte" else 1
+        if mode == "lora":
+            cfg = cfg.with_overrides({"lte.heads": 1})
+        lte = create_lte_model(cfg, list(range(n)), device)
+        params = lte.trainable_parameters()
+        streams = [source.batches(i, n, cfg.head_batch) for i in range(n)]
+        lr = cfg.train.lr
+        forward = lte
+        # Single LoRA never merges: it is evaluated with its head in place.
+        eval_forward = lte.forward_merged if mode == "lte" else (lambda x: lte(x[None])[0])
+
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.train.weight_decay)
+    history: list[EvalPoint] = []
+    start = time.perf_counter()
+    running, rounds = 0.0, 0
+    for step in range(steps):
+        x, y = stack_batches(streams, device)
+        loss, mean_loss = head_loss(forward(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.train.grad_clip is not None:
+            if mode == "full":
+                nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
+            else:
+                clip_head_grads_(params, cfg.train.grad_clip)
+        for group in optimizer.param_groups:
+            group["lr"] = lr * lr_factor(step, steps, cfg.train)
+        optimizer.step()
+        running += mean_loss.item()
+        if on_step:
+            on_step(step + 1, steps)
+        last = step == steps - 1
+        if (step + 1) % period == 0 or last:
+            if mode == "lte":
+                lte.merge()
+            rounds += 1
+            if rounds % cfg.train.eval_every == 0 or last:
+                acc, eval_loss = evaluate(eval_forward, x_eval, y_eval, device)
+                steps_in_round = (step % period) + 1
+                point = EvalPoint(rounds, step + 1, (step + 1) * cfg.train.batch_size, acc, eval_loss,
+                                  running / steps_in_round, time.perf_counter() - start)
+                history.append(point)
+                if on_eval:
+                    on_eval(point)
+            running = 0.0 if (step + 1) % period == 0 else running
+    final = history[-1]
+    return SimResult(mode=mode, accuracy=final.accuracy, loss=final.loss, samples=steps * cfg.train.batch_size,
+                     seconds=time.perf_counter() - start, steps=steps, rounds=rounds, history=history,
+                     weight_digest=lte.weight_digest() if mode == "lte" else None)

@@ -1,0 +1,169 @@
+"""The run's config: typed, strict (unknown keys are errors) and cross-checked, loaded from YAML.
+
+Every peer of a run works from the same `RunConfig`; the coordinator publishes it and volunteers
+read it back, so it must round-trip through plain JSON (`model_dump(mode="json")`).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, model_validator
+
+from swarm.errors import ConfigError
+
+DATA_SPEC_HELP = "digits, hf:NAME[:CONFIG][@SPLIT], or a local file/folder that `datasets` can read"
+_HF_SPEC = re.compile(r"^hf:(?P<name>[^:@]+)(?::(?P<config>[^@]+))?(?:@(?P<split>.+))?$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Strict):
+    name: str = Field(description="timm model name, e.g. vit_tiny_patch16_224")
+    args: dict[str, Any] = Field(default_factory=dict, description="keyword arguments for timm.create_model")
+    seed: int = Field(0, description="seed of the initial W and non-linear parameters")
+
+    @property
+    def image_size(self) -> int:
+        size = self.args.get("img_size", 224)
+        return int(size[0] if isinstance(size, (list, tuple)) else size)
+
+    @property
+    def channels(self) -> int:
+        return int(self.args.get("in_chans", 3))
+
+
+class LTEConfig(_Strict):
+    heads: PositiveInt = Field(description="N, the run's number of LoRA heads")
+    rank: PositiveInt = Field(description="r, the rank of every head")
+    alpha: PositiveFloat = Field(description="LoRA alpha; the head scale is s = alpha / rank")
+    merge_every: PositiveInt = Field(description="T, local steps between merges")
+    variant: Literal["reset", "reset_less"] = "reset_less"
+    nonlinear: Literal["freeze", "replicate"] = "freeze"
+    storage: Literal["fp32", "bf16", "int8", "nf4"] = "fp32"
+    vectorised: bool = True
+
+
+class TrainConfig(_Strict):
+    batch_size: PositiveInt = Field(description="cumulative batch over all heads (per head: batch_size / heads)")
+    samples: PositiveInt = Field(description="training budget in samples, summed over heads")
+    lr: PositiveFloat = Field(description="learning rate of the LoRA heads")
+    full_lr: PositiveFloat = Field(description="learning rate of the full-rank baseline")
+    weight_decay: float = Field(0.0, ge=0.0)
+    warmup_steps: int = Field(0, ge=0)
+    schedule: Literal["constant", "cosine"] = "cosine"
+    grad_clip: PositiveFloat | None = None
+    seed: int = 0
+    eval_every: PositiveInt = Field(1, description="evaluate every this many merge rounds")
+    device: Literal["cpu", "cuda", "auto"] = "cpu"
+
+
+class DataConfig(_Strict):
+    source: str = Field("digits", description=DATA_SPEC_HELP)
+    holdout: PositiveInt = Field(360, description="leading records of the stream held out for evaluation")
+    shuffle_buffer: PositiveInt = 1024
+
+    @model_validator(mode="after")
+    def _check_source(self) -> "DataConfig":
+        check_data_spec(self.source)
+        return self
+
+
+class RunConfig(_Strict):
+    model: ModelConfig
+    lte: LTEConfig
+    train: TrainConfig
+    data: DataConfig = Field(default_factory=DataConfig)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "RunConfig":
+        if self.train.batch_size % self.lte.heads:
+            raise ValueError(
+                f"train.batch_size ({self.train.batch_size}) must be a multiple of lte.heads ({self.lte.heads})"
+            )
+        if self.train.samples < self.train.batch_size:
+            raise ValueError(f"train.samples ({self.train.samples}) is below one batch (train.batch_size = {self.train.batch_size})")
+        return self
+
+    @property
+    def head_batch(self) -> int:
+        return self.train.batch_size // self.lte.heads
+
+    @property
+    def steps(self) -> int:
+        """Local steps per head (equal to full-rank steps at the same samples)."""
+        return -(-self.train.samples // self.train.batch_size)
+
+    def with_overrides(self, overrides: dict[str, Any]) -> "RunConfig":
+        """A copy with dotted keys replaced (`{"data.source": "digits"}`), re-validated."""
+        raw = self.model_dump(mode="json")
+        for dotted, value in overrides.items():
+            node = raw
+            *parents, leaf = dotted.split(".")
+            for part in parents:
+                if not isinstance(node.get(part), dict):
+                    raise ConfigError(f"unknown config section {dotted}")
+                node = node[part]
+            node[leaf] = value
+        return parse_config(raw, origin="overrides")
+
+
+def check_data_spec(spec: str) -> None:
+    """Reject data specs that cannot be valid whatever is on disk."""
+    if not spec.strip():
+        raise ValueError(f"empty data spec; expected {DATA_SPEC_HELP}")
+    if spec.startswith("hf:") and not _HF_SPEC.match(spec):
+        raise ValueError(f"malformed data spec {spec!r}; expected hf:NAME[:CONFIG][@SPLIT]")
+
+
+def parse_hf_spec(spec: str) -> tuple[str, str | None, str]:
+    """`hf:NAME[:CONFIG][@SPLIT]` -> (name, config, split), split defaulting to train."""
+    match = _HF_SPEC.match(spec)
+    if not match:
+        raise ValueError(f"malformed data spec {spec!r}; expected hf:NAME[:CONFIG][@SPLIT]")
+    return match["name"], match["config"], match["split"] or "train"
+
+
+def _describe(error: ValidationError) -> str:
+    parts = []
+    for item in error.errors():
+        where = ".".join(str(p) for p in item["loc"])
+        msg = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif item["type"] == "missing":
+            msg = "required key is missing"
+        elif "input" in item and not isinstance(item["input"], dict):
+            msg += f" (got {item['input']!r})"
+        parts.append(f"{where}: {msg}" if where else msg)
+    return "; ".join(parts)
+
+
+def parse_config(raw: Any, origin: str = "config") -> RunConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{origin}: expected a mapping of sections (model, lte, train, data), got {type(raw).__name__}")
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(f"{origin}: {_describe(exc)}") from None
+
+
+def load_config(path: str | Path) -> RunConfig:
+    """Read and validate a YAML config; every failure is a one-line `ConfigError`."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror or exc}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    return parse_config(raw, origin=str(path))

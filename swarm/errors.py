@@ -1,0 +1,13 @@
+"""The few exceptions the project raises on purpose, so that edges can print one line for them."""
+
+
+class LTESwarmError(Exception):
+    """Base class: an error a user can act on, printed as one line without a traceback."""
+
+
+class ConfigError(LTESwarmError):
+    """A config file or option is malformed, unknown or inconsistent."""
+
+
+class DataError(LTESwarmError):
+    """A data spec cannot be resolved or its records cannot be turned into (image, label) pairs."""

@@ -1,0 +1,258 @@
+"""A model whose every `nn.Linear` is W plus LoRA heads, with the LTE merge over those heads.
+
+`LTEModel` holds H local heads (all N of a run in the one-process simulation, a peer's K heads in
+the swarm). Their factors are stacked along a leading head dimension and plugged into the wrapped
+model per head with `torch.func.functional_call`, vectorised over heads with `vmap` or looped; both
+give the same numbers. The wrapped model, called on its own, is the merged model: W plus the
+shared non-linear parameters.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Literal, Sequence
+
+import torch
+from torch import nn
+from torch.func import functional_call, vmap
+
+from swarm.lora import LTELinear, delta_sum, head_seed, merge_scale, semi_orthogonal
+from swarm.quant import QuantizedWeight, Storage
+
+Variant = Literal["reset", "reset_less"]
+Nonlinear = Literal["freeze", "replicate"]
+
+
+@dataclass(frozen=True)
+class LTESpec:
+    """The LTE hyper-parameters a model is converted with (resolved from the run's config)."""
+
+    n_heads: int
+    rank: int
+    alpha: float
+    variant: Variant = "reset_less"
+    nonlinear: Nonlinear = "freeze"
+    storage: Storage = "fp32"
+    seed: int = 0
+    vectorised: bool = True
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+class HeadFactors(nn.Module):
+    """The stacked factors of the local heads for one layer; A0/B0 hold each head's factors at its
+    last merge (reset-less variant only)."""
+
+    def __init__(self, a: torch.Tensor, out_features: int, with_baseline: bool):
+        super().__init__()
+        h, r, _ = a.shape
+        self.A = nn.Parameter(a)
+        self.B = nn.Parameter(torch.zeros(h, out_features, r, dtype=a.dtype, device=a.device))
+        self.register_buffer("A0", torch.zeros_like(a) if with_baseline else None)
+        self.register_buffer("B0", torch.zeros_like(self.B) if with_baseline else None)
+
+
+def _key(name: str) -> str:
+    return name.replace(".", ":")
+
+
+class LTEModel(nn.Module):
+    def __init__(self, model: nn.Module, spec: LTESpec, head_ids: Sequence[int], device: str | torch.device = "cpu"):
+        super().__init__()
+        if not head_ids:
+            raise ValueError("an LTEModel needs at least one head")
+        if any(not 0 <= h < spec.n_heads for h in head_ids):
+            raise ValueError(f"head ids {list(head_ids)} outside 0..{spec.n_heads - 1}")
+        self.spec = spec
+        self.head_ids = list(head_ids)
+        for module in model.modules():
+            # vmap has no batching rule for the fused CPU attention kernels; the unfused path is exact.
+            if hasattr(module, "fused_attn"):
+                module.fused_attn = False
+        self.model = model.to(device)
+        self.layer_names = _convert_linears(self.model, spec, device)
+        if not self.layer_names:
+            raise ValueError("the model has no nn.Linear layer to attach LoRA heads to")
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+        self.factors = nn.ModuleDict()
+        for index, name in enumerate(self.layer_names):
+            layer = self.layer(name)
+            a = torch.stack([
+                semi_orthogonal(spec.rank, layer.in_features, seed=head_seed(spec.seed, h, index),
+                                dtype=layer.weight_store.master.dtype)
+                for h in self.head_ids
+            ]).to(device)
+            self.factors[_key(name)] = HeadFactors(a, layer.out_features, spec.variant == "reset_less")
+
+        # Non-linear parameters: frozen and shared, or one replica per head averaged at each merge.
+        self.replicated = [n for n, _ in self.model.named_parameters()] if spec.nonlinear == "replicate" else []
+        self.replicas = nn.ParameterDict()
+        self.replica_base = nn.ParameterDict()
+        params = dict(self.model.named_parameters())
+        for name in self.replicated:
+            stacked = params[name].detach().unsqueeze(0).repeat(len(self.head_ids), *[1] * params[name].dim())
+            self.replicas[_key(name)] = nn.Parameter(stacked.clone())
+            self.replica_base[_key(name)] = nn.Parameter(stacked.clone(), requires_grad=False)
+
+    # ---- structure -------------------------------------------------------------------------
+    @property
+    def n_local(self) -> int:
+        return len(self.head_ids)
+
+    def layer(self, name: str) -> LTELinear:
+        return self.model.get_submodule(name)
+
+    def layers(self) -> list[tuple[str, LTELinear]]:
+        return [(name, self.layer(name)) for name in self.layer_names]
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def head_tensors(self) -> dict[str, torch.Tensor]:
+        """Stacked per-head tensors keyed by the wrapped model's parameter/buffer names."""
+        out: dict[str, torch.Tensor] = {}
+        for name in self.layer_names:
+            f = self.factors[_key(name)]
+            out[f"{name}.lora_A"], out[f"{name}.lora_B"] = f.A, f.B
+            if f.A0 is not None:
+                out[f"{name}.lora_A0"], out[f"{name}.lora_B0"] = f.A0, f.B0
+        for name in self.replicated:
+            out[name] = self.replicas[_key(name)]
+        return out
+
+    # ---- forward ---------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-head forward: x is (H, batch, ...) with head i's own batch at x[i]."""
+        if x.shape[0] != self.n_local:
+            raise ValueError(f"input has {x.shape[0]} head slices, the model holds {self.n_local} heads")
+        tensors = self.head_tensors()
+        if self.spec.vectorised:
+            def one_head(t: dict[str, torch.Tensor], xi: torch.Tensor) -> torch.Tensor:
+                return functional_call(self.model, t, (xi,))
+            return vmap(one_head, randomness="different")(tensors, x)
+        return torch.stack([
+            functional_call(self.model, {k: v[i] for k, v in tensors.items()}, (x[i],))
+            for i in range(self.n_local)
+        ])
+
+    def forward_merged(self, x: torch.Tensor) -> torch.Tensor:
+        """The merged model: W and the shared non-linear parameters, no head term."""
+        return self.model(x)
+
+    # ---- merge -----------------------------------------------------------------------------
+    def local_indices(self, heads: Sequence[int] | None) -> list[int]:
+        """Positions of run head ids `heads` among the local heads (all of them for None)."""
+        if heads is None:
+            return list(range(self.n_local))
+        return [self.head_ids.index(h) for h in sorted(heads)]
+
+    @torch.no_grad()
+    def weight_deltas(self, heads: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
+        """Per layer, the sum of the given heads' unmerged changes of B A (not yet scaled)."""
+        idx = self.local_indices(heads)
+        out = {}
+        for name in self.layer_names:
+            f = self.factors[_key(name)]
+            out[name] = delta_sum(f.A.detach(), f.B.detach(), f.A0, f.B0, idx).to("cpu")
+        return out
+
+    @torch.no_grad()
+    def replica_deltas(self, heads: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
+        """Per replicated parameter, the sum of the given heads' changes since their last merge."""
+        idx = self.local_indices(heads)
+        out = {}
+        for name in self.replicated:
+            rep, base = self.replicas[_key(name)], self.replica_base[_key(name)]
+            total = torch.zeros_like(rep[0])
+            for i in idx:
+                total += rep[i] - base[i]
+            out[name] = total.to("cpu")
+        return out
+
+    @torch.no_grad()
+    def apply_merge(self, weight_deltas: dict[str, torch.Tensor], replica_deltas: dict[str, torch.Tensor]) -> None:
+        """W += (s/N) * sum of head deltas; shared non-linear params += (1/N) * sum of replica deltas.
+
+        The inputs are sums over every head that takes part in the merge (local or remote)."""
+        coef = merge_scale(self.spec.scale, self.spec.n_heads)
+        for name in self.layer_names:
+            self.layer(name).weight_store.add_(weight_deltas[name], alpha=coef)
+        params = dict(self.model.named_parameters())
+        for name in self.replicated:
+            params[name].add_(replica_deltas[name].to(params[name].device), alpha=1.0 / self.spec.n_heads)
+
+    @torch.no_grad()
+    def mark_merged(self, heads: Sequence[int] | None = None) -> None:
+        """Record that these heads' changes are in W: reset B (reset) or move the baseline (reset-less).
+
+        A and the optimizer state are kept either way. Replicas restart from the shared values."""
+        idx = self.local_indices(heads)
+        for name in self.layer_names:
+            f = self.factors[_key(name)]
+            for i in idx:
+                if f.A0 is None:
+                    f.B[i].zero_()
+                else:
+                    f.A0[i].copy_(f.A[i])
+                    f.B0[i].copy_(f.B[i])
+        params = dict(self.model.named_parameters())
+        for name in self.replicated:
+            for i in idx:
+                self.replicas[_key(name)][i].copy_(params[name])
+                self.replica_base[_key(name)][i].copy_(params[name])
+
+    def merge(self, heads: Sequence[int] | None = None) -> None:
+        """One-process merge of the given local heads (all by default)."""
+        self.apply_merge(self.weight_deltas(heads), self.replica_deltas(heads))
+        self.mark_merged(heads)
+
+    # ---- state -----------------------------------------------------------------------------
+    def weight_digest(self) -> str:
+        """sha256 of every layer's forward (quantized) W, in layer order: equal W, equal digest."""
+        hasher = hashlib.sha256()
+        for _, layer in self.layers():
+            layer.weight_store.update_digest(hasher)
+        return hasher.hexdigest()
+
+    @torch.no_grad()
+    def merged_state_dict(self, source: Literal["master", "forward"] = "forward") -> dict[str, torch.Tensor]:
+        """The merged model as a plain state dict with the original module's keys.
+
+        `forward` exports the dequantized W the swarm evaluates with; `master` the fp32 master."""
+        sd = {k: v.detach().to("cpu").clone() for k, v in self.model.state_dict().items()}
+        for name, layer in self.layers():
+            store = layer.weight_store
+            w = store.master if source == "master" else store.weight(store.master.dtype)
+            sd[f"{name}.weight"] = w.detach().to("cpu").clone()
+        return sd
+
+
+def _convert_linears(model: nn.Module, spec: LTESpec, device: str | torch.device) -> list[str]:
+    """Replace every nn.Linear in place by an LTELinear; returns their names in module order."""
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    for name in names:
+        linear = model.get_submodule(name)
+        store = QuantizedWeight(linear.weight.detach(), spec.storage, device=device)
+        new = LTELinear(store, linear.bias, spec.scale).to(device)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+    return names
+
+
+def clip_head_grads_(params: Sequence[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """Clip each head's gradient to `max_norm` on its own, as if every head had its own optimizer.
+
+    Every tensor in `params` is stacked over heads along dim 0; returns the per-head norms."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(0)
+    norms = torch.stack([g.flatten(1).pow(2).sum(1) for g in grads]).sum(0).sqrt()
+    factor = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+    for g in grads:
+        g.mul_(factor.view(-1, *[1] * (g.dim() - 1)).to(g.dtype))
+    return norms
