@@ -13,7 +13,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -120,7 +120,7 @@ def _pixels(record: dict[str, Any]) -> np.ndarray:
     if hasattr(value, "convert"):  # a PIL image
         value = np.asarray(value.convert("RGB") if value.mode not in ("L", "RGB") else value)
     array = np.asarray(value)
-    if array.dtype == object or array.size == 0:
+    if array.size == 0 or not (np.issubdtype(array.dtype, np.number) or array.dtype == bool):
         raise DataError(f"cannot read an image from a value of type {type(value).__name__}")
     if array.ndim == 1:
         side = math.isqrt(array.size)
@@ -135,6 +135,11 @@ def _pixels(record: dict[str, Any]) -> np.ndarray:
 
 def to_tensor(record: dict[str, Any], shape: ImageShape) -> tuple[torch.Tensor, int]:
     """One record -> (image tensor (C, size, size) normalised to [-1, 1], label)."""
+    label = _column(record, LABEL_COLUMNS, "label")
+    try:
+        label = int(label)
+    except (TypeError, ValueError):
+        raise DataError(f"label {label!r} is not an integer class id") from None
     pixels = torch.from_numpy(_pixels(record))
     image = pixels.unsqueeze(0) if pixels.ndim == 2 else pixels.permute(2, 0, 1)
     if image.shape[0] != shape.channels:
@@ -142,17 +147,27 @@ def to_tensor(record: dict[str, Any], shape: ImageShape) -> tuple[torch.Tensor, 
     if image.shape[1:] != (shape.size, shape.size):
         image = F.interpolate(image[None], size=(shape.size, shape.size), mode="bilinear",
                               antialias=True, align_corners=False)[0]
-    label = _column(record, LABEL_COLUMNS, "label")
-    try:
-        label = int(label)
-    except (TypeError, ValueError):
-        raise DataError(f"label {label!r} is not an integer class id") from None
     return (image - 0.5) / 0.5, label
 
 
 def _collate(records: list[dict[str, Any]], shape: ImageShape) -> tuple[torch.Tensor, torch.Tensor]:
     pairs = [to_tensor(r, shape) for r in records]
     return torch.stack([p[0] for p in pairs]), torch.tensor([p[1] for p in pairs], dtype=torch.long)
+
+
+def _shuffled(records: Iterable[dict[str, Any]], buffer_size: int, rng: np.random.Generator) -> Iterator[dict[str, Any]]:
+    """A streaming shuffle: keep `buffer_size` records, emit a random one as each new one arrives."""
+    buffer: list[dict[str, Any]] = []
+    for record in records:
+        if len(buffer) < buffer_size:
+            buffer.append(record)
+            continue
+        i = int(rng.integers(buffer_size))
+        buffer[i], record = record, buffer[i]
+        yield record
+    order = rng.permutation(len(buffer))
+    for i in order:
+        yield buffer[i]
 
 
 class DataSource:
@@ -173,18 +188,18 @@ class DataSource:
 
     def batches(self, shard: int, n_shards: int, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Endless batches from shard `shard` of `n_shards` of the training records (disjoint
-        across shards), reshuffled every epoch."""
+        across shards: whole files per shard when they divide evenly, else every n-th record),
+        reshuffled within a buffer every epoch, deterministically from (seed, shard, epoch)."""
         from datasets.distributed import split_dataset_by_node
 
         train = self.stream.skip(self.cfg.holdout)
         part = split_dataset_by_node(train, rank=shard, world_size=n_shards)
-        part = part.shuffle(seed=self.seed * 1_000 + shard, buffer_size=self.cfg.shuffle_buffer)
         epoch = 0
         while True:
-            part.set_epoch(epoch)
+            rng = np.random.default_rng([self.seed, shard, epoch])
             pending: list[dict[str, Any]] = []
             seen = 0
-            for record in self._guard(part):
+            for record in _shuffled(self._guard(part), self.cfg.shuffle_buffer, rng):
                 pending.append(record)
                 seen += 1
                 if len(pending) == batch_size:
