@@ -8,14 +8,14 @@ import sys
 from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator, List, Optional
 
 import typer
 from rich.console import Console
 from rich.text import Text
 
 from swarm.config import DATA_SPEC_HELP, RunConfig, load_config
-from swarm.errors import LTESwarmError
+from swarm.errors import ConfigError, LTESwarmError
 
 app = typer.Typer(
     help="Pre-train a model together with strangers: LoRA-the-Explorer over a hivemind swarm.",
@@ -99,6 +99,54 @@ def simulate(
         else:
             err.print(f"{label}: accuracy {result.accuracy:.2%}, eval loss {result.loss:.3f}, "
                       f"{result.samples} samples in {result.seconds:.1f}s", highlight=False)
+
+
+@app.command()
+def join(
+    initial_peers: List[str] = typer.Option(..., "--initial-peers", help="multiaddr(s) of peers already in the swarm (more may follow as arguments)"),
+    more_peers: List[str] = typer.Argument(None, metavar="[MADDR]...", show_default=False, help="more initial peers"),
+    run_id: Optional[str] = typer.Option(None, help="the run to join (default: the newest run in the DHT)"),
+    device: str = typer.Option("cpu", help="cpu, cuda or auto"),
+    heads: int = typer.Option(1, min=1, help="how many LoRA heads this peer trains"),
+    data: Optional[str] = typer.Option(None, help=f"this peer's own data (default: the run's): {DATA_SPEC_HELP}"),
+    identity: Optional[Path] = typer.Option(None, help="file with this peer's private key (a stable peer id across restarts)"),
+    host_maddrs: List[str] = typer.Option(["/ip4/127.0.0.1/tcp/0"], help="multiaddrs to listen on"),
+    throttle: float = typer.Option(0.0, min=0.0, help="pause this many seconds after every step (to share a busy machine)"),
+    events: Optional[str] = typer.Option(None, help="append one JSON line per event to this file"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="log every round"),
+) -> None:
+    """Join a run as a volunteer: claim heads, train them on your data, merge with the swarm.
+    Ctrl+C leaves cleanly (the heads are released for others)."""
+    from peers.node import EventLog, find_run, start_dht, stop_on_signals
+    from peers.trainer import Trainer, TrainerOptions
+
+    if verbose:
+        logging.getLogger().setLevel(logging.INFO)
+    with user_errors():
+        log_events = EventLog(events)
+        with stop_on_signals() as stop:
+            dht = start_dht([*initial_peers, *(more_peers or [])], host_maddrs, str(identity) if identity else None)
+            trainer = None
+            try:
+                keys, record, cfg = find_run(dht, run_id)
+                if data is not None:
+                    from swarm.config import check_data_spec
+
+                    try:
+                        check_data_spec(data)
+                    except ValueError as exc:
+                        raise ConfigError(str(exc)) from None
+                err.print(f"joined run {keys.run_id}: {cfg.model.name}, N={cfg.lte.heads} r={cfg.lte.rank} "
+                          f"T={cfg.lte.merge_every}, {cfg.rounds} rounds; peer {dht.peer_id}", highlight=False)
+                trainer = Trainer(cfg, keys, dht, TrainerOptions(heads=heads, data=data, device=device, throttle=throttle),
+                                  stop, log_events)
+                trainer.run()
+            finally:
+                if trainer is not None:
+                    trainer.close()
+                dht.shutdown()
+                log_events.close()
+        err.print("left the swarm")
 
 
 def main() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Callable, Iterator, Literal
 
 import torch
@@ -43,9 +43,12 @@ class SimResult:
     rounds: int
     history: list[EvalPoint] = field(default_factory=list)
     weight_digest: str | None = None
+    model: LTEModel | None = field(default=None, repr=False)  # the trained LTE model (lte/lora)
 
     def to_json(self) -> dict:
-        return asdict(self)
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "model"}
+        out["history"] = [asdict(p) for p in self.history]
+        return out
 
 
 def lr_factor(step: int, total: int, train: TrainConfig) -> float:
@@ -151,4 +154,5 @@ def simulate(cfg: RunConfig, mode: Mode = "lte", *, on_eval: Callable[[EvalPoint
     final = history[-1]
     return SimResult(mode=mode, accuracy=final.accuracy, loss=final.loss, samples=steps * cfg.train.batch_size,
                      seconds=time.perf_counter() - start, steps=steps, rounds=rounds, history=history,
-                     weight_digest=lte.weight_digest() if mode == "lte" else None)
+                     weight_digest=lte.weight_digest() if mode == "lte" else None,
+                     model=lte if mode != "full" else None)

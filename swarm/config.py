@@ -74,11 +74,34 @@ class DataConfig(_Strict):
         return self
 
 
+class SwarmConfig(_Strict):
+    """Timing of the decentralized protocol. Every wait has a bound: nothing waits forever."""
+
+    lease_seconds: PositiveFloat = Field(20.0, description="a head lease lasts this long unless renewed")
+    settle_seconds: PositiveFloat = Field(1.0, description="DHT settle delay before reading back claims and records")
+    merge_grace: PositiveFloat = Field(10.0, description="after the first peer is ready for a merge, others have this long")
+    round_timeout: PositiveFloat = Field(60.0, description="bound on waiting for contributions and hashes of one round")
+    request_timeout: PositiveFloat = Field(15.0, description="bound on one download from one peer")
+    poll_seconds: PositiveFloat = Field(0.2, description="how often DHT records are polled while waiting")
+    checkpoint_every: PositiveInt = Field(5, description="the coordinator checkpoints W every this many rounds")
+    max_contribution_mb: PositiveFloat = Field(512.0, description="reject contributions larger than this")
+    max_update: PositiveFloat = Field(10.0, description="reject contributions that would move any weight by more than this in one merge")
+
+    @model_validator(mode="after")
+    def _check(self) -> "SwarmConfig":
+        if self.request_timeout > self.round_timeout:
+            raise ValueError(f"swarm.request_timeout ({self.request_timeout}) exceeds swarm.round_timeout ({self.round_timeout})")
+        if self.settle_seconds * 2 >= self.lease_seconds:
+            raise ValueError(f"swarm.lease_seconds ({self.lease_seconds}) must exceed twice swarm.settle_seconds ({self.settle_seconds})")
+        return self
+
+
 class RunConfig(_Strict):
     model: ModelConfig
     lte: LTEConfig
     train: TrainConfig
     data: DataConfig = Field(default_factory=DataConfig)
+    swarm: SwarmConfig = Field(default_factory=SwarmConfig)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "RunConfig":
@@ -98,6 +121,11 @@ class RunConfig(_Strict):
     def steps(self) -> int:
         """Local steps per head (equal to full-rank steps at the same samples)."""
         return -(-self.train.samples // self.train.batch_size)
+
+    @property
+    def rounds(self) -> int:
+        """Merge rounds in the whole run (the last one may be shorter than T steps)."""
+        return -(-self.steps // self.lte.merge_every)
 
     def with_overrides(self, overrides: dict[str, Any]) -> "RunConfig":
         """A copy with dotted keys replaced (`{"data.source": "digits"}`), re-validated."""

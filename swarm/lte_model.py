@@ -62,8 +62,6 @@ def _key(name: str) -> str:
 class LTEModel(nn.Module):
     def __init__(self, model: nn.Module, spec: LTESpec, head_ids: Sequence[int], device: str | torch.device = "cpu"):
         super().__init__()
-        if not head_ids:
-            raise ValueError("an LTEModel needs at least one head")
         if any(not 0 <= h < spec.n_heads for h in head_ids):
             raise ValueError(f"head ids {list(head_ids)} outside 0..{spec.n_heads - 1}")
         self.spec = spec
@@ -79,25 +77,57 @@ class LTEModel(nn.Module):
         for p in self.model.parameters():
             p.requires_grad_(False)
 
-        self.factors = nn.ModuleDict()
-        for index, name in enumerate(self.layer_names):
-            layer = self.layer(name)
-            a = torch.stack([
-                semi_orthogonal(spec.rank, layer.in_features, seed=head_seed(spec.seed, h, index),
-                                dtype=layer.weight_store.master.dtype)
-                for h in self.head_ids
-            ]).to(device)
-            self.factors[_key(name)] = HeadFactors(a, layer.out_features, spec.variant == "reset_less")
-
         # Non-linear parameters: frozen and shared, or one replica per head averaged at each merge.
         self.replicated = [n for n, _ in self.model.named_parameters()] if spec.nonlinear == "replicate" else []
+        self.device = torch.device(device)
+        self.factors = nn.ModuleDict()
         self.replicas = nn.ParameterDict()
         self.replica_base = nn.ParameterDict()
+        self._build_heads({})
+
+    def _fresh_a(self, head: int, index: int) -> torch.Tensor:
+        layer = self.layer(self.layer_names[index])
+        return semi_orthogonal(self.spec.rank, layer.in_features, seed=head_seed(self.spec.seed, head, index),
+                               dtype=layer.weight_store.master.dtype)
+
+    @torch.no_grad()
+    def _build_heads(self, keep: dict[int, int]) -> None:
+        """(Re)build the stacked head tensors for `self.head_ids`; heads in `keep` (head -> old
+        position) keep their tensors, new heads start fresh (their A from the head's seed, B = 0)."""
+        old_factors, old_replicas, old_base = self.factors, self.replicas, self.replica_base
+        self.factors, self.replicas, self.replica_base = nn.ModuleDict(), nn.ParameterDict(), nn.ParameterDict()
+        for index, name in enumerate(self.layer_names):
+            layer = self.layer(name)
+            a = [self._fresh_a(h, index) for h in self.head_ids]
+            a = torch.stack(a) if a else torch.zeros(0, self.spec.rank, layer.in_features, dtype=layer.weight_store.master.dtype)
+            f = HeadFactors(a.to(self.device), layer.out_features, self.spec.variant == "reset_less")
+            for pos, h in enumerate(self.head_ids):
+                if h in keep:
+                    old = old_factors[_key(name)]
+                    for attr in ("A", "B", "A0", "B0"):
+                        if getattr(f, attr) is not None:
+                            getattr(f, attr)[pos].copy_(getattr(old, attr)[keep[h]])
+            self.factors[_key(name)] = f
         params = dict(self.model.named_parameters())
         for name in self.replicated:
-            stacked = params[name].detach().unsqueeze(0).repeat(len(self.head_ids), *[1] * params[name].dim())
-            self.replicas[_key(name)] = nn.Parameter(stacked.clone())
-            self.replica_base[_key(name)] = nn.Parameter(stacked.clone(), requires_grad=False)
+            shared = params[name].detach()
+            stacked = shared.unsqueeze(0).repeat(len(self.head_ids), *[1] * shared.dim())
+            base = stacked.clone()
+            for pos, h in enumerate(self.head_ids):
+                if h in keep:
+                    stacked[pos] = old_replicas[_key(name)][keep[h]]
+                    base[pos] = old_base[_key(name)][keep[h]]
+            self.replicas[_key(name)] = nn.Parameter(stacked)
+            self.replica_base[_key(name)] = nn.Parameter(base, requires_grad=False)
+
+    def set_heads(self, head_ids: Sequence[int]) -> None:
+        """Hold a different set of heads (a peer won or lost a lease). Kept heads keep their state;
+        the optimizer must be rebuilt by the caller."""
+        if any(not 0 <= h < self.spec.n_heads for h in head_ids):
+            raise ValueError(f"head ids {list(head_ids)} outside 0..{self.spec.n_heads - 1}")
+        keep = {h: self.head_ids.index(h) for h in head_ids if h in self.head_ids}
+        self.head_ids = list(head_ids)
+        self._build_heads(keep)
 
     # ---- structure -------------------------------------------------------------------------
     @property
@@ -153,12 +183,13 @@ class LTEModel(nn.Module):
 
     @torch.no_grad()
     def weight_deltas(self, heads: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
-        """Per layer, the sum of the given heads' unmerged changes of B A (not yet scaled)."""
+        """Per layer, the sum of the given heads' unmerged changes of B A (not yet scaled), computed in
+        float64 so that the result hardly depends on the order or form in which it is computed."""
         idx = self.local_indices(heads)
         out = {}
         for name in self.layer_names:
             f = self.factors[_key(name)]
-            out[name] = delta_sum(f.A.detach(), f.B.detach(), f.A0, f.B0, idx).to("cpu")
+            out[name] = delta_sum(*_as_double(f.A, f.B, f.A0, f.B0), idx).to("cpu")
         return out
 
     @torch.no_grad()
@@ -211,7 +242,37 @@ class LTEModel(nn.Module):
         self.apply_merge(self.weight_deltas(heads), self.replica_deltas(heads))
         self.mark_merged(heads)
 
-    # ---- state -----------------------------------------------------------------------------
+    # ---- state ---------------------------------------------------------------------------
+    def shared_state(self) -> dict[str, torch.Tensor]:
+        """What every peer of a run must hold identically: the W masters and the shared non-linear
+        parameters (the heads are private to their holders)."""
+        out = {f"{name}.weight": layer.weight_store.master for name, layer in self.layers()}
+        out.update({name: p.detach() for name, p in self.model.named_parameters()})
+        return out
+
+    @torch.no_grad()
+    def load_shared_state(self, state: dict[str, torch.Tensor]) -> None:
+        expected = self.shared_state()
+        if set(state) != set(expected):
+            missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+            raise ValueError(f"state does not fit the model: missing {missing[:3]}, unexpected {extra[:3]}")
+        for key, tensor in state.items():
+            if tuple(tensor.shape) != tuple(expected[key].shape):
+                raise ValueError(f"state tensor {key} has shape {tuple(tensor.shape)}, expected {tuple(expected[key].shape)}")
+        for name, layer in self.layers():
+            layer.weight_store.load_(state[f"{name}.weight"])
+        params = dict(self.model.named_parameters())
+        for name, p in params.items():
+            p.copy_(state[name].to(p.device, p.dtype))
+
+    def state_digest(self) -> str:
+        """sha256 of the shared state's exact bytes: equal digests, equal models."""
+        hasher = hashlib.sha256()
+        for key, tensor in self.shared_state().items():
+            hasher.update(key.encode())
+            hasher.update(tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+        return hasher.hexdigest()
+
     def weight_digest(self) -> str:
         """sha256 of every layer's forward (quantized) W, in layer order: equal W, equal digest."""
         hasher = hashlib.sha256()
@@ -230,6 +291,10 @@ class LTEModel(nn.Module):
             w = store.master if source == "master" else store.weight(store.master.dtype)
             sd[f"{name}.weight"] = w.detach().to("cpu").clone()
         return sd
+
+
+def _as_double(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
+    return [None if t is None else t.detach().double() for t in tensors]
 
 
 def _convert_linears(model: nn.Module, spec: LTESpec, device: str | torch.device) -> list[str]:

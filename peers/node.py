@@ -1,0 +1,108 @@
+"""What every peer role does first and last: start its DHT node, find the run, stop cleanly."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import threading
+import time
+from typing import Iterator
+
+from swarm import schemas
+from swarm.config import RunConfig, parse_config
+from swarm.errors import LTESwarmError
+from swarm.keys import RUNS_KEY, RunKeys
+from swarm.schemas import RunAnnouncement, RunRecord
+
+log = logging.getLogger(__name__)
+
+LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]
+
+
+class SwarmError(LTESwarmError):
+    """The swarm cannot be joined or used: no reachable peer, no such run, no donor."""
+
+
+def start_dht(initial_peers: list[str], host_maddrs: list[str] | None = None, identity_path: str | None = None,
+              client_mode: bool = False):
+    """A hivemind DHT node, or a one-line SwarmError saying why it could not start."""
+    import hivemind
+    from hivemind.p2p import P2PDaemonError
+
+    try:
+        return hivemind.DHT(initial_peers=initial_peers or None, host_maddrs=host_maddrs or LOOPBACK,
+                            identity_path=identity_path, client_mode=client_mode, start=True,
+                            startup_timeout=30, await_ready=True)
+    except (P2PDaemonError, TimeoutError, ConnectionError, OSError, ValueError) as exc:
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        where = f" {' '.join(initial_peers)}" if initial_peers else ""
+        raise SwarmError(f"could not start a DHT node or reach the initial peers{where}: {text}") from None
+
+
+def announce_run(dht, keys: RunKeys, record: RunRecord, ttl: float) -> None:
+    from hivemind.utils import get_dht_time
+
+    expiration = get_dht_time() + ttl
+    schemas.store(dht, keys.run, "record", record, expiration)
+    schemas.store(dht, RUNS_KEY, keys.run_id, RunAnnouncement(created=record.created, model=record.config["model"]["name"]),
+                  expiration)
+
+
+def find_run(dht, run_id: str | None, timeout: float = 20.0) -> tuple[RunKeys, RunRecord, RunConfig]:
+    """Read a run's record (its config) from the DHT; with no run id, the newest run announced."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if run_id is None:
+            runs = schemas.read(dht, RUNS_KEY, RunAnnouncement)
+            if runs:
+                run_id = max(runs, key=lambda r: runs[r][0].created)
+        if run_id is not None:
+            keys = RunKeys(run_id)
+            found = schemas.read(dht, keys.run, RunRecord).get("record")
+            if found is not None:
+                record = found[0]
+                return keys, record, parse_config(record.config, origin=f"run {run_id}")
+        if time.monotonic() > deadline:
+            what = f"run {run_id!r}" if run_id else "any run"
+            raise SwarmError(f"found no record of {what} in the DHT within {timeout:.0f}s; "
+                             "check --initial-peers and --run-id, and that the coordinator is up")
+        time.sleep(0.5)
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[threading.Event]:
+    """An event set by SIGINT/SIGTERM, so that loops finish their step and leave cleanly."""
+    stop = threading.Event()
+    previous = {}
+
+    def handler(signum, frame):
+        if stop.is_set():  # second Ctrl+C: give up waiting
+            raise KeyboardInterrupt
+        log.warning("stopping (signal %d): finishing the current step, then leaving the swarm", signum)
+        stop.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        previous[sig] = signal.signal(sig, handler)
+    try:
+        yield stop
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+class EventLog:
+    """Machine-readable progress: one JSON object per line (for scripts, tests and dashboards)."""
+
+    def __init__(self, path: str | None):
+        self._file = open(path, "a", buffering=1) if path else None
+
+    def emit(self, event: str, **fields) -> None:
+        import json
+
+        if self._file is not None:
+            self._file.write(json.dumps({"event": event, "time": time.time(), **fields}) + "\n")
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()

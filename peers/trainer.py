@@ -1,0 +1,165 @@
+"""The volunteer's peer: hold heads, train them on its own data for T steps, merge, repeat."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+from hivemind.utils import get_dht_time
+
+from peers.data import DataSource, ImageShape
+from peers.models import create_lte_model, resolve_device
+from peers.node import EventLog, SwarmError
+from peers.simulate import head_loss, lr_factor, stack_batches
+from swarm.config import RunConfig
+from swarm.keys import RunKeys
+from swarm.leases import HeadLeases
+from swarm.lte_model import clip_head_grads_
+from swarm.rounds import MergeProtocol
+from swarm.schemas import ReadyRecord
+from swarm.transport import NETWORK_ERRORS, BlobServer
+from swarm.wire import encode_contribution
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainerOptions:
+    heads: int = 1
+    data: str | None = None         # this peer's own data spec (default: the run's)
+    device: str = "cpu"
+    throttle: float = 0.0           # seconds to pause after every step
+    sync_timeout: float = 60.0
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, keys: RunKeys, dht, opts: TrainerOptions, stop: threading.Event,
+                 events: EventLog):
+        self.cfg, self.keys, self.dht, self.opts, self.stop, self.events = cfg, keys, dht, opts, stop, events
+        self.peer = str(dht.peer_id)
+        self.device = resolve_device(opts.device)
+        self.model = create_lte_model(cfg, [], self.device)
+        self.server = BlobServer(dht, namespace=keys.run_id)
+        sw = cfg.swarm
+        self.leases = HeadLeases(dht, keys, self.peer, cfg.lte.heads, sw.lease_seconds, sw.settle_seconds)
+        self.protocol = MergeProtocol(dht, self.server, keys, self.peer, sw, self.model,
+                                      active_peers=lambda: set(self.leases.holders().values()))
+        data_cfg = cfg.data if opts.data is None else cfg.data.model_copy(update={"source": opts.data})
+        self.source = DataSource(data_cfg, ImageShape(cfg.model.image_size, cfg.model.channels), seed=cfg.train.seed)
+        self.streams: dict[int, object] = {}
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.unmerged_steps = 0
+        self.trained_head_steps = 0
+
+    # ---- heads -----------------------------------------------------------------------------
+    def _adopt_heads(self) -> None:
+        heads = sorted(self.leases.held)
+        if heads == self.model.head_ids:
+            return
+        if self.unmerged_steps and set(heads) != set(self.model.head_ids):
+            log.warning("head set changes from %s to %s; unmerged work of dropped heads is lost",
+                        self.model.head_ids, heads)
+        self.model.set_heads(heads)
+        self.optimizer = torch.optim.AdamW(self.model.trainable_parameters(), lr=self.cfg.train.lr,
+                                           weight_decay=self.cfg.train.weight_decay) if heads else None
+        n = self.cfg.lte.heads
+        self.streams = {h: self.streams.get(h) or self.source.batches(h, n, self.cfg.head_batch) for h in heads}
+        self.events.emit("heads", heads=heads)
+
+    def _claim(self) -> None:
+        missing = self.opts.heads - len(self.leases.held)
+        if missing > 0:
+            self.leases.claim(missing)
+        self._adopt_heads()
+
+    def _keep_leases(self) -> None:
+        if self.leases.due():
+            if self.leases.renew():
+                self._adopt_heads()
+            self.protocol.announce()
+
+    # ---- training --------------------------------------------------------------------------
+    def _train_round(self) -> tuple[int, float]:
+        """Up to T local steps of every held head; returns (steps, mean loss)."""
+        cfg = self.cfg
+        first = self.protocol.round * cfg.lte.merge_every
+        steps = min(cfg.lte.merge_every, cfg.steps - first)
+        losses = []
+        for i in range(steps):
+            if self.stop.is_set():
+                break
+            x, y = stack_batches([self.streams[h] for h in self.model.head_ids], self.device)
+            loss, mean_loss = head_loss(self.model(x), y)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.train.grad_clip is not None:
+                clip_head_grads_(self.model.trainable_parameters(), cfg.train.grad_clip)
+            for group in self.optimizer.param_groups:
+                group["lr"] = cfg.train.lr * lr_factor(first + i, cfg.steps, cfg.train)
+            self.optimizer.step()
+            losses.append(mean_loss.item())
+            self._keep_leases()
+            if self.opts.throttle:
+                time.sleep(self.opts.throttle)
+        done = len(losses)
+        self.unmerged_steps += done
+        self.trained_head_steps += done * len(self.model.head_ids)
+        return done, sum(losses) / max(1, done)
+
+    def run(self) -> None:
+        deadline = time.monotonic() + self.opts.sync_timeout
+        while not self.protocol.sync():
+            if time.monotonic() > deadline or self.stop.is_set():
+                raise SwarmError(f"no peer of run {self.keys.run_id} handed out W within {self.opts.sync_timeout:.0f}s")
+            time.sleep(1.0)
+        self.events.emit("joined", peer=self.peer, round=self.protocol.round, digest=self.model.state_digest())
+        while not self.stop.is_set() and self.protocol.round < self.cfg.rounds:
+            try:
+                self._claim()
+                if not self.model.head_ids:  # standby: follow the rounds, take the next free head
+                    self.events.emit("standby", round=self.protocol.round)
+                    result = self.protocol.merge(None, None)
+                    if result is not None:
+                        self._report(result, 0, 0.0, 0.0)
+                    continue
+                t0 = time.perf_counter()
+                steps, loss = self._train_round()
+                train_seconds = time.perf_counter() - t0
+                if self.stop.is_set():
+                    break
+                heads = list(self.model.head_ids)
+                blob, _ = encode_contribution(self.model, heads)
+                ready = ReadyRecord(round=self.protocol.round, heads=heads,
+                                    head_steps=self.unmerged_steps * len(heads), nbytes=len(blob), ready_at=get_dht_time())
+                self.events.emit("ready", round=self.protocol.round, heads=heads, nbytes=len(blob))
+                result = self.protocol.merge(blob, ready)
+                if result is None:
+                    continue
+                if result.merged:
+                    self.model.mark_merged(heads)
+                    self.unmerged_steps = 0
+                self._report(result, steps, loss, train_seconds)
+            except NETWORK_ERRORS as exc:
+                log.warning("round %d: network trouble, retrying: %s", self.protocol.round, exc)
+                time.sleep(1.0)
+
+    def _report(self, result, steps: int, loss: float, train_seconds: float) -> None:
+        self.events.emit(
+            "round", round=result.round, new_round=result.new_round, merged=result.merged, missed=result.missed,
+            resynced=result.resynced, members=result.members, merged_head_steps=result.merged_head_steps,
+            digest=result.digest, heads=list(self.model.head_ids), steps=steps, loss=loss,
+            trained_head_steps=self.trained_head_steps, unmerged_steps=self.unmerged_steps,
+            seconds_train=train_seconds, seconds_wait=result.seconds_waiting, seconds_comm=result.seconds_communicating,
+            bytes_sent=self.server.bytes_sent, bytes_received=self.server.bytes_received, rejected=result.rejected)
+        log.info("round %d -> %d: %s, loss %.3f, W %s", result.round, result.new_round,
+                 "merged" if result.merged else ("missed" if result.missed else "not merged"), loss, result.digest[:10])
+
+    def close(self) -> None:
+        self.leases.release()
+        self.events.emit("left", peer=self.peer, round=self.protocol.round, digest=self.model.state_digest(),
+                         trained_head_steps=self.trained_head_steps, unmerged_steps=self.unmerged_steps,
+                         heads=list(self.model.head_ids))
+        self.server.shutdown()

@@ -1,0 +1,186 @@
+"""What goes over the wire: a peer's contribution to a merge round, and the shared state (W).
+
+Per layer a contribution carries whichever form is cheaper: the heads' low-rank factors
+(K r (m + n) numbers, twice that with the reset-less baseline) or the dense sum of their deltas
+(m n numbers). Factors win for few heads or small ranks, the dense form for many heads on one peer.
+Either way the receiver gets the sum of *products*, never separately averaged A's and B's, and
+both forms decode to the same float32 delta (products are formed in float64, then rounded once).
+
+Everything received is validated before it touches W: format, head ids, names, shapes, dtypes,
+finiteness and the size of the update it would make.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load, save as st_save
+
+from swarm.lora import delta_sum, merge_scale
+from swarm.lte_model import LTEModel, _as_double
+
+FORMAT = "lte-swarm/contribution/1"
+STATE_FORMAT = "lte-swarm/state/1"
+
+
+class ContributionError(ValueError):
+    """A contribution or state blob is corrupt, malformed or out of bounds; it is dropped."""
+
+
+@dataclass(frozen=True)
+class Contribution:
+    peer: str
+    heads: tuple[int, ...]
+    weights: dict[str, torch.Tensor]   # layer -> float32 (m, n) sum of head deltas (unscaled)
+    replicas: dict[str, torch.Tensor]  # shared param -> float32 sum of replica deltas
+    nbytes: int
+
+
+def factor_numbers(k: int, rank: int, m: int, n: int, with_baseline: bool) -> int:
+    return k * rank * (m + n) * (2 if with_baseline else 1)
+
+
+def encode_contribution(model: LTEModel, heads: list[int]) -> tuple[bytes, dict[str, int]]:
+    """Serialize the unmerged change of `heads` (run head ids held by `model`).
+
+    Returns the blob and counts of layers sent as factors and as dense deltas."""
+    idx = model.local_indices(heads)
+    baseline = model.spec.variant == "reset_less"
+    tensors: dict[str, torch.Tensor] = {}
+    counts = {"factor_layers": 0, "dense_layers": 0}
+    for name, layer in model.layers():
+        f = model.factors[name.replace(".", ":")]
+        m, n = layer.out_features, layer.in_features
+        if factor_numbers(len(idx), model.spec.rank, m, n, baseline) < m * n:
+            tensors[f"w/{name}/A"] = f.A.detach()[idx].float().contiguous()
+            tensors[f"w/{name}/B"] = f.B.detach()[idx].float().contiguous()
+            if baseline:
+                tensors[f"w/{name}/A0"] = f.A0[idx].float().contiguous()
+                tensors[f"w/{name}/B0"] = f.B0[idx].float().contiguous()
+            counts["factor_layers"] += 1
+        else:
+            tensors[f"w/{name}/D"] = delta_sum(*_as_double(f.A, f.B, f.A0, f.B0), idx).float().contiguous()
+            counts["dense_layers"] += 1
+    for name, total in model.replica_deltas(heads).items():
+        tensors[f"r/{name}"] = total.float().contiguous()
+    meta = {"format": FORMAT, "heads": json.dumps(sorted(heads))}
+    return st_save({k: v.cpu() for k, v in tensors.items()}, metadata=meta), counts
+
+
+def decode_contribution(blob: bytes, peer: str, model: LTEModel, max_update: float) -> Contribution:
+    """Parse and validate a contribution against this run's model; raises ContributionError."""
+    tensors, meta = _load(blob, FORMAT)
+    try:
+        heads = tuple(json.loads(meta.get("heads", "")))
+    except (json.JSONDecodeError, TypeError):
+        raise ContributionError("its head list is not valid JSON") from None
+    n_heads = model.spec.n_heads
+    if not heads or any(not isinstance(h, int) or not 0 <= h < n_heads for h in heads) or len(set(heads)) != len(heads):
+        raise ContributionError(f"bad head ids {list(heads)[:8]} (the run has heads 0..{n_heads - 1})")
+    k, r = len(heads), model.spec.rank
+    baseline = model.spec.variant == "reset_less"
+    weights: dict[str, torch.Tensor] = {}
+    used: set[str] = set()
+    for name, layer in model.layers():
+        m, n = layer.out_features, layer.in_features
+        if f"w/{name}/D" in tensors:
+            weights[name] = _take(tensors, f"w/{name}/D", (m, n), used)
+        else:
+            a = _take(tensors, f"w/{name}/A", (k, r, n), used)
+            b = _take(tensors, f"w/{name}/B", (k, m, r), used)
+            a0 = _take(tensors, f"w/{name}/A0", (k, r, n), used) if baseline else None
+            b0 = _take(tensors, f"w/{name}/B0", (k, m, r), used) if baseline else None
+            weights[name] = delta_sum(*_as_double(a, b, a0, b0)).float()
+    shared = dict(model.model.named_parameters())
+    replicas = {name: _take(tensors, f"r/{name}", tuple(shared[name].shape), used) for name in model.replicated}
+    extra = set(tensors) - used
+    if extra:
+        raise ContributionError(f"unexpected tensors {sorted(extra)[:3]}")
+    coef = merge_scale(model.spec.scale, n_heads)
+    for name, delta in weights.items():
+        if not torch.isfinite(delta).all():
+            raise ContributionError(f"layer {name}: its delta is not finite")
+        biggest = delta.abs().max().item() * coef if delta.numel() else 0.0
+        if biggest > max_update:
+            raise ContributionError(f"layer {name}: it would move a weight by {biggest:.3g} (limit {max_update})")
+    for name, delta in replicas.items():
+        if delta.abs().max().item() / n_heads > max_update:
+            raise ContributionError(f"parameter {name}: it would move a value by more than {max_update}")
+    return Contribution(peer=peer, heads=heads, weights=weights, replicas=replicas, nbytes=len(blob))
+
+
+def merge_contributions(model: LTEModel, contributions: list[Contribution]) -> None:
+    """W += (s/N) * sum of every contribution, summed in a canonical (peer id) order in float64,
+    so every peer that merges the same contributions gets the same bits."""
+    ordered = sorted(contributions, key=lambda c: c.peer)
+    weights = {}
+    for name, layer in model.layers():
+        total = torch.zeros(layer.out_features, layer.in_features, dtype=torch.float64)
+        for c in ordered:
+            total += c.weights[name]
+        weights[name] = total
+    replicas = {}
+    for name, p in model.model.named_parameters():
+        if name in model.replicated:
+            total = torch.zeros(p.shape, dtype=torch.float64)
+            for c in ordered:
+                total += c.replicas[name]
+            replicas[name] = total
+    model.apply_merge(weights, replicas)
+
+
+def encode_state(model: LTEModel, round_: int) -> bytes:
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.shared_state().items()}
+    meta = {"format": STATE_FORMAT, "round": str(round_), "digest": model.state_digest()}
+    return st_save(state, metadata=meta)
+
+
+def decode_state(blob: bytes, model: LTEModel, expect_digest: str | None = None) -> int:
+    """Load a state blob into `model` if it is well formed and its bytes hash to the digest it
+    claims (and to `expect_digest`, if given); returns its round. The model is untouched on error."""
+    tensors, meta = _load(blob, STATE_FORMAT)
+    try:
+        round_ = int(meta.get("round", ""))
+    except ValueError:
+        raise ContributionError("state without a round number") from None
+    claimed = meta.get("digest", "")
+    if expect_digest is not None and claimed != expect_digest:
+        raise ContributionError(f"state claims digest {claimed[:12]}, expected {expect_digest[:12]}")
+    backup = {k: v.clone() for k, v in model.shared_state().items()}
+    try:
+        model.load_shared_state(tensors)
+    except ValueError as exc:
+        raise ContributionError(str(exc)) from None
+    if model.state_digest() != claimed:
+        model.load_shared_state(backup)
+        raise ContributionError("state bytes do not match the digest they claim")
+    return round_
+
+
+def _load(blob: bytes, fmt: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    try:
+        tensors = st_load(blob)
+        header_len = int.from_bytes(blob[:8], "little")
+        meta = json.loads(blob[8:8 + header_len]).get("__metadata__", {}) or {}
+    except (SafetensorError, ValueError, json.JSONDecodeError, UnicodeDecodeError, OverflowError) as exc:
+        raise ContributionError(f"not a valid safetensors blob ({type(exc).__name__})") from None
+    if meta.get("format") != fmt:
+        raise ContributionError(f"unknown format {meta.get('format')!r}, expected {fmt}")
+    return tensors, meta
+
+
+def _take(tensors: dict[str, torch.Tensor], key: str, shape: tuple[int, ...], used: set[str]) -> torch.Tensor:
+    t = tensors.get(key)
+    if t is None:
+        raise ContributionError(f"missing tensor {key}")
+    if t.dtype != torch.float32:
+        raise ContributionError(f"tensor {key} is {t.dtype}, expected float32")
+    if tuple(t.shape) != shape:
+        raise ContributionError(f"tensor {key} has shape {tuple(t.shape)}, expected {shape}")
+    if not torch.isfinite(t).all():
+        raise ContributionError(f"tensor {key} has NaN or inf values")
+    used.add(key)
+    return t
