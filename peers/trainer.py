@@ -53,6 +53,7 @@ class Trainer:
         self.optimizer: torch.optim.Optimizer | None = None
         self.unmerged_steps = 0
         self.trained_head_steps = 0
+        self.carry_over = False
 
     # ---- heads -----------------------------------------------------------------------------
     def _adopt_heads(self) -> None:
@@ -126,7 +127,12 @@ class Trainer:
                         self._report(result, 0, 0.0, 0.0)
                     continue
                 t0 = time.perf_counter()
-                steps, loss = self._train_round()
+                if self.carry_over:
+                    # We missed the last round with T steps of work in hand: offer that work to
+                    # this round at once instead of training more and risking missing it again.
+                    steps, loss, self.carry_over = 0, float("nan"), False
+                else:
+                    steps, loss = self._train_round()
                 train_seconds = time.perf_counter() - t0
                 if self.stop.is_set():
                     break
@@ -141,6 +147,7 @@ class Trainer:
                 if result.merged:
                     self.model.mark_merged(heads)
                     self.unmerged_steps = 0
+                self.carry_over = result.missed and self.unmerged_steps > 0
                 self._report(result, steps, loss, train_seconds)
             except NETWORK_ERRORS as exc:
                 log.warning("round %d: network trouble, retrying: %s", self.protocol.round, exc)

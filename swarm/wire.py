@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from safetensors import SafetensorError
@@ -43,10 +44,12 @@ def factor_numbers(k: int, rank: int, m: int, n: int, with_baseline: bool) -> in
     return k * rank * (m + n) * (2 if with_baseline else 1)
 
 
-def encode_contribution(model: LTEModel, heads: list[int]) -> tuple[bytes, dict[str, int]]:
+def encode_contribution(model: LTEModel, heads: list[int], form: Literal["auto", "factors", "dense"] = "auto"
+                        ) -> tuple[bytes, dict[str, int]]:
     """Serialize the unmerged change of `heads` (run head ids held by `model`).
 
-    Returns the blob and counts of layers sent as factors and as dense deltas."""
+    `form` picks the cheaper form per layer (auto) or forces one (for measurements). Returns the
+    blob and counts of layers sent as factors and as dense deltas."""
     idx = model.local_indices(heads)
     baseline = model.spec.variant == "reset_less"
     tensors: dict[str, torch.Tensor] = {}
@@ -54,7 +57,8 @@ def encode_contribution(model: LTEModel, heads: list[int]) -> tuple[bytes, dict[
     for name, layer in model.layers():
         f = model.factors[name.replace(".", ":")]
         m, n = layer.out_features, layer.in_features
-        if factor_numbers(len(idx), model.spec.rank, m, n, baseline) < m * n:
+        cheaper = factor_numbers(len(idx), model.spec.rank, m, n, baseline) < m * n
+        if form == "factors" or (form == "auto" and cheaper):
             tensors[f"w/{name}/A"] = f.A.detach()[idx].float().contiguous()
             tensors[f"w/{name}/B"] = f.B.detach()[idx].float().contiguous()
             if baseline:

@@ -1,0 +1,132 @@
+"""Contributions and state on the wire: exact, form-independent, and hostile input is refused."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load as st_load, save as st_save
+
+from swarm.lte_model import LTEModel, LTESpec
+from swarm.wire import (ContributionError, decode_contribution, decode_state, encode_contribution, encode_state,
+                        merge_contributions)
+from tests.conftest import randomize_heads, tiny_vit
+
+SPEC = LTESpec(n_heads=4, rank=2, alpha=8.0, nonlinear="replicate")
+
+
+def _model(heads, seed=0) -> LTEModel:
+    m = LTEModel(tiny_vit(), SPEC, heads)
+    randomize_heads(m, seed=seed, scale=0.05)
+    return m
+
+
+def _state(m: LTEModel) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in m.shared_state().items()}
+
+
+@pytest.mark.parametrize("form", ["factors", "dense", "auto"])
+def test_contribution_round_trip_equals_the_local_deltas(form):
+    peer = _model([1, 3])
+    blob, counts = encode_contribution(peer, [1, 3], form=form)
+    if form != "auto":
+        assert counts[f"{'factor' if form == 'factors' else 'dense'}_layers"] == len(peer.layer_names)
+    c = decode_contribution(blob, "peer", LTEModel(tiny_vit(), SPEC, []), max_update=10.0)
+    assert c.heads == (1, 3)
+    for name, delta in peer.weight_deltas().items():
+        torch.testing.assert_close(c.weights[name], delta.float(), rtol=0, atol=0)
+    for name, delta in peer.replica_deltas().items():
+        torch.testing.assert_close(c.replicas[name], delta.float(), rtol=0, atol=0)
+
+
+def test_both_wire_forms_give_the_same_bits():
+    peer = _model([0])
+    receiver = LTEModel(tiny_vit(), SPEC, [])
+    a = decode_contribution(encode_contribution(peer, [0], form="factors")[0], "p", receiver, 10.0)
+    b = decode_contribution(encode_contribution(peer, [0], form="dense")[0], "p", receiver, 10.0)
+    assert all(torch.equal(a.weights[k], b.weights[k]) for k in a.weights)
+    # and the forms really differ in size: one head of rank 2 is cheaper as factors
+    assert len(encode_contribution(peer, [0], form="factors")[0]) < len(encode_contribution(peer, [0], form="dense")[0])
+
+
+def test_merge_is_independent_of_arrival_order_and_matches_local_merge():
+    peers = [_model([h], seed=h) for h in range(3)]
+    receiver = LTEModel(tiny_vit(), SPEC, [])
+    contributions = [decode_contribution(encode_contribution(p, p.head_ids)[0], f"peer{i}", receiver, 10.0)
+                     for i, p in enumerate(peers)]
+    digests = []
+    for order in ([0, 1, 2], [2, 0, 1]):
+        m = LTEModel(tiny_vit(), SPEC, [])
+        merge_contributions(m, [contributions[i] for i in order])
+        digests.append(m.state_digest())
+    assert digests[0] == digests[1]
+    # the same heads merged in one process land on the same W (float rounding aside)
+    together = LTEModel(tiny_vit(), SPEC, [0, 1, 2])
+    for h, p in enumerate(peers):
+        for name, f in together.factors.items():
+            f.A.data[h], f.B.data[h] = p.factors[name].A[0], p.factors[name].B[0]
+        for name, rep in together.replicas.items():
+            rep.data[h] = p.replicas[name][0]
+    together.merge()
+    m = LTEModel(tiny_vit(), SPEC, [])
+    merge_contributions(m, contributions)
+    for key, value in together.shared_state().items():
+        torch.testing.assert_close(m.shared_state()[key], value, rtol=1e-5, atol=1e-6)
+
+
+def _tamper(blob: bytes, edit) -> bytes:
+    tensors = st_load(blob)
+    meta = json.loads(blob[8:8 + int.from_bytes(blob[:8], "little")])["__metadata__"]
+    edit(tensors, meta)
+    return st_save(tensors, metadata=meta)
+
+
+def _first_key(tensors, suffix):
+    return next(k for k in sorted(tensors) if k.endswith(suffix))
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda t, m: t.__setitem__(_first_key(t, "/B"), t[_first_key(t, "/B")] * float("nan")), "NaN or inf"),
+    (lambda t, m: t.__setitem__(_first_key(t, "/B"), t[_first_key(t, "/B")][:, :-1]), "has shape"),
+    (lambda t, m: t.__setitem__(_first_key(t, "/B"), t[_first_key(t, "/B")].double()), "expected float32"),
+    (lambda t, m: t.__setitem__(_first_key(t, "/B"), t[_first_key(t, "/B")] * 1e6), "would move a weight"),
+    (lambda t, m: t.pop(_first_key(t, "/A")), "missing tensor"),
+    (lambda t, m: t.__setitem__("w/extra/A", torch.zeros(1)), "unexpected tensors"),
+    (lambda t, m: m.__setitem__("heads", "[7]"), "bad head ids"),
+    (lambda t, m: m.__setitem__("heads", "[1, 1]"), "bad head ids"),
+    (lambda t, m: m.__setitem__("heads", "oops"), "not valid JSON"),
+    (lambda t, m: m.__setitem__("format", "other/1"), "unknown format"),
+])
+def test_hostile_contributions_are_rejected_and_change_nothing(edit, message):
+    peer = _model([1])
+    blob = _tamper(encode_contribution(peer, [1], form="factors")[0], edit)
+    receiver = LTEModel(tiny_vit(), SPEC, [])
+    before = receiver.state_digest()
+    with pytest.raises(ContributionError, match=message):
+        decode_contribution(blob, "evil", receiver, max_update=10.0)
+    assert receiver.state_digest() == before
+
+
+@pytest.mark.parametrize("blob", [b"", b"garbage" * 10, (10**9).to_bytes(8, "little") + b"{}"])
+def test_garbage_is_rejected(blob):
+    with pytest.raises(ContributionError, match="not a valid safetensors blob"):
+        decode_contribution(blob, "evil", LTEModel(tiny_vit(), SPEC, []), max_update=10.0)
+
+
+def test_state_round_trip_and_tampered_state_is_refused():
+    source = _model([0])
+    source.merge()
+    blob = encode_state(source, round_=7)
+    target = LTEModel(tiny_vit(seed=5), SPEC, [])
+    assert decode_state(blob, target, expect_digest=source.state_digest()) == 7
+    assert target.state_digest() == source.state_digest()
+
+    other = LTEModel(tiny_vit(seed=6), SPEC, [])
+    before = _state(other)
+    forged = _tamper(blob, lambda t, m: t.__setitem__("head.bias", t["head.bias"] + 1))
+    with pytest.raises(ContributionError, match="do not match the digest"):
+        decode_state(forged, other)
+    assert all(torch.equal(before[k], v) for k, v in other.shared_state().items())
+    with pytest.raises(ContributionError, match="expected"):
+        decode_state(blob, other, expect_digest="0" * 64)
