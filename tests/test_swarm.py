@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 from peers.models import create_lte_model
 from peers.simulate import simulate
 from swarm.config import load_config
-from tests.harness import Swarm, last, write_config
+from peers.local_swarm import LocalSwarm
+from tests.harness import last, write_config
 
 pytestmark = pytest.mark.timeout(420)
 
@@ -21,8 +22,8 @@ pytestmark = pytest.mark.timeout(420)
 def swarm_factory(tmp_path):
     made = []
 
-    def make(**cfg) -> Swarm:
-        swarm = Swarm(tmp_path, write_config(tmp_path / "run.yaml", **cfg))
+    def make(**cfg) -> LocalSwarm:
+        swarm = LocalSwarm(tmp_path, write_config(tmp_path / "run.yaml", **cfg))
         made.append(swarm)
         return swarm
 
@@ -55,7 +56,7 @@ def test_three_peers_agree_bit_for_bit_and_match_the_simulation(swarm_factory):
     # The same heads, seeds and data in one process give the same W (up to float rounding).
     cfg = load_config(swarm.config)
     sim_state = simulate(cfg).model.shared_state()
-    swarm_state = load_file(str(swarm.tmp / "run" / "state.safetensors"))
+    swarm_state = load_file(str(swarm.workdir / "run" / "state.safetensors"))
     initial = create_lte_model(cfg, []).shared_state()
     assert set(swarm_state) == set(sim_state)
     for key, tensor in sim_state.items():
@@ -75,7 +76,7 @@ def test_a_peer_killed_mid_round_is_survived_and_its_head_reclaimed(swarm_factor
     victim_head = last(victim, "heads")["heads"][0]
     # Kill it (and its DHT and p2pd) right after it offered a contribution: mid merge round.
     victim.wait_for(lambda es: any(e["event"] == "ready" and e["round"] >= 1 for e in es), 120, "a ready contribution")
-    victim.kill_group(signal.SIGKILL)
+    victim.signal_group(signal.SIGKILL)
     killed_round = last(victim, "ready")["round"]
 
     assert survivor.wait(300) == 0, survivor.tail()
@@ -153,7 +154,7 @@ def test_sigterm_leaves_cleanly_and_the_coordinator_resumes_from_its_run_dir(swa
     coordinator = swarm.start_coordinator()
     peer = swarm.join("peer", "--throttle", "0.2")
     peer.wait_for(_rounds_done(2), 120, "two merge rounds")
-    peer.kill_group(signal.SIGTERM)
+    peer.signal_group(signal.SIGTERM)
     assert peer.wait(30) == 0, peer.tail()
     assert last(peer, "left")["heads"]
     deadline = time.monotonic() + 10
@@ -162,11 +163,11 @@ def test_sigterm_leaves_cleanly_and_the_coordinator_resumes_from_its_run_dir(swa
     assert not _group_alive(peer.handle.pid)
 
     coordinator.wait_for(lambda es: any(e["event"] == "checkpoint" and e["round"] >= 2 for e in es), 60, "a checkpoint")
-    coordinator.kill_group(signal.SIGTERM)
+    coordinator.signal_group(signal.SIGTERM)
     assert coordinator.wait(30) == 0, coordinator.tail()
     saved = last(coordinator, "checkpoint")
     first_run_id = swarm.run_id
-    coordinator.events.rename(swarm.tmp / "first-coordinator.jsonl")
+    coordinator.events.rename(swarm.workdir / "first-coordinator.jsonl")
     resumed = swarm.start_coordinator()
     started = last(resumed, "started")
     assert started["run_id"] == swarm.run_id == first_run_id

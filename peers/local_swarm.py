@@ -1,0 +1,111 @@
+"""A whole swarm on this machine: a coordinator and volunteer peers as separate processes on
+127.0.0.1, each in its own process group, observed through their JSON event files and always
+reaped (peer, DHT process and p2pd daemons). Used by `lte-swarm demo`, the benchmarks and tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+from swarm.errors import LTESwarmError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class LocalSwarmError(LTESwarmError):
+    """A local peer process died or did not get where it should in time."""
+
+
+class PeerProcess:
+    def __init__(self, name: str, args: list[str], events: Path, log: Path):
+        self.name, self.events, self.log = name, events, log
+        self._log_file = open(log, "w")
+        self.handle = subprocess.Popen(args, cwd=REPO, stdout=self._log_file, stderr=subprocess.STDOUT,
+                                       start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+    def read(self) -> list[dict]:
+        if not self.events.exists():
+            return []
+        out = []
+        for line in self.events.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:  # a line still being written
+                pass
+        return out
+
+    def of(self, kind: str) -> list[dict]:
+        return [e for e in self.read() if e["event"] == kind]
+
+    def wait_for(self, predicate: Callable[[list[dict]], bool], timeout: float, what: str) -> list[dict]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            events = self.read()
+            if predicate(events):
+                return events
+            if self.handle.poll() is not None and not predicate(self.read()):
+                raise LocalSwarmError(f"{self.name} exited ({self.handle.returncode}) before {what}:\n{self.tail()}")
+            time.sleep(0.2)
+        raise LocalSwarmError(f"{self.name}: timed out waiting for {what}:\n{self.tail()}")
+
+    def tail(self, n: int = 25) -> str:
+        return "\n".join(self.log.read_text().splitlines()[-n:]) if self.log.exists() else ""
+
+    def signal_group(self, sig: int) -> None:
+        try:
+            os.killpg(self.handle.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def wait(self, timeout: float) -> int:
+        return self.handle.wait(timeout)
+
+
+class LocalSwarm:
+    def __init__(self, workdir: Path, config: Path):
+        self.workdir, self.config = Path(workdir), Path(config)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.procs: list[PeerProcess] = []
+        self.coordinator: PeerProcess | None = None
+        self.run_id = ""
+        self.maddrs: list[str] = []
+
+    def start_coordinator(self, run_dir: Path | None = None, timeout: float = 120) -> PeerProcess:
+        events = self.workdir / "coordinator.jsonl"
+        args = [sys.executable, str(REPO / "scripts" / "start_run.py"), "--config", str(self.config),
+                "--run-dir", str(run_dir or self.workdir / "run"), "--events", str(events), "-v"]
+        proc = PeerProcess("coordinator", args, events, self.workdir / "coordinator.log")
+        self.procs.append(proc)
+        found = proc.wait_for(lambda es: any(e["event"] == "started" for e in es), timeout, "the run to start")
+        maddrs = next(e for e in found if e["event"] == "maddrs")
+        self.run_id, self.maddrs = maddrs["run_id"], maddrs["maddrs"]
+        self.coordinator = proc
+        return proc
+
+    def join(self, name: str, *extra: str) -> PeerProcess:
+        events = self.workdir / f"{name}.jsonl"
+        args = [sys.executable, "-m", "peers.cli", "join", "--initial-peers", *self.maddrs, "--run-id", self.run_id,
+                "--events", str(events), "-v", *extra]
+        proc = PeerProcess(name, args, events, self.workdir / f"{name}.log")
+        self.procs.append(proc)
+        return proc
+
+    def close(self, grace: float = 15.0) -> None:
+        """SIGTERM everyone still running, then SIGKILL each whole process group."""
+        for proc in self.procs:
+            if proc.handle.poll() is None:
+                proc.signal_group(signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for proc in self.procs:
+            try:
+                proc.handle.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+            proc.signal_group(signal.SIGKILL)
+            proc._log_file.close()
