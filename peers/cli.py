@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
@@ -147,6 +148,123 @@ def join(
                 dht.shutdown()
                 log_events.close()
         err.print("left the swarm")
+
+
+@app.command()
+def status(
+    initial_peers: List[str] = typer.Option(..., "--initial-peers", help="multiaddr(s) of peers in the swarm"),
+    more_peers: List[str] = typer.Argument(None, metavar="[MADDR]...", show_default=False, help="more initial peers"),
+    run_id: Optional[str] = typer.Option(None, help="the run to show (default: the newest run in the DHT)"),
+    once: bool = typer.Option(False, "--once", help="print one frame and exit"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object and exit"),
+    interval: float = typer.Option(2.0, min=0.2, help="seconds between redraws"),
+) -> None:
+    """A live view of a run: heads, peers, loss and traffic (joins the DHT as a client)."""
+    from rich.live import Live
+
+    from peers.monitor import snapshot
+    from peers.node import add_run_validators, find_run, start_dht
+    from peers.status_view import render
+
+    with user_errors():
+        dht = start_dht([*initial_peers, *(more_peers or [])], client_mode=True)
+        try:
+            keys, _, cfg = find_run(dht, run_id, timeout=15.0)
+            add_run_validators(dht, keys.run_id)
+            if as_json:
+                print(json.dumps(snapshot(dht, keys, cfg)))
+                return
+            out = Console()
+            if once:
+                out.print(render(snapshot(dht, keys, cfg), out.width))
+                return
+            with Live(render(snapshot(dht, keys, cfg), out.width), console=out, refresh_per_second=4) as live:
+                while True:
+                    time.sleep(interval)
+                    live.update(render(snapshot(dht, keys, cfg), out.width))
+        finally:
+            dht.shutdown()
+
+
+@app.command()
+def demo(
+    peers: int = typer.Option(2, min=1, help="volunteer peers to start (one head each)"),
+    rounds: int = typer.Option(20, min=1, help="merge rounds to run"),
+    run_dir: Optional[Path] = typer.Option(None, help="where the demo writes its run (default: runs/demo-<time>)"),
+    config: Optional[Path] = typer.Option(None, help="base config (default: configs/digits-vit-tiny.yaml)"),
+    as_json: bool = typer.Option(False, "--json", help="no live view; print one JSON summary as the last line"),
+) -> None:
+    """A whole swarm on this machine: a coordinator and K peers train on the embedded digits over
+    loopback, shown live, then compared round by round with the one-process simulation."""
+    from rich.live import Live
+    from rich.table import Table
+
+    from peers.demo import DEFAULT_CONFIG, run_demo
+    from peers.status_view import render
+
+    with user_errors():
+        workdir = run_dir or Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
+        out = Console()
+        if not as_json:
+            out.print(f"starting a coordinator and {peers} peers on 127.0.0.1 for {rounds} rounds (Ctrl+C stops) ...")
+        live = None if as_json else Live(console=out, refresh_per_second=4)
+        try:
+            if live is not None:
+                live.start()
+            on_snapshot = None if live is None else (lambda snap: live.update(render(snap, out.width)))
+            summary = run_demo(workdir, peers, rounds, config or DEFAULT_CONFIG, on_snapshot=on_snapshot)
+        finally:
+            if live is not None:
+                live.stop()
+        if as_json:
+            print(json.dumps(summary))
+            return
+        table = Table(title="test accuracy per round: swarm vs one-process simulation")
+        for col in ("round", "samples", "swarm acc", "simulation acc", "swarm loss", "simulation loss"):
+            table.add_column(col, justify="right")
+        for r in summary["history"]:
+            fmt = lambda v, pct: "-" if v is None else (f"{v:.1%}" if pct else f"{v:.3f}")  # noqa: E731
+            table.add_row(str(r["round"]), str(r["samples"]), fmt(r["swarm_accuracy"], True),
+                          fmt(r["simulate_accuracy"], True), fmt(r["swarm_loss"], False), fmt(r["simulate_loss"], False))
+        out.print(table)
+        out.print(f"peers agree on W: {summary['peers_agree']}; {summary['seconds']:.0f}s; plot: {summary['plot']}; "
+                  f"run dir: {summary['run_dir']}", highlight=False)
+        out.print(f"export the model with: lte-swarm export --run-dir {summary['run_dir']} --out model.safetensors",
+                  highlight=False)
+
+
+@app.command()
+def export(
+    out: Path = typer.Option(..., "--out", help="the safetensors file to write"),
+    run_dir: Optional[Path] = typer.Option(None, help="export from this run dir's checkpoint"),
+    initial_peers: List[str] = typer.Option([], "--initial-peers", help="or download W from a live swarm"),
+    run_id: Optional[str] = typer.Option(None, help="with --initial-peers: the run (default: the newest)"),
+    weights: str = typer.Option("forward", help="forward: the (de)quantized W the swarm evaluates with; master: the fp32 master"),
+) -> None:
+    """Write the merged model as a plain timm state dict (timm.create_model(name, **args) loads it)."""
+    from peers.export import fetch_live, load_run_dir, write_export
+
+    with user_errors():
+        if weights not in ("forward", "master"):
+            raise ConfigError(f"--weights must be forward or master, not {weights!r}")
+        if (run_dir is None) == (not initial_peers):
+            raise ConfigError("give either --run-dir or --initial-peers")
+        if run_dir is not None:
+            cfg, model, meta = load_run_dir(run_dir)
+            round_ = int(meta["round"])
+        else:
+            from peers.node import start_dht
+
+            dht = start_dht(initial_peers, client_mode=True)
+            try:
+                cfg, model, round_ = fetch_live(dht, run_id)
+            finally:
+                dht.shutdown()
+        info = write_export(cfg, model, out, weights, round_)
+        args = ", ".join(f"{k}={v!r}" for k, v in info["args"].items())
+        err.print(f"wrote {out} (round {round_}); load it with:\n"
+                  f"  m = timm.create_model({info['model']!r}, {args}); "
+                  f"m.load_state_dict(safetensors.torch.load_file({str(out)!r}))", highlight=False)
 
 
 def main() -> None:

@@ -15,13 +15,14 @@ from safetensors.torch import load_file, save_file
 
 from peers.data import DataSource, ImageShape
 from peers.models import create_lte_model
-from peers.node import EventLog, announce_run
+from peers.node import EventLog, add_run_validators, announce_run
 from peers.simulate import evaluate
 from swarm.config import RunConfig, parse_config
 from swarm.errors import ConfigError
 from swarm.keys import RunKeys, check_run_id
 from swarm.rounds import MergeProtocol
-from swarm.schemas import RunRecord
+from swarm import schemas
+from swarm.schemas import RoundSummary, RunProgress, RunRecord
 from swarm.transport import NETWORK_ERRORS, BlobServer
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,8 @@ class Coordinator:
             source = DataSource(cfg.data, ImageShape(cfg.model.image_size, cfg.model.channels), seed=cfg.train.seed)
             self.eval_set = source.eval_set()
         self._published_at = 0.0
+        self.history: list[RoundSummary] = []
+        self.signer = add_run_validators(dht, run_id)
 
     def _active_peers(self) -> set[str]:
         from swarm.leases import HeadLeases
@@ -101,8 +104,12 @@ class Coordinator:
 
     # ---- loop ------------------------------------------------------------------------------
     def publish(self) -> None:
-        announce_run(self.dht, self.keys, self.record, ttl=self.cfg.swarm.lease_seconds * 6)
+        ttl = self.cfg.swarm.lease_seconds * 6
+        announce_run(self.dht, self.keys, self.record, ttl=ttl)
         self.protocol.announce()
+        progress = RunProgress(round=self.protocol.round, rounds_total=self.cfg.rounds,
+                               samples=sum(h.samples for h in self.history), history=self.history[-200:])
+        schemas.store(self.dht, self.keys.progress, "coordinator", progress, get_dht_time() + ttl)
         self._published_at = get_dht_time()
 
     def run(self) -> None:
@@ -130,6 +137,11 @@ class Coordinator:
                 fields.update(accuracy=acc, loss=loss)
                 log.info("round %d: test accuracy %.2f%%, loss %.3f", result.new_round, 100 * acc, loss)
             self.events.emit("round", **fields)
+            samples = result.merged_head_steps * self.cfg.head_batch
+            self.history.append(RoundSummary(round=result.new_round, time=time.time(), samples=samples,
+                                             members=len(result.members), accuracy=fields.get("accuracy"),
+                                             loss=fields.get("loss")))
+            self.publish()
             if result.new_round % self.cfg.swarm.checkpoint_every == 0 or result.new_round >= self.cfg.rounds:
                 self.checkpoint()
         self.checkpoint()

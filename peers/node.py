@@ -70,6 +70,19 @@ def find_run(dht, run_id: str | None, timeout: float = 20.0) -> tuple[RunKeys, R
         time.sleep(0.5)
 
 
+def add_run_validators(dht, run_id: str):
+    """Make this node check the run's signed status records; returns its signer (one per node)."""
+    from hivemind.dht.crypto import RSASignatureValidator
+    from hivemind.utils.crypto import RSAPrivateKey
+
+    from swarm.schemas import status_validators
+
+    # A key of its own: hivemind's default is one key per process, shared by every node in it.
+    signer = RSASignatureValidator(RSAPrivateKey())
+    dht.add_validators(status_validators(run_id, signer))
+    return signer
+
+
 @contextlib.contextmanager
 def stop_on_signals() -> Iterator[threading.Event]:
     """An event set by SIGINT/SIGTERM, so that loops finish their step and leave cleanly."""

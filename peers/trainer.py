@@ -12,14 +12,14 @@ from hivemind.utils import get_dht_time
 
 from peers.data import DataSource, ImageShape
 from peers.models import create_lte_model, resolve_device
-from peers.node import EventLog, SwarmError
+from peers.node import EventLog, SwarmError, add_run_validators
 from peers.simulate import head_loss, lr_factor, stack_batches
 from swarm.config import RunConfig
 from swarm.keys import RunKeys
 from swarm.leases import HeadLeases
 from swarm.lte_model import clip_head_grads_
 from swarm.rounds import MergeProtocol
-from swarm.schemas import ReadyRecord
+from swarm.schemas import ReadyRecord, publish_status
 from swarm.transport import NETWORK_ERRORS, BlobServer
 from swarm.wire import encode_contribution
 
@@ -49,7 +49,13 @@ class Trainer:
                                       active_peers=lambda: set(self.leases.holders().values()))
         data_cfg = cfg.data if opts.data is None else cfg.data.model_copy(update={"source": opts.data})
         self.source = DataSource(data_cfg, ImageShape(cfg.model.image_size, cfg.model.channels), seed=cfg.train.seed)
+        self.signer = add_run_validators(dht, keys.run_id)
         self.streams: dict[int, object] = {}
+        self.last_merged_round = -1
+        self.step_in_round = 0
+        self.loss: float | None = None
+        self.samples_per_second = 0.0
+        self._status_at = 0.0
         self.optimizer: torch.optim.Optimizer | None = None
         self.unmerged_steps = 0
         self.trained_head_steps = 0
@@ -82,6 +88,24 @@ class Trainer:
                 self._adopt_heads()
             self.protocol.announce()
 
+    # ---- status ----------------------------------------------------------------------------
+    def status(self, state: str, force: bool = True) -> None:
+        """Publish our signed status (rate-limited while training); never fails the peer."""
+        now = time.monotonic()
+        if not force and now - self._status_at < 2.0:
+            return
+        self._status_at = now
+        record = dict(run_id=self.keys.run_id, peer=self.peer, state=state, heads=list(self.model.head_ids),
+                      round=self.protocol.round, step=self.step_in_round, last_merged_round=self.last_merged_round,
+                      loss=None if self.loss is None or self.loss != self.loss else float(self.loss),
+                      samples_per_second=float(self.samples_per_second), bytes_sent=self.server.bytes_sent,
+                      bytes_received=self.server.bytes_received, device=str(self.device),
+                      storage=self.cfg.lte.storage, digest=self.model.state_digest(), time=float(time.time()))
+        try:
+            publish_status(self.dht, self.keys.peers, self.signer, record, ttl=max(10.0, self.cfg.swarm.lease_seconds))
+        except NETWORK_ERRORS as exc:
+            log.debug("could not publish status: %s", exc)
+
     # ---- training --------------------------------------------------------------------------
     def _train_round(self) -> tuple[int, float]:
         """Up to T local steps of every held head; returns (steps, mean loss)."""
@@ -89,9 +113,11 @@ class Trainer:
         first = self.protocol.round * cfg.lte.merge_every
         steps = min(cfg.lte.merge_every, cfg.steps - first)
         losses = []
+        started = time.perf_counter()
         for i in range(steps):
             if self.stop.is_set():
                 break
+            self.step_in_round = i
             x, y = stack_batches([self.streams[h] for h in self.model.head_ids], self.device)
             loss, mean_loss = head_loss(self.model(x), y)
             self.optimizer.zero_grad(set_to_none=True)
@@ -102,7 +128,10 @@ class Trainer:
                 group["lr"] = cfg.train.lr * lr_factor(first + i, cfg.steps, cfg.train)
             self.optimizer.step()
             losses.append(mean_loss.item())
+            self.loss = losses[-1]
+            self.samples_per_second = (i + 1) * self.cfg.head_batch * len(self.model.head_ids) / (time.perf_counter() - started)
             self._keep_leases()
+            self.status("training", force=False)
             if self.opts.throttle:
                 time.sleep(self.opts.throttle)
         done = len(losses)
@@ -112,6 +141,7 @@ class Trainer:
 
     def run(self) -> None:
         deadline = time.monotonic() + self.opts.sync_timeout
+        self.status("syncing")
         while not self.protocol.sync():
             if time.monotonic() > deadline or self.stop.is_set():
                 raise SwarmError(f"no peer of run {self.keys.run_id} handed out W within {self.opts.sync_timeout:.0f}s")
@@ -122,6 +152,7 @@ class Trainer:
                 self._claim()
                 if not self.model.head_ids:  # standby: follow the rounds, take the next free head
                     self.events.emit("standby", round=self.protocol.round)
+                    self.status("standby")
                     result = self.protocol.merge(None, None)
                     if result is not None:
                         self._report(result, 0, 0.0, 0.0)
@@ -141,12 +172,15 @@ class Trainer:
                 ready = ReadyRecord(round=self.protocol.round, heads=heads,
                                     head_steps=self.unmerged_steps * len(heads), nbytes=len(blob), ready_at=get_dht_time())
                 self.events.emit("ready", round=self.protocol.round, heads=heads, nbytes=len(blob))
+                self.status("merging")
                 result = self.protocol.merge(blob, ready)
                 if result is None:
                     continue
                 if result.merged:
                     self.model.mark_merged(heads)
                     self.unmerged_steps = 0
+                    self.last_merged_round = result.round
+                self.step_in_round = 0
                 self.carry_over = result.missed and self.unmerged_steps > 0
                 self._report(result, steps, loss, train_seconds)
             except NETWORK_ERRORS as exc:

@@ -50,6 +50,11 @@ class RunKeys:
         """Status records of the peers; one subkey per peer."""
         return self._key("peers")
 
+    @property
+    def progress(self) -> str:
+        """The coordinator's per-round history (accuracy, loss, samples)."""
+        return self._key("progress")
+
     def ready(self, round_: int) -> str:
         """Peers whose contribution to merge round `round_` is ready to download."""
         return self._key(f"round{round_}_ready")

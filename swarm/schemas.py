@@ -6,6 +6,9 @@ from __future__ import annotations
 import logging
 from typing import Any, TypeVar
 
+from hivemind.dht.protocol import DHTProtocol
+from hivemind.dht.routing import DHTID
+from hivemind.dht.validation import RecordValidatorBase
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 log = logging.getLogger(__name__)
@@ -94,3 +97,111 @@ def read(dht, key: str, model: type[T], now: float | None = None) -> dict[str, t
         if record is not None:
             out[str(subkey)] = (record, expiration)
     return out
+
+
+# ---- signed status records (checked inside the DHT by hivemind's validators) ---------------
+# hivemind's SchemaValidator works with pydantic v1 models; RSASignatureValidator makes the
+# `[owner:<public key>]` subkey writable only by the holder of that key.
+
+PEER_STATES = ("training", "merging", "waiting", "standby", "syncing")
+
+
+def _status_models():
+    """pydantic-v1 models (hivemind's SchemaValidator uses v1), built at import time under stable
+    module-level names so that they pickle into the DHT's process."""
+    from typing import Dict, List, Optional
+
+    import pydantic.v1 as v1
+    from hivemind.dht.schema import BytesWithPublicKey
+
+    def strict_int(ge: int):
+        return v1.conint(ge=ge, strict=True)
+
+    # create_model, not class syntax: this module's postponed annotations are opaque to pydantic v1.
+    peer_status = v1.create_model(
+        "PeerStatusV1",
+        __module__=__name__,
+        __config__=type("Config", (), {"extra": v1.Extra.forbid}),
+        run_id=(v1.StrictStr, ...),
+        peer=(v1.StrictStr, ...),
+        state=(v1.constr(regex=f"^({'|'.join(PEER_STATES)})$", strict=True), ...),
+        heads=(List[strict_int(0)], ...),
+        round=(strict_int(0), ...),
+        step=(strict_int(0), ...),
+        last_merged_round=(strict_int(-1), ...),
+        loss=(Optional[v1.StrictFloat], None),
+        samples_per_second=(v1.confloat(ge=0.0, strict=True), ...),
+        bytes_sent=(strict_int(0), ...),
+        bytes_received=(strict_int(0), ...),
+        device=(v1.StrictStr, ...),
+        storage=(v1.StrictStr, ...),
+        digest=(v1.StrictStr, ...),
+        time=(v1.StrictFloat, ...),
+    )
+    run_status = v1.create_model("RunStatusSchemaV1", __module__=__name__,
+                                 peers=(Dict[BytesWithPublicKey, peer_status], None))
+    return peer_status, run_status
+
+
+PeerStatusV1, RunStatusSchemaV1 = _status_models()
+
+
+class RunScopeValidator(RecordValidatorBase):
+    """Rejects status records under a run's key that name another run."""
+
+    def __init__(self, run_id: str):
+        self.run_id = run_id
+        self.key_id = DHTID.generate(source=f"{run_id}_peers").to_bytes()
+
+    def validate(self, record) -> bool:
+        if record.key != self.key_id:
+            return True
+        try:
+            value = DHTProtocol.serializer.loads(record.value)
+        except Exception:
+            return False
+        return isinstance(value, dict) and value.get("run_id") == self.run_id
+
+    def merge_with(self, other) -> bool:
+        return isinstance(other, RunScopeValidator) and other.run_id == self.run_id
+
+
+def status_validators(run_id: str, signer) -> list:
+    """The validators every node of run `run_id` adds to its DHT: signed subkeys, the status
+    schema, and the run scope."""
+    from hivemind.dht.schema import SchemaValidator
+
+    return [signer, SchemaValidator(RunStatusSchemaV1, prefix=run_id), RunScopeValidator(run_id)]
+
+
+def publish_status(dht, key: str, signer, status: dict, ttl: float) -> bool:
+    """Store this peer's status under its own signed subkey, valid for `ttl` seconds."""
+    from hivemind.utils import get_dht_time
+
+    return bool(dht.store(key, status, expiration_time=get_dht_time() + ttl, subkey=signer.local_public_key))
+
+
+def read_statuses(dht, key: str) -> list[dict]:
+    """Live status records of a run (the DHT's validators already dropped invalid ones)."""
+    found = dht.get(key, latest=True)
+    if found is None or not isinstance(found.value, dict):
+        return []
+    return [item.value for item in found.value.values() if isinstance(getattr(item, "value", None), dict)]
+
+
+class RoundSummary(_Record):
+    round: int = Field(ge=0)
+    time: float
+    samples: int = Field(ge=0)
+    members: int = Field(ge=0)
+    accuracy: float | None = None
+    loss: float | None = None
+
+
+class RunProgress(_Record):
+    """The coordinator's account of the run: rounds so far, with test accuracy and loss."""
+
+    round: int = Field(ge=0)
+    rounds_total: int = Field(ge=0)
+    samples: int = Field(ge=0)
+    history: list[RoundSummary]

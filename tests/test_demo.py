@@ -1,0 +1,64 @@
+"""`lte-swarm demo` end to end (a real local swarm), its plot, and `export` into a plain timm model."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+import torch
+
+from tests.conftest import CLI, ROOT
+
+pytestmark = pytest.mark.timeout(600)
+
+
+def _evaluate_export(path):
+    import timm
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from peers.data import DataSource, ImageShape
+    from peers.simulate import evaluate
+    from swarm.config import DataConfig
+
+    with safe_open(str(path), "pt") as f:
+        meta = {k: json.loads(v) for k, v in f.metadata().items()}
+    model = timm.create_model(meta["model"], pretrained=False, **meta["args"])
+    model.load_state_dict(load_file(str(path)))  # strict: every key of the plain model is there
+    model.eval()
+    args = meta["args"]
+    x, y = DataSource(DataConfig(source="digits"), ImageShape(args["img_size"], args["in_chans"])).eval_set()
+    return evaluate(model, x, y, torch.device("cpu"))[0], meta
+
+
+def test_demo_runs_writes_its_plot_and_exports_a_timm_model(tmp_path):
+    proc = subprocess.run([*CLI, "demo", "--peers", "2", "--rounds", "3", "--json", "--run-dir", str(tmp_path / "demo")],
+                          capture_output=True, text=True, timeout=540, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["peers_agree"] is True
+    assert [r["round"] for r in summary["history"]] == [1, 2, 3]
+    assert all(r["swarm_accuracy"] is not None and r["simulate_accuracy"] is not None for r in summary["history"])
+    # the first round starts from the same W, heads and data in both: identical evaluation
+    first = summary["history"][0]
+    assert abs(first["swarm_loss"] - first["simulate_loss"]) < 1e-3
+    plot = tmp_path / "demo" / "run" / "curves.png"
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 10_000
+
+    out = tmp_path / "model.safetensors"
+    proc = subprocess.run([*CLI, "export", "--run-dir", summary["run_dir"], "--out", str(out)],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "timm.create_model" in proc.stderr
+    accuracy, meta = _evaluate_export(out)
+    assert meta["round"] == 3
+    # the plain timm model scores what the swarm reported (its attention kernel may flip one tie)
+    assert abs(accuracy - summary["accuracy"]) <= 1 / 360 + 1e-9, (accuracy, summary["accuracy"])
+
+
+def test_export_refuses_a_missing_run_dir(tmp_path):
+    proc = subprocess.run([*CLI, "export", "--run-dir", str(tmp_path / "nothing"), "--out", str(tmp_path / "m.st")],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error:") and "not a readable run dir" in proc.stderr, proc.stderr

@@ -1,0 +1,165 @@
+"""`lte-swarm status` against a live loopback swarm, in a real terminal, and the signed records."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+
+import pytest
+from hivemind.utils import get_dht_time
+
+from peers.local_swarm import LocalSwarm
+from tests.conftest import CLI, ROOT
+from tests.harness import write_config
+
+pytestmark = pytest.mark.timeout(420)
+
+
+@pytest.fixture(scope="module")
+def live_swarm(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("status")
+    swarm = LocalSwarm(tmp, write_config(tmp / "run.yaml", heads=3, merge_every=2, rounds=400))
+    try:
+        swarm.start_coordinator()
+        peers = [swarm.join(f"peer{i}", "--throttle", "0.3") for i in range(2)]
+        for p in peers:
+            p.wait_for(lambda es: any(e["event"] == "round" for e in es), 180, "a merge round")
+        swarm.coordinator.wait_for(lambda es: any(e["event"] == "round" for e in es), 60, "a merge round")
+        yield swarm, peers
+    finally:
+        swarm.close()
+
+
+def _status(swarm, *args, columns=None, timeout=90):
+    env = {**os.environ, **({"COLUMNS": str(columns)} if columns else {})}
+    return subprocess.run([*CLI, "status", "--initial-peers", *swarm.maddrs, *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT, env=env)
+
+
+def test_status_json_reports_both_peers_their_heads_and_the_round(live_swarm):
+    swarm, peers = live_swarm
+    before = max(e["new_round"] for e in swarm.coordinator.of("round"))
+    proc = _status(swarm, "--json")
+    after = max(e["new_round"] for e in swarm.coordinator.of("round"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    snap = json.loads(proc.stdout.strip().splitlines()[-1])
+    ids = {p.of("joined")[0]["peer"] for p in peers}
+    assert snap["run_id"] == swarm.run_id
+    assert {s["peer"] for s in snap["peers"]} == ids
+    held = {p.of("joined")[0]["peer"]: p.of("heads")[-1]["heads"] for p in peers}
+    for s in snap["peers"]:
+        assert s["heads"] == held[s["peer"]]
+    by_head = {h["head"]: h for h in snap["heads"]}
+    for peer, heads in held.items():
+        for h in heads:
+            assert by_head[h]["peer"] == peer and by_head[h]["state"] != "free"
+    assert [h["state"] for h in snap["heads"]].count("free") == 1  # 3 heads, 2 peers
+    assert 1 <= before <= snap["round"] <= after + 1
+    assert snap["history"] and snap["agree"] in (True, None)
+
+
+@pytest.mark.parametrize("columns", [80, 200])
+def test_status_once_renders_at_any_width(live_swarm, columns):
+    swarm, peers = live_swarm
+    proc = _status(swarm, "--once", columns=columns)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    assert max(len(line) for line in lines) <= columns
+    text = proc.stdout
+    assert f"run {swarm.run_id}" in text and "heads" in text and "peers (2)" in text
+    for p in peers:
+        assert p.of("joined")[0]["peer"][-8:] in text
+
+
+@pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed (.ci/run installs it)")
+def test_live_view_in_a_real_terminal(live_swarm, tmp_path):
+    swarm, peers = live_swarm
+    session = f"lte-status-{os.getpid()}"
+    command = " ".join([*CLI, "status", "--interval", "1", "--initial-peers", *swarm.maddrs])
+    subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "160", "-y", "50", f"cd {ROOT} && {command}"], check=True)
+    try:
+        deadline = time.monotonic() + 90
+        pane = ""
+        while time.monotonic() < deadline:
+            pane = subprocess.run(["tmux", "capture-pane", "-p", "-t", session], capture_output=True, text=True).stdout
+            if "peers (2)" in pane and all(p.of("joined")[0]["peer"][-8:] in pane for p in peers):
+                break
+            time.sleep(1)
+        assert "heads" in pane and "free" in pane and "orphaned" in pane, pane  # the head map and its legend
+        assert "peers (2)" in pane, pane
+        for p in peers:
+            assert p.of("joined")[0]["peer"][-8:] in pane, pane
+        subprocess.run(["tmux", "send-keys", "-t", session, "C-c"], check=True)
+        time.sleep(3)
+        pane = subprocess.run(["tmux", "capture-pane", "-p", "-t", session], capture_output=True, text=True).stdout
+        assert "Traceback" not in pane, pane
+    finally:
+        subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
+
+
+def test_no_reachable_peer_is_one_line_and_nonzero():
+    dead = "/ip4/127.0.0.1/tcp/9/p2p/12D3KooWRzhwoMVtyVwTj6gRYNKTqUryrE8Ru1rgsyZNUZfzi78w"
+    proc = subprocess.run([*CLI, "status", "--once", "--initial-peers", dead], capture_output=True, text=True,
+                          timeout=120, cwd=ROOT)
+    assert proc.returncode == 2
+    errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
+@pytest.fixture
+def two_nodes():
+    import hivemind
+
+    from peers.node import add_run_validators
+
+    loopback = ["/ip4/127.0.0.1/tcp/0"]
+    a = hivemind.DHT(start=True, host_maddrs=loopback)
+    b = hivemind.DHT(start=True, host_maddrs=loopback, initial_peers=a.get_visible_maddrs())
+    signers = [add_run_validators(d, "run-a") for d in (a, b)]
+    yield (a, b), signers
+    b.shutdown()
+    a.shutdown()
+
+
+def _status_record(run_id="run-a", **changes):
+    record = dict(run_id=run_id, peer="p", state="training", heads=[0], round=1, step=2, last_merged_round=0,
+                  loss=1.5, samples_per_second=10.0, bytes_sent=1, bytes_received=2, device="cpu", storage="nf4",
+                  digest="d" * 64, time=time.time())
+    record.update(changes)
+    return record
+
+
+def test_forged_malformed_and_foreign_status_records_are_rejected(two_nodes):
+    from swarm.keys import RunKeys
+    from swarm.schemas import publish_status, read_statuses
+
+    (a, b), (signer_a, signer_b) = two_nodes
+    key = RunKeys("run-a").peers
+    assert publish_status(a, key, signer_a, _status_record(peer="honest"), ttl=30)
+    # forged: a writes under b's public key
+    assert not a.store(key, _status_record(peer="forged"), get_dht_time() + 30, subkey=signer_b.local_public_key)
+    # wrong schema: a missing field, a mistyped field, an unknown state
+    bad = _status_record(peer="bad")
+    del bad["digest"]
+    for record in (bad, _status_record(peer="bad", round="1"), _status_record(peer="bad", state="sleeping")):
+        assert not publish_status(b, key, signer_b, record, ttl=30)
+    # another run's record under this run's key
+    assert not publish_status(b, key, signer_b, _status_record(run_id="run-b", peer="foreign"), ttl=30)
+    time.sleep(0.5)
+    for node in (a, b):
+        assert [s["peer"] for s in read_statuses(node, key)] == ["honest"]
+
+
+def test_export_from_a_live_swarm_loads_into_timm(live_swarm, tmp_path):
+    from tests.test_demo import _evaluate_export
+
+    swarm, _ = live_swarm
+    out = tmp_path / "live.safetensors"
+    proc = subprocess.run([*CLI, "export", "--initial-peers", *swarm.maddrs, "--out", str(out)],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    accuracy, meta = _evaluate_export(out)
+    assert meta["round"] >= 1 and 0.0 <= accuracy <= 1.0
