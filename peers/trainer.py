@@ -170,7 +170,8 @@ class Trainer:
                 heads = list(self.model.head_ids)
                 blob, _ = encode_contribution(self.model, heads)
                 ready = ReadyRecord(round=self.protocol.round, heads=heads,
-                                    head_steps=self.unmerged_steps * len(heads), nbytes=len(blob), ready_at=get_dht_time())
+                                    head_steps=self.unmerged_steps * len(heads), nbytes=len(blob), ready_at=get_dht_time(),
+                                    train_seconds=train_seconds)
                 self.events.emit("ready", round=self.protocol.round, heads=heads, nbytes=len(blob))
                 self.status("merging")
                 result = self.protocol.merge(blob, ready)

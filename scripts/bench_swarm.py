@@ -34,7 +34,7 @@ def write_config(path: Path, peers: int, merge_every: int, rounds: int) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--peers", type=int, default=4)
-    parser.add_argument("--merge-every", type=int, default=50, help="T, local steps per round")
+    parser.add_argument("--merge-every", type=int, default=30, help="T, local steps per round")
     parser.add_argument("--rounds", type=int, default=4)
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="lte-bench-"))
@@ -52,8 +52,10 @@ def main() -> None:
 
     train, wait, comm, sent, received, walls, fractions = [], [], [], [], [], [], []
     samples_per_round = args.merge_every * cfg.head_batch  # one head per peer
+    missed = 0
     for p in peers:
-        rounds = [r for r in p.of("round") if not r["missed"]]
+        rounds = p.of("round")
+        missed += sum(r["missed"] for r in rounds)
         joined, left = p.of("joined")[0]["time"], p.of("left")[-1]["time"]
         fractions.append(sum(r["seconds_train"] for r in rounds) / (left - joined))
         for prev, r in zip(rounds, rounds[1:]):  # from the second round on: the first includes joining
@@ -69,7 +71,8 @@ def main() -> None:
     mean = statistics.mean
     print(f"\n{n} peers x 1 head on loopback (2-core machine shared by all), {cfg.model.name} "
           f"({params / 1e6:.2f}M params), N={cfg.lte.heads} r={cfg.lte.rank} T={args.merge_every}, "
-          f"{args.rounds} rounds, head batch {cfg.head_batch}; all peers agree on W: {len(digests) == 1}")
+          f"{args.rounds} rounds, head batch {cfg.head_batch}; all peers agree on W: {len(digests) == 1}; "
+          f"rounds missed by a peer: {missed}")
     print(f"{'seconds per round':32s} {'train':>8s} {'wait':>8s} {'comm':>8s} {'total':>8s}")
     print(f"{'  mean over peers and rounds':32s} {mean(train):8.2f} {mean(wait):8.2f} {mean(comm):8.2f} {mean(walls):8.2f}")
     print(f"fraction of wall time training (join to leave, per peer): "

@@ -3,8 +3,9 @@
 Round r has its own DHT keys, so a late peer's round r never meets others' round r + 1.
 
 1. A peer that finished its T local steps serves its contribution and writes a ready record.
-2. The round closes when every lease holder is ready, or `merge_grace` seconds after the first
-   ready record. A peer that comes later is a straggler: it re-syncs W and keeps its change for
+2. The round closes when every lease holder is ready, or after the first ready peer has waited
+   `merge_grace` seconds or `merge_slack` times its own training time, whichever is longer (a
+   deadline that scales with the round, so peers somewhat slower than the fastest still make it). A peer that comes later is a straggler: it re-syncs W and keeps its change for
    the next round (nothing is lost, nothing merged twice).
 3. Every peer downloads every ready contribution, validates it, merges them in peer-id order and
    writes its W digest together with the contributors it merged.
@@ -108,12 +109,17 @@ class MergeProtocol:
     def _hashes(self, r: int) -> dict[str, HashRecord]:
         return {p: rec for p, (rec, _) in schemas.read(self.dht, self.keys.hashes(r), HashRecord).items() if rec.round == r}
 
+    def close_at(self, ready: dict[str, ReadyRecord]) -> float:
+        """When a round with these ready records stops waiting for the others (DHT time)."""
+        first = min(ready.values(), key=lambda x: x.ready_at)
+        return first.ready_at + max(self.cfg.merge_grace, self.cfg.merge_slack * first.train_seconds)
+
     def closed(self, r: int) -> bool:
-        """Round r no longer takes contributions (someone merged it, or its grace is over)."""
+        """Round r no longer takes contributions (someone merged it, or its deadline passed)."""
         if self._hashes(r):
             return True
         ready = self._ready(r)
-        return bool(ready) and get_dht_time() > min(x.ready_at for x in ready.values()) + self.cfg.merge_grace
+        return bool(ready) and get_dht_time() > self.close_at(ready)
 
     def merge(self, contribution: bytes | None, ready: ReadyRecord | None) -> RoundResult | None:
         """Take part in merge round `self.round` (as a contributor, or as a follower when
@@ -134,9 +140,8 @@ class MergeProtocol:
             ready_set = self._ready(r)
             now = get_dht_time()
             if ready_set:
-                first = min(x.ready_at for x in ready_set.values())
                 waiting_for = self.active_peers() - set(ready_set)
-                if not waiting_for or now > first + self.cfg.merge_grace:
+                if not waiting_for or now > self.close_at(ready_set):
                     break
             elif contribution is None and now > deadline:
                 return None

@@ -51,6 +51,7 @@ class ReadyRecord(_Record):
     head_steps: int = Field(ge=0)
     nbytes: int = Field(ge=0)
     ready_at: float
+    train_seconds: float = Field(0.0, ge=0.0, description="how long its T steps took")
 
 
 class HashRecord(_Record):
