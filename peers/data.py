@@ -193,9 +193,12 @@ class DataSource:
         from datasets.distributed import split_dataset_by_node
 
         train = self.stream.skip(self.cfg.holdout)
-        part = split_dataset_by_node(train, rank=shard, world_size=n_shards)
         epoch = 0
         while True:
+            # With rotation, stream i reads shard (i + epoch) mod n: still disjoint from the other
+            # streams at any time, but over epochs every head sees all the data.
+            rank = (shard + epoch) % n_shards if self.cfg.rotate_shards else shard
+            part = split_dataset_by_node(train, rank=rank, world_size=n_shards)
             rng = np.random.default_rng([self.seed, shard, epoch])
             pending: list[dict[str, Any]] = []
             seen = 0

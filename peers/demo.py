@@ -23,7 +23,7 @@ def demo_config(base: RunConfig, peers: int, rounds: int) -> RunConfig:
     return base.with_overrides({
         "lte.heads": peers, "train.batch_size": per_head * peers, "train.samples": per_head * peers * t * rounds,
         "train.eval_every": 1, "train.warmup_steps": min(base.train.warmup_steps, t * rounds // 4),
-        "swarm": DEMO_SWARM,
+        "swarm": {**DEMO_SWARM, "min_heads": peers},
     })
 
 

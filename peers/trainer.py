@@ -157,6 +157,8 @@ class Trainer:
                     if result is not None:
                         self._report(result, 0, 0.0, 0.0)
                     continue
+                if self.protocol.round == 0 and not self._enough_heads():
+                    continue
                 t0 = time.perf_counter()
                 if self.carry_over:
                     # We missed the last round with T steps of work in hand: offer that work to
@@ -187,6 +189,16 @@ class Trainer:
             except NETWORK_ERRORS as exc:
                 log.warning("round %d: network trouble, retrying: %s", self.protocol.round, exc)
                 time.sleep(1.0)
+
+    def _enough_heads(self) -> bool:
+        """Before the first round: wait (briefly, then ask again) until `swarm.min_heads` heads are held."""
+        held = len(self.leases.holders())
+        if held >= self.cfg.swarm.min_heads:
+            return True
+        self.status("waiting")
+        self._keep_leases()
+        self.stop.wait(self.cfg.swarm.poll_seconds * 5)
+        return False
 
     def _report(self, result, steps: int, loss: float, train_seconds: float) -> None:
         self.events.emit(

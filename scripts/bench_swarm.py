@@ -26,7 +26,7 @@ def write_config(path: Path, peers: int, merge_every: int, rounds: int) -> Path:
     per_head = raw["train"]["batch_size"] // 4
     raw["train"].update(batch_size=per_head * peers, samples=per_head * peers * merge_every * rounds, eval_every=rounds)
     raw["swarm"] = dict(lease_seconds=30.0, settle_seconds=0.5, merge_grace=10.0, round_timeout=60.0,
-                        request_timeout=15.0, poll_seconds=0.1, checkpoint_every=rounds)
+                        request_timeout=15.0, poll_seconds=0.1, checkpoint_every=rounds, min_heads=peers)
     path.write_text(yaml.safe_dump(raw))
     return path
 

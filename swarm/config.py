@@ -67,6 +67,7 @@ class DataConfig(_Strict):
     source: str = Field("digits", description=DATA_SPEC_HELP)
     holdout: PositiveInt = Field(360, description="leading records of the stream held out for evaluation")
     shuffle_buffer: PositiveInt = 1024
+    rotate_shards: bool = Field(False, description="stream i reads shard (i + epoch) mod N: disjoint at any time, all data over epochs")
 
     @model_validator(mode="after")
     def _check_source(self) -> "DataConfig":
@@ -84,6 +85,7 @@ class SwarmConfig(_Strict):
     round_timeout: PositiveFloat = Field(60.0, description="bound on waiting for contributions and hashes of one round")
     request_timeout: PositiveFloat = Field(15.0, description="bound on one download from one peer")
     poll_seconds: PositiveFloat = Field(0.2, description="how often DHT records are polled while waiting")
+    min_heads: PositiveInt = Field(1, description="the first round starts once this many heads are held")
     checkpoint_every: PositiveInt = Field(5, description="the coordinator checkpoints W every this many rounds")
     max_contribution_mb: PositiveFloat = Field(512.0, description="reject contributions larger than this")
     max_update: PositiveFloat = Field(10.0, description="reject contributions that would move any weight by more than this in one merge")
@@ -110,6 +112,8 @@ class RunConfig(_Strict):
             raise ValueError(
                 f"train.batch_size ({self.train.batch_size}) must be a multiple of lte.heads ({self.lte.heads})"
             )
+        if self.swarm.min_heads > self.lte.heads:
+            raise ValueError(f"swarm.min_heads ({self.swarm.min_heads}) exceeds lte.heads ({self.lte.heads})")
         if self.train.samples < self.train.batch_size:
             raise ValueError(f"train.samples ({self.train.samples}) is below one batch (train.batch_size = {self.train.batch_size})")
         return self

@@ -37,7 +37,7 @@ def _rounds_done(n):
 
 
 def test_three_peers_agree_bit_for_bit_and_match_the_simulation(swarm_factory):
-    swarm = swarm_factory(heads=3, merge_every=2, rounds=4)
+    swarm = swarm_factory(heads=3, merge_every=2, rounds=4, min_heads=3, merge_grace=15.0)
     coordinator = swarm.start_coordinator()
     peers = [swarm.join(f"peer{i}") for i in range(3)]
     for p in peers:
