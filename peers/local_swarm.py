@@ -76,10 +76,10 @@ class LocalSwarm:
         self.run_id = ""
         self.maddrs: list[str] = []
 
-    def start_coordinator(self, run_dir: Path | None = None, timeout: float = 120) -> PeerProcess:
+    def start_coordinator(self, *extra: str, run_dir: Path | None = None, timeout: float = 120) -> PeerProcess:
         events = self.workdir / "coordinator.jsonl"
         args = [sys.executable, str(REPO / "scripts" / "start_run.py"), "--config", str(self.config),
-                "--run-dir", str(run_dir or self.workdir / "run"), "--events", str(events), "-v"]
+                "--run-dir", str(run_dir or self.workdir / "run"), "--events", str(events), "-v", *extra]
         proc = PeerProcess("coordinator", args, events, self.workdir / "coordinator.log")
         self.procs.append(proc)
         found = proc.wait_for(lambda es: any(e["event"] == "started" for e in es), timeout, "the run to start")

@@ -36,6 +36,20 @@ def test_digits_holdout_and_disjoint_head_shards():
     assert sum(len(s & held) for s in shards) <= 3  # only exact duplicate images may coincide
 
 
+def test_rotated_shards_stay_disjoint_and_cover_everything_over_epochs():
+    src = DataSource(DataConfig(source="digits", holdout=1597, rotate_shards=True), ImageShape(8, 1))
+    # 200 training records, 4 shards of 50: one batch of 50 is one epoch of one stream
+    streams = [src.batches(i, 4, 50) for i in range(4)]
+    seen = [set() for _ in range(4)]
+    for epoch in range(4):
+        batch = [_keys(next(s)[0]) for s in streams]
+        for i in range(4):
+            for j in range(i + 1, 4):
+                assert not batch[i] & batch[j]  # disjoint at every epoch
+            seen[i] |= batch[i]
+    assert all(len(s) == 200 for s in seen)  # and every stream saw all 200 records
+
+
 def test_streams_repeat_with_a_new_order_each_epoch():
     src = DataSource(DataConfig(source="digits", holdout=1700, shuffle_buffer=64), ImageShape(8, 1))
     it = src.batches(0, 1, 97)  # exactly one epoch of the 97 training records per batch

@@ -151,7 +151,8 @@ def _group_alive(pid: int) -> bool:
 
 def test_sigterm_leaves_cleanly_and_the_coordinator_resumes_from_its_run_dir(swarm_factory):
     swarm = swarm_factory(heads=2, merge_every=2, rounds=40)
-    coordinator = swarm.start_coordinator()
+    identity = str(swarm.workdir / "coordinator.key")
+    coordinator = swarm.start_coordinator("--identity", identity)
     peer = swarm.join("peer", "--throttle", "0.2")
     peer.wait_for(_rounds_done(2), 120, "two merge rounds")
     peer.signal_group(signal.SIGTERM)
@@ -166,11 +167,12 @@ def test_sigterm_leaves_cleanly_and_the_coordinator_resumes_from_its_run_dir(swa
     coordinator.signal_group(signal.SIGTERM)
     assert coordinator.wait(30) == 0, coordinator.tail()
     saved = last(coordinator, "checkpoint")
-    first_run_id = swarm.run_id
+    first_run_id, first_maddrs = swarm.run_id, swarm.maddrs
     coordinator.events.rename(swarm.workdir / "first-coordinator.jsonl")
-    resumed = swarm.start_coordinator()
+    resumed = swarm.start_coordinator("--identity", identity)
     started = last(resumed, "started")
     assert started["run_id"] == swarm.run_id == first_run_id
+    assert [m.split("/p2p/")[1] for m in swarm.maddrs] == [m.split("/p2p/")[1] for m in first_maddrs]  # same peer id
     assert started["round"] == saved["round"] and started["digest"] == saved["digest"]
 
 
