@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import secrets
 import threading
 import time
@@ -116,7 +117,8 @@ class Coordinator:
         self.publish()
         if not self.resumed:
             self.checkpoint()
-        self.events.emit("started", run_id=self.keys.run_id, round=self.protocol.round, digest=self.model.state_digest())
+        self.events.emit("started", run_id=self.keys.run_id, round=self.protocol.round, digest=self.model.state_digest(),
+                         pid=os.getpid())
         while not self.stop.is_set() and self.protocol.round < self.cfg.rounds:
             if get_dht_time() - self._published_at > self.cfg.swarm.lease_seconds:
                 self.publish()

@@ -96,7 +96,10 @@ def write_plot(rows: list[dict], path: Path) -> None:
         ax_acc.plot(x, [r[f"{key}_accuracy"] for r in rows], style, label=label)
     ax_loss.set(xlabel="merge round", ylabel="test loss", title="loss")
     ax_acc.set(xlabel="merge round", ylabel="test accuracy", title="accuracy")
+    from matplotlib.ticker import MaxNLocator
+
     for ax in (ax_loss, ax_acc):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -146,7 +147,8 @@ class Trainer:
             if time.monotonic() > deadline or self.stop.is_set():
                 raise SwarmError(f"no peer of run {self.keys.run_id} handed out W within {self.opts.sync_timeout:.0f}s")
             time.sleep(1.0)
-        self.events.emit("joined", peer=self.peer, round=self.protocol.round, digest=self.model.state_digest())
+        self.events.emit("joined", peer=self.peer, round=self.protocol.round, digest=self.model.state_digest(),
+                         pid=os.getpid())
         while not self.stop.is_set() and self.protocol.round < self.cfg.rounds:
             try:
                 self._claim()

@@ -9,6 +9,7 @@ from typing import Any, TypeVar
 from hivemind.dht.protocol import DHTProtocol
 from hivemind.dht.routing import DHTID
 from hivemind.dht.validation import RecordValidatorBase
+from hivemind.utils import get_dht_time
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 log = logging.getLogger(__name__)
@@ -83,8 +84,6 @@ def store(dht, key: str, subkey: str, record: BaseModel, expiration: float) -> b
 
 def read(dht, key: str, model: type[T], now: float | None = None) -> dict[str, tuple[T, float]]:
     """Every unexpired, well-formed record under `key`: subkey -> (record, expiration)."""
-    from hivemind.utils import get_dht_time
-
     found = dht.get(key, latest=True)
     now = get_dht_time() if now is None else now
     if found is None or not isinstance(found.value, dict):
@@ -177,8 +176,6 @@ def status_validators(run_id: str, signer) -> list:
 
 def publish_status(dht, key: str, signer, status: dict, ttl: float) -> bool:
     """Store this peer's status under its own signed subkey, valid for `ttl` seconds."""
-    from hivemind.utils import get_dht_time
-
     return bool(dht.store(key, status, expiration_time=get_dht_time() + ttl, subkey=signer.local_public_key))
 
 

@@ -62,3 +62,36 @@ def test_export_refuses_a_missing_run_dir(tmp_path):
                           capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 2
     assert proc.stderr.startswith("error:") and "not a readable run dir" in proc.stderr, proc.stderr
+
+
+def test_ctrl_c_stops_the_demo_and_every_process_it_started(tmp_path):
+    import os
+    import signal
+    import time
+
+    workdir = tmp_path / "demo"
+    proc = subprocess.Popen([*CLI, "demo", "--peers", "2", "--rounds", "50", "--json", "--run-dir", str(workdir)],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            events = workdir / "peer0.jsonl"
+            if events.exists() and '"event": "round"' in events.read_text():
+                break
+            time.sleep(0.5)
+        else:
+            pytest.fail("the demo's peers never finished a round")
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, stderr[-2000:]
+    assert "Traceback" not in stderr
+    pids = [json.loads(l)["pid"] for f in ("coordinator", "peer0", "peer1")
+            for l in (workdir / f"{f}.jsonl").read_text().splitlines() if '"pid"' in l]
+    assert len(pids) == 3
+    time.sleep(1)
+    for pid in pids:  # each started its own process group: the peer, its DHT process, p2pd
+        with pytest.raises(ProcessLookupError):
+            os.killpg(pid, 0)
