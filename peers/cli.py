@@ -6,6 +6,7 @@ import json
 import logging
 import sys
 import time
+import warnings
 from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
@@ -267,7 +268,13 @@ def export(
                   f"m.load_state_dict(safetensors.torch.load_file({str(out)!r}))", highlight=False)
 
 
+def quiet_dependencies() -> None:
+    """hivemind 1.1.12 uses torch.jit.script at import, which torch now warns about on every start."""
+    warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*deprecated", category=FutureWarning)
+
+
 def main() -> None:
+    quiet_dependencies()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app()
 

@@ -26,8 +26,11 @@ class PeerProcess:
     def __init__(self, name: str, args: list[str], events: Path, log: Path):
         self.name, self.events, self.log = name, events, log
         self._log_file = open(log, "w")
+        # One compute thread each: the processes share this machine's cores, and torch's default
+        # of a thread per core in every process oversubscribes them many times over.
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": os.environ.get("LTE_PEER_THREADS", "1")}
         self.handle = subprocess.Popen(args, cwd=REPO, stdout=self._log_file, stderr=subprocess.STDOUT,
-                                       start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                       start_new_session=True, env=env)
 
     def read(self) -> list[dict]:
         if not self.events.exists():

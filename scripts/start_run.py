@@ -13,7 +13,7 @@ from typing import List, Optional
 
 import typer
 
-from peers.cli import user_errors
+from peers.cli import quiet_dependencies, user_errors
 from peers.coordinator import serve
 from swarm.config import load_config
 
@@ -29,6 +29,7 @@ def main(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="log every round"),
 ) -> None:
     """Create or resume a run, publish it in the DHT and coordinate it until it ends (Ctrl+C stops)."""
+    quiet_dependencies()
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     with user_errors():
