@@ -93,11 +93,12 @@ def test_a_peer_killed_mid_round_is_survived_and_its_head_reclaimed(swarm_factor
 
 
 def test_a_peer_joining_at_round_3_catches_up_and_contributes(swarm_factory):
-    swarm = swarm_factory(heads=3, merge_every=2, rounds=9)
+    # ~2 s per round, so the run is still going when the late peer is up (~10 s to start)
+    swarm = swarm_factory(heads=3, merge_every=2, rounds=30)
     coordinator = swarm.start_coordinator()
-    early = [swarm.join(f"early{i}", "--throttle", "0.3") for i in range(2)]
+    early = [swarm.join(f"early{i}", "--throttle", "0.5") for i in range(2)]
     coordinator.wait_for(_rounds_done(3), 180, "round 3")
-    late = swarm.join("late", "--throttle", "0.3")
+    late = swarm.join("late", "--throttle", "0.5")
     for p in (*early, late):
         assert p.wait(300) == 0, p.tail()
     assert coordinator.wait(60) == 0
