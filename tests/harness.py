@@ -29,3 +29,27 @@ def last(proc: PeerProcess, kind: str) -> dict:
     events = proc.of(kind)
     assert events, f"{proc.name} has no {kind} event:\n{proc.tail()}"
     return events[-1]
+
+
+def live_group_members(pgid: int) -> list[int]:
+    """Processes of process group `pgid` that are still running (zombies awaiting a reaper, which
+    a container's init may never be, do not count: they hold no resources and run nothing)."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        state, pgrp = fields[0], int(fields[2])
+        if pgrp == pgid and state != "Z":
+            members.append(int(stat.parent.name))
+    return members
+
+
+def wait_group_gone(pgid: int, timeout: float = 10.0) -> list[int]:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while (alive := live_group_members(pgid)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return alive

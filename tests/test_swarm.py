@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import signal
-import time
 
 import pytest
 import torch
@@ -13,7 +12,7 @@ from peers.models import create_lte_model
 from peers.simulate import simulate
 from swarm.config import load_config
 from peers.local_swarm import LocalSwarm
-from tests.harness import last, write_config
+from tests.harness import last, wait_group_gone, write_config
 
 pytestmark = pytest.mark.timeout(420)
 
@@ -140,16 +139,6 @@ def test_a_slow_peer_misses_rounds_but_no_head_step_is_lost(swarm_factory):
     assert len({last(p, "left")["digest"] for p in (fast, slow, coordinator)}) == 1
 
 
-def _group_alive(pid: int) -> bool:
-    import os
-
-    try:
-        os.killpg(pid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-
-
 def test_sigterm_leaves_cleanly_and_the_coordinator_resumes_from_its_run_dir(swarm_factory):
     swarm = swarm_factory(heads=2, merge_every=2, rounds=40)
     identity = str(swarm.workdir / "coordinator.key")
@@ -159,10 +148,7 @@ def test_sigterm_leaves_cleanly_and_the_coordinator_resumes_from_its_run_dir(swa
     peer.signal_group(signal.SIGTERM)
     assert peer.wait(30) == 0, peer.tail()
     assert last(peer, "left")["heads"]
-    deadline = time.monotonic() + 10
-    while _group_alive(peer.handle.pid) and time.monotonic() < deadline:  # its DHT process and p2pd too
-        time.sleep(0.2)
-    assert not _group_alive(peer.handle.pid)
+    assert wait_group_gone(peer.handle.pid) == []  # its DHT process and p2pd too
 
     coordinator.wait_for(lambda es: any(e["event"] == "checkpoint" and e["round"] >= 2 for e in es), 60, "a checkpoint")
     coordinator.signal_group(signal.SIGTERM)
