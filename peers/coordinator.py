@@ -21,6 +21,7 @@ from peers.simulate import evaluate
 from swarm.config import RunConfig, parse_config
 from swarm.errors import ConfigError
 from swarm.keys import RunKeys, check_run_id
+from swarm.leases import HeadLeases
 from swarm.rounds import MergeProtocol
 from swarm import schemas
 from swarm.schemas import RoundSummary, RunProgress, RunRecord
@@ -52,8 +53,11 @@ class Coordinator:
         self.keys = RunKeys(run_id)
         self.peer = str(dht.peer_id)
         self.server = BlobServer(dht, namespace=run_id)
-        self.protocol = MergeProtocol(dht, self.server, self.keys, self.peer, cfg.swarm, self.model,
-                                      active_peers=self._active_peers)
+        sw = cfg.swarm
+        # A read-only view of the leases (the coordinator holds no head): whom a round waits for.
+        self.leases = HeadLeases(dht, self.keys, self.peer, cfg.lte.heads, sw.lease_seconds, sw.settle_seconds)
+        self.protocol = MergeProtocol(dht, self.server, self.keys, self.peer, sw, self.model,
+                                      active_peers=lambda: set(self.leases.holders().values()))
         self.protocol.round = round_
         self.record = RunRecord(run_id=run_id, config=cfg.model_dump(mode="json"), coordinator=self.peer, created=time.time())
         self.resumed = resumed is not None
@@ -64,12 +68,6 @@ class Coordinator:
         self._published_at = 0.0
         self.history: list[RoundSummary] = []
         self.signer = add_run_validators(dht, run_id)
-
-    def _active_peers(self) -> set[str]:
-        from swarm.leases import HeadLeases
-
-        sw = self.cfg.swarm
-        return set(HeadLeases(self.dht, self.keys, self.peer, self.cfg.lte.heads, sw.lease_seconds, sw.settle_seconds).holders().values())
 
     # ---- checkpoints -----------------------------------------------------------------------
     def _load_checkpoint(self, cfg: RunConfig) -> tuple[str, RunConfig, int] | None:
