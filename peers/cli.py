@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.text import Text
 
 from swarm.config import DATA_SPEC_HELP, RunConfig, load_config
-from swarm.errors import ConfigError, LTESwarmError
+from swarm.errors import ConfigError, LTESwarmError, Stopped
 
 app = typer.Typer(
     help="Pre-train a model together with strangers: LoRA-the-Explorer over a hivemind swarm.",
@@ -47,7 +47,7 @@ def user_errors() -> Iterator[None]:
     except LTESwarmError as exc:
         err.print(Text.assemble(("error: ", "bold red"), str(exc)), highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Stopped):
         err.print("interrupted")
         raise typer.Exit(130) from None
 
@@ -104,6 +104,42 @@ def simulate(
 
 
 @app.command()
+def start(
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="run config (YAML; default: the shipped digits-vit-tiny.yaml)"),
+    run_dir: Optional[Path] = typer.Option(None, help="where W and the round are checkpointed; resumed if it holds a run (default: runs/<config name>)"),
+    host_maddrs: List[str] = typer.Option(["/ip4/127.0.0.1/tcp/0"], help="multiaddrs to listen on; for the internet e.g. /ip4/0.0.0.0/tcp/31337"),
+    initial_peers: List[str] = typer.Option([], help="join an existing DHT instead of starting a new one"),
+    identity: Optional[Path] = typer.Option(None, help="file with this peer's private key (a stable peer id across restarts)"),
+    run_id: Optional[str] = typer.Option(None, help="run id (default: config name plus a random suffix)"),
+    events: Optional[str] = typer.Option(None, help="append one JSON line per event to this file"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="log every round"),
+) -> None:
+    """Start (or resume) a run as its coordinator: bootstrap peer and state donor; it follows every
+    merge, evaluates and checkpoints W, and prints the line volunteers paste (Ctrl+C stops)."""
+    from peers.shipped import shipped_config
+
+    if verbose:
+        logging.getLogger().setLevel(logging.INFO)
+    with user_errors():
+        path = config or shipped_config()
+        cfg = load_config(path)
+        quiet_dependencies()
+        from peers.coordinator import serve  # hivemind and torch: only once the config is good
+
+        directory = run_dir or Path("runs") / path.stem
+
+        def announce(rid: str, maddrs: list[str], round_: int, resumed: bool) -> None:
+            state = f"resumed at round {round_}" if resumed else "created"
+            print(f"run {rid} {state}; {cfg.rounds} rounds; checkpoints in {directory}", flush=True)
+            print("volunteers join with:", flush=True)
+            print(f"  lte-swarm join --run-id {rid} --initial-peers {' '.join(maddrs)}", flush=True)
+
+        serve(cfg, directory, initial_peers=initial_peers, host_maddrs=host_maddrs,
+              identity_path=str(identity) if identity else None, run_id=run_id, config_name=path.stem,
+              events_path=events, announce=announce)
+
+
+@app.command()
 def join(
     initial_peers: List[str] = typer.Option(..., "--initial-peers", help="multiaddr(s) of peers already in the swarm (more may follow as arguments)"),
     more_peers: List[str] = typer.Argument(None, metavar="[MADDR]...", show_default=False, help="more initial peers"),
@@ -119,35 +155,25 @@ def join(
 ) -> None:
     """Join a run as a volunteer: claim heads, train them on your data, merge with the swarm.
     Ctrl+C leaves cleanly (the heads are released for others)."""
-    from peers.node import EventLog, find_run, start_dht, stop_on_signals
-    from peers.trainer import Trainer, TrainerOptions
+    from peers.node import find_run, open_runtime
+    from peers.trainer import TrainerOptions, serve_trainer
 
     if verbose:
         logging.getLogger().setLevel(logging.INFO)
     with user_errors():
-        log_events = EventLog(events)
-        with stop_on_signals() as stop:
-            dht = start_dht([*initial_peers, *(more_peers or [])], host_maddrs, str(identity) if identity else None)
-            trainer = None
-            try:
-                keys, record, cfg = find_run(dht, run_id)
-                if data is not None:
-                    from swarm.config import check_data_spec
+        if data is not None:
+            from swarm.config import check_data_spec
 
-                    try:
-                        check_data_spec(data)
-                    except ValueError as exc:
-                        raise ConfigError(str(exc)) from None
-                err.print(f"joined run {keys.run_id}: {cfg.model.name}, N={cfg.lte.heads} r={cfg.lte.rank} "
-                          f"T={cfg.lte.merge_every}, {cfg.rounds} rounds; peer {dht.peer_id}", highlight=False)
-                trainer = Trainer(cfg, keys, dht, TrainerOptions(heads=heads, data=data, device=device, throttle=throttle),
-                                  stop, log_events)
-                trainer.run()
-            finally:
-                if trainer is not None:
-                    trainer.close()
-                dht.shutdown()
-                log_events.close()
+            try:
+                check_data_spec(data)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
+        with open_runtime([*initial_peers, *(more_peers or [])], host_maddrs, str(identity) if identity else None,
+                          events) as rt:
+            keys, record, cfg = find_run(rt.dht, run_id, clock=rt.clock)
+            err.print(f"joined run {keys.run_id}: {cfg.model.name}, N={cfg.lte.heads} r={cfg.lte.rank} "
+                      f"T={cfg.lte.merge_every}, {cfg.rounds} rounds; peer {rt.peer}", highlight=False)
+            serve_trainer(cfg, keys, rt, TrainerOptions(heads=heads, data=data, device=device, throttle=throttle))
         err.print("left the swarm")
 
 
@@ -164,13 +190,13 @@ def status(
     from rich.live import Live
 
     from peers.monitor import snapshot
-    from peers.node import add_run_validators, find_run, start_dht
+    from peers.node import add_run_validators, find_run, open_runtime
     from peers.status_view import render
 
     with user_errors():
-        dht = start_dht([*initial_peers, *(more_peers or [])], client_mode=True)
-        try:
-            keys, _, cfg = find_run(dht, run_id, timeout=15.0)
+        with open_runtime([*initial_peers, *(more_peers or [])], client_mode=True) as rt:
+            dht = rt.dht
+            keys, _, cfg = find_run(dht, run_id, timeout=15.0, clock=rt.clock)
             add_run_validators(dht, keys.run_id)
             if as_json:
                 print(json.dumps(snapshot(dht, keys, cfg)))
@@ -180,11 +206,12 @@ def status(
                 out.print(render(snapshot(dht, keys, cfg), out.width))
                 return
             with Live(render(snapshot(dht, keys, cfg), out.width), console=out, refresh_per_second=4) as live:
-                while True:
-                    time.sleep(interval)
-                    live.update(render(snapshot(dht, keys, cfg), out.width))
-        finally:
-            dht.shutdown()
+                try:
+                    while True:
+                        rt.clock.sleep(interval)
+                        live.update(render(snapshot(dht, keys, cfg), out.width))
+                except Stopped:
+                    pass
 
 
 @app.command()
@@ -192,7 +219,7 @@ def demo(
     peers: int = typer.Option(2, min=1, help="volunteer peers to start (one head each)"),
     rounds: int = typer.Option(20, min=1, help="merge rounds to run"),
     run_dir: Optional[Path] = typer.Option(None, help="where the demo writes its run (default: runs/demo-<time>)"),
-    config: Optional[Path] = typer.Option(None, help="base config (default: configs/digits-vit-tiny.yaml)"),
+    config: Optional[Path] = typer.Option(None, help="base config (default: the shipped digits-vit-tiny.yaml)"),
     as_json: bool = typer.Option(False, "--json", help="no live view; print one JSON summary as the last line"),
 ) -> None:
     """A whole swarm on this machine: a coordinator and K peers train on the embedded digits over
@@ -200,7 +227,8 @@ def demo(
     from rich.live import Live
     from rich.table import Table
 
-    from peers.demo import DEFAULT_CONFIG, run_demo
+    from peers.demo import run_demo
+    from peers.shipped import shipped_config
     from peers.status_view import render
 
     with user_errors():
@@ -213,7 +241,7 @@ def demo(
             if live is not None:
                 live.start()
             on_snapshot = None if live is None else (lambda snap: live.update(render(snap, out.width)))
-            summary = run_demo(workdir, peers, rounds, config or DEFAULT_CONFIG, on_snapshot=on_snapshot)
+            summary = run_demo(workdir, peers, rounds, config or shipped_config(), on_snapshot=on_snapshot)
         finally:
             if live is not None:
                 live.stop()
@@ -251,16 +279,12 @@ def export(
         if (run_dir is None) == (not initial_peers):
             raise ConfigError("give either --run-dir or --initial-peers")
         if run_dir is not None:
-            cfg, model, meta = load_run_dir(run_dir)
-            round_ = int(meta["round"])
+            cfg, model, round_ = load_run_dir(run_dir)
         else:
-            from peers.node import start_dht
+            from peers.node import open_runtime
 
-            dht = start_dht(initial_peers, client_mode=True)
-            try:
-                cfg, model, round_ = fetch_live(dht, run_id)
-            finally:
-                dht.shutdown()
+            with open_runtime(initial_peers, client_mode=True) as rt:
+                cfg, model, round_ = fetch_live(rt, run_id)
         info = write_export(cfg, model, out, weights, round_)
         args = ", ".join(f"{k}={v!r}" for k, v in info["args"].items())
         err.print(f"wrote {out} (round {round_}); load it with:\n"
@@ -273,10 +297,12 @@ def quiet_dependencies() -> None:
     warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*deprecated", category=FutureWarning)
 
 
-def main() -> None:
+def main(args: Optional[List[str]] = None) -> None:
+    """The `lte-swarm` entry point; `args` replaces the command line (scripts/start_run.py passes
+    `start` and its own arguments)."""
     quiet_dependencies()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    app()
+    app(args=args, prog_name="lte-swarm")
 
 
 if __name__ == "__main__":

@@ -1,36 +1,32 @@
 """The organiser's peer: creates (or resumes) a run, publishes it, follows every merge round as a
-state donor, evaluates W and checkpoints it to the run dir."""
+state donor, evaluates W and checkpoints it to the run dir.
+
+Like the trainer it is a state machine advanced by `step()`: it holds no head and follows each
+round as a reader of the others' contributions."""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import secrets
-import threading
 import time
 from pathlib import Path
 
-from hivemind.utils import get_dht_time
-from safetensors.torch import load_file, save_file
-
+from peers.checkpoint import load_checkpoint, save_checkpoint
 from peers.data import DataSource, ImageShape
 from peers.models import create_lte_model
-from peers.node import EventLog, add_run_validators, announce_run
-from peers.simulate import evaluate
-from swarm.config import RunConfig, parse_config
-from swarm.errors import ConfigError
+from peers.node import Runtime, add_run_validators, announce_run
+from peers.training import evaluate
+from swarm import schemas
+from swarm.config import RunConfig
+from swarm.errors import ConfigError, Stopped
 from swarm.keys import RunKeys, check_run_id
 from swarm.leases import HeadLeases
-from swarm.rounds import MergeProtocol
-from swarm import schemas
+from swarm.rounds import MergeProtocol, MergeRound, RoundResult
 from swarm.schemas import RoundSummary, RunProgress, RunRecord
-from swarm.transport import NETWORK_ERRORS, BlobServer
+from swarm.transport import NETWORK_ERRORS
 
 log = logging.getLogger(__name__)
-
-STATE_FILE = "state.safetensors"
-RUN_FILE = "run.json"
 
 
 def new_run_id(config_name: str) -> str:
@@ -39,119 +35,142 @@ def new_run_id(config_name: str) -> str:
 
 
 class Coordinator:
-    def __init__(self, cfg: RunConfig, run_dir: Path, dht, stop: threading.Event, events: EventLog,
-                 run_id: str | None = None, config_name: str = "run", evaluate_rounds: bool = True):
+    def __init__(self, cfg: RunConfig, run_dir: Path, rt: Runtime, run_id: str | None = None,
+                 config_name: str = "run", evaluate_rounds: bool = True):
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.model = create_lte_model(cfg, [])
-        resumed = self._load_checkpoint(cfg)
-        if resumed is not None:
-            run_id, cfg, round_ = resumed
+        saved = load_checkpoint(self.run_dir)
+        self.history: list[RoundSummary] = []
+        if saved is not None:
+            if saved.config.model != cfg.model or saved.config.lte != cfg.lte:
+                raise ConfigError(f"{self.run_dir} holds a run of another model/LTE config; use another --run-dir")
+            log.info("resuming run %s at round %d from %s", saved.run_id, saved.round, self.run_dir)
+            cfg, run_id, round_, self.model, self.history = saved.config, saved.run_id, saved.round, saved.model, saved.history
         else:
             run_id, round_ = run_id or new_run_id(config_name), 0
-        self.cfg, self.dht, self.stop, self.events = cfg, dht, stop, events
+            self.model = create_lte_model(cfg, [])
+        self.cfg, self.rt, self.events, self.clock = cfg, rt, rt.events, rt.clock
+        self.dht = rt.dht
         self.keys = RunKeys(run_id)
-        self.peer = str(dht.peer_id)
-        self.server = BlobServer(dht, namespace=run_id)
+        self.peer = rt.peer
+        self.server = rt.blob_server(run_id)
         sw = cfg.swarm
         # A read-only view of the leases (the coordinator holds no head): whom a round waits for.
-        self.leases = HeadLeases(dht, self.keys, self.peer, cfg.lte.heads, sw.lease_seconds, sw.settle_seconds)
-        self.protocol = MergeProtocol(dht, self.server, self.keys, self.peer, sw, self.model,
-                                      active_peers=lambda: set(self.leases.holders().values()))
-        self.protocol.round = round_
-        self.record = RunRecord(run_id=run_id, config=cfg.model_dump(mode="json"), coordinator=self.peer, created=time.time())
-        self.resumed = resumed is not None
+        self.leases = HeadLeases(self.dht, self.keys, self.peer, cfg.lte.heads, sw.lease_seconds, sw.settle_seconds,
+                                 self.clock)
+        self.protocol = MergeProtocol(self.dht, self.server, self.keys, self.peer, sw, self.model,
+                                      active_peers=lambda: set(self.leases.holders().values()), clock=self.clock,
+                                      round_=round_)
+        self.record = RunRecord(run_id=run_id, config=cfg.model_dump(mode="json"), coordinator=self.peer,
+                                created=float(self.clock.now()))
+        self.resumed = saved is not None
         self.eval_set = None
         if evaluate_rounds:
             source = DataSource(cfg.data, ImageShape(cfg.model.image_size, cfg.model.channels), seed=cfg.train.seed)
             self.eval_set = source.eval_set()
-        self._published_at = 0.0
-        self.history: list[RoundSummary] = []
-        self.signer = add_run_validators(dht, run_id)
+        self.signer = add_run_validators(self.dht, run_id)
+        self.started = False
+        self.finished = False
+        self.mr: MergeRound | None = None
+        self._published_at = float("-inf")
+        self._linger_until: float | None = None
 
-    # ---- checkpoints -----------------------------------------------------------------------
-    def _load_checkpoint(self, cfg: RunConfig) -> tuple[str, RunConfig, int] | None:
-        meta_path, state_path = self.run_dir / RUN_FILE, self.run_dir / STATE_FILE
-        if not meta_path.exists():
-            return None
-        try:
-            meta = json.loads(meta_path.read_text())
-            saved = parse_config(meta["config"], origin=str(meta_path))
-            state = load_file(str(state_path))
-            self.model.load_shared_state(state)
-        except (OSError, KeyError, ValueError, json.JSONDecodeError) as exc:
-            raise ConfigError(f"cannot resume from {self.run_dir}: {exc}; use another --run-dir") from None
-        if saved.model != cfg.model or saved.lte != cfg.lte:
-            raise ConfigError(f"{self.run_dir} holds a run of another model/LTE config; use another --run-dir")
-        if self.model.state_digest() != meta.get("digest"):
-            raise ConfigError(f"{state_path} does not match the digest in {meta_path}; the checkpoint is corrupt")
-        log.info("resuming run %s at round %d from %s", meta["run_id"], meta["round"], self.run_dir)
-        return meta["run_id"], saved, int(meta["round"])
-
+    # ---- checkpoints -------------------------------------------------------------------------
     def checkpoint(self) -> None:
-        """Write W and the round atomically (temp file, then rename): a crash never leaves half a file."""
-        state = {k: v.detach().cpu().contiguous() for k, v in self.model.shared_state().items()}
-        tmp = self.run_dir / (STATE_FILE + ".tmp")
-        save_file(state, str(tmp))
-        tmp.replace(self.run_dir / STATE_FILE)
-        meta = {"run_id": self.keys.run_id, "round": self.protocol.round, "digest": self.model.state_digest(),
-                "config": self.cfg.model_dump(mode="json"), "saved": time.time()}
-        tmp = self.run_dir / (RUN_FILE + ".tmp")
-        tmp.write_text(json.dumps(meta, indent=1))
-        tmp.replace(self.run_dir / RUN_FILE)
-        self.events.emit("checkpoint", round=self.protocol.round, digest=meta["digest"])
+        save_checkpoint(self.run_dir, self.keys.run_id, self.protocol.round, self.cfg, self.model, self.history)
+        self.events.emit("checkpoint", round=self.protocol.round, digest=self.model.state_digest())
 
-    # ---- loop ------------------------------------------------------------------------------
+    # ---- the loop ----------------------------------------------------------------------------
     def publish(self) -> None:
-        ttl = self.cfg.swarm.lease_seconds * 6
-        announce_run(self.dht, self.keys, self.record, ttl=ttl)
+        expiration = self.clock.now() + self.cfg.swarm.lease_seconds * 6
+        announce_run(self.dht, self.keys, self.record, expiration)
         self.protocol.announce()
         progress = RunProgress(round=self.protocol.round, rounds_total=self.cfg.rounds,
                                samples=sum(h.samples for h in self.history), history=self.history[-200:])
-        schemas.store(self.dht, self.keys.progress, "coordinator", progress, get_dht_time() + ttl)
-        self._published_at = get_dht_time()
+        schemas.store(self.dht, self.keys.progress, "coordinator", progress, expiration)
+        self._published_at = self.clock.now()
 
-    def run(self) -> None:
+    def start(self) -> None:
         self.publish()
         if not self.resumed:
             self.checkpoint()
         self.events.emit("started", run_id=self.keys.run_id, round=self.protocol.round, digest=self.model.state_digest(),
                          pid=os.getpid())
-        while not self.stop.is_set() and self.protocol.round < self.cfg.rounds:
-            if get_dht_time() - self._published_at > self.cfg.swarm.lease_seconds:
-                self.publish()
-            try:
-                result = self.protocol.merge(None, None)
-            except NETWORK_ERRORS as exc:
-                log.warning("round %d: %s", self.protocol.round, exc)
-                continue
-            if result is None:
-                continue
-            fields = dict(round=result.round, new_round=result.new_round, members=result.members,
-                          merged_head_steps=result.merged_head_steps, digest=result.digest, resynced=result.resynced,
-                          missed=result.missed, rejected=result.rejected,
-                          bytes_sent=self.server.bytes_sent, bytes_received=self.server.bytes_received)
-            if self.eval_set is not None and (result.new_round % self.cfg.train.eval_every == 0
-                                              or result.new_round >= self.cfg.rounds):
-                acc, loss = evaluate(self.model.forward_merged, *self.eval_set, device=self.model.device)
-                fields.update(accuracy=acc, loss=loss)
-                log.info("round %d: test accuracy %.2f%%, loss %.3f", result.new_round, 100 * acc, loss)
-            self.events.emit("round", **fields)
-            samples = result.merged_head_steps * self.cfg.head_batch
-            self.history.append(RoundSummary(round=result.new_round, time=time.time(), samples=samples,
-                                             members=len(result.members), accuracy=fields.get("accuracy"),
-                                             loss=fields.get("loss")))
+        self.started = True
+
+    def run(self) -> None:
+        """Step until the run ends or a stop request (every wait ends at one)."""
+        try:
+            while not self.finished:
+                wait = self.step()
+                self.clock.sleep(wait) if wait > 0 else self.clock.check()
+        except Stopped:
+            log.info("stopped at round %d", self.protocol.round)
+
+    def step(self) -> float:
+        """One bounded piece of work; returns the seconds to wait before the next."""
+        try:
+            return self._step()
+        except NETWORK_ERRORS as exc:
+            log.warning("round %d: %s", self.protocol.round, exc)
+            self.mr = None
+            return 1.0
+
+    def _step(self) -> float:
+        if not self.started:
+            self.start()
+        if self.clock.now() - self._published_at > self.cfg.swarm.lease_seconds:
             self.publish()
-            if result.new_round % self.cfg.swarm.checkpoint_every == 0 or result.new_round >= self.cfg.rounds:
-                self.checkpoint()
-        self.checkpoint()
-        # Stay a donor a little longer so peers finishing the last round can still fetch W.
-        if not self.stop.is_set():
-            self.stop.wait(self.cfg.swarm.merge_grace)
+        if self.mr is None and self.protocol.round >= self.cfg.rounds:
+            return self._linger()
+        if self.mr is None:
+            self.mr = self.protocol.begin(None, None)
+        result = self.protocol.poll(self.mr)
+        if result is None:
+            return self.mr.wait
+        self.mr = None
+        if not result.idle:
+            self._record(result)
+        return 0.0
+
+    def _linger(self) -> float:
+        """The run is over: checkpoint, then stay a donor a little longer so peers finishing the
+        last round can still fetch W."""
+        if self._linger_until is None:
+            self.checkpoint()
+            self._linger_until = self.clock.monotonic() + self.cfg.swarm.merge_grace
+        remaining = self._linger_until - self.clock.monotonic()
+        if remaining <= 0:
+            self.finished = True
+        return max(0.0, remaining)
+
+    def _record(self, result: RoundResult) -> None:
+        fields = dict(round=result.round, new_round=result.new_round, members=result.members,
+                      merged_head_steps=result.merged_head_steps, digest=result.digest, resynced=result.resynced,
+                      missed=result.missed, rejected=result.rejected,
+                      bytes_sent=self.server.bytes_sent, bytes_received=self.server.bytes_received)
+        if self.eval_set is not None and (result.new_round % self.cfg.train.eval_every == 0
+                                          or result.new_round >= self.cfg.rounds):
+            acc, loss = evaluate(self.model.forward_merged, *self.eval_set, device=self.model.device)
+            fields.update(accuracy=acc, loss=loss)
+            log.info("round %d: test accuracy %.2f%%, loss %.3f", result.new_round, 100 * acc, loss)
+        self.events.emit("round", **fields)
+        samples = result.merged_head_steps * self.cfg.head_batch
+        self.history.append(RoundSummary(round=result.new_round, time=float(self.clock.now()), samples=samples,
+                                         members=len(result.members), accuracy=fields.get("accuracy"),
+                                         loss=fields.get("loss")))
+        self.publish()
+        if result.new_round % self.cfg.swarm.checkpoint_every == 0 and result.new_round < self.cfg.rounds:
+            self.checkpoint()
 
     def close(self) -> None:
-        self.events.emit("left", round=self.protocol.round, digest=self.model.state_digest())
-        self.server.shutdown()
+        """Leave: a last checkpoint (the round we reached survives a Ctrl+C), stop serving."""
+        try:
+            if self.started:
+                self.checkpoint()
+        finally:
+            self.events.emit("left", round=self.protocol.round, digest=self.model.state_digest())
+            self.server.shutdown()
 
 
 def serve(cfg: RunConfig, run_dir: Path, *, initial_peers: list[str], host_maddrs: list[str] | None,
@@ -159,20 +178,14 @@ def serve(cfg: RunConfig, run_dir: Path, *, initial_peers: list[str], host_maddr
           announce) -> None:
     """Start the DHT, create or resume the run, tell the caller how to join, follow rounds until
     the run ends or a signal arrives; always leave cleanly."""
-    from peers.node import start_dht, stop_on_signals
+    from peers.node import open_runtime
 
-    events = EventLog(events_path)
-    with stop_on_signals() as stop:
-        dht = start_dht(initial_peers, host_maddrs, identity_path)
-        coordinator = None
+    with open_runtime(initial_peers, host_maddrs, identity_path, events_path) as rt:
+        coordinator = Coordinator(cfg, run_dir, rt, run_id=run_id, config_name=config_name)
         try:
-            coordinator = Coordinator(cfg, run_dir, dht, stop, events, run_id=run_id, config_name=config_name)
-            maddrs = [str(m) for m in dht.get_visible_maddrs()]
-            events.emit("maddrs", maddrs=maddrs, run_id=coordinator.keys.run_id)
+            maddrs = [str(m) for m in rt.dht.get_visible_maddrs()]
+            rt.events.emit("maddrs", maddrs=maddrs, run_id=coordinator.keys.run_id)
             announce(coordinator.keys.run_id, maddrs, coordinator.protocol.round, coordinator.resumed)
             coordinator.run()
         finally:
-            if coordinator is not None:
-                coordinator.close()
-            dht.shutdown()
-            events.close()
+            coordinator.close()

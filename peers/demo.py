@@ -8,11 +8,11 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from peers.local_swarm import REPO, LocalSwarm, LocalSwarmError
+from peers.local_swarm import LocalSwarm, LocalSwarmError
+from peers.shipped import shipped_config
 from peers.simulate import simulate
 from swarm.config import RunConfig, load_config
 
-DEFAULT_CONFIG = REPO / "configs" / "digits-vit-tiny.yaml"
 DEMO_SWARM = dict(lease_seconds=10.0, settle_seconds=0.5, merge_grace=15.0, round_timeout=40.0,
                   request_timeout=10.0, poll_seconds=0.1, checkpoint_every=5)
 
@@ -27,10 +27,10 @@ def demo_config(base: RunConfig, peers: int, rounds: int) -> RunConfig:
     })
 
 
-def run_demo(workdir: Path, peers: int, rounds: int, config: Path = DEFAULT_CONFIG,
+def run_demo(workdir: Path, peers: int, rounds: int, config: Path | None = None,
              on_snapshot: Callable[[dict], None] | None = None, interval: float = 2.0) -> dict[str, Any]:
     workdir.mkdir(parents=True, exist_ok=True)
-    cfg = demo_config(load_config(config), peers, rounds)
+    cfg = demo_config(load_config(config or shipped_config()), peers, rounds)
     path = workdir / "demo.yaml"
     import yaml
 

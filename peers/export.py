@@ -6,26 +6,20 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from peers.models import create_lte_model
-from swarm.config import RunConfig, parse_config
+from peers.checkpoint import load_checkpoint
+from swarm.config import RunConfig
 from swarm.errors import ConfigError
 from swarm.lte_model import LTEModel
 
 
-def load_run_dir(run_dir: Path) -> tuple[RunConfig, LTEModel, dict]:
-    meta_path = run_dir / "run.json"
-    try:
-        meta = json.loads(meta_path.read_text())
-        cfg = parse_config(meta["config"], origin=str(meta_path))
-        model = create_lte_model(cfg, [])
-        model.load_shared_state(load_file(str(run_dir / "state.safetensors")))
-    except (OSError, KeyError, ValueError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"{run_dir} is not a readable run dir: {exc}") from None
-    if model.state_digest() != meta.get("digest"):
-        raise ConfigError(f"{run_dir}/state.safetensors does not match its digest in run.json")
-    return cfg, model, meta
+def load_run_dir(run_dir: Path) -> tuple[RunConfig, LTEModel, int]:
+    """The checkpointed run in `run_dir`: config, model and round."""
+    saved = load_checkpoint(Path(run_dir))
+    if saved is None:
+        raise ConfigError(f"{run_dir} is not a readable run dir: it holds no checkpoint")
+    return saved.config, saved.model, saved.round
 
 
 def write_export(cfg: RunConfig, model: LTEModel, out: Path, weights: str, round_: int) -> dict:
@@ -38,17 +32,17 @@ def write_export(cfg: RunConfig, model: LTEModel, out: Path, weights: str, round
     return info
 
 
-def fetch_live(dht, run_id: str | None) -> tuple[RunConfig, LTEModel, int]:
+def fetch_live(rt, run_id: str | None) -> tuple[RunConfig, LTEModel, int]:
     """Download the current W of a live run from one of its donors."""
+    from peers.models import create_lte_model
     from peers.node import SwarmError, find_run
     from swarm.rounds import MergeProtocol
-    from swarm.transport import BlobServer
 
-    keys, _, cfg = find_run(dht, run_id)
+    keys, _, cfg = find_run(rt.dht, run_id, clock=rt.clock)
     model = create_lte_model(cfg, [])
-    server = BlobServer(dht, namespace=keys.run_id)
+    server = rt.blob_server(keys.run_id)
     try:
-        protocol = MergeProtocol(dht, server, keys, str(dht.peer_id), cfg.swarm, model, active_peers=set)
+        protocol = MergeProtocol(rt.dht, server, keys, rt.peer, cfg.swarm, model, active_peers=set, clock=rt.clock)
         if not protocol.sync():
             raise SwarmError(f"no peer of run {keys.run_id} handed out its W")
         return cfg, model, protocol.round

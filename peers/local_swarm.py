@@ -15,7 +15,7 @@ from typing import Callable
 
 from swarm.errors import LTESwarmError
 
-REPO = Path(__file__).resolve().parents[1]
+PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # the folder holding `peers` and `swarm`
 
 
 class LocalSwarmError(LTESwarmError):
@@ -23,13 +23,15 @@ class LocalSwarmError(LTESwarmError):
 
 
 class PeerProcess:
-    def __init__(self, name: str, args: list[str], events: Path, log: Path):
+    def __init__(self, name: str, args: list[str], events: Path, log: Path, cwd: Path):
         self.name, self.events, self.log = name, events, log
         self._log_file = open(log, "w")
         # One compute thread each: the processes share this machine's cores, and torch's default
         # of a thread per core in every process oversubscribes them many times over.
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": os.environ.get("LTE_PEER_THREADS", "1")}
-        self.handle = subprocess.Popen(args, cwd=REPO, stdout=self._log_file, stderr=subprocess.STDOUT,
+        # The processes run this very copy of the code, wherever the caller imported it from.
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PACKAGE_ROOT), env.get("PYTHONPATH", "")) if p)
+        self.handle = subprocess.Popen(args, cwd=cwd, stdout=self._log_file, stderr=subprocess.STDOUT,
                                        start_new_session=True, env=env)
 
     def read(self) -> list[dict]:
@@ -72,7 +74,8 @@ class PeerProcess:
 
 class LocalSwarm:
     def __init__(self, workdir: Path, config: Path):
-        self.workdir, self.config = Path(workdir), Path(config)
+        # Absolute: the processes run in the workdir, the caller may be anywhere.
+        self.workdir, self.config = Path(workdir).resolve(), Path(config).resolve()
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.procs: list[PeerProcess] = []
         self.coordinator: PeerProcess | None = None
@@ -81,9 +84,10 @@ class LocalSwarm:
 
     def start_coordinator(self, *extra: str, run_dir: Path | None = None, timeout: float = 120) -> PeerProcess:
         events = self.workdir / "coordinator.jsonl"
-        args = [sys.executable, str(REPO / "scripts" / "start_run.py"), "--config", str(self.config),
-                "--run-dir", str(run_dir or self.workdir / "run"), "--events", str(events), "-v", *extra]
-        proc = PeerProcess("coordinator", args, events, self.workdir / "coordinator.log")
+        args = [sys.executable, "-m", "peers.cli", "start", "--config", str(self.config),
+                "--run-dir", str(Path(run_dir).resolve() if run_dir else self.workdir / "run"), "--events", str(events),
+                "-v", *extra]
+        proc = PeerProcess("coordinator", args, events, self.workdir / "coordinator.log", self.workdir)
         self.procs.append(proc)
         found = proc.wait_for(lambda es: any(e["event"] == "started" for e in es), timeout, "the run to start")
         maddrs = next(e for e in found if e["event"] == "maddrs")
@@ -95,7 +99,7 @@ class LocalSwarm:
         events = self.workdir / f"{name}.jsonl"
         args = [sys.executable, "-m", "peers.cli", "join", "--initial-peers", *self.maddrs, "--run-id", self.run_id,
                 "--events", str(events), "-v", *extra]
-        proc = PeerProcess(name, args, events, self.workdir / f"{name}.log")
+        proc = PeerProcess(name, args, events, self.workdir / f"{name}.log", self.workdir)
         self.procs.append(proc)
         return proc
 

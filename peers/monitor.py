@@ -10,7 +10,7 @@ from swarm import schemas
 from swarm.config import RunConfig
 from swarm.keys import RunKeys
 from swarm.leases import HeadLeases
-from swarm.schemas import DonorRecord, RunProgress, read_statuses
+from swarm.schemas import DonorRecord, PeerPhase, RunProgress, read_statuses
 
 HEAD_STATES = ("free", "leased", "training", "merging", "merged", "orphaned")
 
@@ -24,9 +24,9 @@ def head_state(holder: str | None, status: dict | None, round_: int) -> str:
         return "free"
     if status is None:
         return "orphaned"
-    if status["state"] in ("merging", "waiting"):
+    if status["state"] in (PeerPhase.MERGING, PeerPhase.WAITING):
         return "merging"
-    if status["state"] == "training":
+    if status["state"] == PeerPhase.TRAINING:
         return "merged" if status["last_merged_round"] == round_ - 1 else "training"
     return "leased"
 
@@ -45,7 +45,7 @@ def snapshot(dht, keys: RunKeys, cfg: RunConfig) -> dict[str, Any]:
     for h in range(cfg.lte.heads):
         holder = holders.get(h)
         heads.append({"head": h, "peer": holder, "state": head_state(holder, by_peer.get(holder), round_)})
-    current = [s for s in statuses if s["round"] == round_ and s["state"] != "syncing"]
+    current = [s for s in statuses if s["round"] == round_ and s["state"] != PeerPhase.SYNCING]
     digests = sorted({s["digest"] for s in current})
     history = [h.model_dump() for h in progress.history] if progress else []
     eta = None

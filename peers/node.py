@@ -1,4 +1,5 @@
-"""What every peer role does first and last: start its DHT node, find the run, stop cleanly."""
+"""What every peer role runs in and does first and last: its runtime (DHT node, blob transport,
+clock, stop event, event log), finding the run, and stopping cleanly."""
 
 from __future__ import annotations
 
@@ -7,9 +8,11 @@ import logging
 import signal
 import threading
 import time
-from typing import Iterator
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
 
 from swarm import schemas
+from swarm.clock import Clock
 from swarm.config import RunConfig, parse_config
 from swarm.errors import LTESwarmError
 from swarm.keys import RUNS_KEY, RunKeys
@@ -40,18 +43,17 @@ def start_dht(initial_peers: list[str], host_maddrs: list[str] | None = None, id
         raise SwarmError(f"could not start a DHT node or reach the initial peers{where}: {text}") from None
 
 
-def announce_run(dht, keys: RunKeys, record: RunRecord, ttl: float) -> None:
-    from hivemind.utils import get_dht_time
-
-    expiration = get_dht_time() + ttl
+def announce_run(dht, keys: RunKeys, record: RunRecord, expiration: float) -> None:
     schemas.store(dht, keys.run, "record", record, expiration)
     schemas.store(dht, RUNS_KEY, keys.run_id, RunAnnouncement(created=record.created, model=record.config["model"]["name"]),
                   expiration)
 
 
-def find_run(dht, run_id: str | None, timeout: float = 20.0) -> tuple[RunKeys, RunRecord, RunConfig]:
+def find_run(dht, run_id: str | None, timeout: float = 20.0, clock: Clock | None = None
+             ) -> tuple[RunKeys, RunRecord, RunConfig]:
     """Read a run's record (its config) from the DHT; with no run id, the newest run announced."""
-    deadline = time.monotonic() + timeout
+    clock = clock or Clock()
+    deadline = clock.monotonic() + timeout
     while True:
         if run_id is None:
             runs = schemas.read(dht, RUNS_KEY, RunAnnouncement)
@@ -63,11 +65,11 @@ def find_run(dht, run_id: str | None, timeout: float = 20.0) -> tuple[RunKeys, R
             if found is not None:
                 record = found[0]
                 return keys, record, parse_config(record.config, origin=f"run {run_id}")
-        if time.monotonic() > deadline:
+        if clock.monotonic() > deadline:
             what = f"run {run_id!r}" if run_id else "any run"
             raise SwarmError(f"found no record of {what} in the DHT within {timeout:.0f}s; "
                              "check --initial-peers and --run-id, and that the coordinator is up")
-        time.sleep(0.5)
+        clock.sleep(0.5)
 
 
 def add_run_validators(dht, run_id: str):
@@ -119,3 +121,42 @@ class EventLog:
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
+
+
+@dataclass
+class Runtime:
+    """What a role (trainer, coordinator, monitor) runs in. Real roles get a hivemind DHT, blobs over
+    its P2P and real time; protocol tests get the in-memory network and a fake clock."""
+
+    dht: Any
+    stop: threading.Event
+    events: EventLog
+    clock: Clock
+    blob_server: Callable[[str], Any]  # namespace -> a server of this node's blobs
+
+    @property
+    def peer(self) -> str:
+        return str(self.dht.peer_id)
+
+
+def real_runtime(dht, stop: threading.Event, events: EventLog) -> Runtime:
+    from swarm.transport import BlobServer
+
+    return Runtime(dht=dht, stop=stop, events=events, clock=Clock(stop),
+                   blob_server=lambda namespace: BlobServer(dht, namespace=namespace, stop=stop))
+
+
+@contextlib.contextmanager
+def open_runtime(initial_peers: list[str], host_maddrs: list[str] | None = None, identity_path: str | None = None,
+                 events_path: str | None = None, client_mode: bool = False) -> Iterator[Runtime]:
+    """Signals, a DHT node and the event log for one role; always torn down, in reverse order."""
+    events = EventLog(events_path)
+    try:
+        with stop_on_signals() as stop:
+            dht = start_dht(initial_peers, host_maddrs, identity_path, client_mode=client_mode)
+            try:
+                yield real_runtime(dht, stop, events)
+            finally:
+                dht.shutdown()
+    finally:
+        events.close()

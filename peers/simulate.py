@@ -3,22 +3,19 @@ single-LoRA baselines on the same model, data and sample budget. The swarm must 
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import asdict, dataclass, field, fields
-from typing import Callable, Iterator, Literal
+from typing import Callable, Literal
 
 import torch
-from torch import nn
-from torch.nn import functional as F
 
 from peers.data import DataSource, ImageShape
 from peers.models import create_lte_model, create_model, resolve_device
-from swarm.config import RunConfig, TrainConfig
-from swarm.lte_model import LTEModel, clip_head_grads_
+from peers.training import HeadTrainer, evaluate, stack_batches
+from swarm.config import RunConfig
+from swarm.lte_model import LTEModel
 
 Mode = Literal["lte", "full", "lora"]
-Batch = tuple[torch.Tensor, torch.Tensor]
 
 
 @dataclass
@@ -49,41 +46,6 @@ class SimResult:
         out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "model"}
         out["history"] = [asdict(p) for p in self.history]
         return out
-
-
-def lr_factor(step: int, total: int, train: TrainConfig) -> float:
-    """Linear warm-up, then constant or cosine decay to zero over the run."""
-    if step < train.warmup_steps:
-        return (step + 1) / train.warmup_steps
-    if train.schedule == "constant":
-        return 1.0
-    progress = (step - train.warmup_steps) / max(1, total - train.warmup_steps)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
-@torch.no_grad()
-def evaluate(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor,
-             device: torch.device, batch: int = 512) -> tuple[float, float]:
-    """(accuracy, mean cross-entropy) of `forward` on the held-out set."""
-    correct, loss = 0, 0.0
-    for i in range(0, len(y), batch):
-        xb, yb = x[i:i + batch].to(device), y[i:i + batch].to(device)
-        logits = forward(xb).float()
-        loss += F.cross_entropy(logits, yb, reduction="sum").item()
-        correct += (logits.argmax(-1) == yb).sum().item()
-    return correct / len(y), loss / len(y)
-
-
-def head_loss(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum over heads of each head's mean loss (so each head's gradient is its own loss's gradient),
-    and the mean loss for reporting. logits (H, b, C), y (H, b)."""
-    per = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="none").view(y.shape).mean(1)
-    return per.sum(), per.mean().detach()
-
-
-def stack_batches(streams: list[Iterator[Batch]], device: torch.device) -> Batch:
-    pairs = [next(s) for s in streams]
-    return torch.stack([p[0] for p in pairs]).to(device), torch.stack([p[1] for p in pairs]).to(device)
 
 
 def simulate(cfg: RunConfig, mode: Mode = "lte", *, on_eval: Callable[[EvalPoint], None] | None = None,
@@ -117,24 +79,13 @@ def simulate(cfg: RunConfig, mode: Mode = "lte", *, on_eval: Callable[[EvalPoint
         # Single LoRA never merges: it is evaluated with its head in place.
         eval_forward = lte.forward_merged if mode == "lte" else (lambda x: lte(x[None])[0])
 
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.train.weight_decay)
+    trainer = HeadTrainer(forward, params, lr, cfg.train, steps, per_head_clip=mode != "full")
     history: list[EvalPoint] = []
     start = time.perf_counter()
     running, rounds = 0.0, 0
     for step in range(steps):
         x, y = stack_batches(streams, device)
-        loss, mean_loss = head_loss(forward(x), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.train.grad_clip is not None:
-            if mode == "full":
-                nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
-            else:
-                clip_head_grads_(params, cfg.train.grad_clip)
-        for group in optimizer.param_groups:
-            group["lr"] = lr * lr_factor(step, steps, cfg.train)
-        optimizer.step()
-        running += mean_loss.item()
+        running += trainer.step(x, y, step)
         if on_step:
             on_step(step + 1, steps)
         last = step == steps - 1

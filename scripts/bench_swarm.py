@@ -15,13 +15,14 @@ from pathlib import Path
 
 import yaml
 
-from peers.local_swarm import REPO, LocalSwarm
+from peers.local_swarm import LocalSwarm
 from peers.models import create_model
+from peers.shipped import shipped_config
 from swarm.config import load_config
 
 
 def write_config(path: Path, peers: int, merge_every: int, rounds: int) -> Path:
-    raw = yaml.safe_load((REPO / "configs" / "digits-vit-tiny.yaml").read_text())
+    raw = yaml.safe_load(shipped_config().read_text())
     raw["lte"].update(heads=peers, merge_every=merge_every)
     per_head = raw["train"]["batch_size"] // 4
     raw["train"].update(batch_size=per_head * peers, samples=per_head * peers * merge_every * rounds, eval_every=rounds)

@@ -11,3 +11,9 @@ class ConfigError(LTESwarmError):
 
 class DataError(LTESwarmError):
     """A data spec cannot be resolved or its records cannot be turned into (image, label) pairs."""
+
+
+class Stopped(Exception):
+    """The peer was asked to stop (Ctrl+C, SIGTERM): unwinds whatever wait it is in.
+
+    Not an `LTESwarmError`: it is no error, and the roles catch it to leave cleanly."""

@@ -3,6 +3,7 @@ models; a record that does not fit is dropped (and logged), never trusted."""
 
 from __future__ import annotations
 
+import enum
 import logging
 from typing import Any, TypeVar
 
@@ -103,7 +104,17 @@ def read(dht, key: str, model: type[T], now: float | None = None) -> dict[str, t
 # hivemind's SchemaValidator works with pydantic v1 models; RSASignatureValidator makes the
 # `[owner:<public key>]` subkey writable only by the holder of that key.
 
-PEER_STATES = ("training", "merging", "waiting", "standby", "syncing")
+class PeerPhase(str, enum.Enum):
+    """What a peer is doing, as its status record says and the status view shows it."""
+
+    SYNCING = "syncing"      # downloading W from a donor
+    WAITING = "waiting"      # holds heads; the first round waits for `swarm.min_heads` heads
+    STANDBY = "standby"      # no free head: follows the rounds, takes the next head that frees up
+    TRAINING = "training"    # T local steps of its heads
+    MERGING = "merging"      # in a merge round
+
+
+PEER_STATES = tuple(p.value for p in PeerPhase)
 
 
 def _status_models():
@@ -174,9 +185,9 @@ def status_validators(run_id: str, signer) -> list:
     return [signer, SchemaValidator(RunStatusSchemaV1, prefix=run_id), RunScopeValidator(run_id)]
 
 
-def publish_status(dht, key: str, signer, status: dict, ttl: float) -> bool:
-    """Store this peer's status under its own signed subkey, valid for `ttl` seconds."""
-    return bool(dht.store(key, status, expiration_time=get_dht_time() + ttl, subkey=signer.local_public_key))
+def publish_status(dht, key: str, signer, status: dict, expiration: float) -> bool:
+    """Store this peer's status under its own signed subkey, valid until `expiration`."""
+    return bool(dht.store(key, status, expiration_time=expiration, subkey=signer.local_public_key))
 
 
 def read_statuses(dht, key: str) -> list[dict]:

@@ -9,13 +9,17 @@ contribution instead (an all-gather) and lets every peer do the same arithmetic 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import struct
 import threading
+import time
 from typing import AsyncIterator, Callable
 
 from hivemind.p2p import P2P, P2PContext, P2PDaemonError, P2PHandlerError, PeerID, ServicerBase
 from hivemind.proto import runtime_pb2
+
+from swarm.errors import Stopped
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +62,9 @@ class BlobServer:
 
     The P2P instance is a replica of the DHT's (same p2pd daemon), so no extra port is opened."""
 
-    def __init__(self, dht, namespace: str):
+    def __init__(self, dht, namespace: str, stop: threading.Event | None = None):
         self.namespace = namespace
+        self.stop = stop  # a set stop event cuts a download short (raising Stopped)
         self._blobs: dict[str, bytes | Provider] = {}
         self._lock = threading.Lock()
         self.bytes_sent = 0
@@ -109,9 +114,20 @@ class BlobServer:
 
     # ---- fetching --------------------------------------------------------------------------
     def fetch(self, peer: str, name: str, timeout: float, max_bytes: int) -> bytes:
-        """Download blob `name` from `peer`; raises TransferError on any failure."""
+        """Download blob `name` from `peer`; raises TransferError on any failure, Stopped if the
+        peer is asked to stop meanwhile."""
+        future = asyncio.run_coroutine_threadsafe(asyncio.wait_for(self._fetch(peer, name, max_bytes), timeout), self._loop)
+        deadline = time.monotonic() + timeout + 5
+        while not future.done():
+            concurrent.futures.wait([future], timeout=0.2)
+            if self.stop is not None and self.stop.is_set() and not future.done():
+                future.cancel()
+                raise Stopped()
+            if time.monotonic() > deadline and not future.done():
+                future.cancel()
+                raise TransferError(f"timed out after {timeout:.0f}s fetching {name} from {peer[-8:]}")
         try:
-            return self._run(asyncio.wait_for(self._fetch(peer, name, max_bytes), timeout), timeout + 5)
+            return future.result()
         except TransferError:
             raise
         except (TimeoutError, asyncio.TimeoutError):

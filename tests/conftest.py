@@ -1,4 +1,5 @@
-"""Shared helpers: tiny float64 models on which LTE identities can be checked exactly."""
+"""Shared helpers: tiny float64 models on which LTE identities can be checked exactly, and the CLI
+run in this process."""
 
 from __future__ import annotations
 
@@ -13,6 +14,28 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 CLI = [sys.executable, "-m", "peers.cli"]
+
+
+def run_cli(*args):
+    """`lte-swarm ARGS` in this process (typer's CliRunner), with stdout and stderr kept apart:
+    a separate process adds nothing to argument, help and error checks but seconds of start-up."""
+    from typer.testing import CliRunner
+
+    from peers.cli import app
+
+    try:
+        runner = CliRunner(mix_stderr=False)
+    except TypeError:  # click >= 8.2 always keeps stderr apart
+        runner = CliRunner()
+    return runner.invoke(app, [str(a) for a in args], prog_name="lte-swarm")
+
+
+def assert_one_error_line(result, expected: str, code: int = 2) -> None:
+    """A user error: exit `code`, exactly one line on stderr, `error: ...` naming `expected`."""
+    assert result.exit_code == code, (result.exit_code, result.stderr, result.exception)
+    assert isinstance(result.exception, SystemExit), result.exception  # an exit, not a crash
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], result.stderr
 
 
 def tiny_mlp(seed: int = 0) -> nn.Module:

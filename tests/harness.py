@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 
+import psutil
 import yaml
 
 from peers.local_swarm import PeerProcess
@@ -35,20 +38,16 @@ def live_group_members(pgid: int) -> list[int]:
     """Processes of process group `pgid` that are still running (zombies awaiting a reaper, which
     a container's init may never be, do not count: they hold no resources and run nothing)."""
     members = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
+    for proc in psutil.process_iter(["status"]):
         try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        state, pgrp = fields[0], int(fields[2])
-        if pgrp == pgid and state != "Z":
-            members.append(int(stat.parent.name))
+            if proc.info["status"] != psutil.STATUS_ZOMBIE and os.getpgid(proc.pid) == pgid:
+                members.append(proc.pid)
+        except (ProcessLookupError, psutil.NoSuchProcess, psutil.AccessDenied):
+            continue  # gone (or not ours to see) between the listing and the look-up
     return members
 
 
 def wait_group_gone(pgid: int, timeout: float = 10.0) -> list[int]:
-    import time
-
     deadline = time.monotonic() + timeout
     while (alive := live_group_members(pgid)) and time.monotonic() < deadline:
         time.sleep(0.2)

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import subprocess
-
 import pytest
 import yaml
 
 from swarm.config import RunConfig, load_config
 from swarm.errors import ConfigError
-from tests.conftest import CLI, CONFIGS, ROOT
+from tests.conftest import CONFIGS, ROOT, assert_one_error_line, run_cli
 
 GOOD = ROOT / "configs" / "digits-vit-tiny.yaml"
 
@@ -76,10 +74,6 @@ def test_overrides_are_validated():
         cfg.with_overrides({"lte.rank": -3})
 
 
-def _run(*args, timeout=120):
-    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
-
-
 @pytest.mark.parametrize("args,expected", [
     (["--config", "missing.yaml"], "cannot read config missing.yaml"),
     (["--config", "__BAD__"], "lte.rank: Input should be greater than 0"),
@@ -92,8 +86,10 @@ def test_cli_prints_one_line_and_exits_nonzero(tmp_path, args, expected):
     csv = tmp_path / "nolabel.csv"
     csv.write_text("a,b\n1,2\n")
     args = [str(csv) if a == "__CSV__" else a for a in args]
-    proc = _run("simulate", *args, "--samples", "64")
-    assert proc.returncode == 2, proc.stderr
-    assert "Traceback" not in proc.stderr
-    lines = [l for l in proc.stderr.splitlines() if l.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], proc.stderr
+    assert_one_error_line(run_cli("simulate", *args, "--samples", "64"), expected)
+
+
+@pytest.mark.parametrize("command", ["start", "simulate"])
+def test_a_bad_config_stops_start_and_simulate_with_one_line(tmp_path, command):
+    assert_one_error_line(run_cli(command, "--config", _write(tmp_path, lambda r: r["lte"].update(ranks=8))),
+                          "lte.ranks: unknown key")

@@ -8,7 +8,7 @@ import subprocess
 import pytest
 import torch
 
-from tests.conftest import CLI, ROOT
+from tests.conftest import CLI, assert_one_error_line, run_cli
 from tests.harness import wait_group_gone
 
 pytestmark = pytest.mark.timeout(600)
@@ -34,8 +34,9 @@ def _evaluate_export(path):
 
 
 def test_demo_runs_writes_its_plot_and_exports_a_timm_model(tmp_path):
+    # run outside the checkout: the demo needs only the installed package
     proc = subprocess.run([*CLI, "demo", "--peers", "2", "--rounds", "3", "--json", "--run-dir", str(tmp_path / "demo")],
-                          capture_output=True, text=True, timeout=540, cwd=ROOT)
+                          capture_output=True, text=True, timeout=540, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["peers_agree"] is True
@@ -48,10 +49,9 @@ def test_demo_runs_writes_its_plot_and_exports_a_timm_model(tmp_path):
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 10_000
 
     out = tmp_path / "model.safetensors"
-    proc = subprocess.run([*CLI, "export", "--run-dir", summary["run_dir"], "--out", str(out)],
-                          capture_output=True, text=True, timeout=120, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "timm.create_model" in proc.stderr
+    result = run_cli("export", "--run-dir", summary["run_dir"], "--out", out)
+    assert result.exit_code == 0, (result.stderr[-2000:], result.exception)
+    assert "timm.create_model" in result.stderr
     accuracy, meta = _evaluate_export(out)
     assert meta["round"] == 3
     # the plain timm model scores what the swarm reported (its attention kernel may flip one tie)
@@ -59,10 +59,8 @@ def test_demo_runs_writes_its_plot_and_exports_a_timm_model(tmp_path):
 
 
 def test_export_refuses_a_missing_run_dir(tmp_path):
-    proc = subprocess.run([*CLI, "export", "--run-dir", str(tmp_path / "nothing"), "--out", str(tmp_path / "m.st")],
-                          capture_output=True, text=True, timeout=120, cwd=ROOT)
-    assert proc.returncode == 2
-    assert proc.stderr.startswith("error:") and "not a readable run dir" in proc.stderr, proc.stderr
+    assert_one_error_line(run_cli("export", "--run-dir", tmp_path / "nothing", "--out", tmp_path / "m.st"),
+                          "not a readable run dir")
 
 
 def test_ctrl_c_stops_the_demo_and_every_process_it_started(tmp_path):
@@ -71,7 +69,7 @@ def test_ctrl_c_stops_the_demo_and_every_process_it_started(tmp_path):
 
     workdir = tmp_path / "demo"
     proc = subprocess.Popen([*CLI, "demo", "--peers", "2", "--rounds", "50", "--json", "--run-dir", str(workdir)],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline:

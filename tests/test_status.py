@@ -12,7 +12,7 @@ import pytest
 from hivemind.utils import get_dht_time
 
 from peers.local_swarm import LocalSwarm
-from tests.conftest import CLI, ROOT
+from tests.conftest import CLI, ROOT, run_cli
 from tests.harness import write_config
 
 pytestmark = pytest.mark.timeout(420)
@@ -33,19 +33,17 @@ def live_swarm(tmp_path_factory):
         swarm.close()
 
 
-def _status(swarm, *args, columns=None, timeout=90):
-    env = {**os.environ, **({"COLUMNS": str(columns)} if columns else {})}
-    return subprocess.run([*CLI, "status", "--initial-peers", *swarm.maddrs, *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT, env=env)
+def _status(swarm, *args):
+    return run_cli("status", "--initial-peers", *swarm.maddrs, *args)
 
 
 def test_status_json_reports_both_peers_their_heads_and_the_round(live_swarm):
     swarm, peers = live_swarm
     before = max(e["new_round"] for e in swarm.coordinator.of("round"))
-    proc = _status(swarm, "--json")
+    result = _status(swarm, "--json")
     after = max(e["new_round"] for e in swarm.coordinator.of("round"))
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    snap = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result.exit_code == 0, (result.stderr[-2000:], result.exception)
+    snap = json.loads(result.stdout.strip().splitlines()[-1])
     ids = {p.of("joined")[0]["peer"] for p in peers}
     assert snap["run_id"] == swarm.run_id
     assert {s["peer"] for s in snap["peers"]} == ids
@@ -62,13 +60,14 @@ def test_status_json_reports_both_peers_their_heads_and_the_round(live_swarm):
 
 
 @pytest.mark.parametrize("columns", [80, 200])
-def test_status_once_renders_at_any_width(live_swarm, columns):
+def test_status_once_renders_at_any_width(live_swarm, columns, monkeypatch):
     swarm, peers = live_swarm
-    proc = _status(swarm, "--once", columns=columns)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    lines = proc.stdout.splitlines()
+    monkeypatch.setenv("COLUMNS", str(columns))  # what rich sizes a console that is not a terminal by
+    result = _status(swarm, "--once")
+    assert result.exit_code == 0, (result.stderr[-2000:], result.exception)
+    lines = result.stdout.splitlines()
     assert max(len(line) for line in lines) <= columns
-    text = proc.stdout
+    text = result.stdout
     assert f"run {swarm.run_id}" in text and "heads" in text and "peers (2)" in text
     for p in peers:
         assert p.of("joined")[0]["peer"][-8:] in text
@@ -102,11 +101,10 @@ def test_live_view_in_a_real_terminal(live_swarm, tmp_path):
 
 def test_no_reachable_peer_is_one_line_and_nonzero():
     dead = "/ip4/127.0.0.1/tcp/9/p2p/12D3KooWRzhwoMVtyVwTj6gRYNKTqUryrE8Ru1rgsyZNUZfzi78w"
-    proc = subprocess.run([*CLI, "status", "--once", "--initial-peers", dead], capture_output=True, text=True,
-                          timeout=120, cwd=ROOT)
-    assert proc.returncode == 2
-    errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
-    assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    result = run_cli("status", "--once", "--initial-peers", dead)
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit), (result.stderr[-2000:], result.exception)
+    errors = [l for l in result.stderr.splitlines() if l.startswith("error:")]
+    assert len(errors) == 1, result.stderr[-2000:]
 
 
 @pytest.fixture
@@ -138,16 +136,16 @@ def test_forged_malformed_and_foreign_status_records_are_rejected(two_nodes):
 
     (a, b), (signer_a, signer_b) = two_nodes
     key = RunKeys("run-a").peers
-    assert publish_status(a, key, signer_a, _status_record(peer="honest"), ttl=30)
+    assert publish_status(a, key, signer_a, _status_record(peer="honest"), expiration=get_dht_time() + 30)
     # forged: a writes under b's public key
     assert not a.store(key, _status_record(peer="forged"), get_dht_time() + 30, subkey=signer_b.local_public_key)
     # wrong schema: a missing field, a mistyped field, an unknown state
     bad = _status_record(peer="bad")
     del bad["digest"]
     for record in (bad, _status_record(peer="bad", round="1"), _status_record(peer="bad", state="sleeping")):
-        assert not publish_status(b, key, signer_b, record, ttl=30)
+        assert not publish_status(b, key, signer_b, record, expiration=get_dht_time() + 30)
     # another run's record under this run's key
-    assert not publish_status(b, key, signer_b, _status_record(run_id="run-b", peer="foreign"), ttl=30)
+    assert not publish_status(b, key, signer_b, _status_record(run_id="run-b", peer="foreign"), expiration=get_dht_time() + 30)
     time.sleep(0.5)
     for node in (a, b):
         assert [s["peer"] for s in read_statuses(node, key)] == ["honest"]
@@ -158,8 +156,7 @@ def test_export_from_a_live_swarm_loads_into_timm(live_swarm, tmp_path):
 
     swarm, _ = live_swarm
     out = tmp_path / "live.safetensors"
-    proc = subprocess.run([*CLI, "export", "--initial-peers", *swarm.maddrs, "--out", str(out)],
-                          capture_output=True, text=True, timeout=120, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = run_cli("export", "--initial-peers", *swarm.maddrs, "--out", out)
+    assert result.exit_code == 0, (result.stderr[-2000:], result.exception)
     accuracy, meta = _evaluate_export(out)
     assert meta["round"] >= 1 and 0.0 <= accuracy <= 1.0

@@ -1,4 +1,8 @@
-"""Real peers in separate processes on 127.0.0.1: they claim heads, train, and merge into the same W."""
+"""Real peers in separate processes on 127.0.0.1: they claim heads, train, and merge into the same W.
+
+The protocol's scenarios (late join, stragglers, lease races, resync, stranger records) run
+in-process in tests/test_protocol.py; these keep the real thing honest: hivemind DHTs, p2pd, P2P
+downloads, signals and process groups."""
 
 from __future__ import annotations
 
@@ -6,8 +10,7 @@ import signal
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
+from peers.checkpoint import load_checkpoint
 from peers.models import create_lte_model
 from peers.simulate import simulate
 from swarm.config import load_config
@@ -55,7 +58,7 @@ def test_three_peers_agree_bit_for_bit_and_match_the_simulation(swarm_factory):
     # The same heads, seeds and data in one process give the same W (up to float rounding).
     cfg = load_config(swarm.config)
     sim_state = simulate(cfg).model.shared_state()
-    swarm_state = load_file(str(swarm.workdir / "run" / "state.safetensors"))
+    swarm_state = load_checkpoint(swarm.workdir / "run").model.shared_state()
     initial = create_lte_model(cfg, []).shared_state()
     assert set(swarm_state) == set(sim_state)
     for key, tensor in sim_state.items():
@@ -64,79 +67,36 @@ def test_three_peers_agree_bit_for_bit_and_match_the_simulation(swarm_factory):
     assert moved > 1e-3  # training really moved W: the agreement is not the trivial one
 
 
-def test_a_peer_killed_mid_round_is_survived_and_its_head_reclaimed(swarm_factory):
-    swarm = swarm_factory(heads=2, merge_every=2, rounds=14)
+def test_a_peer_killed_mid_round_is_survived_and_sigterm_then_ends_every_process(swarm_factory):
+    swarm = swarm_factory(heads=2, merge_every=2, rounds=200)
     coordinator = swarm.start_coordinator()
-    victim, survivor = swarm.join("victim", "--throttle", "0.3"), swarm.join("survivor", "--throttle", "0.3")
+    victim, survivor = swarm.join("victim", "--throttle", "0.2"), swarm.join("survivor", "--throttle", "0.2")
     for p in (victim, survivor):
         p.wait_for(lambda es: any(e["event"] == "heads" and e["heads"] for e in es), 120, "a head")
-    standby = swarm.join("standby", "--throttle", "0.3")
+    standby = swarm.join("standby", "--throttle", "0.2")
     standby.wait_for(lambda es: any(e["event"] == "standby" for e in es), 120, "standby")
     victim_head = last(victim, "heads")["heads"][0]
     # Kill it (and its DHT and p2pd) right after it offered a contribution: mid merge round.
     victim.wait_for(lambda es: any(e["event"] == "ready" and e["round"] >= 1 for e in es), 120, "a ready contribution")
     victim.signal_group(signal.SIGKILL)
     killed_round = last(victim, "ready")["round"]
-
-    assert survivor.wait(300) == 0, survivor.tail()
-    assert standby.wait(120) == 0, standby.tail()
-    assert coordinator.wait(60) == 0, coordinator.tail()
-    final = {p.name: last(p, "left")["digest"] for p in (survivor, standby, coordinator)}
-    assert len(set(final.values())) == 1, final
-    assert last(standby, "heads")["heads"] == [victim_head]
-    assert any(r["merged"] for r in standby.of("round") if r["heads"] == [victim_head])
-    assert last(survivor, "round")["new_round"] == 14
-    # The rounds after the kill went on without the victim.
+    standby.wait_for(lambda es: any(e["event"] == "round" and e["merged"] and e["heads"] == [victim_head] for e in es),
+                     120, "the standby merging the victim's head")
+    # The swarm goes on; then SIGTERM to everyone, whatever phase each is in: all leave in seconds.
+    survivor.wait_for(_rounds_done(killed_round + 3), 120, "three more rounds")
+    for p in (survivor, standby, coordinator):
+        p.signal_group(signal.SIGTERM)
+    for p in (survivor, standby, coordinator):
+        assert p.wait(20) == 0, p.tail()
+        assert wait_group_gone(p.handle.pid) == [], f"{p.name}'s DHT or p2pd still runs"
     later = [r for r in coordinator.of("round") if r["round"] > killed_round]
     assert later and all(victim.of("joined")[0]["peer"] not in r["members"] for r in later)
-
-
-def test_a_peer_joining_at_round_3_catches_up_and_contributes(swarm_factory):
-    # ~2 s per round, so the run is still going when the late peer is up (~10 s to start)
-    swarm = swarm_factory(heads=3, merge_every=2, rounds=30)
-    coordinator = swarm.start_coordinator()
-    early = [swarm.join(f"early{i}", "--throttle", "0.5") for i in range(2)]
-    coordinator.wait_for(_rounds_done(3), 180, "round 3")
-    late = swarm.join("late", "--throttle", "0.5")
-    for p in (*early, late):
-        assert p.wait(300) == 0, p.tail()
-    assert coordinator.wait(60) == 0
-    joined = late.of("joined")[0]
-    assert joined["round"] >= 3
-    rounds = late.of("round")
-    first_full = next(r for r in rounds if not r["missed"])
-    assert first_full["merged"], rounds
-    assert first_full["round"] <= joined["round"] + 2
-    final = {p.name: last(p, "left")["digest"] for p in (*early, late, coordinator)}
-    assert len(set(final.values())) == 1, final
-
-
-def test_a_slow_peer_misses_rounds_but_no_head_step_is_lost(swarm_factory):
-    swarm = swarm_factory(heads=2, merge_every=3, rounds=8)
-    coordinator = swarm.start_coordinator()
-    fast = swarm.join("fast")
-    slow = swarm.join("slow", "--throttle", "1.3")  # ~4 s per round; others wait only merge_grace = 3 s
-    for p in (fast, slow):
-        assert p.wait(300) == 0, p.tail()
-    assert coordinator.wait(60) == 0
-    slow_rounds = slow.of("round")
-    assert any(r["missed"] for r in slow_rounds), slow_rounds
-    missed_at = next(i for i, r in enumerate(slow_rounds) if r["missed"])
-    assert any(r["merged"] for r in slow_rounds[missed_at + 1:]), slow_rounds  # its change made it later
-
-    # Every head-step trained is merged exactly once, or still unmerged when the run ended.
-    merged_per_round = {}
-    for proc in (coordinator, fast, slow):
-        for r in proc.of("round"):
-            if not r["missed"]:
-                merged_per_round.setdefault(r["round"], set()).add(r["merged_head_steps"])
-    assert all(len(v) == 1 for v in merged_per_round.values()), merged_per_round  # everyone agrees per round
-    merged = sum(v.pop() for v in merged_per_round.values())
-    trained = sum(last(p, "left")["trained_head_steps"] for p in (fast, slow))
-    unmerged = sum(last(p, "left")["unmerged_steps"] * len(last(p, "left")["heads"]) for p in (fast, slow))
-    assert trained == merged + unmerged, (trained, merged, unmerged)
-    assert trained > 0 and merged > 0
-    assert len({last(p, "left")["digest"] for p in (fast, slow, coordinator)}) == 1
+    # Every round each of them merged, they merged to the same W.
+    by_round = {}
+    for p in (survivor, standby, coordinator):
+        for r in p.of("round"):
+            by_round.setdefault(r["new_round"], set()).add(r["digest"])
+    assert by_round and all(len(d) == 1 for d in by_round.values()), by_round
 
 
 def test_sigterm_leaves_cleanly_and_the_coordinator_resumes_from_its_run_dir(swarm_factory):
@@ -161,16 +121,3 @@ def test_sigterm_leaves_cleanly_and_the_coordinator_resumes_from_its_run_dir(swa
     assert started["run_id"] == swarm.run_id == first_run_id
     assert [m.split("/p2p/")[1] for m in swarm.maddrs] == [m.split("/p2p/")[1] for m in first_maddrs]  # same peer id
     assert started["round"] == saved["round"] and started["digest"] == saved["digest"]
-
-
-def test_joining_an_unreachable_swarm_is_one_line_and_nonzero(tmp_path):
-    import subprocess
-
-    from tests.conftest import CLI, ROOT
-
-    dead = "/ip4/127.0.0.1/tcp/9/p2p/12D3KooWRzhwoMVtyVwTj6gRYNKTqUryrE8Ru1rgsyZNUZfzi78w"
-    proc = subprocess.run([*CLI, "join", "--initial-peers", dead], capture_output=True, text=True, timeout=120, cwd=ROOT)
-    assert proc.returncode == 2
-    lines = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
-    assert len(lines) == 1 and "initial peers" in lines[0], proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr

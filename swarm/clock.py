@@ -1,0 +1,59 @@
+"""Time as the protocol sees it: DHT time for records, a monotonic clock for durations, and a sleep
+that a stop request cuts short. Injected everywhere, so protocol tests run on a fake clock."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from swarm.errors import Stopped
+
+
+class Clock:
+    """Real time. `sleep` returns early, raising `Stopped`, once `stop` is set, so no wait of any
+    role outlives a Ctrl+C or SIGTERM by more than one DHT call."""
+
+    def __init__(self, stop: threading.Event | None = None):
+        self.stop = stop or threading.Event()
+
+    def now(self) -> float:
+        """DHT time: what record expirations and ready/claim times are written in (wall clock)."""
+        return time.time()
+
+    def monotonic(self) -> float:
+        """For durations and local deadlines: never jumps when the wall clock is adjusted."""
+        return time.monotonic()
+
+    def sleep(self, seconds: float) -> None:
+        if self.stop.wait(max(0.0, seconds)):
+            raise Stopped()
+
+    def check(self) -> None:
+        """Raise `Stopped` if a stop was requested (between two steps of work)."""
+        if self.stop.is_set():
+            raise Stopped()
+
+
+class FakeClock(Clock):
+    """Time that moves only when told: `sleep` and `advance` move it, nothing else does. Both of
+    its readings are the same number, starting at an arbitrary wall-clock-like value."""
+
+    def __init__(self, start: float = 1.7e9, stop: threading.Event | None = None):
+        super().__init__(stop)
+        self.t = float(start)
+
+    def now(self) -> float:
+        return self.t
+
+    def monotonic(self) -> float:
+        return self.t
+
+    def advance(self, seconds: float) -> None:
+        self.t += max(0.0, seconds)
+
+    def set(self, t: float) -> None:
+        self.t = max(self.t, t)
+
+    def sleep(self, seconds: float) -> None:
+        self.check()
+        self.advance(seconds)
