@@ -95,7 +95,7 @@ class Coordinator:
         if not self.resumed:
             self.checkpoint()
         self.events.emit("started", run_id=self.keys.run_id, round=self.protocol.round, digest=self.model.state_digest(),
-                         pid=os.getpid())
+                         pid=os.getpid(), dht_pid=getattr(self.dht, "pid", None))
         self.started = True
 
     def run(self) -> None:

@@ -33,14 +33,55 @@ def start_dht(initial_peers: list[str], host_maddrs: list[str] | None = None, id
     import hivemind
     from hivemind.p2p import P2PDaemonError
 
+    class IsolatedDHT(hivemind.DHT):
+        def run(self) -> None:
+            _isolate_dht_process(parent=self._parent_pid)
+            super().run()
+
     try:
-        return hivemind.DHT(initial_peers=initial_peers or None, host_maddrs=host_maddrs or LOOPBACK,
-                            identity_path=identity_path, client_mode=client_mode, start=True,
-                            startup_timeout=30, await_ready=True)
+        return IsolatedDHT(initial_peers=initial_peers or None, host_maddrs=host_maddrs or LOOPBACK,
+                           identity_path=identity_path, client_mode=client_mode, start=True,
+                           startup_timeout=30, await_ready=True)
     except (P2PDaemonError, TimeoutError, ConnectionError, OSError, ValueError) as exc:
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         where = f" {' '.join(initial_peers)}" if initial_peers else ""
         raise SwarmError(f"could not start a DHT node or reach the initial peers{where}: {text}") from None
+
+
+def _isolate_dht_process(parent: int) -> None:
+    """Runs first in the DHT's forked process. Ctrl+C in a terminal (and `kill -TERM -PGID`)
+    signals a whole process group; if the DHT process and its p2pd daemon got it too, p2pd would
+    die at once and the peer's last DHT writes (releasing its heads) and the DHT's shutdown would
+    hang on timeouts. So the DHT process and the p2pd it spawns get a process group of their own,
+    and only the peer's main process reacts to such signals, shutting the DHT down in order.
+
+    Nothing may outlive the peer: the DHT process asks the kernel for SIGTERM when its parent dies
+    (Linux), and on SIGTERM it kills its own children (p2pd) before exiting."""
+    import ctypes
+    import os
+    import sys
+
+    os.setpgid(0, 0)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    def on_term(signum, frame):
+        import psutil
+
+        for child in psutil.Process().children(recursive=True):
+            try:
+                child.kill()
+            except psutil.Error:
+                pass
+        os._exit(0)
+
+    signal.signal(signal.SIGTERM, on_term)
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent:  # the peer died before we got here
+        on_term(signal.SIGTERM, None)
 
 
 def announce_run(dht, keys: RunKeys, record: RunRecord, expiration: float) -> None:

@@ -132,7 +132,7 @@ class Trainer:
         self._publish_status(force=True)
         if self.protocol.sync():
             self.events.emit("joined", peer=self.peer, round=self.protocol.round, digest=self.model.state_digest(),
-                             pid=os.getpid())
+                             pid=os.getpid(), dht_pid=getattr(self.dht, "pid", None))
             self._set_phase(PeerPhase.STANDBY)
             return 0.0
         if self.clock.monotonic() > self.sync_deadline:

@@ -52,3 +52,15 @@ def wait_group_gone(pgid: int, timeout: float = 10.0) -> list[int]:
     while (alive := live_group_members(pgid)) and time.monotonic() < deadline:
         time.sleep(0.2)
     return alive
+
+
+def role_groups(events: list[dict]) -> list[int]:
+    """The process groups a peer role runs in, from its start event: its own (the peer process)
+    and its DHT's (the DHT process and p2pd, kept apart from terminal signals)."""
+    start = next(e for e in events if e["event"] in ("joined", "started"))
+    return [start["pid"], start["dht_pid"]]
+
+
+def wait_role_gone(events: list[dict], timeout: float = 10.0) -> list[int]:
+    """Processes of a role (peer, DHT process, p2pd) still running after `timeout`."""
+    return [pid for group in role_groups(events) for pid in wait_group_gone(group, timeout)]

@@ -15,7 +15,7 @@ from peers.models import create_lte_model
 from peers.simulate import simulate
 from swarm.config import load_config
 from peers.local_swarm import LocalSwarm
-from tests.harness import last, wait_group_gone, write_config
+from tests.harness import last, wait_role_gone, write_config
 
 pytestmark = pytest.mark.timeout(420)
 
@@ -80,6 +80,7 @@ def test_a_peer_killed_mid_round_is_survived_and_sigterm_then_ends_every_process
     victim.wait_for(lambda es: any(e["event"] == "ready" and e["round"] >= 1 for e in es), 120, "a ready contribution")
     victim.signal_group(signal.SIGKILL)
     killed_round = last(victim, "ready")["round"]
+    assert wait_role_gone(victim.read()) == []  # its DHT process and p2pd do not outlive it
     standby.wait_for(lambda es: any(e["event"] == "round" and e["merged"] and e["heads"] == [victim_head] for e in es),
                      120, "the standby merging the victim's head")
     # The swarm goes on; then SIGTERM to everyone, whatever phase each is in: all leave in seconds.
@@ -88,7 +89,7 @@ def test_a_peer_killed_mid_round_is_survived_and_sigterm_then_ends_every_process
         p.signal_group(signal.SIGTERM)
     for p in (survivor, standby, coordinator):
         assert p.wait(20) == 0, p.tail()
-        assert wait_group_gone(p.handle.pid) == [], f"{p.name}'s DHT or p2pd still runs"
+        assert wait_role_gone(p.read()) == [], f"{p.name}'s DHT or p2pd still runs"
     later = [r for r in coordinator.of("round") if r["round"] > killed_round]
     assert later and all(victim.of("joined")[0]["peer"] not in r["members"] for r in later)
     # Every round each of them merged, they merged to the same W.
@@ -108,7 +109,7 @@ def test_sigterm_leaves_cleanly_and_the_coordinator_resumes_from_its_run_dir(swa
     peer.signal_group(signal.SIGTERM)
     assert peer.wait(30) == 0, peer.tail()
     assert last(peer, "left")["heads"]
-    assert wait_group_gone(peer.handle.pid) == []  # its DHT process and p2pd too
+    assert wait_role_gone(peer.read()) == []  # its DHT process and p2pd too
 
     coordinator.wait_for(lambda es: any(e["event"] == "checkpoint" and e["round"] >= 2 for e in es), 60, "a checkpoint")
     coordinator.signal_group(signal.SIGTERM)
