@@ -1,9 +1,8 @@
-"""Head leases over a real two-node DHT on loopback: races, expiry, release, forged claims."""
+"""Head leases: races and forged claims over a real two-node DHT on loopback; expiry, renewal and\nrelease on the in-memory DHT and a fake clock (the same storage rules, no waiting)."""
 
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
 from hivemind.utils import get_dht_time
@@ -54,20 +53,35 @@ def test_two_peers_racing_for_one_head_end_with_exactly_one_holder(dhts):
     assert la.holders() == lb.holders() == {0: winner.peer, got[0]: loser.peer}
 
 
-def test_a_crashed_holders_head_frees_up_when_its_lease_expires(dhts):
-    la, lb = _pair(dhts, "expiry", lease=3.0)
+def _memory_pair(lease=4.0):
+    from swarm.clock import FakeClock
+    from swarm.memnet import MemoryDHT, MemoryNetwork
+
+    clock = FakeClock()
+    net = MemoryNetwork(clock)
+    keys = RunKeys("mem")
+    pair = [HeadLeases(MemoryDHT(net, name), keys, name, 4, lease_seconds=lease, settle_seconds=1.0, clock=clock)
+            for name in ("a", "b")]
+    return clock, pair
+
+
+def test_a_crashed_holders_head_frees_up_when_its_lease_expires():
+    clock, (la, lb) = _memory_pair(lease=3.0)
     assert la.claim(1, prefer=[2]) == [2]
     assert lb.claim(1, prefer=[2]) == []  # taken
-    time.sleep(3.5)  # la "crashed": it never renews
+    clock.advance(0.5)  # 2.5 s after the claim
+    assert 2 not in lb.free_heads()  # not yet expired
+    clock.advance(1.0)  # la "crashed": it never renews
     assert 2 in lb.free_heads()
     assert lb.claim(1, prefer=[2]) == [2]
 
 
-def test_renewal_keeps_the_lease_and_release_frees_it_at_once(dhts):
-    la, lb = _pair(dhts, "renew", lease=3.0)
+def test_renewal_keeps_the_lease_and_release_frees_it_at_once():
+    clock, (la, lb) = _memory_pair(lease=3.0)
     assert la.claim(1, prefer=[1]) == [1]
     for _ in range(3):
-        time.sleep(1.2)
+        clock.advance(1.2)
+        assert la.due()
         assert la.renew() == []
     assert lb.holders() == {1: la.peer}  # alive well past one lease
     la.release()
