@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import statistics
-import time
 from typing import Any
 
 from swarm import schemas
+from swarm.clock import Clock
 from swarm.config import RunConfig
 from swarm.keys import RunKeys
 from swarm.leases import HeadLeases
@@ -31,14 +31,17 @@ def head_state(holder: str | None, status: dict | None, round_: int) -> str:
     return "leased"
 
 
-def snapshot(dht, keys: RunKeys, cfg: RunConfig) -> dict[str, Any]:
-    now = time.time()
-    statuses = sorted(read_statuses(dht, keys.peers), key=lambda s: (-len(s["heads"]), s["peer"]))
+def snapshot(dht, keys: RunKeys, cfg: RunConfig, clock: Clock | None = None) -> dict[str, Any]:
+    clock = clock or Clock()
+    now = clock.now()
+    records = sorted(read_statuses(dht, keys.peers), key=lambda s: (-len(s.heads), s.peer))
+    statuses = [s.model_dump(mode="json") for s in records]
     by_peer = {s["peer"]: s for s in statuses}
-    holders = HeadLeases(dht, keys, "monitor", cfg.lte.heads, cfg.swarm.lease_seconds, cfg.swarm.settle_seconds).holders()
-    found = schemas.read(dht, keys.progress, RunProgress).get("coordinator")
+    holders = HeadLeases(dht, keys, "monitor", cfg.lte.heads, cfg.swarm.lease_seconds, cfg.swarm.settle_seconds,
+                         clock).holders()
+    found = schemas.read(dht, keys.progress, RunProgress, now=now).get("coordinator")
     progress = found[0] if found else None
-    donors = [r for r, _ in schemas.read(dht, keys.donors, DonorRecord).values()]
+    donors = [r for r, _ in schemas.read(dht, keys.donors, DonorRecord, now=now).values()]
     round_ = max([progress.round if progress else 0] + [d.round for d in donors] + [s["round"] for s in statuses])
 
     heads = []

@@ -21,7 +21,7 @@ from swarm.errors import Stopped
 from swarm.keys import RunKeys
 from swarm.leases import HeadLeases
 from swarm.rounds import MergeProtocol, MergeRound, RoundResult
-from swarm.schemas import PeerPhase, ReadyRecord, publish_status
+from swarm.schemas import PeerPhase, PeerStatus, ReadyRecord, publish_status
 from swarm.transport import NETWORK_ERRORS
 from swarm.wire import encode_contribution
 
@@ -230,12 +230,12 @@ class Trainer:
             return
         self._status_at = now
         loss = None if self.loss is None or self.loss != self.loss else float(self.loss)
-        record = dict(run_id=self.keys.run_id, peer=self.peer, state=self.phase.value, heads=list(self.model.head_ids),
-                      round=self.protocol.round, step=self.step_in_round, last_merged_round=self.last_merged_round,
-                      loss=loss, samples_per_second=float(self.samples_per_second),
-                      bytes_sent=self.server.bytes_sent, bytes_received=self.server.bytes_received,
-                      device=str(self.device), storage=self.cfg.lte.storage, digest=self.model.state_digest(),
-                      time=float(self.clock.now()))
+        record = PeerStatus(run_id=self.keys.run_id, peer=self.peer, state=self.phase, heads=list(self.model.head_ids),
+                            round=self.protocol.round, step=self.step_in_round, last_merged_round=self.last_merged_round,
+                            loss=loss, samples_per_second=float(self.samples_per_second),
+                            bytes_sent=self.server.bytes_sent, bytes_received=self.server.bytes_received,
+                            device=str(self.device), storage=self.cfg.lte.storage, digest=self.model.state_digest(),
+                            time=float(self.clock.now()))
         try:
             publish_status(self.dht, self.keys.peers, self.signer, record,
                            expiration=self.clock.now() + max(10.0, self.cfg.swarm.lease_seconds))

@@ -11,7 +11,7 @@ from hivemind.dht.protocol import DHTProtocol
 from hivemind.dht.routing import DHTID
 from hivemind.dht.validation import RecordValidatorBase
 from hivemind.utils import get_dht_time
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 log = logging.getLogger(__name__)
 T = TypeVar("T", bound=BaseModel)
@@ -118,8 +118,9 @@ PEER_STATES = tuple(p.value for p in PeerPhase)
 
 
 def _status_models():
-    """pydantic-v1 models (hivemind's SchemaValidator uses v1), built at import time under stable
-    module-level names so that they pickle into the DHT's process."""
+    """The DHT-side twin of `PeerStatus` (hivemind's SchemaValidator takes pydantic-v1 models),
+    built at import time under stable module-level names so that it pickles into the DHT's
+    process. A test keeps the two field for field."""
     from typing import Dict, List, Optional
 
     import pydantic.v1 as v1
@@ -185,17 +186,56 @@ def status_validators(run_id: str, signer) -> list:
     return [signer, SchemaValidator(RunStatusSchemaV1, prefix=run_id), RunScopeValidator(run_id)]
 
 
-def publish_status(dht, key: str, signer, status: dict, expiration: float) -> bool:
+class PeerStatus(_Record):
+    """What a peer says about itself, signed with its own key (see `status_validators`)."""
+
+    run_id: str
+    peer: str
+    state: PeerPhase
+    heads: list[int]
+    round: int = Field(ge=0)
+    step: int = Field(ge=0)
+    last_merged_round: int = Field(ge=-1)
+    loss: float | None = None
+    samples_per_second: float = Field(ge=0.0)
+    bytes_sent: int = Field(ge=0)
+    bytes_received: int = Field(ge=0)
+    device: str
+    storage: str
+    digest: str
+    time: float
+
+    @field_validator("state", mode="before")
+    @classmethod
+    def _phase_from_text(cls, value: Any) -> Any:
+        """The DHT carries the phase as its text; strict mode would take only the enum itself."""
+        return PeerPhase(value) if isinstance(value, str) and value in PEER_STATES else value
+
+    @field_validator("heads")
+    @classmethod
+    def _heads_non_negative(cls, value: list[int]) -> list[int]:
+        if any(h < 0 for h in value):
+            raise ValueError("head ids are never negative")
+        return value
+
+
+def publish_status(dht, key: str, signer, status: PeerStatus, expiration: float) -> bool:
     """Store this peer's status under its own signed subkey, valid until `expiration`."""
-    return bool(dht.store(key, status, expiration_time=expiration, subkey=signer.local_public_key))
+    return bool(dht.store(key, dump(status), expiration_time=expiration, subkey=signer.local_public_key))
 
 
-def read_statuses(dht, key: str) -> list[dict]:
-    """Live status records of a run (the DHT's validators already dropped invalid ones)."""
+def read_statuses(dht, key: str) -> list[PeerStatus]:
+    """Live status records of a run. The DHT's validators already dropped forged and malformed
+    ones; what comes back is checked once more against the same schema, as every record is."""
     found = dht.get(key, latest=True)
     if found is None or not isinstance(found.value, dict):
         return []
-    return [item.value for item in found.value.values() if isinstance(getattr(item, "value", None), dict)]
+    out = []
+    for subkey, item in found.value.items():
+        record = parse(PeerStatus, getattr(item, "value", None), where=f"{key}/status")
+        if record is not None:
+            out.append(record)
+    return out
 
 
 class RoundSummary(_Record):

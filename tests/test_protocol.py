@@ -216,3 +216,20 @@ def test_a_coordinator_resumes_from_its_checkpoint(tmp_path):
     assert resumed.role.protocol.round == saved["round"]
     assert resumed.role.model.state_digest() == saved["digest"]
     assert [h.round for h in resumed.role.history] == [h.round for h in coordinator.role.history]
+
+
+def test_the_status_snapshot_shows_every_peer_its_phase_and_the_head_map(tmp_path):
+    from peers.monitor import snapshot
+
+    cfg = tiny_config(heads=3, merge_every=2, rounds=8)
+    swarm = MemorySwarm(cfg, tmp_path)
+    swarm.coordinator()
+    swarm.trainer("a"), swarm.trainer("b", heads=2)
+    swarm.run(until=lambda s: _round_done("coordinator", 2)(s) and s["a"].role.phase is PeerPhase.TRAINING)
+    coordinator = swarm["coordinator"].role
+    snap = snapshot(coordinator.dht, coordinator.keys, cfg, swarm.clock)
+    by_peer = {p["peer"]: p for p in snap["peers"]}
+    assert set(by_peer) == {swarm["a"].rt.peer, swarm["b"].rt.peer}
+    assert by_peer[swarm["a"].rt.peer]["state"] == "training" and len(by_peer[swarm["b"].rt.peer]["heads"]) == 2
+    assert sorted(h["peer"] for h in snap["heads"]) == sorted([swarm["a"].rt.peer] + [swarm["b"].rt.peer] * 2)
+    assert snap["round"] >= 2 and snap["history"] and snap["agree"] is True

@@ -12,6 +12,7 @@ import pytest
 from hivemind.utils import get_dht_time
 
 from peers.local_swarm import LocalSwarm
+from swarm.schemas import PeerStatus
 from tests.conftest import CLI, ROOT, run_cli
 from tests.harness import write_config
 
@@ -136,19 +137,37 @@ def test_forged_malformed_and_foreign_status_records_are_rejected(two_nodes):
 
     (a, b), (signer_a, signer_b) = two_nodes
     key = RunKeys("run-a").peers
-    assert publish_status(a, key, signer_a, _status_record(peer="honest"), expiration=get_dht_time() + 30)
+    expiration = get_dht_time() + 30
+    assert publish_status(a, key, signer_a, PeerStatus.model_validate(_status_record(peer="honest")), expiration)
     # forged: a writes under b's public key
-    assert not a.store(key, _status_record(peer="forged"), get_dht_time() + 30, subkey=signer_b.local_public_key)
-    # wrong schema: a missing field, a mistyped field, an unknown state
+    assert not a.store(key, _status_record(peer="forged"), expiration, subkey=signer_b.local_public_key)
+    # wrong schema (a missing field, a mistyped field, an unknown state), written raw, bypassing
+    # PeerStatus as a stranger would: the DHT's own validators reject them
     bad = _status_record(peer="bad")
     del bad["digest"]
     for record in (bad, _status_record(peer="bad", round="1"), _status_record(peer="bad", state="sleeping")):
-        assert not publish_status(b, key, signer_b, record, expiration=get_dht_time() + 30)
+        assert not b.store(key, record, expiration, subkey=signer_b.local_public_key)
     # another run's record under this run's key
-    assert not publish_status(b, key, signer_b, _status_record(run_id="run-b", peer="foreign"), expiration=get_dht_time() + 30)
+    assert not b.store(key, _status_record(run_id="run-b", peer="foreign"), expiration, subkey=signer_b.local_public_key)
     time.sleep(0.5)
     for node in (a, b):
-        assert [s["peer"] for s in read_statuses(node, key)] == ["honest"]
+        assert [s.peer for s in read_statuses(node, key)] == ["honest"]
+
+
+def test_the_status_record_and_its_dht_side_twin_agree_field_for_field():
+    from pydantic import ValidationError
+
+    from swarm.schemas import PeerStatusV1
+
+    assert set(PeerStatus.model_fields) == set(PeerStatusV1.__fields__)
+    good = _status_record()
+    PeerStatus.model_validate(good), PeerStatusV1.parse_obj(good)
+    for change in ({"round": "1"}, {"state": "sleeping"}, {"heads": [-1]}, {"samples_per_second": -1.0},
+                   {"bytes_sent": 1.5}, {"extra": 1}):
+        with pytest.raises(ValidationError):
+            PeerStatus.model_validate({**good, **change})
+        with pytest.raises(Exception):
+            PeerStatusV1.parse_obj({**good, **change})
 
 
 def test_export_from_a_live_swarm_loads_into_timm(live_swarm, tmp_path):
