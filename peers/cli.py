@@ -190,14 +190,14 @@ def status(
     from rich.live import Live
 
     from peers.monitor import snapshot
-    from peers.node import add_run_validators, find_run, open_runtime
+    from peers.node import find_run, install_run_validators, open_runtime
     from peers.status_view import render
 
     with user_errors():
         with open_runtime([*initial_peers, *(more_peers or [])], client_mode=True) as rt:
             dht = rt.dht
             keys, _, cfg = find_run(dht, run_id, timeout=15.0, clock=rt.clock)
-            add_run_validators(dht, keys.run_id)
+            install_run_validators(dht, keys.run_id, rt.identity)
             if as_json:
                 print(json.dumps(snapshot(dht, keys, cfg)))
                 return

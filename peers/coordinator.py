@@ -15,12 +15,13 @@ from pathlib import Path
 from peers.checkpoint import load_checkpoint, save_checkpoint
 from peers.data import DataSource, ImageShape
 from peers.models import create_lte_model
-from peers.node import Runtime, add_run_validators, announce_run
+from peers.node import Runtime, announce_run, install_run_validators
 from peers.training import evaluate
 from swarm import schemas
 from swarm.config import RunConfig
 from swarm.errors import ConfigError, Stopped
-from swarm.keys import RunKeys, check_run_id
+from swarm.identity import Identity
+from swarm.keys import RunKeys, make_run_id
 from swarm.leases import HeadLeases
 from swarm.rounds import MergeProtocol, MergeRound, RoundResult
 from swarm.schemas import RoundSummary, RunProgress, RunRecord
@@ -29,9 +30,17 @@ from swarm.transport import NETWORK_ERRORS
 log = logging.getLogger(__name__)
 
 
-def new_run_id(config_name: str) -> str:
-    stem = "".join(c if c.isalnum() else "-" for c in config_name)[:40].strip("-") or "run"
-    return check_run_id(f"{stem}-{secrets.token_hex(3)}")
+KEY_FILE = "coordinator.key"
+
+
+def coordinator_identity(run_dir: Path) -> Identity:
+    """The run's authority: the coordinator's signing key, kept in the run dir so that a resumed
+    coordinator keeps its run id (which pins the key) and its authority."""
+    return Identity.load_or_create(Path(run_dir) / KEY_FILE)
+
+
+def new_run_id(stem: str, identity: Identity) -> str:
+    return make_run_id(f"{stem}-{secrets.token_hex(2)}", identity.fingerprint)
 
 
 class Coordinator:
@@ -44,10 +53,14 @@ class Coordinator:
         if saved is not None:
             if saved.config.model != cfg.model or saved.config.lte != cfg.lte:
                 raise ConfigError(f"{self.run_dir} holds a run of another model/LTE config; use another --run-dir")
+            if RunKeys(saved.run_id).coordinator != rt.identity.fingerprint:
+                raise ConfigError(f"{self.run_dir}/{KEY_FILE} is not the key of run {saved.run_id}; "
+                                  "restore that file or use another --run-dir")
             log.info("resuming run %s at round %d from %s", saved.run_id, saved.round, self.run_dir)
             cfg, run_id, round_, self.model, self.history = saved.config, saved.run_id, saved.round, saved.model, saved.history
         else:
-            run_id, round_ = run_id or new_run_id(config_name), 0
+            run_id = make_run_id(run_id, rt.identity.fingerprint) if run_id else new_run_id(config_name, rt.identity)
+            round_ = 0
             self.model = create_lte_model(cfg, [])
         self.cfg, self.rt, self.events, self.clock = cfg, rt, rt.events, rt.clock
         self.dht = rt.dht
@@ -56,11 +69,12 @@ class Coordinator:
         self.server = rt.blob_server(run_id)
         sw = cfg.swarm
         # A read-only view of the leases (the coordinator holds no head): whom a round waits for.
-        self.leases = HeadLeases(self.dht, self.keys, self.peer, cfg.lte.heads, sw.lease_seconds, sw.settle_seconds,
-                                 self.clock)
-        self.protocol = MergeProtocol(self.dht, self.server, self.keys, self.peer, sw, self.model,
-                                      active_peers=lambda: set(self.leases.holders().values()), clock=self.clock,
-                                      round_=round_)
+        install_run_validators(self.dht, run_id, rt.identity, rt.time_source)
+        self.leases = HeadLeases(self.dht, self.keys, None, cfg.lte.heads, sw.lease_seconds, sw.settle_seconds,
+                                 self.clock, sw.clock_skew)
+        self.protocol = MergeProtocol(self.dht, self.server, self.keys, rt.identity, sw, self.model,
+                                      holders=self.leases.holders, clock=self.clock, round_=round_)
+        self.leases.incumbents = self.protocol.incumbents
         self.record = RunRecord(run_id=run_id, config=cfg.model_dump(mode="json"), coordinator=self.peer,
                                 created=float(self.clock.now()))
         self.resumed = saved is not None
@@ -68,7 +82,6 @@ class Coordinator:
         if evaluate_rounds:
             source = DataSource(cfg.data, ImageShape(cfg.model.image_size, cfg.model.channels), seed=cfg.train.seed)
             self.eval_set = source.eval_set()
-        self.signer = add_run_validators(self.dht, run_id)
         self.started = False
         self.finished = False
         self.mr: MergeRound | None = None
@@ -83,18 +96,18 @@ class Coordinator:
     # ---- the loop ----------------------------------------------------------------------------
     def publish(self) -> None:
         expiration = self.clock.now() + self.cfg.swarm.lease_seconds * 6
-        announce_run(self.dht, self.keys, self.record, expiration)
+        announce_run(self.dht, self.keys, self.rt.identity, self.record, expiration)
         self.protocol.announce()
-        progress = RunProgress(round=self.protocol.round, rounds_total=self.cfg.rounds,
+        progress = RunProgress(round=self.protocol.round, digest=self.model.state_digest(), rounds_total=self.cfg.rounds,
                                samples=sum(h.samples for h in self.history), history=self.history[-200:])
-        schemas.store(self.dht, self.keys.progress, "coordinator", progress, expiration)
+        schemas.store(self.dht, self.keys.progress, self.rt.identity, progress, expiration)
         self._published_at = self.clock.now()
 
     def start(self) -> None:
         self.publish()
         if not self.resumed:
             self.checkpoint()
-        self.events.emit("started", run_id=self.keys.run_id, round=self.protocol.round, digest=self.model.state_digest(),
+        self.events.emit("started", run_id=self.keys.run_id, peer=self.peer, p2p=self.rt.p2p, round=self.protocol.round, digest=self.model.state_digest(),
                          pid=os.getpid(), dht_pid=getattr(self.dht, "pid", None))
         self.started = True
 
@@ -135,14 +148,15 @@ class Coordinator:
 
     def _linger(self) -> float:
         """The run is over: checkpoint, then stay a donor a little longer so peers finishing the
-        last round can still fetch W."""
+        last round can still fetch W (until the last of them left, or `merge_grace` passed)."""
         if self._linger_until is None:
             self.checkpoint()
             self._linger_until = self.clock.monotonic() + self.cfg.swarm.merge_grace
         remaining = self._linger_until - self.clock.monotonic()
-        if remaining <= 0:
+        if remaining <= 0 or not self.leases.holders():
             self.finished = True
-        return max(0.0, remaining)
+            return 0.0
+        return min(remaining, self.cfg.swarm.poll_seconds * 5)
 
     def _record(self, result: RoundResult) -> None:
         fields = dict(round=result.round, new_round=result.new_round, members=result.members,
@@ -180,7 +194,8 @@ def serve(cfg: RunConfig, run_dir: Path, *, initial_peers: list[str], host_maddr
     the run ends or a signal arrives; always leave cleanly."""
     from peers.node import open_runtime
 
-    with open_runtime(initial_peers, host_maddrs, identity_path, events_path) as rt:
+    with open_runtime(initial_peers, host_maddrs, identity_path, events_path,
+                      identity=coordinator_identity(run_dir)) as rt:
         coordinator = Coordinator(cfg, run_dir, rt, run_id=run_id, config_name=config_name)
         try:
             maddrs = [str(m) for m in rt.dht.get_visible_maddrs()]

@@ -43,11 +43,14 @@ def run_demo(workdir: Path, peers: int, rounds: int, config: Path | None = None,
         procs = [swarm.join(f"peer{i}") for i in range(peers)]
         if on_snapshot is not None:
             from peers.monitor import snapshot
-            from peers.node import add_run_validators, find_run, start_dht
+            import threading
+
+            from peers.node import EventLog, find_run, install_run_validators, real_runtime, start_dht
 
             dht = start_dht(swarm.maddrs, client_mode=True)
+            viewer = real_runtime(dht, threading.Event(), EventLog(None))
             keys, _, run_cfg = find_run(dht, swarm.run_id)
-            add_run_validators(dht, keys.run_id)
+            install_run_validators(dht, keys.run_id, viewer.identity)
         while any(p.handle.poll() is None for p in procs):
             if on_snapshot is not None:
                 on_snapshot(snapshot(dht, keys, run_cfg))

@@ -42,7 +42,15 @@ def fetch_live(rt, run_id: str | None) -> tuple[RunConfig, LTEModel, int]:
     model = create_lte_model(cfg, [])
     server = rt.blob_server(keys.run_id)
     try:
-        protocol = MergeProtocol(rt.dht, server, keys, rt.peer, cfg.swarm, model, active_peers=set, clock=rt.clock)
+        from peers.node import install_run_validators
+        from swarm.leases import HeadLeases
+
+        install_run_validators(rt.dht, keys.run_id, rt.identity)
+        leases = HeadLeases(rt.dht, keys, None, cfg.lte.heads, cfg.swarm.lease_seconds, cfg.swarm.settle_seconds,
+                            rt.clock, cfg.swarm.clock_skew)
+        protocol = MergeProtocol(rt.dht, server, keys, rt.identity, cfg.swarm, model, holders=leases.holders,
+                                 clock=rt.clock)
+        leases.incumbents = protocol.incumbents
         if not protocol.sync():
             raise SwarmError(f"no peer of run {keys.run_id} handed out its W")
         return cfg, model, protocol.round

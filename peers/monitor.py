@@ -34,14 +34,13 @@ def head_state(holder: str | None, status: dict | None, round_: int) -> str:
 def snapshot(dht, keys: RunKeys, cfg: RunConfig, clock: Clock | None = None) -> dict[str, Any]:
     clock = clock or Clock()
     now = clock.now()
-    records = sorted(read_statuses(dht, keys.peers), key=lambda s: (-len(s.heads), s.peer))
+    records = sorted(read_statuses(dht, keys.peers, now), key=lambda s: (-len(s.heads), s.peer))
     statuses = [s.model_dump(mode="json") for s in records]
     by_peer = {s["peer"]: s for s in statuses}
-    holders = HeadLeases(dht, keys, "monitor", cfg.lte.heads, cfg.swarm.lease_seconds, cfg.swarm.settle_seconds,
+    holders = HeadLeases(dht, keys, None, cfg.lte.heads, cfg.swarm.lease_seconds, cfg.swarm.settle_seconds,
                          clock).holders()
-    found = schemas.read(dht, keys.progress, RunProgress, now=now).get("coordinator")
-    progress = found[0] if found else None
-    donors = [r for r, _ in schemas.read(dht, keys.donors, DonorRecord, now=now).values()]
+    progress = schemas.by_writer(schemas.read(dht, keys.progress, RunProgress, now)).get(keys.coordinator)
+    donors = list(schemas.by_writer(schemas.read(dht, keys.donors, DonorRecord, now)).values())
     round_ = max([progress.round if progress else 0] + [d.round for d in donors] + [s["round"] for s in statuses])
 
     heads = []

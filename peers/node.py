@@ -8,13 +8,14 @@ import logging
 import signal
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 from swarm import schemas
 from swarm.clock import Clock
 from swarm.config import RunConfig, parse_config
-from swarm.errors import LTESwarmError
+from swarm.errors import ConfigError, LTESwarmError
+from swarm.identity import Identity
 from swarm.keys import RUNS_KEY, RunKeys
 from swarm.schemas import RunAnnouncement, RunRecord
 
@@ -84,46 +85,68 @@ def _isolate_dht_process(parent: int) -> None:
         on_term(signal.SIGTERM, None)
 
 
-def announce_run(dht, keys: RunKeys, record: RunRecord, expiration: float) -> None:
-    schemas.store(dht, keys.run, "record", record, expiration)
-    schemas.store(dht, RUNS_KEY, keys.run_id, RunAnnouncement(created=record.created, model=record.config["model"]["name"]),
-                  expiration)
+def announce_run(dht, keys: RunKeys, identity: Identity, record: RunRecord, expiration: float) -> None:
+    """The coordinator's signed run record and its entry in the list of runs."""
+    schemas.store(dht, keys.run, identity, record, expiration)
+    schemas.store(dht, RUNS_KEY, identity, RunAnnouncement(created=record.created, model=record.config["model"]["name"]),
+                  expiration, tag=keys.run_id)
+
+
+def announced_runs(dht, now: float) -> list[str]:
+    """Run ids announced by the coordinators they pin (anyone can announce a run of their own;
+    nobody can announce someone else's)."""
+    found = schemas.read(dht, RUNS_KEY, RunAnnouncement, now)
+    runs = []
+    for (run_id, writer), _ in found.items():
+        try:
+            if RunKeys(run_id).coordinator == writer:
+                runs.append(run_id)
+        except ConfigError:
+            continue
+    return sorted(set(runs))
 
 
 def find_run(dht, run_id: str | None, timeout: float = 20.0, clock: Clock | None = None
              ) -> tuple[RunKeys, RunRecord, RunConfig]:
-    """Read a run's record (its config) from the DHT; with no run id, the newest run announced."""
+    """Read a run's record (its config), signed by the coordinator its run id pins. With no run
+    id: the one run announced, or an error listing them if there are several (a stranger can
+    announce a run too, so a volunteer must choose)."""
     clock = clock or Clock()
     deadline = clock.monotonic() + timeout
+    keys = RunKeys(run_id) if run_id is not None else None
     while True:
-        if run_id is None:
-            runs = schemas.read(dht, RUNS_KEY, RunAnnouncement)
+        if keys is None:
+            runs = announced_runs(dht, clock.now())
+            if len(runs) > 1:
+                raise SwarmError(f"{len(runs)} runs are announced in this DHT ({', '.join(runs[:5])}); "
+                                 "choose one with --run-id")
             if runs:
-                run_id = max(runs, key=lambda r: runs[r][0].created)
-        if run_id is not None:
-            keys = RunKeys(run_id)
-            found = schemas.read(dht, keys.run, RunRecord).get("record")
-            if found is not None:
-                record = found[0]
-                return keys, record, parse_config(record.config, origin=f"run {run_id}")
+                keys = RunKeys(runs[0])
+        if keys is not None:
+            found = schemas.by_writer(schemas.read(dht, keys.run, RunRecord, clock.now())).get(keys.coordinator)
+            if found is not None and found.run_id == keys.run_id and found.coordinator == keys.coordinator:
+                return keys, found, parse_config(found.config, origin=f"run {keys.run_id}")
         if clock.monotonic() > deadline:
-            what = f"run {run_id!r}" if run_id else "any run"
-            raise SwarmError(f"found no record of {what} in the DHT within {timeout:.0f}s; "
+            what = f"run {keys.run_id!r}" if keys is not None else "any run"
+            raise SwarmError(f"found no record of {what} signed by its coordinator in the DHT within {timeout:.0f}s; "
                              "check --initial-peers and --run-id, and that the coordinator is up")
         clock.sleep(0.5)
 
 
-def add_run_validators(dht, run_id: str):
-    """Make this node check the run's signed status records; returns its signer (one per node)."""
-    from hivemind.dht.crypto import RSASignatureValidator
-    from hivemind.utils.crypto import RSAPrivateKey
+def install_signing(dht, identity: Identity, time_source: Callable[[], float] | None = None) -> None:
+    """Sign this node's records with `identity` and accept only signed, short-lived records (every
+    node of a run does this before it reads or writes anything)."""
+    from swarm.identity import SignedOnlyValidator
+    from swarm.schemas import MAX_RECORD_TTL
 
-    from swarm.schemas import status_validators
+    dht.add_validators([identity.validator, SignedOnlyValidator(MAX_RECORD_TTL, time_source)])
 
-    # A key of its own: hivemind's default is one key per process, shared by every node in it.
-    signer = RSASignatureValidator(RSAPrivateKey())
-    dht.add_validators(status_validators(run_id, signer))
-    return signer
+
+def install_run_validators(dht, run_id: str, identity: Identity, time_source: Callable[[], float] | None = None) -> None:
+    """Everything a node of run `run_id` checks: signatures, lifetimes, the status schema and scope."""
+    from swarm.schemas import run_validators
+
+    dht.add_validators(run_validators(run_id, identity, time_source))
 
 
 @contextlib.contextmanager
@@ -174,29 +197,43 @@ class Runtime:
     events: EventLog
     clock: Clock
     blob_server: Callable[[str], Any]  # namespace -> a server of this node's blobs
+    identity: Identity = field(default_factory=Identity)  # whose signature this node's records carry
+    time_source: Callable[[], float] | None = None        # for validators (None: the DHT's time)
 
     @property
     def peer(self) -> str:
+        """This node's name in the protocol: the fingerprint of its signing key."""
+        return self.identity.fingerprint
+
+    @property
+    def p2p(self) -> str:
         return str(self.dht.peer_id)
 
 
-def real_runtime(dht, stop: threading.Event, events: EventLog) -> Runtime:
+
+def real_runtime(dht, stop: threading.Event, events: EventLog, identity: Identity | None = None) -> Runtime:
+    """A runtime on a real DHT node, which from now on signs with `identity` (a new key if None)."""
     from swarm.transport import BlobServer
 
-    return Runtime(dht=dht, stop=stop, events=events, clock=Clock(stop),
-                   blob_server=lambda namespace: BlobServer(dht, namespace=namespace, stop=stop))
+    rt = Runtime(dht=dht, stop=stop, events=events, clock=Clock(stop),
+                 blob_server=lambda namespace: BlobServer(dht, namespace=namespace, stop=stop),
+                 identity=identity or Identity())
+    install_signing(dht, rt.identity)
+    return rt
 
 
 @contextlib.contextmanager
 def open_runtime(initial_peers: list[str], host_maddrs: list[str] | None = None, identity_path: str | None = None,
-                 events_path: str | None = None, client_mode: bool = False) -> Iterator[Runtime]:
-    """Signals, a DHT node and the event log for one role; always torn down, in reverse order."""
+                 events_path: str | None = None, client_mode: bool = False,
+                 identity: Identity | None = None) -> Iterator[Runtime]:
+    """Signals, a DHT node and the event log for one role; always torn down, in reverse order.
+    `identity_path` keeps the P2P address stable; `identity` is the signing key (a new one if None)."""
     events = EventLog(events_path)
     try:
         with stop_on_signals() as stop:
             dht = start_dht(initial_peers, host_maddrs, identity_path, client_mode=client_mode)
             try:
-                yield real_runtime(dht, stop, events)
+                yield real_runtime(dht, stop, events, identity)
             finally:
                 dht.shutdown()
     finally:

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 
 from peers.data import DataSource, ImageShape
 from peers.models import create_lte_model, resolve_device
-from peers.node import Runtime, SwarmError, add_run_validators
+from peers.node import Runtime, SwarmError, install_run_validators
 from peers.training import HeadTrainer, stack_batches
 from swarm.config import RunConfig
-from swarm.errors import Stopped
+from swarm.errors import ConfigError, Stopped
 from swarm.keys import RunKeys
 from swarm.leases import HeadLeases
 from swarm.rounds import MergeProtocol, MergeRound, RoundResult
@@ -41,6 +41,9 @@ class TrainerOptions:
 
 class Trainer:
     def __init__(self, cfg: RunConfig, keys: RunKeys, rt: Runtime, opts: TrainerOptions):
+        if not 1 <= opts.heads <= cfg.swarm.max_heads_per_peer:
+            raise ConfigError(f"--heads {opts.heads}: this run lets a peer hold 1 to {cfg.swarm.max_heads_per_peer} heads "
+                              "(swarm.max_heads_per_peer)")
         self.cfg, self.keys, self.rt, self.opts = cfg, keys, rt, opts
         self.dht, self.clock, self.events = rt.dht, rt.clock, rt.events
         self.peer = rt.peer
@@ -48,12 +51,14 @@ class Trainer:
         self.model = create_lte_model(cfg, [], self.device)
         self.server = rt.blob_server(keys.run_id)
         sw = cfg.swarm
-        self.leases = HeadLeases(self.dht, keys, self.peer, cfg.lte.heads, sw.lease_seconds, sw.settle_seconds, self.clock)
-        self.protocol = MergeProtocol(self.dht, self.server, keys, self.peer, sw, self.model,
-                                      active_peers=lambda: set(self.leases.holders().values()), clock=self.clock)
+        install_run_validators(self.dht, keys.run_id, rt.identity, rt.time_source)
+        self.leases = HeadLeases(self.dht, keys, rt.identity, cfg.lte.heads, sw.lease_seconds, sw.settle_seconds,
+                                 self.clock, sw.clock_skew)
+        self.protocol = MergeProtocol(self.dht, self.server, keys, rt.identity, sw, self.model,
+                                      holders=self.leases.holders, clock=self.clock)
+        self.leases.incumbents = self.protocol.incumbents
         data_cfg = cfg.data if opts.data is None else cfg.data.model_copy(update={"source": opts.data})
         self.source = DataSource(data_cfg, ImageShape(cfg.model.image_size, cfg.model.channels), seed=cfg.train.seed)
-        self.signer = add_run_validators(self.dht, keys.run_id)
         self.streams: dict[int, object] = {}
         self.head_trainer: HeadTrainer | None = None
 
@@ -131,7 +136,7 @@ class Trainer:
     def _sync(self) -> float:
         self._publish_status(force=True)
         if self.protocol.sync():
-            self.events.emit("joined", peer=self.peer, round=self.protocol.round, digest=self.model.state_digest(),
+            self.events.emit("joined", peer=self.peer, p2p=self.rt.p2p, round=self.protocol.round, digest=self.model.state_digest(),
                              pid=os.getpid(), dht_pid=getattr(self.dht, "pid", None))
             self._set_phase(PeerPhase.STANDBY)
             return 0.0
@@ -172,14 +177,19 @@ class Trainer:
         train_seconds = 0.0 if self.carry_over else self.clock.monotonic() - self.round_started
         self.carry_over = False
         heads = list(self.model.head_ids)
-        blob, _ = encode_contribution(self.model, heads)
+        blob = self.encode(heads)
         ready = ReadyRecord(round=self.protocol.round, heads=heads, head_steps=self.unmerged_steps * len(heads),
-                            nbytes=len(blob), ready_at=self.clock.now(), train_seconds=train_seconds)
+                            nbytes=len(blob), ready_at=self.clock.now(), train_seconds=train_seconds,
+                            p2p=self.rt.p2p)
         self.events.emit("ready", round=self.protocol.round, heads=heads, nbytes=len(blob))
         self._set_phase(PeerPhase.MERGING)
         self.mr = self.protocol.begin(blob, ready)
         self.offered_train_seconds = train_seconds
         return 0.0
+
+    def encode(self, heads: list[int]) -> bytes:
+        """This peer's contribution: the unmerged change of `heads`."""
+        return encode_contribution(self.model, heads)[0]
 
     def _poll_round(self) -> float:
         mr = self.mr
@@ -237,7 +247,7 @@ class Trainer:
                             device=str(self.device), storage=self.cfg.lte.storage, digest=self.model.state_digest(),
                             time=float(self.clock.now()))
         try:
-            publish_status(self.dht, self.keys.peers, self.signer, record,
+            publish_status(self.dht, self.keys.peers, self.rt.identity, record,
                            expiration=self.clock.now() + max(10.0, self.cfg.swarm.lease_seconds))
         except NETWORK_ERRORS as exc:
             log.debug("could not publish status: %s", exc)

@@ -87,8 +87,17 @@ class SwarmConfig(_Strict):
     poll_seconds: PositiveFloat = Field(0.2, description="how often DHT records are polled while waiting")
     min_heads: PositiveInt = Field(1, description="the first round starts once this many heads are held")
     checkpoint_every: PositiveInt = Field(5, description="the coordinator checkpoints W every this many rounds")
-    max_contribution_mb: PositiveFloat = Field(512.0, description="reject contributions larger than this")
     max_update: PositiveFloat = Field(10.0, description="reject contributions that would move any weight by more than this in one merge")
+    # Honest digits runs (4 heads, 100 rounds) moved a layer by at most 0.30 of its norm per head
+    # and merge, and no head's change exceeded 4.1x the round's median: both bounds leave margin.
+    max_relative_update: PositiveFloat = Field(
+        1.0, description="reject contributions whose change of a layer, per head, exceeds this fraction of the layer's norm")
+    robust_clip: float = Field(
+        8.0, ge=0.0, description="with 3 or more contributions, scale each layer's change down to this multiple of the "
+                                 "round's median (per head); 0 turns it off")
+    max_heads_per_peer: PositiveInt = Field(8, description="most heads one peer may hold")
+    clock_skew: PositiveFloat = Field(10.0, description="how far peers' clocks may disagree (seconds); records dated further ahead are ignored")
+    parallel_downloads: PositiveInt = Field(3, description="contributions downloaded (and held in memory) at once")
 
     @model_validator(mode="after")
     def _check(self) -> "SwarmConfig":

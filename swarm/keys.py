@@ -1,7 +1,9 @@
 """Every DHT key of a run, derived from its run id. No key string is formatted anywhere else.
 
 Keys are `<run_id>_<name>` so that hivemind's `SchemaValidator(prefix=run_id)` can check the fixed
-ones; per-round keys carry the round number, so peers of different rounds never meet.
+ones; per-round keys carry the round number, so peers of different rounds never meet. A run id
+ends in the fingerprint of its coordinator's signing key: whoever knows the run id knows whose
+run record, progress and votes to believe.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import re
 
 from swarm.errors import ConfigError
+from swarm.identity import FINGERPRINT_CHARS, is_fingerprint
 
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,62}$")
 
@@ -23,9 +26,25 @@ def check_run_id(run_id: str) -> str:
 RUNS_KEY = "lteswarm_runs"
 
 
+def make_run_id(stem: str, coordinator: str) -> str:
+    """`<stem>-<coordinator fingerprint>`, the stem cut to fit."""
+    clean = "".join(c if c.isalnum() or c == "-" else "-" for c in stem).strip("-") or "run"
+    return check_run_id(f"{clean[:63 - FINGERPRINT_CHARS - 1].rstrip('-') or 'run'}-{coordinator}")
+
+
+def pinned_coordinator(run_id: str) -> str:
+    """The fingerprint a run id pins; a ConfigError if it pins none."""
+    tail = run_id.rsplit("-", 1)[-1]
+    if "-" not in run_id or not is_fingerprint(tail):
+        raise ConfigError(f"run id {run_id!r} does not end in its coordinator's key fingerprint "
+                          f"({FINGERPRINT_CHARS} hex digits); copy the run id the coordinator printed")
+    return tail
+
+
 class RunKeys:
     def __init__(self, run_id: str):
         self.run_id = check_run_id(run_id)
+        self.coordinator = pinned_coordinator(run_id)
 
     def _key(self, name: str) -> str:
         return f"{self.run_id}_{name}"
@@ -64,12 +83,14 @@ class RunKeys:
         return self._key(f"round{round_}_hash")
 
     @staticmethod
-    def lease_subkey(head: int, peer: str) -> str:
-        return f"{head}:{peer}"
+    def lease_tag(head: int) -> str:
+        """The tag of a claim on `head` in its writer's owner subkey."""
+        return str(head)
 
     # Names of the blobs a peer serves over P2P (not DHT keys, but owned here all the same).
-    def contribution_blob(self, round_: int) -> str:
-        return f"{self.run_id}/contribution/{round_}"
+    def contribution_blob(self, round_: int, writer: str) -> str:
+        """Named after its writer: a record pointing at another peer's address finds nothing."""
+        return f"{self.run_id}/contribution/{round_}/{writer}"
 
     @property
     def state_blob(self) -> str:

@@ -1,63 +1,82 @@
 """Head leases: which peer trains which of the run's N heads.
 
-The DHT has no compare-and-set, so a claim is a record under the run's lease key with the claimant
-as subkey. After a settle delay every peer reads all claims back and applies the same rule: among a
-head's live, unreleased claims the earliest `claimed_at` wins, then the smaller peer id. Losers pick
-another head. Holders renew before expiry (keeping their original `claimed_at`); a crashed holder's
-claim expires and the head is free again.
+The DHT has no compare-and-set, so a claim is a record under the run's lease key, in the
+claimant's own signed subkey (nobody can claim, renew or release for another). After a settle
+delay every peer reads all claims back and applies the same rule: among a head's live, unreleased
+claims the earliest `claimed_at` wins, then the smaller fingerprint. Losers pick another head.
+Holders renew before expiry (keeping their original `claimed_at`); a crashed holder's claim
+expires and the head is free again. A claim dated in the future (beyond the clock skew a run
+allows) or expiring later than a lease can last is ignored: it would win every head for good.
 """
 
 from __future__ import annotations
 
 import logging
 import random
+from typing import Callable
 
 from swarm import schemas
 from swarm.clock import Clock
+from swarm.identity import Identity
 from swarm.keys import RunKeys
 from swarm.schemas import LeaseRecord
 
 log = logging.getLogger(__name__)
 
 
-def winners(claims: list[LeaseRecord]) -> dict[int, str]:
-    """head -> holding peer, by the deterministic rule (earliest claim, then smaller peer id)."""
-    best: dict[int, LeaseRecord] = {}
-    for c in claims:
+def winners(claims: list[tuple[str, LeaseRecord]], incumbents: dict[int, str] | None = None) -> dict[int, str]:
+    """head -> holder, by the deterministic rule: the head's incumbent (whose work on it was merged
+    in the latest round) while its claim lives, else the earliest claim, then the smaller
+    fingerprint. Incumbency is what keeps a claim dated far in the past from taking heads that
+    others are training."""
+    incumbents = incumbents or {}
+    best: dict[int, tuple[bool, float, str]] = {}
+    for who, c in claims:
         if c.released:
             continue
-        cur = best.get(c.head)
-        if cur is None or (c.claimed_at, c.peer) < (cur.claimed_at, cur.peer):
-            best[c.head] = c
-    return {h: c.peer for h, c in best.items()}
+        rank = (incumbents.get(c.head) != who, c.claimed_at, who)
+        if c.head not in best or rank < best[c.head]:
+            best[c.head] = rank
+    return {h: who for h, (_, _, who) in best.items()}
 
 
 class HeadLeases:
-    def __init__(self, dht, keys: RunKeys, peer: str, n_heads: int, lease_seconds: float, settle_seconds: float,
-                 clock: Clock | None = None):
-        self.dht, self.keys, self.peer, self.n_heads = dht, keys, peer, n_heads
-        self.lease_seconds, self.settle_seconds = lease_seconds, settle_seconds
+    """One node's view of the leases, and its own claims when it has an identity (a read-only
+    view, e.g. the coordinator's or the status view's, has none)."""
+
+    def __init__(self, dht, keys: RunKeys, identity: Identity | None, n_heads: int, lease_seconds: float,
+                 settle_seconds: float, clock: Clock | None = None, clock_skew: float = 10.0):
+        self.dht, self.keys, self.identity, self.n_heads = dht, keys, identity, n_heads
+        self.peer = identity.fingerprint if identity is not None else ""
+        self.lease_seconds, self.settle_seconds, self.clock_skew = lease_seconds, settle_seconds, clock_skew
         self.clock = clock or Clock()
+        self.incumbents: Callable[[], dict[int, str]] = dict  # set by the merge protocol that knows them
         self.held: dict[int, float] = {}  # head -> our claimed_at
         self.renewed_at = 0.0
         self.pending: tuple[list[int], float] | None = None  # claims written, not yet settled
 
-    def claims(self) -> list[LeaseRecord]:
-        records = schemas.read(self.dht, self.keys.leases, LeaseRecord, now=self.clock.now())
-        # A claim is only believed for the head and peer its subkey names: nobody claims for others.
-        return [r for sub, (r, _) in records.items() if sub == RunKeys.lease_subkey(r.head, r.peer) and r.head < self.n_heads]
+    def claims(self) -> list[tuple[str, LeaseRecord]]:
+        """(claimant, claim) for every believable claim: its tag names its head, the head exists,
+        it is not dated in the future, and it does not outlive a lease."""
+        now = self.clock.now()
+        out = []
+        for (tag, who), (r, expiration) in schemas.read(self.dht, self.keys.leases, LeaseRecord, now).items():
+            if (tag == RunKeys.lease_tag(r.head) and r.head < self.n_heads and r.claimed_at <= now + self.clock_skew
+                    and expiration <= now + self.lease_seconds + 1.0 + self.clock_skew):
+                out.append((who, r))
+        return out
 
     def holders(self) -> dict[int, str]:
-        return winners(self.claims())
+        return winners(self.claims(), self.incumbents())
 
     def free_heads(self) -> list[int]:
         taken = self.holders()
         return [h for h in range(self.n_heads) if h not in taken]
 
     def _write(self, head: int, claimed_at: float, released: bool = False) -> None:
-        record = LeaseRecord(head=head, peer=self.peer, claimed_at=claimed_at, released=released)
+        record = LeaseRecord(head=head, claimed_at=claimed_at, released=released)
         expiration = self.clock.now() + self.lease_seconds + (1.0 if released else 0.0)
-        schemas.store(self.dht, self.keys.leases, RunKeys.lease_subkey(head, self.peer), record, expiration)
+        schemas.store(self.dht, self.keys.leases, self.identity, record, expiration, tag=RunKeys.lease_tag(head))
 
     def propose(self, count: int, prefer: list[int] | None = None) -> list[int]:
         """Write claims for up to `count` free heads; `settle()` after `settle_seconds` says which

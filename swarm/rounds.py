@@ -1,17 +1,24 @@
 """Merge rounds: how every peer's W moves from round r to round r + 1 identically.
 
-Round r has its own DHT keys, so a late peer's round r never meets others' round r + 1.
+Round r has its own DHT keys, so a late peer's round r never meets others' round r + 1. Every
+record is signed by its writer (`swarm.identity`); only some writers count:
 
-1. A peer that finished its T local steps serves its contribution and writes a ready record.
+1. A peer that finished its T local steps serves its contribution and writes a ready record. Only
+   ready records from the holder of every head they list count (one contribution per head), and
+   only with a ready time within the clock skew of now.
 2. The round closes when every lease holder is ready, or after the first ready peer has waited
-   `merge_grace` seconds or `merge_slack` times its own training time, whichever is longer (a
-   deadline that scales with the round, so peers somewhat slower than the fastest still make it). A peer that comes later is a straggler: it re-syncs W and keeps its change for
-   the next round (nothing is lost, nothing merged twice).
-3. Every peer downloads every ready contribution, validates it, merges them in peer-id order and
+   `merge_grace` seconds or `merge_slack` times its own training time (capped by the round
+   timeout), whichever is longer; or when the coordinator, or most lease holders, voted for it.
+   A peer that comes later is a straggler: it re-syncs W and keeps its change for the next round
+   (nothing is lost, nothing merged twice).
+3. Every peer downloads every ready contribution (sizes bounded by what the model implies, a few
+   at a time), validates it (format, heads, shapes, NaN/inf, size of the change against the size
+   of W), clips outliers to a multiple of the round's median, merges in fingerprint order and
    writes its W digest together with the contributors it merged.
-4. The digest most peers hold is the agreed W. A peer that computed another one (a contributor
-   died mid-round, a download failed) re-syncs from a peer holding the agreed W. A contribution
-   counts as merged only if it is in the agreed contributor list.
+4. The coordinator's digest is the agreed W; without it, the digest most lease holders hold (one
+   vote per signed identity). A peer that computed another one re-syncs from a peer holding the
+   agreed W, accepting only state that hashes to it. A peer that finds the swarm ahead of it
+   (the coordinator's progress, or most holders' donors) syncs instead of merging alone.
 """
 
 from __future__ import annotations
@@ -27,11 +34,13 @@ from typing import Callable
 from swarm import schemas
 from swarm.clock import Clock
 from swarm.config import SwarmConfig
+from swarm.identity import Identity
 from swarm.keys import RunKeys
 from swarm.lte_model import LTEModel
-from swarm.schemas import DonorRecord, HashRecord, ReadyRecord
+from swarm.schemas import DonorRecord, HashRecord, ReadyRecord, RunProgress
 from swarm.transport import NETWORK_ERRORS, TransferError
-from swarm.wire import Contribution, ContributionError, decode_contribution, decode_state, encode_state, merge_contributions
+from swarm.wire import (Contribution, ContributionError, contribution_bound, decode_contribution, decode_state,
+                        encode_state, merge_contributions, state_bound)
 
 log = logging.getLogger(__name__)
 
@@ -91,14 +100,20 @@ class MergeProtocol:
     of a round moves it to r + 1. A round is a `MergeRound` that `poll` advances one step at a
     time without ever sleeping, so the same code runs under a real and a fake clock."""
 
-    def __init__(self, dht, server, keys: RunKeys, peer: str, cfg: SwarmConfig, model: LTEModel,
-                 active_peers: Callable[[], set[str]], clock: Clock | None = None, round_: int = 0):
-        self.dht, self.server, self.keys, self.peer, self.cfg = dht, server, keys, peer, cfg
+    def __init__(self, dht, server, keys: RunKeys, identity: Identity, cfg: SwarmConfig, model: LTEModel,
+                 holders: Callable[[], dict[int, str]], clock: Clock | None = None, round_: int = 0):
+        self.dht, self.server, self.keys, self.identity, self.cfg = dht, server, keys, identity, cfg
+        self.peer = identity.fingerprint
+        self.p2p = str(dht.peer_id)
+        self.authority = keys.coordinator
         self.model = model
-        self.active_peers = active_peers  # peers currently holding heads (whom a round waits for)
+        self.holders = holders  # head -> holder: who may contribute and vote
         self.clock = clock or Clock()
         self._round = round_
-        self.max_bytes = int(cfg.max_contribution_mb * 2**20)
+        self._incumbents: tuple[int, dict[int, str]] = (-1, {})
+        self._agreed_members: tuple[int, list[str]] = (-1, [])
+        self.max_contribution_bytes = contribution_bound(model)
+        self.max_state_bytes = state_bound(model)
         server.publish(keys.state_blob, lambda: encode_state(self.model, self._round))
 
     @property
@@ -106,61 +121,124 @@ class MergeProtocol:
         """The round of this peer's W: merge round `round` is the next one it takes part in."""
         return self._round
 
+    @property
+    def is_authority(self) -> bool:
+        return self.peer == self.authority
+
     # ---- state ---------------------------------------------------------------------------
     def announce(self) -> None:
         """Tell newcomers we can hand out W at our round (refreshed by callers now and then)."""
-        record = DonorRecord(round=self._round, digest=self.model.state_digest())
-        schemas.store(self.dht, self.keys.donors, self.peer, record, self.clock.now() + 3 * self.cfg.lease_seconds)
+        record = DonorRecord(round=self._round, digest=self.model.state_digest(), p2p=self.p2p)
+        schemas.store(self.dht, self.keys.donors, self.identity, record, self.clock.now() + 3 * self.cfg.lease_seconds)
 
     def donors(self) -> dict[str, DonorRecord]:
-        found = schemas.read(self.dht, self.keys.donors, DonorRecord, now=self.clock.now())
-        return {p: r for p, (r, _) in found.items() if p != self.peer}
+        found = schemas.by_writer(schemas.read(self.dht, self.keys.donors, DonorRecord, self.clock.now()))
+        return {who: r for who, r in found.items() if who != self.peer}
 
-    def sync(self, min_round: int = 0, digest: str | None = None, candidates: list[str] | None = None) -> bool:
-        """Download W from a donor at `min_round` or later (or from `candidates` holding `digest`)."""
-        if candidates is None:
-            donors = self.donors()
-            candidates = sorted((p for p, r in donors.items() if r.round >= min_round),
-                                key=lambda p: (-donors[p].round, p))
-            # Spread newcomers over the donors at the newest round instead of all hitting one.
-            newest = [p for p in candidates if donors[p].round == donors[candidates[0]].round] if candidates else []
-            if len(newest) > 1:
-                shift = int(hashlib.sha256(self.peer.encode()).hexdigest(), 16) % len(newest)
-                candidates = newest[shift:] + newest[:shift] + candidates[len(newest):]
-            expected = {p: donors[p].digest for p in candidates}
+    def progress(self) -> RunProgress | None:
+        """The coordinator's signed account of the run (its latest agreed W), if it is up."""
+        found = schemas.by_writer(schemas.read(self.dht, self.keys.progress, RunProgress, self.clock.now()))
+        return found.get(self.authority)
+
+    def trusted_state(self) -> tuple[int, str] | None:
+        """(round, digest) of the W this peer may adopt: the coordinator's agreed W; when the
+        coordinator is down or stale (the holders are 2 or more rounds past it), or we are it
+        (resuming), what most lease holders hold at the newest round they agree on. None when
+        nobody trustworthy says anything."""
+        holders = set(self.holders().values())
+        said = Counter((r.round, r.digest) for who, r in self.donors().items() if who in holders)
+        majority = max(said.items(), key=lambda kv: (kv[1], kv[0][0], kv[0][1]))[0] if said else None
+        if not self.is_authority:
+            progress = self.progress()
+            if progress is not None and (majority is None or majority[0] < progress.round + 2):
+                return progress.round, progress.digest
+        return majority
+
+    def incumbents(self) -> dict[int, str]:
+        """head -> the identity whose work on it was merged in the round before ours (it keeps
+        the head while its lease lives; see `leases.winners`). From what we merged ourselves, else
+        the agreed vote of that round and its contributors' signed ready records."""
+        r = self._round - 1
+        if r < 0:
+            return {}
+        if self._incumbents[0] == r:
+            return self._incumbents[1]
+        now = self.clock.now()
+        if self._agreed_members[0] == r:
+            members = self._agreed_members[1]
         else:
-            expected = {p: digest for p in candidates}
-        for donor in candidates:
+            votes = {w: v for w, v in schemas.by_writer(schemas.read(self.dht, self.keys.hashes(r), HashRecord, now)).items()
+                     if v.round == r}
+            members = (votes[self.authority].members if self.authority in votes
+                       else agreed_vote(votes)[1].members if votes else [])
+        ready = schemas.by_writer(schemas.read(self.dht, self.keys.ready(r), ReadyRecord, now))
+        out = {h: who for who in members if who in ready and ready[who].round == r for h in ready[who].heads}
+        if members:
+            self._incumbents = (r, out)
+        return out
+
+    def sync(self, min_round: int = 0) -> bool:
+        """Adopt the trusted W (see `trusted_state`) if it is at `min_round` or later, from any
+        donor advertising it; only state hashing to the trusted digest is accepted."""
+        target = self.trusted_state()
+        if target is None or target[0] < min_round:
+            return False
+        donors = self.donors()
+        candidates = sorted(who for who, r in donors.items() if (r.round, r.digest) == target)
+        if len(candidates) > 1:  # spread newcomers over the donors instead of all hitting one
+            shift = int(hashlib.sha256(self.peer.encode()).hexdigest(), 16) % len(candidates)
+            candidates = candidates[shift:] + candidates[:shift]
+        return self._fetch_state([donors[c].p2p for c in candidates], *target)
+
+    def _fetch_state(self, addresses: list[str], round_: int, digest: str) -> bool:
+        for address in addresses:
             self.clock.check()
             try:
-                blob = self.server.fetch(donor, self.keys.state_blob, self.cfg.request_timeout * 4, 16 * self.max_bytes)
-                self._round = decode_state(blob, self.model, expect_digest=None)
-                if expected.get(donor) and self.model.state_digest() != expected[donor]:
-                    log.info("donor %s moved on while we downloaded; took its round %d", donor[-8:], self._round)
-                log.info("synced W of round %d from %s (%.1f MB)", self._round, donor[-8:], len(blob) / 2**20)
+                blob = self.server.fetch(address, self.keys.state_blob, self.cfg.request_timeout * 4,
+                                         self.max_state_bytes)
+                self._round = decode_state(blob, self.model, expect_digest=digest, expect_round=round_)
+                log.info("synced W of round %d from %s (%.1f MB)", self._round, address[-8:], len(blob) / 2**20)
                 self.announce()
                 return True
             except NETWORK_ERRORS + (ContributionError,) as exc:
-                log.warning("could not sync from %s: %s", donor[-8:], exc)
+                log.warning("could not sync from %s: %s", address[-8:], exc)
         return False
 
     # ---- reading a round's records ---------------------------------------------------------
     def _ready(self, r: int) -> dict[str, ReadyRecord]:
-        found = schemas.read(self.dht, self.keys.ready(r), ReadyRecord, now=self.clock.now())
-        return {p: rec for p, (rec, _) in found.items() if rec.round == r}
+        """Ready records of round r that count: dated near now, from the holder of every head
+        they list (so at most one contribution per head)."""
+        now = self.clock.now()
+        holders = self.holders()
+        found = schemas.by_writer(schemas.read(self.dht, self.keys.ready(r), ReadyRecord, now))
+        oldest = now - 3 * self.cfg.round_timeout
+        return {who: rec for who, rec in found.items()
+                if rec.round == r and oldest <= rec.ready_at <= now + self.cfg.clock_skew
+                and all(holders.get(h) == who for h in rec.heads)}
 
-    def _hashes(self, r: int) -> dict[str, HashRecord]:
-        found = schemas.read(self.dht, self.keys.hashes(r), HashRecord, now=self.clock.now())
-        return {p: rec for p, (rec, _) in found.items() if rec.round == r}
+    def _votes(self, r: int) -> dict[str, HashRecord]:
+        """Digests published for round r by those whose vote counts: the coordinator and the
+        lease holders, one vote per signed identity."""
+        voters = set(self.holders().values()) | {self.authority, self.peer}
+        found = schemas.by_writer(schemas.read(self.dht, self.keys.hashes(r), HashRecord, self.clock.now()))
+        return {who: rec for who, rec in found.items() if rec.round == r and who in voters}
 
     def close_at(self, ready: dict[str, ReadyRecord]) -> float:
         """When a round with these ready records stops waiting for the others (DHT time)."""
         first = min(ready.values(), key=lambda x: x.ready_at)
-        return first.ready_at + max(self.cfg.merge_grace, self.cfg.merge_slack * first.train_seconds)
+        train = min(first.train_seconds, self.cfg.round_timeout)
+        return first.ready_at + max(self.cfg.merge_grace, self.cfg.merge_slack * train)
+
+    def _closed_by_votes(self, r: int) -> bool:
+        votes = self._votes(r)
+        holders = set(self.holders().values())
+        holder_votes = len(set(votes) & holders)
+        return self.authority in votes or (bool(holders) and 2 * holder_votes > len(holders))
 
     def closed(self, r: int) -> bool:
-        """Round r no longer takes contributions (someone merged it, or its deadline passed)."""
-        if self._hashes(r):
+        """Round r no longer takes contributions (the coordinator or most holders merged it, or
+        its deadline passed)."""
+        if self._closed_by_votes(r):
             return True
         ready = self._ready(r)
         return bool(ready) and self.clock.now() > self.close_at(ready)
@@ -172,14 +250,19 @@ class MergeProtocol:
         r, start = self._round, self.clock.monotonic()
         mr = MergeRound(round=r, contribution=contribution, ready=ready, started=start,
                         deadline=start + self.cfg.round_timeout)
+        trusted = self.trusted_state()
+        if trusted is not None and trusted[0] > r:
+            log.warning("the swarm is at round %d, we are at %d: syncing instead of merging alone", trusted[0], r)
+            mr.step = RoundStep.CATCHING_UP
+            return mr
         if self.closed(r):
             log.warning("merge round %d closed before we were ready; catching up (our change waits for the next round)", r)
             mr.step = RoundStep.CATCHING_UP
             return mr
         if contribution is not None and ready is not None:
-            self.server.publish(self.keys.contribution_blob(r), contribution)
-            self.server.drop(self.keys.contribution_blob(r - KEEP_CONTRIBUTIONS))
-            schemas.store(self.dht, self.keys.ready(r), self.peer, ready, self._expiration())
+            self.server.publish(self.keys.contribution_blob(r, self.peer), contribution)
+            self.server.drop(self.keys.contribution_blob(r - KEEP_CONTRIBUTIONS, self.peer))
+            schemas.store(self.dht, self.keys.ready(r), self.identity, ready, self._expiration())
         return mr
 
     def poll(self, mr: MergeRound) -> RoundResult | None:
@@ -211,11 +294,11 @@ class MergeProtocol:
         ready_set = self._ready(r)
         close = False
         if ready_set:
-            close = not (self.active_peers() - set(ready_set)) or now > self.close_at(ready_set)
+            close = not (set(self.holders().values()) - set(ready_set)) or now > self.close_at(ready_set)
         elif mr.contribution is None and self.clock.monotonic() > mr.deadline:
             self._finish(mr, RoundResult(round=r, new_round=self._round, idle=True))
             return
-        if close or self._hashes(r):
+        if close or self._closed_by_votes(r):
             mr.step = RoundStep.SETTLING
             mr.settle_until = self.clock.monotonic() + self.cfg.settle_seconds
             mr.wait = self.cfg.settle_seconds
@@ -231,47 +314,57 @@ class MergeProtocol:
             log.warning("our ready record for round %d is not visible; merging without us", r)
         mr.waited = self.clock.monotonic() - mr.started
         contributions, mr.rejected = self._gather(r, mr.ready_set, mr.contribution)
-        merge_contributions(self.model, contributions)
+        merge_contributions(self.model, contributions, self.cfg.robust_clip)
         mr.members = sorted(c.peer for c in contributions)
         mr.digest = self.model.state_digest()
-        schemas.store(self.dht, self.keys.hashes(r), self.peer, HashRecord(round=r, digest=mr.digest, members=mr.members),
-                      self._expiration())
+        schemas.store(self.dht, self.keys.hashes(r), self.identity,
+                      HashRecord(round=r, digest=mr.digest, members=mr.members), self._expiration())
         mr.step = RoundStep.VOTING
         mr.deadline = self.clock.monotonic() + self.cfg.merge_grace
 
     def _poll_voting(self, mr: MergeRound) -> None:
-        """Wait until every contributor we merged has published its digest (bounded by the grace),
-        then take the agreed W: ours, or the one most peers hold (re-synced from one of them)."""
+        """Wait until every contributor we merged (and the coordinator, if it is up) has published
+        its digest, bounded by the grace; then take the agreed W: the coordinator's, else the one
+        most holders hold (re-synced from one of them if it is not ours)."""
         r = mr.round
-        votes = self._hashes(r)
-        if not set(mr.members) <= set(votes) and self.clock.monotonic() <= mr.deadline:
+        votes = self._votes(r)
+        awaited = set(mr.members)
+        if not self.is_authority and self.progress() is not None:
+            awaited.add(self.authority)
+        if not awaited <= set(votes) and self.clock.monotonic() <= mr.deadline:
             return
         # Our own vote counts even if the DHT did not take it (then we only agree with ourselves).
-        votes.setdefault(self.peer, HashRecord(round=r, digest=mr.digest, members=mr.members))
-        agreed_digest, agreed = agreed_vote(votes)
+        votes[self.peer] = HashRecord(round=r, digest=mr.digest, members=mr.members)
+        agreed = votes[self.authority] if self.authority in votes else agreed_vote(votes)[1]
         result = RoundResult(round=r, new_round=r + 1, rejected=mr.rejected, seconds_waiting=mr.waited)
-        members = mr.members
-        if agreed_digest != mr.digest:
-            holders = sorted(p for p, v in votes.items() if v.digest == agreed_digest and p != self.peer)
+        if agreed.digest != mr.digest:
             log.warning("round %d: our W (%s, %d contributions) differs from the agreed one (%s, %d); re-syncing",
-                        r, mr.digest[:10], len(mr.members), agreed_digest[:10], len(agreed.members))
-            result.resynced = self.sync(candidates=holders, digest=agreed_digest)
-            members = agreed.members
+                        r, mr.digest[:10], len(mr.members), agreed.digest[:10], len(agreed.members))
+            donors = self.donors()
+            addresses = [donors[who].p2p for who, v in sorted(votes.items())
+                         if v.digest == agreed.digest and who in donors and who != self.peer]
+            result.resynced = self._fetch_state(addresses, r + 1, agreed.digest)
+            if not result.resynced:  # nobody handed it out: catch up with the swarm later
+                log.warning("round %d: no peer handed out the agreed W; catching up", r)
+                mr.step, mr.deadline = RoundStep.CATCHING_UP, self.clock.monotonic() + self.cfg.round_timeout
+                return
+        self._agreed_members = (r, list(agreed.members))
         self._round = max(self._round, r + 1)
         result.new_round = self._round
-        result.members = members
-        result.merged = self.peer in members
-        result.merged_head_steps = sum(mr.ready_set[p].head_steps for p in members if p in mr.ready_set)
+        result.members = list(agreed.members)
+        result.merged = self.peer in agreed.members
+        result.merged_head_steps = sum(mr.ready_set[p].head_steps for p in agreed.members if p in mr.ready_set)
         self._finish(mr, result)
         self.announce()
 
     def _poll_catching_up(self, mr: MergeRound) -> None:
-        """We came too late for the round: take W from a peer that has it, keep our change."""
+        """We came too late for the round (or the swarm is ahead): take the trusted W from a peer
+        that has it, keep our change."""
         if self.sync(min_round=mr.round + 1):
             self._finish(mr, RoundResult(round=mr.round, new_round=self._round, missed=True, resynced=True))
             return
         if self.clock.monotonic() > mr.deadline:
-            raise TransferError(f"no peer could hand out W of round {mr.round + 1} or later")
+            raise TransferError(f"no peer could hand out the agreed W of round {mr.round + 1} or later")
         mr.wait = max(self.cfg.poll_seconds, 0.5)
 
     def _finish(self, mr: MergeRound, result: RoundResult) -> None:
@@ -282,21 +375,29 @@ class MergeProtocol:
 
     def _gather(self, r: int, ready_set: dict[str, ReadyRecord], own: bytes | None) -> tuple[list[Contribution], list[str]]:
         def one(peer: str) -> Contribution | None:
+            rec = ready_set[peer]
             try:
-                blob = own if peer == self.peer and own is not None else self.server.fetch(
-                    peer, self.keys.contribution_blob(r), self.cfg.request_timeout, self.max_bytes)
-                contribution = decode_contribution(blob, peer, self.model, self.cfg.max_update)
-                if sorted(contribution.heads) != sorted(ready_set[peer].heads):
+                if peer == self.peer and own is not None:
+                    blob = own
+                elif rec.nbytes > self.max_contribution_bytes:
+                    raise ContributionError(f"it announces {rec.nbytes} bytes, more than this model's contributions "
+                                            f"can take ({self.max_contribution_bytes})")
+                else:
+                    blob = self.server.fetch(rec.p2p, self.keys.contribution_blob(r, peer), self.cfg.request_timeout,
+                                             self.max_contribution_bytes)
+                contribution = decode_contribution(blob, peer, self.model, self.cfg.max_update,
+                                                   self.cfg.max_relative_update)
+                if sorted(contribution.heads) != sorted(rec.heads):
                     raise ContributionError(f"heads {list(contribution.heads)} differ from its ready record")
                 return contribution
             except ContributionError as exc:
-                log.warning("round %d: rejected the contribution of %s: %s", r, peer[-8:], exc)
+                log.warning("round %d: rejected the contribution of %s: %s", r, peer[:8], exc)
             except NETWORK_ERRORS as exc:
-                log.warning("round %d: no contribution from %s: %s", r, peer[-8:], exc)
+                log.warning("round %d: no contribution from %s: %s", r, peer[:8], exc)
             return None
 
         peers = sorted(ready_set)
-        with ThreadPoolExecutor(max_workers=min(8, max(1, len(peers)))) as pool:
+        with ThreadPoolExecutor(max_workers=min(self.cfg.parallel_downloads, max(1, len(peers)))) as pool:
             results = list(pool.map(one, peers))
         got = [c for c in results if c is not None]
         return got, [p for p, c in zip(peers, results) if c is None]

@@ -5,26 +5,34 @@ from __future__ import annotations
 
 import enum
 import logging
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 from hivemind.dht.protocol import DHTProtocol
 from hivemind.dht.routing import DHTID
 from hivemind.dht.validation import RecordValidatorBase
-from hivemind.utils import get_dht_time
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
+
+from swarm.identity import FINGERPRINT_CHARS, Identity, split_subkey
 
 log = logging.getLogger(__name__)
 T = TypeVar("T", bound=BaseModel)
 
 
+Digest = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+Fingerprint = Annotated[str, StringConstraints(pattern=rf"^[0-9a-f]{{{FINGERPRINT_CHARS}}}$")]
+PeerAddress = Annotated[str, StringConstraints(min_length=1, max_length=128)]
+HeadId = Annotated[int, Field(ge=0, le=1_000_000)]
+
+
 class _Record(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    # Floats must be finite: an infinite ready time or training time would stall every round.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 class RunRecord(_Record):
     run_id: str
     config: dict[str, Any]
-    coordinator: str = Field(description="peer id of the coordinator")
+    coordinator: Fingerprint = Field(description="fingerprint of the coordinator's signing key")
     created: float
 
 
@@ -34,34 +42,47 @@ class RunAnnouncement(_Record):
 
 
 class LeaseRecord(_Record):
-    head: int = Field(ge=0)
-    peer: str
+    """A claim on `head` by the record's writer (named by its subkey)."""
+
+    head: HeadId
     claimed_at: float
     released: bool = False
 
 
 class DonorRecord(_Record):
+    """The writer can hand out W of `round` (hashing to `digest`) from P2P address `p2p`."""
+
     round: int = Field(ge=0)
-    digest: str
+    digest: Digest
+    p2p: PeerAddress
 
 
 class ReadyRecord(_Record):
-    """A contribution to merge round `round`: the heads it covers, their local steps, its size."""
+    """A contribution to merge round `round`: the heads it covers, their local steps, its size,
+    and where to download it."""
 
     round: int = Field(ge=0)
-    heads: list[int]
+    heads: list[HeadId] = Field(min_length=1, max_length=4096)
     head_steps: int = Field(ge=0)
     nbytes: int = Field(ge=0)
     ready_at: float
     train_seconds: float = Field(0.0, ge=0.0, description="how long its T steps took")
+    p2p: PeerAddress
+
+    @field_validator("heads")
+    @classmethod
+    def _distinct(cls, value: list[int]) -> list[int]:
+        if len(set(value)) != len(value):
+            raise ValueError("a head is listed twice")
+        return value
 
 
 class HashRecord(_Record):
-    """A peer's W after merge round `round`, and the contributors it merged (sorted peer ids)."""
+    """A peer's W after merge round `round`, and the contributors it merged (sorted fingerprints)."""
 
     round: int = Field(ge=0)
-    digest: str
-    members: list[str]
+    digest: Digest
+    members: list[Fingerprint] = Field(max_length=4096)
 
 
 def parse(model: type[T], value: Any, where: str = "") -> T | None:
@@ -78,26 +99,40 @@ def dump(record: BaseModel) -> dict[str, Any]:
     return record.model_dump(mode="json")
 
 
-def store(dht, key: str, subkey: str, record: BaseModel, expiration: float) -> bool:
-    """Write one typed record under `key`/`subkey` (the boolean is only a hint, as in hivemind)."""
-    return bool(dht.store(key, dump(record), expiration_time=expiration, subkey=subkey))
+def store(dht, key: str, identity: Identity, record: BaseModel, expiration: float, tag: str = "") -> bool:
+    """Write one typed record under `key`, in the writer's own signed subkey (tagged `tag`); the
+    boolean is only a hint, as in hivemind."""
+    return bool(dht.store(key, dump(record), expiration_time=expiration, subkey=identity.subkey(tag)))
 
 
-def read(dht, key: str, model: type[T], now: float | None = None) -> dict[str, tuple[T, float]]:
-    """Every unexpired, well-formed record under `key`: subkey -> (record, expiration)."""
-    found = dht.get(key, latest=True)
-    now = get_dht_time() if now is None else now
+Signed = dict[tuple[str, str], tuple[T, float]]
+
+
+def read(dht, key: str, model: type[T], now: float) -> "Signed[T]":
+    """Every unexpired, well-formed, signed record under `key`: (tag, writer) -> (record,
+    expiration). Anything else under the key (unsigned, malformed, expired) is dropped."""
+    try:
+        found = dht.get(key, latest=True)
+    except (TypeError, ValueError) as exc:  # an undecodable value from another node
+        log.warning("dropping what the DHT holds at %s: %s", key, exc)
+        return {}
     if found is None or not isinstance(found.value, dict):
         return {}
-    out: dict[str, tuple[T, float]] = {}
+    out: dict[tuple[str, str], tuple[T, float]] = {}
     for subkey, item in found.value.items():
+        who = split_subkey(subkey)
         value, expiration = getattr(item, "value", None), getattr(item, "expiration_time", 0.0)
-        if expiration < now:
+        if who is None or not isinstance(expiration, (int, float)) or not expiration >= now:
             continue
-        record = parse(model, value, where=f"{key}/{subkey}")
+        record = parse(model, value, where=f"{key}/{who[0]}:{who[1][:8]}")
         if record is not None:
-            out[str(subkey)] = (record, expiration)
+            out[who] = (record, float(expiration))
     return out
+
+
+def by_writer(records: "Signed[T]", tag: str = "") -> dict[str, T]:
+    """writer -> record, for the records under `tag`."""
+    return {who: record for (t, who), (record, _) in records.items() if t == tag}
 
 
 # ---- signed status records (checked inside the DHT by hivemind's validators) ---------------
@@ -135,7 +170,7 @@ def _status_models():
         __module__=__name__,
         __config__=type("Config", (), {"extra": v1.Extra.forbid}),
         run_id=(v1.StrictStr, ...),
-        peer=(v1.StrictStr, ...),
+        peer=(v1.constr(regex=f"^[0-9a-f]{{{FINGERPRINT_CHARS}}}$", strict=True), ...),
         state=(v1.constr(regex=f"^({'|'.join(PEER_STATES)})$", strict=True), ...),
         heads=(List[strict_int(0)], ...),
         round=(strict_int(0), ...),
@@ -178,19 +213,26 @@ class RunScopeValidator(RecordValidatorBase):
         return isinstance(other, RunScopeValidator) and other.run_id == self.run_id
 
 
-def status_validators(run_id: str, signer) -> list:
-    """The validators every node of run `run_id` adds to its DHT: signed subkeys, the status
-    schema, and the run scope."""
+MAX_RECORD_TTL = 3600.0  # no record of a run is meant to live longer; see SignedOnlyValidator
+
+
+def run_validators(run_id: str, identity: Identity, time_source=None) -> list:
+    """The validators every node of run `run_id` adds to its DHT: its own signature (which also
+    checks everyone else's), signed records only with bounded lifetimes, the status schema and
+    the run scope."""
     from hivemind.dht.schema import SchemaValidator
 
-    return [signer, SchemaValidator(RunStatusSchemaV1, prefix=run_id), RunScopeValidator(run_id)]
+    from swarm.identity import SignedOnlyValidator
+
+    return [identity.validator, SignedOnlyValidator(MAX_RECORD_TTL, time_source),
+            SchemaValidator(RunStatusSchemaV1, prefix=run_id), RunScopeValidator(run_id)]
 
 
 class PeerStatus(_Record):
     """What a peer says about itself, signed with its own key (see `status_validators`)."""
 
     run_id: str
-    peer: str
+    peer: Fingerprint
     state: PeerPhase
     heads: list[int]
     round: int = Field(ge=0)
@@ -219,23 +261,15 @@ class PeerStatus(_Record):
         return value
 
 
-def publish_status(dht, key: str, signer, status: PeerStatus, expiration: float) -> bool:
+def publish_status(dht, key: str, identity: Identity, status: PeerStatus, expiration: float) -> bool:
     """Store this peer's status under its own signed subkey, valid until `expiration`."""
-    return bool(dht.store(key, dump(status), expiration_time=expiration, subkey=signer.local_public_key))
+    return store(dht, key, identity, status, expiration)
 
 
-def read_statuses(dht, key: str) -> list[PeerStatus]:
-    """Live status records of a run. The DHT's validators already dropped forged and malformed
-    ones; what comes back is checked once more against the same schema, as every record is."""
-    found = dht.get(key, latest=True)
-    if found is None or not isinstance(found.value, dict):
-        return []
-    out = []
-    for subkey, item in found.value.items():
-        record = parse(PeerStatus, getattr(item, "value", None), where=f"{key}/status")
-        if record is not None:
-            out.append(record)
-    return out
+def read_statuses(dht, key: str, now: float) -> list[PeerStatus]:
+    """Live status records of a run, each from the peer it names (the DHT's validators already
+    dropped forged and malformed ones; the schema checks them once more)."""
+    return [r for who, r in by_writer(read(dht, key, PeerStatus, now)).items() if r.peer == who]
 
 
 class RoundSummary(_Record):
@@ -248,9 +282,11 @@ class RoundSummary(_Record):
 
 
 class RunProgress(_Record):
-    """The coordinator's account of the run: rounds so far, with test accuracy and loss."""
+    """The coordinator's account of the run: the agreed W (its round and digest), and the rounds
+    so far with test accuracy and loss. Newcomers accept only W that hashes to `digest`."""
 
     round: int = Field(ge=0)
+    digest: Digest
     rounds_total: int = Field(ge=0)
     samples: int = Field(ge=0)
     history: list[RoundSummary]

@@ -74,8 +74,34 @@ def encode_contribution(model: LTEModel, heads: list[int], form: Literal["auto",
     return st_save({k: v.cpu() for k, v in tensors.items()}, metadata=meta), counts
 
 
-def decode_contribution(blob: bytes, peer: str, model: LTEModel, max_update: float) -> Contribution:
-    """Parse and validate a contribution against this run's model; raises ContributionError."""
+_HEADER_SLACK = 1 << 16   # a safetensors header: names, shapes, offsets, metadata
+_PER_TENSOR_SLACK = 256
+
+
+def contribution_bound(model: LTEModel) -> int:
+    """The most bytes an honest contribution to this model can take: every layer in the dense
+    form (the encoder never sends factors bigger than that) plus the replica deltas."""
+    numbers = sum(layer.out_features * layer.in_features for _, layer in model.layers())
+    shared = dict(model.model.named_parameters())
+    numbers += sum(shared[name].numel() for name in model.replicated)
+    tensors = 4 * len(model.layer_names) + len(model.replicated)
+    return 4 * numbers + _PER_TENSOR_SLACK * tensors + _HEADER_SLACK
+
+
+def state_bound(model: LTEModel) -> int:
+    """The most bytes a state blob of this model can take."""
+    state = model.shared_state()
+    return sum(4 * t.numel() for t in state.values()) + _PER_TENSOR_SLACK * len(state) + _HEADER_SLACK
+
+
+def decode_contribution(blob: bytes, peer: str, model: LTEModel, max_update: float,
+                        max_relative_update: float = float("inf")) -> Contribution:
+    """Parse and validate a contribution against this run's model; raises ContributionError.
+
+    Besides format, heads, shapes and finiteness, the change is bounded twice: no weight may move
+    by more than `max_update`, and per head no layer may move by more than `max_relative_update`
+    of that layer's norm (a norm bound: a few huge entries, which would wreck the scale of a
+    quantization block, fail it even when each is within `max_update`)."""
     tensors, meta = _load(blob, FORMAT)
     try:
         heads = tuple(json.loads(meta.get("heads", "")))
@@ -110,29 +136,46 @@ def decode_contribution(blob: bytes, peer: str, model: LTEModel, max_update: flo
         biggest = delta.abs().max().item() * coef if delta.numel() else 0.0
         if biggest > max_update:
             raise ContributionError(f"layer {name}: it would move a weight by {biggest:.3g} (limit {max_update})")
+        relative = coef * delta.double().norm().item() / k / max(model.layer(name).weight_store.master.norm().item(), 1e-12)
+        if relative > max_relative_update:
+            raise ContributionError(f"layer {name}: per head it would move the layer by {relative:.3g} of its norm "
+                                    f"(limit {max_relative_update})")
     for name, delta in replicas.items():
         if delta.abs().max().item() / n_heads > max_update:
             raise ContributionError(f"parameter {name}: it would move a value by more than {max_update}")
     return Contribution(peer=peer, heads=heads, weights=weights, replicas=replicas, nbytes=len(blob))
 
 
-def merge_contributions(model: LTEModel, contributions: list[Contribution]) -> None:
-    """W += (s/N) * sum of every contribution, summed in a canonical (peer id) order in float64,
-    so every peer that merges the same contributions gets the same bits."""
+def merge_contributions(model: LTEModel, contributions: list[Contribution], robust_clip: float = 0.0) -> None:
+    """W += (s/N) * sum of every contribution, summed in a canonical (writer) order in float64,
+    so every peer that merges the same contributions gets the same bits.
+
+    With `robust_clip` > 0 and 3 or more contributions, a contribution whose change of a layer
+    (per head it covers) exceeds `robust_clip` times the round's median is scaled down to it:
+    one peer moves W at most a few times as much as a typical honest one."""
     ordered = sorted(contributions, key=lambda c: c.peer)
-    weights = {}
+    clip = robust_clip > 0 and len(ordered) >= 3
+
+    def total(parts: list[torch.Tensor], heads: list[int]) -> torch.Tensor:
+        parts = [p.double() for p in parts]
+        if clip:
+            norms = [p.norm().item() / k for p, k in zip(parts, heads)]
+            limit = robust_clip * sorted(norms)[(len(norms) - 1) // 2]
+            parts = [p * (limit / n) if n > limit else p for p, n in zip(parts, norms)]
+        out = torch.zeros_like(parts[0])
+        for p in parts:
+            out += p
+        return out
+
+    heads = [len(c.heads) for c in ordered]
+    weights, replicas = {}, {}
     for name, layer in model.layers():
-        total = torch.zeros(layer.out_features, layer.in_features, dtype=torch.float64)
-        for c in ordered:
-            total += c.weights[name]
-        weights[name] = total
-    replicas = {}
+        weights[name] = (total([c.weights[name] for c in ordered], heads) if ordered
+                         else torch.zeros(layer.out_features, layer.in_features, dtype=torch.float64))
     for name, p in model.model.named_parameters():
         if name in model.replicated:
-            total = torch.zeros(p.shape, dtype=torch.float64)
-            for c in ordered:
-                total += c.replicas[name]
-            replicas[name] = total
+            replicas[name] = (total([c.replicas[name] for c in ordered], heads) if ordered
+                              else torch.zeros(p.shape, dtype=torch.float64))
     model.apply_merge(weights, replicas)
 
 
@@ -142,14 +185,17 @@ def encode_state(model: LTEModel, round_: int) -> bytes:
     return st_save(state, metadata=meta)
 
 
-def decode_state(blob: bytes, model: LTEModel, expect_digest: str | None = None) -> int:
+def decode_state(blob: bytes, model: LTEModel, expect_digest: str | None = None, expect_round: int | None = None) -> int:
     """Load a state blob into `model` if it is well formed and its bytes hash to the digest it
-    claims (and to `expect_digest`, if given); returns its round. The model is untouched on error."""
+    claims (and to `expect_digest` and `expect_round`, if given); returns its round. The model is
+    untouched on error."""
     tensors, meta = _load(blob, STATE_FORMAT)
     try:
         round_ = int(meta.get("round", ""))
     except ValueError:
         raise ContributionError("state without a round number") from None
+    if expect_round is not None and round_ != expect_round:
+        raise ContributionError(f"state of round {round_}, expected round {expect_round}")
     claimed = meta.get("digest", "")
     if expect_digest is not None and claimed != expect_digest:
         raise ContributionError(f"state claims digest {claimed[:12]}, expected {expect_digest[:12]}")

@@ -11,12 +11,13 @@ from typing import Callable
 
 import yaml
 
-from peers.coordinator import Coordinator
-from peers.node import EventLog, Runtime
+from peers.coordinator import KEY_FILE, Coordinator, coordinator_identity
+from peers.node import EventLog, Runtime, install_signing
 from peers.trainer import Trainer, TrainerOptions
 from swarm.clock import FakeClock
 from swarm.config import RunConfig, parse_config
 from swarm.errors import Stopped
+from swarm.identity import Identity
 from swarm.memnet import MemoryBlobServer, MemoryDHT, MemoryNetwork
 from tests.conftest import ROOT
 
@@ -68,6 +69,17 @@ class Node:
     extra: dict = field(default_factory=dict)
 
 
+_IDENTITIES: dict[str, Identity] = {}
+
+
+def named_identity(name: str) -> Identity:
+    """The same key for the same name throughout a test session: two runs of a scenario (with and
+    without an attack) then order contributions alike and can be compared bit for bit."""
+    if name not in _IDENTITIES:
+        _IDENTITIES[name] = Identity()
+    return _IDENTITIES[name]
+
+
 class MemorySwarm:
     def __init__(self, cfg: RunConfig, workdir: Path):
         self.cfg, self.workdir = cfg, Path(workdir)
@@ -78,25 +90,44 @@ class MemorySwarm:
         self.steps = 0
 
     # ---- building the swarm ---------------------------------------------------------------
-    def runtime(self, name: str, dht: MemoryDHT | None = None) -> tuple[Runtime, RecordingEvents]:
-        dht = dht or MemoryDHT(self.net, f"Qm{name}")
+    def runtime(self, name: str, identity: Identity | None = None) -> tuple[Runtime, RecordingEvents]:
+        dht = MemoryDHT(self.net, f"Qm{name}")
         events = RecordingEvents()
         rt = Runtime(dht=dht, stop=threading.Event(), events=events, clock=self.clock,
-                     blob_server=lambda namespace: MemoryBlobServer(self.net, dht.peer_id))
+                     blob_server=lambda namespace: MemoryBlobServer(self.net, dht.peer_id),
+                     identity=identity or named_identity(name), time_source=self.clock.now)
+        install_signing(dht, rt.identity, rt.time_source)
         return rt, events
 
+    def signing_dht(self, name: str, identity: Identity | None = None) -> tuple[MemoryDHT, Identity]:
+        """A bare DHT node of the in-memory network that signs with `identity` (new if None): for
+        tests that act on the DHT directly, as a stranger with a key of its own would."""
+        identity = identity or Identity()
+        dht = MemoryDHT(self.net, f"Qm{name}")
+        install_signing(dht, identity, self.clock.now)
+        return dht, identity
+
+    def coordinator_role(self) -> Coordinator:
+        return next(n.role for n in self.nodes.values() if isinstance(n.role, Coordinator))
+
     def coordinator(self, name: str = "coordinator", run_dir: Path | None = None, **kw) -> Node:
-        rt, events = self.runtime(name)
-        role = Coordinator(self.cfg, run_dir or self.workdir / "run", rt, run_id=kw.pop("run_id", "mem-run"), **kw)
+        run_dir = Path(run_dir or self.workdir / "run")
+        key = run_dir / KEY_FILE
+        if not key.exists():  # the session's key for this name, so that runs compare bit for bit
+            run_dir.mkdir(parents=True, exist_ok=True)
+            key.write_bytes(named_identity(name).key.to_bytes())
+        rt, events = self.runtime(name, identity=coordinator_identity(run_dir))
+        role = Coordinator(self.cfg, run_dir, rt, run_id=kw.pop("run_id", "mem-run"), **kw)
         self.run_id = role.keys.run_id
         role.start()
         return self._add(Node(name, role, rt, events, next_at=self.clock.now()))
 
-    def trainer(self, name: str, *, heads: int = 1, throttle: float = 0.05, data: str | None = None) -> Node:
+    def trainer(self, name: str, *, heads: int = 1, throttle: float = 0.05, data: str | None = None,
+                role: type[Trainer] = Trainer) -> Node:
         from swarm.keys import RunKeys
 
         rt, events = self.runtime(name)
-        role = Trainer(self.cfg, RunKeys(self.run_id), rt, TrainerOptions(heads=heads, throttle=throttle, data=data))
+        role = role(self.cfg, RunKeys(self.run_id), rt, TrainerOptions(heads=heads, throttle=throttle, data=data))
         return self._add(Node(name, role, rt, events, next_at=self.clock.now()))
 
     def _add(self, node: Node) -> Node:

@@ -1,4 +1,5 @@
-"""Head leases: races and forged claims over a real two-node DHT on loopback; expiry, renewal and\nrelease on the in-memory DHT and a fake clock (the same storage rules, no waiting)."""
+"""Head leases: races and forged claims over a real two-node DHT on loopback; expiry, renewal,
+release and the winner rule on the in-memory DHT and a fake clock (the same storage rules)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,10 @@ import threading
 import pytest
 from hivemind.utils import get_dht_time
 
+from peers.node import install_signing
 from swarm import schemas
-from swarm.keys import RunKeys
+from swarm.identity import Identity
+from swarm.keys import RunKeys, make_run_id
 from swarm.leases import HeadLeases, winners
 from swarm.schemas import LeaseRecord
 
@@ -16,24 +19,28 @@ pytestmark = pytest.mark.timeout(120)
 LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]
 
 
+def _keys(name: str) -> RunKeys:
+    return RunKeys(make_run_id(name, "0" * 20))
+
+
 @pytest.fixture(scope="module")
-def dhts():
+def nodes():
     import hivemind
 
     a = hivemind.DHT(start=True, host_maddrs=LOOPBACK)
     b = hivemind.DHT(start=True, host_maddrs=LOOPBACK, initial_peers=a.get_visible_maddrs())
-    yield a, b
+    identities = [Identity(), Identity()]
+    for dht, identity in zip((a, b), identities):
+        install_signing(dht, identity)
+    yield (a, b), identities
     b.shutdown()
     a.shutdown()
 
 
-def _pair(dhts, run_id, lease=4.0):
-    keys = RunKeys(run_id)
-    return [HeadLeases(d, keys, str(d.peer_id), 4, lease_seconds=lease, settle_seconds=1.0) for d in dhts]
-
-
-def test_two_peers_racing_for_one_head_end_with_exactly_one_holder(dhts):
-    la, lb = _pair(dhts, "race")
+def test_two_peers_racing_for_one_head_end_with_exactly_one_holder(nodes):
+    (a, b), (ia, ib) = nodes
+    keys = _keys("race")
+    la, lb = (HeadLeases(d, keys, i, 4, lease_seconds=4.0, settle_seconds=1.0) for d, i in ((a, ia), (b, ib)))
     barrier, results = threading.Barrier(2), {}
 
     def go(leases):
@@ -53,15 +60,33 @@ def test_two_peers_racing_for_one_head_end_with_exactly_one_holder(dhts):
     assert la.holders() == lb.holders() == {0: winner.peer, got[0]: loser.peer}
 
 
+def test_forged_unsigned_and_malformed_claims_are_ignored(nodes):
+    (a, b), (ia, ib) = nodes
+    keys = _keys("forged")
+    now = get_dht_time()
+    # a claims head 0 in b's name (b's owner subkey): the DHT refuses to store it
+    assert not a.store(keys.leases, schemas.dump(LeaseRecord(head=0, claimed_at=now)), now + 10, subkey=ib.subkey("0"))
+    # unsigned claims and garbage under a's own key: refused or dropped when read
+    assert not a.store(keys.leases, {"head": 1, "claimed_at": now}, expiration_time=now + 10, subkey="1")
+    schemas.store(a, keys.leases, ia, LeaseRecord(head=2, claimed_at=now), now + 10, tag="3")  # tag names another head
+    a.store(keys.leases, {"head": "one"}, expiration_time=now + 10, subkey=ia.subkey("1"))
+    lb = HeadLeases(b, keys, ib, 4, lease_seconds=5.0, settle_seconds=0.5)
+    assert lb.holders() == {}
+    assert lb.free_heads() == [0, 1, 2, 3]
+
+
 def _memory_pair(lease=4.0):
     from swarm.clock import FakeClock
     from swarm.memnet import MemoryDHT, MemoryNetwork
 
     clock = FakeClock()
     net = MemoryNetwork(clock)
-    keys = RunKeys("mem")
-    pair = [HeadLeases(MemoryDHT(net, name), keys, name, 4, lease_seconds=lease, settle_seconds=1.0, clock=clock)
-            for name in ("a", "b")]
+    keys = _keys("mem")
+    pair = []
+    for name in ("a", "b"):
+        dht, identity = MemoryDHT(net, name), Identity()
+        install_signing(dht, identity, clock.now)
+        pair.append(HeadLeases(dht, keys, identity, 4, lease_seconds=lease, settle_seconds=1.0, clock=clock))
     return clock, pair
 
 
@@ -88,22 +113,18 @@ def test_renewal_keeps_the_lease_and_release_frees_it_at_once():
     assert 1 in lb.free_heads()
 
 
-def test_forged_and_malformed_claims_are_ignored(dhts):
-    a, b = dhts
-    keys = RunKeys("forged")
-    now = get_dht_time()
-    victim = str(b.peer_id)
-    # a claims head 0 in b's name (subkey says a, record says b) and writes garbage for head 1
-    schemas.store(a, keys.leases, RunKeys.lease_subkey(0, str(a.peer_id)),
-                  LeaseRecord(head=0, peer=victim, claimed_at=now), now + 10)
-    a.store(keys.leases, {"head": "one"}, expiration_time=now + 10, subkey="1:x")
-    lb = HeadLeases(b, keys, victim, 4, lease_seconds=5.0, settle_seconds=0.5)
+def test_claims_dated_in_the_future_or_outliving_a_lease_are_ignored():
+    clock, (la, lb) = _memory_pair(lease=3.0)
+    now = clock.now()
+    schemas.store(la.dht, la.keys.leases, la.identity, LeaseRecord(head=0, claimed_at=now + 60), now + 3, tag="0")
+    schemas.store(la.dht, la.keys.leases, la.identity, LeaseRecord(head=1, claimed_at=now), now + 600, tag="1")
     assert lb.holders() == {}
-    assert lb.free_heads() == [0, 1, 2, 3]
 
 
-def test_winner_rule_is_earliest_claim_then_smaller_peer():
-    claims = [LeaseRecord(head=0, peer="b", claimed_at=1.0), LeaseRecord(head=0, peer="a", claimed_at=1.0),
-              LeaseRecord(head=0, peer="c", claimed_at=0.5, released=True), LeaseRecord(head=1, peer="z", claimed_at=2.0),
-              LeaseRecord(head=1, peer="y", claimed_at=3.0)]
-    assert winners(claims) == {0: "a", 1: "z"}
+def test_winner_rule_is_incumbent_then_earliest_claim_then_smaller_fingerprint():
+    claims = [("b", LeaseRecord(head=0, claimed_at=1.0)), ("a", LeaseRecord(head=0, claimed_at=1.0)),
+              ("c", LeaseRecord(head=0, claimed_at=0.5, released=True)), ("z", LeaseRecord(head=1, claimed_at=2.0)),
+              ("y", LeaseRecord(head=1, claimed_at=3.0)), ("x", LeaseRecord(head=2, claimed_at=-1e308)),
+              ("w", LeaseRecord(head=2, claimed_at=5.0))]
+    assert winners(claims) == {0: "a", 1: "z", 2: "x"}
+    assert winners(claims, incumbents={2: "w", 1: "gone"}) == {0: "a", 1: "z", 2: "w"}

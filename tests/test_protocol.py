@@ -8,9 +8,7 @@ import pytest
 import torch
 
 from peers.simulate import simulate
-from swarm import schemas
-from swarm.memnet import MemoryDHT
-from swarm.schemas import HashRecord, LeaseRecord, PeerPhase, ReadyRecord
+from swarm.schemas import PeerPhase
 from tests.memswarm import MemorySwarm, tiny_config
 
 pytestmark = pytest.mark.timeout(120)
@@ -123,19 +121,19 @@ def test_two_peers_claiming_one_head_at_once_end_with_one_holder(tmp_path):
 
 
 def test_a_lapsed_lease_is_reclaimed_as_a_new_claim_and_loses_to_the_peer_that_took_it(tmp_path):
-    from swarm.keys import RunKeys
+    from swarm.keys import RunKeys, make_run_id
     from swarm.leases import HeadLeases
 
     swarm = MemorySwarm(tiny_config(heads=1), tmp_path)
-    keys = RunKeys("leases")
-    dht_a, dht_b = MemoryDHT(swarm.net, "a"), MemoryDHT(swarm.net, "b")
-    la = HeadLeases(dht_a, keys, "a", 1, lease_seconds=6.0, settle_seconds=0.5, clock=swarm.clock)
-    lb = HeadLeases(dht_b, keys, "b", 1, lease_seconds=6.0, settle_seconds=0.5, clock=swarm.clock)
+    keys = RunKeys(make_run_id("leases", "0" * 20))
+    (dht_a, id_a), (dht_b, id_b) = swarm.signing_dht("a"), swarm.signing_dht("b")
+    la = HeadLeases(dht_a, keys, id_a, 1, lease_seconds=6.0, settle_seconds=0.5, clock=swarm.clock)
+    lb = HeadLeases(dht_b, keys, id_b, 1, lease_seconds=6.0, settle_seconds=0.5, clock=swarm.clock)
     assert la.claim(1) == [0]
     swarm.clock.advance(7.0)  # a stalls past its lease (a long merge, a sleeping laptop)
     assert lb.claim(1) == [0]
     assert la.renew() == [0]  # a's renewal is a new claim: it does not take the head back
-    assert lb.holders() == {0: "b"} and not la.held
+    assert lb.holders() == {0: id_b.fingerprint} and not la.held
 
 
 def test_a_peer_with_a_diverged_w_resyncs_to_the_agreed_one(tmp_path):
@@ -171,34 +169,6 @@ def test_sigterm_mid_merge_leaves_within_one_step_and_frees_the_heads(tmp_path):
     swarm.run()
     assert b.state == "finished"
     _agree(swarm, "b", "coordinator")
-
-
-def test_stranger_records_and_bad_contributions_neither_crash_nor_poison_the_round(tmp_path):
-    cfg = tiny_config(heads=2, merge_every=2, rounds=6)
-    swarm = MemorySwarm(cfg, tmp_path)
-    swarm.coordinator()
-    a, b = swarm.trainer("a"), swarm.trainer("b")
-    swarm.run(until=_round_done("coordinator", 2))
-    rogue = MemoryDHT(swarm.net, "rogue")
-    keys = swarm["coordinator"].role.keys
-    now = swarm.clock.now()
-    r = swarm["coordinator"].role.protocol.round
-    # malformed records under every per-round key of the next rounds, and garbage lease claims
-    for k in range(r, r + 3):
-        rogue.store(keys.ready(k), {"round": "x"}, now + 30, subkey="rogue")
-        rogue.store(keys.ready(k), [1, 2, 3], now + 30, subkey="rogue2")
-        rogue.store(keys.hashes(k), "not a dict", now + 30, subkey="rogue")
-    rogue.store(keys.leases, {"head": -1}, now + 30, subkey="0:rogue")
-    # a ready record pointing at a contribution the rogue cannot serve, and one with bad heads
-    schemas.store(rogue, keys.ready(r), "Qmghost", ReadyRecord(round=r, heads=[0], head_steps=2, nbytes=10,
-                                                                ready_at=now, train_seconds=0.0), now + 30)
-    swarm.run()
-    assert a.state == b.state == swarm["coordinator"].state == "finished"
-    rounds = swarm["coordinator"].events.of("round")
-    assert [x["new_round"] for x in rounds] == list(range(1, cfg.rounds + 1))
-    assert all("Qmghost" not in x["members"] for x in rounds)
-    assert any("Qmghost" in x["rejected"] for x in rounds)
-    _agree(swarm)
 
 
 def test_a_coordinator_resumes_from_its_checkpoint(tmp_path):

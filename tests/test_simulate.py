@@ -3,20 +3,18 @@
 from __future__ import annotations
 
 import json
-import subprocess
 
 import pytest
 
-from tests.conftest import CLI, ROOT
+from tests.conftest import ROOT, run_cli
 
 CONFIG = str(ROOT / "configs" / "digits-vit-tiny.yaml")
 
 
 def _simulate(*extra: str) -> dict:
-    proc = subprocess.run([*CLI, "simulate", "--config", CONFIG, "--json", *extra],
-                          capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    result = run_cli("simulate", "--config", CONFIG, "--json", *extra)
+    assert result.exit_code == 0, (result.stderr[-2000:], result.exception)
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def test_lte_simulation_learns_digits():

@@ -108,23 +108,30 @@ def test_no_reachable_peer_is_one_line_and_nonzero():
     assert len(errors) == 1, result.stderr[-2000:]
 
 
+RUN = "run-a-" + "0" * 20
+
+
 @pytest.fixture
 def two_nodes():
     import hivemind
 
-    from peers.node import add_run_validators
+    from peers.node import install_run_validators, install_signing
+    from swarm.identity import Identity
 
     loopback = ["/ip4/127.0.0.1/tcp/0"]
     a = hivemind.DHT(start=True, host_maddrs=loopback)
     b = hivemind.DHT(start=True, host_maddrs=loopback, initial_peers=a.get_visible_maddrs())
-    signers = [add_run_validators(d, "run-a") for d in (a, b)]
-    yield (a, b), signers
+    identities = [Identity(), Identity()]
+    for dht, identity in zip((a, b), identities):
+        install_signing(dht, identity)
+        install_run_validators(dht, RUN, identity)
+    yield (a, b), identities
     b.shutdown()
     a.shutdown()
 
 
-def _status_record(run_id="run-a", **changes):
-    record = dict(run_id=run_id, peer="p", state="training", heads=[0], round=1, step=2, last_merged_round=0,
+def _status_record(run_id=RUN, **changes):
+    record = dict(run_id=run_id, peer="0" * 20, state="training", heads=[0], round=1, step=2, last_merged_round=0,
                   loss=1.5, samples_per_second=10.0, bytes_sent=1, bytes_received=2, device="cpu", storage="nf4",
                   digest="d" * 64, time=time.time())
     record.update(changes)
@@ -135,23 +142,27 @@ def test_forged_malformed_and_foreign_status_records_are_rejected(two_nodes):
     from swarm.keys import RunKeys
     from swarm.schemas import publish_status, read_statuses
 
-    (a, b), (signer_a, signer_b) = two_nodes
-    key = RunKeys("run-a").peers
+    (a, b), (id_a, id_b) = two_nodes
+    key = RunKeys(RUN).peers
     expiration = get_dht_time() + 30
-    assert publish_status(a, key, signer_a, PeerStatus.model_validate(_status_record(peer="honest")), expiration)
+    honest = PeerStatus.model_validate(_status_record(peer=id_a.fingerprint))
+    assert publish_status(a, key, id_a, honest, expiration)
     # forged: a writes under b's public key
-    assert not a.store(key, _status_record(peer="forged"), expiration, subkey=signer_b.local_public_key)
+    assert not a.store(key, _status_record(peer=id_b.fingerprint), expiration, subkey=id_b.subkey())
     # wrong schema (a missing field, a mistyped field, an unknown state), written raw, bypassing
     # PeerStatus as a stranger would: the DHT's own validators reject them
-    bad = _status_record(peer="bad")
+    bad = _status_record(peer=id_b.fingerprint)
     del bad["digest"]
-    for record in (bad, _status_record(peer="bad", round="1"), _status_record(peer="bad", state="sleeping")):
-        assert not b.store(key, record, expiration, subkey=signer_b.local_public_key)
+    for record in (bad, _status_record(peer=id_b.fingerprint, round="1"),
+                   _status_record(peer=id_b.fingerprint, state="sleeping")):
+        assert not b.store(key, record, expiration, subkey=id_b.subkey())
     # another run's record under this run's key
-    assert not b.store(key, _status_record(run_id="run-b", peer="foreign"), expiration, subkey=signer_b.local_public_key)
+    assert not b.store(key, _status_record(run_id="run-b", peer=id_b.fingerprint), expiration, subkey=id_b.subkey())
+    # a well-formed status that names another peer than its writer is stored, but never believed
+    assert publish_status(b, key, id_b, PeerStatus.model_validate(_status_record(peer=id_a.fingerprint)), expiration)
     time.sleep(0.5)
     for node in (a, b):
-        assert [s.peer for s in read_statuses(node, key)] == ["honest"]
+        assert [s.peer for s in read_statuses(node, key, get_dht_time())] == [id_a.fingerprint]
 
 
 def test_the_status_record_and_its_dht_side_twin_agree_field_for_field():

@@ -1,0 +1,117 @@
+"""Who wrote a record. Every node signs with an RSA key of its own; every record it writes sits under
+an owner subkey (`<tag>[owner:<public key>]`), which hivemind's `RSASignatureValidator` lets only
+that key's holder write. A record's writer is therefore known, and it is named in the protocol by
+the fingerprint of its key. A run's coordinator key is pinned by the run id, which ends in that
+key's fingerprint.
+
+The writer's P2P address is a field of its records, not its identity: blobs are named after the
+fingerprint, so pointing at another peer's address fetches nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any, Callable
+
+from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.dht.validation import DHTRecord, RecordValidatorBase
+from hivemind.utils import get_dht_time
+from hivemind.utils.crypto import RSAPrivateKey
+
+from swarm.errors import ConfigError
+
+FINGERPRINT_CHARS = 20  # hex digits: 80 bits, far beyond grinding a key that matches a run id
+_OWNER = re.compile(rb"\[owner:(.+?)\]")
+_FINGERPRINT = re.compile(rf"^[0-9a-f]{{{FINGERPRINT_CHARS}}}$")
+
+
+def fingerprint(public_key: bytes) -> str:
+    """The short name of a public key (the bytes inside `[owner:...]`, or the whole marker)."""
+    found = _OWNER.search(public_key)
+    raw = found.group(1) if found else public_key
+    return hashlib.sha256(raw).hexdigest()[:FINGERPRINT_CHARS]
+
+
+def is_fingerprint(text: str) -> bool:
+    return bool(_FINGERPRINT.match(text))
+
+
+class Identity:
+    """A node's signing key, the validator that signs with it, and its fingerprint."""
+
+    def __init__(self, key: RSAPrivateKey | None = None):
+        self.key = key or RSAPrivateKey()
+        self.validator = RSASignatureValidator(self.key)
+        self.owner: bytes = self.validator.local_public_key
+        self.fingerprint = fingerprint(self.owner)
+
+    def subkey(self, tag: str = "") -> bytes:
+        """An owner subkey: only this identity can write it."""
+        return tag.encode() + self.owner
+
+    @classmethod
+    def load_or_create(cls, path: Path) -> "Identity":
+        """The identity saved at `path`, or a new one saved there (readable by its owner only), so
+        that a restarted coordinator keeps its run id and authority."""
+        from cryptography.hazmat.primitives import serialization
+
+        path = Path(path)
+        if path.exists():
+            try:
+                key = RSAPrivateKey.__new__(RSAPrivateKey)
+                key._private_key = serialization.load_der_private_key(path.read_bytes(), password=None)
+            except (OSError, ValueError, TypeError) as exc:
+                raise ConfigError(f"cannot read the signing key {path}: {exc}") from None
+            return cls(key)
+        identity = cls()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(identity.key.to_bytes())
+        tmp.replace(path)
+        return identity
+
+
+def split_subkey(subkey: Any) -> tuple[str, str] | None:
+    """(tag, writer fingerprint) of an owner subkey; None for anything else (unsigned, foreign)."""
+    if not isinstance(subkey, bytes):
+        return None
+    found = _OWNER.search(subkey)
+    if found is None or found.end() != len(subkey):
+        return None
+    try:
+        tag = subkey[:found.start()].decode()
+    except UnicodeDecodeError:
+        return None
+    return tag, fingerprint(found.group(0))
+
+
+class SignedOnlyValidator(RecordValidatorBase):
+    """The storage policy of every node of a run: only signed records under owner subkeys, with
+    finite expirations at most `max_ttl` seconds ahead. An ordinary value, a record that never
+    expires or one set to outlive everyone (which could block a key or freeze what a node sees)
+    is refused by every honest node, whether it stores it or reads it from another."""
+
+    def __init__(self, max_ttl: float, time_source: Callable[[], float] | None = None):
+        self.max_ttl = max_ttl
+        self.time_source = time_source
+
+    def validate(self, record: DHTRecord) -> bool:
+        if not isinstance(record.subkey, bytes) or not _OWNER.search(record.subkey):
+            return False
+        now = self.time_source() if self.time_source is not None else get_dht_time()
+        return math.isfinite(record.expiration_time) and record.expiration_time <= now + self.max_ttl
+
+    def merge_with(self, other: RecordValidatorBase) -> bool:
+        if not isinstance(other, SignedOnlyValidator):
+            return False
+        self.max_ttl = max(self.max_ttl, other.max_ttl)
+        return True
+
+    def __getstate__(self):  # the time source stays behind when pickled into the DHT's process
+        return {"max_ttl": self.max_ttl, "time_source": None}

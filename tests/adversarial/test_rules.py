@@ -1,0 +1,307 @@
+"""Every trust rule of the protocol against the attack it stops, in one process on the in-memory DHT
+(hivemind's storage rules and validators) and a fake clock. Each swarm test runs the same honest
+peers twice, with and without the attack, and asserts that the honest peers kept merging every
+round, agree on W, and (where the attacker holds no head) end with exactly the W of the run
+without the attack."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from peers.trainer import Trainer
+from swarm import schemas
+from swarm.memnet import MemoryDHT
+from swarm.schemas import DonorRecord, HashRecord, LeaseRecord, ReadyRecord, RunAnnouncement, RunProgress, RunRecord
+from tests.memswarm import MemorySwarm, tiny_config
+
+pytestmark = pytest.mark.timeout(120)
+
+ROUNDS = 8
+BOGUS = "ab" * 32  # a well-formed digest of nothing
+
+
+def _config(**swarm):
+    return tiny_config(heads=3, merge_every=2, rounds=ROUNDS, min_heads=3, **swarm)
+
+
+def _honest_run(tmp_path, name: str, attack=None, at_round: int = 2, **swarm) -> MemorySwarm:
+    """Coordinator and three one-head peers; `attack(swarm)` runs once the coordinator reached
+    `at_round` (and may return a callable to run after every later step)."""
+    mem = MemorySwarm(_config(**swarm), tmp_path / name)
+    mem.coordinator()
+    for i in range(3):
+        mem.trainer(f"p{i}")
+    if attack is not None:
+        mem.run(until=lambda s: any(e["new_round"] >= at_round for e in s["coordinator"].events.of("round")))
+        attack(mem)
+    mem.run()
+    return mem
+
+
+def _assert_unharmed(attacked: MemorySwarm, baseline: MemorySwarm | None = None) -> None:
+    peers = ("coordinator", "p0", "p1", "p2")
+    assert all(attacked[n].state == "finished" for n in peers), {n: attacked[n].state for n in peers}
+    rounds = attacked["coordinator"].events.of("round")
+    assert [r["new_round"] for r in rounds] == list(range(1, ROUNDS + 1))
+    honest = {attacked[f"p{i}"].rt.peer for i in range(3)}
+    assert all(set(r["members"]) == honest for r in rounds), [r["members"] for r in rounds]
+    digests = attacked.digests(*peers)
+    assert len(set(digests.values())) == 1, digests
+    if baseline is not None:
+        assert digests["coordinator"] == baseline.digests("coordinator")["coordinator"]
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory):
+    return _honest_run(tmp_path_factory.mktemp("baseline"), "baseline")
+
+
+def test_unsigned_values_and_endless_records_are_refused_by_storage(tmp_path):
+    mem = MemorySwarm(_config(), tmp_path)
+    mem.coordinator()
+    keys = mem.coordinator_role().keys
+    now = mem.clock.now()
+    bare = MemoryDHT(mem.net, "Qmbare")  # a plain node: no key, no validators
+    # an ordinary value would block every vote of the round; unsigned subkeys could claim anything
+    assert not bare.store(keys.hashes(0), "not a dictionary", now + 60)
+    assert not bare.store(keys.leases, {"head": 0, "claimed_at": now}, now + 60, subkey="0:someone")
+    rogue, identity = mem.signing_dht("rogue")
+    record = LeaseRecord(head=0, claimed_at=now)
+    for expiration in (math.inf, now + 10 * schemas.MAX_RECORD_TTL):  # would freeze what nodes see
+        assert not schemas.store(rogue, keys.leases, identity, record, expiration, tag="0")
+    assert schemas.store(rogue, keys.leases, identity, record, now + 30, tag="0")  # its own, bounded: fine
+    # nobody writes under another's key
+    victim = mem["coordinator"].rt.identity
+    assert not rogue.store(keys.progress, {"round": 9}, now + 30, subkey=victim.subkey())
+    assert schemas.read(rogue, keys.hashes(0), HashRecord, now) == {}
+
+
+def test_infinite_and_malformed_fields_never_parse():
+    base = dict(round=1, heads=[0], head_steps=2, nbytes=10, ready_at=1.0, train_seconds=1.0, p2p="Qm")
+    assert schemas.parse(ReadyRecord, base) is not None
+    for change in ({"train_seconds": math.inf}, {"ready_at": math.nan}, {"heads": [0, 0]}, {"heads": []},
+                   {"round": -1}, {"p2p": ""}, {"extra": 1}):
+        assert schemas.parse(ReadyRecord, {**base, **change}) is None, change
+    assert schemas.parse(HashRecord, {"round": 1, "digest": "x", "members": []}) is None
+    assert schemas.parse(LeaseRecord, {"head": 0, "claimed_at": -math.inf}) is None
+
+
+def test_strangers_votes_ready_records_donors_and_progress_change_nothing(tmp_path, baseline):
+    """A node with a key of its own but no lease: it votes for this and future rounds, offers
+    contributions for heads it does not hold, dated at 0 or far ahead, advertises W at round
+    10^9, and publishes a progress record of its own."""
+    seen = {}
+
+    def attack(mem: MemorySwarm):
+        rogue, identity = mem.signing_dht("rogue")
+        keys, now = mem.coordinator_role().keys, mem.clock.now()
+        r = mem.coordinator_role().protocol.round
+        for k in range(r, ROUNDS + 2):
+            schemas.store(rogue, keys.hashes(k), identity, HashRecord(round=k, digest=BOGUS, members=[identity.fingerprint]),
+                          now + 300)
+            for ready_at, heads in ((0.0, [0]), (now, [1, 2]), (now + 1e6, [0])):
+                schemas.store(rogue, keys.ready(k), identity,
+                              ReadyRecord(round=k, heads=heads, head_steps=10, nbytes=100, ready_at=ready_at,
+                                          train_seconds=1e6, p2p=mem["p0"].rt.p2p), now + 300)
+        schemas.store(rogue, keys.donors, identity, DonorRecord(round=10**9, digest=BOGUS, p2p=rogue.peer_id), now + 300)
+        schemas.store(rogue, keys.progress, identity, RunProgress(round=10**9, digest=BOGUS, rounds_total=10**9,
+                                                                  samples=0, history=[]), now + 300)
+        seen["rogue"] = identity.fingerprint
+
+    attacked = _honest_run(tmp_path, "attacked", attack)
+    _assert_unharmed(attacked, baseline)
+    assert all(seen["rogue"] not in r["members"] for r in attacked["coordinator"].events.of("round"))
+
+
+def test_claims_dated_far_in_the_past_take_no_head_that_is_being_trained(tmp_path, baseline):
+    def attack(mem: MemorySwarm):
+        rogue, identity = mem.signing_dht("rogue")
+        keys, now = mem.coordinator_role().keys, mem.clock.now()
+
+        def claim_everything():
+            for head in range(3):
+                schemas.store(rogue, keys.leases, identity, LeaseRecord(head=head, claimed_at=-1e308),
+                              mem.clock.now() + 5, tag=str(head))
+        claim_everything()
+        # keep renewing them for the rest of the run
+        original = mem._step
+
+        def step(node):
+            if mem.clock.now() - step.last > 2:
+                claim_everything()
+                step.last = mem.clock.now()
+            original(node)
+        step.last = now
+        mem._step = step
+
+    attacked = _honest_run(tmp_path, "attacked", attack)
+    _assert_unharmed(attacked, baseline)  # the three trained heads stayed with their peers throughout
+
+
+def test_a_forged_run_record_and_a_stranger_run_announced_as_newest_redirect_nobody(tmp_path):
+    from peers.node import SwarmError, announce_run, find_run
+    from swarm.keys import RunKeys, make_run_id
+
+    mem = MemorySwarm(_config(), tmp_path)
+    coordinator = mem.coordinator().role
+    keys, now = coordinator.keys, mem.clock.now()
+    rogue, identity = mem.signing_dht("rogue")
+    evil = coordinator.cfg.with_overrides({"swarm.max_update": 1e6, "data.source": "hf:evil/data"})
+    forged = RunRecord(run_id=keys.run_id, config=evil.model_dump(mode="json"), coordinator=keys.coordinator, created=now)
+    schemas.store(rogue, keys.run, identity, forged, now + 60)
+    reader, _ = mem.signing_dht("reader")
+    got_keys, record, cfg = find_run(reader, keys.run_id, timeout=1, clock=mem.clock)
+    assert cfg == coordinator.cfg and record.coordinator == keys.coordinator
+    # announcing the victim's run id under another key counts for nothing ...
+    schemas.store(rogue, "lteswarm_runs", identity, RunAnnouncement(created=1e18, model="x"), now + 60, tag=keys.run_id)
+    assert find_run(reader, None, timeout=1, clock=mem.clock)[0].run_id == keys.run_id
+    # ... and a stranger's own run makes a plain join ask which run, instead of silently picking it
+    theirs = RunKeys(make_run_id("newest", identity.fingerprint))
+    announce_run(rogue, theirs, identity, forged.model_copy(update={"run_id": theirs.run_id, "created": 1e18,
+                                                                    "coordinator": identity.fingerprint}), now + 60)
+    with pytest.raises(SwarmError, match="choose one with --run-id"):
+        find_run(reader, None, timeout=1, clock=mem.clock)
+
+
+class _Rogue(Trainer):
+    """A peer that holds a head by the rules and then sends poison as its contribution."""
+
+    poison = "spike"
+
+    def encode(self, heads):
+        from safetensors.torch import load, save
+
+        from swarm.wire import encode_contribution
+
+        # dense: every layer a plain delta, so only the norm bound stands between the spike and W
+        blob = encode_contribution(self.model, heads, form="dense")[0] if self.poison == "spike" else super().encode(heads)
+        tensors = load(blob)
+        import json
+
+        meta = {"format": "lte-swarm/contribution/1", "heads": json.dumps(sorted(heads))}
+        for name, t in tensors.items():
+            if not name.startswith("w/"):
+                continue
+            if self.poison == "spike":  # one entry per 64-entry block near the per-entry limit
+                limit = 0.99 * self.cfg.swarm.max_update / (self.model.spec.scale / self.model.spec.n_heads)
+                flat = t.reshape(-1).clone()
+                flat[::64] = limit
+                tensors[name] = flat.reshape(t.shape)
+            elif self.poison == "nan":
+                tensors[name] = torch.full_like(t, float("nan"))
+        return save(tensors, metadata=meta)
+
+
+@pytest.mark.parametrize("poison", ["spike", "nan"])
+def test_a_lease_holder_sending_poison_is_rejected_and_the_others_merge(tmp_path, poison):
+    cfg = tiny_config(heads=4, merge_every=2, rounds=ROUNDS, min_heads=4)
+    mem = MemorySwarm(cfg, tmp_path)
+    mem.coordinator()
+    for i in range(3):
+        mem.trainer(f"p{i}")
+    _Rogue.poison = poison
+    rogue = mem.trainer("rogue", role=_Rogue)
+    mem.run()
+    fingerprint = rogue.rt.peer
+    rounds = mem["coordinator"].events.of("round")
+    assert [r["new_round"] for r in rounds] == list(range(1, ROUNDS + 1))
+    assert all(fingerprint not in r["members"] and fingerprint in r["rejected"] for r in rounds), rounds
+    assert all(len(r["members"]) == 3 for r in rounds)
+    digests = mem.digests("coordinator", "p0", "p1", "p2")
+    assert len(set(digests.values())) == 1
+    state = mem["coordinator"].role.model.shared_state()
+    assert all(torch.isfinite(t).all() for t in state.values())
+
+
+def test_an_outsized_contribution_is_not_downloaded(tmp_path):
+    cfg = tiny_config(heads=3, merge_every=2, rounds=4, min_heads=3)
+    mem = MemorySwarm(cfg, tmp_path)
+    mem.coordinator()
+
+    class Bloated(Trainer):
+        def encode(self, heads):
+            return super().encode(heads) + b"\0" * (self.protocol.max_contribution_bytes + 1)
+
+    for i in range(2):
+        mem.trainer(f"p{i}")
+    bloated = mem.trainer("bloated", role=Bloated)
+    mem.run()
+    rounds = mem["coordinator"].events.of("round")
+    assert all(bloated.rt.peer in r["rejected"] and len(r["members"]) == 2 for r in rounds)
+    assert bloated.role.server.bytes_sent == 0  # refused before a byte moved
+
+
+def test_a_peer_whose_records_expired_syncs_instead_of_merging_alone(tmp_path):
+    cfg = tiny_config(heads=3, merge_every=2, rounds=60, min_heads=3, round_timeout=8.0)
+    mem = MemorySwarm(cfg, tmp_path)
+    mem.coordinator()
+    peers = [mem.trainer(f"p{i}") for i in range(3)]
+    mem.run(until=lambda s: any(e["new_round"] >= 2 for e in s["coordinator"].events.of("round")))
+    sleeper = peers[0]
+    sleeper.state = "asleep"  # a laptop lid closed: it does nothing while the others go on
+    # long enough for every record of its round to expire (3 round timeouts)
+    wake_at = mem.clock.now() + 4 * cfg.swarm.round_timeout
+    mem.run(until=lambda s: s.clock.now() > wake_at)
+    sleeper.state = "running"
+    sleeper.next_at = mem.clock.now()
+    mem.run()
+    alone = [r for r in sleeper.events.of("round") if r["members"] == [sleeper.rt.peer]]
+    assert not alone, alone
+    assert any(r["missed"] and r["resynced"] for r in sleeper.events.of("round"))
+    digests = mem.digests()
+    assert len(set(digests.values())) == 1, digests
+
+
+def test_a_resumed_coordinator_catches_up_after_the_rounds_records_expired(tmp_path):
+    cfg = tiny_config(heads=2, merge_every=2, rounds=40, min_heads=2)
+    mem = MemorySwarm(cfg, tmp_path)
+    mem.coordinator()
+    mem.trainer("p0"), mem.trainer("p1")
+    mem.run(until=lambda s: any(e["round"] >= 2 for e in s["coordinator"].events.of("checkpoint")))
+    mem.stop("coordinator")
+    mem.run(until=lambda s: s["coordinator"].state != "running")
+    saved_round = mem["coordinator"].events.last("checkpoint")["round"]
+    # the swarm goes on without its coordinator, long enough for every record of that round to expire
+    mem.run(until=lambda s: s["p0"].role.protocol.round >= saved_round + 8)
+    resumed = mem.coordinator(name="coordinator-again", run_dir=tmp_path / "run")
+    assert resumed.role.protocol.round == saved_round
+    mem.run()
+    assert resumed.role.protocol.round == cfg.rounds
+    assert any(r["missed"] and r["resynced"] for r in resumed.events.of("round"))
+    digests = mem.digests("p0", "p1", "coordinator-again")
+    assert len(set(digests.values())) == 1, digests
+
+
+def test_with_the_coordinator_down_sybil_votes_decide_nothing(tmp_path):
+    """Many identities without a lease vote for a W nobody holds while the coordinator is away:
+    only the lease holders' votes count, one each."""
+    mem = MemorySwarm(tiny_config(heads=3, merge_every=2, rounds=12, min_heads=3), tmp_path)
+    mem.coordinator()
+    for i in range(3):
+        mem.trainer(f"p{i}")
+    mem.run(until=lambda s: any(e["new_round"] >= 2 for e in s["coordinator"].events.of("round")))
+    keys = mem.coordinator_role().keys
+    mem.crash("coordinator")
+    sybils = [mem.signing_dht(f"sybil{i}") for i in range(7)]
+    start = mem["p0"].role.protocol.round
+    for k in range(start, 14):
+        for dht, identity in sybils:
+            schemas.store(dht, keys.hashes(k), identity, HashRecord(round=k, digest=BOGUS, members=[]), mem.clock.now() + 600)
+    mem.run()
+    for i in range(3):
+        rounds = mem[f"p{i}"].events.of("round")
+        assert rounds[-1]["new_round"] == 12 and not any(r["resynced"] for r in rounds), rounds
+    digests = mem.digests("p0", "p1", "p2")
+    assert len(set(digests.values())) == 1 and BOGUS not in digests.values()
+
+
+def test_a_peer_cannot_hold_more_heads_than_the_run_allows(tmp_path):
+    from swarm.errors import ConfigError
+
+    mem = MemorySwarm(_config(max_heads_per_peer=2), tmp_path)
+    mem.coordinator()
+    with pytest.raises(ConfigError, match="max_heads_per_peer"):
+        mem.trainer("greedy", heads=3)
