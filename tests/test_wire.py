@@ -130,3 +130,53 @@ def test_state_round_trip_and_tampered_state_is_refused():
     assert all(torch.equal(before[k], v) for k, v in other.shared_state().items())
     with pytest.raises(ContributionError, match="expected"):
         decode_state(blob, other, expect_digest="0" * 64)
+
+
+def _dense(name: str, heads: tuple[int, ...], weights: dict[str, torch.Tensor]):
+    from swarm.wire import Contribution
+
+    return Contribution(peer=name, heads=heads, weights=weights, replicas={}, nbytes=0)
+
+
+def test_robust_clip_scales_an_outlier_to_a_multiple_of_the_median_per_head():
+    spec = LTESpec(n_heads=4, rank=2, alpha=8.0, nonlinear="freeze")
+    layer = LTEModel(tiny_vit(), spec, []).layer_names[0]
+
+    def merged(contributions, clip):
+        m = LTEModel(tiny_vit(), spec, [])
+        before = {n: m.layer(n).weight_store.master.double().clone() for n in m.layer_names}
+        merge_contributions(m, contributions, robust_clip=clip)
+        return {n: (m.layer(n).weight_store.master.double() - before[n]) for n in m.layer_names}
+
+    g = torch.Generator().manual_seed(0)
+    names = LTEModel(tiny_vit(), spec, []).layer_names
+    shapes = {n: tuple(LTEModel(tiny_vit(), spec, []).layer(n).weight_store.master.shape) for n in names}
+    base = {n: torch.randn(shapes[n], generator=g) for n in names}
+    honest = [_dense(f"h{i}", (i,), {n: base[n] * (1 + 0.1 * i) for n in names}) for i in range(3)]
+    # two heads' worth of work, 100x an honest head: clipped to 4x the median per head, times 2 heads
+    attacker = _dense("x", (3, 4), {n: base[n] * 200 for n in names})
+    clipped = merged([*honest, attacker], clip=4.0)
+    expected = merged([*honest, _dense("x", (3, 4), {n: base[n] * 2 * 4 * 1.1 for n in names})], clip=0.0)
+    torch.testing.assert_close(clipped[layer], expected[layer], rtol=1e-6, atol=1e-9)
+    # honest spreads below the multiple are untouched, and two contributions are never clipped
+    assert torch.equal(merged(honest, clip=4.0)[layer], merged(honest, clip=0.0)[layer])
+    assert torch.equal(merged([honest[0], attacker], clip=4.0)[layer], merged([honest[0], attacker], clip=0.0)[layer])
+
+
+def test_a_change_too_large_for_the_layer_is_refused_however_its_entries_are_spread():
+    peer = _model([0])
+    receiver = LTEModel(tiny_vit(), SPEC, [])
+    blob, _ = encode_contribution(peer, [0], form="dense")
+    tensors = st_load(blob)
+    name = next(k for k in tensors if k.endswith("/D"))
+    layer = name.split("/")[1]
+    norm = receiver.layer(layer).weight_store.master.norm().item()
+    coef = SPEC.alpha / SPEC.rank / SPEC.n_heads
+    spike = torch.zeros_like(tensors[name]).reshape(-1)
+    spike[::64] = 1.0
+    tensors[name] = (spike * (2 * norm / coef / spike.norm())).reshape(tensors[name].shape)  # twice the layer's norm
+    bad = st_save(tensors, metadata={"format": "lte-swarm/contribution/1", "heads": "[0]"})
+    assert max(tensors[name].abs().max().item() * coef, 0) < 10.0  # every entry within the per-entry bound
+    with pytest.raises(ContributionError, match="of its norm"):
+        decode_contribution(bad, "evil", receiver, max_update=10.0, max_relative_update=1.0)
+    decode_contribution(bad, "evil", receiver, max_update=10.0, max_relative_update=3.0)  # a looser bound takes it
