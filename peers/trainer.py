@@ -57,6 +57,7 @@ class Trainer:
         self.protocol = MergeProtocol(self.dht, self.server, keys, rt.identity, sw, self.model,
                                       holders=self.leases.holders, clock=self.clock)
         self.leases.incumbents = self.protocol.incumbents
+        self.protocol.keep_alive = self._keep_leases
         data_cfg = cfg.data if opts.data is None else cfg.data.model_copy(update={"source": opts.data})
         self.source = DataSource(data_cfg, ImageShape(cfg.model.image_size, cfg.model.channels), seed=cfg.train.seed)
         self.streams: dict[int, object] = {}
@@ -66,6 +67,7 @@ class Trainer:
         self.finished = False
         self.sync_deadline = self.clock.monotonic() + opts.sync_timeout
         self.mr: MergeRound | None = None       # the merge round we are in, if any
+        self.heads_changed = False              # a renewal found a lost head
         self.settle_at: float | None = None     # when our pending head claims can be read back
         self.step_in_round = 0                  # local steps done towards the current round
         self.round_losses: list[float] = []
@@ -107,12 +109,12 @@ class Trainer:
         if self.protocol.round >= self.cfg.rounds and self.mr is None:
             self.finished = True
             return 0.0
-        if self.leases.due():
-            if self.leases.renew():
-                self._adopt_heads()
-            self.protocol.announce()
+        self._keep_leases()
         if self.mr is not None:
             return self._poll_round()
+        if self.heads_changed:
+            self.heads_changed = False
+            self._adopt_heads()
         if self.settle_at is not None:  # head claims written: read them back once they settled
             if self.clock.monotonic() < self.settle_at:
                 return self.settle_at - self.clock.monotonic()
@@ -213,6 +215,13 @@ class Trainer:
         return 0.0
 
     # ---- heads -------------------------------------------------------------------------------
+    def _keep_leases(self) -> None:
+        """Renew our leases when due (also from inside a long merge); adopt what changed."""
+        if self.leases.due():
+            if self.leases.renew():
+                self.heads_changed = True  # adopted between rounds, never under a running merge
+            self.protocol.announce()
+
     def _adopt_heads(self) -> None:
         heads = sorted(self.leases.held)
         if heads == self.model.head_ids:

@@ -27,7 +27,7 @@ import enum
 import hashlib
 import logging
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -108,6 +108,7 @@ class MergeProtocol:
         self.authority = keys.coordinator
         self.model = model
         self.holders = holders  # head -> holder: who may contribute and vote
+        self.keep_alive: Callable[[], None] = lambda: None  # called while a round blocks (lease renewals)
         self.clock = clock or Clock()
         self._round = round_
         self._incumbents: tuple[int, dict[int, str]] = (-1, {})
@@ -398,7 +399,10 @@ class MergeProtocol:
 
         peers = sorted(ready_set)
         with ThreadPoolExecutor(max_workers=min(self.cfg.parallel_downloads, max(1, len(peers)))) as pool:
-            results = list(pool.map(one, peers))
+            futures = [pool.submit(one, p) for p in peers]
+            for _ in as_completed(futures):
+                self.keep_alive()  # a long gather must not let our leases lapse
+            results = [f.result() for f in futures]
         got = [c for c in results if c is not None]
         return got, [p for p, c in zip(peers, results) if c is None]
 
