@@ -73,12 +73,12 @@ def test_ctrl_c_stops_the_demo_and_every_process_it_started(tmp_path):
     try:
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline:
-            events = workdir / "peer0.jsonl"
-            if events.exists() and '"event": "round"' in events.read_text():
+            logs = [workdir / f"{f}.jsonl" for f in ("peer0", "peer1")]
+            if all(e.exists() and "\"event\": \"joined\"" in e.read_text() for e in logs):  # all three are up
                 break
             time.sleep(0.5)
         else:
-            pytest.fail("the demo's peers never finished a round")
+            pytest.fail("the demo's peers never joined")
         proc.send_signal(signal.SIGINT)
         started = time.monotonic()
         _, stderr = proc.communicate(timeout=30)
