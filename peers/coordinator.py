@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import os
 import secrets
-import time
 from pathlib import Path
 
 from peers.checkpoint import load_checkpoint, save_checkpoint
@@ -57,7 +56,8 @@ class Coordinator:
                 raise ConfigError(f"{self.run_dir}/{KEY_FILE} is not the key of run {saved.run_id}; "
                                   "restore that file or use another --run-dir")
             log.info("resuming run %s at round %d from %s", saved.run_id, saved.round, self.run_dir)
-            cfg, run_id, round_, self.model, self.history = saved.config, saved.run_id, saved.round, saved.model, saved.history
+            cfg, run_id, round_ = saved.config, saved.run_id, saved.round
+            self.model, self.history = saved.model, saved.history
         else:
             run_id = make_run_id(run_id, rt.identity.fingerprint) if run_id else new_run_id(config_name, rt.identity)
             round_ = 0
@@ -107,8 +107,8 @@ class Coordinator:
         self.publish()
         if not self.resumed:
             self.checkpoint()
-        self.events.emit("started", run_id=self.keys.run_id, peer=self.peer, p2p=self.rt.p2p, round=self.protocol.round, digest=self.model.state_digest(),
-                         pid=os.getpid(), dht_pid=getattr(self.dht, "pid", None))
+        self.events.emit("started", run_id=self.keys.run_id, peer=self.peer, p2p=self.rt.p2p, round=self.protocol.round,
+                         digest=self.model.state_digest(), pid=os.getpid(), dht_pid=getattr(self.dht, "pid", None))
         self.started = True
 
     def run(self) -> None:

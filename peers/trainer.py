@@ -138,8 +138,8 @@ class Trainer:
     def _sync(self) -> float:
         self._publish_status(force=True)
         if self.protocol.sync():
-            self.events.emit("joined", peer=self.peer, p2p=self.rt.p2p, round=self.protocol.round, digest=self.model.state_digest(),
-                             pid=os.getpid(), dht_pid=getattr(self.dht, "pid", None))
+            self.events.emit("joined", peer=self.peer, p2p=self.rt.p2p, round=self.protocol.round,
+                             digest=self.model.state_digest(), pid=os.getpid(), dht_pid=getattr(self.dht, "pid", None))
             self._set_phase(PeerPhase.STANDBY)
             return 0.0
         if self.clock.monotonic() > self.sync_deadline:
