@@ -7,6 +7,7 @@ round as a reader of the others' contributions."""
 from __future__ import annotations
 
 import logging
+import math
 import os
 import secrets
 from pathlib import Path
@@ -73,7 +74,11 @@ class Coordinator:
         self.leases = HeadLeases(self.dht, self.keys, None, cfg.lte.heads, sw.lease_seconds, sw.settle_seconds,
                                  self.clock, sw.clock_skew)
         self.protocol = MergeProtocol(self.dht, self.server, self.keys, rt.identity, sw, self.model,
-                                      holders=self.leases.holders, clock=self.clock, round_=round_)
+                                      holders=self.leases.holders, clock=self.clock, round_=round_,
+                                      rounds_total=cfg.rounds)
+        # A resumed coordinator may find the swarm went on without it: it adopts what most lease
+        # holders hold, once, then is the authority again.
+        self.protocol.adopt_holders_state = saved is not None
         self.leases.incumbents = self.protocol.incumbents
         self.record = RunRecord(run_id=run_id, config=cfg.model_dump(mode="json"), coordinator=self.peer,
                                 created=float(self.clock.now()))
@@ -143,6 +148,7 @@ class Coordinator:
             return self.mr.wait
         self.mr = None
         if not result.idle:
+            self.protocol.adopt_holders_state = False
             self._record(result)
         return 0.0
 
@@ -166,8 +172,8 @@ class Coordinator:
         if self.eval_set is not None and (result.new_round % self.cfg.train.eval_every == 0
                                           or result.new_round >= self.cfg.rounds):
             acc, loss = evaluate(self.model.forward_merged, *self.eval_set, device=self.model.device)
-            fields.update(accuracy=acc, loss=loss)
-            log.info("round %d: test accuracy %.2f%%, loss %.3f", result.new_round, 100 * acc, loss)
+            fields.update(accuracy=acc, loss=loss if math.isfinite(loss) else None)
+            log.info("round %d: test accuracy %.2f%%, loss %s", result.new_round, 100 * acc, fields["loss"])
         self.events.emit("round", **fields)
         samples = result.merged_head_steps * self.cfg.head_batch
         self.history.append(RoundSummary(round=result.new_round, time=float(self.clock.now()), samples=samples,

@@ -49,7 +49,7 @@ def fetch_live(rt, run_id: str | None) -> tuple[RunConfig, LTEModel, int]:
         leases = HeadLeases(rt.dht, keys, None, cfg.lte.heads, cfg.swarm.lease_seconds, cfg.swarm.settle_seconds,
                             rt.clock, cfg.swarm.clock_skew)
         protocol = MergeProtocol(rt.dht, server, keys, rt.identity, cfg.swarm, model, holders=leases.holders,
-                                 clock=rt.clock)
+                                 clock=rt.clock, rounds_total=cfg.rounds)
         leases.incumbents = protocol.incumbents
         if not protocol.sync():
             raise SwarmError(f"no peer of run {keys.run_id} handed out its W")

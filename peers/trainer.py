@@ -9,6 +9,7 @@ clock in one process.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass
 
@@ -55,7 +56,7 @@ class Trainer:
         self.leases = HeadLeases(self.dht, keys, rt.identity, cfg.lte.heads, sw.lease_seconds, sw.settle_seconds,
                                  self.clock, sw.clock_skew)
         self.protocol = MergeProtocol(self.dht, self.server, keys, rt.identity, sw, self.model,
-                                      holders=self.leases.holders, clock=self.clock)
+                                      holders=self.leases.holders, clock=self.clock, rounds_total=cfg.rounds)
         self.leases.incumbents = self.protocol.incumbents
         self.protocol.keep_alive = self._keep_leases
         data_cfg = cfg.data if opts.data is None else cfg.data.model_copy(update={"source": opts.data})
@@ -98,9 +99,13 @@ class Trainer:
             return self._step()
         except NETWORK_ERRORS as exc:
             log.warning("round %d: network trouble, retrying: %s", self.protocol.round, exc)
-            if self.mr is not None:
-                self.mr = None
-                self.carry_over = self.unmerged_steps > 0
+            mr, self.mr = self.mr, None
+            if mr is not None and mr.contribution is not None:
+                if mr.agreed_members is not None and self.peer in mr.agreed_members:
+                    self._merged(mr)  # our change is in the agreed W even though we could not fetch it
+                else:
+                    self.carry_over = self.unmerged_steps > 0
+                self.step_in_round, self.round_losses = 0, []
             return 1.0
 
     def _step(self) -> float:
@@ -189,6 +194,12 @@ class Trainer:
         self.offered_train_seconds = train_seconds
         return 0.0
 
+    def _merged(self, mr: MergeRound) -> None:
+        """The contribution of `mr` is in the agreed W: its heads start over from there."""
+        self.model.mark_merged(mr.ready.heads)
+        self.unmerged_steps = 0
+        self.last_merged_round = mr.round
+
     def encode(self, heads: list[int]) -> bytes:
         """This peer's contribution: the unmerged change of `heads`."""
         return encode_contribution(self.model, heads)[0]
@@ -205,9 +216,7 @@ class Trainer:
         loss = sum(self.round_losses) / steps if steps else float("nan")
         if mr.contribution is not None:
             if result.merged:
-                self.model.mark_merged(mr.ready.heads)
-                self.unmerged_steps = 0
-                self.last_merged_round = result.round
+                self._merged(mr)
             self.carry_over = result.missed and self.unmerged_steps > 0
             self.step_in_round, self.round_losses = 0, []
         self._report(result, steps, loss, self.offered_train_seconds if mr.contribution is not None else 0.0)
@@ -248,7 +257,7 @@ class Trainer:
         if not force and now - self._status_at < STATUS_EVERY:
             return
         self._status_at = now
-        loss = None if self.loss is None or self.loss != self.loss else float(self.loss)
+        loss = float(self.loss) if self.loss is not None and math.isfinite(self.loss) else None
         record = PeerStatus(run_id=self.keys.run_id, peer=self.peer, state=self.phase, heads=list(self.model.head_ids),
                             round=self.protocol.round, step=self.step_in_round, last_merged_round=self.last_merged_round,
                             loss=loss, samples_per_second=float(self.samples_per_second),

@@ -19,7 +19,6 @@ from typing import Any, Callable
 
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.dht.validation import DHTRecord, RecordValidatorBase
-from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 
 from swarm.errors import ConfigError
@@ -91,27 +90,46 @@ def split_subkey(subkey: Any) -> tuple[str, str] | None:
     return tag, fingerprint(found.group(0))
 
 
+def _plain(value: Any, depth: int = 0) -> bool:
+    """msgpack's plain types only, nested at most 32 deep: nothing a reader could choke on."""
+    if depth > 32:
+        return False
+    if value is None or isinstance(value, (bool, int, float, str, bytes)):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_plain(v, depth + 1) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, (str, int, bytes)) and _plain(v, depth + 1) for k, v in value.items())
+    return False
+
+
 class SignedOnlyValidator(RecordValidatorBase):
     """The storage policy of every node of a run: only signed records under owner subkeys, with
-    finite expirations at most `max_ttl` seconds ahead. An ordinary value, a record that never
-    expires or one set to outlive everyone (which could block a key or freeze what a node sees)
-    is refused by every honest node, whether it stores it or reads it from another."""
+    finite expirations, whose value is plain msgpack data. An ordinary value could block a key,
+    a record that never expires could freeze what a node sees, and a value a reader cannot decode
+    would stop hivemind's search for that key (its future is never resolved). Deliberately
+    independent of the reading node's clock: hivemind drops a node's whole dictionary if one
+    subkey fails, so a time-dependent rule would let a stranger split the peers' views (how far
+    ahead a record may expire is checked per record when it is read, `schemas.read`)."""
 
-    def __init__(self, max_ttl: float, time_source: Callable[[], float] | None = None):
-        self.max_ttl = max_ttl
+    def __init__(self, max_ttl: float = 0.0, time_source: Callable[[], float] | None = None):
+        self.max_ttl = max_ttl          # kept for callers; lifetimes are bounded on read
         self.time_source = time_source
 
     def validate(self, record: DHTRecord) -> bool:
+        from hivemind.utils.serializer import MSGPackSerializer
+
         if not isinstance(record.subkey, bytes) or not _OWNER.search(record.subkey):
             return False
-        now = self.time_source() if self.time_source is not None else get_dht_time()
-        return math.isfinite(record.expiration_time) and record.expiration_time <= now + self.max_ttl
+        if not math.isfinite(record.expiration_time):
+            return False
+        try:
+            return _plain(MSGPackSerializer.loads(record.value))
+        except Exception:
+            return False
 
     def merge_with(self, other: RecordValidatorBase) -> bool:
-        if not isinstance(other, SignedOnlyValidator):
-            return False
-        self.max_ttl = max(self.max_ttl, other.max_ttl)
-        return True
+        return isinstance(other, SignedOnlyValidator)
 
     def __getstate__(self):  # the time source stays behind when pickled into the DHT's process
         return {"max_ttl": self.max_ttl, "time_source": None}

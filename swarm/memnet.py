@@ -134,7 +134,16 @@ class MemoryDHT:
             return False
         return self.network.put(key, subkey, record.value, expiration_time)
 
-    def get(self, key: str, latest: bool = True, **_) -> ValueWithExpiration | None:
+    def get(self, key: str, latest: bool = True, return_future: bool = False, **_):
+        if return_future:
+            from concurrent.futures import Future
+
+            future: Future = Future()
+            try:
+                future.set_result(self.get(key, latest))
+            except Exception as exc:
+                future.set_exception(exc)
+            return future
         if not self.alive:
             raise ConnectionError("this DHT node was shut down")
         entry = self.network.fetch_entry(key)

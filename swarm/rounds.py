@@ -85,6 +85,8 @@ class MergeRound:
     step: RoundStep = RoundStep.OPEN
     wait: float = 0.0              # seconds until the next poll is useful
     settle_until: float = 0.0
+    first_ready_seen: float | None = None  # monotonic: when this peer first saw a ready record
+    agreed_members: list[str] | None = None  # the agreed contributors, once known
     waited: float = 0.0
     ready_set: dict[str, ReadyRecord] = field(default_factory=dict)
     members: list[str] = field(default_factory=list)
@@ -101,7 +103,8 @@ class MergeProtocol:
     time without ever sleeping, so the same code runs under a real and a fake clock."""
 
     def __init__(self, dht, server, keys: RunKeys, identity: Identity, cfg: SwarmConfig, model: LTEModel,
-                 holders: Callable[[], dict[int, str]], clock: Clock | None = None, round_: int = 0):
+                 holders: Callable[[], dict[int, str]], clock: Clock | None = None, round_: int = 0,
+                 rounds_total: int | None = None):
         self.dht, self.server, self.keys, self.identity, self.cfg = dht, server, keys, identity, cfg
         self.peer = identity.fingerprint
         self.p2p = str(dht.peer_id)
@@ -111,6 +114,10 @@ class MergeProtocol:
         self.keep_alive: Callable[[], None] = lambda: None  # called while a round blocks (lease renewals)
         self.clock = clock or Clock()
         self._round = round_
+        self.rounds_total = rounds_total  # no trustworthy state is ever past the run's last round
+        # Only a resuming coordinator adopts what most lease holders hold (the swarm went on without
+        # it); otherwise the coordinator is the truth and never takes state from anyone.
+        self.adopt_holders_state = not self.is_authority
         self._incumbents: tuple[int, dict[int, str]] = (-1, {})
         self._agreed_members: tuple[int, list[str]] = (-1, [])
         self.max_contribution_bytes = contribution_bound(model)
@@ -142,18 +149,22 @@ class MergeProtocol:
         return found.get(self.authority)
 
     def trusted_state(self) -> tuple[int, str] | None:
-        """(round, digest) of the W this peer may adopt: the coordinator's agreed W; when the
-        coordinator is down or stale (the holders are 2 or more rounds past it), or we are it
-        (resuming), what most lease holders hold at the newest round they agree on. None when
-        nobody trustworthy says anything."""
-        holders = set(self.holders().values())
-        said = Counter((r.round, r.digest) for who, r in self.donors().items() if who in holders)
-        majority = max(said.items(), key=lambda kv: (kv[1], kv[0][0], kv[0][1]))[0] if said else None
+        """(round, digest) of the W this peer may adopt: the coordinator's agreed W whenever its
+        progress record is live; without it (or for a resuming coordinator), what a strict
+        majority of the lease holders advertise. None when nobody trustworthy says anything."""
         if not self.is_authority:
             progress = self.progress()
-            if progress is not None and (majority is None or majority[0] < progress.round + 2):
+            if progress is not None:
                 return progress.round, progress.digest
-        return majority
+        if not self.adopt_holders_state:
+            return None
+        holders = set(self.holders().values())
+        said = Counter((r.round, r.digest) for who, r in self.donors().items()
+                       if who in holders and (self.rounds_total is None or r.round <= self.rounds_total))
+        if not said:
+            return None
+        (round_, digest), count = max(said.items(), key=lambda kv: (kv[1], kv[0][0], kv[0][1]))
+        return (round_, digest) if 2 * count > len(holders) else None
 
     def incumbents(self) -> dict[int, str]:
         """head -> the identity whose work on it was merged in the round before ours (it keeps
@@ -168,10 +179,9 @@ class MergeProtocol:
         if self._agreed_members[0] == r:
             members = self._agreed_members[1]
         else:
-            votes = {w: v for w, v in schemas.by_writer(schemas.read(self.dht, self.keys.hashes(r), HashRecord, now)).items()
-                     if v.round == r}
-            members = (votes[self.authority].members if self.authority in votes
-                       else agreed_vote(votes)[1].members if votes else [])
+            votes = schemas.by_writer(schemas.read(self.dht, self.keys.hashes(r), HashRecord, now))
+            vote = votes.get(self.authority)  # nobody else's word decides who keeps a head
+            members = vote.members if vote is not None and vote.round == r else []
         ready = schemas.by_writer(schemas.read(self.dht, self.keys.ready(r), ReadyRecord, now))
         out = {h: who for who in members if who in ready and ready[who].round == r for h in ready[who].heads}
         if members:
@@ -189,11 +199,15 @@ class MergeProtocol:
         if len(candidates) > 1:  # spread newcomers over the donors instead of all hitting one
             shift = int(hashlib.sha256(self.peer.encode()).hexdigest(), 16) % len(candidates)
             candidates = candidates[shift:] + candidates[:shift]
+        # the coordinator and the lease holders first: a stranger may advertise the right digest
+        holders = set(self.holders().values())
+        candidates.sort(key=lambda who: (who != self.authority, who not in holders))
         return self._fetch_state([donors[c].p2p for c in candidates], *target)
 
     def _fetch_state(self, addresses: list[str], round_: int, digest: str) -> bool:
         for address in addresses:
             self.clock.check()
+            self.keep_alive()
             try:
                 blob = self.server.fetch(address, self.keys.state_blob, self.cfg.request_timeout * 4,
                                          self.max_state_bytes)
@@ -203,6 +217,8 @@ class MergeProtocol:
                 return True
             except NETWORK_ERRORS + (ContributionError,) as exc:
                 log.warning("could not sync from %s: %s", address[-8:], exc)
+            except Exception as exc:  # hostile bytes must never take the peer down
+                log.warning("could not sync from %s: %s: %s", address[-8:], type(exc).__name__, exc)
         return False
 
     # ---- reading a round's records ---------------------------------------------------------
@@ -224,11 +240,11 @@ class MergeProtocol:
         found = schemas.by_writer(schemas.read(self.dht, self.keys.hashes(r), HashRecord, self.clock.now()))
         return {who: rec for who, rec in found.items() if rec.round == r and who in voters}
 
-    def close_at(self, ready: dict[str, ReadyRecord]) -> float:
-        """When a round with these ready records stops waiting for the others (DHT time)."""
+    def close_window(self, ready: dict[str, ReadyRecord]) -> float:
+        """How long a round waits for the others once this peer saw its first ready record."""
         first = min(ready.values(), key=lambda x: x.ready_at)
         train = min(first.train_seconds, self.cfg.round_timeout)
-        return first.ready_at + max(self.cfg.merge_grace, self.cfg.merge_slack * train)
+        return max(self.cfg.merge_grace, self.cfg.merge_slack * train)
 
     def _closed_by_votes(self, r: int) -> bool:
         votes = self._votes(r)
@@ -237,12 +253,9 @@ class MergeProtocol:
         return self.authority in votes or (bool(holders) and 2 * holder_votes > len(holders))
 
     def closed(self, r: int) -> bool:
-        """Round r no longer takes contributions (the coordinator or most holders merged it, or
-        its deadline passed)."""
-        if self._closed_by_votes(r):
-            return True
-        ready = self._ready(r)
-        return bool(ready) and self.clock.now() > self.close_at(ready)
+        """Round r no longer takes contributions: the coordinator or most holders merged it. (Ready
+        times do not decide this: a holder could date its records so that every round looks over.)"""
+        return self._closed_by_votes(r)
 
     # ---- one round, step by step -------------------------------------------------------------
     def begin(self, contribution: bytes | None, ready: ReadyRecord | None) -> MergeRound:
@@ -291,13 +304,19 @@ class MergeProtocol:
         return self.clock.now() + self.cfg.round_timeout * 3
 
     def _poll_open(self, mr: MergeRound) -> None:
-        r, now = mr.round, self.clock.now()
+        r, now = mr.round, self.clock.monotonic()
         ready_set = self._ready(r)
         close = False
         if ready_set:
-            close = not (set(self.holders().values()) - set(ready_set)) or now > self.close_at(ready_set)
-        elif mr.contribution is None and self.clock.monotonic() > mr.deadline:
-            self._finish(mr, RoundResult(round=r, new_round=self._round, idle=True))
+            if mr.first_ready_seen is None:  # our own clock decides, not the records' dates
+                mr.first_ready_seen = now
+            close = (not (set(self.holders().values()) - set(ready_set))
+                     or now > mr.first_ready_seen + self.close_window(ready_set))
+        elif now > mr.deadline:
+            # Nobody's ready record counts, ours included (a lost head, a store that never made it):
+            # the round is over for us without a merge; a contributor keeps its change.
+            self._finish(mr, RoundResult(round=r, new_round=self._round, idle=mr.contribution is None,
+                                         missed=mr.contribution is not None))
             return
         if close or self._closed_by_votes(r):
             mr.step = RoundStep.SETTLING
@@ -337,6 +356,7 @@ class MergeProtocol:
         # Our own vote counts even if the DHT did not take it (then we only agree with ourselves).
         votes[self.peer] = HashRecord(round=r, digest=mr.digest, members=mr.members)
         agreed = votes[self.authority] if self.authority in votes else agreed_vote(votes)[1]
+        mr.agreed_members = list(agreed.members)
         result = RoundResult(round=r, new_round=r + 1, rejected=mr.rejected, seconds_waiting=mr.waited)
         if agreed.digest != mr.digest:
             log.warning("round %d: our W (%s, %d contributions) differs from the agreed one (%s, %d); re-syncing",
@@ -362,7 +382,12 @@ class MergeProtocol:
         """We came too late for the round (or the swarm is ahead): take the trusted W from a peer
         that has it, keep our change."""
         if self.sync(min_round=mr.round + 1):
-            self._finish(mr, RoundResult(round=mr.round, new_round=self._round, missed=True, resynced=True))
+            result = RoundResult(round=mr.round, new_round=self._round, missed=True, resynced=True)
+            if mr.agreed_members is not None:  # we merged, then failed to fetch the agreed W
+                result.missed = False
+                result.members = list(mr.agreed_members)
+                result.merged = self.peer in mr.agreed_members
+            self._finish(mr, result)
             return
         if self.clock.monotonic() > mr.deadline:
             raise TransferError(f"no peer could hand out the agreed W of round {mr.round + 1} or later")
@@ -395,6 +420,8 @@ class MergeProtocol:
                 log.warning("round %d: rejected the contribution of %s: %s", r, peer[:8], exc)
             except NETWORK_ERRORS as exc:
                 log.warning("round %d: no contribution from %s: %s", r, peer[:8], exc)
+            except Exception as exc:  # hostile bytes must never take the round down
+                log.warning("round %d: rejected the contribution of %s: %s: %s", r, peer[:8], type(exc).__name__, exc)
             return None
 
         peers = sorted(ready_set)

@@ -18,6 +18,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T", bound=BaseModel)
 
 
+MAX_RECORD_TTL = 3600.0  # no record of a run is meant to live longer (checked when read)
+
 Digest = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
 Fingerprint = Annotated[str, StringConstraints(pattern=rf"^[0-9a-f]{{{FINGERPRINT_CHARS}}}$")]
 PeerAddress = Annotated[str, StringConstraints(min_length=1, max_length=128)]
@@ -108,21 +110,39 @@ def store(dht, key: str, identity: Identity, record: BaseModel, expiration: floa
 Signed = dict[tuple[str, str], tuple[T, float]]
 
 
-def read(dht, key: str, model: type[T], now: float) -> "Signed[T]":
-    """Every unexpired, well-formed, signed record under `key`: (tag, writer) -> (record,
-    expiration). Anything else under the key (unsigned, malformed, expired) is dropped."""
+READ_TIMEOUT = 10.0  # seconds: a DHT read never blocks a peer for longer
+
+
+def _get(dht, key: str):
+    """`dht.get(key, latest=True)`, bounded in time: None if it does not answer."""
+    future = dht.get(key, latest=True, return_future=True)
     try:
-        found = dht.get(key, latest=True)
-    except (TypeError, ValueError) as exc:  # an undecodable value from another node
+        return future.result(timeout=READ_TIMEOUT)
+    except TimeoutError:
+        log.warning("the DHT did not answer for %s within %.0fs", key, READ_TIMEOUT)
+        try:
+            future.cancel()
+        except Exception:
+            pass
+        return None
+
+
+def read(dht, key: str, model: type[T], now: float) -> "Signed[T]":
+    """Every unexpired, well-formed, signed record under `key` that does not claim to live longer
+    than a record may: (tag, writer) -> (record, expiration). Anything else is dropped."""
+    try:
+        found = _get(dht, key)
+    except Exception as exc:  # an undecodable value from another node: nothing here is usable
         log.warning("dropping what the DHT holds at %s: %s", key, exc)
         return {}
     if found is None or not isinstance(found.value, dict):
         return {}
     out: dict[tuple[str, str], tuple[T, float]] = {}
+    latest = now + MAX_RECORD_TTL
     for subkey, item in found.value.items():
         who = split_subkey(subkey)
         value, expiration = getattr(item, "value", None), getattr(item, "expiration_time", 0.0)
-        if who is None or not isinstance(expiration, (int, float)) or not expiration >= now:
+        if who is None or not isinstance(expiration, (int, float)) or not now <= expiration <= latest:
             continue
         record = parse(model, value, where=f"{key}/{who[0]}:{who[1][:8]}")
         if record is not None:
@@ -211,9 +231,6 @@ class RunScopeValidator(RecordValidatorBase):
 
     def merge_with(self, other) -> bool:
         return isinstance(other, RunScopeValidator) and other.run_id == self.run_id
-
-
-MAX_RECORD_TTL = 3600.0  # no record of a run is meant to live longer; see SignedOnlyValidator
 
 
 def run_validators(run_id: str, identity: Identity, time_source=None) -> list:

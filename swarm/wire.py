@@ -96,6 +96,18 @@ def state_bound(model: LTEModel) -> int:
 
 def decode_contribution(blob: bytes, peer: str, model: LTEModel, max_update: float,
                         max_relative_update: float = float("inf")) -> Contribution:
+    """Parse and validate a contribution (see `_decode_contribution`); whatever goes wrong with
+    hostile bytes is a ContributionError, never another exception."""
+    try:
+        return _decode_contribution(blob, peer, model, max_update, max_relative_update)
+    except ContributionError:
+        raise
+    except Exception as exc:  # e.g. a header nested too deep, an unknown dtype, a failing allocation
+        raise ContributionError(f"malformed contribution ({type(exc).__name__})") from None
+
+
+def _decode_contribution(blob: bytes, peer: str, model: LTEModel, max_update: float,
+                         max_relative_update: float) -> Contribution:
     """Parse and validate a contribution against this run's model; raises ContributionError.
 
     Besides format, heads, shapes and finiteness, the change is bounded twice: no weight may move
@@ -192,21 +204,29 @@ def decode_state(blob: bytes, model: LTEModel, expect_digest: str | None = None,
     tensors, meta = _load(blob, STATE_FORMAT)
     try:
         round_ = int(meta.get("round", ""))
-    except ValueError:
+    except (ValueError, TypeError):
         raise ContributionError("state without a round number") from None
     if expect_round is not None and round_ != expect_round:
         raise ContributionError(f"state of round {round_}, expected round {expect_round}")
     claimed = meta.get("digest", "")
     if expect_digest is not None and claimed != expect_digest:
         raise ContributionError(f"state claims digest {claimed[:12]}, expected {expect_digest[:12]}")
-    backup = {k: v.clone() for k, v in model.shared_state().items()}
+    expected = model.shared_state()
+    for key, tensor in tensors.items():
+        if key in expected and (tensor.dtype != expected[key].dtype or not torch.isfinite(tensor).all()):
+            raise ContributionError(f"state tensor {key} is {tensor.dtype} or not finite")
+    backup = {k: v.clone() for k, v in expected.items()}
     try:
         model.load_shared_state(tensors)
-    except ValueError as exc:
-        raise ContributionError(str(exc)) from None
-    if model.state_digest() != claimed:
+        if model.state_digest() != claimed:
+            raise ContributionError("state bytes do not match the digest they claim")
+    except BaseException as exc:  # whatever happened, the model goes back to what it was
         model.load_shared_state(backup)
-        raise ContributionError("state bytes do not match the digest they claim")
+        if isinstance(exc, ContributionError):
+            raise
+        if isinstance(exc, Exception):
+            raise ContributionError(f"state does not fit the model: {exc}") from None
+        raise
     return round_
 
 
@@ -215,7 +235,9 @@ def _load(blob: bytes, fmt: str) -> tuple[dict[str, torch.Tensor], dict[str, str
         tensors = st_load(blob)
         header_len = int.from_bytes(blob[:8], "little")
         meta = json.loads(blob[8:8 + header_len]).get("__metadata__", {}) or {}
-    except (SafetensorError, ValueError, json.JSONDecodeError, UnicodeDecodeError, OverflowError) as exc:
+        if not isinstance(meta, dict):
+            raise ValueError("metadata is not a mapping")
+    except (SafetensorError, Exception) as exc:  # any failure to parse hostile bytes
         raise ContributionError(f"not a valid safetensors blob ({type(exc).__name__})") from None
     if meta.get("format") != fmt:
         raise ContributionError(f"unknown format {meta.get('format')!r}, expected {fmt}")

@@ -13,6 +13,7 @@ import torch
 
 from peers.trainer import Trainer
 from swarm import schemas
+from swarm.identity import Identity
 from swarm.memnet import MemoryDHT
 from swarm.schemas import DonorRecord, HashRecord, LeaseRecord, ReadyRecord, RunAnnouncement, RunProgress, RunRecord
 from tests.memswarm import MemorySwarm, tiny_config
@@ -70,13 +71,45 @@ def test_unsigned_values_and_endless_records_are_refused_by_storage(tmp_path):
     assert not bare.store(keys.leases, {"head": 0, "claimed_at": now}, now + 60, subkey="0:someone")
     rogue, identity = mem.signing_dht("rogue")
     record = LeaseRecord(head=0, claimed_at=now)
-    for expiration in (math.inf, now + 10 * schemas.MAX_RECORD_TTL):  # would freeze what nodes see
-        assert not schemas.store(rogue, keys.leases, identity, record, expiration, tag="0")
+    assert not schemas.store(rogue, keys.leases, identity, record, math.inf, tag="0")  # would freeze a key
+    # one that outlives any record is stored (storage must not depend on a node's clock) but never read
+    assert schemas.store(rogue, keys.leases, identity, record, now + 10 * schemas.MAX_RECORD_TTL, tag="1")
+    assert schemas.read(rogue, keys.leases, LeaseRecord, now) == {}
     assert schemas.store(rogue, keys.leases, identity, record, now + 30, tag="0")  # its own, bounded: fine
+    assert len(schemas.read(rogue, keys.leases, LeaseRecord, now)) == 1
     # nobody writes under another's key
     victim = mem["coordinator"].rt.identity
     assert not rogue.store(keys.progress, {"round": 9}, now + 30, subkey=victim.subkey())
     assert schemas.read(rogue, keys.hashes(0), HashRecord, now) == {}
+
+
+def test_values_a_reader_cannot_decode_are_refused_and_never_hang_a_read(tmp_path):
+    """A value that is not plain msgpack would stop hivemind's search for its key for good."""
+    import dataclasses
+
+    from hivemind.dht.validation import DHTRecord
+    from hivemind.utils.serializer import MSGPackSerializer
+
+    from swarm.identity import SignedOnlyValidator
+
+    identity = Identity()
+    validator = SignedOnlyValidator()
+    subkey = MSGPackSerializer.dumps(identity.subkey("0"))
+    good = DHTRecord(b"k", subkey, MSGPackSerializer.dumps({"head": 0, "claimed_at": 1.0}), 100.0)
+    assert validator.validate(good)
+    nested: list = [0]
+    for _ in range(40):
+        nested = [nested]
+    for value in (b"\xc1", MSGPackSerializer.dumps(nested)):
+        assert not validator.validate(dataclasses.replace(good, value=value))
+    assert not validator.validate(dataclasses.replace(good, expiration_time=math.inf))
+    assert not validator.validate(dataclasses.replace(good, subkey=MSGPackSerializer.dumps(b"0")))
+    # and if a node serves one anyway, a read gives nothing instead of hanging or raising
+    mem = MemorySwarm(_config(), tmp_path)
+    mem.coordinator()
+    keys = mem.coordinator_role().keys
+    mem.net.put(keys.leases, identity.subkey("0"), b"\xc1", mem.clock.now() + 30)
+    assert schemas.read(mem["coordinator"].rt.dht, keys.leases, LeaseRecord, mem.clock.now()) == {}
 
 
 def test_infinite_and_malformed_fields_never_parse():
@@ -305,3 +338,40 @@ def test_a_peer_cannot_hold_more_heads_than_the_run_allows(tmp_path):
     mem.coordinator()
     with pytest.raises(ConfigError, match="max_heads_per_peer"):
         mem.trainer("greedy", heads=3)
+
+
+def test_a_holder_dating_its_ready_records_to_close_every_round_early_stalls_nothing(tmp_path):
+    """It pre-publishes ready records for the coming rounds, dated so that their deadlines have
+    passed: were ready times to decide that a round is over, the others would try to catch up
+    with a round nobody merged, and wait out the round timeout every round."""
+
+    class Backdater(Trainer):
+        attack = True
+
+        def encode(self, heads):
+            now, keys = self.clock.now(), self.keys
+            for k in range(self.protocol.round + 1, self.protocol.round + 4):
+                record = ReadyRecord(round=k, heads=heads, head_steps=1, nbytes=10, train_seconds=0.0, p2p=self.rt.p2p,
+                                     ready_at=now - 2.5 * self.cfg.swarm.round_timeout)
+                if self.attack:
+                    schemas.store(self.dht, keys.ready(k), self.rt.identity, record, now + 60)
+            return super().encode(heads)
+
+    def run(name: str, attack: bool) -> tuple[MemorySwarm, float]:
+        Backdater.attack = attack
+        mem = MemorySwarm(tiny_config(heads=3, merge_every=2, rounds=ROUNDS, min_heads=3), tmp_path / name)
+        start = mem.clock.now()
+        mem.coordinator()
+        mem.trainer("p0"), mem.trainer("p1")
+        mem.trainer("backdater", role=Backdater, throttle=0.5)  # the others reach each round first
+        mem.run()
+        return mem, mem.clock.now() - start
+
+    mem, attacked = run("attacked", True)
+    _, honest = run("honest", False)
+    rounds = mem["coordinator"].events.of("round")
+    assert [r["new_round"] for r in rounds] == list(range(1, ROUNDS + 1))
+    for name in ("p0", "p1"):
+        assert all(r["merged"] and not r["missed"] for r in mem[name].events.of("round")), mem[name].events.of("round")
+    assert len(set(mem.digests("coordinator", "p0", "p1").values())) == 1
+    assert attacked <= 1.2 * honest, (attacked, honest)  # seconds of fake time: deterministic
