@@ -47,8 +47,11 @@ def run_demo(workdir: Path, peers: int, rounds: int, config: Path | None = None,
 
             from peers.node import EventLog, find_run, install_run_validators, real_runtime, start_dht
 
-            dht = start_dht(swarm.maddrs, client_mode=True)
-            viewer = real_runtime(dht, threading.Event(), EventLog(None))
+            from swarm.identity import Identity
+
+            signer = Identity()
+            dht = start_dht(swarm.maddrs, client_mode=True, signer=signer)
+            viewer = real_runtime(dht, threading.Event(), EventLog(None), signer)
             keys, _, run_cfg = find_run(dht, swarm.run_id)
             install_run_validators(dht, keys.run_id, viewer.identity)
         while any(p.handle.poll() is None for p in procs):

@@ -29,8 +29,10 @@ class SwarmError(LTESwarmError):
 
 
 def start_dht(initial_peers: list[str], host_maddrs: list[str] | None = None, identity_path: str | None = None,
-              client_mode: bool = False):
-    """A hivemind DHT node, or a one-line SwarmError saying why it could not start."""
+              client_mode: bool = False, signer: Identity | None = None):
+    """A hivemind DHT node, or a one-line SwarmError saying why it could not start. With `signer`,
+    it signs with that identity and refuses unsigned records from its first moment (validators
+    added later would leave a window in which a stranger's record could settle in its storage)."""
     import hivemind
     from hivemind.p2p import P2PDaemonError
 
@@ -40,7 +42,9 @@ def start_dht(initial_peers: list[str], host_maddrs: list[str] | None = None, id
             super().run()
 
     try:
+        validators = signing_validators(signer) if signer is not None else ()
         return IsolatedDHT(initial_peers=initial_peers or None, host_maddrs=host_maddrs or LOOPBACK,
+                           record_validators=validators,
                            identity_path=identity_path, client_mode=client_mode, start=True,
                            startup_timeout=30, await_ready=True)
     except (P2PDaemonError, TimeoutError, ConnectionError, OSError, ValueError) as exc:
@@ -133,13 +137,17 @@ def find_run(dht, run_id: str | None, timeout: float = 20.0, clock: Clock | None
         clock.sleep(0.5)
 
 
-def install_signing(dht, identity: Identity, time_source: Callable[[], float] | None = None) -> None:
-    """Sign this node's records with `identity` and accept only signed, short-lived records (every
-    node of a run does this before it reads or writes anything)."""
+def signing_validators(identity: Identity, time_source: Callable[[], float] | None = None) -> list:
     from swarm.identity import SignedOnlyValidator
     from swarm.schemas import MAX_RECORD_TTL
 
-    dht.add_validators([identity.validator, SignedOnlyValidator(MAX_RECORD_TTL, time_source)])
+    return [identity.validator, SignedOnlyValidator(MAX_RECORD_TTL, time_source)]
+
+
+def install_signing(dht, identity: Identity, time_source: Callable[[], float] | None = None) -> None:
+    """Sign this node's records with `identity` and accept only signed records with finite
+    lifetimes and plain values (every node of a run does this before it reads or writes)."""
+    dht.add_validators(signing_validators(identity, time_source))
 
 
 def install_run_validators(dht, run_id: str, identity: Identity, time_source: Callable[[], float] | None = None) -> None:
@@ -229,9 +237,10 @@ def open_runtime(initial_peers: list[str], host_maddrs: list[str] | None = None,
     """Signals, a DHT node and the event log for one role; always torn down, in reverse order.
     `identity_path` keeps the P2P address stable; `identity` is the signing key (a new one if None)."""
     events = EventLog(events_path)
+    identity = identity or Identity()
     try:
         with stop_on_signals() as stop:
-            dht = start_dht(initial_peers, host_maddrs, identity_path, client_mode=client_mode)
+            dht = start_dht(initial_peers, host_maddrs, identity_path, client_mode=client_mode, signer=identity)
             try:
                 yield real_runtime(dht, stop, events, identity)
             finally:
