@@ -23,6 +23,8 @@ from swarm.schemas import LeaseRecord
 
 log = logging.getLogger(__name__)
 
+CACHE_SECONDS = 0.5
+
 
 def winners(claims: list[tuple[str, LeaseRecord]], incumbents: dict[int, str] | None = None) -> dict[int, str]:
     """head -> holder, by the deterministic rule: the head's incumbent (whose work on it was merged
@@ -51,6 +53,7 @@ class HeadLeases:
         self.lease_seconds, self.settle_seconds, self.clock_skew = lease_seconds, settle_seconds, clock_skew
         self.clock = clock or Clock()
         self.incumbents: Callable[[], dict[int, str]] = dict  # set by the merge protocol that knows them
+        self._view: tuple[float, dict[int, str]] | None = None
         self.held: dict[int, float] = {}  # head -> our claimed_at
         self.renewed_at = 0.0
         self.pending: tuple[list[int], float] | None = None  # claims written, not yet settled
@@ -66,11 +69,16 @@ class HeadLeases:
                 out.append((who, r))
         return out
 
-    def holders(self) -> dict[int, str]:
-        return winners(self.claims(), self.incumbents())
+    def holders(self, max_age: float = CACHE_SECONDS) -> dict[int, str]:
+        """head -> holder. A view up to `max_age` seconds old is reused: a merge round asks many
+        times a second, and every read is a DHT lookup plus a signature check per claim."""
+        now = self.clock.monotonic()
+        if self._view is None or max_age <= 0 or now - self._view[0] > max_age:
+            self._view = (now, winners(self.claims(), self.incumbents()))
+        return dict(self._view[1])
 
     def free_heads(self) -> list[int]:
-        taken = self.holders()
+        taken = self.holders(max_age=0.0)
         return [h for h in range(self.n_heads) if h not in taken]
 
     def _write(self, head: int, claimed_at: float, released: bool = False) -> None:
@@ -99,7 +107,7 @@ class HeadLeases:
             return []
         wanted, now = self.pending
         self.pending = None
-        holders = self.holders()
+        holders = self.holders(max_age=0.0)
         won = [h for h in wanted if holders.get(h) == self.peer]
         for head in wanted:
             if head in won:
@@ -135,7 +143,7 @@ class HeadLeases:
                 self.held[head] = now
             self._write(head, self.held[head])
         self.renewed_at = now
-        holders = self.holders()
+        holders = self.holders(max_age=0.0)
         lost = [h for h in self.held if holders.get(h, self.peer) != self.peer]
         for head in lost:
             log.warning("lost head %d to %s (an earlier claim)", head, holders[head][-8:])

@@ -87,6 +87,7 @@ class MergeRound:
     settle_until: float = 0.0
     first_ready_seen: float | None = None  # monotonic: when this peer first saw a ready record
     agreed_members: list[str] | None = None  # the agreed contributors, once known
+    awaited: set[str] | None = None  # whose votes the round waits for
     waited: float = 0.0
     ready_set: dict[str, ReadyRecord] = field(default_factory=dict)
     members: list[str] = field(default_factory=list)
@@ -348,9 +349,9 @@ class MergeProtocol:
         most holders hold (re-synced from one of them if it is not ours)."""
         r = mr.round
         votes = self._votes(r)
-        awaited = set(mr.members)
-        if not self.is_authority and self.progress() is not None:
-            awaited.add(self.authority)
+        if mr.awaited is None:  # once per round: is the coordinator up, so that we wait for its vote?
+            mr.awaited = set(mr.members) | ({self.authority} if not self.is_authority and self.progress() else set())
+        awaited = mr.awaited
         if not awaited <= set(votes) and self.clock.monotonic() <= mr.deadline:
             return
         # Our own vote counts even if the DHT did not take it (then we only agree with ourselves).
