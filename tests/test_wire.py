@@ -180,3 +180,19 @@ def test_a_change_too_large_for_the_layer_is_refused_however_its_entries_are_spr
     with pytest.raises(ContributionError, match="of its norm"):
         decode_contribution(bad, "evil", receiver, max_update=10.0, max_relative_update=1.0)
     decode_contribution(bad, "evil", receiver, max_update=10.0, max_relative_update=3.0)  # a looser bound takes it
+
+
+def test_a_replica_change_too_large_for_the_parameter_is_refused():
+    peer = LTEModel(tiny_vit(), SPEC, [0])  # untrained: every other change is zero
+    receiver = LTEModel(tiny_vit(), SPEC, [])
+    blob, _ = encode_contribution(peer, [0])
+    tensors = st_load(blob)
+    name = next(k for k in tensors if k.startswith("r/") and "norm" in k and k.endswith("weight"))
+    param = dict(receiver.model.named_parameters())[name[2:]]
+    # every entry moves by 0.5 (far within max_update), which is 50 % of a LayerNorm weight of ones
+    tensors[name] = torch.full_like(tensors[name], 0.5 * SPEC.n_heads)
+    assert param.norm().item() > 0 and 0.5 < 10.0
+    bad = st_save(tensors, metadata={"format": "lte-swarm/contribution/1", "heads": "[0]"})
+    with pytest.raises(ContributionError, match=f"parameter {name[2:]}.*of its norm"):
+        decode_contribution(bad, "evil", receiver, max_update=10.0, max_relative_update=0.25)
+    decode_contribution(bad, "evil", receiver, max_update=10.0, max_relative_update=1.0)
