@@ -51,8 +51,11 @@ def fetch_live(rt, run_id: str | None) -> tuple[RunConfig, LTEModel, int]:
         protocol = MergeProtocol(rt.dht, server, keys, rt.identity, cfg.swarm, model, holders=leases.holders,
                                  clock=rt.clock, rounds_total=cfg.rounds)
         leases.incumbents = protocol.incumbents
-        if not protocol.sync():
-            raise SwarmError(f"no peer of run {keys.run_id} handed out its W")
+        deadline = rt.clock.monotonic() + 30.0
+        while not protocol.sync():  # donors move on every round: try again until one hands it out
+            if rt.clock.monotonic() > deadline:
+                raise SwarmError(f"no peer of run {keys.run_id} handed out its W within 30s")
+            rt.clock.sleep(0.5)
         return cfg, model, protocol.round
     finally:
         server.shutdown()

@@ -156,6 +156,13 @@ class MergeProtocol:
         if not self.is_authority:
             progress = self.progress()
             if progress is not None:
+                # The coordinator's vote on the round after its progress record (published before
+                # it evaluates and records that round) is as trustworthy and often newer.
+                votes = schemas.by_writer(schemas.read(self.dht, self.keys.hashes(progress.round), HashRecord,
+                                                       self.clock.now()))
+                vote = votes.get(self.authority)
+                if vote is not None and vote.round == progress.round:
+                    return progress.round + 1, vote.digest
                 return progress.round, progress.digest
         if not self.adopt_holders_state:
             return None
