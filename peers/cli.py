@@ -197,7 +197,7 @@ def status(
         with open_runtime([*initial_peers, *(more_peers or [])], client_mode=True) as rt:
             dht = rt.dht
             keys, _, cfg = find_run(dht, run_id, timeout=15.0, clock=rt.clock)
-            install_run_validators(dht, keys.run_id, rt.identity)
+            install_run_validators(dht, keys.run_id)
             if as_json:
                 print(json.dumps(snapshot(dht, keys, cfg)))
                 return

@@ -70,7 +70,7 @@ class Coordinator:
         self.server = rt.blob_server(run_id)
         sw = cfg.swarm
         # A read-only view of the leases (the coordinator holds no head): whom a round waits for.
-        install_run_validators(self.dht, run_id, rt.identity, rt.time_source)
+        install_run_validators(self.dht, run_id)
         self.leases = HeadLeases(self.dht, self.keys, None, cfg.lte.heads, sw.lease_seconds, sw.settle_seconds,
                                  self.clock, sw.clock_skew)
         self.protocol = MergeProtocol(self.dht, self.server, self.keys, rt.identity, sw, self.model,

@@ -43,17 +43,12 @@ def run_demo(workdir: Path, peers: int, rounds: int, config: Path | None = None,
         procs = [swarm.join(f"peer{i}") for i in range(peers)]
         if on_snapshot is not None:
             from peers.monitor import snapshot
-            import threading
-
-            from peers.node import EventLog, find_run, install_run_validators, real_runtime, start_dht
-
+            from peers.node import find_run, install_run_validators, start_dht
             from swarm.identity import Identity
 
-            signer = Identity()
-            dht = start_dht(swarm.maddrs, client_mode=True, signer=signer)
-            viewer = real_runtime(dht, threading.Event(), EventLog(None), signer)
+            dht = start_dht(swarm.maddrs, client_mode=True, signer=Identity())
             keys, _, run_cfg = find_run(dht, swarm.run_id)
-            install_run_validators(dht, keys.run_id, viewer.identity)
+            install_run_validators(dht, keys.run_id)
         while any(p.handle.poll() is None for p in procs):
             if on_snapshot is not None:
                 on_snapshot(snapshot(dht, keys, run_cfg))

@@ -45,7 +45,7 @@ def fetch_live(rt, run_id: str | None) -> tuple[RunConfig, LTEModel, int]:
         from peers.node import install_run_validators
         from swarm.leases import HeadLeases
 
-        install_run_validators(rt.dht, keys.run_id, rt.identity)
+        install_run_validators(rt.dht, keys.run_id)
         leases = HeadLeases(rt.dht, keys, None, cfg.lte.heads, cfg.swarm.lease_seconds, cfg.swarm.settle_seconds,
                             rt.clock, cfg.swarm.clock_skew)
         protocol = MergeProtocol(rt.dht, server, keys, rt.identity, cfg.swarm, model, holders=leases.holders,

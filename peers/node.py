@@ -8,7 +8,7 @@ import logging
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 from swarm import schemas
@@ -137,24 +137,25 @@ def find_run(dht, run_id: str | None, timeout: float = 20.0, clock: Clock | None
         clock.sleep(0.5)
 
 
-def signing_validators(identity: Identity, time_source: Callable[[], float] | None = None) -> list:
+def signing_validators(identity: Identity) -> list:
+    """Sign with `identity` (which also checks everyone else's signatures) and accept only signed
+    records with finite lifetimes and plain values."""
     from swarm.identity import SignedOnlyValidator
-    from swarm.schemas import MAX_RECORD_TTL
 
-    return [identity.validator, SignedOnlyValidator(MAX_RECORD_TTL, time_source)]
-
-
-def install_signing(dht, identity: Identity, time_source: Callable[[], float] | None = None) -> None:
-    """Sign this node's records with `identity` and accept only signed records with finite
-    lifetimes and plain values (every node of a run does this before it reads or writes)."""
-    dht.add_validators(signing_validators(identity, time_source))
+    return [identity.validator, SignedOnlyValidator()]
 
 
-def install_run_validators(dht, run_id: str, identity: Identity, time_source: Callable[[], float] | None = None) -> None:
-    """Everything a node of run `run_id` checks: signatures, lifetimes, the status schema and scope."""
+def install_signing(dht, identity: Identity) -> None:
+    """`signing_validators` on a node that was started without them (every node of a run has them
+    before it reads or writes; `start_dht(signer=...)` installs them from its first moment)."""
+    dht.add_validators(signing_validators(identity))
+
+
+def install_run_validators(dht, run_id: str) -> None:
+    """What a node checks once it knows its run: the status schema and the run scope."""
     from swarm.schemas import run_validators
 
-    dht.add_validators(run_validators(run_id, identity, time_source))
+    dht.add_validators(run_validators(run_id))
 
 
 @contextlib.contextmanager
@@ -205,8 +206,7 @@ class Runtime:
     events: EventLog
     clock: Clock
     blob_server: Callable[[str], Any]  # namespace -> a server of this node's blobs
-    identity: Identity = field(default_factory=Identity)  # whose signature this node's records carry
-    time_source: Callable[[], float] | None = None        # for validators (None: the DHT's time)
+    identity: Identity  # whose signature this node's records carry (its DHT signs with it)
 
     @property
     def peer(self) -> str:
@@ -219,15 +219,12 @@ class Runtime:
 
 
 
-def real_runtime(dht, stop: threading.Event, events: EventLog, identity: Identity | None = None) -> Runtime:
-    """A runtime on a real DHT node, which from now on signs with `identity` (a new key if None)."""
+def real_runtime(dht, stop: threading.Event, events: EventLog, identity: Identity) -> Runtime:
+    """A runtime on a real DHT node started with `start_dht(signer=identity)`."""
     from swarm.transport import BlobServer
 
-    rt = Runtime(dht=dht, stop=stop, events=events, clock=Clock(stop),
-                 blob_server=lambda namespace: BlobServer(dht, namespace=namespace, stop=stop),
-                 identity=identity or Identity())
-    install_signing(dht, rt.identity)
-    return rt
+    return Runtime(dht=dht, stop=stop, events=events, clock=Clock(stop),
+                   blob_server=lambda namespace: BlobServer(dht, namespace=namespace, stop=stop), identity=identity)
 
 
 @contextlib.contextmanager

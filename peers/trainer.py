@@ -52,7 +52,7 @@ class Trainer:
         self.model = create_lte_model(cfg, [], self.device)
         self.server = rt.blob_server(keys.run_id)
         sw = cfg.swarm
-        install_run_validators(self.dht, keys.run_id, rt.identity, rt.time_source)
+        install_run_validators(self.dht, keys.run_id)
         self.leases = HeadLeases(self.dht, keys, rt.identity, cfg.lte.heads, sw.lease_seconds, sw.settle_seconds,
                                  self.clock, sw.clock_skew)
         self.protocol = MergeProtocol(self.dht, self.server, keys, rt.identity, sw, self.model,

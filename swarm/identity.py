@@ -15,7 +15,7 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.dht.validation import DHTRecord, RecordValidatorBase
@@ -112,10 +112,6 @@ class SignedOnlyValidator(RecordValidatorBase):
     subkey fails, so a time-dependent rule would let a stranger split the peers' views (how far
     ahead a record may expire is checked per record when it is read, `schemas.read`)."""
 
-    def __init__(self, max_ttl: float = 0.0, time_source: Callable[[], float] | None = None):
-        self.max_ttl = max_ttl          # kept for callers; lifetimes are bounded on read
-        self.time_source = time_source
-
     def validate(self, record: DHTRecord) -> bool:
         from hivemind.utils.serializer import MSGPackSerializer
 
@@ -130,6 +126,3 @@ class SignedOnlyValidator(RecordValidatorBase):
 
     def merge_with(self, other: RecordValidatorBase) -> bool:
         return isinstance(other, SignedOnlyValidator)
-
-    def __getstate__(self):  # the time source stays behind when pickled into the DHT's process
-        return {"max_ttl": self.max_ttl, "time_source": None}

@@ -233,20 +233,16 @@ class RunScopeValidator(RecordValidatorBase):
         return isinstance(other, RunScopeValidator) and other.run_id == self.run_id
 
 
-def run_validators(run_id: str, identity: Identity, time_source=None) -> list:
-    """The validators every node of run `run_id` adds to its DHT: its own signature (which also
-    checks everyone else's), signed records only with bounded lifetimes, the status schema and
-    the run scope."""
+def run_validators(run_id: str) -> list:
+    """What every node of run `run_id` adds to its DHT once it knows the run, on top of the signing
+    validators it started with: the status schema and the run scope."""
     from hivemind.dht.schema import SchemaValidator
 
-    from swarm.identity import SignedOnlyValidator
-
-    return [identity.validator, SignedOnlyValidator(MAX_RECORD_TTL, time_source),
-            SchemaValidator(RunStatusSchemaV1, prefix=run_id), RunScopeValidator(run_id)]
+    return [SchemaValidator(RunStatusSchemaV1, prefix=run_id), RunScopeValidator(run_id)]
 
 
 class PeerStatus(_Record):
-    """What a peer says about itself, signed with its own key (see `status_validators`)."""
+    """What a peer says about itself, signed with its own key (see `run_validators`)."""
 
     run_id: str
     peer: Fingerprint

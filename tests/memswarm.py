@@ -95,8 +95,8 @@ class MemorySwarm:
         events = RecordingEvents()
         rt = Runtime(dht=dht, stop=threading.Event(), events=events, clock=self.clock,
                      blob_server=lambda namespace: MemoryBlobServer(self.net, dht.peer_id),
-                     identity=identity or named_identity(name), time_source=self.clock.now)
-        install_signing(dht, rt.identity, rt.time_source)
+                     identity=identity or named_identity(name))
+        install_signing(dht, rt.identity)
         return rt, events
 
     def signing_dht(self, name: str, identity: Identity | None = None) -> tuple[MemoryDHT, Identity]:
@@ -104,7 +104,7 @@ class MemorySwarm:
         tests that act on the DHT directly, as a stranger with a key of its own would."""
         identity = identity or Identity()
         dht = MemoryDHT(self.net, f"Qm{name}")
-        install_signing(dht, identity, self.clock.now)
+        install_signing(dht, identity)
         return dht, identity
 
     def coordinator_role(self) -> Coordinator:

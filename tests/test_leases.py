@@ -85,7 +85,7 @@ def _memory_pair(lease=4.0):
     pair = []
     for name in ("a", "b"):
         dht, identity = MemoryDHT(net, name), Identity()
-        install_signing(dht, identity, clock.now)
+        install_signing(dht, identity)
         pair.append(HeadLeases(dht, keys, identity, 4, lease_seconds=lease, settle_seconds=1.0, clock=clock))
     return clock, pair
 

@@ -124,7 +124,7 @@ def two_nodes():
     identities = [Identity(), Identity()]
     for dht, identity in zip((a, b), identities):
         install_signing(dht, identity)
-        install_run_validators(dht, RUN, identity)
+        install_run_validators(dht, RUN)
     yield (a, b), identities
     b.shutdown()
     a.shutdown()
