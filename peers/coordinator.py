@@ -19,7 +19,8 @@ from peers.node import Runtime, announce_run, install_run_validators
 from peers.training import evaluate
 from swarm import schemas
 from swarm.config import RunConfig
-from swarm.errors import ConfigError, Stopped
+from swarm.clock import run_steps
+from swarm.errors import ConfigError
 from swarm.identity import Identity
 from swarm.keys import RunKeys, make_run_id
 from swarm.leases import HeadLeases
@@ -118,11 +119,7 @@ class Coordinator:
 
     def run(self) -> None:
         """Step until the run ends or a stop request (every wait ends at one)."""
-        try:
-            while not self.finished:
-                wait = self.step()
-                self.clock.sleep(wait) if wait > 0 else self.clock.check()
-        except Stopped:
+        if not run_steps(self.clock, self.step, lambda: self.finished):
             log.info("stopped at round %d", self.protocol.round)
 
     def step(self) -> float:

@@ -18,7 +18,8 @@ from peers.models import create_lte_model, resolve_device
 from peers.node import Runtime, SwarmError, install_run_validators
 from peers.training import HeadTrainer, stack_batches
 from swarm.config import RunConfig
-from swarm.errors import ConfigError, Stopped
+from swarm.clock import run_steps
+from swarm.errors import ConfigError
 from swarm.keys import RunKeys
 from swarm.leases import HeadLeases
 from swarm.rounds import MergeProtocol, MergeRound, RoundResult
@@ -85,11 +86,7 @@ class Trainer:
     # ---- the loop ----------------------------------------------------------------------------
     def run(self) -> None:
         """Step until the run ends or the peer is stopped (every wait ends at a stop request)."""
-        try:
-            while not self.finished:
-                wait = self.step()
-                self.clock.sleep(wait) if wait > 0 else self.clock.check()
-        except Stopped:
+        if not run_steps(self.clock, self.step, lambda: self.finished):
             log.info("stopped in phase %s", self.phase.value)
 
     def step(self) -> float:

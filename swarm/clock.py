@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+from typing import Callable
 
 from swarm.errors import Stopped
 
@@ -57,3 +58,15 @@ class FakeClock(Clock):
     def sleep(self, seconds: float) -> None:
         self.check()
         self.advance(seconds)
+
+
+def run_steps(clock: Clock, step: Callable[[], float], done: Callable[[], bool]) -> bool:
+    """Call `step` until `done()`, waiting as long as each step asks (a step that asks for no wait
+    is still a point where a stop request is noticed). False if a stop request ended it."""
+    try:
+        while not done():
+            wait = step()
+            clock.sleep(wait) if wait > 0 else clock.check()
+    except Stopped:
+        return False
+    return True
