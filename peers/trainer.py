@@ -75,7 +75,6 @@ class Trainer:
         self.round_losses: list[float] = []
         self.round_started = 0.0
         self.carry_over = False                 # missed a round with work in hand: offer it at once
-        self.offered_train_seconds = 0.0        # training time of the contribution in the round
         self.last_merged_round = -1
         self.unmerged_steps = 0
         self.trained_head_steps = 0
@@ -188,7 +187,6 @@ class Trainer:
         self.events.emit("ready", round=self.protocol.round, heads=heads, nbytes=len(blob))
         self._set_phase(PeerPhase.MERGING)
         self.mr = self.protocol.begin(blob, ready)
-        self.offered_train_seconds = train_seconds
         return 0.0
 
     def _merged(self, mr: MergeRound) -> None:
@@ -216,7 +214,7 @@ class Trainer:
                 self._merged(mr)
             self.carry_over = result.missed and self.unmerged_steps > 0
             self.step_in_round, self.round_losses = 0, []
-        self._report(result, steps, loss, self.offered_train_seconds if mr.contribution is not None else 0.0)
+        self._report(result, steps, loss, mr.ready.train_seconds if mr.ready is not None else 0.0)
         self._publish_status(force=True)
         return 0.0
 

@@ -158,10 +158,8 @@ class MergeProtocol:
             if progress is not None:
                 # The coordinator's vote on the round after its progress record (published before
                 # it evaluates and records that round) is as trustworthy and often newer.
-                votes = schemas.by_writer(schemas.read(self.dht, self.keys.hashes(progress.round), HashRecord,
-                                                       self.clock.now()))
-                vote = votes.get(self.authority)
-                if vote is not None and vote.round == progress.round:
+                vote = self._authority_vote(progress.round)
+                if vote is not None:
                     return progress.round + 1, vote.digest
                 return progress.round, progress.digest
         if not self.adopt_holders_state:
@@ -187,14 +185,19 @@ class MergeProtocol:
         if self._agreed_members[0] == r:
             members = self._agreed_members[1]
         else:
-            votes = schemas.by_writer(schemas.read(self.dht, self.keys.hashes(r), HashRecord, now))
-            vote = votes.get(self.authority)  # nobody else's word decides who keeps a head
-            members = vote.members if vote is not None and vote.round == r else []
+            vote = self._authority_vote(r)  # nobody else's word decides who keeps a head
+            members = vote.members if vote is not None else []
         ready = schemas.by_writer(schemas.read(self.dht, self.keys.ready(r), ReadyRecord, now))
         out = {h: who for who in members if who in ready and ready[who].round == r for h in ready[who].heads}
         if members:
             self._incumbents = (r, out)
         return out
+
+    def _authority_vote(self, r: int) -> HashRecord | None:
+        """The coordinator's digest (and contributors) for round r, if it published one."""
+        votes = schemas.by_writer(schemas.read(self.dht, self.keys.hashes(r), HashRecord, self.clock.now()))
+        vote = votes.get(self.authority)
+        return vote if vote is not None and vote.round == r else None
 
     def sync(self, min_round: int = 0) -> bool:
         """Adopt the trusted W (see `trusted_state`) if it is at `min_round` or later, from any
@@ -225,8 +228,6 @@ class MergeProtocol:
                 return True
             except NETWORK_ERRORS + (ContributionError,) as exc:
                 log.warning("could not sync from %s: %s", address[-8:], exc)
-            except Exception as exc:  # hostile bytes must never take the peer down
-                log.warning("could not sync from %s: %s: %s", address[-8:], type(exc).__name__, exc)
         return False
 
     # ---- reading a round's records ---------------------------------------------------------
@@ -254,16 +255,13 @@ class MergeProtocol:
         train = min(first.train_seconds, self.cfg.round_timeout)
         return max(self.cfg.merge_grace, self.cfg.merge_slack * train)
 
-    def _closed_by_votes(self, r: int) -> bool:
+    def closed(self, r: int) -> bool:
+        """Round r no longer takes contributions: the coordinator or most holders merged it. (Ready
+        times do not decide this: a holder could date its records so that every round looks over.)"""
         votes = self._votes(r)
         holders = set(self.holders().values())
         holder_votes = len(set(votes) & holders)
         return self.authority in votes or (bool(holders) and 2 * holder_votes > len(holders))
-
-    def closed(self, r: int) -> bool:
-        """Round r no longer takes contributions: the coordinator or most holders merged it. (Ready
-        times do not decide this: a holder could date its records so that every round looks over.)"""
-        return self._closed_by_votes(r)
 
     # ---- one round, step by step -------------------------------------------------------------
     def begin(self, contribution: bytes | None, ready: ReadyRecord | None) -> MergeRound:
@@ -298,16 +296,6 @@ class MergeProtocol:
             step(mr)
         return mr.result
 
-    def run(self, mr: MergeRound) -> RoundResult:
-        """Poll `mr` to its end, sleeping in between (the blocking form of a round)."""
-        while (result := self.poll(mr)) is None:
-            self.clock.sleep(mr.wait)
-        return result
-
-    def merge(self, contribution: bytes | None, ready: ReadyRecord | None) -> RoundResult:
-        """Take part in merge round `self.round` from start to end (blocking)."""
-        return self.run(self.begin(contribution, ready))
-
     def _expiration(self) -> float:
         return self.clock.now() + self.cfg.round_timeout * 3
 
@@ -326,7 +314,7 @@ class MergeProtocol:
             self._finish(mr, RoundResult(round=r, new_round=self._round, idle=mr.contribution is None,
                                          missed=mr.contribution is not None))
             return
-        if close or self._closed_by_votes(r):
+        if close or self.closed(r):
             mr.step = RoundStep.SETTLING
             mr.settle_until = self.clock.monotonic() + self.cfg.settle_seconds
             mr.wait = self.cfg.settle_seconds
@@ -363,7 +351,7 @@ class MergeProtocol:
             return
         # Our own vote counts even if the DHT did not take it (then we only agree with ourselves).
         votes[self.peer] = HashRecord(round=r, digest=mr.digest, members=mr.members)
-        agreed = votes[self.authority] if self.authority in votes else agreed_vote(votes)[1]
+        agreed = votes[self.authority] if self.authority in votes else agreed_vote(votes)
         mr.agreed_members = list(agreed.members)
         result = RoundResult(round=r, new_round=r + 1, rejected=mr.rejected, seconds_waiting=mr.waited)
         if agreed.digest != mr.digest:
@@ -428,8 +416,6 @@ class MergeProtocol:
                 log.warning("round %d: rejected the contribution of %s: %s", r, peer[:8], exc)
             except NETWORK_ERRORS as exc:
                 log.warning("round %d: no contribution from %s: %s", r, peer[:8], exc)
-            except Exception as exc:  # hostile bytes must never take the round down
-                log.warning("round %d: rejected the contribution of %s: %s: %s", r, peer[:8], type(exc).__name__, exc)
             return None
 
         peers = sorted(ready_set)
@@ -442,10 +428,9 @@ class MergeProtocol:
         return got, [p for p, c in zip(peers, results) if c is None]
 
 
-def agreed_vote(votes: dict[str, HashRecord]) -> tuple[str, HashRecord]:
-    """The digest most peers hold; ties go to the one merging more contributions, then the
-    larger digest, so every peer that sees the same votes picks the same one."""
+def agreed_vote(votes: dict[str, HashRecord]) -> HashRecord:
+    """The vote for the digest most peers hold; ties go to the one merging more contributions,
+    then the larger digest, so every peer that sees the same votes picks the same one."""
     counts = Counter(v.digest for v in votes.values())
     sample = {v.digest: v for v in votes.values()}
-    digest = max(counts, key=lambda d: (counts[d], len(sample[d].members), d))
-    return digest, sample[digest]
+    return sample[max(counts, key=lambda d: (counts[d], len(sample[d].members), d))]

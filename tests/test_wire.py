@@ -196,3 +196,22 @@ def test_a_replica_change_too_large_for_the_parameter_is_refused():
     with pytest.raises(ContributionError, match=f"parameter {name[2:]}.*of its norm"):
         decode_contribution(bad, "evil", receiver, max_update=10.0, max_relative_update=0.25)
     decode_contribution(bad, "evil", receiver, max_update=10.0, max_relative_update=1.0)
+
+
+def test_bytes_that_break_the_parsers_are_contribution_errors_and_leave_w_untouched():
+    receiver = LTEModel(tiny_vit(), SPEC, [])
+    before = receiver.state_digest()
+    good_state = encode_state(_model([0]), 3)
+    header_len = int.from_bytes(good_state[:8], "little")
+    header = json.loads(good_state[8:8 + header_len])
+    name = next(k for k in header if k != "__metadata__")
+    header[name]["dtype"] = "F4"  # a dtype safetensors does not know
+    raw = json.dumps(header).encode()
+    unknown_dtype = len(raw).to_bytes(8, "little") + raw + good_state[8 + header_len:]
+    with pytest.raises(ContributionError):
+        decode_state(unknown_dtype, receiver)
+    assert receiver.state_digest() == before
+    deep = "[" * 100_000 + "]" * 100_000  # a head list nested past any recursion limit
+    blob = st_save({"x": torch.zeros(1)}, metadata={"format": "lte-swarm/contribution/1", "heads": deep})
+    with pytest.raises(ContributionError):
+        decode_contribution(blob, "evil", receiver, max_update=10.0)
