@@ -15,7 +15,7 @@ from pathlib import Path
 from peers.checkpoint import load_checkpoint, save_checkpoint
 from peers.data import DataSource, ImageShape
 from peers.models import create_lte_model
-from peers.node import Runtime, announce_run, install_run_validators
+from peers.node import Runtime, announce_run, join_rounds
 from peers.training import evaluate
 from swarm import schemas
 from swarm.config import RunConfig
@@ -23,8 +23,7 @@ from swarm.clock import run_steps
 from swarm.errors import ConfigError
 from swarm.identity import Identity
 from swarm.keys import RunKeys, make_run_id
-from swarm.leases import HeadLeases
-from swarm.rounds import MergeProtocol, MergeRound, RoundResult
+from swarm.rounds import MergeRound, RoundResult
 from swarm.schemas import RoundSummary, RunProgress, RunRecord
 from swarm.transport import NETWORK_ERRORS
 
@@ -68,19 +67,12 @@ class Coordinator:
         self.dht = rt.dht
         self.keys = RunKeys(run_id)
         self.peer = rt.peer
-        self.server = rt.blob_server(run_id)
-        sw = cfg.swarm
         # A read-only view of the leases (the coordinator holds no head): whom a round waits for.
-        install_run_validators(self.dht, run_id)
-        self.leases = HeadLeases(self.dht, self.keys, None, cfg.lte.heads, sw.lease_seconds, sw.settle_seconds,
-                                 self.clock, sw.clock_skew)
-        self.protocol = MergeProtocol(self.dht, self.server, self.keys, rt.identity, sw, self.model,
-                                      holders=self.leases.holders, clock=self.clock, round_=round_,
-                                      rounds_total=cfg.rounds)
+        self.server, self.leases, self.protocol = join_rounds(rt, self.keys, cfg, self.model, holds_heads=False,
+                                                              round_=round_)
         # A resumed coordinator may find the swarm went on without it: it adopts what most lease
         # holders hold, once, then is the authority again.
         self.protocol.adopt_holders_state = saved is not None
-        self.leases.incumbents = self.protocol.incumbents
         self.record = RunRecord(run_id=run_id, config=cfg.model_dump(mode="json"), coordinator=self.peer,
                                 created=float(self.clock.now()))
         self.resumed = saved is not None

@@ -35,22 +35,12 @@ def write_export(cfg: RunConfig, model: LTEModel, out: Path, weights: str, round
 def fetch_live(rt, run_id: str | None) -> tuple[RunConfig, LTEModel, int]:
     """Download the current W of a live run from one of its donors."""
     from peers.models import create_lte_model
-    from peers.node import SwarmError, find_run
-    from swarm.rounds import MergeProtocol
+    from peers.node import SwarmError, find_run, join_rounds
 
     keys, _, cfg = find_run(rt.dht, run_id, clock=rt.clock)
     model = create_lte_model(cfg, [])
-    server = rt.blob_server(keys.run_id)
+    server, _, protocol = join_rounds(rt, keys, cfg, model, holds_heads=False)
     try:
-        from peers.node import install_run_validators
-        from swarm.leases import HeadLeases
-
-        install_run_validators(rt.dht, keys.run_id)
-        leases = HeadLeases(rt.dht, keys, None, cfg.lte.heads, cfg.swarm.lease_seconds, cfg.swarm.settle_seconds,
-                            rt.clock, cfg.swarm.clock_skew)
-        protocol = MergeProtocol(rt.dht, server, keys, rt.identity, cfg.swarm, model, holders=leases.holders,
-                                 clock=rt.clock, rounds_total=cfg.rounds)
-        leases.incumbents = protocol.incumbents
         deadline = rt.clock.monotonic() + 30.0
         while not protocol.sync():  # donors move on every round: try again until one hands it out
             if rt.clock.monotonic() > deadline:

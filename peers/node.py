@@ -196,6 +196,24 @@ class EventLog:
             self._file.close()
 
 
+def join_rounds(rt: "Runtime", keys: RunKeys, cfg: RunConfig, model, *, holds_heads: bool, round_: int = 0):
+    """What every role needs to take part in a run's rounds, wired the same way for all: the run's
+    validators, a blob server, the lease view (with this node's own claims when it `holds_heads`)
+    and the merge protocol over `model`. Returns (server, leases, protocol)."""
+    from swarm.leases import HeadLeases
+    from swarm.rounds import MergeProtocol
+
+    install_run_validators(rt.dht, keys.run_id)
+    server = rt.blob_server(keys.run_id)
+    sw = cfg.swarm
+    leases = HeadLeases(rt.dht, keys, rt.identity if holds_heads else None, cfg.lte.heads, sw.lease_seconds,
+                        sw.settle_seconds, rt.clock, sw.clock_skew)
+    protocol = MergeProtocol(rt.dht, server, keys, rt.identity, sw, model, holders=leases.holders, clock=rt.clock,
+                             round_=round_, rounds_total=cfg.rounds)
+    leases.incumbents = protocol.incumbents
+    return server, leases, protocol
+
+
 @dataclass
 class Runtime:
     """What a role (trainer, coordinator, monitor) runs in. Real roles get a hivemind DHT, blobs over

@@ -15,14 +15,13 @@ from dataclasses import dataclass
 
 from peers.data import DataSource, ImageShape
 from peers.models import create_lte_model, resolve_device
-from peers.node import Runtime, SwarmError, install_run_validators
+from peers.node import Runtime, SwarmError, join_rounds
 from peers.training import HeadTrainer, stack_batches
 from swarm.config import RunConfig
 from swarm.clock import run_steps
 from swarm.errors import ConfigError
 from swarm.keys import RunKeys
-from swarm.leases import HeadLeases
-from swarm.rounds import MergeProtocol, MergeRound, RoundResult
+from swarm.rounds import MergeRound, RoundResult
 from swarm.schemas import PeerPhase, PeerStatus, ReadyRecord, publish_status
 from swarm.transport import NETWORK_ERRORS
 from swarm.wire import encode_contribution
@@ -51,14 +50,7 @@ class Trainer:
         self.peer = rt.peer
         self.device = resolve_device(opts.device)
         self.model = create_lte_model(cfg, [], self.device)
-        self.server = rt.blob_server(keys.run_id)
-        sw = cfg.swarm
-        install_run_validators(self.dht, keys.run_id)
-        self.leases = HeadLeases(self.dht, keys, rt.identity, cfg.lte.heads, sw.lease_seconds, sw.settle_seconds,
-                                 self.clock, sw.clock_skew)
-        self.protocol = MergeProtocol(self.dht, self.server, keys, rt.identity, sw, self.model,
-                                      holders=self.leases.holders, clock=self.clock, rounds_total=cfg.rounds)
-        self.leases.incumbents = self.protocol.incumbents
+        self.server, self.leases, self.protocol = join_rounds(rt, keys, cfg, self.model, holds_heads=True)
         self.protocol.keep_alive = self._keep_leases
         data_cfg = cfg.data if opts.data is None else cfg.data.model_copy(update={"source": opts.data})
         self.source = DataSource(data_cfg, ImageShape(cfg.model.image_size, cfg.model.channels), seed=cfg.train.seed)
