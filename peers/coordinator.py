@@ -30,7 +30,7 @@ from swarm.transport import NETWORK_ERRORS
 log = logging.getLogger(__name__)
 
 
-KEY_FILE = "coordinator.key"
+KEY_FILE = "signing.key"  # the run's authority; not the P2P identity of --identity
 
 
 def coordinator_identity(run_dir: Path) -> Identity:
