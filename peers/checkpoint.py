@@ -51,6 +51,17 @@ def save_checkpoint(run_dir: Path, run_id: str, round_: int, cfg: RunConfig, mod
     return path
 
 
+def checkpoint_run_id(run_dir: Path) -> str:
+    """The run id saved in `run_dir`, without loading W; a `ConfigError` if there is none."""
+    path = checkpoint_path(run_dir)
+    try:
+        with safe_open(str(path), "pt") as f:
+            return str(json.loads((f.metadata() or {})[_META_KEY])["run_id"])
+    except (OSError, KeyError, TypeError, ValueError, SafetensorError) as exc:
+        raise ConfigError(f"{run_dir} holds no readable run ({type(exc).__name__}: {exc}); "
+                          "pass the run dir of a started run") from None
+
+
 def load_checkpoint(run_dir: Path) -> Checkpoint | None:
     """The run saved in `run_dir`, None if it holds none; a `ConfigError` if it is unreadable or
     its state does not hash to the digest written with it."""

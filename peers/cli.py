@@ -133,6 +133,9 @@ def start(
             print(f"run {rid} {state}; {cfg.rounds} rounds; checkpoints in {directory}", flush=True)
             print("volunteers join with:", flush=True)
             print(f"  lte-swarm join --run-id {rid} --initial-peers {' '.join(maddrs)}", flush=True)
+            if cfg.swarm.closed:
+                print(f"closed run: admit each volunteer with lte-swarm invite --run-dir {directory} --out FILE, "
+                      "and add --invite FILE to their join line", flush=True)
 
         serve(cfg, directory, initial_peers=initial_peers, host_maddrs=host_maddrs,
               identity_path=str(identity) if identity else None, run_id=run_id, config_name=path.stem,
@@ -150,6 +153,8 @@ def join(
     identity: Optional[Path] = typer.Option(None, help="file with this peer's private key (a stable peer id across restarts)"),
     host_maddrs: List[str] = typer.Option(["/ip4/127.0.0.1/tcp/0"], help="multiaddrs to listen on"),
     throttle: float = typer.Option(0.0, min=0.0, help="pause this many seconds after every step (to share a busy machine)"),
+    invite: Optional[Path] = typer.Option(None, help="invite file from the coordinator (closed runs admit only invited keys)"),
+    signing_key: Optional[Path] = typer.Option(None, help="this peer's signing key, created if missing (default: the invite's key, else a new one per start)"),
     events: Optional[str] = typer.Option(None, help="append one JSON line per event to this file"),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="log every round"),
 ) -> None:
@@ -157,6 +162,7 @@ def join(
     Ctrl+C leaves cleanly (the heads are released for others)."""
     from peers.node import find_run, open_runtime
     from peers.trainer import TrainerOptions, serve_trainer
+    from swarm.identity import Identity
 
     if verbose:
         logging.getLogger().setLevel(logging.INFO)
@@ -168,13 +174,54 @@ def join(
                 check_data_spec(data)
             except ValueError as exc:
                 raise ConfigError(str(exc)) from None
+        admission, signer = None, None
+        if invite is not None:
+            from peers.invites import read_invite
+
+            admission, signer = read_invite(invite)
+            if run_id is not None and run_id != admission.run_id:
+                raise ConfigError(f"{invite} is an invite to run {admission.run_id}, not to --run-id {run_id}")
+            run_id = admission.run_id
+        if signing_key is not None:
+            signer = Identity.load_or_create(signing_key)
         with open_runtime([*initial_peers, *(more_peers or [])], host_maddrs, str(identity) if identity else None,
-                          events) as rt:
+                          events, identity=signer) as rt:
             keys, record, cfg = find_run(rt.dht, run_id, clock=rt.clock)
             err.print(f"joined run {keys.run_id}: {cfg.model.name}, N={cfg.lte.heads} r={cfg.lte.rank} "
                       f"T={cfg.lte.merge_every}, {cfg.rounds} rounds; peer {rt.peer}", highlight=False)
-            serve_trainer(cfg, keys, rt, TrainerOptions(heads=heads, data=data, device=device, throttle=throttle))
+            serve_trainer(cfg, keys, rt, TrainerOptions(heads=heads, data=data, device=device, throttle=throttle,
+                                                        invite=admission))
         err.print("left the swarm")
+
+
+@app.command()
+def key(
+    path: Path = typer.Argument(..., help="the signing key file (created, readable by you only, if missing)"),
+) -> None:
+    """Print the fingerprint of a signing key, creating the key if needed: what a closed run's
+    coordinator needs to invite you (`lte-swarm invite --member FINGERPRINT`)."""
+    from swarm.identity import Identity
+
+    with user_errors():
+        print(Identity.load_or_create(path).fingerprint)
+
+
+@app.command()
+def invite(
+    out: Path = typer.Option(..., "--out", help="the invite file to write (hand it to the volunteer)"),
+    run_dir: Path = typer.Option(..., help="the coordinator's run dir (it holds the run's signing key)"),
+    member: Optional[str] = typer.Option(None, help="fingerprint of the volunteer's key (`lte-swarm key FILE`); "
+                                                    "without it the file carries a new key and must be kept secret"),
+    days: float = typer.Option(30.0, min=0.0, help="how long the invite is valid"),
+) -> None:
+    """Admit a volunteer to a closed run (swarm.closed: true): sign an invite for its key."""
+    from peers.invites import make_invite
+
+    with user_errors():
+        signed, with_key = make_invite(run_dir, member, days, out)
+        secret = " (it holds the member's private key: hand it over privately)" if with_key else ""
+        err.print(f"wrote {out}{secret}: member {signed.member} of run {signed.run_id}, valid for {days:g} days; "
+                  f"they join with: lte-swarm join --invite {out.name} --initial-peers ...", highlight=False)
 
 
 @app.command()

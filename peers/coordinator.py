@@ -68,7 +68,7 @@ class Coordinator:
         self.keys = RunKeys(run_id)
         self.peer = rt.peer
         # A read-only view of the leases (the coordinator holds no head): whom a round waits for.
-        self.server, self.leases, self.protocol = join_rounds(rt, self.keys, cfg, self.model, holds_heads=False,
+        self.server, self.leases, self.protocol, _ = join_rounds(rt, self.keys, cfg, self.model, holds_heads=False,
                                                               round_=round_)
         # A resumed coordinator may find the swarm went on without it: it adopts what most lease
         # holders hold, once, then is the authority again.

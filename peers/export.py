@@ -39,7 +39,7 @@ def fetch_live(rt, run_id: str | None) -> tuple[RunConfig, LTEModel, int]:
 
     keys, _, cfg = find_run(rt.dht, run_id, clock=rt.clock)
     model = create_lte_model(cfg, [])
-    server, _, protocol = join_rounds(rt, keys, cfg, model, holds_heads=False)
+    server, _, protocol, _ = join_rounds(rt, keys, cfg, model, holds_heads=False)
     try:
         deadline = rt.clock.monotonic() + 30.0
         while not protocol.sync():  # donors move on every round: try again until one hands it out

@@ -10,6 +10,7 @@ from swarm.clock import Clock
 from swarm.config import RunConfig
 from swarm.keys import RunKeys
 from swarm.leases import HeadLeases
+from swarm.membership import Membership
 from swarm.schemas import DonorRecord, PeerPhase, RunProgress, read_statuses
 
 HEAD_STATES = ("free", "leased", "training", "merging", "merged", "orphaned")
@@ -34,11 +35,14 @@ def head_state(holder: str | None, status: dict | None, round_: int) -> str:
 def snapshot(dht, keys: RunKeys, cfg: RunConfig, clock: Clock | None = None) -> dict[str, Any]:
     clock = clock or Clock()
     now = clock.now()
-    records = sorted(read_statuses(dht, keys.peers, now), key=lambda s: (-len(s.heads), s.peer))
+    membership = Membership(dht, keys, cfg.swarm, clock)
+    records = sorted((s for s in read_statuses(dht, keys.peers, now) if membership.admits(s.peer)),
+                     key=lambda s: (-len(s.heads), s.peer))
     statuses = [s.model_dump(mode="json") for s in records]
     by_peer = {s["peer"]: s for s in statuses}
-    holders = HeadLeases(dht, keys, None, cfg.lte.heads, cfg.swarm.lease_seconds, cfg.swarm.settle_seconds,
-                         clock).holders()
+    leases = HeadLeases(dht, keys, None, cfg.lte.heads, cfg.swarm.lease_seconds, cfg.swarm.settle_seconds, clock)
+    leases.admits = membership.admits
+    holders = leases.holders()
     progress = schemas.by_writer(schemas.read(dht, keys.progress, RunProgress, now)).get(keys.coordinator)
     donors = list(schemas.by_writer(schemas.read(dht, keys.donors, DonorRecord, now)).values())
     round_ = max([progress.round if progress else 0] + [d.round for d in donors] + [s["round"] for s in statuses])

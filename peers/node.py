@@ -9,7 +9,7 @@ import signal
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator, NamedTuple
 
 from swarm import schemas
 from swarm.clock import Clock
@@ -18,6 +18,11 @@ from swarm.errors import ConfigError, LTESwarmError
 from swarm.identity import Identity
 from swarm.keys import RUNS_KEY, RunKeys
 from swarm.schemas import RunAnnouncement, RunRecord
+
+if TYPE_CHECKING:
+    from swarm.leases import HeadLeases
+    from swarm.membership import Membership
+    from swarm.rounds import MergeProtocol
 
 log = logging.getLogger(__name__)
 
@@ -196,11 +201,21 @@ class EventLog:
             self._file.close()
 
 
-def join_rounds(rt: "Runtime", keys: RunKeys, cfg: RunConfig, model, *, holds_heads: bool, round_: int = 0):
+class Rounds(NamedTuple):
+    server: Any
+    leases: "HeadLeases"
+    protocol: "MergeProtocol"
+    membership: "Membership"
+
+
+def join_rounds(rt: "Runtime", keys: RunKeys, cfg: RunConfig, model, *, holds_heads: bool, round_: int = 0,
+                invite=None) -> Rounds:
     """What every role needs to take part in a run's rounds, wired the same way for all: the run's
-    validators, a blob server, the lease view (with this node's own claims when it `holds_heads`)
-    and the merge protocol over `model`. Returns (server, leases, protocol)."""
+    validators, a blob server, who the run admits (with this node's `invite` to a closed run), the
+    lease view (with this node's own claims when it `holds_heads`) and the merge protocol over
+    `model`."""
     from swarm.leases import HeadLeases
+    from swarm.membership import Membership
     from swarm.rounds import MergeProtocol
 
     install_run_validators(rt.dht, keys.run_id)
@@ -210,8 +225,9 @@ def join_rounds(rt: "Runtime", keys: RunKeys, cfg: RunConfig, model, *, holds_he
                         sw.settle_seconds, rt.clock, sw.clock_skew)
     protocol = MergeProtocol(rt.dht, server, keys, rt.identity, sw, model, holders=leases.holders, clock=rt.clock,
                              round_=round_, rounds_total=cfg.rounds)
-    leases.incumbents = protocol.incumbents
-    return server, leases, protocol
+    membership = Membership(rt.dht, keys, sw, rt.clock, invite)
+    leases.incumbents, leases.admits = protocol.incumbents, membership.admits
+    return Rounds(server, leases, protocol, membership)
 
 
 @dataclass

@@ -22,7 +22,7 @@ from swarm.clock import run_steps
 from swarm.errors import ConfigError
 from swarm.keys import RunKeys
 from swarm.rounds import MergeRound, RoundResult
-from swarm.schemas import PeerPhase, PeerStatus, ReadyRecord, publish_status
+from swarm.schemas import InviteRecord, PeerPhase, PeerStatus, ReadyRecord, publish_status
 from swarm.transport import NETWORK_ERRORS
 from swarm.wire import encode_contribution
 
@@ -38,6 +38,7 @@ class TrainerOptions:
     device: str = "cpu"
     throttle: float = 0.0           # seconds to pause after every step
     sync_timeout: float = 60.0
+    invite: InviteRecord | None = None  # admission to a closed run (`lte-swarm invite`)
 
 
 class Trainer:
@@ -50,7 +51,10 @@ class Trainer:
         self.peer = rt.peer
         self.device = resolve_device(opts.device)
         self.model = create_lte_model(cfg, [], self.device)
-        self.server, self.leases, self.protocol = join_rounds(rt, keys, cfg, self.model, holds_heads=True)
+        self.server, self.leases, self.protocol, self.membership = join_rounds(
+            rt, keys, cfg, self.model, holds_heads=True, invite=opts.invite)
+        self.membership.check_member(rt.identity)
+        self.membership.publish(rt.identity)  # before any claim, so that others admit our claims at once
         self.protocol.keep_alive = self._keep_leases
         data_cfg = cfg.data if opts.data is None else cfg.data.model_copy(update={"source": opts.data})
         self.source = DataSource(data_cfg, ImageShape(cfg.model.image_size, cfg.model.channels), seed=cfg.train.seed)
@@ -213,6 +217,7 @@ class Trainer:
     # ---- heads -------------------------------------------------------------------------------
     def _keep_leases(self) -> None:
         """Renew our leases when due (also from inside a long merge); adopt what changed."""
+        self.membership.publish(self.rt.identity)
         if self.leases.due():
             if self.leases.renew():
                 self.heads_changed = True  # adopted between rounds, never under a running merge

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, field_validator, model_validator
 
 from swarm.errors import ConfigError
 
@@ -98,6 +98,20 @@ class SwarmConfig(_Strict):
     max_heads_per_peer: PositiveInt = Field(8, description="most heads one peer may hold")
     clock_skew: PositiveFloat = Field(10.0, description="how far peers' clocks may disagree (seconds); records dated further ahead are ignored")
     parallel_downloads: PositiveInt = Field(3, description="contributions downloaded (and held in memory) at once")
+    closed: bool = Field(False, description="admit only the signing keys in swarm.members and peers holding an invite "
+                                            "the coordinator signed (`lte-swarm invite`)")
+    members: tuple[str, ...] = Field((), description="fingerprints of signing keys a closed run admits without an invite")
+
+    @field_validator("members")
+    @classmethod
+    def _fingerprints(cls, members: tuple[str, ...]) -> tuple[str, ...]:
+        from swarm.identity import FINGERPRINT_CHARS, is_fingerprint  # hivemind only where a key is read
+
+        bad = [m for m in members if not is_fingerprint(m)]
+        if bad:
+            raise ValueError(f"swarm.members: {bad[0]!r} is not a key fingerprint ({FINGERPRINT_CHARS} lowercase hex "
+                             "digits, as `lte-swarm key` prints it)")
+        return members
 
     @model_validator(mode="after")
     def _check(self) -> "SwarmConfig":

@@ -48,24 +48,36 @@ class Identity:
         self.owner: bytes = self.validator.local_public_key
         self.fingerprint = fingerprint(self.owner)
 
+    def sign(self, data: bytes) -> str:
+        """A signature of `data` that `verify(self.owner, data, signature)` accepts."""
+        return self.key.sign(data).decode()
+
     def subkey(self, tag: str = "") -> bytes:
         """An owner subkey: only this identity can write it."""
         return tag.encode() + self.owner
 
     @classmethod
+    def from_bytes(cls, der: bytes) -> "Identity":
+        """The identity of a private key saved with `key.to_bytes()` (DER); ValueError if it is not one."""
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import rsa
+
+        key = RSAPrivateKey.__new__(RSAPrivateKey)
+        key._private_key = serialization.load_der_private_key(der, password=None)
+        if not isinstance(key._private_key, rsa.RSAPrivateKey):
+            raise ValueError("not an RSA private key")
+        return cls(key)
+
+    @classmethod
     def load_or_create(cls, path: Path) -> "Identity":
         """The identity saved at `path`, or a new one saved there (readable by its owner only), so
         that a restarted coordinator keeps its run id and authority."""
-        from cryptography.hazmat.primitives import serialization
-
         path = Path(path)
         if path.exists():
             try:
-                key = RSAPrivateKey.__new__(RSAPrivateKey)
-                key._private_key = serialization.load_der_private_key(path.read_bytes(), password=None)
+                return cls.from_bytes(path.read_bytes())
             except (OSError, ValueError, TypeError) as exc:
                 raise ConfigError(f"cannot read the signing key {path}: {exc}") from None
-            return cls(key)
         identity = cls()
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
@@ -74,6 +86,20 @@ class Identity:
             f.write(identity.key.to_bytes())
         tmp.replace(path)
         return identity
+
+
+def verify(owner: bytes, data: bytes, signature: str) -> bool:
+    """Whether `signature` is the signature of `data` by the key in the owner marker `owner`;
+    False for anything malformed."""
+    from hivemind.utils.crypto import RSAPublicKey
+
+    found = _OWNER.fullmatch(owner)
+    if found is None:
+        return False
+    try:
+        return RSAPublicKey.from_bytes(found.group(1)).verify(data, signature.encode())
+    except Exception:  # an unreadable key from a stranger is a failed check, nothing more
+        return False
 
 
 def split_subkey(subkey: Any) -> tuple[str, str] | None:

@@ -70,6 +70,11 @@ class RunKeys:
         return self._key("peers")
 
     @property
+    def members(self) -> str:
+        """Invites of a closed run's members, each published by the member it names."""
+        return self._key("members")
+
+    @property
     def progress(self) -> str:
         """The coordinator's per-round history (accuracy, loss, samples)."""
         return self._key("progress")

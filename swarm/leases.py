@@ -53,6 +53,7 @@ class HeadLeases:
         self.lease_seconds, self.settle_seconds, self.clock_skew = lease_seconds, settle_seconds, clock_skew
         self.clock = clock or Clock()
         self.incumbents: Callable[[], dict[int, str]] = dict  # set by the merge protocol that knows them
+        self.admits: Callable[[str], bool] = lambda who: True  # a closed run's membership (swarm.membership)
         self._view: tuple[float, dict[int, str]] | None = None
         self.held: dict[int, float] = {}  # head -> our claimed_at
         self.renewed_at = 0.0
@@ -60,12 +61,12 @@ class HeadLeases:
 
     def claims(self) -> list[tuple[str, LeaseRecord]]:
         """(claimant, claim) for every believable claim: its tag names its head, the head exists,
-        it is not dated in the future, and it does not outlive a lease."""
+        it is not dated in the future, it does not outlive a lease, and the run admits its writer."""
         now = self.clock.now()
         out = []
         for (tag, who), (r, expiration) in schemas.read(self.dht, self.keys.leases, LeaseRecord, now).items():
             if (tag == RunKeys.lease_tag(r.head) and r.head < self.n_heads and r.claimed_at <= now + self.clock_skew
-                    and expiration <= now + self.lease_seconds + 1.0 + self.clock_skew):
+                    and expiration <= now + self.lease_seconds + 1.0 + self.clock_skew and self.admits(who)):
                 out.append((who, r))
         return out
 

@@ -51,6 +51,18 @@ class LeaseRecord(_Record):
     released: bool = False
 
 
+class InviteRecord(_Record):
+    """The coordinator's signature admitting `member` (a key fingerprint) to a closed run until
+    `expires`. `authority` is the coordinator's public key, so that anyone can check the signature
+    against the fingerprint the run id pins. Its holder publishes it under its own subkey."""
+
+    run_id: str = Field(max_length=63)
+    member: Fingerprint
+    expires: int = Field(ge=0)
+    authority: str = Field(max_length=2048)
+    signature: str = Field(max_length=2048)
+
+
 class DonorRecord(_Record):
     """The writer can hand out W of `round` (hashing to `digest`) from P2P address `p2p`."""
 

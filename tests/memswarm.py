@@ -123,11 +123,12 @@ class MemorySwarm:
         return self._add(Node(name, role, rt, events, next_at=self.clock.now()))
 
     def trainer(self, name: str, *, heads: int = 1, throttle: float = 0.05, data: str | None = None,
-                role: type[Trainer] = Trainer) -> Node:
+                role: type[Trainer] = Trainer, invite=None) -> Node:
         from swarm.keys import RunKeys
 
         rt, events = self.runtime(name)
-        role = role(self.cfg, RunKeys(self.run_id), rt, TrainerOptions(heads=heads, throttle=throttle, data=data))
+        role = role(self.cfg, RunKeys(self.run_id), rt,
+                    TrainerOptions(heads=heads, throttle=throttle, data=data, invite=invite))
         return self._add(Node(name, role, rt, events, next_at=self.clock.now()))
 
     def _add(self, node: Node) -> Node:

@@ -1,0 +1,114 @@
+"""Who may take part in a closed run.
+
+An open run admits any signing key. A closed run admits the keys its config lists (the config is
+part of the run record the coordinator signs) and any key holding an invite: the coordinator's
+signature over the run id, the member's key fingerprint and an expiry time. The member publishes
+its invite under its own subkey; every node checks it against the coordinator fingerprint that
+the run id pins, so a stranger can neither forge an invite nor use someone else's (the record's
+writer must be the member it names).
+
+Admission is enforced where it decides anything: a key that is not admitted never wins a head
+lease (`HeadLeases.admits`), so it can neither contribute nor vote, and the status view does not
+list it. Sybil keys, free to make in an open run, are what a closed run keeps out.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from swarm import schemas
+from swarm.clock import Clock
+from swarm.config import SwarmConfig
+from swarm.errors import ConfigError
+from swarm.identity import Identity, fingerprint, verify
+from swarm.keys import RunKeys
+from swarm.schemas import InviteRecord
+
+log = logging.getLogger(__name__)
+
+READ_EVERY = 5.0          # seconds between reads of the run's invites, when an unknown key asks
+PUBLISH_EVERY = 600.0     # a member re-publishes its invite this often (its record lives twice as long)
+MAX_CHECKED = 10_000      # signature checks remembered; strangers' invites cannot grow it without bound
+
+
+def _payload(run_id: str, member: str, expires: int) -> bytes:
+    return f"lte-swarm invite v1\n{run_id}\n{member}\n{expires}".encode()
+
+
+def sign_invite(authority: Identity, run_id: str, member: str, expires: int) -> InviteRecord:
+    """An invite to run `run_id` for the key with fingerprint `member`, valid until `expires`."""
+    return InviteRecord(run_id=run_id, member=member, expires=int(expires), authority=authority.owner.decode(),
+                        signature=authority.sign(_payload(run_id, member, int(expires))))
+
+
+def invite_problem(invite: InviteRecord, keys: RunKeys, now: float) -> str | None:
+    """What makes `invite` worthless for run `keys`, or None if it admits its member."""
+    if invite.run_id != keys.run_id:
+        return f"it is an invite to run {invite.run_id}, not to {keys.run_id}"
+    if invite.expires < now:
+        return f"it expired at {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(invite.expires))}"
+    if fingerprint(invite.authority.encode()) != keys.coordinator:
+        return "it is not signed with the key of the coordinator this run id names"
+    if not verify(invite.authority.encode(), _payload(invite.run_id, invite.member, invite.expires), invite.signature):
+        return "its signature does not match its content"
+    return None
+
+
+class Membership:
+    """One node's view of who a run admits; for a member, also its own invite to publish."""
+
+    def __init__(self, dht, keys: RunKeys, cfg: SwarmConfig, clock: Clock | None = None,
+                 invite: InviteRecord | None = None):
+        self.dht, self.keys, self.clock = dht, keys, clock or Clock()
+        self.closed = cfg.closed
+        self.listed = {keys.coordinator, *cfg.members}
+        self.invite = invite
+        self._until: dict[str, int] = {}          # member -> expiry of its verified invite
+        self._checked: dict[InviteRecord, bool] = {}  # invite -> verdict, so each invite is checked once
+        self._read_at = float("-inf")
+        self._published_at = float("-inf")
+
+    def admits(self, who: str) -> bool:
+        """Whether the key with fingerprint `who` may hold heads in this run."""
+        if not self.closed or who in self.listed:
+            return True
+        now = self.clock.now()
+        if self._until.get(who, -1) < now and self.clock.monotonic() - self._read_at >= READ_EVERY:
+            self._read(now)
+        return self._until.get(who, -1) >= now
+
+    def _read(self, now: float) -> None:
+        self._read_at = self.clock.monotonic()
+        if len(self._checked) > MAX_CHECKED:
+            self._checked.clear()
+        for (tag, writer), (invite, _) in schemas.read(self.dht, self.keys.members, InviteRecord, now).items():
+            if tag or writer != invite.member or self._until.get(writer, -1) >= invite.expires:
+                continue
+            verdict = self._checked.get(invite)
+            if verdict is None:
+                verdict = self._checked[invite] = invite_problem(invite, self.keys, now) is None
+            if verdict and invite.expires >= now:
+                self._until[writer] = invite.expires
+
+    def check_member(self, identity: Identity) -> None:
+        """Before joining a closed run: a ConfigError saying what to do unless `identity` is admitted."""
+        if not self.closed or identity.fingerprint in self.listed:
+            return
+        if self.invite is None:
+            raise ConfigError(f"run {self.keys.run_id} is closed: ask its coordinator for an invite "
+                              "(`lte-swarm invite`) and join with --invite FILE")
+        problem = invite_problem(self.invite, self.keys, self.clock.now())
+        if problem is not None:
+            raise ConfigError(f"the invite cannot be used: {problem}; ask the coordinator for a new one")
+        if self.invite.member != identity.fingerprint:
+            raise ConfigError(f"the invite is for key {self.invite.member}, but this peer signs with "
+                              f"{identity.fingerprint}; pass the key it was made for with --signing-key")
+
+    def publish(self, identity: Identity) -> None:
+        """Keep our invite in the DHT (rate-limited: call it as often as convenient)."""
+        if not self.closed or self.invite is None or self.clock.monotonic() - self._published_at < PUBLISH_EVERY:
+            return
+        self._published_at = self.clock.monotonic()
+        expiration = min(float(self.invite.expires), self.clock.now() + 2 * PUBLISH_EVERY)
+        schemas.store(self.dht, self.keys.members, identity, self.invite, expiration)
