@@ -123,7 +123,21 @@ class MergeProtocol:
         self._agreed_members: tuple[int, list[str]] = (-1, [])
         self.max_contribution_bytes = contribution_bound(model)
         self.max_state_bytes = state_bound(model)
-        server.publish(keys.state_blob, lambda: encode_state(self.model, self._round))
+        self._w_version = 0  # bumped whenever W or the round may have changed
+        self._state_blob: tuple[int, bytes] | None = None
+        server.publish(keys.state_blob, self._encoded_state)
+
+    def _encoded_state(self) -> bytes:
+        """W as handed out to newcomers, encoded once per version of W: anyone may ask for it, and
+        asking again and again must cost a donor a copy, not an encoding of the whole model. The
+        version is read first, so a blob encoded while W changed is never served as the new one."""
+        version = self._w_version
+        cached = self._state_blob
+        if cached is not None and cached[0] == version:
+            return cached[1]
+        blob = encode_state(self.model, self._round)
+        self._state_blob = (version, blob)
+        return blob
 
     @property
     def round(self) -> int:
@@ -222,7 +236,11 @@ class MergeProtocol:
             try:
                 blob = self.server.fetch(address, self.keys.state_blob, self.cfg.request_timeout * 4,
                                          self.max_state_bytes)
-                self._round = decode_state(blob, self.model, expect_digest=digest, expect_round=round_)
+                self._w_version += 1
+                try:
+                    self._round = decode_state(blob, self.model, expect_digest=digest, expect_round=round_)
+                finally:
+                    self._w_version += 1
                 log.info("synced W of round %d from %s (%.1f MB)", self._round, address[-8:], len(blob) / 2**20)
                 self.announce()
                 return True
@@ -330,7 +348,9 @@ class MergeProtocol:
             log.warning("our ready record for round %d is not visible; merging without us", r)
         mr.waited = self.clock.monotonic() - mr.started
         contributions, mr.rejected = self._gather(r, mr.ready_set, mr.contribution)
+        self._w_version += 1
         merge_contributions(self.model, contributions, self.cfg.robust_clip)
+        self._w_version += 1
         mr.members = sorted(c.peer for c in contributions)
         mr.digest = self.model.state_digest()
         schemas.store(self.dht, self.keys.hashes(r), self.identity,
@@ -367,6 +387,7 @@ class MergeProtocol:
                 return
         self._agreed_members = (r, list(agreed.members))
         self._round = max(self._round, r + 1)
+        self._w_version += 1
         result.new_round = self._round
         result.members = list(agreed.members)
         result.merged = self.peer in agreed.members

@@ -375,3 +375,39 @@ def test_a_holder_dating_its_ready_records_to_close_every_round_early_stalls_not
         assert all(r["merged"] and not r["missed"] for r in mem[name].events.of("round")), mem[name].events.of("round")
     assert len(set(mem.digests("coordinator", "p0", "p1").values())) == 1
     assert attacked <= 1.2 * honest, (attacked, honest)  # seconds of fake time: deterministic
+
+
+def test_asking_a_donor_for_w_again_and_again_encodes_it_once_per_version(tmp_path, monkeypatch):
+    """Anyone may download W from a donor; a stranger asking in a loop gets copies of one encoding,
+    and the next round's W is encoded afresh."""
+    from peers.models import create_lte_model
+    from swarm import rounds, wire
+    from swarm.memnet import MemoryBlobServer
+
+    encodings = []
+
+    def counting(model, round_):
+        encodings.append(round_)
+        return wire.encode_state(model, round_)
+
+    monkeypatch.setattr(rounds, "encode_state", counting)
+    mem = MemorySwarm(tiny_config(heads=2, rounds=3), tmp_path)
+    mem.coordinator()
+    for i in range(2):
+        mem.trainer(f"p{i}")
+    mem.run(until=lambda s: s["p0"].role.protocol.round >= 1 and s["p0"].role.mr is None)
+    donor = mem["p0"]
+    asker, _ = mem.signing_dht("asker")
+    server, name = MemoryBlobServer(mem.net, asker.peer_id), donor.role.keys.state_blob
+    before = len(encodings)
+    blobs = {server.fetch(donor.rt.p2p, name, 5.0, 2**30) for _ in range(20)}
+    assert len(blobs) == 1 and len(encodings) - before <= 1
+    model = create_lte_model(mem.cfg, [])
+
+    def served_is_current(blob: bytes) -> bool:
+        return wire.decode_state(blob, model, expect_digest=donor.role.model.state_digest()) == donor.role.protocol.round
+
+    assert served_is_current(blobs.pop())
+    mem.run(until=lambda s: s["p0"].role.protocol.round >= 2 and s["p0"].role.mr is None)
+    before = len(encodings)
+    assert served_is_current(server.fetch(donor.rt.p2p, name, 5.0, 2**30)) and len(encodings) == before + 1
