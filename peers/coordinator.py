@@ -142,11 +142,11 @@ class Coordinator:
         return 0.0
 
     def _linger(self) -> float:
-        """The run is over: checkpoint, then stay a donor a little longer so peers finishing the
-        last round can still fetch W (until the last of them left, or `merge_grace` passed)."""
+        """The run is over: checkpoint, then stay a donor so peers finishing the last round can
+        still fetch the agreed W (until the last of them left, at most a round's timeout)."""
         if self._linger_until is None:
             self.checkpoint()
-            self._linger_until = self.clock.monotonic() + self.cfg.swarm.merge_grace
+            self._linger_until = self.clock.monotonic() + self.cfg.swarm.round_timeout
         remaining = self._linger_until - self.clock.monotonic()
         if remaining <= 0 or not self.leases.holders():
             self.finished = True

@@ -3,12 +3,16 @@ prints seconds per round split into training, waiting and communicating, the fra
 spent training, and bytes per peer per round and per training sample, next to what a dense
 all-reduce of the full model after every step (data-parallel training) would send.
 
-    python scripts/bench_swarm.py [--peers 4] [--merge-every 50] [--rounds 4]
+    python scripts/bench_swarm.py [--peers 4] [--merge-every 30] [--rounds 4] [--merge reduce|gather] [--json]
+
+With --merge reduce (the default) W is reduced by owners; --merge gather is the all-gather merge,
+where every peer downloads every contribution.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import tempfile
 from pathlib import Path
@@ -21,13 +25,13 @@ from peers.shipped import shipped_config
 from swarm.config import load_config
 
 
-def write_config(path: Path, peers: int, merge_every: int, rounds: int) -> Path:
+def write_config(path: Path, peers: int, merge_every: int, rounds: int, merge: str) -> Path:
     raw = yaml.safe_load(shipped_config().read_text())
     raw["lte"].update(heads=peers, merge_every=merge_every)
     per_head = raw["train"]["batch_size"] // 4
     raw["train"].update(batch_size=per_head * peers, samples=per_head * peers * merge_every * rounds, eval_every=rounds)
     raw["swarm"] = dict(lease_seconds=30.0, settle_seconds=0.5, merge_grace=10.0, round_timeout=60.0,
-                        request_timeout=15.0, poll_seconds=0.1, checkpoint_every=rounds, min_heads=peers)
+                        request_timeout=15.0, poll_seconds=0.1, checkpoint_every=rounds, min_heads=peers, merge=merge)
     path.write_text(yaml.safe_dump(raw))
     return path
 
@@ -37,9 +41,11 @@ def main() -> None:
     parser.add_argument("--peers", type=int, default=4)
     parser.add_argument("--merge-every", type=int, default=30, help="T, local steps per round")
     parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--merge", choices=["reduce", "gather"], default="reduce")
+    parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="lte-bench-"))
-    config = write_config(workdir / "bench.yaml", args.peers, args.merge_every, args.rounds)
+    config = write_config(workdir / "bench.yaml", args.peers, args.merge_every, args.rounds, args.merge)
     cfg = load_config(config)
     swarm = LocalSwarm(workdir, config)
     try:
@@ -70,7 +76,7 @@ def main() -> None:
     dense_step = 2 * (n - 1) / n * 4 * params  # ring all-reduce of fp32 gradients, sent (and received) per peer
     dense_round = dense_step * args.merge_every
     mean = statistics.mean
-    print(f"\n{n} peers x 1 head on loopback (2-core machine shared by all), {cfg.model.name} "
+    print(f"\n{n} peers x 1 head on loopback, {args.merge} merge (2-core machine shared by all), {cfg.model.name} "
           f"({params / 1e6:.2f}M params), N={cfg.lte.heads} r={cfg.lte.rank} T={args.merge_every}, "
           f"{args.rounds} rounds, head batch {cfg.head_batch}; all peers agree on W: {len(digests) == 1}; "
           f"rounds missed by a peer: {missed}")
@@ -84,6 +90,11 @@ def main() -> None:
     print(f"{'  dense all-reduce every step':32s} {dense_round:12,.0f} {dense_round / samples_per_round:12,.0f}")
     print(f"{'  ratio dense / LTE sent':32s} {dense_round / mean(sent):12.1f}x")
     print(f"(events and logs in {workdir})")
+    if args.json:
+        print(json.dumps({"peers": n, "merge": args.merge, "rounds": args.rounds, "merge_every": args.merge_every,
+                          "bytes_sent_per_peer_round": mean(sent), "bytes_received_per_peer_round": mean(received),
+                          "train_fraction": mean(fractions), "seconds_per_round": mean(walls),
+                          "agree": len(digests) == 1, "rounds_missed": missed}))
 
 
 if __name__ == "__main__":

@@ -98,6 +98,14 @@ class SwarmConfig(_Strict):
     max_heads_per_peer: PositiveInt = Field(8, description="most heads one peer may hold")
     clock_skew: PositiveFloat = Field(10.0, description="how far peers' clocks may disagree (seconds); records dated further ahead are ignored")
     parallel_downloads: PositiveInt = Field(3, description="contributions downloaded (and held in memory) at once")
+    merge: Literal["reduce", "gather"] = Field(
+        "reduce", description="reduce: W is cut into parts, two of the round's contributors reduce each part and "
+                              "everyone downloads the reduced parts (bytes per peer do not grow with the swarm); "
+                              "gather: every peer downloads every contribution")
+    parts: int = Field(0, ge=0, description="parts W is cut into for the reduced merge (0: four per head of the run)")
+    coordinator_recomputes: bool = Field(
+        True, description="in the reduced merge the coordinator reduces every part itself from the raw contributions, "
+                          "so that no two colluding owners can change the agreed W (it then downloads every contribution)")
     closed: bool = Field(False, description="admit only the signing keys in swarm.members and peers holding an invite "
                                             "the coordinator signed (`lte-swarm invite`)")
     members: tuple[str, ...] = Field((), description="fingerprints of signing keys a closed run admits without an invite")

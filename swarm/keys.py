@@ -8,6 +8,7 @@ run record, progress and votes to believe.
 
 from __future__ import annotations
 
+import hashlib
 import re
 
 from swarm.errors import ConfigError
@@ -87,6 +88,16 @@ class RunKeys:
         """Each peer's W hash after merge round `round_`, with the contributions it merged."""
         return self._key(f"round{round_}_hash")
 
+    def parts(self, round_: int) -> str:
+        """Owners' reductions of the parts of W in merge round `round_`; one subkey per part,
+        contributor set and owner."""
+        return self._key(f"round{round_}_parts")
+
+    @staticmethod
+    def part_tag(part: int, members: list[str]) -> str:
+        """The tag of an owner's record for `part` reduced over `members`."""
+        return f"{part}:{hashlib.sha256(','.join(sorted(members)).encode()).hexdigest()[:16]}"
+
     @staticmethod
     def lease_tag(head: int) -> str:
         """The tag of a claim on `head` in its writer's owner subkey."""
@@ -96,6 +107,12 @@ class RunKeys:
     def contribution_blob(self, round_: int, writer: str) -> str:
         """Named after its writer: a record pointing at another peer's address finds nothing."""
         return f"{self.run_id}/contribution/{round_}/{writer}"
+
+    def contribution_part_blob(self, round_: int, writer: str, part: int) -> str:
+        return f"{self.run_id}/contribution/{round_}/{writer}/{part}"
+
+    def reduced_blob(self, round_: int, part: int, digest: str) -> str:
+        return f"{self.run_id}/reduced/{round_}/{part}/{digest}"
 
     @property
     def state_blob(self) -> str:

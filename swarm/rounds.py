@@ -26,6 +26,8 @@ from __future__ import annotations
 import enum
 import hashlib
 import logging
+
+import torch
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -37,14 +39,17 @@ from swarm.config import SwarmConfig
 from swarm.identity import Identity
 from swarm.keys import RunKeys
 from swarm.lte_model import LTEModel
-from swarm.schemas import DonorRecord, HashRecord, ReadyRecord, RunProgress
+from swarm.schemas import DonorRecord, HashRecord, PartRecord, ReadyRecord, RunProgress
 from swarm.transport import NETWORK_ERRORS, TransferError
-from swarm.wire import (Contribution, ContributionError, contribution_bound, decode_contribution, decode_state,
-                        encode_state, merge_contributions, state_bound)
+from swarm.wire import (Contribution, ContributionError, apply_reduced, contribution_bound, decode_contribution,
+                        decode_reduced, decode_state, encode_reduced, encode_state, merge_contributions, part_bound,
+                        plan_parts, reduce_contributions, reduced_digest, reduced_tensors, split_contribution,
+                        state_bound)
 
 log = logging.getLogger(__name__)
 
 KEEP_CONTRIBUTIONS = 3  # rounds for which a peer keeps serving its contributions
+MIN_REDUCE_MEMBERS = 3  # below this, two owners per part means everyone reduces everything: gather instead
 
 
 class RoundStep(str, enum.Enum):
@@ -52,6 +57,7 @@ class RoundStep(str, enum.Enum):
 
     OPEN = "open"                # contributions are being offered; waiting for the round to close
     SETTLING = "settling"        # closed; letting the last ready records spread before reading them
+    REDUCING = "reducing"        # owners reduce their parts of W; everyone collects the reduced parts
     VOTING = "voting"            # merged; waiting for the contributors' digests
     CATCHING_UP = "catching_up"  # the round closed before we offered: downloading its result
     DONE = "done"
@@ -94,6 +100,30 @@ class MergeRound:
     rejected: list[str] = field(default_factory=list)
     digest: str = ""
     result: RoundResult | None = None
+    work: "ReduceWork | None" = None
+
+
+@dataclass
+class ReduceWork:
+    """One peer's share of an owner-reduced merge: the parts it reduces (or had to fetch itself),
+    what it knows of every part's accepted contributors, and the reduced parts it has."""
+
+    members: list[str]                                                    # the round's contributors
+    held: dict[int, dict[str, Contribution]] = field(default_factory=dict)  # part -> validated contributions
+    accepted: dict[int, set[str]] = field(default_factory=dict)          # part -> contributors that passed
+    reduced: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)  # part -> values over the final set
+    computed: dict[tuple[int, tuple[str, ...]], tuple[str, dict]] = field(default_factory=dict)
+    final: list[str] | None = None                                       # contributors every part accepted
+    first_seen: dict[int, float] = field(default_factory=dict)           # part -> when an owner's record showed up
+    orphaned: set[int] = field(default_factory=set)                      # parts whose other owner seems absent
+    fallback: bool = False                                               # owners were too slow: fetched it all
+
+
+def owners(part: int, members: list[str]) -> tuple[str, str]:
+    """The two members that reduce `part`: consecutive in fingerprint order, so every member owns
+    about 2/P of the parts and no part depends on one peer alone."""
+    n = len(members)
+    return members[part % n], members[(part + 1) % n]
 
 
 class MergeProtocol:
@@ -123,6 +153,9 @@ class MergeProtocol:
         self._agreed_members: tuple[int, list[str]] = (-1, [])
         self.max_contribution_bytes = contribution_bound(model)
         self.max_state_bytes = state_bound(model)
+        self.parts = plan_parts(model, cfg.parts or 4 * model.spec.n_heads)
+        self.max_part_bytes = [part_bound(model, part) for part in self.parts]
+        self._served: dict[int, list[str]] = {}  # round -> names of the blobs we serve for it
         self._w_version = 0  # bumped whenever W or the round may have changed
         self._state_blob: tuple[int, bytes] | None = None
         server.publish(keys.state_blob, self._encoded_state)
@@ -298,8 +331,10 @@ class MergeProtocol:
             mr.step = RoundStep.CATCHING_UP
             return mr
         if contribution is not None and ready is not None:
-            self.server.publish(self.keys.contribution_blob(r, self.peer), contribution)
-            self.server.drop(self.keys.contribution_blob(r - KEEP_CONTRIBUTIONS, self.peer))
+            self._serve(r, self.keys.contribution_blob(r, self.peer), contribution)
+            if self.cfg.merge == "reduce":
+                for i, blob in enumerate(split_contribution(contribution, self.parts)):
+                    self._serve(r, self.keys.contribution_part_blob(r, self.peer, i), blob)
             schemas.store(self.dht, self.keys.ready(r), self.identity, ready, self._expiration())
         return mr
 
@@ -308,11 +343,20 @@ class MergeProtocol:
         again after `mr.wait` seconds). Network failures inside a step degrade (a rejected or
         missing contribution, a re-sync); only a failed catch-up raises `TransferError`."""
         step = {RoundStep.OPEN: self._poll_open, RoundStep.SETTLING: self._poll_settling,
-                RoundStep.VOTING: self._poll_voting, RoundStep.CATCHING_UP: self._poll_catching_up}.get(mr.step)
+                RoundStep.REDUCING: self._poll_reducing, RoundStep.VOTING: self._poll_voting,
+                RoundStep.CATCHING_UP: self._poll_catching_up}.get(mr.step)
         if step is not None:
             mr.wait = self.cfg.poll_seconds
             step(mr)
         return mr.result
+
+    def _serve(self, r: int, name: str, blob: bytes) -> None:
+        """Serve a blob of round r; what we served for rounds long past is dropped."""
+        self.server.publish(name, blob)
+        self._served.setdefault(r, []).append(name)
+        for old in [k for k in self._served if k <= r - KEEP_CONTRIBUTIONS]:
+            for stale in self._served.pop(old):
+                self.server.drop(stale)
 
     def _expiration(self) -> float:
         return self.clock.now() + self.cfg.round_timeout * 3
@@ -347,16 +391,200 @@ class MergeProtocol:
         if mr.contribution is not None and self.peer not in mr.ready_set:  # our record never made it out
             log.warning("our ready record for round %d is not visible; merging without us", r)
         mr.waited = self.clock.monotonic() - mr.started
+        if self.cfg.merge == "reduce" and len(mr.ready_set) >= MIN_REDUCE_MEMBERS:
+            self._start_reducing(mr)
+            return
         contributions, mr.rejected = self._gather(r, mr.ready_set, mr.contribution)
         self._w_version += 1
         merge_contributions(self.model, contributions, self.cfg.robust_clip)
         self._w_version += 1
-        mr.members = sorted(c.peer for c in contributions)
+        self._vote(mr, sorted(c.peer for c in contributions))
+
+    def _vote(self, mr: MergeRound, members: list[str]) -> None:
+        """Our W is merged: publish its digest with the contributors in it, then wait for the others'."""
+        mr.members = members
         mr.digest = self.model.state_digest()
-        schemas.store(self.dht, self.keys.hashes(r), self.identity,
-                      HashRecord(round=r, digest=mr.digest, members=mr.members), self._expiration())
+        schemas.store(self.dht, self.keys.hashes(mr.round), self.identity,
+                      HashRecord(round=mr.round, digest=mr.digest, members=mr.members), self._expiration())
         mr.step = RoundStep.VOTING
         mr.deadline = self.clock.monotonic() + self.cfg.merge_grace
+
+    # ---- the owner-reduced merge --------------------------------------------------------------
+    def _start_reducing(self, mr: MergeRound) -> None:
+        """Reduce the parts we own: fetch our parts of every contribution, validate, sum, serve the
+        result and publish its digest. Then collect every part (`_poll_reducing`)."""
+        work = ReduceWork(members=sorted(mr.ready_set))
+        if self.is_authority and self.cfg.coordinator_recomputes:
+            # The authority trusts no owner: it reduces every part from the raw contributions, and
+            # its digest is the one a peer fooled by two colluding owners re-syncs to.
+            self._fetch_parts(mr, work, list(range(len(self.parts))))
+        else:
+            mine = [i for i in range(len(self.parts)) if self.peer in owners(i, work.members)]
+            self._fetch_parts(mr, work, mine)
+            for i in mine:
+                self._reduce_part(mr, work, i, sorted(work.accepted[i]), publish=True)
+        mr.work = work
+        mr.step = RoundStep.REDUCING
+        mr.deadline = self.clock.monotonic() + self.cfg.round_timeout / 2
+
+    def _fetch_parts(self, mr: MergeRound, work: ReduceWork, parts: list[int]) -> None:
+        """Download and validate `parts` of every member's contribution, a few at a time."""
+        r = mr.round
+
+        def one(i: int, peer: str) -> Contribution | None:
+            rec = mr.ready_set[peer]
+            name = self.keys.contribution_part_blob(r, peer, i)
+            try:
+                if peer == self.peer and mr.contribution is not None:
+                    blob = self.server.lookup(name)
+                    if blob is None:
+                        raise ContributionError("our own part is not served")
+                elif rec.nbytes > self.max_contribution_bytes:
+                    raise ContributionError(f"it announces {rec.nbytes} bytes, more than this model's contributions "
+                                            f"can take ({self.max_contribution_bytes})")
+                else:
+                    blob = self.server.fetch(rec.p2p, name, self.cfg.request_timeout, self.max_part_bytes[i])
+                c = decode_contribution(blob, peer, self.model, self.cfg.max_update, self.cfg.max_relative_update,
+                                        part=self.parts[i])
+                if sorted(c.heads) != sorted(rec.heads):
+                    raise ContributionError(f"heads {list(c.heads)} differ from its ready record")
+                return c
+            except ContributionError as exc:
+                log.warning("round %d: rejected part %d of %s's contribution: %s", r, i, peer[:8], exc)
+            except NETWORK_ERRORS as exc:
+                log.warning("round %d: no part %d from %s: %s", r, i, peer[:8], exc)
+            return None
+
+        jobs = [(i, peer) for i in parts for peer in work.members]
+        with ThreadPoolExecutor(max_workers=max(1, min(self.cfg.parallel_downloads, len(jobs)))) as pool:
+            futures = [pool.submit(one, i, peer) for i, peer in jobs]
+            for _ in as_completed(futures):
+                self.keep_alive()
+            results = [f.result() for f in futures]
+        for (i, peer), c in zip(jobs, results):
+            work.held.setdefault(i, {})
+            if c is not None:
+                work.held[i][peer] = c
+        for i in parts:
+            work.accepted[i] = set(work.held.get(i, {}))
+
+    def _reduce_part(self, mr: MergeRound, work: ReduceWork, i: int, members: list[str], publish: bool) -> dict:
+        """Part i summed over `members` (from contributions we hold); served and announced when we
+        own the part."""
+        key = (i, tuple(members))
+        if key not in work.computed:
+            totals = reduce_contributions(self.model, [work.held[i][m] for m in members], self.cfg.robust_clip,
+                                          self.parts[i])
+            tensors = reduced_tensors(totals)
+            digest = reduced_digest(tensors, members)
+            work.computed[key] = (digest, tensors)
+            if publish:
+                self._serve(mr.round, self.keys.reduced_blob(mr.round, i, digest), encode_reduced(tensors))
+                schemas.store(self.dht, self.keys.parts(mr.round), self.identity,
+                              PartRecord(round=mr.round, part=i, members=members, digest=digest, p2p=self.p2p),
+                              self._expiration(), tag=self.keys.part_tag(i, members))
+        return work.computed[key][1]
+
+    def _agreed_parts(self, r: int, work: ReduceWork) -> dict[int, dict[tuple[str, ...], tuple[str, list[str]]]]:
+        """part -> {members: (digest, owners' addresses)} for every reduction both owners of the
+        part published alike (our own reductions count as ours). Notes when each part's first
+        record showed up in `work.first_seen`."""
+        found = schemas.read(self.dht, self.keys.parts(r), PartRecord, self.clock.now())
+        said: dict[tuple[int, tuple[str, ...], str], dict[str, str]] = {}
+        for (tag, writer), (rec, _) in found.items():
+            if (rec.round != r or not 0 <= rec.part < len(self.parts) or tag != self.keys.part_tag(rec.part, rec.members)
+                    or writer not in owners(rec.part, work.members) or not set(rec.members) <= set(work.members)):
+                continue
+            said.setdefault((rec.part, tuple(rec.members), rec.digest), {})[writer] = rec.p2p
+            work.first_seen.setdefault(rec.part, self.clock.monotonic())
+            if not set(owners(rec.part, work.members)) <= set(rec.members):
+                work.orphaned.add(rec.part)  # an owner says the other one's own contribution failed
+        for (i, members), (digest, _) in work.computed.items():
+            said.setdefault((i, members, digest), {})[self.peer] = self.p2p
+        agreed: dict[int, dict[tuple[str, ...], tuple[str, list[str]]]] = {}
+        for (i, members, digest), writers in said.items():
+            if set(owners(i, work.members)) <= set(writers):
+                addresses = [a for w, a in sorted(writers.items()) if w != self.peer]
+                agreed.setdefault(i, {})[members] = (digest, addresses)
+        return agreed
+
+    def _poll_reducing(self, mr: MergeRound) -> None:
+        """Collect every part: which contributors each part accepted (ours, or as both owners say),
+        the final set (accepted by every part), then every part reduced over it: ours, or
+        downloaded from an owner and checked against the owners' digest. Parts whose owners are
+        silent, dead or disagree past the deadline are fetched raw and reduced here."""
+        r, work = mr.round, mr.work
+        agreed = self._agreed_parts(r, work)
+        for i, versions in agreed.items():
+            if i not in work.accepted:  # the versions are nested: the widest is what the part accepted
+                work.accepted[i] = set(max(versions, key=len))
+        now = self.clock.monotonic()
+        late = now > mr.deadline
+
+        def overdue(i: int) -> bool:
+            """Past the deadline; or one owner published and the other stayed silent for the grace,
+            or is not in the round as far as its co-owner could tell (then we check it ourselves)."""
+            return late or i in work.orphaned or (i in work.first_seen and now > work.first_seen[i] + self.cfg.merge_grace)
+
+        unknown = [i for i in range(len(self.parts)) if i not in work.accepted]
+        if unknown:
+            if not all(overdue(i) for i in unknown):
+                return
+            self._fallback(mr, work, unknown)
+        if work.final is None:
+            work.final = sorted(set(work.members).intersection(*work.accepted.values()))
+        final = tuple(work.final)
+        for i in range(len(self.parts)):
+            if i in work.reduced:
+                continue
+            if i in work.held and set(final) <= set(work.held[i]):
+                work.reduced[i] = self._reduce_part(mr, work, i, list(final),
+                                                    publish=self.peer in owners(i, work.members))
+            elif final in agreed.get(i, {}):
+                digest, addresses = agreed[i][final]
+                tensors = self._download_part(r, i, list(final), digest, addresses)
+                if tensors is not None:
+                    work.reduced[i] = tensors
+        missing = [i for i in range(len(self.parts)) if i not in work.reduced]
+        if missing:
+            if not all(overdue(i) for i in missing):
+                return
+            self._fallback(mr, work, missing)
+            unreachable = [i for i in missing if not set(final) <= set(work.held[i])]
+            if unreachable:  # a contributor's part we cannot get: take the agreed W from others later
+                log.warning("round %d: could not get every contribution to part %d; catching up", r, unreachable[0])
+                mr.step, mr.deadline = RoundStep.CATCHING_UP, self.clock.monotonic() + self.cfg.round_timeout
+                return
+            for i in missing:
+                work.reduced[i] = self._reduce_part(mr, work, i, list(final), publish=False)
+        totals = {name: t.double() for i in range(len(self.parts)) for name, t in work.reduced[i].items()}
+        self._w_version += 1
+        apply_reduced(self.model, totals)
+        self._w_version += 1
+        mr.rejected = sorted(set(work.members) - set(final))
+        self._vote(mr, list(final))
+
+    def _download_part(self, r: int, i: int, members: list[str], digest: str, addresses: list[str]) -> dict | None:
+        shift = int(hashlib.sha256(self.peer.encode()).hexdigest(), 16) % max(1, len(addresses))
+        for address in addresses[shift:] + addresses[:shift]:  # spread the readers over the owners
+            try:
+                blob = self.server.fetch(address, self.keys.reduced_blob(r, i, digest), self.cfg.request_timeout,
+                                         self.max_part_bytes[i])
+                return decode_reduced(blob, self.model, self.parts[i], members, digest)
+            except ContributionError as exc:
+                log.warning("round %d: part %d from %s is bad: %s", r, i, address[-8:], exc)
+            except NETWORK_ERRORS as exc:
+                log.warning("round %d: could not fetch part %d from %s: %s", r, i, address[-8:], exc)
+        return None
+
+    def _fallback(self, mr: MergeRound, work: ReduceWork, parts: list[int]) -> None:
+        """Owners did not deliver these parts in time: fetch every contribution's part ourselves."""
+        todo = [i for i in parts if i not in work.held]
+        if todo:
+            log.warning("round %d: %d of %d parts not reduced by their owners in time; fetching them raw",
+                        mr.round, len(todo), len(self.parts))
+            work.fallback = True
+            self._fetch_parts(mr, work, todo)
 
     def _poll_voting(self, mr: MergeRound) -> None:
         """Wait until every contributor we merged (and the coordinator, if it is up) has published
@@ -364,10 +592,15 @@ class MergeProtocol:
         most holders hold (re-synced from one of them if it is not ours)."""
         r = mr.round
         votes = self._votes(r)
-        if mr.awaited is None:  # once per round: is the coordinator up, so that we wait for its vote?
-            mr.awaited = set(mr.members) | ({self.authority} if not self.is_authority and self.progress() else set())
+        if mr.awaited is None:  # once per round: is the coordinator up and at this round, so that it votes?
+            progress = None if self.is_authority else self.progress()
+            mr.awaited = set(mr.members) | ({self.authority} if progress is not None and progress.round == r else set())
         awaited = mr.awaited
-        if not awaited <= set(votes) and self.clock.monotonic() <= mr.deadline:
+        now = self.clock.monotonic()
+        # The coordinator's vote decides: while it is up, it is awaited for as long as a round may
+        # take, not just the grace (a peer that gives up on a slow coordinator merges on alone).
+        if not awaited <= set(votes) and (now <= mr.deadline or (
+                self.authority in awaited - set(votes) and now <= mr.deadline + self.cfg.round_timeout)):
             return
         # Our own vote counts even if the DHT did not take it (then we only agree with ourselves).
         votes[self.peer] = HashRecord(round=r, digest=mr.digest, members=mr.members)

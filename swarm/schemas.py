@@ -99,6 +99,17 @@ class HashRecord(_Record):
     members: list[Fingerprint] = Field(max_length=4096)
 
 
+class PartRecord(_Record):
+    """An owner's reduction of part `part` of merge round `round`: the contributors it sums
+    (sorted fingerprints), the digest of its values and members, and where to download it."""
+
+    round: int = Field(ge=0)
+    part: int = Field(ge=0, le=1_000_000)
+    members: list[Fingerprint] = Field(max_length=4096)
+    digest: Digest
+    p2p: PeerAddress
+
+
 def parse(model: type[T], value: Any, where: str = "") -> T | None:
     """Validate one DHT value; None (with a warning) if it does not fit the schema."""
     try:

@@ -12,6 +12,7 @@ finiteness and the size of the update it would make.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from typing import Literal
@@ -95,11 +96,12 @@ def state_bound(model: LTEModel) -> int:
 
 
 def decode_contribution(blob: bytes, peer: str, model: LTEModel, max_update: float,
-                        max_relative_update: float = float("inf")) -> Contribution:
-    """Parse and validate a contribution (see `_decode_contribution`); whatever goes wrong with
-    hostile bytes is a ContributionError, never another exception."""
+                        max_relative_update: float = float("inf"), part: frozenset[str] | None = None) -> Contribution:
+    """Parse and validate a contribution (see `_decode_contribution`), or only the layers and
+    replicas named in `part` (see `plan_parts`); whatever goes wrong with hostile bytes is a
+    ContributionError, never another exception."""
     try:
-        return _decode_contribution(blob, peer, model, max_update, max_relative_update)
+        return _decode_contribution(blob, peer, model, max_update, max_relative_update, part)
     except ContributionError:
         raise
     except Exception as exc:  # e.g. a header nested too deep, an unknown dtype, a failing allocation
@@ -107,7 +109,7 @@ def decode_contribution(blob: bytes, peer: str, model: LTEModel, max_update: flo
 
 
 def _decode_contribution(blob: bytes, peer: str, model: LTEModel, max_update: float,
-                         max_relative_update: float) -> Contribution:
+                         max_relative_update: float, part: frozenset[str] | None = None) -> Contribution:
     """Parse and validate a contribution against this run's model; raises ContributionError.
 
     Besides format, heads, shapes and finiteness, the change is bounded twice: no weight may move
@@ -127,6 +129,8 @@ def _decode_contribution(blob: bytes, peer: str, model: LTEModel, max_update: fl
     weights: dict[str, torch.Tensor] = {}
     used: set[str] = set()
     for name, layer in model.layers():
+        if part is not None and name not in part:
+            continue
         m, n = layer.out_features, layer.in_features
         if f"w/{name}/D" in tensors:
             weights[name] = _take(tensors, f"w/{name}/D", (m, n), used)
@@ -137,7 +141,8 @@ def _decode_contribution(blob: bytes, peer: str, model: LTEModel, max_update: fl
             b0 = _take(tensors, f"w/{name}/B0", (k, m, r), used) if baseline else None
             weights[name] = delta_sum(*_as_double(a, b, a0, b0)).float()
     shared = dict(model.model.named_parameters())
-    replicas = {name: _take(tensors, f"r/{name}", tuple(shared[name].shape), used) for name in model.replicated}
+    replicas = {name: _take(tensors, f"r/{name}", tuple(shared[name].shape), used) for name in model.replicated
+                if part is None or name in part}
     extra = set(tensors) - used
     if extra:
         raise ContributionError(f"unexpected tensors {sorted(extra)[:3]}")
@@ -166,17 +171,21 @@ def _decode_contribution(blob: bytes, peer: str, model: LTEModel, max_update: fl
     return Contribution(peer=peer, heads=heads, weights=weights, replicas=replicas, nbytes=len(blob))
 
 
-def merge_contributions(model: LTEModel, contributions: list[Contribution], robust_clip: float = 0.0) -> None:
-    """W += (s/N) * sum of every contribution, summed in a canonical (writer) order in float64,
-    so every peer that merges the same contributions gets the same bits.
+def reduce_contributions(model: LTEModel, contributions: list[Contribution], robust_clip: float = 0.0,
+                         part: frozenset[str] | None = None) -> dict[str, torch.Tensor]:
+    """Per layer and replicated parameter (those in `part`, or all), the float64 sum of every
+    contribution, in a canonical (writer) order, so every peer reducing the same contributions
+    gets the same bits. Every name is looked at on its own, so reducing parts separately gives
+    what reducing the whole gives.
 
     With `robust_clip` > 0 and 3 or more contributions, a contribution whose change of a layer
     (per head it covers) exceeds `robust_clip` times the round's median is scaled down to it:
     one peer moves W at most a few times as much as a typical honest one."""
     ordered = sorted(contributions, key=lambda c: c.peer)
     clip = robust_clip > 0 and len(ordered) >= 3
+    heads = [len(c.heads) for c in ordered]
 
-    def total(parts: list[torch.Tensor], heads: list[int]) -> torch.Tensor:
+    def total(parts: list[torch.Tensor]) -> torch.Tensor:
         parts = [p.double() for p in parts]
         if clip:
             norms = [p.norm().item() / k for p, k in zip(parts, heads)]
@@ -187,16 +196,119 @@ def merge_contributions(model: LTEModel, contributions: list[Contribution], robu
             out += p
         return out
 
-    heads = [len(c.heads) for c in ordered]
-    weights, replicas = {}, {}
-    for name, layer in model.layers():
-        weights[name] = (total([c.weights[name] for c in ordered], heads) if ordered
-                         else torch.zeros(layer.out_features, layer.in_features, dtype=torch.float64))
-    for name, p in model.model.named_parameters():
-        if name in model.replicated:
-            replicas[name] = (total([c.replicas[name] for c in ordered], heads) if ordered
-                              else torch.zeros(p.shape, dtype=torch.float64))
-    model.apply_merge(weights, replicas)
+    out = {}
+    shapes = {name: (layer.out_features, layer.in_features) for name, layer in model.layers()}
+    params = dict(model.model.named_parameters())
+    shapes.update({name: tuple(params[name].shape) for name in model.replicated})
+    for name, shape in shapes.items():
+        if part is not None and name not in part:
+            continue
+        sources = [c.weights[name] if name in c.weights else c.replicas[name] for c in ordered]
+        out[name] = total(sources) if ordered else torch.zeros(shape, dtype=torch.float64)
+    return out
+
+
+def apply_reduced(model: LTEModel, totals: dict[str, torch.Tensor]) -> None:
+    """W += (s/N) * totals, shared non-linear parameters += (1/N) * totals (see `reduce_contributions`)."""
+    model.apply_merge({name: totals[name] for name in model.layer_names},
+                      {name: totals[name] for name in model.replicated})
+
+
+def merge_contributions(model: LTEModel, contributions: list[Contribution], robust_clip: float = 0.0) -> None:
+    """Reduce every contribution and apply the result: the all-gather merge, where every peer has
+    every contribution."""
+    apply_reduced(model, reduce_contributions(model, contributions, robust_clip))
+
+
+# ---- the owner-reduced merge: W cut into parts, each part reduced by two of the round's members ----
+PART_FORMAT = "lte-swarm/part/1"
+REDUCED_FORMAT = "lte-swarm/reduced/1"
+
+
+def plan_parts(model: LTEModel, n_parts: int) -> list[frozenset[str]]:
+    """Cut the merge targets (layers and replicated parameters) into at most `n_parts` parts of
+    similar size, whole targets each, the same on every peer: largest targets first, each to the
+    lightest part so far (ties to the lower index). Parts never come out empty."""
+    sizes = {name: layer.out_features * layer.in_features for name, layer in model.layers()}
+    params = dict(model.model.named_parameters())
+    sizes.update({name: params[name].numel() for name in model.replicated})
+    order = sorted(sizes, key=lambda name: (-sizes[name], name))
+    count = max(1, min(n_parts, len(order)))
+    parts: list[list[str]] = [[] for _ in range(count)]
+    loads = [0] * count
+    for name in order:
+        i = min(range(count), key=lambda j: (loads[j], j))
+        parts[i].append(name)
+        loads[i] += sizes[name]
+    return [frozenset(p) for p in parts]
+
+
+def _target(key: str) -> str:
+    """The layer or parameter a contribution tensor belongs to: `w/<layer>/<X>` or `r/<param>`."""
+    kind, _, rest = key.partition("/")
+    return rest.rsplit("/", 1)[0] if kind == "w" else rest
+
+
+def split_contribution(blob: bytes, parts: list[frozenset[str]]) -> list[bytes]:
+    """A contribution cut into one blob per part, each carrying only that part's tensors (and the
+    head list). A blob that is not a contribution gives empty parts: the owners reject them."""
+    try:
+        tensors, meta = _load(blob, FORMAT)
+    except ContributionError:
+        tensors, meta = {}, {"format": FORMAT}
+    meta = {"format": FORMAT, "heads": str(meta.get("heads", ""))}
+    out = []
+    for part in parts:
+        chosen = {k: v for k, v in tensors.items() if _target(k) in part}
+        out.append(st_save(chosen, metadata=meta))
+    return out
+
+
+def part_bound(model: LTEModel, part: frozenset[str]) -> int:
+    """The most bytes an honest contribution's `part` can take (every layer dense)."""
+    params = dict(model.model.named_parameters())
+    numbers = sum(layer.out_features * layer.in_features for name, layer in model.layers() if name in part)
+    numbers += sum(params[name].numel() for name in model.replicated if name in part)
+    return 4 * numbers + _PER_TENSOR_SLACK * 4 * len(part) + _HEADER_SLACK
+
+
+def reduced_tensors(totals: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What a part's owner serves: its float64 totals rounded once to float32. Every peer applies
+    exactly these values, the owner included, so W stays bit-identical however it got them."""
+    return {name: t.float().contiguous() for name, t in totals.items()}
+
+
+def reduced_digest(tensors: dict[str, torch.Tensor], members: list[str]) -> str:
+    """sha256 of a reduced part's values and the contributors it sums (not of the blob's bytes:
+    two owners must reach the same digest whatever their serializer does with metadata)."""
+    hasher = hashlib.sha256()
+    hasher.update(json.dumps(sorted(members)).encode())
+    for name in sorted(tensors):
+        hasher.update(name.encode())
+        hasher.update(str(tuple(tensors[name].shape)).encode())
+        hasher.update(tensors[name].contiguous().view(torch.uint8).numpy().tobytes())
+    return hasher.hexdigest()
+
+
+def encode_reduced(tensors: dict[str, torch.Tensor]) -> bytes:
+    return st_save({name: t.cpu() for name, t in tensors.items()}, metadata={"format": REDUCED_FORMAT})
+
+
+def decode_reduced(blob: bytes, model: LTEModel, part: frozenset[str], members: list[str],
+                   expect_digest: str) -> dict[str, torch.Tensor]:
+    """A reduced part served by an owner, accepted only if it is exactly the part (names, shapes,
+    float32, finite) and hashes, with `members`, to the digest its owners agreed on."""
+    tensors, _ = _load(blob, REDUCED_FORMAT)
+    shapes = {name: (layer.out_features, layer.in_features) for name, layer in model.layers() if name in part}
+    params = dict(model.model.named_parameters())
+    shapes.update({name: tuple(params[name].shape) for name in model.replicated if name in part})
+    if set(tensors) != set(shapes):
+        raise ContributionError("the reduced part does not hold the part's tensors")
+    used: set[str] = set()
+    out = {name: _take(tensors, name, shape, used) for name, shape in shapes.items()}
+    if reduced_digest(out, members) != expect_digest:
+        raise ContributionError("the reduced part does not hash to the digest its owners published")
+    return out
 
 
 def encode_state(model: LTEModel, round_: int) -> bytes:

@@ -249,10 +249,21 @@ def test_a_lease_holder_sending_poison_is_rejected_and_the_others_merge(tmp_path
     assert all(torch.isfinite(t).all() for t in state.values())
 
 
-def test_an_outsized_contribution_is_not_downloaded(tmp_path):
-    cfg = tiny_config(heads=3, merge_every=2, rounds=4, min_heads=3)
+@pytest.mark.parametrize("merge", ["gather", "reduce"])
+def test_an_outsized_contribution_is_not_downloaded(tmp_path, monkeypatch, merge):
+    from swarm.memnet import MemoryBlobServer
+
+    cfg = tiny_config(heads=3, merge_every=2, rounds=4, min_heads=3, merge=merge)
     mem = MemorySwarm(cfg, tmp_path)
     mem.coordinator()
+    fetched = []
+    original = MemoryBlobServer.fetch
+
+    def fetch(self, peer, name, timeout, max_bytes):
+        fetched.append((str(peer), name))
+        return original(self, peer, name, timeout, max_bytes)
+
+    monkeypatch.setattr(MemoryBlobServer, "fetch", fetch)
 
     class Bloated(Trainer):
         def encode(self, heads):
@@ -264,7 +275,9 @@ def test_an_outsized_contribution_is_not_downloaded(tmp_path):
     mem.run()
     rounds = mem["coordinator"].events.of("round")
     assert all(bloated.rt.peer in r["rejected"] and len(r["members"]) == 2 for r in rounds)
-    assert bloated.role.server.bytes_sent == 0  # refused before a byte moved
+    # refused before a byte of it moved (as an owner it may still serve reduced parts)
+    assert not [name for peer, name in fetched if peer == bloated.rt.p2p and "/contribution/" in name]
+    assert fetched  # the others did download from each other
 
 
 def test_a_peer_whose_records_expired_syncs_instead_of_merging_alone(tmp_path):

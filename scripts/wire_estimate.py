@@ -1,0 +1,69 @@
+"""Bytes each peer moves per merge round, from the sizes of a real contribution and of W for a
+config's model, for P peers holding one head each: the owner-reduced merge against the
+all-gather. Nothing is trained; the model is built with random weights (no download).
+
+    python scripts/wire_estimate.py --config configs/vit-s32-imagenet100.yaml --peers 32 [--json]
+
+The accounting follows the protocol: each part of W is reduced by two of the round's members
+(`swarm.rounds.owners`), which download that part of every other member's contribution and each
+serve the reduced part to half of the peers that do not own it; every peer downloads every part
+it does not own. The all-gather moves P - 1 whole contributions each way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from peers.models import create_lte_model
+from swarm.config import load_config
+from swarm.rounds import owners
+from swarm.wire import encode_contribution, encode_reduced, plan_parts, split_contribution
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--peers", type=int, nargs="+", default=[4, 8, 32])
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    cfg = load_config(args.config)
+    model = create_lte_model(cfg, [0])
+    contribution = encode_contribution(model, [0])[0]
+    n_parts = cfg.swarm.parts or 4 * cfg.lte.heads
+    parts = plan_parts(model, n_parts)
+    c_part = [len(b) for b in split_contribution(contribution, parts)]
+    totals = {name: t.double() for name, t in model.weight_deltas().items()}
+    params = dict(model.model.named_parameters())
+    totals.update({name: params[name].detach().double() for name in model.replicated})
+    w_part = [len(encode_reduced({n: totals[n].float() for n in part})) for part in parts]
+    rows = []
+    for p in args.peers:
+        members = [f"peer{i:03d}" for i in range(p)]
+        sent = received = 0.0
+        for me in members:  # the mean over peers: owners vary by part, so peers differ by a part or two
+            for i in range(len(parts)):
+                who = owners(i, members)
+                if me in who:
+                    received += c_part[i] * (p - 1)            # the part of every other contribution
+                    sent += w_part[i] * (p - len(set(who))) / 2  # half the non-owners read it from us
+                else:
+                    received += w_part[i]
+                    sent += c_part[i] * len(set(who))          # our part to each of its owners
+        sent, received = sent / p, received / p
+        rows.append({"peers": p, "contribution_bytes": len(contribution), "w_bytes": sum(w_part),
+                     "reduce_sent": sent, "reduce_received": received,
+                     "gather_sent": len(contribution) * (p - 1), "gather_received": len(contribution) * (p - 1)})
+    print(f"{cfg.model.name}: N={cfg.lte.heads} r={cfg.lte.rank} {cfg.lte.variant}, nonlinear {cfg.lte.nonlinear}; "
+          f"one head's contribution {len(contribution) / 1e6:.1f} MB, W (float32) {sum(w_part) / 1e6:.1f} MB, "
+          f"{len(parts)} parts; mean over peers")
+    print(f"{'peers':>6s} {'reduce sent':>12s} {'reduce recv':>12s} {'gather sent':>12s} {'gather recv':>12s}  (MB per peer per round)")
+    for r in rows:
+        print(f"{r['peers']:6d} {r['reduce_sent'] / 1e6:12.1f} {r['reduce_received'] / 1e6:12.1f} "
+              f"{r['gather_sent'] / 1e6:12.1f} {r['gather_received'] / 1e6:12.1f}")
+    if args.json:
+        print(json.dumps({"model": cfg.model.name, "rows": rows}))
+
+
+if __name__ == "__main__":
+    main()

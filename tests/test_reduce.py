@@ -1,0 +1,168 @@
+"""The owner-reduced merge on the in-memory network: W cut into parts, two of the round's
+contributors reduce each part, everyone applies the same reduced values. It must give every peer
+the same W, what the all-gather merge gives (up to one float32 rounding of each sum), bytes per
+peer that do not grow with the swarm, and survive owners that die or lie."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from peers.trainer import Trainer
+from swarm import rounds as rounds_module
+from swarm.rounds import MergeProtocol, owners
+from swarm.wire import plan_parts
+from tests.memswarm import MemorySwarm, tiny_config
+
+pytestmark = pytest.mark.timeout(180)
+
+ROUNDS = 4
+
+
+def _swarm(tmp_path, name: str, peers: int, merge: str = "reduce", roles: dict | None = None, **swarm) -> MemorySwarm:
+    cfg = tiny_config(heads=peers, merge_every=2, rounds=ROUNDS, min_heads=peers, merge=merge, **swarm)
+    mem = MemorySwarm(cfg, tmp_path / name)
+    mem.coordinator()
+    for i in range(peers):
+        mem.trainer(f"p{i}", role=(roles or {}).get(f"p{i}", Trainer))
+    return mem
+
+
+def _trainers(mem: MemorySwarm) -> list[str]:
+    return [n for n in mem.nodes if n != "coordinator"]
+
+
+def _received_per_peer_round(mem: MemorySwarm) -> float:
+    """Bytes a peer downloads per round, mean over peers, from the second round on (the first
+    includes fetching W on joining)."""
+    totals = []
+    for name in _trainers(mem):
+        rounds = mem[name].events.of("round")
+        totals += [b["bytes_received"] - a["bytes_received"] for a, b in zip(rounds, rounds[1:])]
+    return sum(totals) / len(totals)
+
+
+def test_parts_cover_every_target_once_and_are_balanced(tmp_path):
+    mem = _swarm(tmp_path, "plan", 1)
+    model = mem["p0"].role.model
+    for n in (1, 3, 7, 1000):
+        parts = plan_parts(model, n)
+        names = [x for p in parts for x in p]
+        assert sorted(names) == sorted(set(names)) and set(names) == set(model.layer_names) | set(model.replicated)
+        assert all(parts) and len(parts) == min(n, len(names))
+    members = ["a", "b", "c", "d"]
+    assert [owners(i, members) for i in range(5)] == [("a", "b"), ("b", "c"), ("c", "d"), ("d", "a"), ("a", "b")]
+
+
+def test_reduced_merge_agrees_everywhere_and_matches_the_gather(tmp_path):
+    reduced = _swarm(tmp_path, "reduce", 4)
+    reduced.run()
+    gathered = _swarm(tmp_path, "gather", 4, merge="gather")
+    gathered.run()
+    for mem in (reduced, gathered):
+        assert all(n.state == "finished" for n in mem.nodes.values())
+        rounds = mem["coordinator"].events.of("round")
+        assert [r["new_round"] for r in rounds] == list(range(1, ROUNDS + 1))
+        assert all(len(r["members"]) == 4 for r in rounds)
+        assert len(set(mem.digests().values())) == 1
+    assert not any(r["resynced"] for n in _trainers(reduced) for r in reduced[n].events.of("round"))
+    a = reduced["coordinator"].role.model.shared_state()
+    b = gathered["coordinator"].role.model.shared_state()
+    assert a.keys() == b.keys()
+    for key in a:  # the same merges; only each sum's rounding to float32 on the wire differs
+        assert torch.allclose(a[key], b[key], rtol=1e-5, atol=1e-6), key
+
+
+def test_bytes_per_peer_do_not_grow_with_the_swarm(tmp_path):
+    received = {}
+    for merge in ("reduce", "gather"):
+        for peers in (4, 8):
+            mem = _swarm(tmp_path, f"{merge}{peers}", peers, merge=merge, parts=32)
+            mem.run()
+            received[merge, peers] = _received_per_peer_round(mem)
+    assert received["gather", 8] > 1.8 * received["gather", 4]  # (peers - 1) contributions
+    assert received["reduce", 8] < 1.3 * received["reduce", 4], received
+    assert received["reduce", 8] < received["gather", 8] / 2, received
+
+
+class _SilentOwner(MergeProtocol):
+    """Contributes, then never reduces or publishes the parts it owns."""
+
+    def _reduce_part(self, mr, work, i, members, publish):
+        return super()._reduce_part(mr, work, i, members, publish=False)
+
+
+class _LyingOwner(MergeProtocol):
+    """Publishes reductions with every value doubled (its own W is merged from them too)."""
+
+    def _reduce_part(self, mr, work, i, members, publish):
+        original = rounds_module.reduced_tensors
+        rounds_module.reduced_tensors = lambda totals: {k: 2 * v.float() for k, v in totals.items()}
+        try:
+            return super()._reduce_part(mr, work, i, members, publish)
+        finally:
+            rounds_module.reduced_tensors = original
+
+
+def _with_protocol(cls):
+    class Peer(Trainer):
+        def __init__(self, *args, **kw):
+            super().__init__(*args, **kw)
+            self.protocol.__class__ = cls
+    return Peer
+
+
+@pytest.mark.parametrize("owner", [_SilentOwner, _LyingOwner], ids=["silent", "lying"])
+def test_an_owner_that_stays_silent_or_lies_changes_nothing(tmp_path, owner):
+    baseline = _swarm(tmp_path, "baseline", 4)
+    baseline.run()
+    attacked = _swarm(tmp_path, "attacked", 4, roles={"p1": _with_protocol(owner)})
+    attacked.run()
+    honest = ("coordinator", "p0", "p2", "p3")
+    assert all(attacked[n].state == "finished" for n in attacked.nodes)
+    rounds = attacked["coordinator"].events.of("round")
+    assert [r["new_round"] for r in rounds] == list(range(1, ROUNDS + 1))
+    assert all(len(r["members"]) == 4 for r in rounds)  # its contribution still counts
+    assert attacked.digests(*honest) == baseline.digests(*honest)
+
+
+def test_an_owner_killed_mid_round_loses_and_doubles_nothing(tmp_path):
+    mem = _swarm(tmp_path, "crash", 4)
+    victim = mem["p2"]
+
+    def victim_is_reducing(s):
+        mr = victim.role.mr
+        return mr is not None and mr.round == 1 and mr.step.value == "reducing"
+
+    mem.run(until=victim_is_reducing)
+    mem.crash("p2")
+    mem.run()
+    rounds = mem["coordinator"].events.of("round")
+    assert [r["new_round"] for r in rounds] == list(range(1, ROUNDS + 1))
+    alive = ("coordinator", "p0", "p1", "p3")
+    assert all(mem[n].state == "finished" for n in alive)
+    assert len(set(mem.digests(*alive).values())) == 1
+    # every surviving peer's work went in exactly once per round it took part in
+    for name in ("p0", "p1", "p3"):
+        for r in mem[name].events.of("round"):
+            assert r["merged"] or r["missed"], r
+
+
+def test_two_colluding_owners_cannot_change_the_agreed_w(tmp_path):
+    """Both owners of some parts double them alike, so their digests agree and the other peers
+    apply those parts; the coordinator reduces every part itself, its W is the agreed one, and
+    whoever applied the doubled parts re-syncs to it."""
+    from tests.memswarm import named_identity
+
+    by_fingerprint = sorted((named_identity(f"p{i}").fingerprint, f"p{i}") for i in range(4))
+    liars = {by_fingerprint[0][1], by_fingerprint[1][1]}  # consecutive: together they own part 0
+    baseline = _swarm(tmp_path, "baseline", 4)
+    baseline.run()
+    attacked = _swarm(tmp_path, "attacked", 4, roles={n: _with_protocol(_LyingOwner) for n in liars})
+    attacked.run()
+    assert all(attacked[n].state == "finished" for n in attacked.nodes)
+    rounds = attacked["coordinator"].events.of("round")
+    assert [r["new_round"] for r in rounds] == list(range(1, ROUNDS + 1))
+    assert attacked.digests() == baseline.digests()
+    fooled = [n for n in _trainers(attacked) if n not in liars]
+    assert all(r["resynced"] for n in fooled for r in attacked[n].events.of("round"))
