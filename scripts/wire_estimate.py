@@ -30,7 +30,7 @@ def main() -> None:
     cfg = load_config(args.config)
     model = create_lte_model(cfg, [0])
     contribution = encode_contribution(model, [0])[0]
-    n_parts = cfg.swarm.parts or 4 * cfg.lte.heads
+    n_parts = cfg.swarm.parts or 2 * cfg.lte.heads
     parts = plan_parts(model, n_parts)
     c_part = [len(b) for b in split_contribution(contribution, parts)]
     totals = {name: t.double() for name, t in model.weight_deltas().items()}

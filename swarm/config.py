@@ -102,7 +102,7 @@ class SwarmConfig(_Strict):
         "reduce", description="reduce: W is cut into parts, two of the round's contributors reduce each part and "
                               "everyone downloads the reduced parts (bytes per peer do not grow with the swarm); "
                               "gather: every peer downloads every contribution")
-    parts: int = Field(0, ge=0, description="parts W is cut into for the reduced merge (0: four per head of the run)")
+    parts: int = Field(0, ge=0, description="parts W is cut into for the reduced merge (0: two per head of the run)")
     coordinator_recomputes: bool = Field(
         True, description="in the reduced merge the coordinator reduces every part itself from the raw contributions, "
                           "so that no two colluding owners can change the agreed W (it then downloads every contribution)")

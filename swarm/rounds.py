@@ -153,7 +153,7 @@ class MergeProtocol:
         self._agreed_members: tuple[int, list[str]] = (-1, [])
         self.max_contribution_bytes = contribution_bound(model)
         self.max_state_bytes = state_bound(model)
-        self.parts = plan_parts(model, cfg.parts or 4 * model.spec.n_heads)
+        self.parts = plan_parts(model, cfg.parts or 2 * model.spec.n_heads)
         self.max_part_bytes = [part_bound(model, part) for part in self.parts]
         self._served: dict[int, list[str]] = {}  # round -> names of the blobs we serve for it
         self._w_version = 0  # bumped whenever W or the round may have changed
@@ -428,43 +428,58 @@ class MergeProtocol:
         mr.deadline = self.clock.monotonic() + self.cfg.round_timeout / 2
 
     def _fetch_parts(self, mr: MergeRound, work: ReduceWork, parts: list[int]) -> None:
-        """Download and validate `parts` of every member's contribution, a few at a time."""
+        """Download and validate `parts` of every member's contribution, a few at a time. For
+        most of the parts (the coordinator, a fallback) whole contributions are fetched instead:
+        one request per member, not one per part."""
         r = mr.round
+        whole = 2 * len(parts) > len(self.parts)
 
-        def one(i: int, peer: str) -> Contribution | None:
+        def one(i: int | None, peer: str) -> dict[int, Contribution | None]:
             rec = mr.ready_set[peer]
-            name = self.keys.contribution_part_blob(r, peer, i)
+            wanted = parts if i is None else [i]
+            out: dict[int, Contribution | None] = dict.fromkeys(wanted)
+            name = (self.keys.contribution_blob(r, peer) if i is None
+                    else self.keys.contribution_part_blob(r, peer, i))
             try:
                 if peer == self.peer and mr.contribution is not None:
                     blob = self.server.lookup(name)
                     if blob is None:
-                        raise ContributionError("our own part is not served")
+                        raise ContributionError("our own contribution is not served")
                 elif rec.nbytes > self.max_contribution_bytes:
                     raise ContributionError(f"it announces {rec.nbytes} bytes, more than this model's contributions "
                                             f"can take ({self.max_contribution_bytes})")
                 else:
-                    blob = self.server.fetch(rec.p2p, name, self.cfg.request_timeout, self.max_part_bytes[i])
-                c = decode_contribution(blob, peer, self.model, self.cfg.max_update, self.cfg.max_relative_update,
-                                        part=self.parts[i])
-                if sorted(c.heads) != sorted(rec.heads):
-                    raise ContributionError(f"heads {list(c.heads)} differ from its ready record")
-                return c
+                    bound = self.max_contribution_bytes if i is None else self.max_part_bytes[i]
+                    blob = self.server.fetch(rec.p2p, name, self.cfg.request_timeout, bound)
             except ContributionError as exc:
-                log.warning("round %d: rejected part %d of %s's contribution: %s", r, i, peer[:8], exc)
+                log.warning("round %d: rejected the contribution of %s: %s", r, peer[:8], exc)
+                return out
             except NETWORK_ERRORS as exc:
-                log.warning("round %d: no part %d from %s: %s", r, i, peer[:8], exc)
-            return None
+                log.warning("round %d: no contribution (part %s) from %s: %s", r, "all" if i is None else i,
+                            peer[:8], exc)
+                return out
+            for j in wanted:
+                try:
+                    c = decode_contribution(blob, peer, self.model, self.cfg.max_update, self.cfg.max_relative_update,
+                                            part=self.parts[j])
+                    if sorted(c.heads) != sorted(rec.heads):
+                        raise ContributionError(f"heads {list(c.heads)} differ from its ready record")
+                    out[j] = c
+                except ContributionError as exc:
+                    log.warning("round %d: rejected part %d of %s's contribution: %s", r, j, peer[:8], exc)
+            return out
 
-        jobs = [(i, peer) for i in parts for peer in work.members]
+        jobs = [(None, peer) for peer in work.members] if whole else [(i, peer) for i in parts for peer in work.members]
         with ThreadPoolExecutor(max_workers=max(1, min(self.cfg.parallel_downloads, len(jobs)))) as pool:
             futures = [pool.submit(one, i, peer) for i, peer in jobs]
             for _ in as_completed(futures):
                 self.keep_alive()
             results = [f.result() for f in futures]
-        for (i, peer), c in zip(jobs, results):
-            work.held.setdefault(i, {})
-            if c is not None:
-                work.held[i][peer] = c
+        for (_, peer), found in zip(jobs, results):
+            for j, c in found.items():
+                work.held.setdefault(j, {})
+                if c is not None:
+                    work.held[j][peer] = c
         for i in parts:
             work.accepted[i] = set(work.held.get(i, {}))
 

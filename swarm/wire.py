@@ -143,7 +143,7 @@ def _decode_contribution(blob: bytes, peer: str, model: LTEModel, max_update: fl
     shared = dict(model.model.named_parameters())
     replicas = {name: _take(tensors, f"r/{name}", tuple(shared[name].shape), used) for name in model.replicated
                 if part is None or name in part}
-    extra = set(tensors) - used
+    extra = {k for k in set(tensors) - used if part is None or _target(k) in part}  # other parts' are not ours to judge
     if extra:
         raise ContributionError(f"unexpected tensors {sorted(extra)[:3]}")
     coef = merge_scale(model.spec.scale, n_heads)
