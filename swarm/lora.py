@@ -66,12 +66,95 @@ def merge_scale(scale: float, n_heads: int) -> float:
     return scale / n_heads
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a layer computes in: autocast's (bf16 on a mixed-precision run), else x's own."""
+    kind = x.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
+
+
+class LoRALinearFunction(torch.autograd.Function):
+    """y = W x + b + s [B | -B0] [A ; A0] x, one autograd node per layer, W never differentiated.
+
+    Why one node rather than the formula in ops: `F.linear(x, W)` would keep every layer's
+    dequantized W alive until backward (as large as an fp32 model) and, under autocast, every
+    matmul casts and keeps its own copy of x. Here x is cast once to the compute dtype and saved
+    once; W is saved as the `QuantizedWeight` (its packed copy, which the layer holds anyway) and
+    dequantized again in backward. The reset-less baseline B0 A0 is folded into one rank-2r path,
+    so a head costs two matmuls per layer whatever the variant. Only x, A, B and a trainable bias
+    get gradients; A0 and B0 are the frozen factors of the head's last merge.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, store: QuantizedWeight, bias: torch.Tensor | None, a: torch.Tensor,
+                b: torch.Tensor, a0: torch.Tensor | None, b0: torch.Tensor | None, scale: float) -> torch.Tensor:
+        dtype = compute_dtype(x)
+        rank, (m, n) = a.shape[0], store.shape
+        a_cat = a if a0 is None else torch.cat([a, a0])
+        b_cat = b if b0 is None else torch.cat([b, -b0], dim=1)
+        a_cat, b_cat = a_cat.to(dtype), b_cat.to(dtype)
+        x2 = x.reshape(-1, n).to(dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            u = x2 @ a_cat.t()                                    # (tokens, r) or (tokens, 2r)
+            w = store.weight(dtype)
+            y = x2 @ w.t() if bias is None else torch.addmm(bias.to(dtype), x2, w.t())
+            y.addmm_(u, b_cat.t(), alpha=scale)
+        del w  # dequantized for this call only: backward dequantizes again
+        # dB needs A x only: keep the first r columns, not the baseline's (a copy of r columns when
+        # the baseline is folded in, so that the 2r-wide u is not kept alive by a view).
+        ua = u if a0 is None else u[:, :rank].contiguous()
+        ctx.save_for_backward(x2, ua, a_cat, b_cat)
+        ctx.store, ctx.scale, ctx.rank, ctx.x_shape, ctx.x_dtype = store, scale, rank, x.shape, x.dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.factor_dtype = a.dtype
+        return y.reshape(*x.shape[:-1], m)
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):
+        x2, ua, a_cat, b_cat = ctx.saved_tensors
+        r, s = ctx.rank, ctx.scale
+        need_x, _, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
+        g = grad_y.reshape(-1, grad_y.shape[-1]).to(x2.dtype)
+        grad_x = grad_bias = grad_a = grad_b = None
+        with torch.autocast(g.device.type, enabled=False):
+            gb = g @ b_cat                                            # (tokens, r or 2r)
+            if need_x:
+                grad_x = g @ ctx.store.weight(x2.dtype)
+                grad_x.addmm_(gb, a_cat, alpha=s)
+                grad_x = grad_x.reshape(ctx.x_shape).to(ctx.x_dtype)
+            if need_a:
+                grad_a = torch.mm(gb[:, :r].t(), x2).mul_(s).to(ctx.factor_dtype)
+            if need_b:
+                grad_b = torch.mm(g.t(), ua).mul_(s).to(ctx.factor_dtype)
+            if need_bias:
+                grad_bias = g.sum(0).to(ctx.bias_dtype)
+        return grad_x, None, grad_bias, grad_a, grad_b, None, None, None
+
+
+def lora_linear(x: torch.Tensor, store: QuantizedWeight, bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor,
+                a0: torch.Tensor | None, b0: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """`LoRALinearFunction` applied: W x + b + s (B A - B0 A0) x (a0 = b0 = None: no baseline)."""
+    return LoRALinearFunction.apply(x, store, bias, a, b, a0, b0, scale)
+
+
+def lora_linear_reference(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor,
+                          b: torch.Tensor, a0: torch.Tensor | None, b0: torch.Tensor | None,
+                          scale: float) -> torch.Tensor:
+    """The same layer as plain ops, W x + b + s (B A x - B0 A0 x): what vmap batches over stacked
+    heads, and the reference the single-node form is tested against."""
+    y = F.linear(x, w, bias)  # first: autograd sums x's gradient terms in the order of their nodes
+    z = F.linear(F.linear(x, a), b)
+    if a0 is not None:
+        z = z - F.linear(F.linear(x, a0), b0)
+    return y + scale * z
+
+
 class LTELinear(nn.Module):
     """y = W x + b + s (B A - B0 A0) x for the head whose factors are plugged in, else y = W x + b.
 
     W lives in a `QuantizedWeight` and is never trained by gradient. The head factors are not owned
     by this module: `swarm.lte_model.LTEModel` keeps them stacked over heads and plugs one head's
-    slice in per call (through `torch.func.functional_call`, vectorised with `vmap` or in a loop).
+    slice in per call. A plugged head runs through `LoRALinearFunction`; under `vmap` over stacked
+    heads (`batched` set by the model) the layer uses the plain formula, which vmap can batch.
     With no factors plugged in, the layer is the plain merged linear layer used for evaluation.
     """
 
@@ -80,18 +163,19 @@ class LTELinear(nn.Module):
         self.weight_store = weight
         self.out_features, self.in_features = weight.shape
         self.scale = scale
+        self.batched = False
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         for name in ("lora_A", "lora_B", "lora_A0", "lora_B0"):
             self.register_buffer(name, None, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight_store.weight(x.dtype), self.bias)
         if self.lora_A is None:
-            return y
-        z = F.linear(F.linear(x, self.lora_A), self.lora_B)
-        if self.lora_A0 is not None:
-            z = z - F.linear(F.linear(x, self.lora_A0), self.lora_B0)
-        return y + self.scale * z
+            return F.linear(x, self.weight_store.weight(x.dtype), self.bias)
+        if self.batched:
+            return lora_linear_reference(x, self.weight_store.weight(x.dtype), self.bias, self.lora_A, self.lora_B,
+                                         self.lora_A0, self.lora_B0, self.scale)
+        return lora_linear(x, self.weight_store, self.bias, self.lora_A, self.lora_B, self.lora_A0, self.lora_B0,
+                           self.scale)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
