@@ -10,7 +10,7 @@ Every configuration runs in a process of its own, so that its peak memory is its
 before the model exists). `held_bytes` is what the training state occupies on the device between
 steps (parameters, W's forward copy, buffers, gradients, optimizer state); an LTE peer also keeps
 W's fp32 master in host memory (`master_bytes`), which the merges accumulate into.
-`--json` prints one JSON object: `full` and `lte` (the first precision asked for), `results` (every
+Speed is the batch over the median step time of the timed steps. `--json` prints one JSON object: `full` and `lte` (the first precision asked for), `results` (every
 precision), and the settings.
 """
 
@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -47,6 +48,8 @@ def measure(spec: dict) -> dict:
     from swarm.config import LTEConfig, ModelConfig, RunConfig, TrainConfig
 
     device = torch.device(spec["device"])
+    if spec["threads"]:
+        torch.set_num_threads(spec["threads"])
     torch.manual_seed(0)
     model_cfg = ModelConfig(name=spec["model"], args=spec["model_args"])
     heads = spec["heads"] if spec["mode"] == "lte" else 1
@@ -81,11 +84,14 @@ def measure(spec: dict) -> dict:
     sync()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
+    times = []
     for step in range(spec["steps"]):
+        start = time.perf_counter()
         loss = trainer.step(x, y, spec["warmup"] + step)
-    sync()
-    seconds = time.perf_counter() - start
+        sync()
+        times.append(time.perf_counter() - start)
+    # The median step: on a machine shared with other work a few slow steps say nothing of the peer.
+    seconds = statistics.median(times)
 
     params = list(model.parameters())
     held = _tensor_bytes(params) + _tensor_bytes(model.buffers())
@@ -98,8 +104,8 @@ def measure(spec: dict) -> dict:
         peak = torch.cuda.max_memory_allocated()
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"mode": spec["mode"], "precision": spec["precision"], "samples_per_s": spec["batch"] * spec["steps"] / seconds,
-            "step_seconds": seconds / spec["steps"], "peak_bytes": peak, "held_bytes": held, "master_bytes": master_bytes,
+    return {"mode": spec["mode"], "precision": spec["precision"], "samples_per_s": spec["batch"] / seconds,
+            "step_seconds": seconds, "mean_step_seconds": sum(times) / len(times), "peak_bytes": peak, "held_bytes": held, "master_bytes": master_bytes,
             "rss_after_import_bytes": rss_after_import if device.type == "cpu" else None,
             "trainable_numbers": sum(p.numel() for p in params if p.requires_grad), "last_loss": loss}
 
@@ -134,6 +140,8 @@ def main() -> None:
     parser.add_argument("--variant", choices=["reset", "reset_less"], default="reset_less")
     parser.add_argument("--nonlinear", choices=["freeze", "replicate"], default="replicate")
     parser.add_argument("--vectorised", action="store_true", help="vmap over the peer's heads (with --heads > 1)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="CPU compute threads (default: torch's); 1 gives steadier figures on a machine shared with other work")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -145,7 +153,7 @@ def main() -> None:
         parser.error(f"--heads {args.heads} exceeds --run-heads {args.run_heads}")
     settings = {k: getattr(args, k) for k in ("model", "batch", "device", "checkpointing", "steps", "warmup", "heads",
                                               "run_heads", "rank", "alpha", "storage", "variant", "nonlinear",
-                                              "vectorised")}
+                                              "vectorised", "threads")}
     settings["model_args"] = json.loads(args.model_args)
     results = {p: {mode: _run_child({**settings, "mode": mode, "precision": p}) for mode in ("full", "lte")}
                for p in args.precision}

@@ -72,16 +72,38 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
 
 
+def fold_into_weight(tokens: int, out_features: int, in_features: int) -> bool:
+    """Whether a layer applies its head as W + s (B A - B0 A0), formed once per call (a cost of
+    m n r, whatever the batch), rather than as low-rank products of the activations (a cost of
+    r (m + n) per token): the first is cheaper once the tokens exceed m n / (m + n)."""
+    return tokens * (out_features + in_features) > out_features * in_features
+
+
+def _effective_weight(store: QuantizedWeight, a: torch.Tensor, b: torch.Tensor, a0: torch.Tensor | None,
+                      b0: torch.Tensor | None, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """W + s (B A - B0 A0) as a dense (m, n) temporary, summed in the factors' precision (fp32 on
+    a mixed-precision run, like any master weight) and only then cast to the compute dtype."""
+    exact = a.dtype
+    w = torch.addmm(store.weight(exact), b, a, alpha=scale)  # a new tensor: the store's copy is untouched
+    if a0 is not None:
+        w.addmm_(b0, a0, alpha=-scale)
+    return w.to(dtype)
+
+
 class LoRALinearFunction(torch.autograd.Function):
-    """y = W x + b + s [B | -B0] [A ; A0] x, one autograd node per layer, W never differentiated.
+    """y = W x + b + s (B A - B0 A0) x, one autograd node per layer, W never differentiated.
 
     Why one node rather than the formula in ops: `F.linear(x, W)` would keep every layer's
     dequantized W alive until backward (as large as an fp32 model) and, under autocast, every
     matmul casts and keeps its own copy of x. Here x is cast once to the compute dtype and saved
-    once; W is saved as the `QuantizedWeight` (its packed copy, which the layer holds anyway) and
-    dequantized again in backward. The reset-less baseline B0 A0 is folded into one rank-2r path,
-    so a head costs two matmuls per layer whatever the variant. Only x, A, B and a trainable bias
+    once, with A x (r numbers per token); W is saved as the `QuantizedWeight` (its packed copy, which
+    the layer holds anyway) and dequantized again in backward. Only x, A, B and a trainable bias
     get gradients; A0 and B0 are the frozen factors of the head's last merge.
+
+    The head is applied in one of two exact forms (`fold_into_weight`): with many tokens, as the
+    dense W + s (B A - B0 A0), so that forward and the gradient of x each cost one matmul of W's
+    size; with few, as one rank-2r path s [B | -B0] ([A ; A0] x) beside W x. Either way the
+    reset-less baseline costs no extra matmul per token.
     """
 
     @staticmethod
@@ -89,42 +111,54 @@ class LoRALinearFunction(torch.autograd.Function):
                 b: torch.Tensor, a0: torch.Tensor | None, b0: torch.Tensor | None, scale: float) -> torch.Tensor:
         dtype = compute_dtype(x)
         rank, (m, n) = a.shape[0], store.shape
-        a_cat = a if a0 is None else torch.cat([a, a0])
-        b_cat = b if b0 is None else torch.cat([b, -b0], dim=1)
-        a_cat, b_cat = a_cat.to(dtype), b_cat.to(dtype)
         x2 = x.reshape(-1, n).to(dtype)
+        fold = fold_into_weight(x2.shape[0], m, n)
         with torch.autocast(x.device.type, enabled=False):
-            u = x2 @ a_cat.t()                                    # (tokens, r) or (tokens, 2r)
-            w = store.weight(dtype)
-            y = x2 @ w.t() if bias is None else torch.addmm(bias.to(dtype), x2, w.t())
-            y.addmm_(u, b_cat.t(), alpha=scale)
+            bias_c = None if bias is None else bias.to(dtype)
+            if fold:
+                ua = x2 @ a.to(dtype).t()                             # A x, for the gradient of B
+                w = _effective_weight(store, a, b, a0, b0, scale, dtype)
+                y = x2 @ w.t() if bias_c is None else torch.addmm(bias_c, x2, w.t())
+            else:
+                a_cat = (a if a0 is None else torch.cat([a, a0])).to(dtype)
+                b_cat = (b if b0 is None else torch.cat([b, -b0], dim=1)).to(dtype)
+                u = x2 @ a_cat.t()                                    # [A ; A0] x: (tokens, 2r)
+                w = store.weight(dtype)
+                y = x2 @ w.t() if bias_c is None else torch.addmm(bias_c, x2, w.t())
+                y.addmm_(u, b_cat.t(), alpha=scale)
+                # keep A x only, as a copy, so that the 2r-wide u is not kept alive by a view
+                ua = u if a0 is None else u[:, :rank].contiguous()
         del w  # dequantized for this call only: backward dequantizes again
-        # dB needs A x only: keep the first r columns, not the baseline's (a copy of r columns when
-        # the baseline is folded in, so that the 2r-wide u is not kept alive by a view).
-        ua = u if a0 is None else u[:, :rank].contiguous()
-        ctx.save_for_backward(x2, ua, a_cat, b_cat)
-        ctx.store, ctx.scale, ctx.rank, ctx.x_shape, ctx.x_dtype = store, scale, rank, x.shape, x.dtype
+        ctx.save_for_backward(x2, ua, a, b, a0, b0)
+        ctx.store, ctx.scale, ctx.fold, ctx.x_shape, ctx.x_dtype = store, scale, fold, x.shape, x.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.factor_dtype = a.dtype
         return y.reshape(*x.shape[:-1], m)
 
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor):
-        x2, ua, a_cat, b_cat = ctx.saved_tensors
-        r, s = ctx.rank, ctx.scale
+        x2, ua, a, b, a0, b0 = ctx.saved_tensors
+        s, dtype = ctx.scale, x2.dtype
         need_x, _, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
-        g = grad_y.reshape(-1, grad_y.shape[-1]).to(x2.dtype)
+        g = grad_y.reshape(-1, grad_y.shape[-1]).to(dtype)
         grad_x = grad_bias = grad_a = grad_b = None
         with torch.autocast(g.device.type, enabled=False):
-            gb = g @ b_cat                                            # (tokens, r or 2r)
+            if ctx.fold:
+                gb = g @ b.to(dtype)                                      # (tokens, r)
+                if need_x:
+                    grad_x = g @ _effective_weight(ctx.store, a, b, a0, b0, s, dtype)
+            else:
+                a_cat = (a if a0 is None else torch.cat([a, a0])).to(dtype)
+                b_cat = (b if b0 is None else torch.cat([b, -b0], dim=1)).to(dtype)
+                gb = g @ b_cat                                            # (tokens, r or 2r)
+                if need_x:
+                    grad_x = g @ ctx.store.weight(dtype)
+                    grad_x.addmm_(gb, a_cat, alpha=s)
             if need_x:
-                grad_x = g @ ctx.store.weight(x2.dtype)
-                grad_x.addmm_(gb, a_cat, alpha=s)
                 grad_x = grad_x.reshape(ctx.x_shape).to(ctx.x_dtype)
             if need_a:
-                grad_a = torch.mm(gb[:, :r].t(), x2).mul_(s).to(ctx.factor_dtype)
+                grad_a = torch.mm(gb[:, :a.shape[0]].t(), x2).mul_(s).to(a.dtype)
             if need_b:
-                grad_b = torch.mm(g.t(), ua).mul_(s).to(ctx.factor_dtype)
+                grad_b = torch.mm(g.t(), ua).mul_(s).to(b.dtype)
             if need_bias:
                 grad_bias = g.sum(0).to(ctx.bias_dtype)
         return grad_x, None, grad_bias, grad_a, grad_b, None, None, None

@@ -8,7 +8,7 @@ import torch
 
 from peers.training import HeadTrainer
 from swarm.config import TrainConfig
-from swarm.lora import lora_linear, lora_linear_reference
+from swarm.lora import fold_into_weight, lora_linear, lora_linear_reference
 from swarm.lte_model import LTEModel, LTESpec
 from swarm.quant import QuantizedWeight
 from tests.conftest import randomize_heads, tiny_vit
@@ -16,26 +16,29 @@ from tests.conftest import randomize_heads, tiny_vit
 M, N, R = 6, 10, 3
 
 
-def _inputs(with_baseline: bool, with_bias: bool, dtype=torch.float64, seed: int = 0):
+def _inputs(with_baseline: bool, with_bias: bool, dtype=torch.float64, seed: int = 0, tokens=(2, 5)):
     g = torch.Generator().manual_seed(seed)
 
     def rand(*shape, grad=True):
         return torch.randn(*shape, generator=g, dtype=dtype).requires_grad_(grad)
 
-    x = rand(2, 5, N)
+    x = rand(*tokens, N)
     bias = rand(M) if with_bias else None
     a, b = rand(R, N), rand(M, R)
     a0, b0 = (rand(R, N, grad=False), rand(M, R, grad=False)) if with_baseline else (None, None)
     return x, bias, a, b, a0, b0
 
 
+@pytest.mark.parametrize("tokens", [(2, 5), (1, 2)], ids=["folded-into-W", "low-rank-path"])
 @pytest.mark.parametrize("storage", ["fp32", "nf4"])
 @pytest.mark.parametrize("with_bias", [True, False])
 @pytest.mark.parametrize("variant", ["reset", "reset_less"])
-def test_function_equals_plain_formula_with_all_gradients(variant, with_bias, storage):
+def test_function_equals_plain_formula_with_all_gradients(variant, with_bias, storage, tokens):
     """Outputs and the gradients of x, A, B and a trainable bias (replicated non-linear parameters)
-    equal those of W x + b + s (B A x - B0 A0 x), with W the layer's dequantized forward copy."""
-    x, bias, a, b, a0, b0 = _inputs(variant == "reset_less", with_bias)
+    equal those of W x + b + s (B A x - B0 A0 x), with W the layer's dequantized forward copy, in
+    both of the layer's forms (the head folded into a dense W, or a low-rank path beside W x)."""
+    assert fold_into_weight(tokens[0] * tokens[1], M, N) == (tokens == (2, 5))
+    x, bias, a, b, a0, b0 = _inputs(variant == "reset_less", with_bias, tokens=tokens)
     store = QuantizedWeight(torch.randn(M, N, generator=torch.Generator().manual_seed(9), dtype=torch.float64), storage)
     w = store.weight(torch.float64)
     if storage == "nf4":
@@ -66,13 +69,15 @@ def _saved_during(fn) -> list[torch.Tensor]:
     return saved
 
 
+@pytest.mark.parametrize("tokens", [4, 200])
 @pytest.mark.parametrize("autocast", [False, True])
-def test_function_saves_its_input_once_and_no_dequantized_weight(autocast):
+def test_function_saves_its_input_once_and_no_dequantized_weight(autocast, tokens):
     """For backward the layer keeps x once (in the compute dtype: bf16 under autocast), A x and the
-    small factors; never a dequantized copy of W, which it dequantizes again in backward."""
+    factors it already holds; never a dequantized (or head-merged) copy of W, which it forms again
+    in backward."""
     big_m, big_n = 128, 256
     store = QuantizedWeight(torch.randn(big_m, big_n), "nf4")
-    x = torch.randn(4, 8, big_n, requires_grad=True)
+    x = torch.randn(tokens, 1, big_n, requires_grad=True)
     a, b = torch.randn(R, big_n, requires_grad=True), torch.randn(big_m, R, requires_grad=True)
     a0, b0 = torch.randn(R, big_n), torch.randn(big_m, R)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
@@ -80,7 +85,7 @@ def test_function_saves_its_input_once_and_no_dequantized_weight(autocast):
     assert not [t for t in saved if t.numel() == big_m * big_n]
     inputs = [t for t in saved if t.numel() == x.numel()]
     assert len(inputs) == 1 and inputs[0].dtype == (torch.bfloat16 if autocast else torch.float32)
-    assert sum(t.numel() for t in saved) < x.numel() + 2 * 4 * 8 * R + 4 * R * (big_m + big_n)
+    assert sum(t.numel() for t in saved) <= x.numel() + tokens * R + 2 * R * (big_m + big_n)
 
 
 def test_bf16_autocast_is_close_to_fp32_and_keeps_fp32_gradients():
