@@ -7,7 +7,7 @@ same per-peer batch, random images (no data loading, no network, no weights down
 Every configuration runs in a process of its own, so that its peak memory is its own: on CUDA
 `torch.cuda.max_memory_allocated` over the timed steps, on the CPU the process's peak resident set
 (which includes Python, torch and the model's construction; `rss_after_import_bytes` is the part
-before the model exists). `held_bytes` is what the training state occupies on the device between
+before the model exists, `train_peak_bytes` the rest). `held_bytes` is what the training state occupies on the device between
 steps (parameters, W's forward copy, buffers, gradients, optimizer state); an LTE peer also keeps
 W's fp32 master in host memory (`master_bytes`), which the merges accumulate into.
 Speed is the batch over the median step time of the timed steps. `--json` prints one JSON object: `full` and `lte` (the first precision asked for), `results` (every
@@ -40,12 +40,14 @@ def _tensor_bytes(tensors) -> int:
 
 def measure(spec: dict) -> dict:
     """Train `spec["mode"]` (full or lte) for warmup + steps steps on random data; speed and memory."""
-    rss_after_import = _rss_bytes()
+    import timm  # noqa: F401 - imported before the baseline is taken, as every peer imports it
     import torch
 
     from peers.models import create_lte_model, create_model
     from peers.training import HeadTrainer
     from swarm.config import LTEConfig, ModelConfig, RunConfig, TrainConfig
+
+    rss_after_import = _rss_bytes()
 
     device = torch.device(spec["device"])
     if spec["threads"]:
@@ -107,6 +109,7 @@ def measure(spec: dict) -> dict:
     return {"mode": spec["mode"], "precision": spec["precision"], "samples_per_s": spec["batch"] / seconds,
             "step_seconds": seconds, "mean_step_seconds": sum(times) / len(times), "peak_bytes": peak, "held_bytes": held, "master_bytes": master_bytes,
             "rss_after_import_bytes": rss_after_import if device.type == "cpu" else None,
+            "train_peak_bytes": peak - rss_after_import if device.type == "cpu" else peak,
             "trainable_numbers": sum(p.numel() for p in params if p.requires_grad), "last_loss": loss}
 
 
@@ -164,11 +167,12 @@ def main() -> None:
     print(f"{args.model}, {args.batch} images per step on {args.device}"
           f"{', checkpointing' if args.checkpointing else ''}; LTE peer: {args.heads} head(s) of rank {args.rank}, "
           f"W in {args.storage}, {args.variant}, {args.nonlinear} non-linear parameters")
-    print(f"{'precision':>9} {'mode':>4} {'samples/s':>10} {'peak MiB':>9} {'held MiB':>9} {'master MiB':>10}")
+    print(f"{'precision':>9} {'mode':>4} {'samples/s':>10} {'peak MiB':>9} {'training MiB':>12} {'held MiB':>9} "
+          f"{'master MiB':>10}")
     for p, pair in results.items():
         for mode, r in pair.items():
-            print(f"{p:>9} {mode:>4} {r['samples_per_s']:>10.1f} {_mib(r['peak_bytes']):>9} {_mib(r['held_bytes']):>9} "
-                  f"{_mib(r['master_bytes']):>10}")
+            print(f"{p:>9} {mode:>4} {r['samples_per_s']:>10.1f} {_mib(r['peak_bytes']):>9} {_mib(r['train_peak_bytes']):>12} "
+                  f"{_mib(r['held_bytes']):>9} {_mib(r['master_bytes']):>10}")
 
 
 if __name__ == "__main__":

@@ -200,12 +200,16 @@ class LTEModel(nn.Module):
     def vectorised(self) -> bool:
         """Whether `forward` runs the heads under vmap: only with several heads and `spec.vectorised`.
 
-        Measured on a 2-core CPU, one forward and backward of every head (nf4 W, replicated
-        non-linear parameters): the digits ViT (4 heads of 16 images) ran 2,420 samples/s under vmap
-        against 1,315 in a loop (per-op overhead dominates tiny layers, and vmap pays it once); a
-        ViT-S/32 (2 heads of 16 images at 224 px) ran 2.1 samples/s under vmap against 8.1 in a loop
-        (vmap's batched forms of the big matmuls and unfused attention cost more than they save).
-        So it is a per-run choice (`lte.vectorised`); a single head always runs the model directly."""
+        The loop is the default because each head then computes exactly what a peer holding that
+        head alone computes (same kernels, same shapes), so the one-process simulation reproduces
+        the swarm; under vmap the numbers agree only up to rounding, which moves nf4 codes. Speed,
+        measured with `HeadTrainer` steps (forward, backward, AdamW; nf4 W, replicated non-linear
+        parameters; median step, one compute thread on a 2-core CPU busy with other work): the
+        digits ViT with 4 heads of 16 images ran 537.5 samples/s under vmap against 444.8 in the
+        loop (tiny layers: per-op overhead dominates, and vmap pays it once for all heads); a
+        ViT-S/32 with 2 heads of 16 images at 224 px ran 2.0 under vmap against 2.1 in the loop
+        (vmap also needs the unfused attention and the plain LoRA formula). A single head always
+        runs the model directly."""
         return self.spec.vectorised and self.n_local > 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -214,8 +218,8 @@ class LTEModel(nn.Module):
             raise ValueError(f"input has {x.shape[0]} head slices, the model holds {self.n_local} heads")
         if torch.is_grad_enabled() and getattr(self.model, "grad_checkpointing", False):
             # The recomputation in backward would run with no head (or another one) plugged in.
-            raise RuntimeError("with activation checkpointing each head's backward must run inside "
-                               "`plugged(head)`; train through peers.training.HeadTrainer")
+            raise RuntimeError("with activation checkpointing, run each head's forward and backward "
+                               "inside `plugged(head)`")
         if self.vectorised:
             tensors = self.head_tensors()
 
