@@ -60,26 +60,22 @@ def simulate(cfg: RunConfig, mode: Mode = "lte", *, on_eval: Callable[[EvalPoint
 
     if mode == "full":
         net = create_model(cfg.model).to(device)
-        params = [p for p in net.parameters() if p.requires_grad]
+        trained: torch.nn.Module = net
         streams = [source.batches(0, 1, cfg.train.batch_size)]
         lr = cfg.train.full_lr
-
-        def forward(x: torch.Tensor) -> torch.Tensor:
-            return net(x[0])[None]
         eval_forward = net
     else:
         n = cfg.lte.heads if mode == "lte" else 1
         if mode == "lora":
             cfg = cfg.with_overrides({"lte.heads": 1})
         lte = create_lte_model(cfg, list(range(n)), device)
-        params = lte.trainable_parameters()
+        trained = lte
         streams = [source.batches(i, n, cfg.head_batch) for i in range(n)]
         lr = cfg.train.lr
-        forward = lte
         # Single LoRA never merges: it is evaluated with its head in place.
         eval_forward = lte.forward_merged if mode == "lte" else (lambda x: lte(x[None])[0])
 
-    trainer = HeadTrainer(forward, params, lr, cfg.train, steps, per_head_clip=mode != "full")
+    trainer = HeadTrainer(trained, lr, cfg.train, steps)
     history: list[EvalPoint] = []
     start = time.perf_counter()
     running, rounds = 0.0, 0

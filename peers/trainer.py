@@ -230,10 +230,10 @@ class Trainer:
         if self.unmerged_steps and set(heads) != set(self.model.head_ids):
             log.warning("head set changes from %s to %s; unmerged work of dropped heads is lost",
                         self.model.head_ids, heads)
-        self.model.set_heads(heads)
         cfg = self.cfg
-        self.head_trainer = HeadTrainer(self.model, self.model.trainable_parameters(), cfg.train.lr, cfg.train,
-                                        cfg.steps) if heads else None
+        if self.head_trainer is None:
+            self.head_trainer = HeadTrainer(self.model, cfg.train.lr, cfg.train, cfg.steps)
+        self.head_trainer.set_heads(heads)  # kept heads keep their optimizer state
         self.streams = {h: self.streams.get(h) or self.source.batches(h, cfg.lte.heads, cfg.head_batch) for h in heads}
         self.events.emit("heads", heads=heads)
 

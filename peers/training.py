@@ -1,9 +1,10 @@
 """One local training step, the same in the one-process simulation and in a volunteer's peer:
 forward every held head on its own batch, backward, per-head clipping, the learning-rate
-schedule, AdamW. Also the loss and evaluation helpers both use."""
+schedule, AdamW (one state per head). Also the loss and evaluation helpers both use."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Callable, Iterator, Sequence
 
@@ -12,7 +13,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from swarm.config import TrainConfig
-from swarm.lte_model import clip_head_grads_
+from swarm.errors import ConfigError
+from swarm.head_adamw import HeadAdamW
+from swarm.lte_model import LTEModel, clip_head_grads_
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -54,26 +57,73 @@ def evaluate(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y
 
 
 class HeadTrainer:
-    """AdamW over a set of heads' parameters (or one full-rank model's), stepped at a global step
+    """AdamW over a peer's heads (an `LTEModel`) or over one full-rank model, stepped at a global step
     index so that the schedule of a peer that joins late matches the simulation's.
 
-    `per_head_clip`: LTE heads are clipped each to its own norm (one head's gradient must not be
-    scaled by another's); a full-rank model is clipped as a whole."""
+    LTE heads: each head is clipped to its own norm (one head's gradient must not be scaled by
+    another's) and has its own optimizer state (`HeadAdamW`), which survives a change of the head
+    set (`set_heads`). A full-rank model is clipped as a whole and stepped by `torch.optim.AdamW`.
 
-    def __init__(self, forward: Callable[[torch.Tensor], torch.Tensor], params: list[nn.Parameter], lr: float,
-                 train: TrainConfig, total_steps: int, per_head_clip: bool = True):
-        self.forward, self.lr, self.train, self.total_steps = forward, lr, train, total_steps
-        self.per_head_clip = per_head_clip
-        self.params = params
-        self.optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=train.weight_decay)
+    `train.precision = bf16` runs forward and loss under bf16 autocast (backward follows the
+    forward's dtypes); the fp32 master W, the factors and the optimizer state stay fp32. bf16 is
+    allowed on the CPU as well (it is exact enough to test there) but is made for GPUs: CPUs without
+    bf16 units run it slower than fp32. `train.checkpointing` turns on timm's activation
+    checkpointing; LTE heads are then run forward and backward one at a time, each inside its own
+    `LTEModel.plugged` block, because the recomputation must see the head's own tensors.
+    """
+
+    def __init__(self, model: nn.Module, lr: float, train: TrainConfig, total_steps: int):
+        self.model, self.lr, self.train, self.total_steps = model, lr, train, total_steps
+        self.lte = model if isinstance(model, LTEModel) else None
+        if train.checkpointing:
+            net = model.model if self.lte is not None else model
+            if not hasattr(net, "set_grad_checkpointing"):
+                raise ConfigError(f"train.checkpointing: {type(net).__name__} has no set_grad_checkpointing")
+            net.set_grad_checkpointing(True)
+        if self.lte is not None:
+            self.params = self.lte.trainable_parameters()
+            self.optimizer: torch.optim.Optimizer = HeadAdamW(self.params, lr=lr, weight_decay=train.weight_decay)
+        else:
+            self.params = [p for p in model.parameters() if p.requires_grad]
+            self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=train.weight_decay)
+
+    def set_heads(self, head_ids: Sequence[int]) -> None:
+        """Hold another set of heads: kept heads keep their factors and their optimizer state
+        (moments and step count); new heads start fresh."""
+        keep = self.lte.set_heads(head_ids)
+        self.params = self.lte.trainable_parameters()
+        self.optimizer.follow_heads(self.params, keep)
+
+    def _autocast(self, x: torch.Tensor):
+        if self.train.precision == "bf16":
+            return torch.autocast(x.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Forward and backward of every head on its own batch; the mean loss over heads."""
+        if self.lte is None or (self.lte.vectorised and not self.train.checkpointing):
+            with self._autocast(x):
+                logits = self.lte(x) if self.lte is not None else self.model(x[0])[None]
+                loss, mean_loss = head_loss(logits, y)
+            loss.backward()
+            return mean_loss
+        # One head at a time, plugged in for its forward and its backward; a head's gradient is its
+        # own loss's, so this is the gradient of the sum. Only one head's activations are alive.
+        losses = []
+        for i in range(self.lte.n_local):
+            with self.lte.plugged(i) as net:
+                with self._autocast(x):
+                    loss, _ = head_loss(net(x[i])[None], y[i:i + 1])
+                loss.backward()
+            losses.append(loss.detach())
+        return torch.stack(losses).mean()
 
     def step(self, x: torch.Tensor, y: torch.Tensor, step_index: int) -> float:
         """One step on batches x (H, b, ...) and y (H, b); returns the mean loss over heads."""
-        loss, mean_loss = head_loss(self.forward(x), y)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        mean_loss = self._forward_backward(x, y)
         if self.train.grad_clip is not None:
-            if self.per_head_clip:
+            if self.lte is not None:
                 clip_head_grads_(self.params, self.train.grad_clip)
             else:
                 nn.utils.clip_grad_norm_(self.params, self.train.grad_clip)

@@ -46,7 +46,8 @@ class LTEConfig(_Strict):
     variant: Literal["reset", "reset_less"] = "reset_less"
     nonlinear: Literal["freeze", "replicate"] = "freeze"
     storage: Literal["fp32", "bf16", "int8", "nf4"] = "fp32"
-    vectorised: bool = True
+    vectorised: bool = Field(
+        False, description="run a peer's several heads under vmap instead of one after another (see LTEModel.vectorised)")
 
 
 class TrainConfig(_Strict):
@@ -61,6 +62,9 @@ class TrainConfig(_Strict):
     seed: int = 0
     eval_every: PositiveInt = Field(1, description="evaluate every this many merge rounds")
     device: Literal["cpu", "cuda", "auto"] = "cpu"
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32", description="fp32, or bf16 autocast for forward and backward (W master, factors and optimizer stay fp32)")
+    checkpointing: bool = Field(False, description="recompute each block's activations in backward (timm's set_grad_checkpointing): less memory, more compute")
 
 
 class DataConfig(_Strict):

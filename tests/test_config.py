@@ -49,6 +49,8 @@ def _write(tmp_path, mutate) -> str:
     (lambda r: r["train"].update(batch_size=66), "train.batch_size (66) must be a multiple of lte.heads (4)"),
     (lambda r: r["data"].update(source="hf:"), "malformed data spec"),
     (lambda r: r.update(extra={}), "extra: unknown key"),
+    (lambda r: r["train"].update(precision="fp16"), "train.precision: Input should be 'fp32' or 'bf16'"),
+    (lambda r: r["train"].update(checkpointing="sometimes"), "train.checkpointing"),
 ])
 def test_bad_configs_name_the_field(tmp_path, mutate, expected):
     path = _write(tmp_path, mutate)
@@ -65,6 +67,13 @@ def test_not_yaml_and_not_a_mapping(tmp_path):
     (tmp_path / "b.yaml").write_text("- just\n- a list\n")
     with pytest.raises(ConfigError, match="expected a mapping"):
         load_config(tmp_path / "b.yaml")
+
+
+def test_precision_and_checkpointing_default_to_fp32_without_checkpointing():
+    train = load_config(GOOD).train
+    assert (train.precision, train.checkpointing) == ("fp32", False)
+    tuned = load_config(GOOD).with_overrides({"train.precision": "bf16", "train.checkpointing": True}).train
+    assert (tuned.precision, tuned.checkpointing) == ("bf16", True)
 
 
 def test_overrides_are_validated():
