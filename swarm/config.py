@@ -65,14 +65,25 @@ class TrainConfig(_Strict):
 
 class DataConfig(_Strict):
     source: str = Field("digits", description=DATA_SPEC_HELP)
-    holdout: PositiveInt = Field(360, description="leading records of the stream held out for evaluation")
+    eval_source: str | None = Field(
+        None, description="where the evaluation set comes from: another split of an hf: source (`@validation`) or any "
+                          "data spec; unset: the first `holdout` records of `source`, which training then skips by content")
+    holdout: PositiveInt = Field(360, description="records in the evaluation set (the first ones of eval_source, or of source)")
     shuffle_buffer: PositiveInt = 1024
     rotate_shards: bool = Field(False, description="stream i reads shard (i + epoch) mod N: disjoint at any time, all data over epochs")
 
     @model_validator(mode="after")
     def _check_source(self) -> "DataConfig":
         check_data_spec(self.source)
+        if self.eval_source is not None:
+            check_data_spec(self.eval_spec)
         return self
+
+    @property
+    def eval_spec(self) -> str:
+        """The data spec of the evaluation set: `source` itself, or `eval_source` with a bare
+        `@SPLIT` resolved against the hf: source (same dataset and config, another split)."""
+        return resolve_eval_spec(self.source, self.eval_source)
 
 
 class SwarmConfig(_Strict):
@@ -175,6 +186,19 @@ def check_data_spec(spec: str) -> None:
         raise ValueError(f"empty data spec; expected {DATA_SPEC_HELP}")
     if spec.startswith("hf:") and not _HF_SPEC.match(spec):
         raise ValueError(f"malformed data spec {spec!r}; expected hf:NAME[:CONFIG][@SPLIT]")
+
+
+def resolve_eval_spec(source: str, eval_source: str | None) -> str:
+    """`eval_source` as a full data spec; `@SPLIT` names another split of an hf: `source`."""
+    if eval_source is None:
+        return source
+    if not eval_source.startswith("@"):
+        return eval_source
+    if not source.startswith("hf:"):
+        raise ValueError(f"data.eval_source {eval_source!r} names a split, which needs an hf: data.source "
+                         f"(got {source!r}); give a data spec instead")
+    name, config, _ = parse_hf_spec(source)
+    return f"hf:{name}{':' + config if config else ''}{eval_source}"
 
 
 def parse_hf_spec(spec: str) -> tuple[str, str | None, str]:
