@@ -47,6 +47,25 @@ class LTEConfig(_Strict):
     nonlinear: Literal["freeze", "replicate"] = "freeze"
     storage: Literal["fp32", "bf16", "int8", "nf4"] = "fp32"
     vectorised: bool = True
+    split_qkv: bool = Field(
+        False, description="adapt q, k and v of timm's fused qkv as three projections, each with its own rank-r head "
+                           "(as the paper's code does), instead of one rank-r head on the fused layer")
+    init_scale: Literal["spectral", "reference"] = Field(
+        "spectral", description="scale of each head's semi-orthogonal A (r x n): sqrt(r/n), its spectral scaling, or "
+                                "sqrt(n/r), as the paper's code does")
+
+
+class ParamGroup(_Strict):
+    """Optimizer settings of one group of parameters; unset values follow train.weight_decay and
+    train.grad_clip. LTE heads have two groups (their LoRA factors and their replicas of the
+    non-linear parameters), the full-rank baseline one."""
+
+    weight_decay: float | None = Field(None, ge=0.0, description="AdamW weight decay of the group")
+    grad_clip: float | None = Field(
+        None, ge=0.0, description="clip the group's gradient norm (per head) to this; 0 turns clipping off. Setting it "
+                                  "for factors or replicas clips the two apart; unset for both, each head is clipped "
+                                  "as a whole at train.grad_clip")
+    lr_scale: PositiveFloat = Field(1.0, description="multiplies the group's learning rate (train.lr, or train.full_lr)")
 
 
 class TrainConfig(_Strict):
@@ -61,6 +80,10 @@ class TrainConfig(_Strict):
     seed: int = 0
     eval_every: PositiveInt = Field(1, description="evaluate every this many merge rounds")
     device: Literal["cpu", "cuda", "auto"] = "cpu"
+    factors: ParamGroup = Field(default_factory=ParamGroup, description="the heads' LoRA factors A and B")
+    replicas: ParamGroup = Field(default_factory=ParamGroup, description="the heads' replicas of the non-linear "
+                                                                         "parameters (lte.nonlinear: replicate)")
+    full: ParamGroup = Field(default_factory=ParamGroup, description="the full-rank baseline's parameters")
 
 
 class DataConfig(_Strict):
