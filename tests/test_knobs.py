@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.nn import functional as F
 
 from peers.training import HeadTrainer
 from swarm.config import TrainConfig
