@@ -316,10 +316,10 @@ def _as_double(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
     return [None if t is None else t.detach().double() for t in tensors]
 
 
-
 def _is_fused_qkv(name: str, layer: LTELinear) -> bool:
     """timm's attention computes q, k and v with one Linear named `qkv` of 3 x dim outputs."""
     return name.rpartition(".")[2] == "qkv" and layer.out_features % 3 == 0
+
 
 def _convert_linears(model: nn.Module, spec: LTESpec, device: str | torch.device) -> list[str]:
     """Replace every nn.Linear in place by an LTELinear; returns their names in module order."""
