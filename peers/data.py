@@ -1,13 +1,18 @@
 """Where a peer's images come from: the embedded digits, a Hugging Face dataset streamed from the
 hub, or a dataset on local disk, all read through the same `datasets` streaming code path.
 
-Every source becomes a stream of records. The first `holdout` records are the evaluation set; the
-rest is split into disjoint shards (one per head) with `split_dataset_by_node`, shuffled within a
-buffer and repeated for as many epochs as training needs.
+Every source becomes a stream of records, split into disjoint shards (one per head) with
+`split_dataset_by_node`, shuffled within a buffer and repeated for as many epochs as training needs.
+The evaluation set is the first `holdout` records of `eval_source` (e.g. the validation split), or,
+without one, of the stream itself. Those records are then recognised by their content in every
+shard and skipped: `split_dataset_by_node` hands out whole files when the heads divide the file
+count, so "skip the first records, then shard" would only skip them in the first shard's files and
+the other heads would train on the evaluation set.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import math
@@ -170,35 +175,93 @@ def _shuffled(records: Iterable[dict[str, Any]], buffer_size: int, rng: np.rando
         yield buffer[i]
 
 
+def record_key(record: dict[str, Any]) -> bytes:
+    """A digest of a record's content (every column, images by their pixels): the identity by which
+    held-out records are recognised in any shard, whatever file or position they come from."""
+    hasher = hashlib.blake2b(digest_size=16)
+    for name in sorted(record):
+        hasher.update(name.encode() + b"\0")
+        _feed(hasher, record[name])
+    return hasher.digest()
+
+
+def _feed(hasher, value: Any) -> None:
+    if hasattr(value, "mode") and hasattr(value, "tobytes"):  # a PIL image
+        hasher.update(f"image {value.mode} {value.size}".encode())
+        hasher.update(value.tobytes())
+    elif isinstance(value, dict):
+        for key in sorted(value):
+            hasher.update(f"{key}=".encode())
+            _feed(hasher, value[key])
+    elif isinstance(value, (bytes, bytearray)):
+        hasher.update(value)
+    elif isinstance(value, (list, tuple, np.ndarray)):
+        array = np.asarray(value)
+        if array.dtype == object:
+            hasher.update(repr(value).encode())
+        else:
+            hasher.update(f"array {array.dtype} {array.shape}".encode())
+            hasher.update(np.ascontiguousarray(array).tobytes())
+    else:
+        hasher.update(repr(value).encode())
+    hasher.update(b"\1")
+
+
 class DataSource:
-    """A data spec opened once: the held-out evaluation set and per-head training streams."""
+    """A data spec opened once: the evaluation set and per-head training streams, disjoint."""
 
     def __init__(self, cfg: DataConfig, shape: ImageShape, seed: int = 0):
         self.cfg = cfg
         self.shape = shape
         self.seed = seed
         self.stream = open_stream(cfg.source)
+        self._held: frozenset[bytes] | None = None
+
+    def _eval_records(self) -> list[dict[str, Any]]:
+        if self.cfg.eval_source is None:
+            stream = self.stream
+        else:
+            try:
+                spec = self.cfg.eval_spec
+            except ValueError as exc:
+                raise DataError(str(exc)) from None
+            stream = open_stream(spec)
+        records = list(self._guard(stream.take(self.cfg.holdout)))
+        if not records:
+            raise DataError(f"data {self.cfg.eval_source or self.cfg.source!r} is empty")
+        return records
+
+    def held_out(self) -> frozenset[bytes]:
+        """Content keys of the records training must skip: the evaluation set when it is taken from
+        the training stream, nothing when it comes from `eval_source`."""
+        if self._held is None:
+            self._held = frozenset() if self.cfg.eval_source is not None else \
+                frozenset(record_key(r) for r in self._eval_records())
+        return self._held
 
     def eval_set(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The first `holdout` records of the stream, as tensors."""
-        records = list(self._guard(self.stream.take(self.cfg.holdout)))
-        if not records:
-            raise DataError(f"data {self.cfg.source!r} is empty")
+        """The first `holdout` records of `eval_source` (or of the stream), as tensors."""
+        records = self._eval_records()
+        if self.cfg.eval_source is None and self._held is None:
+            self._held = frozenset(record_key(r) for r in records)
         return _collate(records, self.shape)
 
     def batches(self, shard: int, n_shards: int, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Endless batches from shard `shard` of `n_shards` of the training records (disjoint
-        across shards: whole files per shard when they divide evenly, else every n-th record),
-        reshuffled within a buffer every epoch, deterministically from (seed, shard, epoch)."""
+        across shards: whole files per shard when they divide evenly, else every n-th record;
+        never a held-out record), reshuffled within a buffer every epoch, deterministically from
+        (seed, shard, epoch)."""
         from datasets.distributed import split_dataset_by_node
 
-        train = self.stream.skip(self.cfg.holdout)
+        held = self.held_out()
         epoch = 0
         while True:
             # With rotation, stream i reads shard (i + epoch) mod n: still disjoint from the other
             # streams at any time, but over epochs every head sees all the data.
             rank = (shard + epoch) % n_shards if self.cfg.rotate_shards else shard
-            part = split_dataset_by_node(train, rank=rank, world_size=n_shards)
+            part = split_dataset_by_node(self.stream, rank=rank, world_size=n_shards)
+            if held:
+                part = (r for r in self._guard(part) if record_key(r) not in held)
             rng = np.random.default_rng([self.seed, shard, epoch])
             pending: list[dict[str, Any]] = []
             seen = 0
@@ -210,7 +273,7 @@ class DataSource:
                     pending = []
             if seen == 0:
                 raise DataError(f"shard {shard} of {n_shards} of {self.cfg.source!r} has no training records "
-                                f"(after holding out {self.cfg.holdout})")
+                                f"(after holding out {len(held)})")
             epoch += 1
 
     def _guard(self, iterable):

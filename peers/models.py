@@ -28,7 +28,8 @@ def create_model(cfg: ModelConfig) -> nn.Module:
 def lte_spec(cfg: RunConfig) -> LTESpec:
     lte = cfg.lte
     return LTESpec(n_heads=lte.heads, rank=lte.rank, alpha=lte.alpha, variant=lte.variant,
-                   nonlinear=lte.nonlinear, storage=lte.storage, seed=cfg.model.seed, vectorised=lte.vectorised)
+                   nonlinear=lte.nonlinear, storage=lte.storage, seed=cfg.model.seed, vectorised=lte.vectorised,
+                   split_qkv=lte.split_qkv, init_scale=lte.init_scale)
 
 
 def create_lte_model(cfg: RunConfig, head_ids: list[int], device: str | torch.device = "cpu") -> LTEModel:

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from swarm.config import TrainConfig
+from swarm.config import ParamGroup, TrainConfig
 from swarm.errors import ConfigError
 from swarm.head_adamw import HeadAdamW
 from swarm.lte_model import LTEModel, clip_head_grads_
@@ -56,6 +56,24 @@ def evaluate(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y
     return correct / len(y), loss / len(y)
 
 
+def param_groups(forward: Callable[[torch.Tensor], torch.Tensor], params: list[nn.Parameter], train: TrainConfig,
+                 per_head: bool) -> list[dict]:
+    """AdamW parameter groups with their settings (`train.factors`, `train.replicas`, `train.full`):
+    an LTE model's parameters split into its heads' factors and replicas, anything else as one
+    full-rank group."""
+    def group(params: list[nn.Parameter], settings: ParamGroup) -> dict:
+        clip = train.grad_clip if settings.grad_clip is None else (settings.grad_clip or None)
+        decay = train.weight_decay if settings.weight_decay is None else settings.weight_decay
+        return {"params": params, "weight_decay": decay, "lr_scale": settings.lr_scale, "clip": clip}
+
+    if not per_head:
+        return [group(params, train.full)]
+    replica_ids = {id(p) for p in forward.replicas.parameters()} if isinstance(forward, LTEModel) else set()
+    groups = [group([p for p in params if id(p) not in replica_ids], train.factors),
+              group([p for p in params if id(p) in replica_ids], train.replicas)]
+    return [g for g in groups if g["params"]]
+
+
 class HeadTrainer:
     """AdamW over a peer's heads (an `LTEModel`) or over one full-rank model, stepped at a global step
     index so that the schedule of a peer that joins late matches the simulation's.
@@ -63,6 +81,8 @@ class HeadTrainer:
     LTE heads: each head is clipped to its own norm (one head's gradient must not be scaled by
     another's) and has its own optimizer state (`HeadAdamW`), which survives a change of the head
     set (`set_heads`). A full-rank model is clipped as a whole and stepped by `torch.optim.AdamW`.
+    Optimizer settings come per group (`param_groups`); a head's factors and replicas are clipped
+    together at `train.grad_clip` unless a group sets its own clip.
 
     `train.precision = bf16` runs forward and loss under bf16 autocast (backward follows the
     forward's dtypes); the fp32 master W, the factors and the optimizer state stay fp32. bf16 is
@@ -82,17 +102,30 @@ class HeadTrainer:
             net.set_grad_checkpointing(True)
         if self.lte is not None:
             self.params = self.lte.trainable_parameters()
-            self.optimizer: torch.optim.Optimizer = HeadAdamW(self.params, lr=lr, weight_decay=train.weight_decay)
+            groups = param_groups(self.lte, self.params, train, per_head=True)
+            self.optimizer: torch.optim.Optimizer = HeadAdamW(groups, lr=lr)
         else:
             self.params = [p for p in model.parameters() if p.requires_grad]
-            self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=train.weight_decay)
+            groups = param_groups(model, self.params, train, per_head=False)
+            self.optimizer = torch.optim.AdamW(groups, lr=lr)
+        self._separate_clips = (self.lte is None or train.factors.grad_clip is not None
+                                or train.replicas.grad_clip is not None)
+
+    @property
+    def clips(self) -> list[tuple[list[nn.Parameter], float | None]]:
+        """(parameters, clip) pairs: per group when a group sets its own clip (or full-rank), else
+        every head's parameters together at `train.grad_clip`."""
+        if self._separate_clips:
+            return [(g["params"], g["clip"]) for g in self.optimizer.param_groups]
+        return [(self.params, self.train.grad_clip)]
 
     def set_heads(self, head_ids: Sequence[int]) -> None:
         """Hold another set of heads: kept heads keep their factors and their optimizer state
         (moments and step count); new heads start fresh."""
         keep = self.lte.set_heads(head_ids)
         self.params = self.lte.trainable_parameters()
-        self.optimizer.follow_heads(self.params, keep)
+        groups = param_groups(self.lte, self.params, self.train, per_head=True)
+        self.optimizer.follow_heads([g["params"] for g in groups], keep)
 
     def _autocast(self, x: torch.Tensor):
         if self.train.precision == "bf16":
@@ -122,12 +155,14 @@ class HeadTrainer:
         """One step on batches x (H, b, ...) and y (H, b); returns the mean loss over heads."""
         self.optimizer.zero_grad(set_to_none=True)
         mean_loss = self._forward_backward(x, y)
-        if self.train.grad_clip is not None:
+        for params, clip in self.clips:
+            if clip is None:
+                continue
             if self.lte is not None:
-                clip_head_grads_(self.params, self.train.grad_clip)
+                clip_head_grads_(params, clip)
             else:
-                nn.utils.clip_grad_norm_(self.params, self.train.grad_clip)
+                nn.utils.clip_grad_norm_(params, clip)
         for group in self.optimizer.param_groups:
-            group["lr"] = self.lr * lr_factor(step_index, self.total_steps, self.train)
+            group["lr"] = self.lr * group["lr_scale"] * lr_factor(step_index, self.total_steps, self.train)
         self.optimizer.step()
         return mean_loss.item()

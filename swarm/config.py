@@ -48,6 +48,25 @@ class LTEConfig(_Strict):
     storage: Literal["fp32", "bf16", "int8", "nf4"] = "fp32"
     vectorised: bool = Field(
         False, description="run a peer's several heads under vmap instead of one after another (see LTEModel.vectorised)")
+    split_qkv: bool = Field(
+        False, description="adapt q, k and v of timm's fused qkv as three projections, each with its own rank-r head "
+                           "(as the paper's code does), instead of one rank-r head on the fused layer")
+    init_scale: Literal["spectral", "reference"] = Field(
+        "spectral", description="scale of each head's semi-orthogonal A (r x n): sqrt(r/n), its spectral scaling, or "
+                                "sqrt(n/r), as the paper's code does")
+
+
+class ParamGroup(_Strict):
+    """Optimizer settings of one group of parameters; unset values follow train.weight_decay and
+    train.grad_clip. LTE heads have two groups (their LoRA factors and their replicas of the
+    non-linear parameters), the full-rank baseline one."""
+
+    weight_decay: float | None = Field(None, ge=0.0, description="AdamW weight decay of the group")
+    grad_clip: float | None = Field(
+        None, ge=0.0, description="clip the group's gradient norm (per head) to this; 0 turns clipping off. Setting it "
+                                  "for factors or replicas clips the two apart; unset for both, each head is clipped "
+                                  "as a whole at train.grad_clip")
+    lr_scale: PositiveFloat = Field(1.0, description="multiplies the group's learning rate (train.lr, or train.full_lr)")
 
 
 class TrainConfig(_Strict):
@@ -65,18 +84,33 @@ class TrainConfig(_Strict):
     precision: Literal["fp32", "bf16"] = Field(
         "fp32", description="fp32, or bf16 autocast for forward and backward (W master, factors and optimizer stay fp32)")
     checkpointing: bool = Field(False, description="recompute each block's activations in backward (timm's set_grad_checkpointing): less memory, more compute")
+    factors: ParamGroup = Field(default_factory=ParamGroup, description="the heads' LoRA factors A and B")
+    replicas: ParamGroup = Field(default_factory=ParamGroup, description="the heads' replicas of the non-linear "
+                                                                         "parameters (lte.nonlinear: replicate)")
+    full: ParamGroup = Field(default_factory=ParamGroup, description="the full-rank baseline's parameters")
 
 
 class DataConfig(_Strict):
     source: str = Field("digits", description=DATA_SPEC_HELP)
-    holdout: PositiveInt = Field(360, description="leading records of the stream held out for evaluation")
+    eval_source: str | None = Field(
+        None, description="where the evaluation set comes from: another split of an hf: source (`@validation`) or any "
+                          "data spec; unset: the first `holdout` records of `source`, which training then skips by content")
+    holdout: PositiveInt = Field(360, description="records in the evaluation set (the first ones of eval_source, or of source)")
     shuffle_buffer: PositiveInt = 1024
     rotate_shards: bool = Field(False, description="stream i reads shard (i + epoch) mod N: disjoint at any time, all data over epochs")
 
     @model_validator(mode="after")
     def _check_source(self) -> "DataConfig":
         check_data_spec(self.source)
+        if self.eval_source is not None:
+            check_data_spec(self.eval_spec)
         return self
+
+    @property
+    def eval_spec(self) -> str:
+        """The data spec of the evaluation set: `source` itself, or `eval_source` with a bare
+        `@SPLIT` resolved against the hf: source (same dataset and config, another split)."""
+        return resolve_eval_spec(self.source, self.eval_source)
 
 
 class SwarmConfig(_Strict):
@@ -187,6 +221,19 @@ def check_data_spec(spec: str) -> None:
         raise ValueError(f"empty data spec; expected {DATA_SPEC_HELP}")
     if spec.startswith("hf:") and not _HF_SPEC.match(spec):
         raise ValueError(f"malformed data spec {spec!r}; expected hf:NAME[:CONFIG][@SPLIT]")
+
+
+def resolve_eval_spec(source: str, eval_source: str | None) -> str:
+    """`eval_source` as a full data spec; `@SPLIT` names another split of an hf: `source`."""
+    if eval_source is None:
+        return source
+    if not eval_source.startswith("@"):
+        return eval_source
+    if not source.startswith("hf:"):
+        raise ValueError(f"data.eval_source {eval_source!r} names a split, which needs an hf: data.source "
+                         f"(got {source!r}); give a data spec instead")
+    name, config, _ = parse_hf_spec(source)
+    return f"hf:{name}{':' + config if config else ''}{eval_source}"
 
 
 def parse_hf_spec(spec: str) -> tuple[str, str | None, str]:

@@ -24,8 +24,6 @@ class HeadAdamW(torch.optim.Optimizer):
     def __init__(self, params: Iterable[nn.Parameter], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2):
         super().__init__(list(params), dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
-        if len(self.param_groups) != 1:
-            raise ValueError("HeadAdamW takes one group of stacked head tensors")
 
     @torch.no_grad()
     def step(self, closure=None):  # noqa: D102 - torch.optim.Optimizer's contract
@@ -63,26 +61,33 @@ class HeadAdamW(torch.optim.Optimizer):
         return None
 
     @torch.no_grad()
-    def follow_heads(self, new_params: Sequence[nn.Parameter], keep: Mapping[int, int]) -> None:
-        """The model rebuilt its stacks (`LTEModel.set_heads`): optimize `new_params` from now on,
-        which correspond one to one, in order, to the current parameters. `keep` maps each kept
-        head's new position to its old one; those rows of the moments and step counts are carried
-        over unchanged, every other head starts fresh (step 0, zero moments)."""
-        group = self.param_groups[0]
-        old_params = group["params"]
-        if len(old_params) != len(new_params):
-            raise ValueError(f"{len(new_params)} new tensors for {len(old_params)} optimized ones")
-        for old, new in zip(old_params, new_params):
-            state = self.state.pop(old, None)
-            if not state or not keep:
-                continue
-            fresh = {"step": torch.zeros(new.shape[0], dtype=torch.float32),
-                     "exp_avg": torch.zeros_like(new), "exp_avg_sq": torch.zeros_like(new)}
-            for new_pos, old_pos in keep.items():
-                for key in fresh:
-                    fresh[key][new_pos] = state[key][old_pos]
-            self.state[new] = fresh
-        group["params"] = list(new_params)
+    def follow_heads(self, new_params: Sequence[nn.Parameter] | Sequence[Sequence[nn.Parameter]],
+                     keep: Mapping[int, int]) -> None:
+        """The model rebuilt its stacks (`LTEModel.set_heads`): optimize `new_params` from now on
+        (one list per parameter group, or one list for a single group), which correspond one to
+        one, in order, to the current parameters. `keep` maps each kept head's new position to its
+        old one; those rows of the moments and step counts are carried over unchanged, every other
+        head starts fresh (step 0, zero moments)."""
+        groups = list(new_params)
+        if groups and isinstance(groups[0], nn.Parameter):
+            groups = [groups]
+        if len(groups) != len(self.param_groups):
+            raise ValueError(f"{len(groups)} groups of new tensors for {len(self.param_groups)} parameter groups")
+        for group, new_group in zip(self.param_groups, groups):
+            old_params, new_group = group["params"], list(new_group)
+            if len(old_params) != len(new_group):
+                raise ValueError(f"{len(new_group)} new tensors for {len(old_params)} optimized ones")
+            for old, new in zip(old_params, new_group):
+                state = self.state.pop(old, None)
+                if not state or not keep:
+                    continue
+                fresh = {"step": torch.zeros(new.shape[0], dtype=torch.float32),
+                         "exp_avg": torch.zeros_like(new), "exp_avg_sq": torch.zeros_like(new)}
+                for new_pos, old_pos in keep.items():
+                    for key in fresh:
+                        fresh[key][new_pos] = state[key][old_pos]
+                self.state[new] = fresh
+            group["params"] = new_group
 
 
 def _rows_by_count(counts: list[float]) -> list[tuple[float, list[int]]]:

@@ -7,7 +7,7 @@ stacked along a leading head dimension: A is (H, r, n), B is (H, m, r) for a wei
 from __future__ import annotations
 
 import hashlib
-from typing import Sequence
+from typing import Literal, Sequence
 
 import torch
 from torch import nn
@@ -22,9 +22,15 @@ def head_seed(seed: int, head: int, layer: int) -> int:
     return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
 
 
-def semi_orthogonal(rank: int, fan_in: int, *, seed: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+InitScale = Literal["spectral", "reference"]
+
+
+def semi_orthogonal(rank: int, fan_in: int, *, seed: int, dtype: torch.dtype = torch.float32,
+                    scale: InitScale = "spectral") -> torch.Tensor:
     """A (rank, fan_in) matrix with orthonormal rows (or columns when rank > fan_in), scaled by
-    sqrt(rank / fan_in) so its spectral norm matches its shape (Bernstein et al.'s spectral scaling).
+    sqrt(rank / fan_in) so its spectral norm matches its shape (`spectral`: Bernstein et al.'s
+    spectral scaling, A maps fan_in to rank), or by sqrt(fan_in / rank) (`reference`: what the
+    paper's public code does). Under Adam the scale of A sets how far B's steps move B A.
 
     Each head draws its own matrix: distinct random subspaces are what keep the heads exploring
     different directions.
@@ -32,7 +38,8 @@ def semi_orthogonal(rank: int, fan_in: int, *, seed: int, dtype: torch.dtype = t
     generator = torch.Generator().manual_seed(seed)
     a = torch.empty(rank, fan_in, dtype=torch.float64)
     nn.init.orthogonal_(a, generator=generator)
-    return (a * (rank / fan_in) ** 0.5).to(dtype)
+    ratio = rank / fan_in if scale == "spectral" else fan_in / rank
+    return (a * ratio ** 0.5).to(dtype)
 
 
 def products(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
-from swarm.lora import LTELinear, delta_sum, head_seed, merge_scale, semi_orthogonal
+from swarm.lora import InitScale, LTELinear, delta_sum, head_seed, merge_scale, semi_orthogonal
 from swarm.quant import QuantizedWeight, Storage
 
 Variant = Literal["reset", "reset_less"]
@@ -37,6 +37,8 @@ class LTESpec:
     storage: Storage = "fp32"
     seed: int = 0
     vectorised: bool = False
+    split_qkv: bool = False
+    init_scale: InitScale = "spectral"
 
     @property
     def scale(self) -> float:
@@ -47,13 +49,19 @@ class HeadFactors(nn.Module):
     """The stacked factors of the local heads for one layer; A0/B0 hold each head's factors at its
     last merge (reset-less variant only)."""
 
-    def __init__(self, a: torch.Tensor, out_features: int, with_baseline: bool):
+    def __init__(self, a: torch.Tensor, out_features: int, with_baseline: bool, blocks: int = 1):
         super().__init__()
         h, r, _ = a.shape
         self.A = nn.Parameter(a)
         self.B = nn.Parameter(torch.zeros(h, out_features, r, dtype=a.dtype, device=a.device))
         self.register_buffer("A0", torch.zeros_like(a) if with_baseline else None)
         self.register_buffer("B0", torch.zeros_like(self.B) if with_baseline else None)
+        if blocks > 1:
+            # `blocks` separately adapted projections fused in one layer (q, k, v of timm's qkv):
+            # B is block-diagonal, output block j only ever reading the rank-r code of A's block j.
+            # Off-diagonal entries start at zero and get no gradient, so they stay zero under AdamW.
+            mask = torch.block_diag(*[torch.ones(out_features // blocks, r // blocks)] * blocks)
+            self.B.register_hook(lambda grad: grad * mask.to(grad.device, grad.dtype))
 
 
 def _key(name: str) -> str:
@@ -71,6 +79,9 @@ class LTEModel(nn.Module):
         self.layer_names = _convert_linears(self.model, spec, device)
         if not self.layer_names:
             raise ValueError("the model has no nn.Linear layer to attach LoRA heads to")
+        # Row blocks adapted as separate projections, each with its own rank-r head (split_qkv).
+        self.row_blocks = {name: 3 if spec.split_qkv and _is_fused_qkv(name, self.layer(name)) else 1
+                           for name in self.layer_names}
         for p in self.model.parameters():
             p.requires_grad_(False)
 
@@ -83,9 +94,15 @@ class LTEModel(nn.Module):
         self._build_heads({})
 
     def _fresh_a(self, head: int, index: int) -> torch.Tensor:
-        layer = self.layer(self.layer_names[index])
-        return semi_orthogonal(self.spec.rank, layer.in_features, seed=head_seed(self.spec.seed, head, index),
-                               dtype=layer.weight_store.master.dtype)
+        name = self.layer_names[index]
+        layer, seed = self.layer(name), head_seed(self.spec.seed, head, index)
+        return torch.cat([semi_orthogonal(self.spec.rank, layer.in_features, seed=seed ^ block,
+                                          dtype=layer.weight_store.master.dtype, scale=self.spec.init_scale)
+                          for block in range(self.row_blocks[name])])
+
+    def layer_rank(self, name: str) -> int:
+        """Rows of A (columns of B) of a layer: r, or r per separately adapted block."""
+        return self.spec.rank * self.row_blocks[name]
 
     @torch.no_grad()
     def _build_heads(self, keep: dict[int, int]) -> None:
@@ -96,8 +113,10 @@ class LTEModel(nn.Module):
         for index, name in enumerate(self.layer_names):
             layer = self.layer(name)
             a = [self._fresh_a(h, index) for h in self.head_ids]
-            a = torch.stack(a) if a else torch.zeros(0, self.spec.rank, layer.in_features, dtype=layer.weight_store.master.dtype)
-            f = HeadFactors(a.to(self.device), layer.out_features, self.spec.variant == "reset_less")
+            a = torch.stack(a) if a else torch.zeros(0, self.layer_rank(name), layer.in_features,
+                                                     dtype=layer.weight_store.master.dtype)
+            f = HeadFactors(a.to(self.device), layer.out_features, self.spec.variant == "reset_less",
+                            self.row_blocks[name])
             for pos, h in enumerate(self.head_ids):
                 if h in keep:
                     old = old_factors[_key(name)]
@@ -358,6 +377,11 @@ class LTEModel(nn.Module):
 
 def _as_double(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
     return [None if t is None else t.detach().double() for t in tensors]
+
+
+def _is_fused_qkv(name: str, layer: LTELinear) -> bool:
+    """timm's attention computes q, k and v with one Linear named `qkv` of 3 x dim outputs."""
+    return name.rpartition(".")[2] == "qkv" and layer.out_features % 3 == 0
 
 
 def _convert_linears(model: nn.Module, spec: LTESpec, device: str | torch.device) -> list[str]:

@@ -58,7 +58,7 @@ def encode_contribution(model: LTEModel, heads: list[int], form: Literal["auto",
     for name, layer in model.layers():
         f = model.factors[name.replace(".", ":")]
         m, n = layer.out_features, layer.in_features
-        cheaper = factor_numbers(len(idx), model.spec.rank, m, n, baseline) < m * n
+        cheaper = factor_numbers(len(idx), model.layer_rank(name), m, n, baseline) < m * n
         if form == "factors" or (form == "auto" and cheaper):
             tensors[f"w/{name}/A"] = f.A.detach()[idx].float().contiguous()
             tensors[f"w/{name}/B"] = f.B.detach()[idx].float().contiguous()
@@ -124,14 +124,14 @@ def _decode_contribution(blob: bytes, peer: str, model: LTEModel, max_update: fl
     n_heads = model.spec.n_heads
     if not heads or any(not isinstance(h, int) or not 0 <= h < n_heads for h in heads) or len(set(heads)) != len(heads):
         raise ContributionError(f"bad head ids {list(heads)[:8]} (the run has heads 0..{n_heads - 1})")
-    k, r = len(heads), model.spec.rank
+    k = len(heads)
     baseline = model.spec.variant == "reset_less"
     weights: dict[str, torch.Tensor] = {}
     used: set[str] = set()
     for name, layer in model.layers():
         if part is not None and name not in part:
             continue
-        m, n = layer.out_features, layer.in_features
+        m, n, r = layer.out_features, layer.in_features, model.layer_rank(name)
         if f"w/{name}/D" in tensors:
             weights[name] = _take(tensors, f"w/{name}/D", (m, n), used)
         else:

@@ -170,3 +170,25 @@ def test_per_head_clipping_leaves_other_heads_alone():
     torch.testing.assert_close(norms, torch.tensor([5.0, 0.1]))
     torch.testing.assert_close(p.grad[0].norm(), torch.tensor(1.0), atol=1e-5, rtol=0)
     torch.testing.assert_close(p.grad[1], torch.tensor([0.1, 0.0, 0.0]))
+
+
+@pytest.mark.parametrize("vectorised", [True, False])
+def test_reset_variant_forward_is_W_x_plus_b_plus_s_B_A_x(vectorised):
+    """Each head of the reset variant computes y = W x + b + s B_i A_i x, written out by hand here,
+    on its own input."""
+    n = 3
+    spec = LTESpec(n_heads=n, rank=2, alpha=8.0, variant="reset", vectorised=vectorised)
+    model = LTEModel(tiny_mlp(), spec, list(range(n)))
+    randomize_heads(model, seed=7)
+    assert all(f.A0 is None and f.B[i].abs().max() > 0 for f in model.factors.values() for i in range(n))
+    plain = tiny_mlp()  # same seed: the W and b the heads sit on
+    x = torch.randn(n, 5, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    out = model(x)
+    for i in range(n):
+        h = x[i]
+        for key, layer in (("0", plain[0]), ("2", plain[2])):
+            a, b = model.factors[key].A[i].detach(), model.factors[key].B[i].detach()
+            h = h @ layer.weight.T + layer.bias + spec.scale * (h @ a.T @ b.T)
+            if key == "0":
+                h = F.gelu(h)
+        torch.testing.assert_close(out[i], h, rtol=0, atol=1e-12)
