@@ -236,6 +236,7 @@ class Trainer:
         self.head_trainer.set_heads(heads)  # kept heads keep their optimizer state
         self.streams = {h: self.streams.get(h) or self.source.batches(h, cfg.lte.heads, cfg.head_batch) for h in heads}
         self.events.emit("heads", heads=heads)
+        self._publish_status(force=True)  # the status view shows the new head set at once
 
     # ---- reporting ---------------------------------------------------------------------------
     def _set_phase(self, phase: PeerPhase) -> None:
