@@ -116,7 +116,6 @@ class ReduceWork:
     final: list[str] | None = None                                       # contributors every part accepted
     first_seen: dict[int, float] = field(default_factory=dict)           # part -> when an owner's record showed up
     orphaned: set[int] = field(default_factory=set)                      # parts whose other owner seems absent
-    fallback: bool = False                                               # owners were too slow: fetched it all
 
 
 def owners(part: int, members: list[str]) -> tuple[str, str]:
@@ -598,7 +597,6 @@ class MergeProtocol:
         if todo:
             log.warning("round %d: %d of %d parts not reduced by their owners in time; fetching them raw",
                         mr.round, len(todo), len(self.parts))
-            work.fallback = True
             self._fetch_parts(mr, work, todo)
 
     def _poll_voting(self, mr: MergeRound) -> None:
