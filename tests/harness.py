@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 import time
 from pathlib import Path
 
 import psutil
 import yaml
 
-from peers.local_swarm import PeerProcess
+from peers.local_swarm import LocalSwarm, PeerProcess
 from tests.conftest import ROOT
 
 FAST_SWARM = dict(lease_seconds=6.0, settle_seconds=0.5, merge_grace=3.0, round_timeout=20.0,
@@ -64,3 +66,29 @@ def role_groups(events: list[dict]) -> list[int]:
 def wait_role_gone(events: list[dict], timeout: float = 10.0) -> list[int]:
     """Processes of a role (peer, DHT process, p2pd) still running after `timeout`."""
     return [pid for group in role_groups(events) for pid in wait_group_gone(group, timeout)]
+
+
+@contextlib.contextmanager
+def rogue_node(swarm: LocalSwarm, volley, every: float = 1.0):
+    """A real hivemind node in `swarm`'s DHT, signing with a key of its own, that calls
+    `volley(dht, identity)` every `every` seconds until the block ends; yields (dht, identity)."""
+    import hivemind
+
+    from peers.node import install_signing
+    from swarm.identity import Identity
+
+    dht = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=swarm.maddrs)
+    identity, stop = Identity(), threading.Event()
+    try:
+        install_signing(dht, identity)
+
+        def loop():
+            while not stop.is_set():
+                volley(dht, identity)
+                stop.wait(every)
+
+        threading.Thread(target=loop, daemon=True).start()
+        yield dht, identity
+    finally:
+        stop.set()
+        dht.shutdown()

@@ -5,63 +5,50 @@ invite is told how to get one."""
 
 from __future__ import annotations
 
-import threading
 import time
 
 import pytest
 
 from peers.local_swarm import LocalSwarm
 from swarm import schemas
-from swarm.identity import Identity
 from swarm.keys import RunKeys
 from swarm.schemas import LeaseRecord
 from tests.conftest import run_cli
-from tests.harness import last, write_config
+from tests.harness import last, rogue_node, write_config
 
 pytestmark = pytest.mark.timeout(300)
 
 
 def test_a_closed_run_merges_its_invited_peers_only(tmp_path):
-    import hivemind
-
-    from peers.node import install_signing
-
     config = write_config(tmp_path / "run.yaml", heads=2, merge_every=2, rounds=3, min_heads=2, closed=True)
     swarm = LocalSwarm(tmp_path, config)
-    rogue, stop = None, threading.Event()
     try:
         coordinator = swarm.start_coordinator()
         keys = RunKeys(swarm.run_id)
-        rogue = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=swarm.maddrs)
-        identity = Identity()
-        install_signing(rogue, identity)
 
-        def claim_every_head():
-            while not stop.is_set():
-                for head in range(2):
-                    schemas.store(rogue, keys.leases, identity, LeaseRecord(head=head, claimed_at=time.time() - 9),
-                                  time.time() + 5, tag=str(head))
-                stop.wait(1.0)
+        def claim_every_head(dht, identity):
+            for head in range(2):
+                schemas.store(dht, keys.leases, identity, LeaseRecord(head=head, claimed_at=time.time() - 9),
+                              time.time() + 5, tag=str(head))
 
-        threading.Thread(target=claim_every_head, daemon=True).start()
-        run_dir = tmp_path / "run"
-        fingerprint = run_cli("key", tmp_path / "peer1.key").stdout.strip()
-        for args in (["--out", tmp_path / "bearer.json"], ["--member", fingerprint, "--out", tmp_path / "peer1.json"]):
-            made = run_cli("invite", "--run-dir", run_dir, *args)
-            assert made.exit_code == 0, made.stderr
-        outsider = swarm.join("outsider")
-        peers = [swarm.join("peer0", "--invite", str(tmp_path / "bearer.json"), "--throttle", "0.1"),
-                 swarm.join("peer1", "--invite", str(tmp_path / "peer1.json"), "--signing-key",
-                            str(tmp_path / "peer1.key"), "--throttle", "0.1")]
-        assert outsider.wait(120) == 2 and "--invite" in outsider.tail(), outsider.tail()
-        for p in peers:
-            assert p.wait(240) == 0, p.tail()
-        assert coordinator.wait(60) == 0, coordinator.tail()
-        assert identity.fingerprint in {who for (_, who) in schemas.read(rogue, keys.leases, LeaseRecord, time.time())}
+        with rogue_node(swarm, claim_every_head) as (rogue, identity):
+            run_dir = tmp_path / "run"
+            fingerprint = run_cli("key", tmp_path / "peer1.key").stdout.strip()
+            for args in (["--out", tmp_path / "bearer.json"],
+                         ["--member", fingerprint, "--out", tmp_path / "peer1.json"]):
+                made = run_cli("invite", "--run-dir", run_dir, *args)
+                assert made.exit_code == 0, made.stderr
+            outsider = swarm.join("outsider")
+            peers = [swarm.join("peer0", "--invite", str(tmp_path / "bearer.json"), "--throttle", "0.1"),
+                     swarm.join("peer1", "--invite", str(tmp_path / "peer1.json"), "--signing-key",
+                                str(tmp_path / "peer1.key"), "--throttle", "0.1")]
+            assert outsider.wait(120) == 2 and "--invite" in outsider.tail(), outsider.tail()
+            for p in peers:
+                assert p.wait(240) == 0, p.tail()
+            assert coordinator.wait(60) == 0, coordinator.tail()
+            claimants = {who for (_, who) in schemas.read(rogue, keys.leases, LeaseRecord, time.time())}
+            assert identity.fingerprint in claimants
     finally:
-        stop.set()
-        if rogue is not None:
-            rogue.shutdown()
         swarm.close()
 
     rounds = coordinator.of("round")

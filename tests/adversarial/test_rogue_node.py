@@ -6,7 +6,6 @@ alive, agree on W, and never count the rogue."""
 from __future__ import annotations
 
 import math
-import threading
 import time
 
 import pytest
@@ -16,7 +15,7 @@ from swarm import schemas
 from swarm.identity import Identity
 from swarm.keys import RUNS_KEY, RunKeys, make_run_id
 from swarm.schemas import DonorRecord, HashRecord, LeaseRecord, ReadyRecord, RunAnnouncement, RunProgress, RunRecord
-from tests.harness import last, write_config
+from tests.harness import last, rogue_node, write_config
 
 pytestmark = pytest.mark.timeout(300)
 BOGUS = "ab" * 32
@@ -47,41 +46,26 @@ def _attack_once(dht, identity: Identity, keys: RunKeys, round_: int, victim_p2p
 
 
 def test_a_rogue_node_hammering_a_live_swarm_changes_nothing(tmp_path):
-    import hivemind
-
-    from peers.node import install_signing
-
     swarm = LocalSwarm(tmp_path, write_config(tmp_path / "run.yaml", heads=2, merge_every=2, rounds=10, min_heads=2))
-    rogue = None
-    stop = threading.Event()
     try:
         coordinator = swarm.start_coordinator()
         peers = [swarm.join(f"peer{i}", "--throttle", "0.1") for i in range(2)]
         coordinator.wait_for(lambda es: any(e["event"] == "round" and e["new_round"] >= 2 for e in es), 180, "round 2")
         keys = RunKeys(swarm.run_id)
-        rogue = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=swarm.maddrs)
-        identity = Identity()
-        install_signing(rogue, identity)
         victim_p2p = last(peers[0], "joined")["p2p"]
         attack_from = max(e["new_round"] for e in coordinator.of("round"))
 
-        def hammer():
-            while not stop.is_set():
-                done = [e["new_round"] for e in coordinator.of("round")]
-                _attack_once(rogue, identity, keys, max(done, default=0), victim_p2p)
-                stop.wait(1.0)
+        def hammer(dht, identity):
+            done = [e["new_round"] for e in coordinator.of("round")]
+            _attack_once(dht, identity, keys, max(done, default=0), victim_p2p)
 
-        thread = threading.Thread(target=hammer, daemon=True)
-        thread.start()
-        for p in peers:
-            assert p.wait(240) == 0, p.tail()
-        assert coordinator.wait(60) == 0, coordinator.tail()
-        # the attack was real: the rogue's signed records are in the DHT for everyone to read
-        assert identity.fingerprint in schemas.by_writer(schemas.read(rogue, keys.donors, DonorRecord, time.time()))
+        with rogue_node(swarm, hammer) as (rogue, identity):
+            for p in peers:
+                assert p.wait(240) == 0, p.tail()
+            assert coordinator.wait(60) == 0, coordinator.tail()
+            # the attack was real: the rogue's signed records are in the DHT for everyone to read
+            assert identity.fingerprint in schemas.by_writer(schemas.read(rogue, keys.donors, DonorRecord, time.time()))
     finally:
-        stop.set()
-        if rogue is not None:
-            rogue.shutdown()
         swarm.close()
 
     rounds = coordinator.of("round")
