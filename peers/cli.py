@@ -152,6 +152,11 @@ def join(
     data: Optional[str] = typer.Option(None, help=f"this peer's own data (default: the run's): {DATA_SPEC_HELP}"),
     identity: Optional[Path] = typer.Option(None, help="file with this peer's private key (a stable peer id across restarts)"),
     host_maddrs: List[str] = typer.Option(["/ip4/127.0.0.1/tcp/0"], help="multiaddrs to listen on"),
+    announce_maddrs: List[str] = typer.Option([], help="multiaddrs others should dial to reach this peer (e.g. its public "
+                                                      "address and forwarded port: /ip4/203.0.113.7/tcp/31337)"),
+    client_mode: bool = typer.Option(False, "--client-mode", help="this peer cannot accept connections (behind NAT): it "
+                                                                  "pushes its contributions to peers that can and never "
+                                                                  "reduces part of W or hands out W"),
     throttle: float = typer.Option(0.0, min=0.0, help="pause this many seconds after every step (to share a busy machine)"),
     invite: Optional[Path] = typer.Option(None, help="invite file from the coordinator (closed runs admit only invited keys)"),
     signing_key: Optional[Path] = typer.Option(None, help="this peer's signing key, created if missing (default: the invite's key, else a new one per start)"),
@@ -185,7 +190,7 @@ def join(
         if signing_key is not None:
             signer = Identity.load_or_create(signing_key)
         with open_runtime([*initial_peers, *(more_peers or [])], host_maddrs, str(identity) if identity else None,
-                          events, identity=signer) as rt:
+                          events, identity=signer, client_mode=client_mode, announce_maddrs=announce_maddrs) as rt:
             keys, record, cfg = find_run(rt.dht, run_id, clock=rt.clock)
             err.print(f"joined run {keys.run_id}: {cfg.model.name}, N={cfg.lte.heads} r={cfg.lte.rank} "
                       f"T={cfg.lte.merge_every}, {cfg.rounds} rounds; peer {rt.peer}", highlight=False)

@@ -34,8 +34,9 @@ class SwarmError(LTESwarmError):
 
 
 def start_dht(initial_peers: list[str], host_maddrs: list[str] | None = None, identity_path: str | None = None,
-              client_mode: bool = False, signer: Identity | None = None):
-    """A hivemind DHT node, or a one-line SwarmError saying why it could not start. With `signer`,
+              client_mode: bool = False, signer: Identity | None = None, announce_maddrs: list[str] | None = None):
+    """A hivemind DHT node, or a one-line SwarmError saying why it could not start. `announce_maddrs`
+    are the addresses others should dial (a public address in front of `host_maddrs`). With `signer`,
     it signs with that identity and refuses unsigned records from its first moment (validators
     added later would leave a window in which a stranger's record could settle in its storage)."""
     import hivemind
@@ -51,6 +52,7 @@ def start_dht(initial_peers: list[str], host_maddrs: list[str] | None = None, id
         return IsolatedDHT(initial_peers=initial_peers or None, host_maddrs=host_maddrs or LOOPBACK,
                            record_validators=validators,
                            identity_path=identity_path, client_mode=client_mode, start=True,
+                           announce_maddrs=announce_maddrs or None,
                            startup_timeout=30, await_ready=True)
     except (P2PDaemonError, TimeoutError, ConnectionError, OSError, ValueError) as exc:
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -224,7 +226,7 @@ def join_rounds(rt: "Runtime", keys: RunKeys, cfg: RunConfig, model, *, holds_he
     leases = HeadLeases(rt.dht, keys, rt.identity if holds_heads else None, cfg.lte.heads, sw.lease_seconds,
                         sw.settle_seconds, rt.clock, sw.clock_skew)
     protocol = MergeProtocol(rt.dht, server, keys, rt.identity, sw, model, holders=leases.holders, clock=rt.clock,
-                             round_=round_, rounds_total=cfg.rounds)
+                             round_=round_, rounds_total=cfg.rounds, reachable=rt.reachable)
     membership = Membership(rt.dht, keys, sw, rt.clock, invite)
     leases.incumbents, leases.admits = protocol.incumbents, membership.admits
     return Rounds(server, leases, protocol, membership)
@@ -241,6 +243,7 @@ class Runtime:
     clock: Clock
     blob_server: Callable[[str], Any]  # namespace -> a server of this node's blobs
     identity: Identity  # whose signature this node's records carry (its DHT signs with it)
+    reachable: bool = True  # False: behind NAT (client mode); it pushes its blobs, serves none
 
     @property
     def peer(self) -> str:
@@ -253,27 +256,29 @@ class Runtime:
 
 
 
-def real_runtime(dht, stop: threading.Event, events: EventLog, identity: Identity) -> Runtime:
+def real_runtime(dht, stop: threading.Event, events: EventLog, identity: Identity, reachable: bool = True) -> Runtime:
     """A runtime on a real DHT node started with `start_dht(signer=identity)`."""
     from swarm.transport import BlobServer
 
     return Runtime(dht=dht, stop=stop, events=events, clock=Clock(stop),
-                   blob_server=lambda namespace: BlobServer(dht, namespace=namespace, stop=stop), identity=identity)
+                   blob_server=lambda namespace: BlobServer(dht, namespace=namespace, stop=stop), identity=identity,
+                   reachable=reachable)
 
 
 @contextlib.contextmanager
 def open_runtime(initial_peers: list[str], host_maddrs: list[str] | None = None, identity_path: str | None = None,
                  events_path: str | None = None, client_mode: bool = False,
-                 identity: Identity | None = None) -> Iterator[Runtime]:
+                 identity: Identity | None = None, announce_maddrs: list[str] | None = None) -> Iterator[Runtime]:
     """Signals, a DHT node and the event log for one role; always torn down, in reverse order.
     `identity_path` keeps the P2P address stable; `identity` is the signing key (a new one if None)."""
     events = EventLog(events_path)
     identity = identity or Identity()
     try:
         with stop_on_signals() as stop:
-            dht = start_dht(initial_peers, host_maddrs, identity_path, client_mode=client_mode, signer=identity)
+            dht = start_dht(initial_peers, host_maddrs, identity_path, client_mode=client_mode, signer=identity,
+                            announce_maddrs=announce_maddrs)
             try:
-                yield real_runtime(dht, stop, events, identity)
+                yield real_runtime(dht, stop, events, identity, reachable=not client_mode)
             finally:
                 dht.shutdown()
     finally:

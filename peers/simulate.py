@@ -14,6 +14,7 @@ from peers.models import create_lte_model, create_model, resolve_device
 from peers.training import HeadTrainer, evaluate, stack_batches
 from swarm.config import RunConfig
 from swarm.lte_model import LTEModel
+from swarm.wire import merge_in_process
 
 Mode = Literal["lte", "full", "lora"]
 
@@ -87,7 +88,7 @@ def simulate(cfg: RunConfig, mode: Mode = "lte", *, on_eval: Callable[[EvalPoint
         last = step == steps - 1
         if (step + 1) % period == 0 or last:
             if mode == "lte":
-                lte.merge()
+                merge_in_process(lte, cfg.swarm.contribution_dtype, cfg.swarm.reduced_dtype, cfg.swarm.robust_clip)
             rounds += 1
             if rounds % cfg.train.eval_every == 0 or last:
                 acc, eval_loss = evaluate(eval_forward, x_eval, y_eval, device)

@@ -193,7 +193,7 @@ class Trainer:
 
     def encode(self, heads: list[int]) -> bytes:
         """This peer's contribution: the unmerged change of `heads`."""
-        return encode_contribution(self.model, heads)[0]
+        return encode_contribution(self.model, heads, dtype=self.cfg.swarm.contribution_dtype)[0]
 
     def _poll_round(self) -> float:
         mr = self.mr

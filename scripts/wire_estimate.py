@@ -7,7 +7,8 @@ all-gather. Nothing is trained; the model is built with random weights (no downl
 The accounting follows the protocol: each part of W is reduced by two of the round's members
 (`swarm.rounds.owners`), which download that part of every other member's contribution and each
 serve the reduced part to half of the peers that do not own it; every peer downloads every part
-it does not own. The all-gather moves P - 1 whole contributions each way.
+it does not own. The all-gather moves P - 1 whole contributions each way. Every precision on the
+wire is shown (`swarm.contribution_dtype` / `swarm.reduced_dtype`): fp32/fp32, bf16/bf16, bf16/int8.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ import json
 from peers.models import create_lte_model
 from swarm.config import load_config
 from swarm.rounds import owners
-from swarm.wire import encode_contribution, encode_reduced, plan_parts, split_contribution
+from swarm.wire import encode_contribution, encode_reduced, plan_parts, reduced_tensors, split_contribution
+
+PRECISIONS = (("fp32", "fp32"), ("bf16", "bf16"), ("bf16", "int8"))
 
 
 def main() -> None:
@@ -29,40 +32,47 @@ def main() -> None:
     args = parser.parse_args()
     cfg = load_config(args.config)
     model = create_lte_model(cfg, [0])
-    contribution = encode_contribution(model, [0])[0]
-    n_parts = cfg.swarm.parts or 2 * cfg.lte.heads
-    parts = plan_parts(model, n_parts)
-    c_part = [len(b) for b in split_contribution(contribution, parts)]
+    parts = plan_parts(model, cfg.swarm.parts or 2 * cfg.lte.heads)
     totals = {name: t.double() for name, t in model.weight_deltas().items()}
     params = dict(model.model.named_parameters())
     totals.update({name: params[name].detach().double() for name in model.replicated})
-    w_part = [len(encode_reduced({n: totals[n].float() for n in part})) for part in parts]
     rows = []
-    for p in args.peers:
-        members = [f"peer{i:03d}" for i in range(p)]
-        sent = received = 0.0
-        for me in members:  # the mean over peers: owners vary by part, so peers differ by a part or two
-            for i in range(len(parts)):
-                who = owners(i, members)
-                if me in who:
-                    received += c_part[i] * (p - 1)            # the part of every other contribution
-                    sent += w_part[i] * (p - len(set(who))) / 2  # half the non-owners read it from us
-                else:
-                    received += w_part[i]
-                    sent += c_part[i] * len(set(who))          # our part to each of its owners
-        sent, received = sent / p, received / p
-        rows.append({"peers": p, "contribution_bytes": len(contribution), "w_bytes": sum(w_part),
-                     "reduce_sent": sent, "reduce_received": received,
-                     "gather_sent": len(contribution) * (p - 1), "gather_received": len(contribution) * (p - 1)})
+    for c_dtype, r_dtype in PRECISIONS:
+        contribution = encode_contribution(model, [0], dtype=c_dtype)[0]
+        c_part = [len(b) for b in split_contribution(contribution, parts)]
+        w_part = [len(encode_reduced(reduced_tensors({n: totals[n] for n in part}, r_dtype))) for part in parts]
+        for p in args.peers:
+            sent, received = _reduce_bytes(p, c_part, w_part)
+            rows.append({"contribution_dtype": c_dtype, "reduced_dtype": r_dtype, "peers": p,
+                         "contribution_bytes": len(contribution), "w_bytes": sum(w_part),
+                         "reduce_sent": sent, "reduce_received": received,
+                         "gather_sent": len(contribution) * (p - 1), "gather_received": len(contribution) * (p - 1)})
     print(f"{cfg.model.name}: N={cfg.lte.heads} r={cfg.lte.rank} {cfg.lte.variant}, nonlinear {cfg.lte.nonlinear}; "
-          f"one head's contribution {len(contribution) / 1e6:.1f} MB, W (float32) {sum(w_part) / 1e6:.1f} MB, "
-          f"{len(parts)} parts; mean over peers")
-    print(f"{'peers':>6s} {'reduce sent':>12s} {'reduce recv':>12s} {'gather sent':>12s} {'gather recv':>12s}  (MB per peer per round)")
+          f"{len(parts)} parts; MB per peer per round, mean over peers")
+    print(f"{'wire':>10s} {'contrib':>8s} {'W':>7s} {'peers':>6s} {'reduce sent':>12s} {'reduce recv':>12s} "
+          f"{'gather sent':>12s} {'gather recv':>12s}")
     for r in rows:
-        print(f"{r['peers']:6d} {r['reduce_sent'] / 1e6:12.1f} {r['reduce_received'] / 1e6:12.1f} "
-              f"{r['gather_sent'] / 1e6:12.1f} {r['gather_received'] / 1e6:12.1f}")
+        print(f"{r['contribution_dtype'] + '/' + r['reduced_dtype']:>10s} {r['contribution_bytes'] / 1e6:8.1f} "
+              f"{r['w_bytes'] / 1e6:7.1f} {r['peers']:6d} {r['reduce_sent'] / 1e6:12.1f} "
+              f"{r['reduce_received'] / 1e6:12.1f} {r['gather_sent'] / 1e6:12.1f} {r['gather_received'] / 1e6:12.1f}")
     if args.json:
         print(json.dumps({"model": cfg.model.name, "rows": rows}))
+
+
+def _reduce_bytes(p: int, c_part: list[int], w_part: list[int]) -> tuple[float, float]:
+    """Mean bytes sent and received per peer per round in the owner-reduced merge with p peers."""
+    members = [f"peer{i:03d}" for i in range(p)]
+    sent = received = 0.0
+    for me in members:  # owners vary by part, so peers differ by a part or two
+        for i in range(len(c_part)):
+            who = owners(i, members)
+            if me in who:
+                received += c_part[i] * (p - 1)            # the part of every other contribution
+                sent += w_part[i] * (p - len(set(who))) / 2  # half the non-owners read it from us
+            else:
+                received += w_part[i]
+                sent += c_part[i] * len(set(who))          # our part to each of its owners
+    return sent / p, received / p
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from hivemind.dht.validation import CompositeValidator, DHTRecord, RecordValidat
 from hivemind.utils import ValueWithExpiration
 
 from swarm.clock import Clock
-from swarm.transport import TransferError
+from swarm.transport import PUSHED, Inbox, TransferError
 
 _REGULAR = DHTProtocol.IS_REGULAR_VALUE
 
@@ -176,6 +176,8 @@ class MemoryBlobServer:
     def __init__(self, network: MemoryNetwork, peer: str):
         self.network, self.peer = network, str(peer)
         self._blobs: dict[str, bytes | Callable[[], bytes]] = {}
+        self.inbox = Inbox(clock=network.clock.monotonic)
+        self.unreachable = False  # a client-mode node: it can fetch and push, nobody can fetch from it
         self.bytes_sent = 0
         self.bytes_received = 0
         network.servers[self.peer] = self
@@ -190,13 +192,26 @@ class MemoryBlobServer:
         return list(self._blobs)
 
     def lookup(self, name: str) -> bytes | None:
+        if name.startswith(PUSHED):
+            return self.inbox.get(name[len(PUSHED):])
         blob = self._blobs.get(name)
         return blob() if callable(blob) else blob
 
-    def fetch(self, peer: str, name: str, timeout: float, max_bytes: int) -> bytes:
+    def _reach(self, peer: str, what: str) -> "MemoryBlobServer":
         server = self.network.servers.get(str(peer))
-        if server is None:
-            raise TransferError(f"fetching {name} from {str(peer)[-8:]} failed: no route to the peer")
+        if server is None or server.unreachable:
+            raise TransferError(f"{what} {str(peer)[-8:]} failed: no route to the peer")
+        return server
+
+    def push(self, peer: str, data: bytes, timeout: float) -> None:
+        server = self._reach(peer, "pushing to")
+        if server.inbox.put(bytes(data)) is None:
+            raise TransferError(f"{str(peer)[-8:]} refused {len(data)} pushed bytes (its inbox is full)")
+        self.bytes_sent += len(data)
+        server.bytes_received += len(data)
+
+    def fetch(self, peer: str, name: str, timeout: float, max_bytes: int) -> bytes:
+        server = self._reach(peer, f"fetching {name} from")
         data = server.lookup(name)
         if data is None:
             raise TransferError(f"{str(peer)[-8:]} does not have {name}")

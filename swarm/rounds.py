@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import json
 import logging
+import re
 
 import torch
 from collections import Counter
@@ -40,15 +42,17 @@ from swarm.identity import Identity
 from swarm.keys import RunKeys
 from swarm.lte_model import LTEModel
 from swarm.schemas import DonorRecord, HashRecord, PartRecord, ReadyRecord, RunProgress
-from swarm.transport import NETWORK_ERRORS, TransferError
+from swarm.transport import NETWORK_ERRORS, TransferError, pushed_name
 from swarm.wire import (Contribution, ContributionError, apply_reduced, contribution_bound, decode_contribution,
-                        decode_reduced, decode_state, encode_reduced, encode_state, merge_contributions, part_bound,
-                        plan_parts, reduce_contributions, reduced_digest, reduced_tensors, split_contribution,
-                        state_bound)
+                        decode_reduced, decode_state, dequantized, encode_reduced, encode_state, merge_contributions,
+                        part_bound, plan_parts, reduce_contributions, reduced_digest, reduced_tensors,
+                        split_contribution, state_bound)
 
 log = logging.getLogger(__name__)
 
 KEEP_CONTRIBUTIONS = 3  # rounds for which a peer keeps serving its contributions
+_LISTING_BYTES = 1 << 16  # bound on the digest list of an unreachable peer's pushed blobs
+_HEX64 = re.compile(r"[0-9a-f]{64}")
 MIN_REDUCE_MEMBERS = 3  # below this, two owners per part means everyone reduces everything: gather instead
 
 
@@ -101,6 +105,9 @@ class MergeRound:
     digest: str = ""
     result: RoundResult | None = None
     work: "ReduceWork | None" = None
+    settled: bool = False          # the ready set is read (once per round)
+    push_deadline: float = 0.0     # monotonic: how long we wait for blobs pushed by unreachable peers
+    pushed: dict[str, bytes] = field(default_factory=dict)  # digest -> blob pushed by an unreachable peer
 
 
 @dataclass
@@ -109,6 +116,7 @@ class ReduceWork:
     what it knows of every part's accepted contributors, and the reduced parts it has."""
 
     members: list[str]                                                    # the round's contributors
+    servers: list[str]                                                    # those that accept connections
     held: dict[int, dict[str, Contribution]] = field(default_factory=dict)  # part -> validated contributions
     accepted: dict[int, set[str]] = field(default_factory=dict)          # part -> contributors that passed
     reduced: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)  # part -> values over the final set
@@ -120,7 +128,8 @@ class ReduceWork:
 
 def owners(part: int, members: list[str]) -> tuple[str, str]:
     """The two members that reduce `part`: consecutive in fingerprint order, so every member owns
-    about 2/P of the parts and no part depends on one peer alone."""
+    about 2/P of the parts and no part depends on one peer alone. Only members that accept
+    connections own parts (`servers`)."""
     n = len(members)
     return members[part % n], members[(part + 1) % n]
 
@@ -134,7 +143,7 @@ class MergeProtocol:
 
     def __init__(self, dht, server, keys: RunKeys, identity: Identity, cfg: SwarmConfig, model: LTEModel,
                  holders: Callable[[], dict[int, str]], clock: Clock | None = None, round_: int = 0,
-                 rounds_total: int | None = None):
+                 rounds_total: int | None = None, reachable: bool = True):
         self.dht, self.server, self.keys, self.identity, self.cfg = dht, server, keys, identity, cfg
         self.peer = identity.fingerprint
         self.p2p = str(dht.peer_id)
@@ -157,6 +166,12 @@ class MergeProtocol:
         self._served: dict[int, list[str]] = {}  # round -> names of the blobs we serve for it
         self._w_version = 0  # bumped whenever W or the round may have changed
         self._state_blob: tuple[int, bytes] | None = None
+        # Behind NAT (hivemind's client mode) nobody can fetch from us: we push our contribution to
+        # peers that can be reached, never own a part and never hand out W. Those peers keep what
+        # is pushed to them within a budget: every head's contribution, in the worst case.
+        self.reachable = reachable
+        server.inbox.limit_bytes = model.spec.n_heads * (self.max_contribution_bytes + _LISTING_BYTES)
+        server.inbox.keep_seconds = KEEP_CONTRIBUTIONS * 2 * cfg.round_timeout
         server.publish(keys.state_blob, self._encoded_state)
 
     def _encoded_state(self) -> bytes:
@@ -182,7 +197,10 @@ class MergeProtocol:
 
     # ---- state ---------------------------------------------------------------------------
     def announce(self) -> None:
-        """Tell newcomers we can hand out W at our round (refreshed by callers now and then)."""
+        """Tell newcomers we can hand out W at our round (refreshed by callers now and then); a peer
+        nobody can connect to hands out nothing."""
+        if not self.reachable:
+            return
         record = DonorRecord(round=self._round, digest=self.model.state_digest(), p2p=self.p2p)
         schemas.store(self.dht, self.keys.donors, self.identity, record, self.clock.now() + 3 * self.cfg.lease_seconds)
 
@@ -331,9 +349,14 @@ class MergeProtocol:
             return mr
         if contribution is not None and ready is not None:
             self._serve(r, self.keys.contribution_blob(r, self.peer), contribution)
-            if self.cfg.merge == "reduce":
-                for i, blob in enumerate(split_contribution(contribution, self.parts)):
-                    self._serve(r, self.keys.contribution_part_blob(r, self.peer, i), blob)
+            parts = split_contribution(contribution, self.parts) if self.cfg.merge == "reduce" else []
+            for i, blob in enumerate(parts):
+                self._serve(r, self.keys.contribution_part_blob(r, self.peer, i), blob)
+            if not self.reachable:  # what we will push, named in our signed record by its digest
+                blobs = [contribution, *parts]
+                listing = json.dumps([hashlib.sha256(b).hexdigest() for b in blobs]).encode()
+                mr.pushed = {hashlib.sha256(b).hexdigest(): b for b in [listing, *blobs]}
+                mr.ready = ready = ready.model_copy(update={"pushed": hashlib.sha256(listing).hexdigest()})
             schemas.store(self.dht, self.keys.ready(r), self.identity, ready, self._expiration())
         return mr
 
@@ -386,16 +409,23 @@ class MergeProtocol:
             mr.wait = remaining
             return
         r = mr.round
-        mr.ready_set = self._ready(r)
-        if mr.contribution is not None and self.peer not in mr.ready_set:  # our record never made it out
-            log.warning("our ready record for round %d is not visible; merging without us", r)
-        mr.waited = self.clock.monotonic() - mr.started
-        if self.cfg.merge == "reduce" and len(mr.ready_set) >= MIN_REDUCE_MEMBERS:
+        if not mr.settled:
+            mr.settled = True
+            mr.ready_set = self._ready(r)
+            if mr.contribution is not None and self.peer not in mr.ready_set:  # our record never made it out
+                log.warning("our ready record for round %d is not visible; merging without us", r)
+            mr.waited = self.clock.monotonic() - mr.started
+            if not self.reachable and self.peer in mr.ready_set:
+                self._push(mr)
+            mr.push_deadline = self.clock.monotonic() + self.cfg.request_timeout
+        if self._awaiting_pushes(mr) and self.clock.monotonic() < mr.push_deadline:
+            return  # an unreachable member's blobs are still on their way to us
+        if self._reduces(mr):
             self._start_reducing(mr)
             return
-        contributions, mr.rejected = self._gather(r, mr.ready_set, mr.contribution)
+        contributions, mr.rejected = self._gather(mr)
         self._w_version += 1
-        merge_contributions(self.model, contributions, self.cfg.robust_clip)
+        merge_contributions(self.model, contributions, self.cfg.robust_clip, self.cfg.reduced_dtype)
         self._w_version += 1
         self._vote(mr, sorted(c.peer for c in contributions))
 
@@ -408,17 +438,139 @@ class MergeProtocol:
         mr.step = RoundStep.VOTING
         mr.deadline = self.clock.monotonic() + self.cfg.merge_grace
 
+    # ---- peers that cannot accept connections ---------------------------------------------------
+    def _servers(self, mr: MergeRound) -> list[str]:
+        """The round's contributors that accept connections: only they own parts."""
+        return sorted(p for p, rec in mr.ready_set.items() if rec.pushed is None)
+
+    def _reduces(self, mr: MergeRound) -> bool:
+        """Owner-reduced, or (too few members or owners to make it worth it) all-gathered."""
+        return (self.cfg.merge == "reduce" and len(mr.ready_set) >= MIN_REDUCE_MEMBERS
+                and len(self._servers(mr)) >= 2)
+
+    def _coordinator_p2p(self) -> list[str]:
+        donor = self.donors().get(self.authority)
+        return [donor.p2p] if donor is not None and donor.p2p != self.p2p else []
+
+    def _holders(self, mr: MergeRound, index: int | None) -> list[str]:
+        """Addresses that were pushed an unreachable member's blob `index` (0: the whole
+        contribution, i + 1: part i; None: its digest list, which all of them got)."""
+        servers = self._servers(mr)
+        if index is not None and index > 0:
+            return [mr.ready_set[o].p2p for o in dict.fromkeys(owners(index - 1, servers))]
+        return [mr.ready_set[s].p2p for s in servers] + self._coordinator_p2p()
+
+    def _push(self, mr: MergeRound) -> None:
+        """We cannot be fetched from: push the digest list and what each peer needs of our
+        contribution to it: each part to its owners and the whole to the coordinator (reduced
+        merge), or the whole to every reachable member and the coordinator (all-gather)."""
+        rec = mr.ready_set[self.peer]
+        listing = mr.pushed[rec.pushed]
+        digests = json.loads(listing)
+        targets: dict[str, list[bytes]] = {}
+        if self._reduces(mr):
+            servers = self._servers(mr)
+            for i in range(len(self.parts)):
+                for owner in dict.fromkeys(owners(i, servers)):
+                    targets.setdefault(mr.ready_set[owner].p2p, [listing]).append(mr.pushed[digests[i + 1]])
+            if self.cfg.coordinator_recomputes:
+                for address in self._coordinator_p2p():
+                    targets.setdefault(address, [listing]).append(mr.pushed[digests[0]])
+        else:
+            for address in self._holders(mr, 0):
+                targets.setdefault(address, [listing]).append(mr.pushed[digests[0]])
+
+        def push(address: str, blobs: list[bytes]) -> None:
+            for blob in blobs:
+                try:
+                    self.server.push(address, blob, self.cfg.request_timeout)
+                except NETWORK_ERRORS as exc:
+                    log.warning("round %d: could not push our contribution to %s: %s", mr.round, address[-8:], exc)
+                    return
+
+        with ThreadPoolExecutor(max_workers=max(1, min(self.cfg.parallel_downloads, len(targets)))) as pool:
+            for future in as_completed([pool.submit(push, a, b) for a, b in targets.items()]):
+                future.result()
+                self.keep_alive()
+
+    def _needed_pushes(self, mr: MergeRound) -> list[int]:
+        """Which blobs of every unreachable member we fetch this round (see `_holders`)."""
+        if not self._reduces(mr):
+            return [0]
+        if self.is_authority and self.cfg.coordinator_recomputes:
+            return [0]
+        return [i + 1 for i in range(len(self.parts)) if self.peer in owners(i, self._servers(mr))]
+
+    def _awaiting_pushes(self, mr: MergeRound) -> bool:
+        """Whether a blob we need from an unreachable member has reached neither us nor anyone we
+        could fetch it from yet."""
+        needed = self._needed_pushes(mr)
+        for peer, rec in mr.ready_set.items():
+            if rec.pushed is None or peer == self.peer:
+                continue
+            try:
+                if any(self._pushed_blob(mr, peer, index) is None for index in needed):
+                    return True
+            except ContributionError:
+                continue  # a malformed digest list: rejected when its contribution is fetched
+        return False
+
+    def _pushed_blob(self, mr: MergeRound, peer: str, index: int) -> bytes | None:
+        """Blob `index` pushed by unreachable member `peer`, found by the digests its signed ready
+        record names (in our inbox, or at a peer it was pushed to); None if nowhere yet."""
+        listing = self._by_digest(mr, mr.ready_set[peer].pushed, self._holders(mr, None), _LISTING_BYTES)
+        if listing is None:
+            return None
+        expected = 1 + (len(self.parts) if self.cfg.merge == "reduce" else 0)
+        try:
+            digests = json.loads(listing)
+            if (not isinstance(digests, list) or len(digests) != expected
+                    or not all(isinstance(d, str) and _HEX64.fullmatch(d) for d in digests)):
+                raise ValueError
+        except ValueError:
+            raise ContributionError("the list of blobs it pushed is malformed") from None
+        return self._by_digest(mr, digests[index], self._holders(mr, index), self.max_contribution_bytes)
+
+    def _by_digest(self, mr: MergeRound, digest: str, holders: list[str], bound: int) -> bytes | None:
+        found = mr.pushed.get(digest) or self.server.inbox.get(digest)
+        for address in holders if found is None else []:
+            if address == self.p2p:
+                continue
+            try:
+                data = self.server.fetch(address, pushed_name(digest), self.cfg.request_timeout, bound)
+            except NETWORK_ERRORS:
+                continue
+            if hashlib.sha256(data).hexdigest() == digest:
+                found = data
+                break
+        if found is not None:
+            mr.pushed[digest] = found
+        return found
+
+    def _contribution_blob(self, mr: MergeRound, peer: str, index: int, name: str, bound: int) -> bytes:
+        """A member's whole contribution (index 0) or part index - 1: fetched from the member, or,
+        for a member nobody can connect to, from what it pushed."""
+        rec = mr.ready_set[peer]
+        if rec.pushed is None:
+            return self.server.fetch(rec.p2p, name, self.cfg.request_timeout, bound)
+        blob = self._pushed_blob(mr, peer, index)
+        if blob is None:
+            raise TransferError("what it pushed reached neither us nor the peers it pushed to in time")
+        if len(blob) > bound:
+            raise ContributionError(f"it pushed {len(blob)} bytes, more than the limit {bound}")
+        return blob
+
     # ---- the owner-reduced merge --------------------------------------------------------------
     def _start_reducing(self, mr: MergeRound) -> None:
         """Reduce the parts we own: fetch our parts of every contribution, validate, sum, serve the
         result and publish its digest. Then collect every part (`_poll_reducing`)."""
-        work = ReduceWork(members=sorted(mr.ready_set))
+        work = ReduceWork(members=sorted(mr.ready_set), servers=self._servers(mr))
         if self.is_authority and self.cfg.coordinator_recomputes:
             # The authority trusts no owner: it reduces every part from the raw contributions, and
             # its digest is the one a peer fooled by two colluding owners re-syncs to.
             self._fetch_parts(mr, work, list(range(len(self.parts))))
         else:
-            mine = [i for i in range(len(self.parts)) if self.peer in owners(i, work.members)]
+            mine = [i for i in range(len(self.parts)) if self.peer in owners(i, work.servers)]
             self._fetch_parts(mr, work, mine)
             for i in mine:
                 self._reduce_part(mr, work, i, sorted(work.accepted[i]), publish=True)
@@ -449,7 +601,7 @@ class MergeProtocol:
                                             f"can take ({self.max_contribution_bytes})")
                 else:
                     bound = self.max_contribution_bytes if i is None else self.max_part_bytes[i]
-                    blob = self.server.fetch(rec.p2p, name, self.cfg.request_timeout, bound)
+                    blob = self._contribution_blob(mr, peer, 0 if i is None else i + 1, name, bound)
             except ContributionError as exc:
                 log.warning("round %d: rejected the contribution of %s: %s", r, peer[:8], exc)
                 return out
@@ -460,7 +612,7 @@ class MergeProtocol:
             for j in wanted:
                 try:
                     c = decode_contribution(blob, peer, self.model, self.cfg.max_update, self.cfg.max_relative_update,
-                                            part=self.parts[j])
+                                            part=self.parts[j], dtype=self.cfg.contribution_dtype)
                     if sorted(c.heads) != sorted(rec.heads):
                         raise ContributionError(f"heads {list(c.heads)} differ from its ready record")
                     out[j] = c
@@ -483,15 +635,15 @@ class MergeProtocol:
             work.accepted[i] = set(work.held.get(i, {}))
 
     def _reduce_part(self, mr: MergeRound, work: ReduceWork, i: int, members: list[str], publish: bool) -> dict:
-        """Part i summed over `members` (from contributions we hold); served and announced when we
-        own the part."""
+        """Part i summed over `members` (from contributions we hold), as the float32 values every
+        peer adds; served and announced when we own the part."""
         key = (i, tuple(members))
         if key not in work.computed:
             totals = reduce_contributions(self.model, [work.held[i][m] for m in members], self.cfg.robust_clip,
                                           self.parts[i])
-            tensors = reduced_tensors(totals)
+            tensors = reduced_tensors(totals, self.cfg.reduced_dtype)
             digest = reduced_digest(tensors, members)
-            work.computed[key] = (digest, tensors)
+            work.computed[key] = (digest, dequantized(tensors, self.cfg.reduced_dtype))
             if publish:
                 self._serve(mr.round, self.keys.reduced_blob(mr.round, i, digest), encode_reduced(tensors))
                 schemas.store(self.dht, self.keys.parts(mr.round), self.identity,
@@ -507,17 +659,17 @@ class MergeProtocol:
         said: dict[tuple[int, tuple[str, ...], str], dict[str, str]] = {}
         for (tag, writer), (rec, _) in found.items():
             if (rec.round != r or not 0 <= rec.part < len(self.parts) or tag != self.keys.part_tag(rec.part, rec.members)
-                    or writer not in owners(rec.part, work.members) or not set(rec.members) <= set(work.members)):
+                    or writer not in owners(rec.part, work.servers) or not set(rec.members) <= set(work.members)):
                 continue
             said.setdefault((rec.part, tuple(rec.members), rec.digest), {})[writer] = rec.p2p
             work.first_seen.setdefault(rec.part, self.clock.monotonic())
-            if not set(owners(rec.part, work.members)) <= set(rec.members):
+            if not set(owners(rec.part, work.servers)) <= set(rec.members):
                 work.orphaned.add(rec.part)  # an owner says the other one's own contribution failed
         for (i, members), (digest, _) in work.computed.items():
             said.setdefault((i, members, digest), {})[self.peer] = self.p2p
         agreed: dict[int, dict[tuple[str, ...], tuple[str, list[str]]]] = {}
         for (i, members, digest), writers in said.items():
-            if set(owners(i, work.members)) <= set(writers):
+            if set(owners(i, work.servers)) <= set(writers):
                 addresses = [a for w, a in sorted(writers.items()) if w != self.peer]
                 agreed.setdefault(i, {})[members] = (digest, addresses)
         return agreed
@@ -553,7 +705,7 @@ class MergeProtocol:
                 continue
             if i in work.held and set(final) <= set(work.held[i]):
                 work.reduced[i] = self._reduce_part(mr, work, i, list(final),
-                                                    publish=self.peer in owners(i, work.members))
+                                                    publish=self.peer in owners(i, work.servers))
             elif final in agreed.get(i, {}):
                 digest, addresses = agreed[i][final]
                 tensors = self._download_part(r, i, list(final), digest, addresses)
@@ -584,7 +736,7 @@ class MergeProtocol:
             try:
                 blob = self.server.fetch(address, self.keys.reduced_blob(r, i, digest), self.cfg.request_timeout,
                                          self.max_part_bytes[i])
-                return decode_reduced(blob, self.model, self.parts[i], members, digest)
+                return decode_reduced(blob, self.model, self.parts[i], members, digest, self.cfg.reduced_dtype)
             except ContributionError as exc:
                 log.warning("round %d: part %d from %s is bad: %s", r, i, address[-8:], exc)
             except NETWORK_ERRORS as exc:
@@ -662,7 +814,9 @@ class MergeProtocol:
         result.seconds_communicating = max(0.0, elapsed - result.seconds_waiting)
         mr.step, mr.result, mr.wait = RoundStep.DONE, result, 0.0
 
-    def _gather(self, r: int, ready_set: dict[str, ReadyRecord], own: bytes | None) -> tuple[list[Contribution], list[str]]:
+    def _gather(self, mr: MergeRound) -> tuple[list[Contribution], list[str]]:
+        r, ready_set, own = mr.round, mr.ready_set, mr.contribution
+
         def one(peer: str) -> Contribution | None:
             rec = ready_set[peer]
             try:
@@ -672,10 +826,10 @@ class MergeProtocol:
                     raise ContributionError(f"it announces {rec.nbytes} bytes, more than this model's contributions "
                                             f"can take ({self.max_contribution_bytes})")
                 else:
-                    blob = self.server.fetch(rec.p2p, self.keys.contribution_blob(r, peer), self.cfg.request_timeout,
-                                             self.max_contribution_bytes)
+                    blob = self._contribution_blob(mr, peer, 0, self.keys.contribution_blob(r, peer),
+                                                   self.max_contribution_bytes)
                 contribution = decode_contribution(blob, peer, self.model, self.cfg.max_update,
-                                                   self.cfg.max_relative_update)
+                                                   self.cfg.max_relative_update, dtype=self.cfg.contribution_dtype)
                 if sorted(contribution.heads) != sorted(rec.heads):
                     raise ContributionError(f"heads {list(contribution.heads)} differ from its ready record")
                 return contribution

@@ -82,6 +82,9 @@ class ReadyRecord(_Record):
     ready_at: float
     train_seconds: float = Field(0.0, ge=0.0, description="how long its T steps took")
     p2p: PeerAddress
+    pushed: Digest | None = Field(
+        None, description="set by a peer that cannot accept connections: the sha256 of the JSON list of its blobs' "
+                          "digests (the whole contribution, then each part), which it pushes to peers that can")
 
     @field_validator("heads")
     @classmethod

@@ -1,6 +1,11 @@
 """Peer-to-peer blobs over hivemind's P2P: each peer serves named byte strings (its contribution to a
 merge round, its current W) and downloads those of others, with bounded waits and byte counters.
 
+A peer that cannot accept connections (behind NAT, hivemind's client mode) pushes its blobs to
+peers that can instead: they keep them in an `Inbox`, by sha256, and serve them to anyone as
+`sha256:<digest>`. Content addressing makes a pushed blob verifiable wherever it came from: its
+writer's signed record names the digest.
+
 hivemind's averager returns each peer `average - own part`, so peers end a round equal only up to
 rounding. lte-swarm needs bit-identical W on every peer, so it moves the exact bytes of every
 contribution instead (an all-gather) and lets every peer do the same arithmetic on them.
@@ -10,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import hashlib
 import logging
 import struct
 import threading
@@ -37,6 +43,40 @@ NETWORK_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 Provider = Callable[[], bytes]
+PUSHED = "sha256:"  # prefix of the name under which a pushed blob is served
+
+
+def pushed_name(digest: str) -> str:
+    return PUSHED + digest
+
+
+class Inbox:
+    """Blobs other peers pushed to us, by sha256, within a byte budget: a push that would exceed it
+    is refused (a flood costs the flooder's pushes, not our memory). Blobs expire after
+    `keep_seconds`. Thread-safe."""
+
+    def __init__(self, limit_bytes: int = 0, keep_seconds: float = 600.0, clock: Callable[[], float] = time.monotonic):
+        self.limit_bytes, self.keep_seconds, self._clock = limit_bytes, keep_seconds, clock
+        self._blobs: dict[str, tuple[float, bytes]] = {}
+        self._lock = threading.Lock()
+
+    def put(self, data: bytes) -> str | None:
+        """Keep `data`; its digest, or None if refused."""
+        digest = hashlib.sha256(data).hexdigest()
+        now = self._clock()
+        with self._lock:
+            for key in [k for k, (t, _) in self._blobs.items() if now - t > self.keep_seconds]:
+                del self._blobs[key]
+            if digest not in self._blobs:
+                if sum(len(b) for _, b in self._blobs.values()) + len(data) > self.limit_bytes:
+                    return None
+                self._blobs[digest] = (now, data)
+        return digest
+
+    def get(self, digest: str) -> bytes | None:
+        with self._lock:
+            found = self._blobs.get(digest)
+        return None if found is None else found[1]
 
 
 class _BlobServicer(ServicerBase):
@@ -56,6 +96,19 @@ class _BlobServicer(ServicerBase):
             self.owner.count(sent=len(chunk))
             yield runtime_pb2.ExpertResponse(metadata=chunk)
 
+    async def rpc_push(self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+                       ) -> runtime_pb2.ExpertResponse:
+        """Take a blob pushed to us in chunks; reply with its digest, or nothing if refused."""
+        parts, size, limit = [], 0, self.owner.inbox.limit_bytes
+        async for request in requests:
+            size += len(request.metadata)
+            if size > limit:
+                return runtime_pb2.ExpertResponse(metadata=b"")
+            parts.append(request.metadata)
+        self.owner.count(received=size)
+        digest = self.owner.inbox.put(b"".join(parts))
+        return runtime_pb2.ExpertResponse(metadata=(digest or "").encode())
+
 
 class BlobServer:
     """Serves named blobs from this peer and fetches them from others, on its own event loop thread.
@@ -67,6 +120,7 @@ class BlobServer:
         self.stop = stop  # a set stop event cuts a download short (raising Stopped)
         self._blobs: dict[str, bytes | Provider] = {}
         self._lock = threading.Lock()
+        self.inbox = Inbox()  # its budget is set by the merge protocol, which knows the model
         self.bytes_sent = 0
         self.bytes_received = 0
         self._loop = asyncio.new_event_loop()
@@ -97,6 +151,8 @@ class BlobServer:
             return list(self._blobs)
 
     def lookup(self, name: str) -> bytes | None:
+        if name.startswith(PUSHED):
+            return self.inbox.get(name[len(PUSHED):])
         with self._lock:
             blob = self._blobs.get(name)
         if blob is None:
@@ -116,7 +172,29 @@ class BlobServer:
     def fetch(self, peer: str, name: str, timeout: float, max_bytes: int) -> bytes:
         """Download blob `name` from `peer`; raises TransferError on any failure, Stopped if the
         peer is asked to stop meanwhile."""
-        future = asyncio.run_coroutine_threadsafe(asyncio.wait_for(self._fetch(peer, name, max_bytes), timeout), self._loop)
+        return self._wait(self._fetch(peer, name, max_bytes), timeout, f"fetching {name} from {peer[-8:]}")
+
+    def push(self, peer: str, data: bytes, timeout: float) -> None:
+        """Upload `data` into `peer`'s inbox; raises TransferError if it fails or is refused."""
+        digest = self._wait(self._push(peer, data), timeout, f"pushing {len(data)} bytes to {peer[-8:]}")
+        if digest != hashlib.sha256(data).hexdigest():
+            raise TransferError(f"{peer[-8:]} refused {len(data)} pushed bytes (its inbox is full)")
+
+    async def _push(self, peer: str, data: bytes) -> str:
+        stub = _BlobServicer.get_stub(self._p2p, PeerID.from_base58(peer), namespace=self.namespace)
+
+        async def chunks() -> AsyncIterator[runtime_pb2.ExpertRequest]:
+            view = memoryview(data)
+            for start in range(0, max(len(data), 1), CHUNK_BYTES):
+                yield runtime_pb2.ExpertRequest(metadata=view[start:start + CHUNK_BYTES].tobytes())
+
+        reply = await stub.rpc_push(chunks())
+        self.count(sent=len(data))
+        return reply.metadata.decode(errors="replace")
+
+    def _wait(self, coro, timeout: float, what: str):
+        """Run `coro` on our loop, bounded by `timeout` and cut short by a stop request."""
+        future = asyncio.run_coroutine_threadsafe(asyncio.wait_for(coro, timeout), self._loop)
         deadline = time.monotonic() + timeout + 5
         while not future.done():
             concurrent.futures.wait([future], timeout=0.2)
@@ -125,15 +203,15 @@ class BlobServer:
                 raise Stopped()
             if time.monotonic() > deadline and not future.done():
                 future.cancel()
-                raise TransferError(f"timed out after {timeout:.0f}s fetching {name} from {peer[-8:]}")
+                raise TransferError(f"timed out after {timeout:.0f}s {what}")
         try:
             return future.result()
         except TransferError:
             raise
         except (TimeoutError, asyncio.TimeoutError):
-            raise TransferError(f"timed out after {timeout:.0f}s fetching {name} from {peer[-8:]}") from None
+            raise TransferError(f"timed out after {timeout:.0f}s {what}") from None
         except Exception as exc:
-            raise TransferError(f"fetching {name} from {peer[-8:]} failed: {type(exc).__name__}: {exc}") from None
+            raise TransferError(f"{what} failed: {type(exc).__name__}: {exc}") from None
 
     async def _fetch(self, peer: str, name: str, max_bytes: int) -> bytes:
         stub = _BlobServicer.get_stub(self._p2p, PeerID.from_base58(peer), namespace=self.namespace)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -26,6 +27,18 @@ from swarm.lte_model import LTEModel, _as_double
 
 FORMAT = "lte-swarm/contribution/1"
 STATE_FORMAT = "lte-swarm/state/1"
+
+# Precision on the wire. Contributions travel as fp32 or bf16 numbers (factors, dense deltas and
+# replica deltas alike); reduced parts as fp32, bf16 or blockwise 8-bit. Whatever travels, every
+# peer adds the same dequantized float32 values to its master, and the simulation rounds the same
+# way (`merge_in_process`), so the swarm still reproduces it. bf16 factors lose nothing over
+# rounds with the reset-less baseline: a round sends bf16(B)bf16(A) - bf16(B0)bf16(A0) and the next
+# round's baseline is this round's factors, so the roundings cancel from round to round.
+WireDtype = Literal["fp32", "bf16"]
+ReducedDtype = Literal["fp32", "bf16", "int8"]
+_TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+INT8_BLOCK = 256     # values per scale in a blockwise 8-bit reduced part
+_SCALE = "#scale"    # suffix of a blockwise 8-bit tensor's scales
 
 
 class ContributionError(ValueError):
@@ -45,12 +58,13 @@ def factor_numbers(k: int, rank: int, m: int, n: int, with_baseline: bool) -> in
     return k * rank * (m + n) * (2 if with_baseline else 1)
 
 
-def encode_contribution(model: LTEModel, heads: list[int], form: Literal["auto", "factors", "dense"] = "auto"
-                        ) -> tuple[bytes, dict[str, int]]:
-    """Serialize the unmerged change of `heads` (run head ids held by `model`).
+def encode_contribution(model: LTEModel, heads: list[int], form: Literal["auto", "factors", "dense"] = "auto",
+                        dtype: WireDtype = "fp32") -> tuple[bytes, dict[str, int]]:
+    """Serialize the unmerged change of `heads` (run head ids held by `model`), its numbers in `dtype`.
 
     `form` picks the cheaper form per layer (auto) or forces one (for measurements). Returns the
     blob and counts of layers sent as factors and as dense deltas."""
+    wire = _TORCH_DTYPES[dtype]
     idx = model.local_indices(heads)
     baseline = model.spec.variant == "reset_less"
     tensors: dict[str, torch.Tensor] = {}
@@ -60,17 +74,17 @@ def encode_contribution(model: LTEModel, heads: list[int], form: Literal["auto",
         m, n = layer.out_features, layer.in_features
         cheaper = factor_numbers(len(idx), model.layer_rank(name), m, n, baseline) < m * n
         if form == "factors" or (form == "auto" and cheaper):
-            tensors[f"w/{name}/A"] = f.A.detach()[idx].float().contiguous()
-            tensors[f"w/{name}/B"] = f.B.detach()[idx].float().contiguous()
+            tensors[f"w/{name}/A"] = f.A.detach()[idx].to(wire).contiguous()
+            tensors[f"w/{name}/B"] = f.B.detach()[idx].to(wire).contiguous()
             if baseline:
-                tensors[f"w/{name}/A0"] = f.A0[idx].float().contiguous()
-                tensors[f"w/{name}/B0"] = f.B0[idx].float().contiguous()
+                tensors[f"w/{name}/A0"] = f.A0[idx].to(wire).contiguous()
+                tensors[f"w/{name}/B0"] = f.B0[idx].to(wire).contiguous()
             counts["factor_layers"] += 1
         else:
-            tensors[f"w/{name}/D"] = delta_sum(*_as_double(f.A, f.B, f.A0, f.B0), idx).float().contiguous()
+            tensors[f"w/{name}/D"] = delta_sum(*_as_double(f.A, f.B, f.A0, f.B0), idx).to(wire).contiguous()
             counts["dense_layers"] += 1
     for name, total in model.replica_deltas(heads).items():
-        tensors[f"r/{name}"] = total.float().contiguous()
+        tensors[f"r/{name}"] = total.to(wire).contiguous()
     meta = {"format": FORMAT, "heads": json.dumps(sorted(heads))}
     return st_save({k: v.cpu() for k, v in tensors.items()}, metadata=meta), counts
 
@@ -96,12 +110,13 @@ def state_bound(model: LTEModel) -> int:
 
 
 def decode_contribution(blob: bytes, peer: str, model: LTEModel, max_update: float,
-                        max_relative_update: float = float("inf"), part: frozenset[str] | None = None) -> Contribution:
+                        max_relative_update: float = float("inf"), part: frozenset[str] | None = None,
+                        dtype: WireDtype = "fp32") -> Contribution:
     """Parse and validate a contribution (see `_decode_contribution`), or only the layers and
-    replicas named in `part` (see `plan_parts`); whatever goes wrong with hostile bytes is a
-    ContributionError, never another exception."""
+    replicas named in `part` (see `plan_parts`); its numbers must be the run's wire `dtype`.
+    Whatever goes wrong with hostile bytes is a ContributionError, never another exception."""
     try:
-        return _decode_contribution(blob, peer, model, max_update, max_relative_update, part)
+        return _decode_contribution(blob, peer, model, max_update, max_relative_update, part, dtype)
     except ContributionError:
         raise
     except Exception as exc:  # e.g. a header nested too deep, an unknown dtype, a failing allocation
@@ -109,7 +124,8 @@ def decode_contribution(blob: bytes, peer: str, model: LTEModel, max_update: flo
 
 
 def _decode_contribution(blob: bytes, peer: str, model: LTEModel, max_update: float,
-                         max_relative_update: float, part: frozenset[str] | None = None) -> Contribution:
+                         max_relative_update: float, part: frozenset[str] | None = None,
+                         dtype: WireDtype = "fp32") -> Contribution:
     """Parse and validate a contribution against this run's model; raises ContributionError.
 
     Besides format, heads, shapes and finiteness, the change is bounded twice: no weight may move
@@ -117,6 +133,7 @@ def _decode_contribution(blob: bytes, peer: str, model: LTEModel, max_update: fl
     of that layer's norm (a norm bound: a few huge entries, which would wreck the scale of a
     quantization block, fail it even when each is within `max_update`)."""
     tensors, meta = _load(blob, FORMAT)
+    wire = _TORCH_DTYPES[dtype]
     try:
         heads = tuple(json.loads(meta.get("heads", "")))
     except (json.JSONDecodeError, TypeError):
@@ -133,16 +150,16 @@ def _decode_contribution(blob: bytes, peer: str, model: LTEModel, max_update: fl
             continue
         m, n, r = layer.out_features, layer.in_features, model.layer_rank(name)
         if f"w/{name}/D" in tensors:
-            weights[name] = _take(tensors, f"w/{name}/D", (m, n), used)
+            weights[name] = _take(tensors, f"w/{name}/D", (m, n), used, wire).float()
         else:
-            a = _take(tensors, f"w/{name}/A", (k, r, n), used)
-            b = _take(tensors, f"w/{name}/B", (k, m, r), used)
-            a0 = _take(tensors, f"w/{name}/A0", (k, r, n), used) if baseline else None
-            b0 = _take(tensors, f"w/{name}/B0", (k, m, r), used) if baseline else None
+            a = _take(tensors, f"w/{name}/A", (k, r, n), used, wire)
+            b = _take(tensors, f"w/{name}/B", (k, m, r), used, wire)
+            a0 = _take(tensors, f"w/{name}/A0", (k, r, n), used, wire) if baseline else None
+            b0 = _take(tensors, f"w/{name}/B0", (k, m, r), used, wire) if baseline else None
             weights[name] = delta_sum(*_as_double(a, b, a0, b0)).float()
     shared = dict(model.model.named_parameters())
-    replicas = {name: _take(tensors, f"r/{name}", tuple(shared[name].shape), used) for name in model.replicated
-                if part is None or name in part}
+    replicas = {name: _take(tensors, f"r/{name}", tuple(shared[name].shape), used, wire).float()
+                for name in model.replicated if part is None or name in part}
     extra = {k for k in set(tensors) - used if part is None or _target(k) in part}  # other parts' are not ours to judge
     if extra:
         raise ContributionError(f"unexpected tensors {sorted(extra)[:3]}")
@@ -214,10 +231,25 @@ def apply_reduced(model: LTEModel, totals: dict[str, torch.Tensor]) -> None:
                       {name: totals[name] for name in model.replicated})
 
 
-def merge_contributions(model: LTEModel, contributions: list[Contribution], robust_clip: float = 0.0) -> None:
-    """Reduce every contribution and apply the result: the all-gather merge, where every peer has
-    every contribution."""
-    apply_reduced(model, reduce_contributions(model, contributions, robust_clip))
+def merge_contributions(model: LTEModel, contributions: list[Contribution], robust_clip: float = 0.0,
+                        reduced: ReducedDtype = "fp32") -> None:
+    """Reduce every contribution and apply the result, rounded as a reduced part travels (so that
+    the all-gather, a local fallback and the owner-reduced merge all add the same values)."""
+    totals = reduce_contributions(model, contributions, robust_clip)
+    apply_reduced(model, dequantized(reduced_tensors(totals, reduced), reduced))
+
+
+def merge_in_process(model: LTEModel, dtype: WireDtype = "fp32", reduced: ReducedDtype = "fp32",
+                     robust_clip: float = 0.0) -> None:
+    """The merge of every head `model` holds, as the swarm does it: each head's change encoded as
+    it travels (one contribution per head), decoded, reduced, rounded as a reduced part and
+    applied; then the heads start over from the merged W. The one-process simulation merges this
+    way, so that it models the precision on the wire exactly."""
+    heads = list(model.head_ids)
+    contributions = [decode_contribution(encode_contribution(model, [h], dtype=dtype)[0], f"{h:08d}", model,
+                                         float("inf"), dtype=dtype) for h in heads]
+    merge_contributions(model, contributions, robust_clip, reduced)
+    model.mark_merged(heads)
 
 
 # ---- the owner-reduced merge: W cut into parts, each part reduced by two of the round's members ----
@@ -272,10 +304,42 @@ def part_bound(model: LTEModel, part: frozenset[str]) -> int:
     return 4 * numbers + _PER_TENSOR_SLACK * 4 * len(part) + _HEADER_SLACK
 
 
-def reduced_tensors(totals: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """What a part's owner serves: its float64 totals rounded once to float32. Every peer applies
-    exactly these values, the owner included, so W stays bit-identical however it got them."""
-    return {name: t.float().contiguous() for name, t in totals.items()}
+def reduced_tensors(totals: dict[str, torch.Tensor], dtype: ReducedDtype = "fp32") -> dict[str, torch.Tensor]:
+    """What a part's owner serves: its float64 totals rounded once to float32, then to bf16 or to
+    blockwise 8-bit (int8 values and one float32 scale per `INT8_BLOCK` values, as `name#scale`).
+    Every peer applies exactly their dequantized values (`dequantized`), the owner included, so W
+    stays bit-identical however a peer got them. Plain CPU float32 arithmetic: the same bits on
+    every machine."""
+    out: dict[str, torch.Tensor] = {}
+    for name, t in totals.items():
+        t = t.detach().to("cpu", torch.float32).contiguous()
+        if dtype == "int8":
+            flat = t.reshape(-1)
+            pad = (-flat.numel()) % INT8_BLOCK
+            blocks = torch.cat([flat, flat.new_zeros(pad)]).reshape(-1, INT8_BLOCK)
+            scale = blocks.abs().amax(dim=1) / 127.0
+            q = torch.where(scale[:, None] > 0, blocks / scale.clamp_min(torch.finfo(torch.float32).tiny)[:, None],
+                            torch.zeros_like(blocks))
+            out[name] = q.round().clamp(-127, 127).to(torch.int8).reshape(-1)[:flat.numel()].reshape(t.shape)
+            out[name + _SCALE] = scale.contiguous()
+        else:
+            out[name] = t.to(_TORCH_DTYPES[dtype]).contiguous()
+    return out
+
+
+def dequantized(tensors: dict[str, torch.Tensor], dtype: ReducedDtype = "fp32") -> dict[str, torch.Tensor]:
+    """The float32 values a reduced part (see `reduced_tensors`) stands for, per target name."""
+    if dtype != "int8":
+        return {name: t.float() for name, t in tensors.items()}
+    out = {}
+    for name, q in tensors.items():
+        if name.endswith(_SCALE):
+            continue
+        flat = q.reshape(-1).float()
+        pad = (-flat.numel()) % INT8_BLOCK
+        blocks = torch.cat([flat, flat.new_zeros(pad)]).reshape(-1, INT8_BLOCK) * tensors[name + _SCALE][:, None]
+        out[name] = blocks.reshape(-1)[:flat.numel()].reshape(q.shape).contiguous()
+    return out
 
 
 def reduced_digest(tensors: dict[str, torch.Tensor], members: list[str]) -> str:
@@ -295,20 +359,25 @@ def encode_reduced(tensors: dict[str, torch.Tensor]) -> bytes:
 
 
 def decode_reduced(blob: bytes, model: LTEModel, part: frozenset[str], members: list[str],
-                   expect_digest: str) -> dict[str, torch.Tensor]:
+                   expect_digest: str, dtype: ReducedDtype = "fp32") -> dict[str, torch.Tensor]:
     """A reduced part served by an owner, accepted only if it is exactly the part (names, shapes,
-    float32, finite) and hashes, with `members`, to the digest its owners agreed on."""
+    the run's `dtype`, finite) and hashes, with `members`, to the digest its owners agreed on;
+    returns the float32 values it stands for."""
     tensors, _ = _load(blob, REDUCED_FORMAT)
     shapes = {name: (layer.out_features, layer.in_features) for name, layer in model.layers() if name in part}
     params = dict(model.model.named_parameters())
     shapes.update({name: tuple(params[name].shape) for name in model.replicated if name in part})
-    if set(tensors) != set(shapes):
+    kinds = {name: (shape, torch.int8 if dtype == "int8" else _TORCH_DTYPES[dtype]) for name, shape in shapes.items()}
+    if dtype == "int8":
+        kinds.update({name + _SCALE: ((-(-math.prod(shape) // INT8_BLOCK),), torch.float32)
+                      for name, shape in shapes.items()})
+    if set(tensors) != set(kinds):
         raise ContributionError("the reduced part does not hold the part's tensors")
     used: set[str] = set()
-    out = {name: _take(tensors, name, shape, used) for name, shape in shapes.items()}
+    out = {name: _take(tensors, name, shape, used, kind) for name, (shape, kind) in kinds.items()}
     if reduced_digest(out, members) != expect_digest:
         raise ContributionError("the reduced part does not hash to the digest its owners published")
-    return out
+    return dequantized(out, dtype)
 
 
 def encode_state(model: LTEModel, round_: int) -> bytes:
@@ -364,12 +433,17 @@ def _load(blob: bytes, fmt: str) -> tuple[dict[str, torch.Tensor], dict[str, str
     return tensors, meta
 
 
-def _take(tensors: dict[str, torch.Tensor], key: str, shape: tuple[int, ...], used: set[str]) -> torch.Tensor:
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _take(tensors: dict[str, torch.Tensor], key: str, shape: tuple[int, ...], used: set[str],
+          dtype: torch.dtype = torch.float32) -> torch.Tensor:
     t = tensors.get(key)
     if t is None:
         raise ContributionError(f"missing tensor {key}")
-    if t.dtype != torch.float32:
-        raise ContributionError(f"tensor {key} is {t.dtype}, expected float32")
+    if t.dtype != dtype:
+        raise ContributionError(f"tensor {key} is {_dtype_name(t.dtype)}, expected {_dtype_name(dtype)}")
     if tuple(t.shape) != shape:
         raise ContributionError(f"tensor {key} has shape {tuple(t.shape)}, expected {shape}")
     if not torch.isfinite(t).all():

@@ -90,12 +90,18 @@ class MemorySwarm:
         self.steps = 0
 
     # ---- building the swarm ---------------------------------------------------------------
-    def runtime(self, name: str, identity: Identity | None = None) -> tuple[Runtime, RecordingEvents]:
+    def runtime(self, name: str, identity: Identity | None = None, reachable: bool = True
+                ) -> tuple[Runtime, RecordingEvents]:
         dht = MemoryDHT(self.net, f"Qm{name}")
         events = RecordingEvents()
-        rt = Runtime(dht=dht, stop=threading.Event(), events=events, clock=self.clock,
-                     blob_server=lambda namespace: MemoryBlobServer(self.net, dht.peer_id),
-                     identity=identity or named_identity(name))
+
+        def blob_server(namespace: str) -> MemoryBlobServer:
+            server = MemoryBlobServer(self.net, dht.peer_id)
+            server.unreachable = not reachable
+            return server
+
+        rt = Runtime(dht=dht, stop=threading.Event(), events=events, clock=self.clock, blob_server=blob_server,
+                     identity=identity or named_identity(name), reachable=reachable)
         install_signing(dht, rt.identity)
         return rt, events
 
@@ -123,10 +129,11 @@ class MemorySwarm:
         return self._add(Node(name, role, rt, events, next_at=self.clock.now()))
 
     def trainer(self, name: str, *, heads: int = 1, throttle: float = 0.05, data: str | None = None,
-                role: type[Trainer] = Trainer, invite=None) -> Node:
+                role: type[Trainer] = Trainer, invite=None, reachable: bool = True) -> Node:
+        """A volunteer; `reachable=False` puts it behind NAT: nobody can fetch from it."""
         from swarm.keys import RunKeys
 
-        rt, events = self.runtime(name)
+        rt, events = self.runtime(name, reachable=reachable)
         role = role(self.cfg, RunKeys(self.run_id), rt,
                     TrainerOptions(heads=heads, throttle=throttle, data=data, invite=invite))
         return self._add(Node(name, role, rt, events, next_at=self.clock.now()))

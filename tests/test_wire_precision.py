@@ -1,0 +1,153 @@
+"""Precision on the wire: contributions in bf16, reduced parts in bf16 or blockwise 8-bit. Every peer
+must add the same rounded values, the simulation must round the same way (so the swarm still
+reproduces it), and a blob of another precision than the run's is refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from peers.simulate import simulate
+from swarm.lora import delta_sum
+from swarm.lte_model import LTEModel, LTESpec, _as_double
+from swarm.wire import (INT8_BLOCK, ContributionError, decode_contribution, decode_reduced, dequantized,
+                        encode_contribution, encode_reduced, reduced_digest, reduced_tensors)
+from tests.conftest import randomize_heads, tiny_vit
+from tests.memswarm import MemorySwarm, tiny_config
+
+pytestmark = pytest.mark.timeout(240)
+
+SPEC = LTESpec(n_heads=4, rank=2, alpha=8.0, nonlinear="replicate")
+
+
+def _model(heads) -> LTEModel:
+    m = LTEModel(tiny_vit(), SPEC, heads)
+    randomize_heads(m, seed=1, scale=0.05)
+    return m
+
+
+def _payload(blob: bytes) -> int:
+    """Bytes of a safetensors blob past its header (on a model this small the header dominates)."""
+    return len(blob) - 8 - int.from_bytes(blob[:8], "little")
+
+
+def test_a_bf16_contribution_halves_the_bytes_and_carries_exactly_its_rounded_factors():
+    peer = _model([0, 2])
+    full, _ = encode_contribution(peer, [0, 2], form="factors")
+    half, _ = encode_contribution(peer, [0, 2], form="factors", dtype="bf16")
+    assert _payload(half) == _payload(full) // 2
+    receiver = LTEModel(tiny_vit(), SPEC, [])
+    got = decode_contribution(half, "peer", receiver, max_update=10.0, dtype="bf16")
+    idx = peer.local_indices([0, 2])
+    for name in peer.layer_names:
+        f = peer.factors[name.replace(".", ":")]
+        rounded = [t.to(torch.bfloat16) if t is not None else None for t in (f.A, f.B, f.A0, f.B0)]
+        want = delta_sum(*_as_double(*rounded), idx).float()
+        torch.testing.assert_close(got.weights[name], want, rtol=0, atol=0)
+        exact = decode_contribution(full, "peer", receiver, max_update=10.0).weights[name]
+        assert not torch.equal(got.weights[name], exact)  # the rounding is real, not a relabelled fp32
+    # A run that sends bf16 refuses fp32 contributions, and the other way round.
+    with pytest.raises(ContributionError, match="expected bfloat16"):
+        decode_contribution(full, "peer", receiver, max_update=10.0, dtype="bf16")
+    with pytest.raises(ContributionError, match="expected float32"):
+        decode_contribution(half, "peer", receiver, max_update=10.0)
+
+
+def test_the_reset_less_roundings_cancel_from_round_to_round():
+    """Two rounds of bf16 factors add bf16(B2)bf16(A2) - bf16(B0)bf16(A0) in all: no drift. (A layer
+    sent dense carries its delta rounded once per round instead.)"""
+    peer = _model([1])
+    receiver = LTEModel(tiny_vit(), SPEC, [])
+    start = {n: t.clone() for n, t in receiver.shared_state().items()}
+    f0 = {n: [t.clone() for t in (f.A, f.B, f.A0, f.B0)] for n, f in
+          ((name, peer.factors[name.replace(".", ":")]) for name in peer.layer_names)}
+    for seed in (2, 3):
+        blob = encode_contribution(peer, [1], form="factors", dtype="bf16")[0]
+        c = decode_contribution(blob, "p", receiver, 10.0, dtype="bf16")
+        receiver.apply_merge({n: w.double() for n, w in c.weights.items()},
+                             {n: r.double() for n, r in c.replicas.items()})
+        peer.mark_merged([1])
+        randomize_heads(peer, seed=seed, scale=0.05)  # the next round's training
+    coef = SPEC.scale / SPEC.n_heads
+    for name in peer.layer_names:
+        f = peer.factors[name.replace(".", ":")]
+        a0, b0 = f0[name][2], f0[name][3]
+        last = [t.to(torch.bfloat16).double() for t in (f.A0, f.B0)]  # the factors of the last round sent
+        first = [t.to(torch.bfloat16).double() for t in (a0, b0)]
+        want = start[f"{name}.weight"].double() + coef * (last[1][0] @ last[0][0] - first[1][0] @ first[0][0])
+        torch.testing.assert_close(receiver.shared_state()[f"{name}.weight"].double(), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype, ratio", [("bf16", 0.5), ("int8", 0.25)])
+def test_a_reduced_part_rounds_to_its_precision_within_its_step(dtype, ratio):
+    gen = torch.Generator().manual_seed(0)
+    totals = {"big": torch.randn(37, 300, generator=gen, dtype=torch.float64) * 1e-3,
+              "odd": torch.randn(5, generator=gen, dtype=torch.float64),
+              "zero": torch.zeros(3, 4, dtype=torch.float64)}
+    served = reduced_tensors(totals, dtype)
+    values = dequantized(served, dtype)
+    assert set(values) == set(totals)
+    for name, t in totals.items():
+        err = (values[name].double() - t).abs()
+        if dtype == "bf16":
+            assert (err <= t.abs() * 2 ** -8 + 1e-30).all(), name
+        else:  # at most half a step of the value's block
+            flat = t.reshape(-1)
+            blocks = torch.nn.functional.pad(flat, (0, (-flat.numel()) % INT8_BLOCK)).reshape(-1, INT8_BLOCK)
+            step = (blocks.abs().amax(1) / 127).repeat_interleave(INT8_BLOCK)[:flat.numel()]
+            assert (err.reshape(-1) <= step * 0.5 + 1e-7 * step + 1e-12).all(), name
+        assert values[name].dtype == torch.float32 and values[name].shape == t.shape
+    assert torch.equal(values["zero"], torch.zeros(3, 4))
+    fp32 = _payload(encode_reduced(reduced_tensors(totals)))
+    assert _payload(encode_reduced(served)) < fp32 * (ratio + 0.02)
+
+
+def test_a_reduced_part_of_the_wrong_precision_or_tampered_is_refused():
+    model = LTEModel(tiny_vit(), SPEC, [])
+    part = frozenset(model.layer_names[:2])
+    gen = torch.Generator().manual_seed(1)
+    totals = {name: torch.randn(model.layer(name).weight_store.shape, generator=gen, dtype=torch.float64)
+              for name in part}
+    served = reduced_tensors(totals, "int8")
+    digest = reduced_digest(served, ["a", "b"])
+    blob = encode_reduced(served)
+    got = decode_reduced(blob, model, part, ["a", "b"], digest, "int8")
+    assert all(torch.equal(got[n], v) for n, v in dequantized(served, "int8").items())
+    with pytest.raises(ContributionError, match="part's tensors"):  # 8-bit values come with their scales
+        decode_reduced(blob, model, part, ["a", "b"], digest, "fp32")
+    half = reduced_tensors(totals, "bf16")
+    with pytest.raises(ContributionError, match="expected float32"):
+        decode_reduced(encode_reduced(half), model, part, ["a", "b"], reduced_digest(half, ["a", "b"]), "fp32")
+    scaled = dict(served)
+    name = sorted(part)[0]
+    scaled[name + "#scale"] = served[name + "#scale"] * 2  # the same int8 values, every step doubled
+    with pytest.raises(ContributionError, match="digest"):
+        decode_reduced(encode_reduced(scaled), model, part, ["a", "b"], digest, "int8")
+    del scaled[name + "#scale"]
+    with pytest.raises(ContributionError, match="part's tensors"):
+        decode_reduced(encode_reduced(scaled), model, part, ["a", "b"], digest, "int8")
+
+
+def _distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
+
+
+def test_the_swarm_reproduces_the_simulation_with_bf16_contributions_and_8bit_parts(tmp_path):
+    cfg = tiny_config(heads=3, merge_every=2, rounds=4, min_heads=3, contribution_dtype="bf16",
+                      reduced_dtype="int8", robust_clip=0.0)
+    mem = MemorySwarm(cfg, tmp_path)
+    mem.coordinator()
+    for i in range(3):
+        mem.trainer(f"p{i}")
+    mem.run()
+    assert all(n.state == "finished" for n in mem.nodes.values())
+    assert len(set(mem.digests().values())) == 1
+    rounds = mem["p0"].events.of("round")
+    assert [r["new_round"] for r in rounds] == [1, 2, 3, 4] and all(len(r["members"]) == 3 for r in rounds)
+    swarm = mem["coordinator"].role.model.shared_state()
+    sim = simulate(cfg).model.shared_state()
+    exact = simulate(cfg.with_overrides({"swarm.contribution_dtype": "fp32", "swarm.reduced_dtype": "fp32"}))
+    gap = _distance(swarm, sim)
+    rounding = _distance(exact.model.shared_state(), sim)
+    assert rounding > 0  # the wire's precision changes W ...
+    assert gap < rounding / 20, (gap, rounding)  # ... and the swarm rounds exactly as the simulation does
