@@ -8,7 +8,8 @@ The accounting follows the protocol: each part of W is reduced by two of the rou
 (`swarm.rounds.owners`), which download that part of every other member's contribution and each
 serve the reduced part to half of the peers that do not own it; every peer downloads every part
 it does not own. The all-gather moves P - 1 whole contributions each way. Every precision on the
-wire is shown (`swarm.contribution_dtype` / `swarm.reduced_dtype`): fp32/fp32, bf16/bf16, bf16/int8.
+wire is shown (`swarm.contribution_dtype` / `swarm.reduced_dtype`): fp32/fp32, bf16/bf16, bf16/int8,
+int8/int8.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from swarm.config import load_config
 from swarm.rounds import owners
 from swarm.wire import encode_contribution, encode_reduced, plan_parts, reduced_tensors, split_contribution
 
-PRECISIONS = (("fp32", "fp32"), ("bf16", "bf16"), ("bf16", "int8"))
+PRECISIONS = (("fp32", "fp32"), ("bf16", "bf16"), ("bf16", "int8"), ("int8", "int8"))
 
 
 def main() -> None:

@@ -141,9 +141,9 @@ class SwarmConfig(_Strict):
                               "everyone downloads the reduced parts (bytes per peer do not grow with the swarm); "
                               "gather: every peer downloads every contribution")
     parts: int = Field(0, ge=0, description="parts W is cut into for the reduced merge (0: two per head of the run)")
-    contribution_dtype: Literal["fp32", "bf16"] = Field(
-        "fp32", description="numbers of a contribution on the wire (factors, dense deltas, replica deltas); bf16 halves "
-                            "its bytes")
+    contribution_dtype: Literal["fp32", "bf16", "int8"] = Field(
+        "fp32", description="numbers of a contribution on the wire (factors, dense deltas, replica deltas): bf16 halves "
+                            "its bytes, blockwise 8-bit quarters them")
     reduced_dtype: Literal["fp32", "bf16", "int8"] = Field(
         "fp32", description="numbers of a merged total on the wire (a reduced part): bf16 halves, blockwise 8-bit "
                             "(one float32 scale per 256 values) quarters its bytes. Every peer, and the simulation, "

@@ -28,14 +28,16 @@ from swarm.lte_model import LTEModel, _as_double
 FORMAT = "lte-swarm/contribution/1"
 STATE_FORMAT = "lte-swarm/state/1"
 
-# Precision on the wire. Contributions travel as fp32 or bf16 numbers (factors, dense deltas and
-# replica deltas alike); reduced parts as fp32, bf16 or blockwise 8-bit. Whatever travels, every
-# peer adds the same dequantized float32 values to its master, and the simulation rounds the same
-# way (`merge_in_process`), so the swarm still reproduces it. bf16 factors lose nothing over
-# rounds with the reset-less baseline: a round sends bf16(B)bf16(A) - bf16(B0)bf16(A0) and the next
-# round's baseline is this round's factors, so the roundings cancel from round to round.
-WireDtype = Literal["fp32", "bf16"]
-ReducedDtype = Literal["fp32", "bf16", "int8"]
+# Precision on the wire. Contributions (factors, dense deltas and replica deltas alike) and reduced
+# parts travel as fp32, bf16 or blockwise 8-bit numbers (int8 values, one float32 scale per
+# `INT8_BLOCK`). Whatever travels, every peer adds the same dequantized float32 values to its
+# master, and the simulation rounds the same way (`merge_in_process`), so the swarm still
+# reproduces it. Rounded factors lose nothing over rounds with the reset-less baseline: a round
+# sends q(B)q(A) - q(B0)q(A0) and the next round's baseline is this round's factors, rounded the
+# same way, so the roundings cancel from round to round.
+Precision = Literal["fp32", "bf16", "int8"]
+WireDtype = Precision     # of contributions
+ReducedDtype = Precision  # of reduced parts
 _TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 INT8_BLOCK = 256     # values per scale in a blockwise 8-bit reduced part
 _SCALE = "#scale"    # suffix of a blockwise 8-bit tensor's scales
@@ -64,7 +66,7 @@ def encode_contribution(model: LTEModel, heads: list[int], form: Literal["auto",
 
     `form` picks the cheaper form per layer (auto) or forces one (for measurements). Returns the
     blob and counts of layers sent as factors and as dense deltas."""
-    wire = _TORCH_DTYPES[dtype]
+    wire = _TORCH_DTYPES.get(dtype, torch.float32)  # int8: quantized below, from float32
     idx = model.local_indices(heads)
     baseline = model.spec.variant == "reset_less"
     tensors: dict[str, torch.Tensor] = {}
@@ -85,6 +87,8 @@ def encode_contribution(model: LTEModel, heads: list[int], form: Literal["auto",
             counts["dense_layers"] += 1
     for name, total in model.replica_deltas(heads).items():
         tensors[f"r/{name}"] = total.to(wire).contiguous()
+    if dtype == "int8":
+        tensors = quantize(tensors, "int8")
     meta = {"format": FORMAT, "heads": json.dumps(sorted(heads))}
     return st_save({k: v.cpu() for k, v in tensors.items()}, metadata=meta), counts
 
@@ -133,7 +137,11 @@ def _decode_contribution(blob: bytes, peer: str, model: LTEModel, max_update: fl
     of that layer's norm (a norm bound: a few huge entries, which would wreck the scale of a
     quantization block, fail it even when each is within `max_update`)."""
     tensors, meta = _load(blob, FORMAT)
-    wire = _TORCH_DTYPES[dtype]
+    if dtype == "int8":
+        if part is not None:  # other parts' tensors are not ours to judge (see below), nor to dequantize
+            tensors = {k: v for k, v in tensors.items() if _target(k) in part}
+        tensors = _dequantize_contribution(tensors)
+    wire = _TORCH_DTYPES.get(dtype, torch.float32)
     try:
         heads = tuple(json.loads(meta.get("heads", "")))
     except (json.JSONDecodeError, TypeError):
@@ -186,6 +194,23 @@ def _decode_contribution(blob: bytes, peer: str, model: LTEModel, max_update: fl
             raise ContributionError(f"parameter {name}: per head it would move it by {relative:.3g} of its norm "
                                     f"(limit {max_relative_update})")
     return Contribution(peer=peer, heads=heads, weights=weights, replicas=replicas, nbytes=len(blob))
+
+
+def _dequantize_contribution(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A blockwise 8-bit contribution's float32 values; every value tensor needs its scales."""
+    for key, t in tensors.items():
+        if key.endswith(_SCALE):
+            if key[:-len(_SCALE)] not in tensors:
+                raise ContributionError(f"scales {key} without values")
+            continue
+        scale = tensors.get(key + _SCALE)
+        if t.dtype != torch.int8:
+            raise ContributionError(f"tensor {key} is {_dtype_name(t.dtype)}, expected int8")
+        if scale is None or scale.dtype != torch.float32 or tuple(scale.shape) != (-(-t.numel() // INT8_BLOCK),):
+            raise ContributionError(f"tensor {key} lacks its float32 scales (one per {INT8_BLOCK} values)")
+        if not torch.isfinite(scale).all():
+            raise ContributionError(f"tensor {key} has NaN or inf scales")
+    return dequantized(tensors, "int8")
 
 
 def reduce_contributions(model: LTEModel, contributions: list[Contribution], robust_clip: float = 0.0,
@@ -277,7 +302,7 @@ def plan_parts(model: LTEModel, n_parts: int) -> list[frozenset[str]]:
 
 def _target(key: str) -> str:
     """The layer or parameter a contribution tensor belongs to: `w/<layer>/<X>` or `r/<param>`."""
-    kind, _, rest = key.partition("/")
+    kind, _, rest = key.removesuffix(_SCALE).partition("/")
     return rest.rsplit("/", 1)[0] if kind == "w" else rest
 
 
@@ -305,11 +330,16 @@ def part_bound(model: LTEModel, part: frozenset[str]) -> int:
 
 
 def reduced_tensors(totals: dict[str, torch.Tensor], dtype: ReducedDtype = "fp32") -> dict[str, torch.Tensor]:
-    """What a part's owner serves: its float64 totals rounded once to float32, then to bf16 or to
-    blockwise 8-bit (int8 values and one float32 scale per `INT8_BLOCK` values, as `name#scale`).
+    """What a part's owner serves: its float64 totals in the run's precision (see `quantize`).
     Every peer applies exactly their dequantized values (`dequantized`), the owner included, so W
-    stays bit-identical however a peer got them. Plain CPU float32 arithmetic: the same bits on
-    every machine."""
+    stays bit-identical however a peer got them."""
+    return quantize(totals, dtype)
+
+
+def quantize(totals: dict[str, torch.Tensor], dtype: Precision) -> dict[str, torch.Tensor]:
+    """Tensors rounded once to float32, then to bf16 or to blockwise 8-bit (int8 values and one
+    float32 scale per `INT8_BLOCK` values, as `name#scale`). Plain CPU float32 arithmetic: the
+    same bits on every machine."""
     out: dict[str, torch.Tensor] = {}
     for name, t in totals.items():
         t = t.detach().to("cpu", torch.float32).contiguous()

@@ -11,7 +11,7 @@ from peers.simulate import simulate
 from swarm.lora import delta_sum
 from swarm.lte_model import LTEModel, LTESpec, _as_double
 from swarm.wire import (INT8_BLOCK, ContributionError, decode_contribution, decode_reduced, dequantized,
-                        encode_contribution, encode_reduced, reduced_digest, reduced_tensors)
+                        encode_contribution, encode_reduced, quantize, reduced_digest, reduced_tensors)
 from tests.conftest import randomize_heads, tiny_vit
 from tests.memswarm import MemorySwarm, tiny_config
 
@@ -31,29 +31,35 @@ def _payload(blob: bytes) -> int:
     return len(blob) - 8 - int.from_bytes(blob[:8], "little")
 
 
-def test_a_bf16_contribution_halves_the_bytes_and_carries_exactly_its_rounded_factors():
+@pytest.mark.parametrize("dtype", ["bf16", "int8"])
+def test_a_rounded_contribution_shrinks_and_carries_exactly_its_rounded_factors(dtype):
     peer = _model([0, 2])
     full, _ = encode_contribution(peer, [0, 2], form="factors")
-    half, _ = encode_contribution(peer, [0, 2], form="factors", dtype="bf16")
-    assert _payload(half) == _payload(full) // 2
+    half, _ = encode_contribution(peer, [0, 2], form="factors", dtype=dtype)
+    if dtype == "bf16":
+        assert _payload(half) == _payload(full) // 2
+    else:  # a quarter, plus a float32 scale per block (one per small tensor here)
+        assert _payload(half) < _payload(full) * 0.4
     receiver = LTEModel(tiny_vit(), SPEC, [])
-    got = decode_contribution(half, "peer", receiver, max_update=10.0, dtype="bf16")
+    got = decode_contribution(half, "peer", receiver, max_update=10.0, dtype=dtype)
     idx = peer.local_indices([0, 2])
     for name in peer.layer_names:
         f = peer.factors[name.replace(".", ":")]
-        rounded = [t.to(torch.bfloat16) if t is not None else None for t in (f.A, f.B, f.A0, f.B0)]
-        want = delta_sum(*_as_double(*rounded), idx).float()
+        keys = ("A", "B", "A0", "B0")
+        rounded = dequantized(quantize({k: t for k, t in zip(keys, (f.A, f.B, f.A0, f.B0))}, dtype), dtype)
+        want = delta_sum(*_as_double(*(rounded[k] for k in keys)), idx).float()
         torch.testing.assert_close(got.weights[name], want, rtol=0, atol=0)
         exact = decode_contribution(full, "peer", receiver, max_update=10.0).weights[name]
         assert not torch.equal(got.weights[name], exact)  # the rounding is real, not a relabelled fp32
-    # A run that sends bf16 refuses fp32 contributions, and the other way round.
-    with pytest.raises(ContributionError, match="expected bfloat16"):
-        decode_contribution(full, "peer", receiver, max_update=10.0, dtype="bf16")
+    # A run that sends rounded contributions refuses fp32 ones, and the other way round.
+    with pytest.raises(ContributionError, match="expected bfloat16" if dtype == "bf16" else "expected int8"):
+        decode_contribution(full, "peer", receiver, max_update=10.0, dtype=dtype)
     with pytest.raises(ContributionError, match="expected float32"):
         decode_contribution(half, "peer", receiver, max_update=10.0)
 
 
-def test_the_reset_less_roundings_cancel_from_round_to_round():
+@pytest.mark.parametrize("dtype", ["bf16", "int8"])
+def test_the_reset_less_roundings_cancel_from_round_to_round(dtype):
     """Two rounds of bf16 factors add bf16(B2)bf16(A2) - bf16(B0)bf16(A0) in all: no drift. (A layer
     sent dense carries its delta rounded once per round instead.)"""
     peer = _model([1])
@@ -62,8 +68,8 @@ def test_the_reset_less_roundings_cancel_from_round_to_round():
     f0 = {n: [t.clone() for t in (f.A, f.B, f.A0, f.B0)] for n, f in
           ((name, peer.factors[name.replace(".", ":")]) for name in peer.layer_names)}
     for seed in (2, 3):
-        blob = encode_contribution(peer, [1], form="factors", dtype="bf16")[0]
-        c = decode_contribution(blob, "p", receiver, 10.0, dtype="bf16")
+        blob = encode_contribution(peer, [1], form="factors", dtype=dtype)[0]
+        c = decode_contribution(blob, "p", receiver, 10.0, dtype=dtype)
         receiver.apply_merge({n: w.double() for n, w in c.weights.items()},
                              {n: r.double() for n, r in c.replicas.items()})
         peer.mark_merged([1])
@@ -72,8 +78,8 @@ def test_the_reset_less_roundings_cancel_from_round_to_round():
     for name in peer.layer_names:
         f = peer.factors[name.replace(".", ":")]
         a0, b0 = f0[name][2], f0[name][3]
-        last = [t.to(torch.bfloat16).double() for t in (f.A0, f.B0)]  # the factors of the last round sent
-        first = [t.to(torch.bfloat16).double() for t in (a0, b0)]
+        last = [_rounded(t, dtype) for t in (f.A0, f.B0)]  # the factors of the last round sent
+        first = [_rounded(t, dtype) for t in (a0, b0)]
         want = start[f"{name}.weight"].double() + coef * (last[1][0] @ last[0][0] - first[1][0] @ first[0][0])
         torch.testing.assert_close(receiver.shared_state()[f"{name}.weight"].double(), want, rtol=1e-5, atol=1e-6)
 
@@ -128,13 +134,35 @@ def test_a_reduced_part_of_the_wrong_precision_or_tampered_is_refused():
         decode_reduced(encode_reduced(scaled), model, part, ["a", "b"], digest, "int8")
 
 
+@pytest.mark.parametrize("damage, message", [
+    (lambda t, k: t.pop(k + "#scale"), "lacks its float32 scales"),
+    (lambda t, k: t.__setitem__(k + "#scale", torch.full_like(t[k + "#scale"], float("nan"))), "NaN or inf scales"),
+    (lambda t, k: t.__setitem__(k + "#scale", t[k + "#scale"][:0]), "lacks its float32 scales"),
+    (lambda t, k: t.__setitem__("w/ghost/A#scale", t[k + "#scale"].clone()), "without values"),
+])
+def test_a_hostile_8bit_contribution_is_refused(damage, message):
+    from safetensors.torch import load as st_load, save as st_save
+
+    blob, _ = encode_contribution(_model([0]), [0], form="factors", dtype="int8")
+    tensors = st_load(blob)
+    damage(tensors, sorted(k for k in tensors if not k.endswith("#scale"))[0])
+    bad = st_save(tensors, metadata={"format": "lte-swarm/contribution/1", "heads": "[0]"})
+    with pytest.raises(ContributionError, match=message):
+        decode_contribution(bad, "p", LTEModel(tiny_vit(), SPEC, []), 10.0, dtype="int8")
+
+
+def _rounded(t: torch.Tensor, dtype: str) -> torch.Tensor:
+    return dequantized(quantize({"t": t}, dtype), dtype)["t"].double()
+
+
 def _distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
 
 
-def test_the_swarm_reproduces_the_simulation_with_bf16_contributions_and_8bit_parts(tmp_path):
-    cfg = tiny_config(heads=3, merge_every=2, rounds=4, min_heads=3, contribution_dtype="bf16",
-                      reduced_dtype="int8", robust_clip=0.0)
+@pytest.mark.parametrize("contribution, reduced", [("bf16", "int8"), ("int8", "bf16")])
+def test_the_swarm_reproduces_the_simulation_in_every_precision_on_the_wire(tmp_path, contribution, reduced):
+    cfg = tiny_config(heads=3, merge_every=2, rounds=4, min_heads=3, contribution_dtype=contribution,
+                      reduced_dtype=reduced, robust_clip=0.0)
     mem = MemorySwarm(cfg, tmp_path)
     mem.coordinator()
     for i in range(3):
