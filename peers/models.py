@@ -34,7 +34,9 @@ def lte_spec(cfg: RunConfig) -> LTESpec:
 
 def create_lte_model(cfg: RunConfig, head_ids: list[int], device: str | torch.device = "cpu") -> LTEModel:
     """The run's timm model converted to W plus the given heads of the run."""
-    return LTEModel(create_model(cfg.model), lte_spec(cfg), head_ids, device=device)
+    model = LTEModel(create_model(cfg.model), lte_spec(cfg), head_ids, device=device)
+    model.delayed = cfg.swarm.overlap
+    return model
 
 
 def resolve_device(name: str) -> torch.device:

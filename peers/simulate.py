@@ -14,7 +14,7 @@ from peers.models import create_lte_model, create_model, resolve_device
 from peers.training import HeadTrainer, evaluate, stack_batches
 from swarm.config import RunConfig
 from swarm.lte_model import LTEModel
-from swarm.wire import merge_in_process
+from swarm.wire import apply_reduced, reduce_in_process
 
 Mode = Literal["lte", "full", "lora"]
 
@@ -77,6 +77,7 @@ def simulate(cfg: RunConfig, mode: Mode = "lte", *, on_eval: Callable[[EvalPoint
         eval_forward = lte.forward_merged if mode == "lte" else (lambda x: lte(x[None])[0])
 
     trainer = HeadTrainer(trained, lr, cfg.train, steps)
+    pending: dict[str, torch.Tensor] | None = None  # a merge not yet applied (swarm.overlap)
     history: list[EvalPoint] = []
     start = time.perf_counter()
     running, rounds = 0.0, 0
@@ -88,7 +89,7 @@ def simulate(cfg: RunConfig, mode: Mode = "lte", *, on_eval: Callable[[EvalPoint
         last = step == steps - 1
         if (step + 1) % period == 0 or last:
             if mode == "lte":
-                merge_in_process(lte, cfg.swarm.contribution_dtype, cfg.swarm.reduced_dtype, cfg.swarm.robust_clip)
+                pending = _merge(lte, cfg, pending, last)
             rounds += 1
             if rounds % cfg.train.eval_every == 0 or last:
                 acc, eval_loss = evaluate(eval_forward, x_eval, y_eval, device)
@@ -104,3 +105,25 @@ def simulate(cfg: RunConfig, mode: Mode = "lte", *, on_eval: Callable[[EvalPoint
                      seconds=time.perf_counter() - start, steps=steps, rounds=rounds, history=history,
                      weight_digest=lte.weight_digest() if mode == "lte" else None,
                      model=lte if mode != "full" else None)
+
+
+def _merge(lte: LTEModel, cfg: RunConfig, pending: dict[str, torch.Tensor] | None, last: bool
+           ) -> dict[str, torch.Tensor] | None:
+    """One merge round, as the swarm does it. With `swarm.overlap` a round's merge is applied at the
+    end of the next T steps (the heads trained on meanwhile), and the last one at once; returns
+    the merge still to apply."""
+    sw = cfg.swarm
+    if not sw.overlap:
+        apply_reduced(lte, reduce_in_process(lte, sw.contribution_dtype, sw.reduced_dtype, sw.robust_clip))
+        lte.mark_merged()
+        return None
+    if pending is not None:
+        apply_reduced(lte, pending)
+    lte.settle_delayed(merged=True)
+    pending = reduce_in_process(lte, sw.contribution_dtype, sw.reduced_dtype, sw.robust_clip)
+    lte.mark_sent()
+    if last:
+        apply_reduced(lte, pending)
+        lte.settle_delayed(merged=True)
+        return None
+    return pending

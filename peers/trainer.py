@@ -73,6 +73,11 @@ class Trainer:
         self.carry_over = False                 # missed a round with work in hand: offer it at once
         self.last_merged_round = -1
         self.unmerged_steps = 0
+        # swarm.overlap: the heads train on while a round's bytes move; its merge lands here and is
+        # applied at the end of the current steps (`_land`).
+        self.overlap = cfg.swarm.overlap
+        self.landed: tuple[MergeRound, RoundResult] | None = None
+        self.inflight_steps = 0                 # local steps in the contribution of the round in flight
         self.trained_head_steps = 0
         self.loss: float | None = None
         self.samples_per_second = 0.0
@@ -92,7 +97,11 @@ class Trainer:
         except NETWORK_ERRORS as exc:
             log.warning("round %d: network trouble, retrying: %s", self.protocol.round, exc)
             mr, self.mr = self.mr, None
-            if mr is not None and mr.contribution is not None:
+            if mr is not None and mr.contribution is not None and self.overlap:
+                merged = mr.agreed_members is not None and self.peer in mr.agreed_members
+                self.landed = (mr, RoundResult(round=mr.round, new_round=self.protocol.round, merged=merged,
+                                               missed=not merged))
+            elif mr is not None and mr.contribution is not None:
                 if mr.agreed_members is not None and self.peer in mr.agreed_members:
                     self._merged(mr)  # our change is in the agreed W even though we could not fetch it
                 else:
@@ -103,12 +112,21 @@ class Trainer:
     def _step(self) -> float:
         if self.phase is PeerPhase.SYNCING:
             return self._sync()
-        if self.protocol.round >= self.cfg.rounds and self.mr is None:
+        if self.protocol.round >= self.cfg.rounds and self.mr is None and self.landed is None:
             self.finished = True
             return 0.0
         self._keep_leases()
         if self.mr is not None:
-            return self._poll_round()
+            if not self._overlapping():
+                return self._poll_round()
+            self._poll_round()  # one step of the round in flight, then on with training
+            if self.mr is not None and self.step_in_round >= self._round_steps():
+                return self.mr.wait  # our steps are done before the round: wait for it
+            if self.mr is None and self.step_in_round >= self._round_steps():
+                return self._offer()
+            return self._train_step()
+        if self.landed is not None:  # the round landed before our steps were done
+            return self._train_step() if self.step_in_round < self._round_steps() else self._offer()
         if self.heads_changed:
             self.heads_changed = False
             self._adopt_heads()
@@ -150,15 +168,23 @@ class Trainer:
         self.mr = self.protocol.begin(None, None)
         return 0.0
 
+    def _overlapping(self) -> bool:
+        """A contribution of ours is in a round whose merge is not applied yet (swarm.overlap)."""
+        return self.overlap and ((self.mr is not None and self.mr.contribution is not None) or self.landed is not None)
+
+    def _period(self) -> int:
+        """The T steps we train: those of our W's round, or of the next one while a round is in flight."""
+        return self.protocol.round + int(self._overlapping())
+
     def _round_steps(self) -> int:
-        first = self.protocol.round * self.cfg.lte.merge_every
+        first = self._period() * self.cfg.lte.merge_every
         return max(0, min(self.cfg.lte.merge_every, self.cfg.steps - first))
 
     def _train_step(self) -> float:
         if self.step_in_round == 0:
             self.round_losses, self.round_started = [], self.clock.monotonic()
         self._set_phase(PeerPhase.TRAINING)
-        global_step = self.protocol.round * self.cfg.lte.merge_every + self.step_in_round
+        global_step = self._period() * self.cfg.lte.merge_every + self.step_in_round
         x, y = stack_batches([self.streams[h] for h in self.model.head_ids], self.device)
         self.loss = self.head_trainer.step(x, y, global_step)
         self.round_losses.append(self.loss)
@@ -171,8 +197,31 @@ class Trainer:
         self._publish_status()
         return self.opts.throttle
 
+    def _land(self) -> None:
+        """swarm.overlap, at the end of our steps: apply the merge that landed meanwhile (if one
+        did), and move the heads' baselines past what it merged (or back, if it left us out)."""
+        landed, self.landed = self.landed, None
+        merged = True
+        if landed is not None:
+            mr, result = landed
+            self.protocol.apply_pending(mr)
+            merged = result.merged
+            if merged:
+                self.last_merged_round = mr.round
+            else:
+                self.unmerged_steps += self.inflight_steps  # offered again with the next contribution
+        self.inflight_steps = 0
+        self.model.settle_delayed(merged, self.model.head_ids)
+
     def _offer(self) -> float:
         """Our T steps are done (or carried over from a missed round): enter the merge round."""
+        if self.overlap:
+            self._land()
+            if self.heads_changed:
+                self.heads_changed = False
+                self._adopt_heads()
+            if self._round_steps() == 0 or not self.model.head_ids:  # nothing more to train: the run is over
+                return 0.0
         train_seconds = 0.0 if self.carry_over else self.clock.monotonic() - self.round_started
         self.carry_over = False
         heads = list(self.model.head_ids)
@@ -181,8 +230,13 @@ class Trainer:
                             nbytes=len(blob), ready_at=self.clock.now(), train_seconds=train_seconds,
                             p2p=self.rt.p2p)
         self.events.emit("ready", round=self.protocol.round, heads=heads, nbytes=len(blob))
-        self._set_phase(PeerPhase.MERGING)
         self.mr = self.protocol.begin(blob, ready)
+        if self.overlap:  # train the next steps while this round's bytes move
+            self.model.mark_sent(heads)
+            self.inflight_steps, self.unmerged_steps = self.unmerged_steps, 0
+            self.step_in_round, self.round_losses = 0, []
+            return 0.0
+        self._set_phase(PeerPhase.MERGING)
         return 0.0
 
     def _merged(self, mr: MergeRound) -> None:
@@ -205,7 +259,9 @@ class Trainer:
             return 0.0
         steps = len(self.round_losses) if mr.contribution is not None else 0
         loss = sum(self.round_losses) / steps if steps else float("nan")
-        if mr.contribution is not None:
+        if mr.contribution is not None and self.overlap:
+            self.landed = (mr, result)  # applied at the end of the steps we are training (`_land`)
+        elif mr.contribution is not None:
             if result.merged:
                 self._merged(mr)
             self.carry_over = result.missed and self.unmerged_steps > 0

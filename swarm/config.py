@@ -151,6 +151,9 @@ class SwarmConfig(_Strict):
     coordinator_recomputes: bool = Field(
         True, description="in the reduced merge the coordinator reduces every part itself from the raw contributions, "
                           "so that no two colluding owners can change the agreed W (it then downloads every contribution)")
+    overlap: bool = Field(
+        False, description="train the next T steps while a round's bytes move, and apply its merge one round late (at "
+                           "the end of those steps); reset-less variant only")
     closed: bool = Field(False, description="admit only the signing keys in swarm.members and peers holding an invite "
                                             "the coordinator signed (`lte-swarm invite`)")
     members: tuple[str, ...] = Field((), description="fingerprints of signing keys a closed run admits without an invite")
@@ -190,6 +193,9 @@ class RunConfig(_Strict):
             )
         if self.swarm.min_heads > self.lte.heads:
             raise ValueError(f"swarm.min_heads ({self.swarm.min_heads}) exceeds lte.heads ({self.lte.heads})")
+        if self.swarm.overlap and self.lte.variant != "reset_less":
+            raise ValueError("swarm.overlap needs lte.variant: reset_less (a merge applied a round late must leave the "
+                             "head's newer work in its forward, which only the reset-less baseline can)")
         if self.train.samples < self.train.batch_size:
             raise ValueError(f"train.samples ({self.train.samples}) is below one batch (train.batch_size = {self.train.batch_size})")
         return self

@@ -47,7 +47,8 @@ class LTESpec:
 
 class HeadFactors(nn.Module):
     """The stacked factors of the local heads for one layer; A0/B0 hold each head's factors at its
-    last merge (reset-less variant only)."""
+    last merge (reset-less variant only), As/Bs at its last contribution, which is a round ahead of
+    its last merge when merges apply one round late (`LTEModel.delayed`)."""
 
     def __init__(self, a: torch.Tensor, out_features: int, with_baseline: bool, blocks: int = 1):
         super().__init__()
@@ -56,6 +57,8 @@ class HeadFactors(nn.Module):
         self.B = nn.Parameter(torch.zeros(h, out_features, r, dtype=a.dtype, device=a.device))
         self.register_buffer("A0", torch.zeros_like(a) if with_baseline else None)
         self.register_buffer("B0", torch.zeros_like(self.B) if with_baseline else None)
+        self.register_buffer("As", torch.zeros_like(a) if with_baseline else None)
+        self.register_buffer("Bs", torch.zeros_like(self.B) if with_baseline else None)
         if blocks > 1:
             # `blocks` separately adapted projections fused in one layer (q, k, v of timm's qkv):
             # B is block-diagonal, output block j only ever reading the rank-r code of A's block j.
@@ -91,6 +94,10 @@ class LTEModel(nn.Module):
         self.factors = nn.ModuleDict()
         self.replicas = nn.ParameterDict()
         self.replica_base = nn.ParameterDict()
+        self.replica_sent = nn.ParameterDict()
+        # Merges apply one round late (training overlaps the merge's communication): a head's next
+        # contribution then starts from its last contribution, not from its last merge. Reset-less only.
+        self.delayed = False
         self._build_heads({})
 
     def _fresh_a(self, head: int, index: int) -> torch.Tensor:
@@ -108,8 +115,10 @@ class LTEModel(nn.Module):
     def _build_heads(self, keep: dict[int, int]) -> None:
         """(Re)build the stacked head tensors for `self.head_ids`; heads in `keep` (head -> old
         position) keep their tensors, new heads start fresh (their A from the head's seed, B = 0)."""
-        old_factors, old_replicas, old_base = self.factors, self.replicas, self.replica_base
-        self.factors, self.replicas, self.replica_base = nn.ModuleDict(), nn.ParameterDict(), nn.ParameterDict()
+        old_factors, old_replicas = self.factors, self.replicas
+        old_base, old_sent = self.replica_base, self.replica_sent
+        self.factors, self.replicas = nn.ModuleDict(), nn.ParameterDict()
+        self.replica_base, self.replica_sent = nn.ParameterDict(), nn.ParameterDict()
         for index, name in enumerate(self.layer_names):
             layer = self.layer(name)
             a = [self._fresh_a(h, index) for h in self.head_ids]
@@ -120,7 +129,7 @@ class LTEModel(nn.Module):
             for pos, h in enumerate(self.head_ids):
                 if h in keep:
                     old = old_factors[_key(name)]
-                    for attr in ("A", "B", "A0", "B0"):
+                    for attr in ("A", "B", "A0", "B0", "As", "Bs"):
                         if getattr(f, attr) is not None:
                             getattr(f, attr)[pos].copy_(getattr(old, attr)[keep[h]])
             self.factors[_key(name)] = f
@@ -128,13 +137,15 @@ class LTEModel(nn.Module):
         for name in self.replicated:
             shared = params[name].detach()
             stacked = shared.unsqueeze(0).repeat(len(self.head_ids), *[1] * shared.dim())
-            base = stacked.clone()
+            base, sent = stacked.clone(), stacked.clone()
             for pos, h in enumerate(self.head_ids):
                 if h in keep:
                     stacked[pos] = old_replicas[_key(name)][keep[h]]
                     base[pos] = old_base[_key(name)][keep[h]]
+                    sent[pos] = old_sent[_key(name)][keep[h]]
             self.replicas[_key(name)] = nn.Parameter(stacked)
             self.replica_base[_key(name)] = nn.Parameter(base, requires_grad=False)
+            self.replica_sent[_key(name)] = nn.Parameter(sent, requires_grad=False)
 
     def set_heads(self, head_ids: Sequence[int]) -> dict[int, int]:
         """Hold a different set of heads (a peer won or lost a lease). Kept heads keep their state.
@@ -271,8 +282,14 @@ class LTEModel(nn.Module):
         out = {}
         for name in self.layer_names:
             f = self.factors[_key(name)]
-            out[name] = delta_sum(*_as_double(f.A, f.B, f.A0, f.B0), idx).to("cpu")
+            out[name] = delta_sum(*_as_double(f.A, f.B, *self.contribution_base(name)), idx).to("cpu")
         return out
+
+    def contribution_base(self, name: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(A, B) that a layer's next contribution is measured from: the factors at the heads' last
+        merge, or at their last contribution when merges apply one round late."""
+        f = self.factors[_key(name)]
+        return (f.As, f.Bs) if self.delayed else (f.A0, f.B0)
 
     @torch.no_grad()
     def replica_deltas(self, heads: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
@@ -280,7 +297,8 @@ class LTEModel(nn.Module):
         idx = self.local_indices(heads)
         out = {}
         for name in self.replicated:
-            rep, base = self.replicas[_key(name)], self.replica_base[_key(name)]
+            rep = self.replicas[_key(name)]
+            base = (self.replica_sent if self.delayed else self.replica_base)[_key(name)]
             total = torch.zeros_like(rep[0])
             for i in idx:
                 total += rep[i] - base[i]
@@ -319,6 +337,57 @@ class LTEModel(nn.Module):
                 self.replicas[_key(name)][i].copy_(params[name])
                 self.replica_base[_key(name)][i].copy_(params[name])
 
+    @torch.no_grad()
+    def settle_delayed(self, merged: bool, heads: Sequence[int] | None = None) -> None:
+        """With merges one round late, after the previous round's merge was applied to W (or not):
+        a head whose last contribution is in W now has it as its baseline (its forward gets it from
+        W, averaged with the others'); one whose contribution was left out measures its next one
+        from its last merge again, so that it carries the left-out work. Replicas restart from the
+        shared values plus the work not in them."""
+        idx = self.local_indices(heads)
+        for name in self.layer_names:
+            f = self.factors[_key(name)]
+            for i in idx:
+                if merged:
+                    f.A0[i].copy_(f.As[i])
+                    f.B0[i].copy_(f.Bs[i])
+                else:
+                    f.As[i].copy_(f.A0[i])
+                    f.Bs[i].copy_(f.B0[i])
+        params = dict(self.model.named_parameters())
+        for name in self.replicated:
+            rep, base, sent = (d[_key(name)] for d in (self.replicas, self.replica_base, self.replica_sent))
+            for i in idx:
+                rep[i].sub_((sent if merged else base)[i]).add_(params[name])
+                base[i].copy_(params[name])
+                sent[i].copy_(params[name])
+
+    @torch.no_grad()
+    def mark_sent(self, heads: Sequence[int] | None = None) -> None:
+        """These heads' change so far went out as a contribution: the next one starts from here."""
+        idx = self.local_indices(heads)
+        for name in self.layer_names:
+            f = self.factors[_key(name)]
+            for i in idx:
+                f.As[i].copy_(f.A[i])
+                f.Bs[i].copy_(f.B[i])
+        for name in self.replicated:
+            for i in idx:
+                self.replica_sent[_key(name)][i].copy_(self.replicas[_key(name)][i])
+
+    @torch.no_grad()
+    def digest_after(self, weight_deltas: dict[str, torch.Tensor], replica_deltas: dict[str, torch.Tensor]) -> str:
+        """The `state_digest` W would have after `apply_merge(weight_deltas, replica_deltas)`,
+        computed on copies (the same operations, so the same bits) without touching the model."""
+        state = {k: v.detach().clone() for k, v in self.shared_state().items()}
+        coef = merge_scale(self.spec.scale, self.spec.n_heads)
+        for name in self.layer_names:
+            w = state[f"{name}.weight"]
+            w.add_(weight_deltas[name].to(device="cpu", dtype=w.dtype), alpha=coef)
+        for name in self.replicated:
+            state[name].add_(replica_deltas[name].to(state[name].device), alpha=1.0 / self.spec.n_heads)
+        return _digest(state)
+
     def merge(self, heads: Sequence[int] | None = None) -> None:
         """One-process merge of the given local heads (all by default)."""
         self.apply_merge(self.weight_deltas(heads), self.replica_deltas(heads))
@@ -349,11 +418,7 @@ class LTEModel(nn.Module):
 
     def state_digest(self) -> str:
         """sha256 of the shared state's exact bytes: equal digests, equal models."""
-        hasher = hashlib.sha256()
-        for key, tensor in self.shared_state().items():
-            hasher.update(key.encode())
-            hasher.update(tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
-        return hasher.hexdigest()
+        return _digest(self.shared_state())
 
     def weight_digest(self) -> str:
         """sha256 of every layer's forward (quantized) W, in layer order: equal W, equal digest."""
@@ -373,6 +438,14 @@ class LTEModel(nn.Module):
             w = store.master if source == "master" else store.weight(store.master.dtype)
             sd[f"{name}.weight"] = w.detach().to("cpu").clone()
         return sd
+
+
+def _digest(state: dict[str, torch.Tensor]) -> str:
+    hasher = hashlib.sha256()
+    for key, tensor in state.items():
+        hasher.update(key.encode())
+        hasher.update(tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+    return hasher.hexdigest()
 
 
 def _as_double(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:

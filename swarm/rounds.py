@@ -44,7 +44,7 @@ from swarm.lte_model import LTEModel
 from swarm.schemas import DonorRecord, HashRecord, PartRecord, ReadyRecord, RunProgress
 from swarm.transport import NETWORK_ERRORS, TransferError, pushed_name
 from swarm.wire import (Contribution, ContributionError, apply_reduced, contribution_bound, decode_contribution,
-                        decode_reduced, decode_state, dequantized, encode_reduced, encode_state, merge_contributions,
+                        decode_reduced, decode_state, dequantized, encode_reduced, encode_state, merged_totals,
                         part_bound, plan_parts, reduce_contributions, reduced_digest, reduced_tensors,
                         split_contribution, state_bound)
 
@@ -108,6 +108,8 @@ class MergeRound:
     settled: bool = False          # the ready set is read (once per round)
     push_deadline: float = 0.0     # monotonic: how long we wait for blobs pushed by unreachable peers
     pushed: dict[str, bytes] = field(default_factory=dict)  # digest -> blob pushed by an unreachable peer
+    totals: dict[str, torch.Tensor] | None = None  # the merge, when it applies later (swarm.overlap)
+    pending: bool = False          # agreed, not yet applied to our W (`MergeProtocol.apply_pending`)
 
 
 @dataclass
@@ -424,15 +426,41 @@ class MergeProtocol:
             self._start_reducing(mr)
             return
         contributions, mr.rejected = self._gather(mr)
+        totals = merged_totals(self.model, contributions, self.cfg.robust_clip, self.cfg.reduced_dtype)
+        self._merge(mr, totals, sorted(c.peer for c in contributions))
+
+    def _merge(self, mr: MergeRound, totals: dict[str, torch.Tensor], members: list[str]) -> None:
+        """Apply the merge to our W and vote for the result. A contributor that trains on while the
+        round's bytes move (swarm.overlap) applies it only at the end of those steps
+        (`apply_pending`), so that its heads train on the same W as in the simulation; it votes for
+        the W it will then hold."""
+        if self.cfg.overlap and mr.contribution is not None:
+            mr.totals = totals
+            mr.digest = self.model.digest_after({n: totals[n] for n in self.model.layer_names},
+                                                {n: totals[n] for n in self.model.replicated})
+        else:
+            self._w_version += 1
+            apply_reduced(self.model, totals)
+            self._w_version += 1
+            mr.digest = self.model.state_digest()
+        self._vote(mr, members)
+
+    def apply_pending(self, mr: MergeRound) -> None:
+        """Apply the merge of `mr` that was agreed while we trained on (see `_merge`); our W and
+        round move on only now, so what we hand out is always a W of the round we say."""
+        if not mr.pending:
+            return
+        mr.pending = False
         self._w_version += 1
-        merge_contributions(self.model, contributions, self.cfg.robust_clip, self.cfg.reduced_dtype)
+        apply_reduced(self.model, mr.totals)
         self._w_version += 1
-        self._vote(mr, sorted(c.peer for c in contributions))
+        self._round = max(self._round, mr.round + 1)
+        self.announce()
 
     def _vote(self, mr: MergeRound, members: list[str]) -> None:
-        """Our W is merged: publish its digest with the contributors in it, then wait for the others'."""
+        """Our W is merged (`mr.digest`): publish its digest with the contributors in it, then wait
+        for the others'."""
         mr.members = members
-        mr.digest = self.model.state_digest()
         schemas.store(self.dht, self.keys.hashes(mr.round), self.identity,
                       HashRecord(round=mr.round, digest=mr.digest, members=mr.members), self._expiration())
         mr.step = RoundStep.VOTING
@@ -724,11 +752,8 @@ class MergeProtocol:
             for i in missing:
                 work.reduced[i] = self._reduce_part(mr, work, i, list(final), publish=False)
         totals = {name: t.double() for i in range(len(self.parts)) for name, t in work.reduced[i].items()}
-        self._w_version += 1
-        apply_reduced(self.model, totals)
-        self._w_version += 1
         mr.rejected = sorted(set(work.members) - set(final))
-        self._vote(mr, list(final))
+        self._merge(mr, totals, list(final))
 
     def _download_part(self, r: int, i: int, members: list[str], digest: str, addresses: list[str]) -> dict | None:
         shift = int(hashlib.sha256(self.peer.encode()).hexdigest(), 16) % max(1, len(addresses))
@@ -784,12 +809,18 @@ class MergeProtocol:
                 mr.step, mr.deadline = RoundStep.CATCHING_UP, self.clock.monotonic() + self.cfg.round_timeout
                 return
         self._agreed_members = (r, list(agreed.members))
-        self._round = max(self._round, r + 1)
-        self._w_version += 1
-        result.new_round = self._round
         result.members = list(agreed.members)
         result.merged = self.peer in agreed.members
         result.merged_head_steps = sum(mr.ready_set[p].head_steps for p in agreed.members if p in mr.ready_set)
+        if mr.totals is not None and not result.resynced:
+            mr.pending = True  # applied by the caller, at the end of its current steps
+            result.new_round = r + 1
+            result.digest = mr.digest
+            self._finish(mr, result)
+            return
+        self._round = max(self._round, r + 1)
+        self._w_version += 1
+        result.new_round = self._round
         self._finish(mr, result)
         self.announce()
 
@@ -810,7 +841,7 @@ class MergeProtocol:
 
     def _finish(self, mr: MergeRound, result: RoundResult) -> None:
         elapsed = self.clock.monotonic() - mr.started
-        result.digest = self.model.state_digest()
+        result.digest = result.digest or self.model.state_digest()
         result.seconds_communicating = max(0.0, elapsed - result.seconds_waiting)
         mr.step, mr.result, mr.wait = RoundStep.DONE, result, 0.0
 

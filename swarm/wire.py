@@ -31,7 +31,7 @@ STATE_FORMAT = "lte-swarm/state/1"
 # Precision on the wire. Contributions (factors, dense deltas and replica deltas alike) and reduced
 # parts travel as fp32, bf16 or blockwise 8-bit numbers (int8 values, one float32 scale per
 # `INT8_BLOCK`). Whatever travels, every peer adds the same dequantized float32 values to its
-# master, and the simulation rounds the same way (`merge_in_process`), so the swarm still
+# master, and the simulation rounds the same way (`reduce_in_process`), so the swarm still
 # reproduces it. Rounded factors lose nothing over rounds with the reset-less baseline: a round
 # sends q(B)q(A) - q(B0)q(A0) and the next round's baseline is this round's factors, rounded the
 # same way, so the roundings cancel from round to round.
@@ -73,17 +73,18 @@ def encode_contribution(model: LTEModel, heads: list[int], form: Literal["auto",
     counts = {"factor_layers": 0, "dense_layers": 0}
     for name, layer in model.layers():
         f = model.factors[name.replace(".", ":")]
+        a0, b0 = model.contribution_base(name)
         m, n = layer.out_features, layer.in_features
         cheaper = factor_numbers(len(idx), model.layer_rank(name), m, n, baseline) < m * n
         if form == "factors" or (form == "auto" and cheaper):
             tensors[f"w/{name}/A"] = f.A.detach()[idx].to(wire).contiguous()
             tensors[f"w/{name}/B"] = f.B.detach()[idx].to(wire).contiguous()
             if baseline:
-                tensors[f"w/{name}/A0"] = f.A0[idx].to(wire).contiguous()
-                tensors[f"w/{name}/B0"] = f.B0[idx].to(wire).contiguous()
+                tensors[f"w/{name}/A0"] = a0[idx].to(wire).contiguous()
+                tensors[f"w/{name}/B0"] = b0[idx].to(wire).contiguous()
             counts["factor_layers"] += 1
         else:
-            tensors[f"w/{name}/D"] = delta_sum(*_as_double(f.A, f.B, f.A0, f.B0), idx).to(wire).contiguous()
+            tensors[f"w/{name}/D"] = delta_sum(*_as_double(f.A, f.B, a0, b0), idx).to(wire).contiguous()
             counts["dense_layers"] += 1
     for name, total in model.replica_deltas(heads).items():
         tensors[f"r/{name}"] = total.to(wire).contiguous()
@@ -260,21 +261,24 @@ def merge_contributions(model: LTEModel, contributions: list[Contribution], robu
                         reduced: ReducedDtype = "fp32") -> None:
     """Reduce every contribution and apply the result, rounded as a reduced part travels (so that
     the all-gather, a local fallback and the owner-reduced merge all add the same values)."""
-    totals = reduce_contributions(model, contributions, robust_clip)
-    apply_reduced(model, dequantized(reduced_tensors(totals, reduced), reduced))
+    apply_reduced(model, merged_totals(model, contributions, robust_clip, reduced))
 
 
-def merge_in_process(model: LTEModel, dtype: WireDtype = "fp32", reduced: ReducedDtype = "fp32",
-                     robust_clip: float = 0.0) -> None:
-    """The merge of every head `model` holds, as the swarm does it: each head's change encoded as
-    it travels (one contribution per head), decoded, reduced, rounded as a reduced part and
-    applied; then the heads start over from the merged W. The one-process simulation merges this
-    way, so that it models the precision on the wire exactly."""
-    heads = list(model.head_ids)
+def merged_totals(model: LTEModel, contributions: list[Contribution], robust_clip: float = 0.0,
+                  reduced: ReducedDtype = "fp32") -> dict[str, torch.Tensor]:
+    """The float32 values a merge of `contributions` adds, rounded as a reduced part travels."""
+    return dequantized(reduced_tensors(reduce_contributions(model, contributions, robust_clip), reduced), reduced)
+
+
+def reduce_in_process(model: LTEModel, dtype: WireDtype = "fp32", reduced: ReducedDtype = "fp32",
+                      robust_clip: float = 0.0) -> dict[str, torch.Tensor]:
+    """The merge of every head `model` holds, as the swarm computes it: each head's change encoded
+    as it travels (one contribution per head), decoded, reduced and rounded as a reduced part; the
+    float32 values to add (`apply_reduced`). The one-process simulation merges this way, so that it
+    models the precision on the wire exactly."""
     contributions = [decode_contribution(encode_contribution(model, [h], dtype=dtype)[0], f"{h:08d}", model,
-                                         float("inf"), dtype=dtype) for h in heads]
-    merge_contributions(model, contributions, robust_clip, reduced)
-    model.mark_merged(heads)
+                                         float("inf"), dtype=dtype) for h in model.head_ids]
+    return merged_totals(model, contributions, robust_clip, reduced)
 
 
 # ---- the owner-reduced merge: W cut into parts, each part reduced by two of the round's members ----

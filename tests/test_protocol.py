@@ -203,3 +203,26 @@ def test_the_status_snapshot_shows_every_peer_its_phase_and_the_head_map(tmp_pat
     assert by_peer[swarm["a"].rt.peer]["state"] == "training" and len(by_peer[swarm["b"].rt.peer]["heads"]) == 2
     assert sorted(h["peer"] for h in snap["heads"]) == sorted([swarm["a"].rt.peer] + [swarm["b"].rt.peer] * 2)
     assert snap["round"] >= 2 and snap["history"] and snap["agree"] is True
+
+
+def test_with_overlap_peers_train_through_rounds_and_still_match_the_simulation(tmp_path):
+    """swarm.overlap: each round's merge lands while the peers train the next T steps and applies
+    at their end, as the simulation models it; the delay really changes the result."""
+    cfg = tiny_config(heads=3, merge_every=2, rounds=5, min_heads=3, overlap=True)
+    swarm = MemorySwarm(cfg, tmp_path)
+    swarm.coordinator()
+    for i in range(3):
+        swarm.trainer(f"p{i}")
+    swarm.run()
+    assert all(n.state == "finished" for n in swarm.nodes.values())
+    _agree(swarm)
+    for i in range(3):
+        rounds = swarm[f"p{i}"].events.of("round")
+        assert [r["new_round"] for r in rounds] == [1, 2, 3, 4, 5]
+        assert all(r["merged"] and len(r["members"]) == 3 and not r["resynced"] for r in rounds), rounds
+    got = swarm["coordinator"].role.model.shared_state()
+    sim = simulate(cfg).model.shared_state()
+    prompt = simulate(cfg.with_overrides({"swarm.overlap": False})).model.shared_state()
+    gap = max((got[k] - sim[k]).abs().max().item() for k in sim)
+    delay = max((prompt[k] - sim[k]).abs().max().item() for k in sim)
+    assert gap < delay / 20, (gap, delay)
