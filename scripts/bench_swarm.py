@@ -3,10 +3,12 @@ prints seconds per round split into training, waiting and communicating, the fra
 spent training, and bytes per peer per round and per training sample, next to what a dense
 all-reduce of the full model after every step (data-parallel training) would send.
 
-    python scripts/bench_swarm.py [--peers 4] [--merge-every 30] [--rounds 4] [--merge reduce|gather] [--json]
+    python scripts/bench_swarm.py [--peers 4] [--merge-every 30] [--rounds 4] [--merge reduce|gather]
+                                  [--set swarm.overlap=true ...] [--json]
 
 With --merge reduce (the default) W is reduced by owners; --merge gather is the all-gather merge,
-where every peer downloads every contribution.
+where every peer downloads every contribution. `--set` overrides any key of the run's config
+(e.g. swarm.overlap=true, swarm.contribution_dtype=int8).
 """
 
 from __future__ import annotations
@@ -22,16 +24,18 @@ import yaml
 from peers.local_swarm import LocalSwarm
 from peers.models import create_model
 from peers.shipped import shipped_config
-from swarm.config import load_config
+from swarm.config import load_config, parse_config, parse_overrides
+from swarm.errors import ConfigError
 
 
-def write_config(path: Path, peers: int, merge_every: int, rounds: int, merge: str) -> Path:
+def write_config(path: Path, peers: int, merge_every: int, rounds: int, merge: str, overrides: dict) -> Path:
     raw = yaml.safe_load(shipped_config().read_text())
     raw["lte"].update(heads=peers, merge_every=merge_every)
     per_head = raw["train"]["batch_size"] // 4
     raw["train"].update(batch_size=per_head * peers, samples=per_head * peers * merge_every * rounds, eval_every=rounds)
     raw["swarm"] = dict(lease_seconds=30.0, settle_seconds=0.5, merge_grace=10.0, round_timeout=60.0,
                         request_timeout=15.0, poll_seconds=0.1, checkpoint_every=rounds, min_heads=peers, merge=merge)
+    raw = parse_config(raw, origin="bench").with_overrides(overrides).model_dump(mode="json")
     path.write_text(yaml.safe_dump(raw))
     return path
 
@@ -42,10 +46,16 @@ def main() -> None:
     parser.add_argument("--merge-every", type=int, default=30, help="T, local steps per round")
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--merge", choices=["reduce", "gather"], default="reduce")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key (YAML value), e.g. swarm.overlap=true")
     parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     args = parser.parse_args()
+    try:
+        overrides = parse_overrides(args.overrides)
+    except ConfigError as exc:
+        parser.error(str(exc))
     workdir = Path(tempfile.mkdtemp(prefix="lte-bench-"))
-    config = write_config(workdir / "bench.yaml", args.peers, args.merge_every, args.rounds, args.merge)
+    config = write_config(workdir / "bench.yaml", args.peers, args.merge_every, args.rounds, args.merge, overrides)
     cfg = load_config(config)
     swarm = LocalSwarm(workdir, config)
     try:
@@ -92,6 +102,7 @@ def main() -> None:
     print(f"(events and logs in {workdir})")
     if args.json:
         print(json.dumps({"peers": n, "merge": args.merge, "rounds": args.rounds, "merge_every": args.merge_every,
+                          "overrides": overrides,
                           "bytes_sent_per_peer_round": mean(sent), "bytes_received_per_peer_round": mean(received),
                           "train_fraction": mean(fractions), "seconds_per_round": mean(walls),
                           "agree": len(digests) == 1, "rounds_missed": missed}))

@@ -18,10 +18,9 @@ import statistics
 import sys
 from pathlib import Path
 
-import yaml
-
 from peers.simulate import SimResult, simulate
-from swarm.config import RunConfig, load_config
+from swarm.config import RunConfig, load_config, parse_overrides
+from swarm.errors import ConfigError
 
 
 def _stats(values: list[float]) -> dict:
@@ -111,12 +110,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--plot", type=Path, help="write accuracy against samples to this PNG")
     args = parser.parse_args(argv)
 
-    overrides = {}
-    for item in args.overrides:
-        key, sep, value = item.partition("=")
-        if not sep:
-            parser.error(f"--set {item!r}: expected KEY=VALUE")
-        overrides[key] = yaml.safe_load(value)
+    try:
+        overrides = parse_overrides(args.overrides)
+    except ConfigError as exc:
+        parser.error(str(exc))
     if args.data:
         overrides["data.source"] = args.data
     if args.eval_data:

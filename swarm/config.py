@@ -228,6 +228,18 @@ class RunConfig(_Strict):
         return parse_config(raw, origin="overrides")
 
 
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """`KEY=VALUE` strings (as scripts take them with `--set`) as dotted overrides for
+    `RunConfig.with_overrides`, each value read as YAML (`lte.rank=8`, `swarm.overlap=true`)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. lte.rank=8")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
 def check_data_spec(spec: str) -> None:
     """Reject data specs that cannot be valid whatever is on disk."""
     if not spec.strip():

@@ -102,3 +102,16 @@ def test_cli_prints_one_line_and_exits_nonzero(tmp_path, args, expected):
 def test_a_bad_config_stops_start_and_simulate_with_one_line(tmp_path, command):
     assert_one_error_line(run_cli(command, "--config", _write(tmp_path, lambda r: r["lte"].update(ranks=8))),
                           "lte.ranks: unknown key")
+
+
+def test_set_overrides_read_yaml_values_and_reject_malformed_ones():
+    from swarm.config import parse_overrides
+
+    got = parse_overrides(["swarm.overlap=true", "lte.rank=8", "swarm.contribution_dtype=int8"])
+    assert got == {"swarm.overlap": True, "lte.rank": 8, "swarm.contribution_dtype": "int8"}
+    cfg = load_config(ROOT / "configs" / "digits-vit-tiny.yaml").with_overrides(got)
+    assert cfg.swarm.overlap and cfg.lte.rank == 8 and cfg.swarm.contribution_dtype == "int8"
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        parse_overrides(["swarm.overlap"])
+    with pytest.raises(ConfigError, match="reset_less"):
+        load_config(ROOT / "configs" / "digits-vit-tiny.yaml").with_overrides({"swarm.overlap": True, "lte.variant": "reset"})

@@ -39,8 +39,9 @@ def _rounds_done(n):
 
 
 def test_three_peers_agree_bit_for_bit_and_match_the_simulation(swarm_factory):
-    """One of them behind NAT (`--client-mode`): it pushes its contribution to the others."""
-    swarm = swarm_factory(heads=3, merge_every=2, rounds=4, min_heads=3, merge_grace=15.0)
+    """One of them behind NAT (`--client-mode`): it pushes its contribution to the others. They
+    train on while each round's bytes move (swarm.overlap), as the simulation models it."""
+    swarm = swarm_factory(heads=3, merge_every=2, rounds=4, min_heads=3, merge_grace=15.0, overlap=True)
     coordinator = swarm.start_coordinator()
     peers = [swarm.join("peer0"), swarm.join("peer1"), swarm.join("peer2", "--client-mode")]
     for p in peers:
