@@ -29,9 +29,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True)
     parser.add_argument("--peers", type=int, nargs="+", default=[4, 8, 32])
+    parser.add_argument("--part-owners", type=int, choices=[1, 2], help="members reducing each part (default: the config's)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     cfg = load_config(args.config)
+    count = args.part_owners or cfg.swarm.part_owners
     model = create_lte_model(cfg, [0])
     parts = plan_parts(model, cfg.swarm.parts or 2 * cfg.lte.heads)
     totals = {name: t.double() for name, t in model.weight_deltas().items()}
@@ -43,13 +45,13 @@ def main() -> None:
         c_part = [len(b) for b in split_contribution(contribution, parts)]
         w_part = [len(encode_reduced(reduced_tensors({n: totals[n] for n in part}, r_dtype))) for part in parts]
         for p in args.peers:
-            sent, received = _reduce_bytes(p, c_part, w_part)
+            sent, received = _reduce_bytes(p, c_part, w_part, count)
             rows.append({"contribution_dtype": c_dtype, "reduced_dtype": r_dtype, "peers": p,
                          "contribution_bytes": len(contribution), "w_bytes": sum(w_part),
                          "reduce_sent": sent, "reduce_received": received,
                          "gather_sent": len(contribution) * (p - 1), "gather_received": len(contribution) * (p - 1)})
     print(f"{cfg.model.name}: N={cfg.lte.heads} r={cfg.lte.rank} {cfg.lte.variant}, nonlinear {cfg.lte.nonlinear}; "
-          f"{len(parts)} parts; MB per peer per round, mean over peers")
+          f"{len(parts)} parts, {count} owner(s) each; MB per peer per round, mean over peers")
     print(f"{'wire':>10s} {'contrib':>8s} {'W':>7s} {'peers':>6s} {'reduce sent':>12s} {'reduce recv':>12s} "
           f"{'gather sent':>12s} {'gather recv':>12s}")
     for r in rows:
@@ -57,22 +59,23 @@ def main() -> None:
               f"{r['w_bytes'] / 1e6:7.1f} {r['peers']:6d} {r['reduce_sent'] / 1e6:12.1f} "
               f"{r['reduce_received'] / 1e6:12.1f} {r['gather_sent'] / 1e6:12.1f} {r['gather_received'] / 1e6:12.1f}")
     if args.json:
-        print(json.dumps({"model": cfg.model.name, "rows": rows}))
+        print(json.dumps({"model": cfg.model.name, "part_owners": count, "rows": rows}))
 
 
-def _reduce_bytes(p: int, c_part: list[int], w_part: list[int]) -> tuple[float, float]:
-    """Mean bytes sent and received per peer per round in the owner-reduced merge with p peers."""
+def _reduce_bytes(p: int, c_part: list[int], w_part: list[int], count: int) -> tuple[float, float]:
+    """Mean bytes sent and received per peer per round in the owner-reduced merge with p peers and
+    `count` owners per part (the coordinator's own downloads are not a peer's)."""
     members = [f"peer{i:03d}" for i in range(p)]
     sent = received = 0.0
     for me in members:  # owners vary by part, so peers differ by a part or two
         for i in range(len(c_part)):
-            who = owners(i, members)
+            who = owners(i, members, count)
             if me in who:
                 received += c_part[i] * (p - 1)            # the part of every other contribution
-                sent += w_part[i] * (p - len(set(who))) / 2  # half the non-owners read it from us
+                sent += w_part[i] * (p - len(who)) / 2     # the non-owners read it from us (or the coordinator)
             else:
                 received += w_part[i]
-                sent += c_part[i] * len(set(who))          # our part to each of its owners
+                sent += c_part[i] * len(who)               # our part to each of its owners
     return sent / p, received / p
 
 

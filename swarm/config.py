@@ -141,6 +141,10 @@ class SwarmConfig(_Strict):
                               "everyone downloads the reduced parts (bytes per peer do not grow with the swarm); "
                               "gather: every peer downloads every contribution")
     parts: int = Field(0, ge=0, description="parts W is cut into for the reduced merge (0: two per head of the run)")
+    part_owners: int = Field(
+        2, ge=1, le=2, description="members that reduce each part: 2, which check each other; or 1, checked by the "
+                                   "coordinator's recomputation (half the bytes per peer; while the coordinator is "
+                                   "down, parts are fetched raw and reduced by every peer)")
     contribution_dtype: Literal["fp32", "bf16", "int8"] = Field(
         "fp32", description="numbers of a contribution on the wire (factors, dense deltas, replica deltas): bf16 halves "
                             "its bytes, blockwise 8-bit quarters them")
@@ -171,6 +175,9 @@ class SwarmConfig(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> "SwarmConfig":
+        if self.part_owners == 1 and not self.coordinator_recomputes:
+            raise ValueError("swarm.part_owners: 1 needs swarm.coordinator_recomputes (one owner's sum is checked only "
+                             "by the coordinator's)")
         if self.request_timeout > self.round_timeout:
             raise ValueError(f"swarm.request_timeout ({self.request_timeout}) exceeds swarm.round_timeout ({self.round_timeout})")
         if self.settle_seconds * 2 >= self.lease_seconds:

@@ -128,12 +128,13 @@ class ReduceWork:
     orphaned: set[int] = field(default_factory=set)                      # parts whose other owner seems absent
 
 
-def owners(part: int, members: list[str]) -> tuple[str, str]:
-    """The two members that reduce `part`: consecutive in fingerprint order, so every member owns
-    about 2/P of the parts and no part depends on one peer alone. Only members that accept
-    connections own parts (`servers`)."""
+def owners(part: int, members: list[str], count: int = 2) -> tuple[str, ...]:
+    """The `count` members that reduce `part`: consecutive in fingerprint order, so every member
+    owns about count/P of the parts. Two owners check each other; one owner is checked by the
+    coordinator's recomputation (`swarm.part_owners`). Only members that accept connections own
+    parts (`servers`)."""
     n = len(members)
-    return members[part % n], members[(part + 1) % n]
+    return tuple(dict.fromkeys(members[(part + k) % n] for k in range(count)))
 
 
 class MergeProtocol:
@@ -485,7 +486,7 @@ class MergeProtocol:
         contribution, i + 1: part i; None: its digest list, which all of them got)."""
         servers = self._servers(mr)
         if index is not None and index > 0:
-            return [mr.ready_set[o].p2p for o in dict.fromkeys(owners(index - 1, servers))]
+            return [mr.ready_set[o].p2p for o in self._owners(index - 1, servers)]
         return [mr.ready_set[s].p2p for s in servers] + self._coordinator_p2p()
 
     def _push(self, mr: MergeRound) -> None:
@@ -499,7 +500,7 @@ class MergeProtocol:
         if self._reduces(mr):
             servers = self._servers(mr)
             for i in range(len(self.parts)):
-                for owner in dict.fromkeys(owners(i, servers)):
+                for owner in self._owners(i, servers):
                     targets.setdefault(mr.ready_set[owner].p2p, [listing]).append(mr.pushed[digests[i + 1]])
             if self.cfg.coordinator_recomputes:
                 for address in self._coordinator_p2p():
@@ -527,7 +528,7 @@ class MergeProtocol:
             return [0]
         if self.is_authority and self.cfg.coordinator_recomputes:
             return [0]
-        return [i + 1 for i in range(len(self.parts)) if self.peer in owners(i, self._servers(mr))]
+        return [i + 1 for i in range(len(self.parts)) if self.peer in self._owners(i, self._servers(mr))]
 
     def _awaiting_pushes(self, mr: MergeRound) -> bool:
         """Whether a blob we need from an unreachable member has reached neither us nor anyone we
@@ -589,6 +590,14 @@ class MergeProtocol:
         return blob
 
     # ---- the owner-reduced merge --------------------------------------------------------------
+    def _owners(self, part: int, servers: list[str]) -> tuple[str, ...]:
+        return owners(part, servers, self.cfg.part_owners)
+
+    def _vouchers(self, part: int, servers: list[str]) -> set[str]:
+        """Whose equal digests make a reduced part trusted: its two owners, or its one owner and the
+        coordinator, which recomputes every part."""
+        return set(self._owners(part, servers)) | ({self.authority} if self.cfg.part_owners == 1 else set())
+
     def _start_reducing(self, mr: MergeRound) -> None:
         """Reduce the parts we own: fetch our parts of every contribution, validate, sum, serve the
         result and publish its digest. Then collect every part (`_poll_reducing`)."""
@@ -598,7 +607,7 @@ class MergeProtocol:
             # its digest is the one a peer fooled by two colluding owners re-syncs to.
             self._fetch_parts(mr, work, list(range(len(self.parts))))
         else:
-            mine = [i for i in range(len(self.parts)) if self.peer in owners(i, work.servers)]
+            mine = [i for i in range(len(self.parts)) if self.peer in self._owners(i, work.servers)]
             self._fetch_parts(mr, work, mine)
             for i in mine:
                 self._reduce_part(mr, work, i, sorted(work.accepted[i]), publish=True)
@@ -687,17 +696,18 @@ class MergeProtocol:
         said: dict[tuple[int, tuple[str, ...], str], dict[str, str]] = {}
         for (tag, writer), (rec, _) in found.items():
             if (rec.round != r or not 0 <= rec.part < len(self.parts) or tag != self.keys.part_tag(rec.part, rec.members)
-                    or writer not in owners(rec.part, work.servers) or not set(rec.members) <= set(work.members)):
+                    or writer not in self._vouchers(rec.part, work.servers)
+                    or not set(rec.members) <= set(work.members)):
                 continue
             said.setdefault((rec.part, tuple(rec.members), rec.digest), {})[writer] = rec.p2p
             work.first_seen.setdefault(rec.part, self.clock.monotonic())
-            if not set(owners(rec.part, work.servers)) <= set(rec.members):
+            if not set(self._owners(rec.part, work.servers)) <= set(rec.members):
                 work.orphaned.add(rec.part)  # an owner says the other one's own contribution failed
         for (i, members), (digest, _) in work.computed.items():
             said.setdefault((i, members, digest), {})[self.peer] = self.p2p
         agreed: dict[int, dict[tuple[str, ...], tuple[str, list[str]]]] = {}
         for (i, members, digest), writers in said.items():
-            if set(owners(i, work.servers)) <= set(writers):
+            if self._vouchers(i, work.servers) <= set(writers):
                 addresses = [a for w, a in sorted(writers.items()) if w != self.peer]
                 agreed.setdefault(i, {})[members] = (digest, addresses)
         return agreed
@@ -733,7 +743,7 @@ class MergeProtocol:
                 continue
             if i in work.held and set(final) <= set(work.held[i]):
                 work.reduced[i] = self._reduce_part(mr, work, i, list(final),
-                                                    publish=self.peer in owners(i, work.servers))
+                                                    publish=self.peer in self._vouchers(i, work.servers))
             elif final in agreed.get(i, {}):
                 digest, addresses = agreed[i][final]
                 tensors = self._download_part(r, i, list(final), digest, addresses)

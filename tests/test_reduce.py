@@ -52,6 +52,8 @@ def test_parts_cover_every_target_once_and_are_balanced(tmp_path):
         assert all(parts) and len(parts) == min(n, len(names))
     members = ["a", "b", "c", "d"]
     assert [owners(i, members) for i in range(5)] == [("a", "b"), ("b", "c"), ("c", "d"), ("d", "a"), ("a", "b")]
+    assert [owners(i, members, 1) for i in range(5)] == [("a",), ("b",), ("c",), ("d",), ("a",)]
+    assert owners(3, ["a"]) == ("a",)
 
 
 @pytest.mark.parametrize("wire", [("fp32", "fp32"), ("bf16", "int8")], ids=["fp32", "bf16-int8"])
@@ -77,14 +79,17 @@ def test_reduced_merge_agrees_everywhere_and_matches_the_gather(tmp_path, wire):
 
 def test_bytes_per_peer_do_not_grow_with_the_swarm(tmp_path):
     received = {}
-    for merge in ("reduce", "gather"):
+    for merge, owners_ in (("reduce", 2), ("reduce", 1), ("gather", 2)):
         for peers in (4, 8):
-            mem = _swarm(tmp_path, f"{merge}{peers}", peers, merge=merge, parts=32)
+            mem = _swarm(tmp_path, f"{merge}{owners_}-{peers}", peers, merge=merge, parts=32, part_owners=owners_)
             mem.run()
-            received[merge, peers] = _received_per_peer_round(mem)
-    assert received["gather", 8] > 1.8 * received["gather", 4]  # (peers - 1) contributions
-    assert received["reduce", 8] < 1.3 * received["reduce", 4], received
-    assert received["reduce", 8] < received["gather", 8] / 2, received
+            assert len(set(mem.digests().values())) == 1
+            received[merge, owners_, peers] = _received_per_peer_round(mem)
+    assert received["gather", 2, 8] > 1.8 * received["gather", 2, 4]  # (peers - 1) contributions
+    assert received["reduce", 2, 8] < 1.3 * received["reduce", 2, 4], received
+    assert received["reduce", 1, 8] < 1.2 * received["reduce", 1, 4], received  # (P - 1) / P of one W and C
+    assert received["reduce", 1, 8] < 0.8 * received["reduce", 2, 8], received
+    assert received["reduce", 2, 8] < received["gather", 2, 8] / 2, received
 
 
 class _SilentOwner(MergeProtocol):
@@ -114,11 +119,13 @@ def _with_protocol(cls):
     return Peer
 
 
+@pytest.mark.parametrize("part_owners", [2, 1])
 @pytest.mark.parametrize("owner", [_SilentOwner, _LyingOwner], ids=["silent", "lying"])
-def test_an_owner_that_stays_silent_or_lies_changes_nothing(tmp_path, owner):
-    baseline = _swarm(tmp_path, "baseline", 4)
+def test_an_owner_that_stays_silent_or_lies_changes_nothing(tmp_path, owner, part_owners):
+    """Checked by the part's other owner, or (one owner per part) by the coordinator's sum."""
+    baseline = _swarm(tmp_path, "baseline", 4, part_owners=part_owners)
     baseline.run()
-    attacked = _swarm(tmp_path, "attacked", 4, roles={"p1": _with_protocol(owner)})
+    attacked = _swarm(tmp_path, "attacked", 4, roles={"p1": _with_protocol(owner)}, part_owners=part_owners)
     attacked.run()
     honest = ("coordinator", "p0", "p2", "p3")
     assert all(attacked[n].state == "finished" for n in attacked.nodes)
