@@ -38,6 +38,26 @@ def assert_one_error_line(result, expected: str, code: int = 2) -> None:
     assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], result.stderr
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Models this small gain nothing from a second thread, and lose a lot to it on a busy machine
+    (a simulation step waits for a descheduled thread: 16x slower measured on 2 shared cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def load_script(name: str):
+    """`scripts/NAME.py` as a module, to call its functions and `main(argv)` in this process."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"{name}_script", ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def tiny_mlp(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(6, 5), nn.GELU(), nn.Linear(5, 3)).double()

@@ -4,21 +4,13 @@ JSON object and a plot."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, load_script
 
 pytestmark = pytest.mark.timeout(240)
-
-
-def _compare_script():
-    spec = importlib.util.spec_from_file_location("compare_script", ROOT / "scripts" / "compare.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_compare_reports_every_run_over_seeds(tmp_path, capsys):
@@ -29,7 +21,7 @@ def test_compare_reports_every_run_over_seeds(tmp_path, capsys):
             "--seeds", "2", "--budgets", "1.0", "2.0", "--json", "--plot", str(png)]
     for item in tiny:
         argv += ["--set", item]
-    _compare_script().main(argv)
+    load_script("compare").main(argv)
     captured = capsys.readouterr()
     out = json.loads(captured.out.strip().splitlines()[-1])
     assert out["seeds"] == 2 and out["data"] == "digits"
