@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from tests.conftest import ROOT, run_cli
 
@@ -42,3 +43,21 @@ def test_simulation_is_deterministic():
     assert a.weight_digest == b.weight_digest and a.accuracy == b.accuracy
     c = simulate(cfg.with_overrides({"train.seed": 1}))
     assert c.weight_digest != a.weight_digest
+
+
+@pytest.mark.parametrize("nonlinear", ["freeze", "replicate"])
+def test_a_merge_applied_one_round_late_loses_and_doubles_nothing(nonlinear):
+    """With one head, a merge adds exactly what the head's forward already has, so applying it a
+    round late (swarm.overlap) must train the very same model (exact W storage): a lost or
+    doubled contribution, or a baseline moved to the wrong factors, would show."""
+    from peers.simulate import simulate
+    from tests.memswarm import tiny_config
+
+    cfg = tiny_config(heads=1, merge_every=2, rounds=6).with_overrides(
+        {"lte.nonlinear": nonlinear, "lte.storage": "fp32", "swarm.robust_clip": 0.0})
+    prompt = simulate(cfg).model.shared_state()
+    late = simulate(cfg.with_overrides({"swarm.overlap": True})).model.shared_state()
+    initial = simulate(cfg.with_overrides({"train.samples": cfg.train.batch_size})).model.shared_state()
+    for key in prompt:
+        torch.testing.assert_close(late[key], prompt[key], rtol=1e-5, atol=1e-5, msg=key)
+    assert max((prompt[k] - initial[k]).abs().max().item() for k in prompt) > 1e-3  # training moved W
