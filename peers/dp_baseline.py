@@ -32,6 +32,8 @@ from swarm.config import RunConfig, load_config
 
 log = logging.getLogger(__name__)
 
+DONE_KEY = "dp-baseline-done"
+
 
 def _stop_on_term() -> None:
     """SIGTERM ends the peer like Ctrl+C, so that `finally` shuts hivemind's processes down."""
@@ -65,6 +67,20 @@ def wait_for_peers(opt, peers: int, timeout: float = 300.0) -> None:
         time.sleep(0.2)
 
 
+def linger(dht, index: int, peers: int, timeout: float) -> None:
+    """Stay a state donor until every peer is done (or `timeout`): a peer an epoch behind catches up
+    by downloading the state from the others, and hivemind retries that forever if they are gone."""
+    from hivemind.utils import get_dht_time
+
+    deadline = time.monotonic() + timeout
+    dht.store(DONE_KEY, subkey=index, value=True, expiration_time=get_dht_time() + timeout + 60)
+    while time.monotonic() < deadline:
+        found = dht.get(DONE_KEY, latest=True)
+        if found is not None and isinstance(found.value, dict) and len(found.value) >= peers:
+            return
+        time.sleep(1.0)
+
+
 def epochs_for(cfg: RunConfig, target: int) -> int:
     """Hivemind epochs (global batches of `target` samples) that make up the run's sample budget."""
     return max(1, math.ceil(cfg.train.samples / target))
@@ -74,7 +90,8 @@ def train(cfg: RunConfig, index: int, peers: int, initial_peers: list[str], host
           evaluate_every: int, events: EventLog, matchmaking_time: float, averaging_timeout: float,
           compression: str) -> None:
     """Train until the swarm has done the run's epochs. Emits `joined`, one `epoch` per epoch
-    (seconds of local forward/backward so far), `eval` (with `evaluate_every` > 0) and `left`."""
+    (seconds of local forward/backward so far), `eval` (with `evaluate_every` > 0) and `left`,
+    then lingers as a donor until every peer is done."""
     import hivemind
     from hivemind.compression import Float16Compression, Uniform8BitQuantization
 
@@ -97,11 +114,13 @@ def train(cfg: RunConfig, index: int, peers: int, initial_peers: list[str], host
             optimizer=lambda params: torch.optim.AdamW(params, lr=lr, weight_decay=cfg.train.weight_decay),
             scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda e: lr_factor(e, epochs, schedule)),
             matchmaking_time=matchmaking_time, averaging_timeout=averaging_timeout,
+            load_state_timeout=averaging_timeout,
             grad_compression=codec(), state_averaging_compression=codec(), load_state_compression=codec(),
             use_local_updates=False, verbose=False)
         events.emit("joined", index=index, epochs=epochs, pid=os.getpid())
         seconds_train, steps, epoch = 0.0, 0, opt.local_epoch
-        while opt.local_epoch < epochs:
+        # Done when the swarm is: a peer that fell behind stops with the others.
+        while max(opt.local_epoch, opt.tracker.global_epoch) < epochs:
             x, y = next(batches)
             started = time.perf_counter()
             model.train()
@@ -123,6 +142,7 @@ def train(cfg: RunConfig, index: int, peers: int, initial_peers: list[str], host
                     acc, eval_loss = evaluate(model, *eval_set, device=torch.device("cpu"))
                     events.emit("eval", epoch=epoch, accuracy=acc, loss=eval_loss)
         events.emit("left", epoch=opt.local_epoch, steps=steps, seconds_train=seconds_train)
+        linger(dht, index, peers, averaging_timeout)
     finally:
         if opt is not None:
             opt.shutdown()
