@@ -66,13 +66,14 @@ def test_time_to_target_and_table():
     assert bench.time_to(curve, 0.7) == 20.0 and bench.time_to(curve, 0.95) is None
     rows = [bench.ModeResult(mode=m, rounds=12, samples_per_round=640, wall_seconds=300.0,
                              bytes_sent_per_peer_round=2.5e6, bytes_received_per_peer_round=7.1e6,
-                             coordinator_bytes_per_round=(1e6, 6e6), total_bytes_per_peer=1.2e8, train_fraction=0.1,
+                             coordinator_bytes_per_round=(1e6, 6e6), total_bytes_per_peer=1.2e8, samples_trained=7680,
+                             train_fraction=0.1,
                              compute_seconds_per_round=1.2, accuracy=0.9, seconds_to_target=reach, curve=curve)
             for m, reach in (("reduce", 20.0), ("hivemind", None))]
     text = bench.table(rows, 0.7)
     lines = text.splitlines()
     assert "s to 70%" in lines[0]
-    assert lines[2].split() == ["reduce", "12", "2.50", "7.10", "7.00", "300", "10.0%", "1.20", "90.0%", "20"]
+    assert lines[2].split() == ["reduce", "12", "7680", "2.50", "7.10", "7.00", "300", "10.0%", "1.20", "90.0%", "20"]
     assert lines[3].split()[-1] == "-"
 
 
@@ -119,7 +120,7 @@ def test_tiny_wan_run_reports_and_cleans_up(tmp_path):
     for mode in out["modes"]:
         assert mode["rounds"] >= 1 and mode["wall_seconds"] > 0
         assert mode["bytes_sent_per_peer_round"] > 0 and mode["bytes_received_per_peer_round"] > 0
-        assert mode["total_bytes_per_peer"] > 0
+        assert mode["total_bytes_per_peer"] > 0 and mode["samples_trained"] >= 64
         assert 0.0 < mode["train_fraction"] < 1.0
         assert mode["curve"] and all(0.0 <= acc <= 1.0 for _, acc in mode["curve"])
         assert 0.0 <= mode["accuracy"] <= 1.0
