@@ -281,10 +281,18 @@ def wan_config(base: RunConfig, peers: int, samples: int, mbit: float, merge: st
     per_round = base.head_batch * peers * base.lte.merge_every
     cfg = demo_config(base, peers, max(1, round(samples / per_round)))
     w_seconds = transfer_seconds(weight_bytes(cfg), mbit)
+    # At the start every peer downloads W through the coordinator's link at once: one download may
+    # take the whole swarm's W transfers.
+    request = 15.0 + (peers + 1) * w_seconds
     return cfg.with_overrides({"swarm": {
-        **DEMO_SWARM, "min_heads": peers, "merge": merge, "request_timeout": 15.0 + 2 * w_seconds,
-        "round_timeout": 40.0 + 6 * w_seconds, "merge_grace": 15.0 + w_seconds, "lease_seconds": 30.0 + 2 * w_seconds,
-        "checkpoint_every": 1000}})
+        **DEMO_SWARM, "min_heads": peers, "merge": merge, "request_timeout": request,
+        "round_timeout": max(40.0 + 6 * w_seconds, request + 30.0), "merge_grace": 15.0 + w_seconds,
+        "lease_seconds": 30.0 + 2 * w_seconds, "checkpoint_every": 1000}})
+
+
+def sync_timeout(cfg: RunConfig, peers: int, mbit: float) -> float:
+    """How long a volunteer may take to get W at the start: every peer's copy through one link."""
+    return 60.0 + 2 * (peers + 1) * transfer_seconds(weight_bytes(cfg), mbit)
 
 
 def weight_bytes(cfg: RunConfig) -> int:
@@ -309,14 +317,20 @@ def _first(proc: PeerProcess, kind: str) -> dict:
 
 
 def _wait_all(procs: list[PeerProcess], timeout: float) -> None:
+    """Until every process exited 0; the first failure ends the wait (the others would wait for
+    the failed peer until their own timeouts)."""
     deadline = time.monotonic() + timeout
-    for p in procs:
-        try:
-            code = p.wait(max(1.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            raise LocalSwarmError(f"{p.name} did not finish within {timeout:.0f}s:\n{p.tail()}") from None
-        if code != 0:
-            raise LocalSwarmError(f"{p.name} failed ({code}):\n{p.tail()}")
+    while any(p.handle.poll() is None for p in procs):
+        failed = [p for p in procs if p.handle.poll() not in (None, 0)]
+        if failed:
+            raise LocalSwarmError(f"{failed[0].name} failed ({failed[0].handle.returncode}):\n{failed[0].tail()}")
+        if time.monotonic() > deadline:
+            late = next(p for p in procs if p.handle.poll() is None)
+            raise LocalSwarmError(f"{late.name} did not finish within {timeout:.0f}s:\n{late.tail()}")
+        time.sleep(0.5)
+    failed = [p for p in procs if p.handle.returncode != 0]
+    if failed:
+        raise LocalSwarmError(f"{failed[0].name} failed ({failed[0].handle.returncode}):\n{failed[0].tail()}")
 
 
 def time_to(curve: list[tuple[float, float]], target: float) -> float | None:
@@ -353,7 +367,8 @@ def run_lte(net: WanNetwork, cfg: RunConfig, workdir: Path, target: float, timeo
     try:
         launched = time.time()
         swarm.start_coordinator("--host-maddrs", net.maddr("coordinator"), timeout=timeout)
-        procs = [swarm.join(n, "--host-maddrs", net.maddr(n)) for n in peers]
+        wait_w = f"{sync_timeout(cfg, len(peers), net.mbit):.0f}"
+        procs = [swarm.join(n, "--host-maddrs", net.maddr(n), "--sync-timeout", wait_w) for n in peers]
         _wait_all(procs, timeout)
     finally:
         counters.stop()
