@@ -33,7 +33,7 @@ compute slower (a smaller ratio); a faster machine computes faster: lower `--mbi
 
 The hivemind learning rate is tuned (see HIVEMIND_LR) for the default model, budget and global
 batch; with other settings pass `--hivemind-lr`. Digits at the default budget tops out near 93 %
-for LTE, so `--target-accuracy` defaults to 70 %, which every mode reaches.
+for LTE, so `--target-accuracy` defaults to 70 %, which every mode reached with 4 peers.
 """
 
 from __future__ import annotations
