@@ -158,6 +158,8 @@ def join(
                                                                   "pushes its contributions to peers that can and never "
                                                                   "reduces part of W or hands out W"),
     throttle: float = typer.Option(0.0, min=0.0, help="pause this many seconds after every step (to share a busy machine)"),
+    sync_timeout: float = typer.Option(60.0, min=1.0, help="give up if no peer hands out W within this many seconds "
+                                                           "(raise it on a slow link)"),
     invite: Optional[Path] = typer.Option(None, help="invite file from the coordinator (closed runs admit only invited keys)"),
     signing_key: Optional[Path] = typer.Option(None, help="this peer's signing key, created if missing (default: the invite's key, else a new one per start)"),
     events: Optional[str] = typer.Option(None, help="append one JSON line per event to this file"),
@@ -195,7 +197,7 @@ def join(
             err.print(f"joined run {keys.run_id}: {cfg.model.name}, N={cfg.lte.heads} r={cfg.lte.rank} "
                       f"T={cfg.lte.merge_every}, {cfg.rounds} rounds; peer {rt.peer}", highlight=False)
             serve_trainer(cfg, keys, rt, TrainerOptions(heads=heads, data=data, device=device, throttle=throttle,
-                                                        invite=admission))
+                                                        invite=admission, sync_timeout=sync_timeout))
         err.print("left the swarm")
 
 

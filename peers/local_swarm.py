@@ -73,22 +73,33 @@ class PeerProcess:
 
 
 class LocalSwarm:
-    def __init__(self, workdir: Path, config: Path):
+    def __init__(self, workdir: Path, config: Path, launcher: Callable[[str], list[str]] | None = None):
+        """`launcher(name)` is a command prefix for the process called `name`, e.g. `ip netns exec NS`
+        to run it in a network namespace of its own (scripts/bench_wan.py); none by default."""
         # Absolute: the processes run in the workdir, the caller may be anywhere.
         self.workdir, self.config = Path(workdir).resolve(), Path(config).resolve()
         self.workdir.mkdir(parents=True, exist_ok=True)
+        self.launcher = launcher
         self.procs: list[PeerProcess] = []
         self.coordinator: PeerProcess | None = None
         self.run_id = ""
         self.maddrs: list[str] = []
 
-    def start_coordinator(self, *extra: str, run_dir: Path | None = None, timeout: float = 120) -> PeerProcess:
-        events = self.workdir / "coordinator.jsonl"
-        args = [sys.executable, "-m", "peers.cli", "start", "--config", str(self.config),
-                "--run-dir", str(Path(run_dir).resolve() if run_dir else self.workdir / "run"), "--events", str(events),
-                "-v", *extra]
-        proc = PeerProcess("coordinator", args, events, self.workdir / "coordinator.log", self.workdir)
+    def spawn(self, name: str, args: list[str]) -> PeerProcess:
+        """Start `python ARGS` as the process `name` (events in `name`.jsonl, log in `name`.log),
+        reaped by `close`; ARGS can use {events} for the events file's path."""
+        events = self.workdir / f"{name}.jsonl"
+        prefix = self.launcher(name) if self.launcher is not None else []
+        command = [*prefix, sys.executable, *(a.replace("{events}", str(events)) for a in args)]
+        proc = PeerProcess(name, command, events, self.workdir / f"{name}.log", self.workdir)
         self.procs.append(proc)
+        return proc
+
+    def start_coordinator(self, *extra: str, run_dir: Path | None = None, timeout: float = 120) -> PeerProcess:
+        proc = self.spawn("coordinator", [
+            "-m", "peers.cli", "start", "--config", str(self.config),
+            "--run-dir", str(Path(run_dir).resolve() if run_dir else self.workdir / "run"), "--events", "{events}",
+            "-v", *extra])
         found = proc.wait_for(lambda es: any(e["event"] == "started" for e in es), timeout, "the run to start")
         maddrs = next(e for e in found if e["event"] == "maddrs")
         self.run_id, self.maddrs = maddrs["run_id"], maddrs["maddrs"]
@@ -96,12 +107,8 @@ class LocalSwarm:
         return proc
 
     def join(self, name: str, *extra: str) -> PeerProcess:
-        events = self.workdir / f"{name}.jsonl"
-        args = [sys.executable, "-m", "peers.cli", "join", "--initial-peers", *self.maddrs, "--run-id", self.run_id,
-                "--events", str(events), "-v", *extra]
-        proc = PeerProcess(name, args, events, self.workdir / f"{name}.log", self.workdir)
-        self.procs.append(proc)
-        return proc
+        return self.spawn(name, ["-m", "peers.cli", "join", "--initial-peers", *self.maddrs, "--run-id", self.run_id,
+                                 "--events", "{events}", "-v", *extra])
 
     def close(self, grace: float = 15.0) -> None:
         """SIGTERM everyone still running, then SIGKILL each whole process group."""

@@ -1,0 +1,570 @@
+"""Measure lte-swarm against hivemind's data-parallel training over an emulated WAN: every peer (and
+the coordinator) runs in a Linux network namespace of its own, joined to a bridge by a veth pair
+whose two ends are capped by `tc tbf` at `--mbit` (each direction), on the same model, data,
+per-peer batch and sample budget:
+
+- `reduce`: lte-swarm with the owner-reduced merge (`swarm.merge: reduce`, the default);
+- `gather`: lte-swarm with the all-gather merge (`swarm.merge: gather`);
+- `hivemind`: `hivemind.Optimizer` data-parallel training of the full-rank model
+  (`peers/dp_baseline.py`), 8-bit gradient and state compression, `use_local_updates=False`,
+  one global step per `--hivemind-target` samples (default: the samples of one LTE merge round,
+  so it communicates as often as LTE merges), evaluated by its first peer after every step.
+
+    python scripts/bench_wan.py [--peers 4] [--mbit 4] [--modes reduce gather hivemind] [--samples N]
+        [--config FILE] [--set KEY=VALUE ...] [--target-accuracy 0.7] [--json] [--plot wan.png]
+
+It reports per mode the bytes each peer sent and received per round, read from its veth's counters
+(everything: DHT, state download, merges), the wall clock from launching the peers to the last one
+leaving, the fraction of each peer's time (join to leave) spent in local forward/backward, test
+accuracy against wall clock (the coordinator's evaluation after every round; the first hivemind
+peer's after every global step) and the wall time to reach `--target-accuracy`.
+
+Why this model and cap. The paper's setting is ViT-S/32 on a modest GPU over a 20 Mbit/s home link:
+about 1-3 s of compute per merge round of T = 10 local steps against about 36 s to move one fp32
+W (~90 MB), a ratio of roughly 1:10 to 1:30 between compute per round and the transfer of one |W|.
+What decides the comparison is that ratio, not the absolute sizes. The CPUs here train the shipped
+digits ViT (0.14 M parameters) through 10 steps in about 0.1 s, and its W crosses 20 Mbit/s in
+0.2 s: 1:2, compute-bound, nothing like the paper. The default model is therefore wider (embed 192,
+4 blocks, MLP ratio 4, 4x4 patches: 1.8 M parameters, 7.1 MB fp32 W) and the default cap is 4 Mbit/s,
+under which one |W| takes 14.3 s; with 4 peers and the coordinator sharing 2 cores a peer computes
+a round in 1.0-1.35 s: 1:12 measured (1:11 to 1:14). The ratio measured in each run (compute per
+round from the LTE peers' own timings) is printed with the results. More peers on the same cores
+compute slower (a smaller ratio); a faster machine computes faster: lower `--mbit` to keep it.
+
+The hivemind learning rate is tuned (see HIVEMIND_LR) for the default model, budget and global
+batch; with other settings pass `--hivemind-lr`. Digits at the default budget tops out near 93 %
+for LTE, so `--target-accuracy` defaults to 70 %, which every mode reached with 4 peers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as `python scripts/bench_wan.py` from anywhere
+    sys.path.insert(0, str(ROOT))
+
+from peers.demo import DEMO_SWARM, demo_config  # noqa: E402
+from peers.local_swarm import LocalSwarm, LocalSwarmError, PeerProcess  # noqa: E402
+from peers.models import create_model  # noqa: E402
+from peers.shipped import shipped_config  # noqa: E402
+from swarm.config import RunConfig, load_config  # noqa: E402
+
+# The default model (see the docstring): the shipped digits ViT made wide enough for its W to
+# weigh on the link as ViT-S/32's does on a home link.
+WAN_MODEL = {"model.args.embed_dim": 192, "model.args.num_heads": 3, "model.args.depth": 4,
+             "model.args.mlp_ratio": 4.0, "model.args.patch_size": 4}
+# Tuned for hivemind's global batch of 640 (T x 64) and the default budget, one-process full-rank
+# training on the same data (peers/simulate.py, train.batch_size 640, 12 steps, warm-up 2):
+# test accuracy 78.1 % at 5e-4 and 1e-3, 77.8 % at 7e-4, 73.9 % at 1.5e-3, 70.0 % at 2e-3,
+# 63.6 % at 3e-3 (the run's full_lr, tuned for batch 64), 56.4 % at 5e-3, 14 % at 1e-2.
+HIVEMIND_LR = 1e-3
+SUBNET = "10.77.0"  # every run has a bridge of its own, so concurrent runs may share the range
+MODES = ("reduce", "gather", "hivemind")
+
+
+class Interrupted(Exception):
+    """SIGTERM: unwind like Ctrl+C, through every `finally`."""
+
+
+# ---- the emulated network --------------------------------------------------------------------
+def _ip(*args: str, check: bool = True) -> str:
+    done = subprocess.run(["ip", *args], capture_output=True, text=True)
+    if check and done.returncode != 0:
+        raise RuntimeError(f"ip {' '.join(args)}: {done.stderr.strip()}")
+    return done.stdout
+
+
+def parse_counters(ip_json: str, links: dict[str, str]) -> dict[str, tuple[int, int]]:
+    """`ip -j -s link show` of the bridge's namespace -> {node: (bytes sent, bytes received)}.
+    `links` maps node -> its veth end on the bridge: what the node sends, that end receives."""
+    stats = {entry["ifname"]: entry["stats64"] for entry in json.loads(ip_json or "[]")}
+    return {node: (int(stats[link]["rx"]["bytes"]), int(stats[link]["tx"]["bytes"]))
+            for node, link in links.items() if link in stats}
+
+
+class WanNetwork:
+    """Namespaces `<prefix>-<node>` each holding veth `<prefix>v<i>` (address SUBNET.<i+1>) whose
+    other end `<prefix>h<i>` sits on a bridge in namespace `<prefix>-br`; tbf caps both ends at
+    `mbit`, so each node's upload and download are capped. Veths are created directly inside their
+    namespaces: nothing of the run is ever in the root namespace. `close` kills whatever still runs
+    in the namespaces (only this run's processes can be in them) and deletes them, which deletes
+    the veths and the bridge with them."""
+
+    def __init__(self, prefix: str, nodes: list[str], mbit: float):
+        self.prefix, self.nodes, self.mbit = prefix, list(nodes), mbit
+        self.bridge_ns = f"{prefix}-br"
+        self.created: list[str] = []
+        self.inodes: list[int] = []  # of the namespaces: how to find a process still inside one
+        self.host_links = {node: f"{prefix}h{i}" for i, node in enumerate(self.nodes)}
+
+    def namespace(self, node: str) -> str:
+        return f"{self.prefix}-{node}"
+
+    def address(self, node: str) -> str:
+        return f"{SUBNET}.{self.nodes.index(node) + 1}"
+
+    def maddr(self, node: str) -> str:
+        return f"/ip4/{self.address(node)}/tcp/0"
+
+    def launcher(self, node: str) -> list[str]:
+        return ["ip", "netns", "exec", self.namespace(node)]
+
+    def _cap(self, namespace: str, link: str) -> None:
+        # burst: at least a few ms at the rate (tbf needs rate / HZ); 200 ms of queue, as a home router.
+        burst = max(32 * 1024, int(self.mbit * 1e6 / 8 / 50))
+        subprocess.run(["tc", "-n", namespace, "qdisc", "add", "dev", link, "root", "tbf", "rate", f"{self.mbit}mbit",
+                        "burst", str(burst), "latency", "200ms"], check=True, capture_output=True)
+
+    def open(self) -> "WanNetwork":
+        for ns in [self.bridge_ns, *map(self.namespace, self.nodes)]:
+            _ip("netns", "add", ns)
+            self.created.append(ns)
+            self.inodes.append(os.stat(f"/run/netns/{ns}").st_ino)
+            _ip("-n", ns, "link", "set", "lo", "up")
+        _ip("-n", self.bridge_ns, "link", "add", "br0", "type", "bridge")
+        _ip("-n", self.bridge_ns, "link", "set", "br0", "up")
+        for i, node in enumerate(self.nodes):
+            ns, inner, outer = self.namespace(node), f"{self.prefix}v{i}", self.host_links[node]
+            _ip("link", "add", inner, "netns", ns, "type", "veth", "peer", "name", outer, "netns", self.bridge_ns)
+            _ip("-n", self.bridge_ns, "link", "set", outer, "master", "br0", "up")
+            _ip("-n", ns, "addr", "add", f"{self.address(node)}/24", "dev", inner)
+            _ip("-n", ns, "link", "set", inner, "up")
+            self._cap(ns, inner)
+            self._cap(self.bridge_ns, outer)
+        return self
+
+    def counters(self) -> dict[str, tuple[int, int]]:
+        return parse_counters(_ip("-n", self.bridge_ns, "-j", "-s", "link", "show"), self.host_links)
+
+    def close(self) -> None:
+        for ns in reversed(self.created):
+            for _ in range(50):
+                pids = [int(p) for p in _ip("netns", "pids", ns, check=False).split()]
+                if not pids:
+                    break
+                for pid in pids:
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                time.sleep(0.1)
+            _ip("netns", "del", ns, check=False)
+        self.created.clear()
+        for link in leftovers(self.prefix)["links"]:  # only if creation was cut short mid-way
+            _ip("link", "del", link, check=False)
+
+
+class CounterLog:
+    """The network's counters every `period` seconds, in a thread, from `start` to `stop`: the
+    bytes of a stretch of the run are the difference of the samples around it."""
+
+    def __init__(self, net: WanNetwork, period: float = 0.5):
+        self.net, self.period = net, period
+        self.samples: list[tuple[float, dict[str, tuple[int, int]]]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while True:
+            self.samples.append((time.time(), self.net.counters()))
+            if self._stop.wait(self.period):
+                return
+
+    def start(self) -> "CounterLog":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.samples.append((time.time(), self.net.counters()))
+
+
+def per_round(samples: list[tuple[float, dict[str, tuple[int, int]]]], round_ends: list[float],
+              node: str) -> tuple[float, float]:
+    """(sent, received) bytes of `node` per round in the steady state: from the end of the first
+    round to the end of the last (joining, downloading W and leaving left out), each end read at
+    the first sample taken after it. With fewer than two rounds: the whole run over its rounds."""
+    def at(t: float) -> tuple[int, int]:
+        return next((c[node] for s, c in samples if s >= t), samples[-1][1][node])
+
+    if len(round_ends) < 2:
+        first, last = samples[0][1][node], samples[-1][1][node]
+        n = max(1, len(round_ends))
+    else:
+        first, last, n = at(round_ends[0]), at(round_ends[-1]), len(round_ends) - 1
+    return (last[0] - first[0]) / n, (last[1] - first[1]) / n
+
+
+def leftovers(prefix: str) -> dict[str, list[str]]:
+    """Namespaces and root-namespace links whose names start with `prefix` (a run's, after it)."""
+    namespaces = [line.split()[0] for line in _ip("netns", "list", check=False).splitlines() if line.strip()]
+    links = [entry["ifname"] for entry in json.loads(_ip("-j", "link", "show", check=False) or "[]")]
+    return {"namespaces": [n for n in namespaces if n.startswith(prefix)],
+            "links": [name for name in links if name.startswith(prefix)]}
+
+
+def processes_in(inodes: list[int]) -> list[int]:
+    """PIDs of the processes inside any of the network namespaces with these inode numbers (a
+    namespace lives on, nameless, while a process is inside it)."""
+    wanted = {f"net:[{i}]" for i in inodes}
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if os.readlink(entry / "ns" / "net") in wanted:
+                    found.append(int(entry.name))
+            except OSError:  # gone meanwhile, or not ours to read
+                pass
+    return found
+
+
+def run_prefix(pid: int) -> str:
+    """Names of one run: `wan` and the benchmark's PID, zero-padded so no run's prefix starts another's."""
+    return f"wan{pid:07d}"
+
+
+def network_missing() -> str | None:
+    """Why the emulated network cannot be built here, or None."""
+    if os.geteuid() != 0:
+        return "needs root (network namespaces)"
+    for tool in ("ip", "tc"):
+        if shutil.which(tool) is None:
+            return f"`{tool}` (iproute2) is not installed"
+    if subprocess.run(["ip", "netns", "list"], capture_output=True).returncode != 0:
+        return "`ip netns` does not work here"
+    return None
+
+
+# ---- the runs ----------------------------------------------------------------------------------
+@dataclass
+class ModeResult:
+    mode: str
+    rounds: int
+    samples_per_round: int
+    wall_seconds: float
+    bytes_sent_per_peer_round: float
+    bytes_received_per_peer_round: float
+    coordinator_bytes_per_round: tuple[float, float]
+    total_bytes_per_peer: float  # sent + received over the whole run, joining and leaving included
+    samples_trained: int  # forward/backward over all peers (hivemind's peers go on while a step is matched)
+    train_fraction: float
+    compute_seconds_per_round: float
+    accuracy: float | None
+    seconds_to_target: float | None
+    curve: list[tuple[float, float]] = field(default_factory=list)  # (seconds since launch, test accuracy)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def wan_config(base: RunConfig, peers: int, samples: int, mbit: float, merge: str) -> RunConfig:
+    """One head per peer at the base config's per-head batch, rounds enough for `samples`, and the
+    protocol's timeouts sized for moving a few W over the capped link."""
+    per_round = base.head_batch * peers * base.lte.merge_every
+    cfg = demo_config(base, peers, max(1, round(samples / per_round)))
+    w_seconds = transfer_seconds(weight_bytes(cfg), mbit)
+    # At the start every peer downloads W through the coordinator's link at once: one download may
+    # take the whole swarm's W transfers.
+    request = 15.0 + (peers + 1) * w_seconds
+    return cfg.with_overrides({"swarm": {
+        **DEMO_SWARM, "min_heads": peers, "merge": merge, "request_timeout": request,
+        "round_timeout": max(40.0 + 6 * w_seconds, request + 30.0), "merge_grace": 15.0 + w_seconds,
+        "lease_seconds": 30.0 + 2 * w_seconds, "checkpoint_every": 1000}})
+
+
+def sync_timeout(cfg: RunConfig, peers: int, mbit: float) -> float:
+    """How long a volunteer may take to get W at the start: every peer's copy through one link."""
+    return 60.0 + 2 * (peers + 1) * transfer_seconds(weight_bytes(cfg), mbit)
+
+
+def weight_bytes(cfg: RunConfig) -> int:
+    """|W| in fp32: every parameter of the model, as the paper's ~90 MB for ViT-S/32."""
+    return 4 * sum(p.numel() for p in create_model(cfg.model).parameters())
+
+
+def transfer_seconds(nbytes: float, mbit: float) -> float:
+    return nbytes * 8 / (mbit * 1e6)
+
+
+def _write(cfg: RunConfig, path: Path) -> Path:
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    return path
+
+
+def _first(proc: PeerProcess, kind: str) -> dict:
+    found = proc.of(kind)
+    if not found:
+        raise LocalSwarmError(f"{proc.name} logged no {kind!r} event:\n{proc.tail()}")
+    return found[0]
+
+
+def _wait_all(procs: list[PeerProcess], timeout: float) -> None:
+    """Until every process exited 0; the first failure ends the wait (the others would wait for
+    the failed peer until their own timeouts)."""
+    deadline = time.monotonic() + timeout
+    while any(p.handle.poll() is None for p in procs):
+        failed = [p for p in procs if p.handle.poll() not in (None, 0)]
+        if failed:
+            raise LocalSwarmError(f"{failed[0].name} failed ({failed[0].handle.returncode}):\n{failed[0].tail()}")
+        if time.monotonic() > deadline:
+            late = next(p for p in procs if p.handle.poll() is None)
+            raise LocalSwarmError(f"{late.name} did not finish within {timeout:.0f}s:\n{late.tail()}")
+        time.sleep(0.5)
+    failed = [p for p in procs if p.handle.returncode != 0]
+    if failed:
+        raise LocalSwarmError(f"{failed[0].name} failed ({failed[0].handle.returncode}):\n{failed[0].tail()}")
+
+
+def time_to(curve: list[tuple[float, float]], target: float) -> float | None:
+    """Seconds until the test accuracy first reached `target`, None if it never did."""
+    return next((t for t, acc in curve if acc >= target), None)
+
+
+def summarize(mode: str, counters: CounterLog, launched: float, peers: list[PeerProcess], round_ends: list[float],
+              samples_per_round: int, samples_trained: int, curve: list[tuple[float, float]],
+              train_seconds: list[float], target: float) -> ModeResult:
+    """Bytes per peer and round from the veth counters, time fractions from the peers' events."""
+    rounds = max(1, len(round_ends))
+    traffic = [per_round(counters.samples, round_ends, p.name) for p in peers]
+    first, last = counters.samples[0][1], counters.samples[-1][1]
+    spans = [p.of("left")[-1]["time"] - _first(p, "joined")["time"] for p in peers]
+    left = max(p.of("left")[-1]["time"] for p in peers)
+    return ModeResult(
+        mode=mode, rounds=rounds, samples_per_round=samples_per_round, wall_seconds=left - launched,
+        bytes_sent_per_peer_round=statistics.mean(t[0] for t in traffic),
+        bytes_received_per_peer_round=statistics.mean(t[1] for t in traffic),
+        coordinator_bytes_per_round=per_round(counters.samples, round_ends, "coordinator"),
+        total_bytes_per_peer=statistics.mean(sum(last[p.name]) - sum(first[p.name]) for p in peers),
+        samples_trained=samples_trained,
+        train_fraction=statistics.mean(t / s for t, s in zip(train_seconds, spans)),
+        compute_seconds_per_round=statistics.mean(train_seconds) / rounds,
+        accuracy=curve[-1][1] if curve else None, seconds_to_target=time_to(curve, target), curve=curve)
+
+
+def run_lte(net: WanNetwork, cfg: RunConfig, workdir: Path, target: float, timeout: float) -> ModeResult:
+    """A coordinator and one single-head peer per node, each in its namespace."""
+    swarm = LocalSwarm(workdir, _write(cfg, workdir / "run.yaml"), launcher=net.launcher)
+    peers = [n for n in net.nodes if n != "coordinator"]
+    counters = CounterLog(net).start()
+    try:
+        launched = time.time()
+        swarm.start_coordinator("--host-maddrs", net.maddr("coordinator"), timeout=timeout)
+        wait_w = f"{sync_timeout(cfg, len(peers), net.mbit):.0f}"
+        procs = [swarm.join(n, "--host-maddrs", net.maddr(n), "--sync-timeout", wait_w) for n in peers]
+        _wait_all(procs, timeout)
+    finally:
+        counters.stop()
+        swarm.close()
+    rounds = [e for e in swarm.coordinator.of("round") if not e.get("idle")]
+    curve = [(e["time"] - launched, e["accuracy"]) for e in rounds if e.get("accuracy") is not None]
+    train = [sum(r["seconds_train"] for r in p.of("round")) for p in procs]
+    trained = sum(r["steps"] for p in procs for r in p.of("round")) * cfg.head_batch
+    return summarize(cfg.swarm.merge, counters, launched, procs, [e["time"] for e in rounds],
+                     cfg.train.batch_size * cfg.lte.merge_every, trained, curve, train, target)
+
+
+def run_hivemind(net: WanNetwork, cfg: RunConfig, workdir: Path, target: float, timeout: float,
+                 hm_target: int, lr: float) -> ModeResult:
+    """A bare DHT node where the coordinator would be and one `hivemind.Optimizer` peer per node."""
+    swarm = LocalSwarm(workdir, _write(cfg, workdir / "run.yaml"), launcher=net.launcher)
+    peers = [n for n in net.nodes if n != "coordinator"]
+    w_seconds = transfer_seconds(weight_bytes(cfg), net.mbit)
+    counters = CounterLog(net).start()
+    try:
+        launched = time.time()
+        boot = swarm.spawn("coordinator", ["-m", "peers.dp_baseline", "bootstrap", "--host", net.maddr("coordinator"),
+                                           "--events", "{events}"])
+        maddrs = boot.wait_for(lambda es: any(e["event"] == "maddrs" for e in es), timeout, "the DHT to start")
+        initial = next(e for e in maddrs if e["event"] == "maddrs")["maddrs"]
+        procs = [swarm.spawn(n, ["-m", "peers.dp_baseline", "train", "--config", str(swarm.config), "--index", str(i),
+                                 "--peers", str(len(peers)), "--initial-peers", *initial, "--host", net.maddr(n),
+                                 "--target", str(hm_target), "--lr", str(lr), "--events", "{events}",
+                                 "--evaluate-every", "1" if i == 0 else "0",
+                                 # 8-bit gradients, then 8-bit parameters: about |W| / 2 each way per step
+                                 "--matchmaking-time", str(5.0 + w_seconds / 10),
+                                 "--averaging-timeout", str(60.0 + 2 * w_seconds)])
+                 for i, n in enumerate(peers)]
+        _wait_all(procs, timeout)
+    finally:
+        counters.stop()
+        swarm.close()
+    curve = [(e["time"] - launched, e["accuracy"]) for e in procs[0].of("eval")]
+    train = [p.of("left")[-1]["seconds_train"] for p in procs]
+    trained = sum(p.of("left")[-1]["steps"] for p in procs) * cfg.head_batch
+    return summarize("hivemind", counters, launched, procs, [e["time"] for e in procs[0].of("epoch")], hm_target,
+                     trained, curve, train, target)
+
+
+# ---- reporting ----------------------------------------------------------------------------------
+def table(results: list[ModeResult], target: float) -> str:
+    """One row per mode: bytes per peer and round, wall clock, training fraction, accuracy."""
+    head = (f"{'mode':9s} {'rounds':>6s} {'samples':>7s} {'MB sent':>8s} {'MB recv':>8s} {'coord MB':>9s} {'wall s':>7s} "
+            f"{'train %':>7s} {'s/round':>7s} {'test acc':>8s} {f's to {target:.0%}':>8s}")
+    lines = [head, "(samples: forward/backward over all peers; MB per peer per round, from the veth counters; "
+                   "coord: the coordinator's sent+received)"]
+    for r in results:
+        reach = "-" if r.seconds_to_target is None else f"{r.seconds_to_target:.0f}"
+        acc = "-" if r.accuracy is None else f"{r.accuracy:.1%}"
+        lines.append(f"{r.mode:9s} {r.rounds:6d} {r.samples_trained:7d} {r.bytes_sent_per_peer_round / 1e6:8.2f} "
+                     f"{r.bytes_received_per_peer_round / 1e6:8.2f} {sum(r.coordinator_bytes_per_round) / 1e6:9.2f} "
+                     f"{r.wall_seconds:7.0f} {r.train_fraction:7.1%} {r.compute_seconds_per_round:7.2f} "
+                     f"{acc:>8s} {reach:>8s}")
+    return "\n".join(lines)
+
+
+def plot(results: list[ModeResult], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in results:
+        ax.plot([t for t, _ in r.curve], [100 * a for _, a in r.curve], "-o", markersize=3, label=r.mode)
+    ax.set(xlabel="wall clock since launching the peers (s)", ylabel="test accuracy (%)", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """`--set KEY=VALUE` items (YAML values), as scripts/compare.py takes them."""
+    overrides = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set {item!r}: expected KEY=VALUE")
+        overrides[key] = yaml.safe_load(value)
+    return overrides
+
+
+
+@contextlib.contextmanager
+def term_as_interrupt() -> Iterator[None]:
+    """SIGTERM unwinds like Ctrl+C, through every `finally`. Ctrl+C gets Python's own handler
+    back: a process started in the background by a shell inherits SIGINT ignored."""
+    def on_term(signum, frame):
+        raise Interrupted(f"signal {signum}")
+
+    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, on_term),
+                signal.SIGINT: signal.signal(signal.SIGINT, signal.default_int_handler)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+@contextlib.contextmanager
+def shielded() -> Iterator[None]:
+    """Ctrl+C and SIGTERM wait until the cleanup inside is done: a second Ctrl+C must not leave
+    half the namespaces behind."""
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--peers", type=int, default=4, help="peers (one LoRA head each; one hivemind peer each)")
+    parser.add_argument("--mbit", type=float, default=4.0, help="cap of every link, each direction (Mbit/s)")
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument("--samples", type=int, default=7680, help="training budget over all peers")
+    parser.add_argument("--config", type=Path, help="base config (default: the shipped digits config, widened; see above)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override any config key, e.g. lte.rank=8 (YAML value)")
+    parser.add_argument("--target-accuracy", type=float, default=0.7, help="report the wall time to reach this")
+    parser.add_argument("--hivemind-target", type=int, help="hivemind's target_batch_size (default: one LTE round's samples)")
+    parser.add_argument("--hivemind-lr", type=float, default=HIVEMIND_LR,
+                        help="its AdamW learning rate (default: tuned for the default model and budget, see above)")
+    parser.add_argument("--timeout", type=float, default=1800.0, help="bound on each mode's run (s)")
+    parser.add_argument("--workdir", type=Path, help="where the runs' logs and events go (default: a new temp dir)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    parser.add_argument("--plot", type=Path, help="write test accuracy against wall clock to this PNG")
+    args = parser.parse_args(argv)
+
+    missing = network_missing()
+    if missing:
+        raise SystemExit(f"bench_wan: cannot emulate the network: {missing}")
+    overrides = {} if args.config else dict(WAN_MODEL)
+    overrides.update(parse_overrides(args.overrides))
+    base = load_config(args.config or shipped_config()).with_overrides(overrides)
+    workdir = (args.workdir or Path(tempfile.mkdtemp(prefix="lte-wan-"))).resolve()
+    log = (lambda line: print(line, file=sys.stderr, flush=True)) if args.json else (lambda line: print(line, flush=True))
+    prefix = run_prefix(os.getpid())
+    nodes = ["coordinator", *(f"peer{i}" for i in range(args.peers))]
+    net = WanNetwork(prefix, nodes, args.mbit)
+    results: list[ModeResult] = []
+    with term_as_interrupt():
+        try:
+            net.open()
+            log(f"network {prefix}: {len(nodes)} namespaces on a bridge, every link capped at {args.mbit:g} Mbit/s")
+            for mode in args.modes:
+                cfg = wan_config(base, args.peers, args.samples, args.mbit, "gather" if mode == "gather" else "reduce")
+                where = workdir / mode
+                where.mkdir(parents=True, exist_ok=True)
+                log(f"{mode}: {args.peers} peers, {cfg.rounds} rounds of {cfg.train.batch_size * cfg.lte.merge_every} "
+                    f"samples ... (logs in {where})")
+                if mode == "hivemind":
+                    hm_target = args.hivemind_target or cfg.train.batch_size * cfg.lte.merge_every
+                    result = run_hivemind(net, cfg, where, args.target_accuracy, args.timeout, hm_target,
+                                          args.hivemind_lr)
+                else:
+                    result = run_lte(net, cfg, where, args.target_accuracy, args.timeout)
+                results.append(result)
+                (where / "result.json").write_text(json.dumps(result.to_json()))  # kept if a later mode fails
+                log(f"  {result.wall_seconds:.0f}s, test accuracy {result.accuracy}")
+        finally:
+            with shielded():
+                net.close()
+    w_bytes = weight_bytes(base)
+    w_seconds = transfer_seconds(w_bytes, args.mbit)
+    lte_compute = [r.compute_seconds_per_round for r in results if r.mode != "hivemind"] or \
+        [r.compute_seconds_per_round for r in results]
+    ratio = w_seconds / statistics.mean(lte_compute)
+    log(f"\n{args.peers} peers, {base.model.name} ({w_bytes / 4e6:.2f}M params, |W| {w_bytes / 1e6:.1f} MB fp32), "
+        f"links capped at {args.mbit:g} Mbit/s, {args.samples} samples, T={base.lte.merge_every}, "
+        f"per-peer batch {base.head_batch}")
+    log(f"compute per round : transfer of one |W| = 1 : {ratio:.1f} ({statistics.mean(lte_compute):.2f}s : "
+        f"{w_seconds:.1f}s; the paper's ViT-S/32 at 20 Mbit/s: about 1 : 10 to 1 : 30)")
+    log(table(results, args.target_accuracy))
+    if args.plot:
+        plot(results, args.plot, f"{args.peers} peers over {args.mbit:g} Mbit/s links")
+        log(f"plot: {args.plot}")
+    if args.json:
+        print(json.dumps({"peers": args.peers, "mbit": args.mbit, "samples": args.samples, "prefix": prefix,
+                          "netns_inodes": net.inodes, "weight_bytes": w_bytes, "weight_transfer_seconds": w_seconds,
+                          "compute_to_transfer": 1 / ratio, "target_accuracy": args.target_accuracy,
+                          "workdir": str(workdir), "modes": [r.to_json() for r in results]}))
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except (KeyboardInterrupt, Interrupted):
+        print("bench_wan: interrupted; network and processes cleaned up", file=sys.stderr)
+        sys.exit(130)

@@ -1,0 +1,157 @@
+"""`scripts/bench_wan.py`: its pure helpers (counters, per-round bytes, the table) on made-up
+numbers, and, as root with `ip netns` and `tc`, a tiny emulated-WAN run (2 peers, one round,
+lte-swarm's reduced merge and hivemind) that must report plausible figures and leave no namespace,
+link or process behind, also when Ctrl+C arrives mid-run."""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.conftest import ROOT
+
+SCRIPT = ROOT / "scripts" / "bench_wan.py"
+# The smallest run that still trains: a 1-block ViT of width 32, T = 2, one round of 2 x 16 x 2 samples.
+TINY = ["--peers", "2", "--samples", "64", "--mbit", "20", "--target-accuracy", "0.05",
+        "--set", "model.args.embed_dim=32", "--set", "model.args.num_heads=2", "--set", "model.args.depth=1",
+        "--set", "lte.merge_every=2", "--set", "train.warmup_steps=1"]
+
+
+@functools.cache
+def _bench():
+    spec = importlib.util.spec_from_file_location("bench_wan", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def _ip_json(links: dict[str, tuple[int, int]]) -> str:
+    return json.dumps([{"ifname": name, "stats64": {"rx": {"bytes": rx}, "tx": {"bytes": tx}}}
+                       for name, (rx, tx) in links.items()])
+
+
+def test_counters_are_read_from_the_bridge_side():
+    bench = _bench()
+    text = _ip_json({"lo": (0, 0), "br0": (5, 5), "w1h0": (1000, 20), "w1h1": (30, 4000)})
+    # the bridge's end receives what the node sends
+    assert bench.parse_counters(text, {"coordinator": "w1h0", "peer0": "w1h1", "gone": "w1h9"}) == {
+        "coordinator": (1000, 20), "peer0": (30, 4000)}
+    assert bench.parse_counters("", {"peer0": "w1h1"}) == {}
+
+
+def test_bytes_per_round_leave_out_joining_and_leaving():
+    bench = _bench()
+    samples = [(0.0, {"p": (0, 0)}), (1.0, {"p": (500, 900)}),   # joining: W downloaded
+               (2.0, {"p": (600, 1000)}), (3.0, {"p": (700, 1100)}), (4.0, {"p": (800, 1200)}),
+               (5.0, {"p": (2000, 2000)})]                          # leaving
+    assert bench.per_round(samples, [1.5, 2.5, 3.5], "p") == (100.0, 100.0)  # ends read at 2.0 and 4.0
+    assert bench.per_round(samples, [1.5], "p") == (2000.0, 2000.0)  # one round: the whole run
+    assert bench.per_round(samples, [], "p") == (2000.0, 2000.0)
+
+
+def test_time_to_target_and_table():
+    bench = _bench()
+    curve = [(10.0, 0.3), (20.0, 0.72), (30.0, 0.65), (40.0, 0.9)]
+    assert bench.time_to(curve, 0.7) == 20.0 and bench.time_to(curve, 0.95) is None
+    rows = [bench.ModeResult(mode=m, rounds=12, samples_per_round=640, wall_seconds=300.0,
+                             bytes_sent_per_peer_round=2.5e6, bytes_received_per_peer_round=7.1e6,
+                             coordinator_bytes_per_round=(1e6, 6e6), total_bytes_per_peer=1.2e8, samples_trained=7680,
+                             train_fraction=0.1,
+                             compute_seconds_per_round=1.2, accuracy=0.9, seconds_to_target=reach, curve=curve)
+            for m, reach in (("reduce", 20.0), ("hivemind", None))]
+    text = bench.table(rows, 0.7)
+    lines = text.splitlines()
+    assert "s to 70%" in lines[0]
+    assert lines[2].split() == ["reduce", "12", "7680", "2.50", "7.10", "7.00", "300", "10.0%", "1.20", "90.0%", "20"]
+    assert lines[3].split()[-1] == "-"
+
+
+def test_names_of_concurrent_runs_never_share_a_prefix():
+    bench = _bench()
+    assert not bench.run_prefix(1234567).startswith(bench.run_prefix(123))
+    assert bench.run_prefix(123) == "wan0000123"
+    # interface names must fit IFNAMSIZ (15 characters) with the largest PID and node index
+    assert len(bench.run_prefix(4194304) + "h99") <= 15
+
+
+def _needs_network() -> None:
+    missing = _bench().network_missing()
+    if missing:
+        pytest.skip(f"emulated WAN unavailable: {missing}")
+
+
+def _ours(workdir: Path) -> list[psutil.Process]:
+    """Processes started for a run: every one names a file in its workdir on its command line."""
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        if any(str(workdir) in arg for arg in proc.info["cmdline"] or []):
+            found.append(proc)
+    return found
+
+
+def _assert_clean(bench, prefix: str, inodes: list[int], workdir: Path) -> None:
+    assert bench.leftovers(prefix) == {"namespaces": [], "links": []}
+    assert bench.processes_in(inodes) == []
+    assert _ours(workdir) == []
+
+
+@pytest.mark.timeout(240)
+def test_tiny_wan_run_reports_and_cleans_up(tmp_path):
+    _needs_network()
+    bench = _bench()
+    done = subprocess.run([sys.executable, str(SCRIPT), *TINY, "--modes", "reduce", "hivemind", "--json",
+                           "--workdir", str(tmp_path), "--plot", str(tmp_path / "wan.png")],
+                          capture_output=True, text=True, timeout=220, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert [m["mode"] for m in out["modes"]] == ["reduce", "hivemind"]
+    assert out["weight_bytes"] > 0 and out["compute_to_transfer"] > 0 and len(out["netns_inodes"]) == 4
+    for mode in out["modes"]:
+        assert mode["rounds"] >= 1 and mode["wall_seconds"] > 0
+        assert mode["bytes_sent_per_peer_round"] > 0 and mode["bytes_received_per_peer_round"] > 0
+        assert mode["total_bytes_per_peer"] > 0 and mode["samples_trained"] >= 64
+        assert 0.0 < mode["train_fraction"] < 1.0
+        assert mode["curve"] and all(0.0 <= acc <= 1.0 for _, acc in mode["curve"])
+        assert 0.0 <= mode["accuracy"] <= 1.0
+    assert "compute per round : transfer of one |W|" in done.stderr
+    assert (tmp_path / "wan.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    _assert_clean(bench, out["prefix"], out["netns_inodes"], tmp_path)
+
+
+@pytest.mark.timeout(180)
+def test_ctrl_c_mid_run_cleans_up(tmp_path):
+    _needs_network()
+    bench = _bench()
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), *TINY, "--modes", "reduce", "--workdir", str(tmp_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    prefix = bench.run_prefix(proc.pid)
+    try:
+        inodes: list[int] = []
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:  # until a peer trains in its namespace
+            if not inodes and len(bench.leftovers(prefix)["namespaces"]) == 4:
+                inodes = [os.stat(f"/run/netns/{ns}").st_ino for ns in bench.leftovers(prefix)["namespaces"]]
+            if inodes and any('"joined"' in p.read_text() for p in tmp_path.glob("reduce/peer*.jsonl")):
+                break
+            time.sleep(0.2)
+        assert inodes and proc.poll() is None, "the run never got going"
+        assert bench.processes_in(inodes)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err[-2000:]
+    assert "cleaned up" in err
+    _assert_clean(bench, prefix, inodes, tmp_path)
