@@ -64,7 +64,8 @@ from peers.demo import DEMO_SWARM, demo_config  # noqa: E402
 from peers.local_swarm import LocalSwarm, LocalSwarmError, PeerProcess  # noqa: E402
 from peers.models import create_model  # noqa: E402
 from peers.shipped import shipped_config  # noqa: E402
-from swarm.config import RunConfig, load_config  # noqa: E402
+from swarm.config import RunConfig, load_config, parse_overrides  # noqa: E402
+from swarm.errors import ConfigError  # noqa: E402
 
 # The default model (see the docstring): the shipped digits ViT made wide enough for its W to
 # weigh on the link as ViT-S/32's does on a home link.
@@ -275,9 +276,11 @@ class ModeResult:
         return asdict(self)
 
 
-def wan_config(base: RunConfig, peers: int, samples: int, mbit: float, merge: str) -> RunConfig:
+def wan_config(base: RunConfig, peers: int, samples: int, mbit: float, merge: str,
+               overrides: dict[str, Any] | None = None) -> RunConfig:
     """One head per peer at the base config's per-head batch, rounds enough for `samples`, and the
-    protocol's timeouts sized for moving a few W over the capped link."""
+    protocol's timeouts sized for moving a few W over the capped link; then the user's `--set`
+    overrides of `swarm.*` keys (e.g. the precision on the wire), which win."""
     per_round = base.head_batch * peers * base.lte.merge_every
     cfg = demo_config(base, peers, max(1, round(samples / per_round)))
     w_seconds = transfer_seconds(weight_bytes(cfg), mbit)
@@ -287,7 +290,8 @@ def wan_config(base: RunConfig, peers: int, samples: int, mbit: float, merge: st
     return cfg.with_overrides({"swarm": {
         **DEMO_SWARM, "min_heads": peers, "merge": merge, "request_timeout": request,
         "round_timeout": max(40.0 + 6 * w_seconds, request + 30.0), "merge_grace": 15.0 + w_seconds,
-        "lease_seconds": 30.0 + 2 * w_seconds, "checkpoint_every": 1000}})
+        "lease_seconds": 30.0 + 2 * w_seconds, "checkpoint_every": 1000}}).with_overrides(
+        {k: v for k, v in (overrides or {}).items() if k.startswith("swarm.")})
 
 
 def sync_timeout(cfg: RunConfig, peers: int, mbit: float) -> float:
@@ -447,17 +451,6 @@ def plot(results: list[ModeResult], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """`--set KEY=VALUE` items (YAML values), as scripts/compare.py takes them."""
-    overrides = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--set {item!r}: expected KEY=VALUE")
-        overrides[key] = yaml.safe_load(value)
-    return overrides
-
-
 
 @contextlib.contextmanager
 def term_as_interrupt() -> Iterator[None]:
@@ -510,7 +503,11 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         raise SystemExit(f"bench_wan: cannot emulate the network: {missing}")
     overrides = {} if args.config else dict(WAN_MODEL)
-    overrides.update(parse_overrides(args.overrides))
+    try:
+        user = parse_overrides(args.overrides)
+    except ConfigError as exc:
+        raise SystemExit(f"bench_wan: {exc}") from None
+    overrides.update(user)
     base = load_config(args.config or shipped_config()).with_overrides(overrides)
     workdir = (args.workdir or Path(tempfile.mkdtemp(prefix="lte-wan-"))).resolve()
     log = (lambda line: print(line, file=sys.stderr, flush=True)) if args.json else (lambda line: print(line, flush=True))
@@ -523,7 +520,8 @@ def main(argv: list[str] | None = None) -> int:
             net.open()
             log(f"network {prefix}: {len(nodes)} namespaces on a bridge, every link capped at {args.mbit:g} Mbit/s")
             for mode in args.modes:
-                cfg = wan_config(base, args.peers, args.samples, args.mbit, "gather" if mode == "gather" else "reduce")
+                cfg = wan_config(base, args.peers, args.samples, args.mbit, "gather" if mode == "gather" else "reduce",
+                                 user)
                 where = workdir / mode
                 where.mkdir(parents=True, exist_ok=True)
                 log(f"{mode}: {args.peers} peers, {cfg.rounds} rounds of {cfg.train.batch_size * cfg.lte.merge_every} "

@@ -77,6 +77,19 @@ def test_time_to_target_and_table():
     assert lines[3].split()[-1] == "-"
 
 
+def test_swarm_settings_given_with_set_survive_the_benchmark_timeouts():
+    from peers.shipped import shipped_config
+    from swarm.config import load_config
+
+    bench = _bench()
+    user = {"swarm.contribution_dtype": "int8", "swarm.part_owners": 1, "swarm.overlap": True}
+    cfg = bench.wan_config(load_config(shipped_config()), 4, 2560, 4.0, "reduce", user)
+    assert (cfg.swarm.contribution_dtype, cfg.swarm.part_owners, cfg.swarm.overlap) == ("int8", 1, True)
+    assert cfg.swarm.merge == "reduce" and cfg.swarm.min_heads == 4  # the benchmark's own settings stay
+    plain = bench.wan_config(load_config(shipped_config()), 4, 2560, 4.0, "gather")
+    assert plain.swarm.contribution_dtype == "fp32" and plain.swarm.merge == "gather"
+
+
 def test_names_of_concurrent_runs_never_share_a_prefix():
     bench = _bench()
     assert not bench.run_prefix(1234567).startswith(bench.run_prefix(123))
