@@ -54,6 +54,7 @@ def load_script(name: str):
 
     spec = importlib.util.spec_from_file_location(f"{name}_script", ROOT / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses defined in it look their module up there
     spec.loader.exec_module(module)
     return module
 

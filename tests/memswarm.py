@@ -202,3 +202,18 @@ class MemorySwarm:
     def digests(self, *names: str) -> dict[str, str]:
         names = names or tuple(self.nodes)
         return {n: self.nodes[n].role.model.state_digest() for n in names}
+
+
+def run_swarm(cfg: RunConfig, workdir: Path, peers: int) -> MemorySwarm:
+    """A coordinator and volunteers p0 .. p{peers-1}, run until the run ends."""
+    swarm = MemorySwarm(cfg, workdir)
+    swarm.coordinator()
+    for i in range(peers):
+        swarm.trainer(f"p{i}")
+    swarm.run()
+    return swarm
+
+
+def max_difference(a: dict, b: dict) -> float:
+    """The largest absolute difference between two states' tensors (keys of `a`)."""
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)

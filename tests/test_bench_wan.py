@@ -6,7 +6,6 @@ link or process behind, also when Ctrl+C arrives mid-run."""
 from __future__ import annotations
 
 import functools
-import importlib.util
 import json
 import os
 import signal
@@ -18,7 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, load_script
 
 SCRIPT = ROOT / "scripts" / "bench_wan.py"
 # The smallest run that still trains: a 1-block ViT of width 32, T = 2, one round of 2 x 16 x 2 samples.
@@ -29,11 +28,7 @@ TINY = ["--peers", "2", "--samples", "64", "--mbit", "20", "--target-accuracy", 
 
 @functools.cache
 def _bench():
-    spec = importlib.util.spec_from_file_location("bench_wan", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench_wan")
 
 
 def _ip_json(links: dict[str, tuple[int, int]]) -> str:

@@ -9,7 +9,7 @@ import torch
 
 from peers.simulate import simulate
 from swarm.schemas import PeerPhase
-from tests.memswarm import MemorySwarm, tiny_config
+from tests.memswarm import MemorySwarm, max_difference, run_swarm, tiny_config
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -26,11 +26,7 @@ def _agree(swarm: MemorySwarm, *names: str) -> str:
 
 def test_peers_merge_every_round_and_match_the_simulation(tmp_path):
     cfg = tiny_config(heads=3, merge_every=2, rounds=4, min_heads=3)
-    swarm = MemorySwarm(cfg, tmp_path)
-    swarm.coordinator()
-    for i in range(3):
-        swarm.trainer(f"p{i}")
-    swarm.run()
+    swarm = run_swarm(cfg, tmp_path, 3)
     assert all(n.state == "finished" for n in swarm.nodes.values())
     _agree(swarm)
     for i in range(3):
@@ -209,11 +205,7 @@ def test_with_overlap_peers_train_through_rounds_and_still_match_the_simulation(
     """swarm.overlap: each round's merge lands while the peers train the next T steps and applies
     at their end, as the simulation models it; the delay really changes the result."""
     cfg = tiny_config(heads=3, merge_every=2, rounds=5, min_heads=3, overlap=True)
-    swarm = MemorySwarm(cfg, tmp_path)
-    swarm.coordinator()
-    for i in range(3):
-        swarm.trainer(f"p{i}")
-    swarm.run()
+    swarm = run_swarm(cfg, tmp_path, 3)
     assert all(n.state == "finished" for n in swarm.nodes.values())
     _agree(swarm)
     for i in range(3):
@@ -223,6 +215,5 @@ def test_with_overlap_peers_train_through_rounds_and_still_match_the_simulation(
     got = swarm["coordinator"].role.model.shared_state()
     sim = simulate(cfg).model.shared_state()
     prompt = simulate(cfg.with_overrides({"swarm.overlap": False})).model.shared_state()
-    gap = max((got[k] - sim[k]).abs().max().item() for k in sim)
-    delay = max((prompt[k] - sim[k]).abs().max().item() for k in sim)
+    gap, delay = max_difference(sim, got), max_difference(sim, prompt)
     assert gap < delay / 20, (gap, delay)

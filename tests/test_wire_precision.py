@@ -13,7 +13,7 @@ from swarm.lte_model import LTEModel, LTESpec, _as_double
 from swarm.wire import (INT8_BLOCK, ContributionError, decode_contribution, decode_reduced, dequantized,
                         encode_contribution, encode_reduced, quantize, reduced_digest, reduced_tensors)
 from tests.conftest import randomize_heads, tiny_vit
-from tests.memswarm import MemorySwarm, tiny_config
+from tests.memswarm import max_difference, run_swarm, tiny_config
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -155,19 +155,11 @@ def _rounded(t: torch.Tensor, dtype: str) -> torch.Tensor:
     return dequantized(quantize({"t": t}, dtype), dtype)["t"].double()
 
 
-def _distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
-
-
 @pytest.mark.parametrize("contribution, reduced", [("bf16", "int8"), ("int8", "bf16")])
 def test_the_swarm_reproduces_the_simulation_in_every_precision_on_the_wire(tmp_path, contribution, reduced):
     cfg = tiny_config(heads=3, merge_every=2, rounds=4, min_heads=3, contribution_dtype=contribution,
                       reduced_dtype=reduced, robust_clip=0.0)
-    mem = MemorySwarm(cfg, tmp_path)
-    mem.coordinator()
-    for i in range(3):
-        mem.trainer(f"p{i}")
-    mem.run()
+    mem = run_swarm(cfg, tmp_path, 3)
     assert all(n.state == "finished" for n in mem.nodes.values())
     assert len(set(mem.digests().values())) == 1
     rounds = mem["p0"].events.of("round")
@@ -175,7 +167,7 @@ def test_the_swarm_reproduces_the_simulation_in_every_precision_on_the_wire(tmp_
     swarm = mem["coordinator"].role.model.shared_state()
     sim = simulate(cfg).model.shared_state()
     exact = simulate(cfg.with_overrides({"swarm.contribution_dtype": "fp32", "swarm.reduced_dtype": "fp32"}))
-    gap = _distance(swarm, sim)
-    rounding = _distance(exact.model.shared_state(), sim)
+    gap = max_difference(swarm, sim)
+    rounding = max_difference(exact.model.shared_state(), sim)
     assert rounding > 0  # the wire's precision changes W ...
     assert gap < rounding / 20, (gap, rounding)  # ... and the swarm rounds exactly as the simulation does
