@@ -120,12 +120,9 @@ class Trainer:
             if not self._overlapping():
                 return self._poll_round()
             self._poll_round()  # one step of the round in flight, then on with training
-            if self.mr is not None and self.step_in_round >= self._round_steps():
-                return self.mr.wait  # our steps are done before the round: wait for it
-            if self.mr is None and self.step_in_round >= self._round_steps():
-                return self._offer()
-            return self._train_step()
-        if self.landed is not None:  # the round landed before our steps were done
+            if self.mr is not None:  # still in flight; once our steps are done, wait for it
+                return self.mr.wait if self.step_in_round >= self._round_steps() else self._train_step()
+        if self.landed is not None:  # the round landed: train the rest of our steps, then apply it
             return self._train_step() if self.step_in_round < self._round_steps() else self._offer()
         if self.heads_changed:
             self.heads_changed = False

@@ -108,6 +108,7 @@ class MergeRound:
     settled: bool = False          # the ready set is read (once per round)
     push_deadline: float = 0.0     # monotonic: how long we wait for blobs pushed by unreachable peers
     pushed: dict[str, bytes] = field(default_factory=dict)  # digest -> blob pushed by an unreachable peer
+    coordinator_p2p: list[str] | None = None  # the coordinator's address this round, once looked up
     totals: dict[str, torch.Tensor] | None = None  # the merge, when it applies later (swarm.overlap)
     pending: bool = False          # agreed, not yet applied to our W (`MergeProtocol.apply_pending`)
 
@@ -477,9 +478,12 @@ class MergeProtocol:
         return (self.cfg.merge == "reduce" and len(mr.ready_set) >= MIN_REDUCE_MEMBERS
                 and len(self._servers(mr)) >= 2)
 
-    def _coordinator_p2p(self) -> list[str]:
-        donor = self.donors().get(self.authority)
-        return [donor.p2p] if donor is not None and donor.p2p != self.p2p else []
+    def _coordinator_p2p(self, mr: MergeRound) -> list[str]:
+        """The coordinator's address, looked up in the DHT once per round."""
+        if mr.coordinator_p2p is None:
+            donor = self.donors().get(self.authority)
+            mr.coordinator_p2p = [donor.p2p] if donor is not None and donor.p2p != self.p2p else []
+        return mr.coordinator_p2p
 
     def _holders(self, mr: MergeRound, index: int | None) -> list[str]:
         """Addresses that were pushed an unreachable member's blob `index` (0: the whole
@@ -487,7 +491,7 @@ class MergeProtocol:
         servers = self._servers(mr)
         if index is not None and index > 0:
             return [mr.ready_set[o].p2p for o in self._owners(index - 1, servers)]
-        return [mr.ready_set[s].p2p for s in servers] + self._coordinator_p2p()
+        return [mr.ready_set[s].p2p for s in servers] + self._coordinator_p2p(mr)
 
     def _push(self, mr: MergeRound) -> None:
         """We cannot be fetched from: push the digest list and what each peer needs of our
@@ -503,7 +507,7 @@ class MergeProtocol:
                 for owner in self._owners(i, servers):
                     targets.setdefault(mr.ready_set[owner].p2p, [listing]).append(mr.pushed[digests[i + 1]])
             if self.cfg.coordinator_recomputes:
-                for address in self._coordinator_p2p():
+                for address in self._coordinator_p2p(mr):
                     targets.setdefault(address, [listing]).append(mr.pushed[digests[0]])
         else:
             for address in self._holders(mr, 0):
@@ -547,7 +551,7 @@ class MergeProtocol:
     def _pushed_blob(self, mr: MergeRound, peer: str, index: int) -> bytes | None:
         """Blob `index` pushed by unreachable member `peer`, found by the digests its signed ready
         record names (in our inbox, or at a peer it was pushed to); None if nowhere yet."""
-        listing = self._by_digest(mr, mr.ready_set[peer].pushed, self._holders(mr, None), _LISTING_BYTES)
+        listing = self._by_digest(mr, mr.ready_set[peer].pushed, None, _LISTING_BYTES)
         if listing is None:
             return None
         expected = 1 + (len(self.parts) if self.cfg.merge == "reduce" else 0)
@@ -558,11 +562,13 @@ class MergeProtocol:
                 raise ValueError
         except ValueError:
             raise ContributionError("the list of blobs it pushed is malformed") from None
-        return self._by_digest(mr, digests[index], self._holders(mr, index), self.max_contribution_bytes)
+        return self._by_digest(mr, digests[index], index, self.max_contribution_bytes)
 
-    def _by_digest(self, mr: MergeRound, digest: str, holders: list[str], bound: int) -> bytes | None:
+    def _by_digest(self, mr: MergeRound, digest: str, index: int | None, bound: int) -> bytes | None:
+        """The blob hashing to `digest`: already held, pushed to us, or fetched from a peer it
+        was pushed to (`_holders(mr, index)`, only asked when we do not hold it)."""
         found = mr.pushed.get(digest) or self.server.inbox.get(digest)
-        for address in holders if found is None else []:
+        for address in self._holders(mr, index) if found is None else []:
             if address == self.p2p:
                 continue
             try:
