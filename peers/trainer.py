@@ -21,7 +21,7 @@ from swarm.config import RunConfig
 from swarm.clock import run_steps
 from swarm.errors import ConfigError
 from swarm.keys import RunKeys
-from swarm.rounds import MergeRound, RoundResult
+from swarm.rounds import MergeRound, RoundResult, RoundStep
 from swarm.schemas import InviteRecord, PeerPhase, PeerStatus, ReadyRecord, publish_status
 from swarm.transport import NETWORK_ERRORS
 from swarm.wire import encode_contribution
@@ -78,6 +78,7 @@ class Trainer:
         self.overlap = cfg.swarm.overlap
         self.landed: tuple[MergeRound, RoundResult] | None = None
         self.inflight_steps = 0                 # local steps in the contribution of the round in flight
+        self.poll_due = 0.0                     # monotonic: when the round in flight is next polled
         self.trained_head_steps = 0
         self.loss: float | None = None
         self.samples_per_second = 0.0
@@ -119,9 +120,14 @@ class Trainer:
         if self.mr is not None:
             if not self._overlapping():
                 return self._poll_round()
-            self._poll_round()  # one step of the round in flight, then on with training
+            now = self.clock.monotonic()
+            if now >= self.poll_due:  # one step of the round in flight when due, then on with training
+                self._poll_round()
+                self.poll_due = now + (self.mr.wait if self.mr is not None else 0.0)
             if self.mr is not None:  # still in flight; once our steps are done, wait for it
-                return self.mr.wait if self.step_in_round >= self._round_steps() else self._train_step()
+                if self.step_in_round >= self._round_steps():
+                    return max(0.0, self.poll_due - now)
+                return self._train_step()
         if self.landed is not None:  # the round landed: train the rest of our steps, then apply it
             return self._train_step() if self.step_in_round < self._round_steps() else self._offer()
         if self.heads_changed:
@@ -151,7 +157,8 @@ class Trainer:
         self._publish_status(force=True)
         if self.protocol.sync():
             self.events.emit("joined", peer=self.peer, p2p=self.rt.p2p, round=self.protocol.round,
-                             digest=self.model.state_digest(), pid=os.getpid(), dht_pid=getattr(self.dht, "pid", None))
+                             digest=self.model.state_digest(), downloaded=self.protocol.state_bytes_downloaded,
+                             pid=os.getpid(), dht_pid=getattr(self.dht, "pid", None))
             self._set_phase(PeerPhase.STANDBY)
             return 0.0
         if self.clock.monotonic() > self.sync_deadline:
@@ -248,8 +255,11 @@ class Trainer:
 
     def _poll_round(self) -> float:
         mr = self.mr
+        reducing = mr.step is RoundStep.REDUCING
         result = self.protocol.poll(mr)
         if result is None:
+            if not reducing and mr.step is RoundStep.REDUCING:  # who the round's owners are, for the record
+                self.events.emit("reducing", round=mr.round, members=sorted(mr.ready_set))
             return mr.wait
         self.mr = None
         if result.idle:
@@ -323,7 +333,8 @@ class Trainer:
             digest=result.digest, heads=list(self.model.head_ids), steps=steps, loss=loss,
             trained_head_steps=self.trained_head_steps, unmerged_steps=self.unmerged_steps,
             seconds_train=train_seconds, seconds_wait=result.seconds_waiting, seconds_comm=result.seconds_communicating,
-            bytes_sent=self.server.bytes_sent, bytes_received=self.server.bytes_received, rejected=result.rejected)
+            bytes_sent=self.server.bytes_sent, bytes_received=self.server.bytes_received, rejected=result.rejected,
+            reduced=result.reduced, raw_parts=result.raw_parts)
         log.info("round %d -> %d: %s, loss %.3f, W %s", result.round, result.new_round,
                  "merged" if result.merged else ("missed" if result.missed else "not merged"), loss, result.digest[:10])
 

@@ -68,9 +68,10 @@ from swarm.config import RunConfig, load_config, parse_overrides  # noqa: E402
 from swarm.errors import ConfigError  # noqa: E402
 
 # The default model (see the docstring): the shipped digits ViT made wide enough for its W to
-# weigh on the link as ViT-S/32's does on a home link.
+# weigh on the link as ViT-S/32's does on a home link, and heads of the paper's rank for its width
+# (r = 64 on ViT-S's 384: one sixth), so that a contribution weighs against W as the paper's does.
 WAN_MODEL = {"model.args.embed_dim": 192, "model.args.num_heads": 3, "model.args.depth": 4,
-             "model.args.mlp_ratio": 4.0, "model.args.patch_size": 4}
+             "model.args.mlp_ratio": 4.0, "model.args.patch_size": 4, "lte.rank": 32}
 # Tuned for hivemind's global batch of 640 (T x 64) and the default budget, one-process full-rank
 # training on the same data (peers/simulate.py, train.batch_size 640, 12 steps, warm-up 2):
 # test accuracy 78.1 % at 5e-4 and 1e-3, 77.8 % at 7e-4, 73.9 % at 1.5e-3, 70.0 % at 2e-3,
@@ -264,6 +265,9 @@ class ModeResult:
     bytes_sent_per_peer_round: float
     bytes_received_per_peer_round: float
     coordinator_bytes_per_round: tuple[float, float]
+    # what the blob transfers themselves moved (the peers' own counters; lte-swarm only): the rest
+    # of the veth bytes is the DHT (records, polling) and the transports' framing
+    blob_bytes_per_peer_round: tuple[float, float] | None
     total_bytes_per_peer: float  # sent + received over the whole run, joining and leaving included
     samples_trained: int  # forward/backward over all peers (hivemind's peers go on while a step is matched)
     train_fraction: float
@@ -342,9 +346,27 @@ def time_to(curve: list[tuple[float, float]], target: float) -> float | None:
     return next((t for t, acc in curve if acc >= target), None)
 
 
+def blob_per_round(peers: list[PeerProcess]) -> tuple[float, float] | None:
+    """(sent, received) blob bytes per peer and round, from the end of each peer's first round to
+    the end of its last (as `per_round`, and as it over the whole run with fewer than two rounds),
+    from the counters in its round events."""
+    spans = []
+    for p in peers:
+        rounds = p.of("round")
+        if len(rounds) >= 2:
+            n = len(rounds) - 1
+            spans.append(((rounds[-1]["bytes_sent"] - rounds[0]["bytes_sent"]) / n,
+                          (rounds[-1]["bytes_received"] - rounds[0]["bytes_received"]) / n))
+        elif rounds:
+            spans.append((rounds[0]["bytes_sent"], rounds[0]["bytes_received"]))
+    if not spans:
+        return None
+    return statistics.mean(s for s, _ in spans), statistics.mean(r for _, r in spans)
+
+
 def summarize(mode: str, counters: CounterLog, launched: float, peers: list[PeerProcess], round_ends: list[float],
               samples_per_round: int, samples_trained: int, curve: list[tuple[float, float]],
-              train_seconds: list[float], target: float) -> ModeResult:
+              train_seconds: list[float], target: float, blobs: tuple[float, float] | None = None) -> ModeResult:
     """Bytes per peer and round from the veth counters, time fractions from the peers' events."""
     rounds = max(1, len(round_ends))
     traffic = [per_round(counters.samples, round_ends, p.name) for p in peers]
@@ -356,6 +378,7 @@ def summarize(mode: str, counters: CounterLog, launched: float, peers: list[Peer
         bytes_sent_per_peer_round=statistics.mean(t[0] for t in traffic),
         bytes_received_per_peer_round=statistics.mean(t[1] for t in traffic),
         coordinator_bytes_per_round=per_round(counters.samples, round_ends, "coordinator"),
+        blob_bytes_per_peer_round=blobs,
         total_bytes_per_peer=statistics.mean(sum(last[p.name]) - sum(first[p.name]) for p in peers),
         samples_trained=samples_trained,
         train_fraction=statistics.mean(t / s for t, s in zip(train_seconds, spans)),
@@ -382,7 +405,7 @@ def run_lte(net: WanNetwork, cfg: RunConfig, workdir: Path, target: float, timeo
     train = [sum(r["seconds_train"] for r in p.of("round")) for p in procs]
     trained = sum(r["steps"] for p in procs for r in p.of("round")) * cfg.head_batch
     return summarize(cfg.swarm.merge, counters, launched, procs, [e["time"] for e in rounds],
-                     cfg.train.batch_size * cfg.lte.merge_every, trained, curve, train, target)
+                     cfg.train.batch_size * cfg.lte.merge_every, trained, curve, train, target, blob_per_round(procs))
 
 
 def run_hivemind(net: WanNetwork, cfg: RunConfig, workdir: Path, target: float, timeout: float,
@@ -420,15 +443,17 @@ def run_hivemind(net: WanNetwork, cfg: RunConfig, workdir: Path, target: float, 
 # ---- reporting ----------------------------------------------------------------------------------
 def table(results: list[ModeResult], target: float) -> str:
     """One row per mode: bytes per peer and round, wall clock, training fraction, accuracy."""
-    head = (f"{'mode':9s} {'rounds':>6s} {'samples':>7s} {'MB sent':>8s} {'MB recv':>8s} {'coord MB':>9s} {'wall s':>7s} "
-            f"{'train %':>7s} {'s/round':>7s} {'test acc':>8s} {f's to {target:.0%}':>8s}")
+    head = (f"{'mode':9s} {'rounds':>6s} {'samples':>7s} {'MB sent':>8s} {'MB recv':>8s} {'blob MB':>11s} "
+            f"{'coord MB':>9s} {'wall s':>7s} {'train %':>7s} {'s/round':>7s} {'test acc':>8s} {f's to {target:.0%}':>8s}")
     lines = [head, "(samples: forward/backward over all peers; MB per peer per round, from the veth counters; "
-                   "coord: the coordinator's sent+received)"]
+                   "blob: sent/received by the blob transfers alone; coord: the coordinator's sent+received)"]
     for r in results:
         reach = "-" if r.seconds_to_target is None else f"{r.seconds_to_target:.0f}"
         acc = "-" if r.accuracy is None else f"{r.accuracy:.1%}"
+        blob = "-" if r.blob_bytes_per_peer_round is None else "{:.2f}/{:.2f}".format(
+            *(b / 1e6 for b in r.blob_bytes_per_peer_round))
         lines.append(f"{r.mode:9s} {r.rounds:6d} {r.samples_trained:7d} {r.bytes_sent_per_peer_round / 1e6:8.2f} "
-                     f"{r.bytes_received_per_peer_round / 1e6:8.2f} {sum(r.coordinator_bytes_per_round) / 1e6:9.2f} "
+                     f"{r.bytes_received_per_peer_round / 1e6:8.2f} {blob:>11s} {sum(r.coordinator_bytes_per_round) / 1e6:9.2f} "
                      f"{r.wall_seconds:7.0f} {r.train_fraction:7.1%} {r.compute_seconds_per_round:7.2f} "
                      f"{acc:>8s} {reach:>8s}")
     return "\n".join(lines)

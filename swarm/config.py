@@ -123,6 +123,8 @@ class SwarmConfig(_Strict):
     round_timeout: PositiveFloat = Field(60.0, description="bound on waiting for contributions and hashes of one round")
     request_timeout: PositiveFloat = Field(15.0, description="bound on one download from one peer")
     poll_seconds: PositiveFloat = Field(0.2, description="how often DHT records are polled while waiting")
+    poll_max_seconds: PositiveFloat = Field(
+        2.0, description="while a round waits with nothing new (transfers on a slow link), polls back off to this")
     min_heads: PositiveInt = Field(1, description="the first round starts once this many heads are held")
     checkpoint_every: PositiveInt = Field(5, description="the coordinator checkpoints W every this many rounds")
     max_update: PositiveFloat = Field(10.0, description="reject contributions that would move any weight by more than this in one merge")

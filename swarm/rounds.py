@@ -53,6 +53,9 @@ log = logging.getLogger(__name__)
 KEEP_CONTRIBUTIONS = 3  # rounds for which a peer keeps serving its contributions
 _LISTING_BYTES = 1 << 16  # bound on the digest list of an unreachable peer's pushed blobs
 _HEX64 = re.compile(r"[0-9a-f]{64}")
+# Each poll that finds nothing new waits this much longer than the last (up to swarm.poll_max_seconds):
+# a round waiting on transfers over a slow link must not spend the link on reading DHT records.
+POLL_BACKOFF = 1.5
 MIN_REDUCE_MEMBERS = 3  # below this, two owners per part means everyone reduces everything: gather instead
 
 
@@ -79,6 +82,8 @@ class RoundResult:
     merged_head_steps: int = 0     # head-steps of all contributions in the agreed W
     digest: str = ""
     rejected: list[str] = field(default_factory=list)
+    reduced: bool = False          # merged through the parts' owners (else all-gathered)
+    raw_parts: int = 0             # parts whose owners failed us: reduced here from raw contributions
     seconds_waiting: float = 0.0
     seconds_communicating: float = 0.0
 
@@ -94,6 +99,7 @@ class MergeRound:
     deadline: float                # monotonic: bound on the current step
     step: RoundStep = RoundStep.OPEN
     wait: float = 0.0              # seconds until the next poll is useful
+    idle_polls: int = 0            # polls in a row that found nothing new: the next waits longer
     settle_until: float = 0.0
     first_ready_seen: float | None = None  # monotonic: when this peer first saw a ready record
     agreed_members: list[str] | None = None  # the agreed contributors, once known
@@ -127,6 +133,7 @@ class ReduceWork:
     final: list[str] | None = None                                       # contributors every part accepted
     first_seen: dict[int, float] = field(default_factory=dict)           # part -> when an owner's record showed up
     orphaned: set[int] = field(default_factory=set)                      # parts whose other owner seems absent
+    raw: set[int] = field(default_factory=set)                           # parts we fetched raw: owners failed us
 
 
 def owners(part: int, members: list[str], count: int = 2) -> tuple[str, ...]:
@@ -170,6 +177,7 @@ class MergeProtocol:
         self._served: dict[int, list[str]] = {}  # round -> names of the blobs we serve for it
         self._w_version = 0  # bumped whenever W or the round may have changed
         self._state_blob: tuple[int, bytes] | None = None
+        self.state_bytes_downloaded = 0  # W fetched from donors (none when we already held it)
         # Behind NAT (hivemind's client mode) nobody can fetch from us: we push our contribution to
         # peers that can be reached, never own a part and never hand out W. Those peers keep what
         # is pushed to them within a budget: every head's contribution, in the worst case.
@@ -273,6 +281,12 @@ class MergeProtocol:
         target = self.trusted_state()
         if target is None or target[0] < min_round:
             return False
+        if target == (self._round, self.model.state_digest()):
+            # Already held: W0 is built from the run's seed, so a newcomer at round 0 usually has
+            # it bit for bit and need not pull a whole W through anyone's link.
+            log.info("W of round %d already held (digest %s): nothing to download", self._round, target[1][:12])
+            self.announce()
+            return True
         donors = self.donors()
         candidates = sorted(who for who, r in donors.items() if (r.round, r.digest) == target)
         if len(candidates) > 1:  # spread newcomers over the donors instead of all hitting one
@@ -295,6 +309,7 @@ class MergeProtocol:
                     self._round = decode_state(blob, self.model, expect_digest=digest, expect_round=round_)
                 finally:
                     self._w_version += 1
+                self.state_bytes_downloaded += len(blob)
                 log.info("synced W of round %d from %s (%.1f MB)", self._round, address[-8:], len(blob) / 2**20)
                 self.announce()
                 return True
@@ -372,9 +387,21 @@ class MergeProtocol:
                 RoundStep.REDUCING: self._poll_reducing, RoundStep.VOTING: self._poll_voting,
                 RoundStep.CATCHING_UP: self._poll_catching_up}.get(mr.step)
         if step is not None:
+            before = self._progress(mr)
             mr.wait = self.cfg.poll_seconds
+            if mr.step in (RoundStep.REDUCING, RoundStep.VOTING):
+                # Waiting on transfers and on others' digests: back off. (An open round is not: its
+                # window runs from when each peer first sees a ready record, and must run alike.)
+                mr.wait = min(mr.wait * POLL_BACKOFF ** mr.idle_polls, max(mr.wait, self.cfg.poll_max_seconds))
             step(mr)
+            mr.idle_polls = mr.idle_polls + 1 if self._progress(mr) == before else 0
         return mr.result
+
+    @staticmethod
+    def _progress(mr: MergeRound) -> tuple:
+        """What a poll that found something new changes: the step, or the parts we know of."""
+        work = mr.work
+        return (mr.step, None if work is None else (len(work.accepted), len(work.reduced), len(work.first_seen)))
 
     def _serve(self, r: int, name: str, blob: bytes) -> None:
         """Serve a blob of round r; what we served for rounds long past is dropped."""
@@ -787,6 +814,7 @@ class MergeProtocol:
     def _fallback(self, mr: MergeRound, work: ReduceWork, parts: list[int]) -> None:
         """Owners did not deliver these parts in time: fetch every contribution's part ourselves."""
         todo = [i for i in parts if i not in work.held]
+        work.raw.update(parts)
         if todo:
             log.warning("round %d: %d of %d parts not reduced by their owners in time; fetching them raw",
                         mr.round, len(todo), len(self.parts))
@@ -812,7 +840,8 @@ class MergeProtocol:
         votes[self.peer] = HashRecord(round=r, digest=mr.digest, members=mr.members)
         agreed = votes[self.authority] if self.authority in votes else agreed_vote(votes)
         mr.agreed_members = list(agreed.members)
-        result = RoundResult(round=r, new_round=r + 1, rejected=mr.rejected, seconds_waiting=mr.waited)
+        result = RoundResult(round=r, new_round=r + 1, rejected=mr.rejected, seconds_waiting=mr.waited,
+                             reduced=mr.work is not None, raw_parts=len(mr.work.raw) if mr.work is not None else 0)
         if agreed.digest != mr.digest:
             log.warning("round %d: our W (%s, %d contributions) differs from the agreed one (%s, %d); re-syncing",
                         r, mr.digest[:10], len(mr.members), agreed.digest[:10], len(agreed.members))

@@ -62,14 +62,15 @@ def test_time_to_target_and_table():
     rows = [bench.ModeResult(mode=m, rounds=12, samples_per_round=640, wall_seconds=300.0,
                              bytes_sent_per_peer_round=2.5e6, bytes_received_per_peer_round=7.1e6,
                              coordinator_bytes_per_round=(1e6, 6e6), total_bytes_per_peer=1.2e8, samples_trained=7680,
-                             train_fraction=0.1,
+                             train_fraction=0.1, blob_bytes_per_peer_round=blob,
                              compute_seconds_per_round=1.2, accuracy=0.9, seconds_to_target=reach, curve=curve)
-            for m, reach in (("reduce", 20.0), ("hivemind", None))]
+            for m, reach, blob in (("reduce", 20.0, (1.25e6, 3.5e6)), ("hivemind", None, None))]
     text = bench.table(rows, 0.7)
     lines = text.splitlines()
     assert "s to 70%" in lines[0]
-    assert lines[2].split() == ["reduce", "12", "7680", "2.50", "7.10", "7.00", "300", "10.0%", "1.20", "90.0%", "20"]
-    assert lines[3].split()[-1] == "-"
+    assert lines[2].split() == ["reduce", "12", "7680", "2.50", "7.10", "1.25/3.50", "7.00", "300", "10.0%", "1.20",
+                                "90.0%", "20"]
+    assert lines[3].split()[-1] == "-" and lines[3].split()[5] == "-"
 
 
 def test_swarm_settings_given_with_set_survive_the_benchmark_timeouts():
@@ -132,6 +133,10 @@ def test_tiny_wan_run_reports_and_cleans_up(tmp_path):
         assert 0.0 < mode["train_fraction"] < 1.0
         assert mode["curve"] and all(0.0 <= acc <= 1.0 for _, acc in mode["curve"])
         assert 0.0 <= mode["accuracy"] <= 1.0
+    blob_sent, blob_received = out["modes"][0]["blob_bytes_per_peer_round"]  # lte-swarm's own counters
+    assert 0 < blob_sent <= out["modes"][0]["bytes_sent_per_peer_round"]
+    assert 0 < blob_received <= out["modes"][0]["bytes_received_per_peer_round"]
+    assert out["modes"][1]["blob_bytes_per_peer_round"] is None
     assert "compute per round : transfer of one |W|" in done.stderr
     assert (tmp_path / "wan.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     _assert_clean(bench, out["prefix"], out["netns_inodes"], tmp_path)

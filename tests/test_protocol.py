@@ -73,7 +73,7 @@ def test_a_peer_joining_at_round_3_catches_up_and_contributes(tmp_path):
     late = swarm.trainer("late")
     swarm.run()
     joined = late.events.of("joined")[0]
-    assert joined["round"] >= 3
+    assert joined["round"] >= 3 and joined["downloaded"] > 0
     first_full = next(r for r in late.events.of("round") if not r["missed"])
     assert first_full["merged"] and first_full["round"] <= joined["round"] + 2
     _agree(swarm)
@@ -130,6 +130,25 @@ def test_a_lapsed_lease_is_reclaimed_as_a_new_claim_and_loses_to_the_peer_that_t
     assert lb.claim(1) == [0]
     assert la.renew() == [0]  # a's renewal is a new claim: it does not take the head back
     assert lb.holders() == {0: id_b.fingerprint} and not la.held
+
+
+def test_newcomers_at_round_0_build_w_from_the_seed_and_download_it_only_when_theirs_differs(tmp_path):
+    cfg = tiny_config(heads=3, merge_every=2, rounds=3, min_heads=3)
+    swarm = MemorySwarm(cfg, tmp_path)
+    swarm.coordinator()
+    nodes = [swarm.trainer(f"p{i}") for i in range(3)]
+    odd = nodes[2].role.model  # its W0 came out different (another device's kernels, say)
+    state = odd.shared_state()
+    key = next(k for k in state if k.endswith(".weight"))
+    state[key] = state[key].clone()
+    state[key].view(-1)[0] += 0.25
+    odd.load_shared_state(state)
+    swarm.run()
+    joined = [n.events.of("joined")[0] for n in nodes]
+    assert [j["round"] for j in joined] == [0, 0, 0]
+    assert joined[0]["downloaded"] == joined[1]["downloaded"] == 0, joined
+    assert joined[2]["downloaded"] > 0, joined
+    _agree(swarm)
 
 
 def test_a_peer_with_a_diverged_w_resyncs_to_the_agreed_one(tmp_path):

@@ -175,3 +175,25 @@ def test_two_colluding_owners_cannot_change_the_agreed_w(tmp_path):
     assert attacked.digests() == baseline.digests()
     fooled = [n for n in _trainers(attacked) if n not in liars]
     assert all(r["resynced"] for n in fooled for r in attacked[n].events.of("round"))
+
+
+def test_a_round_waiting_on_a_silent_owner_polls_the_dht_less_and_less(tmp_path):
+    """While the parts' records are awaited (here, a silent owner's until the grace ends), polls
+    back off up to swarm.poll_max_seconds: the same W, with far fewer DHT reads."""
+    reads, digests = {}, {}
+    for cap in (0.1, 2.0):  # 0.1 = poll_seconds: no back-off
+        mem = _swarm(tmp_path, f"cap{cap}", 4, roles={"p1": _with_protocol(_SilentOwner)}, poll_max_seconds=cap)
+        dht = mem["p0"].role.dht
+        calls = []
+        real_get = dht.get
+
+        def counting_get(key, *args, _real=real_get, _calls=calls, **kw):
+            _calls.append(key)
+            return _real(key, *args, **kw)
+
+        dht.get = counting_get
+        mem.run()
+        assert all(mem[n].state == "finished" for n in mem.nodes)
+        reads[cap], digests[cap] = len(calls), mem.digests("coordinator", "p0", "p2", "p3")
+    assert digests[0.1] == digests[2.0]
+    assert reads[2.0] < 0.6 * reads[0.1], reads

@@ -69,6 +69,43 @@ def test_three_peers_agree_bit_for_bit_and_match_the_simulation(swarm_factory):
     assert moved > 1e-3  # training really moved W: the agreement is not the trivial one
 
 
+def test_an_owner_sigkilled_mid_round_loses_and_doubles_nothing(swarm_factory):
+    """Three contributors reduce W between them, two owners per part: one is killed (with its DHT
+    and p2pd) once the others started reducing a round it owns parts of. Its parts come from
+    their other owner, or raw from the contributions; every survivor ends each round with the
+    coordinator's W, its change merged exactly when the agreed record says so, and the dead
+    owner counts in no later round."""
+    swarm = swarm_factory(heads=3, merge_every=2, rounds=6, min_heads=3, merge="reduce", merge_grace=6.0)
+    coordinator = swarm.start_coordinator()
+    peers = [swarm.join(f"peer{i}", "--throttle", "0.1") for i in range(3)]
+    victim, survivors = peers[0], peers[1:]
+    victim.wait_for(lambda es: any(e["event"] == "joined" for e in es), 120, "joining")
+    victim_peer = last(victim, "joined")["peer"]
+
+    def reducing_with_the_victim(events):
+        return any(e["event"] == "reducing" and e["round"] >= 2 and victim_peer in e["members"] for e in events)
+
+    survivors[0].wait_for(reducing_with_the_victim, 180, "a reduced round with the victim as an owner")
+    victim.signal_group(signal.SIGKILL)
+    killed_round = next(e["round"] for e in survivors[0].of("reducing") if victim_peer in e["members"]
+                        and e["round"] >= 2)
+    assert wait_role_gone(victim.read()) == []
+    for p in survivors:
+        assert p.wait(240) == 0, p.tail()
+    assert coordinator.wait(60) == 0, coordinator.tail()
+
+    agreed = {r["new_round"]: r for r in coordinator.of("round")}
+    assert sorted(agreed) == list(range(1, 7))
+    for p in survivors:
+        me = last(p, "joined")["peer"]
+        for r in p.of("round"):
+            assert r["digest"] == agreed[r["new_round"]]["digest"], (p.name, r)
+            assert r["merged"] == (me in agreed[r["new_round"]]["members"]), r
+            assert r["merged"] or r["missed"], r  # an offered change is merged once or carried on, never lost
+        assert any(r["reduced"] for r in p.of("round") if r["round"] == killed_round), p.of("round")
+    assert all(victim_peer not in r["members"] for r in agreed.values() if r["round"] > killed_round)
+
+
 def test_a_peer_killed_mid_round_is_survived_then_sigterm_ends_every_role_and_the_coordinator_resumes(swarm_factory):
     swarm = swarm_factory(heads=2, merge_every=2, rounds=200)
     identity = str(swarm.workdir / "coordinator.p2p-key")
