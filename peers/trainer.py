@@ -117,6 +117,8 @@ class Trainer:
             self.finished = True
             return 0.0
         self._keep_leases()
+        if self.mr is not None and self._follows_in_vain():
+            self.mr = None
         if self.mr is not None:
             if not self._overlapping():
                 return self._poll_round()
@@ -171,6 +173,16 @@ class Trainer:
         self.events.emit("standby", round=self.protocol.round)
         self.mr = self.protocol.begin(None, None)
         return 0.0
+
+    def _follows_in_vain(self) -> bool:
+        """We follow a round nobody has offered to yet while a head is free: claim it instead. (Round
+        0 cannot open before `swarm.min_heads` heads are held: a peer that lost a claim race would
+        otherwise wait out a whole round's timeout, and the swarm with it.)"""
+        mr = self.mr
+        return (mr.contribution is None and not self.model.head_ids and mr.step is RoundStep.OPEN
+                and mr.first_ready_seen is None and self.settle_at is None
+                and self.clock.monotonic() - mr.started >= self.cfg.swarm.settle_seconds
+                and bool(self.leases.free_heads()))
 
     def _overlapping(self) -> bool:
         """A contribution of ours is in a round whose merge is not applied yet (swarm.overlap)."""

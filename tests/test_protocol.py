@@ -151,6 +151,34 @@ def test_newcomers_at_round_0_build_w_from_the_seed_and_download_it_only_when_th
     _agree(swarm)
 
 
+def test_a_newcomer_that_loses_its_claim_before_round_0_claims_a_free_head_without_waiting_out_a_round(tmp_path):
+    """Round 0 cannot start before `min_heads` are held: a peer that lost its first claim and went
+    standby must not sit in a round nobody can open while a head is free."""
+    cfg = tiny_config(heads=3, merge_every=2, rounds=2, min_heads=3)
+    swarm = MemorySwarm(cfg, tmp_path)
+    swarm.coordinator()
+    a = swarm.trainer("a")
+    swarm.trainer("b")
+    swarm.run(until=lambda s: s["a"].role.model.head_ids and s["b"].role.model.head_ids)
+    late = swarm.trainer("late")
+    taken, claims = a.role.model.head_ids[0], []
+    propose = late.role.leases.propose
+
+    def first_on_a_taken_head(count, prefer=None):
+        claims.append(count)
+        return propose(count, prefer=[taken] if len(claims) == 1 else prefer)
+
+    late.role.leases.propose = first_on_a_taken_head
+    start = swarm.clock.now()
+    swarm.run(until=lambda s: s["late"].role.model.head_ids)
+    assert late.events.of("standby") and len(claims) >= 2  # it lost, followed, then claimed again
+    assert swarm.clock.now() - start < cfg.swarm.round_timeout / 4
+    swarm.run()
+    assert [r["new_round"] for r in swarm["coordinator"].events.of("round")] == [1, 2]
+    assert all(len(r["members"]) == 3 for r in swarm["coordinator"].events.of("round"))
+    _agree(swarm)
+
+
 def test_a_peer_with_a_diverged_w_resyncs_to_the_agreed_one(tmp_path):
     cfg = tiny_config(heads=3, merge_every=2, rounds=6, min_heads=3)
     swarm = MemorySwarm(cfg, tmp_path)
