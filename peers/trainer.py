@@ -182,7 +182,7 @@ class Trainer:
         return (mr.contribution is None and not self.model.head_ids and mr.step is RoundStep.OPEN
                 and mr.first_ready_seen is None and self.settle_at is None
                 and self.clock.monotonic() - mr.started >= self.cfg.swarm.settle_seconds
-                and bool(self.leases.free_heads()))
+                and len(self.leases.holders()) < self.cfg.lte.heads)  # a cached view: standbys poll often
 
     def _overlapping(self) -> bool:
         """A contribution of ours is in a round whose merge is not applied yet (swarm.overlap)."""

@@ -26,10 +26,13 @@ What decides the comparison is that ratio, not the absolute sizes. The CPUs here
 digits ViT (0.14 M parameters) through 10 steps in about 0.1 s, and its W crosses 20 Mbit/s in
 0.2 s: 1:2, compute-bound, nothing like the paper. The default model is therefore wider (embed 192,
 4 blocks, MLP ratio 4, 4x4 patches: 1.8 M parameters, 7.1 MB fp32 W) and the default cap is 4 Mbit/s,
-under which one |W| takes 14.3 s; with 4 peers and the coordinator sharing 2 cores a peer computes
-a round in 1.0-1.35 s: 1:12 measured (1:11 to 1:14). The ratio measured in each run (compute per
-round from the LTE peers' own timings) is printed with the results. More peers on the same cores
-compute slower (a smaller ratio); a faster machine computes faster: lower `--mbit` to keep it.
+under which one |W| takes 14.3 s; with 4 peers and the coordinator sharing 2 cores a peer computed
+a round of rank-16 heads in 1.0-1.35 s: 1:12 measured (1:11 to 1:14). The heads have the paper's
+rank for the width (64 of 384 there, 32 of 192 here), so that one contribution weighs against W as
+in the paper (reset-less, fp32: 3.2 MB against 7.1 MB; the paper's 42.9 MB against 88 MB). The
+ratio measured in each run (compute per round from the LTE peers' own timings) is printed with the
+results. More peers on the same cores compute slower (a smaller ratio); a faster machine computes
+faster: lower `--mbit` to keep it.
 
 The hivemind learning rate is tuned (see HIVEMIND_LR) for the default model, budget and global
 batch; with other settings pass `--hivemind-lr`. Digits at the default budget tops out near 93 %
@@ -91,6 +94,22 @@ def _ip(*args: str, check: bool = True) -> str:
     if check and done.returncode != 0:
         raise RuntimeError(f"ip {' '.join(args)}: {done.stderr.strip()}")
     return done.stdout
+
+
+def parse_tcp(snmp: str) -> tuple[int, int]:
+    """(segments sent, segments retransmitted) from the `Tcp:` lines of /proc/net/snmp."""
+    names, values = [line.split()[1:] for line in snmp.splitlines() if line.startswith("Tcp:")][:2]
+    fields = dict(zip(names, values))
+    return int(fields["OutSegs"]), int(fields["RetransSegs"])
+
+
+def retransmitted(before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]], nodes: list[str]
+                  ) -> float | None:
+    """The share of the TCP segments `nodes` sent between two `tcp()` readings that were resent
+    (what the capped queues dropped): veth bytes beyond the payload."""
+    sent = sum(after[n][0] - before[n][0] for n in nodes if n in after and n in before)
+    resent = sum(after[n][1] - before[n][1] for n in nodes if n in after and n in before)
+    return resent / sent if sent > 0 else None
 
 
 def parse_counters(ip_json: str, links: dict[str, str]) -> dict[str, tuple[int, int]]:
@@ -155,6 +174,16 @@ class WanNetwork:
     def counters(self) -> dict[str, tuple[int, int]]:
         return parse_counters(_ip("-n", self.bridge_ns, "-j", "-s", "link", "show"), self.host_links)
 
+    def tcp(self) -> dict[str, tuple[int, int]]:
+        """node -> (TCP segments sent, of which retransmitted), from the kernel of its namespace."""
+        out = {}
+        for node in self.nodes:
+            done = subprocess.run(["ip", "netns", "exec", self.namespace(node), "cat", "/proc/net/snmp"],
+                                  capture_output=True, text=True)
+            if done.returncode == 0:
+                out[node] = parse_tcp(done.stdout)
+        return out
+
     def close(self) -> None:
         for ns in reversed(self.created):
             for _ in range(50):
@@ -180,6 +209,7 @@ class CounterLog:
     def __init__(self, net: WanNetwork, period: float = 0.5):
         self.net, self.period = net, period
         self.samples: list[tuple[float, dict[str, tuple[int, int]]]] = []
+        self.tcp: list[dict[str, tuple[int, int]]] = []  # the namespaces' TCP counters at start and stop
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -190,6 +220,7 @@ class CounterLog:
                 return
 
     def start(self) -> "CounterLog":
+        self.tcp.append(self.net.tcp())
         self._thread.start()
         return self
 
@@ -197,6 +228,7 @@ class CounterLog:
         self._stop.set()
         self._thread.join()
         self.samples.append((time.time(), self.net.counters()))
+        self.tcp.append(self.net.tcp())
 
 
 def per_round(samples: list[tuple[float, dict[str, tuple[int, int]]]], round_ends: list[float],
@@ -268,6 +300,7 @@ class ModeResult:
     # what the blob transfers themselves moved (the peers' own counters; lte-swarm only): the rest
     # of the veth bytes is the DHT (records, polling) and the transports' framing
     blob_bytes_per_peer_round: tuple[float, float] | None
+    retransmitted: float | None  # share of the peers' TCP segments that were resent (drops at the caps)
     total_bytes_per_peer: float  # sent + received over the whole run, joining and leaving included
     samples_trained: int  # forward/backward over all peers (hivemind's peers go on while a step is matched)
     train_fraction: float
@@ -288,11 +321,13 @@ def wan_config(base: RunConfig, peers: int, samples: int, mbit: float, merge: st
     per_round = base.head_batch * peers * base.lte.merge_every
     cfg = demo_config(base, peers, max(1, round(samples / per_round)))
     w_seconds = transfer_seconds(weight_bytes(cfg), mbit)
-    # At the start every peer downloads W through the coordinator's link at once: one download may
-    # take the whole swarm's W transfers.
+    # A newcomer whose W0 came out different, or a peer re-syncing, downloads W through one donor's
+    # link, maybe with the whole swarm at once.
     request = 15.0 + (peers + 1) * w_seconds
+    # DHT records polled 10 times a second (the loopback demo's pace) would take a share of links
+    # where one W takes seconds: poll as a home link affords.
     return cfg.with_overrides({"swarm": {
-        **DEMO_SWARM, "min_heads": peers, "merge": merge, "request_timeout": request,
+        **DEMO_SWARM, "poll_seconds": 0.5, "min_heads": peers, "merge": merge, "request_timeout": request,
         "round_timeout": max(40.0 + 6 * w_seconds, request + 30.0), "merge_grace": 15.0 + w_seconds,
         "lease_seconds": 30.0 + 2 * w_seconds, "checkpoint_every": 1000}}).with_overrides(
         {k: v for k, v in (overrides or {}).items() if k.startswith("swarm.")})
@@ -379,6 +414,7 @@ def summarize(mode: str, counters: CounterLog, launched: float, peers: list[Peer
         bytes_received_per_peer_round=statistics.mean(t[1] for t in traffic),
         coordinator_bytes_per_round=per_round(counters.samples, round_ends, "coordinator"),
         blob_bytes_per_peer_round=blobs,
+        retransmitted=retransmitted(counters.tcp[0], counters.tcp[-1], [p.name for p in peers]),
         total_bytes_per_peer=statistics.mean(sum(last[p.name]) - sum(first[p.name]) for p in peers),
         samples_trained=samples_trained,
         train_fraction=statistics.mean(t / s for t, s in zip(train_seconds, spans)),
@@ -444,16 +480,18 @@ def run_hivemind(net: WanNetwork, cfg: RunConfig, workdir: Path, target: float, 
 def table(results: list[ModeResult], target: float) -> str:
     """One row per mode: bytes per peer and round, wall clock, training fraction, accuracy."""
     head = (f"{'mode':9s} {'rounds':>6s} {'samples':>7s} {'MB sent':>8s} {'MB recv':>8s} {'blob MB':>11s} "
-            f"{'coord MB':>9s} {'wall s':>7s} {'train %':>7s} {'s/round':>7s} {'test acc':>8s} {f's to {target:.0%}':>8s}")
+            f"{'coord MB':>9s} {'resent':>6s} {'wall s':>7s} {'train %':>7s} {'s/round':>7s} {'test acc':>8s} {f's to {target:.0%}':>8s}")
     lines = [head, "(samples: forward/backward over all peers; MB per peer per round, from the veth counters; "
-                   "blob: sent/received by the blob transfers alone; coord: the coordinator's sent+received)"]
+                   "blob: sent/received by the blob transfers alone; coord: the coordinator's sent+received; "
+                   "resent: share of the peers' TCP segments sent again after drops at the caps)"]
     for r in results:
         reach = "-" if r.seconds_to_target is None else f"{r.seconds_to_target:.0f}"
         acc = "-" if r.accuracy is None else f"{r.accuracy:.1%}"
+        resent = "-" if r.retransmitted is None else f"{r.retransmitted:.1%}"
         blob = "-" if r.blob_bytes_per_peer_round is None else "{:.2f}/{:.2f}".format(
             *(b / 1e6 for b in r.blob_bytes_per_peer_round))
         lines.append(f"{r.mode:9s} {r.rounds:6d} {r.samples_trained:7d} {r.bytes_sent_per_peer_round / 1e6:8.2f} "
-                     f"{r.bytes_received_per_peer_round / 1e6:8.2f} {blob:>11s} {sum(r.coordinator_bytes_per_round) / 1e6:9.2f} "
+                     f"{r.bytes_received_per_peer_round / 1e6:8.2f} {blob:>11s} {sum(r.coordinator_bytes_per_round) / 1e6:9.2f} {resent:>6s} "
                      f"{r.wall_seconds:7.0f} {r.train_fraction:7.1%} {r.compute_seconds_per_round:7.2f} "
                      f"{acc:>8s} {reach:>8s}")
     return "\n".join(lines)

@@ -614,7 +614,17 @@ class MergeProtocol:
         for a member nobody can connect to, from what it pushed."""
         rec = mr.ready_set[peer]
         if rec.pushed is None:
-            return self.server.fetch(rec.p2p, name, self.cfg.request_timeout, bound)
+            started = self.clock.monotonic()
+            try:
+                return self.server.fetch(rec.p2p, name, self.cfg.request_timeout, bound)
+            except NETWORK_ERRORS as exc:
+                # A stream cut short on a busy home link must not leave a live member out of the
+                # round (its part's owners would then disagree); a peer that let a request time out
+                # is not asked twice.
+                if self.clock.monotonic() - started > self.cfg.request_timeout / 2:
+                    raise
+                log.info("round %d: fetching %s again after: %s", mr.round, name, exc)
+                return self.server.fetch(rec.p2p, name, self.cfg.request_timeout, bound)
         blob = self._pushed_blob(mr, peer, index)
         if blob is None:
             raise TransferError("what it pushed reached neither us nor the peers it pushed to in time")

@@ -55,6 +55,18 @@ def test_bytes_per_round_leave_out_joining_and_leaving():
     assert bench.per_round(samples, [], "p") == (2000.0, 2000.0)
 
 
+def test_tcp_counters_and_the_share_resent():
+    bench = _bench()
+    snmp = ("Ip: Forwarding DefaultTTL\nIp: 1 64\n"
+            "Tcp: RtoAlgorithm ActiveOpens InSegs OutSegs RetransSegs InErrs\nTcp: 1 29 162047 291385 44510 0\n"
+            "Udp: InDatagrams\nUdp: 5\n")
+    assert bench.parse_tcp(snmp) == (291385, 44510)
+    before = {"a": (100, 10), "b": (1000, 0), "coordinator": (0, 0)}
+    after = {"a": (300, 30), "b": (1800, 80), "coordinator": (5000, 4000)}
+    assert bench.retransmitted(before, after, ["a", "b"]) == 100 / 1000
+    assert bench.retransmitted(before, before, ["a"]) is None
+
+
 def test_time_to_target_and_table():
     bench = _bench()
     curve = [(10.0, 0.3), (20.0, 0.72), (30.0, 0.65), (40.0, 0.9)]
@@ -62,14 +74,14 @@ def test_time_to_target_and_table():
     rows = [bench.ModeResult(mode=m, rounds=12, samples_per_round=640, wall_seconds=300.0,
                              bytes_sent_per_peer_round=2.5e6, bytes_received_per_peer_round=7.1e6,
                              coordinator_bytes_per_round=(1e6, 6e6), total_bytes_per_peer=1.2e8, samples_trained=7680,
-                             train_fraction=0.1, blob_bytes_per_peer_round=blob,
+                             train_fraction=0.1, blob_bytes_per_peer_round=blob, retransmitted=0.125,
                              compute_seconds_per_round=1.2, accuracy=0.9, seconds_to_target=reach, curve=curve)
             for m, reach, blob in (("reduce", 20.0, (1.25e6, 3.5e6)), ("hivemind", None, None))]
     text = bench.table(rows, 0.7)
     lines = text.splitlines()
     assert "s to 70%" in lines[0]
-    assert lines[2].split() == ["reduce", "12", "7680", "2.50", "7.10", "1.25/3.50", "7.00", "300", "10.0%", "1.20",
-                                "90.0%", "20"]
+    assert lines[2].split() == ["reduce", "12", "7680", "2.50", "7.10", "1.25/3.50", "7.00", "12.5%", "300", "10.0%",
+                                "1.20", "90.0%", "20"]
     assert lines[3].split()[-1] == "-" and lines[3].split()[5] == "-"
 
 
@@ -137,6 +149,7 @@ def test_tiny_wan_run_reports_and_cleans_up(tmp_path):
     assert 0 < blob_sent <= out["modes"][0]["bytes_sent_per_peer_round"]
     assert 0 < blob_received <= out["modes"][0]["bytes_received_per_peer_round"]
     assert out["modes"][1]["blob_bytes_per_peer_round"] is None
+    assert all(0.0 <= mode["retransmitted"] < 1.0 for mode in out["modes"])
     assert "compute per round : transfer of one |W|" in done.stderr
     assert (tmp_path / "wan.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     _assert_clean(bench, out["prefix"], out["netns_inodes"], tmp_path)

@@ -197,3 +197,27 @@ def test_a_round_waiting_on_a_silent_owner_polls_the_dht_less_and_less(tmp_path)
         reads[cap], digests[cap] = len(calls), mem.digests("coordinator", "p0", "p2", "p3")
     assert digests[0.1] == digests[2.0]
     assert reads[2.0] < 0.6 * reads[0.1], reads
+
+
+def test_a_download_cut_short_once_is_fetched_again_and_leaves_nobody_out(tmp_path):
+    """One of p0's downloads of p2's contribution fails once (a stream reset on a busy link): p0
+    fetches it again, so every part's owners agree and no peer falls back or re-syncs."""
+    baseline = _swarm(tmp_path, "baseline", 4)
+    baseline.run()
+    mem = _swarm(tmp_path, "flaky", 4)
+    server, victim = mem["p0"].role.server, mem["p2"].rt.p2p
+    fetch, failed = server.fetch, []
+
+    def flaky_fetch(peer, name, timeout, max_bytes):
+        if str(peer) == victim and "/contribution/" in name and not failed:
+            failed.append(name)
+            raise rounds_module.TransferError(f"{str(peer)[-8:]} sent 0 of 100 bytes for {name}")
+        return fetch(peer, name, timeout, max_bytes)
+
+    server.fetch = flaky_fetch
+    mem.run()
+    assert failed, "the failure was never injected"
+    for name in _trainers(mem):
+        for r in mem[name].events.of("round"):
+            assert r["merged"] and len(r["members"]) == 4 and not r["resynced"] and r["raw_parts"] == 0, (name, r)
+    assert mem.digests() == baseline.digests()
