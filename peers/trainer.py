@@ -80,6 +80,7 @@ class Trainer:
         self.inflight_steps = 0                 # local steps in the contribution of the round in flight
         self.poll_due = 0.0                     # monotonic: when the round in flight is next polled
         self.trained_head_steps = 0
+        self.compute_seconds = 0.0              # in forward/backward (and batching) alone, all run long
         self.loss: float | None = None
         self.samples_per_second = 0.0
         self._status_at = float("-inf")
@@ -201,8 +202,10 @@ class Trainer:
             self.round_losses, self.round_started = [], self.clock.monotonic()
         self._set_phase(PeerPhase.TRAINING)
         global_step = self._period() * self.cfg.lte.merge_every + self.step_in_round
+        began = self.clock.monotonic()
         x, y = stack_batches([self.streams[h] for h in self.model.head_ids], self.device)
         self.loss = self.head_trainer.step(x, y, global_step)
+        self.compute_seconds += self.clock.monotonic() - began
         self.round_losses.append(self.loss)
         self.step_in_round += 1
         self.unmerged_steps += 1
@@ -357,7 +360,7 @@ class Trainer:
         finally:
             self.events.emit("left", peer=self.peer, round=self.protocol.round, digest=self.model.state_digest(),
                              trained_head_steps=self.trained_head_steps, unmerged_steps=self.unmerged_steps,
-                             heads=list(self.model.head_ids))
+                             compute_seconds=self.compute_seconds, heads=list(self.model.head_ids))
             self.server.shutdown()
 
 

@@ -74,7 +74,9 @@ def main() -> None:
         rounds = p.of("round")
         missed += sum(r["missed"] for r in rounds)
         joined, left = p.of("joined")[0]["time"], p.of("left")[-1]["time"]
-        fractions.append(sum(r["seconds_train"] for r in rounds) / (left - joined))
+        # forward/backward alone: with swarm.overlap a round's training span also holds the polls
+        # of the round in flight
+        fractions.append(p.of("left")[-1]["compute_seconds"] / (left - joined))
         for prev, r in zip(rounds, rounds[1:]):  # from the second round on: the first includes joining
             train.append(r["seconds_train"]), wait.append(r["seconds_wait"]), comm.append(r["seconds_comm"])
             sent.append(r["bytes_sent"] - prev["bytes_sent"]), received.append(r["bytes_received"] - prev["bytes_received"])

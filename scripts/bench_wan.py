@@ -438,7 +438,7 @@ def run_lte(net: WanNetwork, cfg: RunConfig, workdir: Path, target: float, timeo
         swarm.close()
     rounds = [e for e in swarm.coordinator.of("round") if not e.get("idle")]
     curve = [(e["time"] - launched, e["accuracy"]) for e in rounds if e.get("accuracy") is not None]
-    train = [sum(r["seconds_train"] for r in p.of("round")) for p in procs]
+    train = [p.of("left")[-1]["compute_seconds"] for p in procs]  # forward/backward alone (see bench_swarm)
     trained = sum(r["steps"] for p in procs for r in p.of("round")) * cfg.head_batch
     return summarize(cfg.swarm.merge, counters, launched, procs, [e["time"] for e in rounds],
                      cfg.train.batch_size * cfg.lte.merge_every, trained, curve, train, target, blob_per_round(procs))

@@ -55,6 +55,8 @@ def test_three_peers_agree_bit_for_bit_and_match_the_simulation(swarm_factory):
     for p in peers:
         rounds = p.of("round")
         assert [r["new_round"] for r in rounds] == [1, 2, 3, 4]
+        # forward/backward alone, not the polls of the round in flight between the steps
+        assert 0.0 < last(p, "left")["compute_seconds"] < last(p, "left")["time"] - last(p, "joined")["time"]
         assert all(r["merged"] and len(r["members"]) == 3 for r in rounds), rounds
 
     # The same heads, seeds and data in one process give the same W (up to float rounding).
@@ -102,8 +104,9 @@ def test_an_owner_sigkilled_mid_round_loses_and_doubles_nothing(swarm_factory):
             assert r["digest"] == agreed[r["new_round"]]["digest"], (p.name, r)
             assert r["merged"] == (me in agreed[r["new_round"]]["members"]), r
             assert r["merged"] or r["missed"], r  # an offered change is merged once or carried on, never lost
-        assert any(r["reduced"] for r in p.of("round") if r["round"] == killed_round), p.of("round")
     assert all(victim_peer not in r["members"] for r in agreed.values() if r["round"] > killed_round)
+    # the owner-reduced merge was really in use (the killed round itself may end in a catch-up)
+    assert all(any(r["reduced"] for r in p.of("round") if r["round"] < killed_round) for p in survivors)
 
 
 def test_a_peer_killed_mid_round_is_survived_then_sigterm_ends_every_role_and_the_coordinator_resumes(swarm_factory):
