@@ -95,6 +95,19 @@ def _isolate_dht_process(parent: int) -> None:
     if os.getppid() != parent:  # the peer died before we got here
         on_term(signal.SIGTERM, None)
 
+    def watch_parent() -> None:
+        """Backstop of the death signal: its Python handler runs only when the main thread gets
+        to it, and a main thread stuck in a long native call would keep p2pd alive meanwhile."""
+        import time
+
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        on_term(signal.SIGTERM, None)
+
+    import threading
+
+    threading.Thread(target=watch_parent, name="parent-watch", daemon=True).start()
+
 
 def announce_run(dht, keys: RunKeys, identity: Identity, record: RunRecord, expiration: float) -> None:
     """The coordinator's signed run record and its entry in the list of runs."""
