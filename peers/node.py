@@ -72,6 +72,8 @@ def _isolate_dht_process(parent: int) -> None:
     import ctypes
     import os
     import sys
+    import threading
+    import time
 
     os.setpgid(0, 0)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -98,13 +100,9 @@ def _isolate_dht_process(parent: int) -> None:
     def watch_parent() -> None:
         """Backstop of the death signal: its Python handler runs only when the main thread gets
         to it, and a main thread stuck in a long native call would keep p2pd alive meanwhile."""
-        import time
-
         while os.getppid() == parent:
             time.sleep(0.5)
         on_term(signal.SIGTERM, None)
-
-    import threading
 
     threading.Thread(target=watch_parent, name="parent-watch", daemon=True).start()
 

@@ -298,7 +298,7 @@ class ModeResult:
     bytes_received_per_peer_round: float
     coordinator_bytes_per_round: tuple[float, float]
     # what the blob transfers themselves moved (the peers' own counters; lte-swarm only): the rest
-    # of the veth bytes is the DHT (records, polling) and the transports' framing
+    # of the veth bytes is the DHT (records, polling), the transports' framing and resent segments
     blob_bytes_per_peer_round: tuple[float, float] | None
     retransmitted: float | None  # share of the peers' TCP segments that were resent (drops at the caps)
     total_bytes_per_peer: float  # sent + received over the whole run, joining and leaving included
@@ -383,8 +383,8 @@ def time_to(curve: list[tuple[float, float]], target: float) -> float | None:
 
 def blob_per_round(peers: list[PeerProcess]) -> tuple[float, float] | None:
     """(sent, received) blob bytes per peer and round, from the end of each peer's first round to
-    the end of its last (as `per_round`, and as it over the whole run with fewer than two rounds),
-    from the counters in its round events."""
+    the end of its last (as `per_round`; over the whole run with fewer than two rounds), from the
+    counters in its round events."""
     spans = []
     for p in peers:
         rounds = p.of("round")
@@ -480,7 +480,8 @@ def run_hivemind(net: WanNetwork, cfg: RunConfig, workdir: Path, target: float, 
 def table(results: list[ModeResult], target: float) -> str:
     """One row per mode: bytes per peer and round, wall clock, training fraction, accuracy."""
     head = (f"{'mode':9s} {'rounds':>6s} {'samples':>7s} {'MB sent':>8s} {'MB recv':>8s} {'blob MB':>11s} "
-            f"{'coord MB':>9s} {'resent':>6s} {'wall s':>7s} {'train %':>7s} {'s/round':>7s} {'test acc':>8s} {f's to {target:.0%}':>8s}")
+            f"{'coord MB':>9s} {'resent':>6s} {'wall s':>7s} {'train %':>7s} {'s/round':>7s} {'test acc':>8s} "
+            f"{f's to {target:.0%}':>8s}")
     lines = [head, "(samples: forward/backward over all peers; MB per peer per round, from the veth counters; "
                    "blob: sent/received by the blob transfers alone; coord: the coordinator's sent+received; "
                    "resent: share of the peers' TCP segments sent again after drops at the caps)"]
@@ -491,7 +492,8 @@ def table(results: list[ModeResult], target: float) -> str:
         blob = "-" if r.blob_bytes_per_peer_round is None else "{:.2f}/{:.2f}".format(
             *(b / 1e6 for b in r.blob_bytes_per_peer_round))
         lines.append(f"{r.mode:9s} {r.rounds:6d} {r.samples_trained:7d} {r.bytes_sent_per_peer_round / 1e6:8.2f} "
-                     f"{r.bytes_received_per_peer_round / 1e6:8.2f} {blob:>11s} {sum(r.coordinator_bytes_per_round) / 1e6:9.2f} {resent:>6s} "
+                     f"{r.bytes_received_per_peer_round / 1e6:8.2f} {blob:>11s} "
+                     f"{sum(r.coordinator_bytes_per_round) / 1e6:9.2f} {resent:>6s} "
                      f"{r.wall_seconds:7.0f} {r.train_fraction:7.1%} {r.compute_seconds_per_round:7.2f} "
                      f"{acc:>8s} {reach:>8s}")
     return "\n".join(lines)
