@@ -307,6 +307,8 @@ class ModeResult:
     compute_seconds_per_round: float
     accuracy: float | None
     seconds_to_target: float | None
+    # lte-swarm: median seconds from a peer entering a merge round to each step of it (RoundResult.phases)
+    round_phases: dict[str, float] | None = None
     curve: list[tuple[float, float]] = field(default_factory=list)  # (seconds since launch, test accuracy)
 
     def to_json(self) -> dict[str, Any]:
@@ -399,6 +401,20 @@ def blob_per_round(peers: list[PeerProcess]) -> tuple[float, float] | None:
     return statistics.mean(s for s, _ in spans), statistics.mean(r for _, r in spans)
 
 
+def round_phases(peers: list[PeerProcess]) -> dict[str, float] | None:
+    """Median over the peers' rounds of the seconds from entering the round to each step it reached,
+    in the order the steps come."""
+    marks: dict[str, list[float]] = {}
+    for p in peers:
+        for e in p.of("round"):
+            for step, seconds in (e.get("phases") or {}).items():
+                marks.setdefault(step, []).append(seconds)
+    if not marks:
+        return None
+    medians = {step: statistics.median(v) for step, v in marks.items()}
+    return dict(sorted(medians.items(), key=lambda kv: kv[1]))
+
+
 def summarize(mode: str, counters: CounterLog, launched: float, peers: list[PeerProcess], round_ends: list[float],
               samples_per_round: int, samples_trained: int, curve: list[tuple[float, float]],
               train_seconds: list[float], target: float, blobs: tuple[float, float] | None = None) -> ModeResult:
@@ -440,8 +456,10 @@ def run_lte(net: WanNetwork, cfg: RunConfig, workdir: Path, target: float, timeo
     curve = [(e["time"] - launched, e["accuracy"]) for e in rounds if e.get("accuracy") is not None]
     train = [p.of("left")[-1]["compute_seconds"] for p in procs]  # forward/backward alone (see bench_swarm)
     trained = sum(r["steps"] for p in procs for r in p.of("round")) * cfg.head_batch
-    return summarize(cfg.swarm.merge, counters, launched, procs, [e["time"] for e in rounds],
-                     cfg.train.batch_size * cfg.lte.merge_every, trained, curve, train, target, blob_per_round(procs))
+    result = summarize(cfg.swarm.merge, counters, launched, procs, [e["time"] for e in rounds],
+                       cfg.train.batch_size * cfg.lte.merge_every, trained, curve, train, target, blob_per_round(procs))
+    result.round_phases = round_phases(procs)
+    return result
 
 
 def run_hivemind(net: WanNetwork, cfg: RunConfig, workdir: Path, target: float, timeout: float,
@@ -496,6 +514,10 @@ def table(results: list[ModeResult], target: float) -> str:
                      f"{sum(r.coordinator_bytes_per_round) / 1e6:9.2f} {resent:>6s} "
                      f"{r.wall_seconds:7.0f} {r.train_fraction:7.1%} {r.compute_seconds_per_round:7.2f} "
                      f"{acc:>8s} {reach:>8s}")
+    for r in results:
+        if r.round_phases:
+            lines.append(f"{r.mode}: a merge round's steps, median seconds after entering it: "
+                         + ", ".join(f"{step} {seconds:.1f}" for step, seconds in r.round_phases.items()))
     return "\n".join(lines)
 
 

@@ -7,7 +7,9 @@ all-gather. Nothing is trained; the model is built with random weights (no downl
 The accounting follows the protocol: each part of W is reduced by two of the round's members
 (`swarm.rounds.owners`), which download that part of every other member's contribution and each
 serve the reduced part to half of the peers that do not own it; every peer downloads every part
-it does not own. The all-gather moves P - 1 whole contributions each way. Every precision on the
+it does not own. `compact` (sent/received) is the same once every round merges: an owner then
+already holds each part's baseline factors (a reset-less head's last contribution) and fetches
+the part without them. The all-gather moves P - 1 whole contributions each way. Every precision on the
 wire is shown (`swarm.contribution_dtype` / `swarm.reduced_dtype`): fp32/fp32, bf16/bf16, bf16/int8,
 int8/int8.
 """
@@ -20,7 +22,7 @@ import json
 from peers.models import create_lte_model
 from swarm.config import load_config
 from swarm.rounds import owners
-from swarm.wire import encode_contribution, encode_reduced, plan_parts, reduced_tensors, split_contribution
+from swarm.wire import baseline_bytes, encode_contribution, encode_reduced, plan_parts, reduced_tensors, split_contribution
 
 PRECISIONS = (("fp32", "fp32"), ("bf16", "bf16"), ("bf16", "int8"), ("int8", "int8"))
 
@@ -42,22 +44,27 @@ def main() -> None:
     rows = []
     for c_dtype, r_dtype in PRECISIONS:
         contribution = encode_contribution(model, [0], dtype=c_dtype)[0]
-        c_part = [len(b) for b in split_contribution(contribution, parts)]
+        blobs = split_contribution(contribution, parts)
+        c_part = [len(b) for b in blobs]
+        c_compact = [len(b) - baseline_bytes(b) for b in blobs]  # after a merged round (reset-less)
         w_part = [len(encode_reduced(reduced_tensors({n: totals[n] for n in part}, r_dtype))) for part in parts]
         for p in args.peers:
             sent, received = _reduce_bytes(p, c_part, w_part, count)
+            steady_sent, steady_received = _reduce_bytes(p, c_compact, w_part, count)
             rows.append({"contribution_dtype": c_dtype, "reduced_dtype": r_dtype, "peers": p,
                          "contribution_bytes": len(contribution), "w_bytes": sum(w_part),
                          "reduce_sent": sent, "reduce_received": received,
+                         "compact_sent": steady_sent, "compact_received": steady_received,
                          "gather_sent": len(contribution) * (p - 1), "gather_received": len(contribution) * (p - 1)})
     print(f"{cfg.model.name}: N={cfg.lte.heads} r={cfg.lte.rank} {cfg.lte.variant}, nonlinear {cfg.lte.nonlinear}; "
           f"{len(parts)} parts, {count} owner(s) each; MB per peer per round, mean over peers")
     print(f"{'wire':>10s} {'contrib':>8s} {'W':>7s} {'peers':>6s} {'reduce sent':>12s} {'reduce recv':>12s} "
-          f"{'gather sent':>12s} {'gather recv':>12s}")
+          f"{'compact':>15s} {'gather sent':>12s} {'gather recv':>12s}")
     for r in rows:
         print(f"{r['contribution_dtype'] + '/' + r['reduced_dtype']:>10s} {r['contribution_bytes'] / 1e6:8.1f} "
               f"{r['w_bytes'] / 1e6:7.1f} {r['peers']:6d} {r['reduce_sent'] / 1e6:12.1f} "
-              f"{r['reduce_received'] / 1e6:12.1f} {r['gather_sent'] / 1e6:12.1f} {r['gather_received'] / 1e6:12.1f}")
+              f"{r['reduce_received'] / 1e6:12.1f} {r['compact_sent'] / 1e6:7.1f}/{r['compact_received'] / 1e6:7.1f} "
+              f"{r['gather_sent'] / 1e6:12.1f} {r['gather_received'] / 1e6:12.1f}")
     if args.json:
         print(json.dumps({"model": cfg.model.name, "part_owners": count, "rows": rows}))
 

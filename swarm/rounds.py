@@ -43,10 +43,10 @@ from swarm.keys import RunKeys
 from swarm.lte_model import LTEModel
 from swarm.schemas import DonorRecord, HashRecord, PartRecord, ReadyRecord, RunProgress
 from swarm.transport import NETWORK_ERRORS, TransferError, pushed_name
-from swarm.wire import (Contribution, ContributionError, apply_reduced, contribution_bound, decode_contribution,
-                        decode_reduced, decode_state, dequantized, encode_reduced, encode_state, merged_totals,
-                        part_bound, plan_parts, reduce_contributions, reduced_digest, reduced_tensors,
-                        split_contribution, state_bound)
+from swarm.wire import (Contribution, ContributionError, apply_reduced, compact_part, contribution_bound,
+                        decode_contribution, decode_reduced, decode_state, dequantized, encode_reduced, encode_state,
+                        expand_part, merged_totals, part_bound, part_factors, plan_parts, reduce_contributions,
+                        reduced_digest, reduced_tensors, split_contribution, state_bound)
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +86,8 @@ class RoundResult:
     raw_parts: int = 0             # parts whose owners failed us: reduced here from raw contributions
     seconds_waiting: float = 0.0
     seconds_communicating: float = 0.0
+    # seconds from entering the round to each step we reached: where a round's time goes
+    phases: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -100,6 +102,8 @@ class MergeRound:
     step: RoundStep = RoundStep.OPEN
     wait: float = 0.0              # seconds until the next poll is useful
     idle_polls: int = 0            # polls in a row that found nothing new: the next waits longer
+    votes_seen: int = 0            # votes read while voting (a new one is progress)
+    marks: dict[str, float] = field(default_factory=dict)  # step -> seconds since `started` (RoundResult.phases)
     settle_until: float = 0.0
     first_ready_seen: float | None = None  # monotonic: when this peer first saw a ready record
     agreed_members: list[str] | None = None  # the agreed contributors, once known
@@ -130,6 +134,7 @@ class ReduceWork:
     accepted: dict[int, set[str]] = field(default_factory=dict)          # part -> contributors that passed
     reduced: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)  # part -> values over the final set
     computed: dict[tuple[int, tuple[str, ...]], tuple[str, dict]] = field(default_factory=dict)
+    fetched: dict[tuple[int, tuple[str, ...]], dict[str, torch.Tensor]] = field(default_factory=dict)  # downloaded
     final: list[str] | None = None                                       # contributors every part accepted
     first_seen: dict[int, float] = field(default_factory=dict)           # part -> when an owner's record showed up
     orphaned: set[int] = field(default_factory=set)                      # parts whose other owner seems absent
@@ -175,6 +180,10 @@ class MergeProtocol:
         self.parts = plan_parts(model, cfg.parts or 2 * model.spec.n_heads)
         self.max_part_bytes = [part_bound(model, part) for part in self.parts]
         self._served: dict[int, list[str]] = {}  # round -> names of the blobs we serve for it
+        # The current factors of each part of our last contribution (its baseline next time), and,
+        # as an owner, those of each peer's last part we received: what compact parts leave out.
+        self._sent_factors: list[dict[str, torch.Tensor]] = []
+        self._bases: dict[tuple[str, int], tuple[int, str, dict[str, torch.Tensor]]] = {}
         self._w_version = 0  # bumped whenever W or the round may have changed
         self._state_blob: tuple[int, bytes] | None = None
         self.state_bytes_downloaded = 0  # W fetched from donors (none when we already held it)
@@ -290,7 +299,7 @@ class MergeProtocol:
         donors = self.donors()
         candidates = sorted(who for who, r in donors.items() if (r.round, r.digest) == target)
         if len(candidates) > 1:  # spread newcomers over the donors instead of all hitting one
-            shift = int(hashlib.sha256(self.peer.encode()).hexdigest(), 16) % len(candidates)
+            shift = self._spread(len(candidates))
             candidates = candidates[shift:] + candidates[:shift]
         # the coordinator and the lease holders first: a stranger may advertise the right digest
         holders = set(self.holders().values())
@@ -369,8 +378,13 @@ class MergeProtocol:
         if contribution is not None and ready is not None:
             self._serve(r, self.keys.contribution_blob(r, self.peer), contribution)
             parts = split_contribution(contribution, self.parts) if self.cfg.merge == "reduce" else []
+            previous = self._sent_factors if len(self._sent_factors) == len(parts) else [None] * len(parts)
+            self._sent_factors = []
             for i, blob in enumerate(parts):
                 self._serve(r, self.keys.contribution_part_blob(r, self.peer, i), blob)
+                compact, current = compact_part(blob, previous[i])
+                self._serve(r, self.keys.contribution_compact_blob(r, self.peer, i), compact)
+                self._sent_factors.append(current)
             if not self.reachable:  # what we will push, named in our signed record by its digest
                 blobs = [contribution, *parts]
                 listing = json.dumps([hashlib.sha256(b).hexdigest() for b in blobs]).encode()
@@ -401,7 +415,11 @@ class MergeProtocol:
     def _progress(mr: MergeRound) -> tuple:
         """What a poll that found something new changes: the step, or the parts we know of."""
         work = mr.work
-        return (mr.step, None if work is None else (len(work.accepted), len(work.reduced), len(work.first_seen)))
+        return (mr.step, mr.votes_seen,
+                None if work is None else (len(work.accepted), len(work.reduced), len(work.first_seen), len(work.fetched)))
+
+    def _mark(self, mr: MergeRound, step: str) -> None:
+        mr.marks.setdefault(step, round(self.clock.monotonic() - mr.started, 3))
 
     def _serve(self, r: int, name: str, blob: bytes) -> None:
         """Serve a blob of round r; what we served for rounds long past is dropped."""
@@ -430,6 +448,7 @@ class MergeProtocol:
                                          missed=mr.contribution is not None))
             return
         if close or self.closed(r):
+            self._mark(mr, "closed")
             mr.step = RoundStep.SETTLING
             mr.settle_until = self.clock.monotonic() + self.cfg.settle_seconds
             mr.wait = self.cfg.settle_seconds
@@ -451,6 +470,7 @@ class MergeProtocol:
             mr.push_deadline = self.clock.monotonic() + self.cfg.request_timeout
         if self._awaiting_pushes(mr) and self.clock.monotonic() < mr.push_deadline:
             return  # an unreachable member's blobs are still on their way to us
+        self._mark(mr, "settled")
         if self._reduces(mr):
             self._start_reducing(mr)
             return
@@ -490,6 +510,7 @@ class MergeProtocol:
         """Our W is merged (`mr.digest`): publish its digest with the contributors in it, then wait
         for the others'."""
         mr.members = members
+        self._mark(mr, "merged")
         schemas.store(self.dht, self.keys.hashes(mr.round), self.identity,
                       HashRecord(round=mr.round, digest=mr.digest, members=mr.members), self._expiration())
         mr.step = RoundStep.VOTING
@@ -645,6 +666,8 @@ class MergeProtocol:
         """Reduce the parts we own: fetch our parts of every contribution, validate, sum, serve the
         result and publish its digest. Then collect every part (`_poll_reducing`)."""
         work = ReduceWork(members=sorted(mr.ready_set), servers=self._servers(mr))
+        for key in [k for k, held in self._bases.items() if held[0] < mr.round - KEEP_CONTRIBUTIONS]:
+            del self._bases[key]
         if self.is_authority and self.cfg.coordinator_recomputes:
             # The authority trusts no owner: it reduces every part from the raw contributions, and
             # its digest is the one a peer fooled by two colluding owners re-syncs to.
@@ -655,6 +678,7 @@ class MergeProtocol:
             for i in mine:
                 self._reduce_part(mr, work, i, sorted(work.accepted[i]), publish=True)
         mr.work = work
+        self._mark(mr, "reduced_own")
         mr.step = RoundStep.REDUCING
         mr.deadline = self.clock.monotonic() + self.cfg.round_timeout / 2
 
@@ -679,6 +703,8 @@ class MergeProtocol:
                 elif rec.nbytes > self.max_contribution_bytes:
                     raise ContributionError(f"it announces {rec.nbytes} bytes, more than this model's contributions "
                                             f"can take ({self.max_contribution_bytes})")
+                elif i is not None and rec.pushed is None:
+                    blob = self._part_blob(mr, peer, i)
                 else:
                     bound = self.max_contribution_bytes if i is None else self.max_part_bytes[i]
                     blob = self._contribution_blob(mr, peer, 0 if i is None else i + 1, name, bound)
@@ -700,7 +726,11 @@ class MergeProtocol:
                     log.warning("round %d: rejected part %d of %s's contribution: %s", r, j, peer[:8], exc)
             return out
 
-        jobs = [(None, peer) for peer in work.members] if whole else [(i, peer) for i in parts for peer in work.members]
+        # Every peer starts with a different member (the one after itself): were they all to ask the
+        # same members first, those members' uplinks would serve the whole swarm while others idle.
+        start = (work.members.index(self.peer) + 1) if self.peer in work.members else self._spread(len(work.members))
+        order = work.members[start:] + work.members[:start]
+        jobs = [(None, peer) for peer in order] if whole else [(i, peer) for i in parts for peer in order]
         with ThreadPoolExecutor(max_workers=max(1, min(self.cfg.parallel_downloads, len(jobs)))) as pool:
             futures = [pool.submit(one, i, peer) for i, peer in jobs]
             for _ in as_completed(futures):
@@ -713,6 +743,22 @@ class MergeProtocol:
                     work.held[j][peer] = c
         for i in parts:
             work.accepted[i] = set(work.held.get(i, {}))
+
+    def _part_blob(self, mr: MergeRound, peer: str, i: int) -> bytes:
+        """Part i of a member's contribution: fetched compact when we kept the factors of its last
+        part i (its baseline, if that went into W), else in full. Its current factors are kept for
+        the next round."""
+        r, bound = mr.round, self.max_part_bytes[i]
+        held = self._bases.get((peer, i))
+        blob = None
+        if held is not None and held[0] >= r - KEEP_CONTRIBUTIONS:
+            compact = self._contribution_blob(mr, peer, i + 1, self.keys.contribution_compact_blob(r, peer, i), bound)
+            blob = expand_part(compact, held[1:])
+        if blob is None:
+            blob = self._contribution_blob(mr, peer, i + 1, self.keys.contribution_part_blob(r, peer, i), bound)
+        digest, factors = part_factors(blob)
+        self._bases[(peer, i)] = (r, digest, factors)
+        return blob
 
     def _reduce_part(self, mr: MergeRound, work: ReduceWork, i: int, members: list[str], publish: bool) -> dict:
         """Part i summed over `members` (from contributions we hold), as the float32 values every
@@ -773,6 +819,11 @@ class MergeProtocol:
             or is not in the round as far as its co-owner could tell (then we check it ourselves)."""
             return late or i in work.orphaned or (i in work.first_seen and now > work.first_seen[i] + self.cfg.merge_grace)
 
+        # The final set is usually every part's accepted set: download the parts agreed over what
+        # the parts known so far accepted while the last owners are still reducing theirs.
+        likely = tuple(sorted(set(work.members).intersection(*work.accepted.values())))
+        if work.final is None:
+            self._download_parts(mr, work, likely, agreed)
         unknown = [i for i in range(len(self.parts)) if i not in work.accepted]
         if unknown:
             if not all(overdue(i) for i in unknown):
@@ -780,18 +831,17 @@ class MergeProtocol:
             self._fallback(mr, work, unknown)
         if work.final is None:
             work.final = sorted(set(work.members).intersection(*work.accepted.values()))
+            self._mark(mr, "final")
         final = tuple(work.final)
+        self._download_parts(mr, work, final, agreed)
         for i in range(len(self.parts)):
             if i in work.reduced:
                 continue
             if i in work.held and set(final) <= set(work.held[i]):
                 work.reduced[i] = self._reduce_part(mr, work, i, list(final),
                                                     publish=self.peer in self._vouchers(i, work.servers))
-            elif final in agreed.get(i, {}):
-                digest, addresses = agreed[i][final]
-                tensors = self._download_part(r, i, list(final), digest, addresses)
-                if tensors is not None:
-                    work.reduced[i] = tensors
+            elif (i, final) in work.fetched:
+                work.reduced[i] = work.fetched.pop((i, final))
         missing = [i for i in range(len(self.parts)) if i not in work.reduced]
         if missing:
             if not all(overdue(i) for i in missing):
@@ -804,12 +854,42 @@ class MergeProtocol:
                 return
             for i in missing:
                 work.reduced[i] = self._reduce_part(mr, work, i, list(final), publish=False)
+        work.fetched.clear()
         totals = {name: t.double() for i in range(len(self.parts)) for name, t in work.reduced[i].items()}
         mr.rejected = sorted(set(work.members) - set(final))
         self._merge(mr, totals, list(final))
 
+    def _spread(self, n: int) -> int:
+        """Where in a list of n this peer starts, so that peers spread their requests."""
+        return int(hashlib.sha256(self.peer.encode()).hexdigest(), 16) % max(1, n)
+
+    def _download_parts(self, mr: MergeRound, work: ReduceWork, members: tuple[str, ...],
+                        agreed: dict[int, dict[tuple[str, ...], tuple[str, list[str]]]]) -> None:
+        """Download, a few at a time, every part both its owners published reduced over `members`
+        that we neither hold nor could reduce ourselves (into `work.fetched`). Each peer starts at
+        a different part, so that the owners' uplinks share the load."""
+        n = len(self.parts)
+        start = work.members.index(self.peer) * n // len(work.members) if self.peer in work.members else self._spread(n)
+        todo = [i for i in (list(range(start, n)) + list(range(start))) if i not in work.reduced
+                and (i, members) not in work.fetched and members in agreed.get(i, {})
+                and not (i in work.held and set(members) <= set(work.held[i]))]
+        if not todo:
+            return
+
+        def one(i: int) -> dict | None:
+            digest, addresses = agreed[i][members]
+            return self._download_part(mr.round, i, list(members), digest, addresses)
+
+        with ThreadPoolExecutor(max_workers=max(1, min(self.cfg.parallel_downloads, len(todo)))) as pool:
+            futures = {pool.submit(one, i): i for i in todo}
+            for future in as_completed(futures):
+                self.keep_alive()
+                tensors = future.result()
+                if tensors is not None:
+                    work.fetched[(futures[future], members)] = tensors
+
     def _download_part(self, r: int, i: int, members: list[str], digest: str, addresses: list[str]) -> dict | None:
-        shift = int(hashlib.sha256(self.peer.encode()).hexdigest(), 16) % max(1, len(addresses))
+        shift = self._spread(len(addresses))
         for address in addresses[shift:] + addresses[:shift]:  # spread the readers over the owners
             try:
                 blob = self.server.fetch(address, self.keys.reduced_blob(r, i, digest), self.cfg.request_timeout,
@@ -836,6 +916,7 @@ class MergeProtocol:
         most holders hold (re-synced from one of them if it is not ours)."""
         r = mr.round
         votes = self._votes(r)
+        mr.votes_seen = len(votes)
         if mr.awaited is None:  # once per round: is the coordinator up and at this round, so that it votes?
             progress = None if self.is_authority else self.progress()
             mr.awaited = set(mr.members) | ({self.authority} if progress is not None and progress.round == r else set())
@@ -898,6 +979,8 @@ class MergeProtocol:
         elapsed = self.clock.monotonic() - mr.started
         result.digest = result.digest or self.model.state_digest()
         result.seconds_communicating = max(0.0, elapsed - result.seconds_waiting)
+        self._mark(mr, "done")
+        result.phases = dict(mr.marks)
         mr.step, mr.result, mr.wait = RoundStep.DONE, result, 0.0
 
     def _gather(self, mr: MergeRound) -> tuple[list[Contribution], list[str]]:

@@ -325,6 +325,85 @@ def split_contribution(blob: bytes, parts: list[frozenset[str]]) -> list[bytes]:
     return out
 
 
+# A reset-less head's baseline factors (A0, B0) are the factors its previous contribution carried
+# as current (A, B), bit for bit once rounded for the wire, whenever that contribution went into W:
+# half of every part is bytes its owner already received a round ago. A part can therefore travel
+# compact: without A0/B0, naming the digest of the factors they equal (`BASE`); an owner that kept
+# those factors puts them back (`expand_part`), any other fetches the full part.
+BASE = "base"  # metadata of a compact part
+
+
+def _is_current_factor(key: str) -> bool:
+    stem = key.removesuffix(_SCALE)
+    return stem.startswith("w/") and stem.endswith(("/A", "/B"))
+
+
+def _is_baseline_factor(key: str) -> bool:
+    stem = key.removesuffix(_SCALE)
+    return stem.startswith("w/") and stem.endswith(("/A0", "/B0"))
+
+
+def _as_baseline(key: str) -> str:
+    """`w/<layer>/A` -> `w/<layer>/A0` (scales of blockwise 8-bit tensors alike)."""
+    scale = key.endswith(_SCALE)
+    return key.removesuffix(_SCALE) + "0" + (_SCALE if scale else "")
+
+
+def factors_digest(factors: dict[str, torch.Tensor]) -> str:
+    """A digest of a set of factor tensors: names, dtypes, shapes and bytes."""
+    h = hashlib.sha256()
+    for key in sorted(factors):
+        t = factors[key].contiguous()
+        h.update(json.dumps([key, _dtype_name(t.dtype), list(t.shape)]).encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def part_factors(blob: bytes) -> tuple[str, dict[str, torch.Tensor]]:
+    """The current factors (A, B) a full part carries and their digest: what a compact part of
+    the same peer's next contribution may name as its baseline."""
+    tensors, _ = _load(blob, FORMAT)
+    factors = {k: t for k, t in tensors.items() if _is_current_factor(k)}
+    return factors_digest(factors), factors
+
+
+def baseline_bytes(blob: bytes) -> int:
+    """Bytes of the baseline factors a part carries: what it sheds when it travels compact."""
+    tensors, _ = _load(blob, FORMAT)
+    return sum(t.numel() * t.element_size() for k, t in tensors.items() if _is_baseline_factor(k))
+
+
+def compact_part(blob: bytes, previous: dict[str, torch.Tensor] | None) -> tuple[bytes, dict[str, torch.Tensor]]:
+    """(the part to serve as compact, the current factors it carries). Compact means without its
+    baseline factors, when they equal `previous` (the current factors of our last contribution's
+    same part) exactly; otherwise the full part itself."""
+    tensors, meta = _load(blob, FORMAT)
+    current = {k: t for k, t in tensors.items() if _is_current_factor(k)}
+    baseline = {k: t for k, t in tensors.items() if _is_baseline_factor(k)}
+    if (not baseline or previous is None or {_as_baseline(k) for k in previous} != set(baseline)
+            or not all(previous[k].dtype == baseline[_as_baseline(k)].dtype
+                       and torch.equal(previous[k], baseline[_as_baseline(k)]) for k in previous)):
+        return blob, current
+    rest = {k: t for k, t in tensors.items() if k not in baseline}
+    return st_save(rest, metadata={**meta, BASE: factors_digest(previous)}), current
+
+
+def expand_part(blob: bytes, held: tuple[str, dict[str, torch.Tensor]] | None) -> bytes | None:
+    """The full part behind a part fetched as compact: the blob itself if it is full, rebuilt with
+    the baseline factors we `held` (digest, factors) if it names them; None if it names factors we
+    do not hold (then fetch the full part)."""
+    tensors, meta = _load(blob, FORMAT)
+    base = meta.get(BASE)
+    if base is None:
+        return blob
+    if any(_is_baseline_factor(k) for k in tensors):
+        raise ContributionError("a compact part that carries baseline factors too")
+    if held is None or held[0] != base:
+        return None
+    tensors.update({_as_baseline(k): t for k, t in held[1].items()})
+    return st_save(tensors, metadata={k: v for k, v in meta.items() if k != BASE})
+
+
 def part_bound(model: LTEModel, part: frozenset[str]) -> int:
     """The most bytes an honest contribution's `part` can take (every layer dense)."""
     params = dict(model.model.named_parameters())

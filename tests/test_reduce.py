@@ -11,7 +11,7 @@ import torch
 from peers.trainer import Trainer
 from swarm import rounds as rounds_module
 from swarm.rounds import MergeProtocol, owners
-from swarm.wire import plan_parts
+from swarm.wire import factors_digest, plan_parts
 from tests.memswarm import MemorySwarm, tiny_config
 
 pytestmark = pytest.mark.timeout(180)
@@ -221,3 +221,111 @@ def test_a_download_cut_short_once_is_fetched_again_and_leaves_nobody_out(tmp_pa
         for r in mem[name].events.of("round"):
             assert r["merged"] and len(r["members"]) == 4 and not r["resynced"] and r["raw_parts"] == 0, (name, r)
     assert mem.digests() == baseline.digests()
+
+
+def _record_fetches(mem: MemorySwarm) -> list[dict]:
+    """Every blob request of every peer, in order: who asked whom for what, and whether the asking
+    peer knew its round's final set of contributors at the time."""
+    log: list[dict] = []
+    by_p2p = {mem[n].rt.p2p: n for n in mem.nodes}
+    for name in _trainers(mem):
+        node = mem[name]
+        fetch = node.role.server.fetch
+
+        def recording(peer, blob, timeout, max_bytes, _name=name, _node=node, _fetch=fetch):
+            mr = _node.role.mr
+            final = None if mr is None or mr.work is None else mr.work.final
+            log.append(dict(by=_name, to=by_p2p.get(str(peer)), blob=blob, final_known=final is not None))
+            return _fetch(peer, blob, timeout, max_bytes)
+
+        node.role.server.fetch = recording
+    return log
+
+
+def test_peers_spread_their_first_requests_over_the_uplinks(tmp_path):
+    """Were every peer to ask the same member for its contribution first, and the same owner for
+    the same reduced part first, those few uplinks would carry the whole swarm while the others
+    idle: each peer starts with a different member and a different part."""
+    peers = 8
+    mem = _swarm(tmp_path, "spread", peers, parts=16)
+    log = _record_fetches(mem)
+    mem.run()
+    assert len(set(mem.digests().values())) == 1
+    first_member, first_part = {}, {}
+    for f in log:
+        what = f["blob"].split("/")
+        if what[1] == "contribution" and len(what) >= 5 and what[2] == "1":
+            first_member.setdefault(f["by"], f["to"])
+        if what[1] == "reduced" and what[2] == "1":
+            first_part.setdefault(f["by"], int(what[3]))
+    assert len(first_member) == peers and len(first_part) == peers, (first_member, first_part)
+    assert max(list(first_member.values()).count(m) for m in set(first_member.values())) == 1, first_member
+    assert len(set(first_part.values())) >= peers // 2, first_part
+
+
+class _SlowOwner(MergeProtocol):
+    """Reduces and publishes the parts it owns only after a few seconds: the others can already
+    download every other part."""
+
+    def _start_reducing(self, mr):
+        if mr.work is None and not getattr(mr, "slowed", False):
+            mr.slowed = True
+            mr.wait = 2.0
+            return
+        super()._start_reducing(mr)
+
+
+def test_reduced_parts_are_downloaded_while_the_last_owners_still_reduce(tmp_path):
+    """A peer downloads every part agreed over the contributors the parts known so far accepted
+    before the last owners published theirs; the W is the same as without the slow owner."""
+    baseline = _swarm(tmp_path, "baseline", 4)
+    baseline.run()
+    mem = _swarm(tmp_path, "slow", 4, roles={"p1": _with_protocol(_SlowOwner)})
+    log = _record_fetches(mem)
+    mem.run()
+    assert mem.digests() == baseline.digests()
+    early = [f for f in log if "/reduced/" in f["blob"] and not f["final_known"] and f["by"] != "p1"]
+    assert early, "no reduced part was downloaded before the final set was known"
+    for name in _trainers(mem):
+        for r in mem[name].events.of("round"):
+            assert r["merged"] and r["raw_parts"] == 0 and not r["resynced"], (name, r)
+            assert r["phases"]["final"] <= r["phases"]["merged"] <= r["phases"]["done"], r["phases"]
+
+
+def test_owners_fetch_compact_parts_and_merge_the_same_w(tmp_path, monkeypatch):
+    """From the second round on, an owner that kept each peer's last factors fetches its parts
+    without the baseline factors: fewer bytes per round, the same W as with full parts; an owner
+    that lost what it kept fetches the full part and still merges the same W."""
+    mem = _swarm(tmp_path, "compact", 4, parts=8)
+    log = _record_fetches(mem)
+    mem.run()
+    compact = [f for f in log if f["blob"].endswith("/compact")]
+    assert compact and {f["blob"].split("/")[2] for f in compact} == {str(r) for r in range(1, ROUNDS)}
+    forgetful = _swarm(tmp_path, "forgetful", 4, parts=8)
+    p0 = forgetful["p0"].role.protocol
+    forget = p0._part_blob
+
+    def part_blob(mr, peer, i):  # what it kept are other factors than the ones the part names
+        if (peer, i) in p0._bases:
+            r, _, factors = p0._bases[(peer, i)]
+            other = {k: t * 2 for k, t in factors.items()}
+            p0._bases[(peer, i)] = (r, factors_digest(other), other)
+            tried.append(i)
+        return forget(mr, peer, i)
+
+    tried: list[int] = []
+
+    p0._part_blob = part_blob
+    forgetful.run()
+    assert tried
+    full = _received_per_peer_round(mem)
+    with monkeypatch.context() as m:  # control: every part travels in full
+        m.setattr(rounds_module, "compact_part", lambda blob, previous: (blob, rounds_module.part_factors(blob)[1]))
+        control = _swarm(tmp_path, "full", 4, parts=8)
+        control.run()
+    assert mem.digests() == control.digests() == forgetful.digests()
+    for swarm_ in (mem, forgetful):
+        for name in _trainers(swarm_):
+            for r in swarm_[name].events.of("round"):
+                assert r["merged"] and r["raw_parts"] == 0 and not r["resynced"], (name, r)
+    assert full < 0.85 * _received_per_peer_round(control), (full, _received_per_peer_round(control))

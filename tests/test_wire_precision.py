@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from safetensors.torch import load as st_load, save as st_save
 
 from peers.simulate import simulate
 from swarm.lora import delta_sum
 from swarm.lte_model import LTEModel, LTESpec, _as_double
-from swarm.wire import (INT8_BLOCK, ContributionError, decode_contribution, decode_reduced, dequantized,
-                        encode_contribution, encode_reduced, quantize, reduced_digest, reduced_tensors)
+from swarm.wire import (BASE, FORMAT, INT8_BLOCK, ContributionError, compact_part, decode_contribution, decode_reduced,
+                        dequantized, encode_contribution, encode_reduced, expand_part, factors_digest, part_factors,
+                        plan_parts, quantize, reduced_digest, reduced_tensors, split_contribution)
 from tests.conftest import randomize_heads, tiny_vit
 from tests.memswarm import max_difference, run_swarm, tiny_config
 
@@ -171,3 +173,43 @@ def test_the_swarm_reproduces_the_simulation_in_every_precision_on_the_wire(tmp_
     rounding = max_difference(exact.model.shared_state(), sim)
     assert rounding > 0  # the wire's precision changes W ...
     assert gap < rounding / 20, (gap, rounding)  # ... and the swarm rounds exactly as the simulation does
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "int8"])
+def test_a_compact_part_leaves_out_the_baseline_its_owner_holds_and_decodes_alike(dtype):
+    """After a merged round a head's baseline factors are, bit for bit, the factors its last
+    contribution carried: a part travels without them and is rebuilt by an owner that kept them;
+    an owner that did not gets nothing it could misread; a head whose work was not merged sends
+    the full part."""
+    peer = _model([1, 3])
+    parts = plan_parts(peer, 4)
+    first = split_contribution(encode_contribution(peer, [1, 3], form="factors", dtype=dtype)[0], parts)
+    peer.mark_merged([1, 3])
+    randomize_heads(peer, seed=5, scale=0.05)
+    second = split_contribution(encode_contribution(peer, [1, 3], form="factors", dtype=dtype)[0], parts)
+    receiver = LTEModel(tiny_vit(), SPEC, [])
+    for old, new, part in zip(first, second, parts):
+        held = part_factors(old)
+        compact, current = compact_part(new, held[1])
+        assert factors_digest(current) == part_factors(new)[0]
+        if not held[1]:  # a part of replicated parameters alone: nothing to leave out
+            assert compact == new
+            continue
+        # exactly the baseline's bytes fewer (the names and the digest are header)
+        assert _payload(compact) == _payload(new) - sum(t.numel() * t.element_size() for t in held[1].values())
+        rebuilt = expand_part(compact, held)
+        want = decode_contribution(new, "p", receiver, 10.0, part=part, dtype=dtype)
+        got = decode_contribution(rebuilt, "p", receiver, 10.0, part=part, dtype=dtype)
+        for name in want.weights:
+            assert torch.equal(got.weights[name], want.weights[name]), name
+        assert expand_part(compact, None) is None
+        assert expand_part(compact, (factors_digest({}), {})) is None  # factors it does not name
+        assert expand_part(new, None) == new  # a full part is taken as it is
+        with pytest.raises(ContributionError, match="baseline factors too"):
+            tensors = st_load(new)
+            expand_part(st_save(tensors, metadata={"format": FORMAT, "heads": "[1, 3]", BASE: held[0]}), held)
+    # The work of round two was not merged: its baseline is still round one's, not what it sent.
+    randomize_heads(peer, seed=6, scale=0.05)
+    third = split_contribution(encode_contribution(peer, [1, 3], form="factors", dtype=dtype)[0], parts)
+    for sent, new in zip(second, third):
+        assert compact_part(new, part_factors(sent)[1])[0] == new
