@@ -111,9 +111,11 @@ class RunKeys:
     def contribution_part_blob(self, round_: int, writer: str, part: int) -> str:
         return f"{self.run_id}/contribution/{round_}/{writer}/{part}"
 
-    def contribution_compact_blob(self, round_: int, writer: str, part: int) -> str:
-        """The part without the baseline factors its owner already holds (`wire.compact_part`)."""
-        return f"{self.run_id}/contribution/{round_}/{writer}/{part}/compact"
+    def contribution_compact_blob(self, round_: int, writer: str, part: int | None) -> str:
+        """The contribution (part None) or one of its parts without the baseline factors its reader
+        already holds (`wire.compact_part`)."""
+        whole = self.contribution_blob(round_, writer)
+        return f"{whole}/compact" if part is None else f"{whole}/{part}/compact"
 
     def reduced_blob(self, round_: int, part: int, digest: str) -> str:
         return f"{self.run_id}/reduced/{round_}/{part}/{digest}"

@@ -180,9 +180,10 @@ class MergeProtocol:
         self.parts = plan_parts(model, cfg.parts or 2 * model.spec.n_heads)
         self.max_part_bytes = [part_bound(model, part) for part in self.parts]
         self._served: dict[int, list[str]] = {}  # round -> names of the blobs we serve for it
-        # The current factors of each part of our last contribution (its baseline next time), and,
-        # as an owner, those of each peer's last part we received: what compact parts leave out.
-        self._sent_factors: list[dict[str, torch.Tensor]] = []
+        # The current factors of our last contribution and of each of its parts (blob index: 0 the
+        # whole, i + 1 part i), the baseline of our next one; and those of every peer's last blob
+        # we received, by (peer, index): what compact blobs leave out (`wire.compact_part`).
+        self._sent_factors: dict[int, dict[str, torch.Tensor]] = {}
         self._bases: dict[tuple[str, int], tuple[int, str, dict[str, torch.Tensor]]] = {}
         self._w_version = 0  # bumped whenever W or the round may have changed
         self._state_blob: tuple[int, bytes] | None = None
@@ -378,13 +379,15 @@ class MergeProtocol:
         if contribution is not None and ready is not None:
             self._serve(r, self.keys.contribution_blob(r, self.peer), contribution)
             parts = split_contribution(contribution, self.parts) if self.cfg.merge == "reduce" else []
-            previous = self._sent_factors if len(self._sent_factors) == len(parts) else [None] * len(parts)
-            self._sent_factors = []
-            for i, blob in enumerate(parts):
-                self._serve(r, self.keys.contribution_part_blob(r, self.peer, i), blob)
-                compact, current = compact_part(blob, previous[i])
-                self._serve(r, self.keys.contribution_compact_blob(r, self.peer, i), compact)
-                self._sent_factors.append(current)
+            previous, self._sent_factors = self._sent_factors, {}
+            for index, blob in enumerate([contribution, *parts]):
+                part = None if index == 0 else index - 1
+                if part is not None:
+                    self._serve(r, self.keys.contribution_part_blob(r, self.peer, part), blob)
+                compact, self._sent_factors[index], base = compact_part(blob, previous.get(index))
+                self._serve(r, self.keys.contribution_compact_blob(r, self.peer, part), compact)
+                if index == 0 and base == "zero":  # nothing of its heads is in W: anyone can rebuild it
+                    mr.ready = ready = ready.model_copy(update={"zero_baseline": True})
             if not self.reachable:  # what we will push, named in our signed record by its digest
                 blobs = [contribution, *parts]
                 listing = json.dumps([hashlib.sha256(b).hexdigest() for b in blobs]).encode()
@@ -471,6 +474,8 @@ class MergeProtocol:
         if self._awaiting_pushes(mr) and self.clock.monotonic() < mr.push_deadline:
             return  # an unreachable member's blobs are still on their way to us
         self._mark(mr, "settled")
+        for key in [k for k, held in self._bases.items() if held[0] < r - KEEP_CONTRIBUTIONS]:
+            del self._bases[key]  # what peers gone for rounds sent us
         if self._reduces(mr):
             self._start_reducing(mr)
             return
@@ -631,27 +636,41 @@ class MergeProtocol:
         return found
 
     def _contribution_blob(self, mr: MergeRound, peer: str, index: int, name: str, bound: int) -> bytes:
-        """A member's whole contribution (index 0) or part index - 1: fetched from the member, or,
-        for a member nobody can connect to, from what it pushed."""
+        """A member's whole contribution (index 0) or part index - 1: fetched from the member
+        (compact when we kept the factors of its last such blob: its baseline, if that went into
+        W), or, for a member nobody can connect to, from what it pushed."""
         rec = mr.ready_set[peer]
         if rec.pushed is None:
-            started = self.clock.monotonic()
-            try:
-                return self.server.fetch(rec.p2p, name, self.cfg.request_timeout, bound)
-            except NETWORK_ERRORS as exc:
-                # A stream cut short on a busy home link must not leave a live member out of the
-                # round (its part's owners would then disagree); a peer that let a request time out
-                # is not asked twice.
-                if self.clock.monotonic() - started > self.cfg.request_timeout / 2:
-                    raise
-                log.info("round %d: fetching %s again after: %s", mr.round, name, exc)
-                return self.server.fetch(rec.p2p, name, self.cfg.request_timeout, bound)
+            r, held = mr.round, self._bases.get((peer, index))
+            blob = None
+            if rec.zero_baseline or (held is not None and held[0] >= r - KEEP_CONTRIBUTIONS):
+                compact = self.keys.contribution_compact_blob(r, peer, None if index == 0 else index - 1)
+                blob = expand_part(self._fetch_member(mr, rec, compact, bound), None if held is None else held[1:],
+                                   zero=rec.zero_baseline)
+            if blob is None:
+                blob = self._fetch_member(mr, rec, name, bound)
+            digest, factors = part_factors(blob)
+            self._bases[(peer, index)] = (r, digest, factors)
+            return blob
         blob = self._pushed_blob(mr, peer, index)
         if blob is None:
             raise TransferError("what it pushed reached neither us nor the peers it pushed to in time")
         if len(blob) > bound:
             raise ContributionError(f"it pushed {len(blob)} bytes, more than the limit {bound}")
         return blob
+
+    def _fetch_member(self, mr: MergeRound, rec: ReadyRecord, name: str, bound: int) -> bytes:
+        started = self.clock.monotonic()
+        try:
+            return self.server.fetch(rec.p2p, name, self.cfg.request_timeout, bound)
+        except NETWORK_ERRORS as exc:
+            # A stream cut short on a busy home link must not leave a live member out of the round
+            # (its part's owners would then disagree); a peer that let a request time out is not
+            # asked twice.
+            if self.clock.monotonic() - started > self.cfg.request_timeout / 2:
+                raise
+            log.info("round %d: fetching %s again after: %s", mr.round, name, exc)
+            return self.server.fetch(rec.p2p, name, self.cfg.request_timeout, bound)
 
     # ---- the owner-reduced merge --------------------------------------------------------------
     def _owners(self, part: int, servers: list[str]) -> tuple[str, ...]:
@@ -666,8 +685,6 @@ class MergeProtocol:
         """Reduce the parts we own: fetch our parts of every contribution, validate, sum, serve the
         result and publish its digest. Then collect every part (`_poll_reducing`)."""
         work = ReduceWork(members=sorted(mr.ready_set), servers=self._servers(mr))
-        for key in [k for k, held in self._bases.items() if held[0] < mr.round - KEEP_CONTRIBUTIONS]:
-            del self._bases[key]
         if self.is_authority and self.cfg.coordinator_recomputes:
             # The authority trusts no owner: it reduces every part from the raw contributions, and
             # its digest is the one a peer fooled by two colluding owners re-syncs to.
@@ -703,8 +720,6 @@ class MergeProtocol:
                 elif rec.nbytes > self.max_contribution_bytes:
                     raise ContributionError(f"it announces {rec.nbytes} bytes, more than this model's contributions "
                                             f"can take ({self.max_contribution_bytes})")
-                elif i is not None and rec.pushed is None:
-                    blob = self._part_blob(mr, peer, i)
                 else:
                     bound = self.max_contribution_bytes if i is None else self.max_part_bytes[i]
                     blob = self._contribution_blob(mr, peer, 0 if i is None else i + 1, name, bound)
@@ -743,22 +758,6 @@ class MergeProtocol:
                     work.held[j][peer] = c
         for i in parts:
             work.accepted[i] = set(work.held.get(i, {}))
-
-    def _part_blob(self, mr: MergeRound, peer: str, i: int) -> bytes:
-        """Part i of a member's contribution: fetched compact when we kept the factors of its last
-        part i (its baseline, if that went into W), else in full. Its current factors are kept for
-        the next round."""
-        r, bound = mr.round, self.max_part_bytes[i]
-        held = self._bases.get((peer, i))
-        blob = None
-        if held is not None and held[0] >= r - KEEP_CONTRIBUTIONS:
-            compact = self._contribution_blob(mr, peer, i + 1, self.keys.contribution_compact_blob(r, peer, i), bound)
-            blob = expand_part(compact, held[1:])
-        if blob is None:
-            blob = self._contribution_blob(mr, peer, i + 1, self.keys.contribution_part_blob(r, peer, i), bound)
-        digest, factors = part_factors(blob)
-        self._bases[(peer, i)] = (r, digest, factors)
-        return blob
 
     def _reduce_part(self, mr: MergeRound, work: ReduceWork, i: int, members: list[str], publish: bool) -> dict:
         """Part i summed over `members` (from contributions we hold), as the float32 values every

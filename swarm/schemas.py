@@ -85,6 +85,9 @@ class ReadyRecord(_Record):
     pushed: Digest | None = Field(
         None, description="set by a peer that cannot accept connections: the sha256 of the JSON list of its blobs' "
                           "digests (the whole contribution, then each part), which it pushes to peers that can")
+    zero_baseline: bool = Field(
+        False, description="its heads' baseline factors are all zero (none of their work is in W yet): its compact "
+                           "blobs leave them out and anyone can put them back")
 
     @field_validator("heads")
     @classmethod

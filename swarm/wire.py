@@ -373,31 +373,49 @@ def baseline_bytes(blob: bytes) -> int:
     return sum(t.numel() * t.element_size() for k, t in tensors.items() if _is_baseline_factor(k))
 
 
-def compact_part(blob: bytes, previous: dict[str, torch.Tensor] | None) -> tuple[bytes, dict[str, torch.Tensor]]:
-    """(the part to serve as compact, the current factors it carries). Compact means without its
-    baseline factors, when they equal `previous` (the current factors of our last contribution's
-    same part) exactly; otherwise the full part itself."""
+def compact_part(blob: bytes, previous: dict[str, torch.Tensor] | None
+                 ) -> tuple[bytes, dict[str, torch.Tensor], str | None]:
+    """(the blob to serve as compact, the current factors it carries, what its baseline equals:
+    "previous", "zero" or None). Compact means without its baseline factors, when they equal
+    `previous` (the current factors of our last contribution's same blob) or are all zero (heads
+    whose work is not in W yet) exactly; otherwise the full blob itself."""
     tensors, meta = _load(blob, FORMAT)
     current = {k: t for k, t in tensors.items() if _is_current_factor(k)}
     baseline = {k: t for k, t in tensors.items() if _is_baseline_factor(k)}
-    if (not baseline or previous is None or {_as_baseline(k) for k in previous} != set(baseline)
-            or not all(previous[k].dtype == baseline[_as_baseline(k)].dtype
-                       and torch.equal(previous[k], baseline[_as_baseline(k)]) for k in previous)):
-        return blob, current
-    rest = {k: t for k, t in tensors.items() if k not in baseline}
-    return st_save(rest, metadata={**meta, BASE: factors_digest(previous)}), current
+    if not baseline:
+        return blob, current, None
+    for kind, candidate in (("previous", previous), ("zero", _zeros_like(current))):
+        if (candidate is not None and {_as_baseline(k) for k in candidate} == set(baseline)
+                and all(candidate[k].dtype == baseline[_as_baseline(k)].dtype
+                        and torch.equal(candidate[k], baseline[_as_baseline(k)]) for k in candidate)):
+            rest = {k: t for k, t in tensors.items() if k not in baseline}
+            return st_save(rest, metadata={**meta, BASE: factors_digest(candidate)}), current, kind
+    return blob, current, None
 
 
-def expand_part(blob: bytes, held: tuple[str, dict[str, torch.Tensor]] | None) -> bytes | None:
-    """The full part behind a part fetched as compact: the blob itself if it is full, rebuilt with
-    the baseline factors we `held` (digest, factors) if it names them; None if it names factors we
-    do not hold (then fetch the full part)."""
+def _zeros_like(factors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """All-zero factors (a fresh head's baseline), blockwise 8-bit ones with the scales that
+    rounding zeros gives."""
+    values = {k: torch.zeros(t.shape, dtype=torch.float32) for k, t in factors.items() if not k.endswith(_SCALE)}
+    if any(k.endswith(_SCALE) for k in factors):
+        return quantize(values, "int8")
+    return {k: v.to(factors[k].dtype) for k, v in values.items()}
+
+
+def expand_part(blob: bytes, held: tuple[str, dict[str, torch.Tensor]] | None, zero: bool = False) -> bytes | None:
+    """The full blob behind one fetched as compact: the blob itself if it is full, rebuilt with
+    the baseline factors we `held` (digest, factors), or with zeros when its writer says its
+    baseline is zero, if it names those; None if it names factors we do not hold (then fetch the
+    full blob)."""
     tensors, meta = _load(blob, FORMAT)
     base = meta.get(BASE)
     if base is None:
         return blob
     if any(_is_baseline_factor(k) for k in tensors):
         raise ContributionError("a compact part that carries baseline factors too")
+    if zero:
+        zeros = _zeros_like({k: t for k, t in tensors.items() if _is_current_factor(k)})
+        held = (factors_digest(zeros), zeros)
     if held is None or held[0] != base:
         return None
     tensors.update({_as_baseline(k): t for k, t in held[1].items()})

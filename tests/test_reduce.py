@@ -292,40 +292,43 @@ def test_reduced_parts_are_downloaded_while_the_last_owners_still_reduce(tmp_pat
             assert r["phases"]["final"] <= r["phases"]["merged"] <= r["phases"]["done"], r["phases"]
 
 
-def test_owners_fetch_compact_parts_and_merge_the_same_w(tmp_path, monkeypatch):
-    """From the second round on, an owner that kept each peer's last factors fetches its parts
-    without the baseline factors: fewer bytes per round, the same W as with full parts; an owner
-    that lost what it kept fetches the full part and still merges the same W."""
-    mem = _swarm(tmp_path, "compact", 4, parts=8)
+@pytest.mark.parametrize("merge", ["reduce", "gather"])
+def test_contributions_travel_compact_and_merge_the_same_w(tmp_path, monkeypatch, merge):
+    """From the second round on, a peer that kept a member's last factors (an owner its parts, the
+    coordinator and all-gathering peers the whole contribution) fetches it without the baseline
+    factors: fewer bytes per round, the same W as with full blobs; a peer that lost what it kept
+    fetches the full blob and still merges the same W."""
+    mem = _swarm(tmp_path, "compact", 4, merge=merge, parts=8)
     log = _record_fetches(mem)
     mem.run()
     compact = [f for f in log if f["blob"].endswith("/compact")]
-    assert compact and {f["blob"].split("/")[2] for f in compact} == {str(r) for r in range(1, ROUNDS)}
-    forgetful = _swarm(tmp_path, "forgetful", 4, parts=8)
+    # round 0 too: fresh heads' baselines are zero, which anyone can put back
+    assert compact and {f["blob"].split("/")[2] for f in compact} == {str(r) for r in range(ROUNDS)}
+    forgetful = _swarm(tmp_path, "forgetful", 4, merge=merge, parts=8)
     p0 = forgetful["p0"].role.protocol
-    forget = p0._part_blob
-
-    def part_blob(mr, peer, i):  # what it kept are other factors than the ones the part names
-        if (peer, i) in p0._bases:
-            r, _, factors = p0._bases[(peer, i)]
-            other = {k: t * 2 for k, t in factors.items()}
-            p0._bases[(peer, i)] = (r, factors_digest(other), other)
-            tried.append(i)
-        return forget(mr, peer, i)
-
+    fetch = p0._contribution_blob
     tried: list[int] = []
 
-    p0._part_blob = part_blob
+    def contribution_blob(mr, peer, index, name, bound):  # it kept other factors than the ones named
+        if (peer, index) in p0._bases:
+            r, _, factors = p0._bases[(peer, index)]
+            other = {k: t * 2 for k, t in factors.items()}
+            p0._bases[(peer, index)] = (r, factors_digest(other), other)
+            tried.append(index)
+        return fetch(mr, peer, index, name, bound)
+
+    p0._contribution_blob = contribution_blob
     forgetful.run()
     assert tried
-    full = _received_per_peer_round(mem)
-    with monkeypatch.context() as m:  # control: every part travels in full
-        m.setattr(rounds_module, "compact_part", lambda blob, previous: (blob, rounds_module.part_factors(blob)[1]))
-        control = _swarm(tmp_path, "full", 4, parts=8)
+    with monkeypatch.context() as m:  # control: every blob travels in full
+        m.setattr(rounds_module, "compact_part",
+                  lambda blob, previous: (blob, rounds_module.part_factors(blob)[1], None))
+        control = _swarm(tmp_path, "full", 4, merge=merge, parts=8)
         control.run()
     assert mem.digests() == control.digests() == forgetful.digests()
     for swarm_ in (mem, forgetful):
         for name in _trainers(swarm_):
             for r in swarm_[name].events.of("round"):
                 assert r["merged"] and r["raw_parts"] == 0 and not r["resynced"], (name, r)
-    assert full < 0.85 * _received_per_peer_round(control), (full, _received_per_peer_round(control))
+    received, full = _received_per_peer_round(mem), _received_per_peer_round(control)
+    assert received < 0.85 * full, (received, full)

@@ -177,10 +177,10 @@ def test_the_swarm_reproduces_the_simulation_in_every_precision_on_the_wire(tmp_
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16", "int8"])
 def test_a_compact_part_leaves_out_the_baseline_its_owner_holds_and_decodes_alike(dtype):
-    """After a merged round a head's baseline factors are, bit for bit, the factors its last
-    contribution carried: a part travels without them and is rebuilt by an owner that kept them;
-    an owner that did not gets nothing it could misread; a head whose work was not merged sends
-    the full part."""
+    """A fresh head's baseline factors are zero, and after a merged round they are, bit for bit, the
+    factors its last contribution carried: a part travels without them and is rebuilt with zeros
+    or by an owner that kept them; an owner that did not gets nothing it could misread; a head
+    whose work was not merged sends the full part."""
     peer = _model([1, 3])
     parts = plan_parts(peer, 4)
     first = split_contribution(encode_contribution(peer, [1, 3], form="factors", dtype=dtype)[0], parts)
@@ -188,20 +188,33 @@ def test_a_compact_part_leaves_out_the_baseline_its_owner_holds_and_decodes_alik
     randomize_heads(peer, seed=5, scale=0.05)
     second = split_contribution(encode_contribution(peer, [1, 3], form="factors", dtype=dtype)[0], parts)
     receiver = LTEModel(tiny_vit(), SPEC, [])
-    for old, new, part in zip(first, second, parts):
-        held = part_factors(old)
-        compact, current = compact_part(new, held[1])
-        assert factors_digest(current) == part_factors(new)[0]
-        if not held[1]:  # a part of replicated parameters alone: nothing to leave out
-            assert compact == new
-            continue
-        # exactly the baseline's bytes fewer (the names and the digest are header)
-        assert _payload(compact) == _payload(new) - sum(t.numel() * t.element_size() for t in held[1].values())
-        rebuilt = expand_part(compact, held)
-        want = decode_contribution(new, "p", receiver, 10.0, part=part, dtype=dtype)
-        got = decode_contribution(rebuilt, "p", receiver, 10.0, part=part, dtype=dtype)
+
+    def same(a: bytes, b: bytes, part) -> None:
+        want = decode_contribution(a, "p", receiver, 10.0, part=part, dtype=dtype)
+        got = decode_contribution(b, "p", receiver, 10.0, part=part, dtype=dtype)
         for name in want.weights:
             assert torch.equal(got.weights[name], want.weights[name]), name
+
+    for old, part in zip(first, parts):  # nothing merged yet: the baseline is zero
+        compact, _, base = compact_part(old, None)
+        if not part_factors(old)[1]:
+            assert (compact, base) == (old, None)
+            continue
+        assert base == "zero" and len(compact) < len(old)
+        assert expand_part(compact, None) is None
+        same(old, expand_part(compact, None, zero=True), part)
+    for old, new, part in zip(first, second, parts):
+        held = part_factors(old)
+        compact, current, base = compact_part(new, held[1])
+        assert factors_digest(current) == part_factors(new)[0]
+        if not held[1]:  # a part of replicated parameters alone: nothing to leave out
+            assert compact == new and base is None
+            continue
+        assert base == "previous"
+        assert expand_part(compact, None, zero=True) is None  # its baseline is not zero
+        # exactly the baseline's bytes fewer (the names and the digest are header)
+        assert _payload(compact) == _payload(new) - sum(t.numel() * t.element_size() for t in held[1].values())
+        same(new, expand_part(compact, held), part)
         assert expand_part(compact, None) is None
         assert expand_part(compact, (factors_digest({}), {})) is None  # factors it does not name
         assert expand_part(new, None) == new  # a full part is taken as it is
@@ -212,4 +225,4 @@ def test_a_compact_part_leaves_out_the_baseline_its_owner_holds_and_decodes_alik
     randomize_heads(peer, seed=6, scale=0.05)
     third = split_contribution(encode_contribution(peer, [1, 3], form="factors", dtype=dtype)[0], parts)
     for sent, new in zip(second, third):
-        assert compact_part(new, part_factors(sent)[1])[0] == new
+        assert compact_part(new, part_factors(sent)[1])[::2] == (new, None)
