@@ -9,9 +9,9 @@ The accounting follows the protocol: each part of W is reduced by two of the rou
 serve the reduced part to half of the peers that do not own it; every peer downloads every part
 it does not own. `compact` (sent/received) is the same once every round merges: an owner then
 already holds each part's baseline factors (a reset-less head's last contribution) and fetches
-the part without them. The all-gather moves P - 1 whole contributions each way. Every precision on the
-wire is shown (`swarm.contribution_dtype` / `swarm.reduced_dtype`): fp32/fp32, bf16/bf16, bf16/int8,
-int8/int8.
+the part without them. The all-gather moves P - 1 whole contributions each way (`compact`: the
+same, compact). Every precision on the wire is shown (`swarm.contribution_dtype` /
+`swarm.reduced_dtype`): fp32/fp32, bf16/bf16, bf16/int8, int8/int8.
 """
 
 from __future__ import annotations
@@ -27,13 +27,13 @@ from swarm.wire import baseline_bytes, encode_contribution, encode_reduced, plan
 PRECISIONS = (("fp32", "fp32"), ("bf16", "bf16"), ("bf16", "int8"), ("int8", "int8"))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True)
     parser.add_argument("--peers", type=int, nargs="+", default=[4, 8, 32])
     parser.add_argument("--part-owners", type=int, choices=[1, 2], help="members reducing each part (default: the config's)")
     parser.add_argument("--json", action="store_true")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     cfg = load_config(args.config)
     count = args.part_owners or cfg.swarm.part_owners
     model = create_lte_model(cfg, [0])
@@ -47,6 +47,7 @@ def main() -> None:
         blobs = split_contribution(contribution, parts)
         c_part = [len(b) for b in blobs]
         c_compact = [len(b) - baseline_bytes(b) for b in blobs]  # after a merged round (reset-less)
+        whole_compact = len(contribution) - baseline_bytes(contribution)
         w_part = [len(encode_reduced(reduced_tensors({n: totals[n] for n in part}, r_dtype))) for part in parts]
         for p in args.peers:
             sent, received = _reduce_bytes(p, c_part, w_part, count)
@@ -55,16 +56,17 @@ def main() -> None:
                          "contribution_bytes": len(contribution), "w_bytes": sum(w_part),
                          "reduce_sent": sent, "reduce_received": received,
                          "compact_sent": steady_sent, "compact_received": steady_received,
-                         "gather_sent": len(contribution) * (p - 1), "gather_received": len(contribution) * (p - 1)})
+                         "gather_sent": len(contribution) * (p - 1), "gather_received": len(contribution) * (p - 1),
+                         "gather_compact": whole_compact * (p - 1)})
     print(f"{cfg.model.name}: N={cfg.lte.heads} r={cfg.lte.rank} {cfg.lte.variant}, nonlinear {cfg.lte.nonlinear}; "
           f"{len(parts)} parts, {count} owner(s) each; MB per peer per round, mean over peers")
     print(f"{'wire':>10s} {'contrib':>8s} {'W':>7s} {'peers':>6s} {'reduce sent':>12s} {'reduce recv':>12s} "
-          f"{'compact':>15s} {'gather sent':>12s} {'gather recv':>12s}")
+          f"{'compact':>15s} {'gather sent':>12s} {'gather recv':>12s} {'compact':>8s}")
     for r in rows:
         print(f"{r['contribution_dtype'] + '/' + r['reduced_dtype']:>10s} {r['contribution_bytes'] / 1e6:8.1f} "
               f"{r['w_bytes'] / 1e6:7.1f} {r['peers']:6d} {r['reduce_sent'] / 1e6:12.1f} "
               f"{r['reduce_received'] / 1e6:12.1f} {r['compact_sent'] / 1e6:7.1f}/{r['compact_received'] / 1e6:7.1f} "
-              f"{r['gather_sent'] / 1e6:12.1f} {r['gather_received'] / 1e6:12.1f}")
+              f"{r['gather_sent'] / 1e6:12.1f} {r['gather_received'] / 1e6:12.1f} {r['gather_compact'] / 1e6:8.1f}")
     if args.json:
         print(json.dumps({"model": cfg.model.name, "part_owners": count, "rows": rows}))
 

@@ -378,8 +378,12 @@ def compact_part(blob: bytes, previous: dict[str, torch.Tensor] | None
     """(the blob to serve as compact, the current factors it carries, what its baseline equals:
     "previous", "zero" or None). Compact means without its baseline factors, when they equal
     `previous` (the current factors of our last contribution's same blob) or are all zero (heads
-    whose work is not in W yet) exactly; otherwise the full blob itself."""
-    tensors, meta = _load(blob, FORMAT)
+    whose work is not in W yet) exactly; otherwise the full blob itself (also a blob that is not a
+    contribution: its readers reject it)."""
+    try:
+        tensors, meta = _load(blob, FORMAT)
+    except ContributionError:
+        return blob, {}, None
     current = {k: t for k, t in tensors.items() if _is_current_factor(k)}
     baseline = {k: t for k, t in tensors.items() if _is_baseline_factor(k)}
     if not baseline:

@@ -226,3 +226,5 @@ def test_a_compact_part_leaves_out_the_baseline_its_owner_holds_and_decodes_alik
     third = split_contribution(encode_contribution(peer, [1, 3], form="factors", dtype=dtype)[0], parts)
     for sent, new in zip(second, third):
         assert compact_part(new, part_factors(sent)[1])[::2] == (new, None)
+    # bytes that are no contribution are served as they are (their readers reject them)
+    assert compact_part(b"\0" * 64, None) == (b"\0" * 64, {}, None)
