@@ -355,16 +355,20 @@ def factors_digest(factors: dict[str, torch.Tensor]) -> str:
     for key in sorted(factors):
         t = factors[key].contiguous()
         h.update(json.dumps([key, _dtype_name(t.dtype), list(t.shape)]).encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
 
 def part_factors(blob: bytes) -> tuple[str, dict[str, torch.Tensor]]:
     """The current factors (A, B) a full part carries and their digest: what a compact part of
-    the same peer's next contribution may name as its baseline."""
+    the same peer's next contribution may name as its baseline. Hostile bytes raise
+    ContributionError, nothing else."""
     tensors, _ = _load(blob, FORMAT)
     factors = {k: t for k, t in tensors.items() if _is_current_factor(k)}
-    return factors_digest(factors), factors
+    try:
+        return factors_digest(factors), factors
+    except Exception as exc:
+        raise ContributionError(f"malformed factors ({type(exc).__name__})") from None
 
 
 def baseline_bytes(blob: bytes) -> int:
@@ -410,7 +414,16 @@ def expand_part(blob: bytes, held: tuple[str, dict[str, torch.Tensor]] | None, z
     """The full blob behind one fetched as compact: the blob itself if it is full, rebuilt with
     the baseline factors we `held` (digest, factors), or with zeros when its writer says its
     baseline is zero, if it names those; None if it names factors we do not hold (then fetch the
-    full blob)."""
+    full blob). Hostile bytes raise ContributionError, nothing else."""
+    try:
+        return _expand_part(blob, held, zero)
+    except ContributionError:
+        raise
+    except Exception as exc:  # e.g. factors of shapes or dtypes no honest peer sends
+        raise ContributionError(f"malformed compact blob ({type(exc).__name__})") from None
+
+
+def _expand_part(blob: bytes, held: tuple[str, dict[str, torch.Tensor]] | None, zero: bool) -> bytes | None:
     tensors, meta = _load(blob, FORMAT)
     base = meta.get(BASE)
     if base is None:

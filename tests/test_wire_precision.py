@@ -228,3 +228,21 @@ def test_a_compact_part_leaves_out_the_baseline_its_owner_holds_and_decodes_alik
         assert compact_part(new, part_factors(sent)[1])[::2] == (new, None)
     # bytes that are no contribution are served as they are (their readers reject them)
     assert compact_part(b"\0" * 64, None) == (b"\0" * 64, {}, None)
+
+
+@pytest.mark.parametrize("zero", [False, True])
+def test_hostile_compact_blobs_are_contribution_errors(zero):
+    """Whatever a compact blob or the full blob behind it holds, reading it raises nothing but
+    ContributionError (or gives None: fetch the full blob)."""
+    meta = {"format": FORMAT, "heads": "[0]", BASE: "0" * 64}
+    odd = [{"w/l/A": torch.tensor(1.5)},                                   # a 0-dim factor
+           {"w/l/A": torch.zeros(2, 3, dtype=torch.complex64)},            # a dtype no peer sends
+           {"w/l/A": torch.zeros(0, 4)},                                    # an empty one
+           {"w/l/A#scale": torch.ones(2), "w/l/B": torch.zeros(3, 1)}]      # scales without values
+    for tensors in odd:
+        blob = st_save(tensors, metadata=meta)
+        for call in (lambda: expand_part(blob, None, zero=zero), lambda: part_factors(blob)):
+            try:
+                call()
+            except ContributionError:
+                pass
