@@ -81,7 +81,12 @@ def test_ctrl_c_stops_the_demo_and_every_process_it_started(tmp_path):
             pytest.fail("the demo's peers never joined")
         proc.send_signal(signal.SIGINT)
         started = time.monotonic()
-        _, stderr = proc.communicate(timeout=30)
+        try:
+            _, stderr = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            _, stderr = proc.communicate(timeout=30)
+            pytest.fail(f"the demo did not stop within 30 s of Ctrl+C; its stderr:\n{stderr[-3000:]}")
         stopped_in = time.monotonic() - started
     finally:
         if proc.poll() is None:
