@@ -68,8 +68,11 @@ def test_ctrl_c_stops_the_demo_and_every_process_it_started(tmp_path):
     import time
 
     workdir = tmp_path / "demo"
+    # Ctrl+C reaches it as in a terminal even when the suite itself runs as a background job
+    # (which starts its children with SIGINT ignored)
     proc = subprocess.Popen([*CLI, "demo", "--peers", "2", "--rounds", "50", "--json", "--run-dir", str(workdir)],
-                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline:
