@@ -157,7 +157,8 @@ class Coordinator:
         fields = dict(round=result.round, new_round=result.new_round, members=result.members,
                       merged_head_steps=result.merged_head_steps, digest=result.digest, resynced=result.resynced,
                       missed=result.missed, rejected=result.rejected,
-                      bytes_sent=self.server.bytes_sent, bytes_received=self.server.bytes_received, phases=result.phases)
+                      bytes_sent=self.server.bytes_sent, bytes_received=self.server.bytes_received, phases=result.phases,
+                      dht_reads=result.dht_reads)
         if self.eval_set is not None and (result.new_round % self.cfg.train.eval_every == 0
                                           or result.new_round >= self.cfg.rounds):
             acc, loss = evaluate(self.model.forward_merged, *self.eval_set, device=self.model.device)

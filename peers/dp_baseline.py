@@ -118,7 +118,7 @@ def train(cfg: RunConfig, index: int, peers: int, initial_peers: list[str], host
             grad_compression=codec(), state_averaging_compression=codec(), load_state_compression=codec(),
             use_local_updates=False, verbose=False)
         events.emit("joined", index=index, epochs=epochs, pid=os.getpid())
-        seconds_train, steps, epoch = 0.0, 0, opt.local_epoch
+        seconds_train, steps, epoch, evaluated = 0.0, 0, opt.local_epoch, -1
         # Done when the swarm is: a peer that fell behind stops with the others.
         while max(opt.local_epoch, opt.tracker.global_epoch) < epochs:
             x, y = next(batches)
@@ -141,6 +141,14 @@ def train(cfg: RunConfig, index: int, peers: int, initial_peers: list[str], host
                     model.eval()
                     acc, eval_loss = evaluate(model, *eval_set, device=torch.device("cpu"))
                     events.emit("eval", epoch=epoch, accuracy=acc, loss=eval_loss)
+                    evaluated = epoch
+        if eval_set is not None and evaluated < epochs:
+            # Another peer finished the last epoch first: take the swarm's final state, then evaluate it.
+            if opt.local_epoch < opt.tracker.global_epoch:
+                opt.load_state_from_peers()
+            model.eval()
+            acc, eval_loss = evaluate(model, *eval_set, device=torch.device("cpu"))
+            events.emit("eval", epoch=opt.local_epoch, accuracy=acc, loss=eval_loss)
         events.emit("left", epoch=opt.local_epoch, steps=steps, seconds_train=seconds_train)
         linger(dht, index, peers, averaging_timeout)
     finally:

@@ -53,6 +53,10 @@ def start_dht(initial_peers: list[str], host_maddrs: list[str] | None = None, id
                            record_validators=validators,
                            identity_path=identity_path, client_mode=client_mode, start=True,
                            announce_maddrs=announce_maddrs or None,
+                           # Keys read once are not searched for again in the background before they
+                           # expire: each such search asks every node for the whole key, and a round
+                           # reads its records itself when it needs them.
+                           cache_refresh_before_expiry=0,
                            startup_timeout=30, await_ready=True)
     except (P2PDaemonError, TimeoutError, ConnectionError, OSError, ValueError) as exc:
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -235,7 +239,7 @@ def join_rounds(rt: "Runtime", keys: RunKeys, cfg: RunConfig, model, *, holds_he
     server = rt.blob_server(keys.run_id)
     sw = cfg.swarm
     leases = HeadLeases(rt.dht, keys, rt.identity if holds_heads else None, cfg.lte.heads, sw.lease_seconds,
-                        sw.settle_seconds, rt.clock, sw.clock_skew)
+                        sw.settle_seconds, rt.clock, sw.clock_skew, sw.read_replicas)
     protocol = MergeProtocol(rt.dht, server, keys, rt.identity, sw, model, holders=leases.holders, clock=rt.clock,
                              round_=round_, rounds_total=cfg.rounds, reachable=rt.reachable)
     membership = Membership(rt.dht, keys, sw, rt.clock, invite)

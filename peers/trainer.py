@@ -349,7 +349,8 @@ class Trainer:
             trained_head_steps=self.trained_head_steps, unmerged_steps=self.unmerged_steps,
             seconds_train=train_seconds, seconds_wait=result.seconds_waiting, seconds_comm=result.seconds_communicating,
             bytes_sent=self.server.bytes_sent, bytes_received=self.server.bytes_received, rejected=result.rejected,
-            reduced=result.reduced, raw_parts=result.raw_parts, phases=result.phases)
+            reduced=result.reduced, raw_parts=result.raw_parts, phases=result.phases,
+            dht_reads=result.dht_reads)
         log.info("round %d -> %d: %s, loss %.3f, W %s", result.round, result.new_round,
                  "merged" if result.merged else ("missed" if result.missed else "not merged"), loss, result.digest[:10])
 

@@ -309,6 +309,7 @@ class ModeResult:
     seconds_to_target: float | None
     # lte-swarm: median seconds from a peer entering a merge round to each step of it (RoundResult.phases)
     round_phases: dict[str, float] | None = None
+    dht_reads_per_round: float | None = None  # lte-swarm: median DHT keys a peer read in a round (its polls)
     curve: list[tuple[float, float]] = field(default_factory=list)  # (seconds since launch, test accuracy)
 
     def to_json(self) -> dict[str, Any]:
@@ -415,6 +416,12 @@ def round_phases(peers: list[PeerProcess]) -> dict[str, float] | None:
     return dict(sorted(medians.items(), key=lambda kv: kv[1]))
 
 
+def dht_reads(peers: list[PeerProcess]) -> float | None:
+    """Median over the peers' rounds of the DHT keys read in one (RoundResult.dht_reads)."""
+    reads = [e["dht_reads"] for p in peers for e in p.of("round") if "dht_reads" in e]
+    return statistics.median(reads) if reads else None
+
+
 def summarize(mode: str, counters: CounterLog, launched: float, peers: list[PeerProcess], round_ends: list[float],
               samples_per_round: int, samples_trained: int, curve: list[tuple[float, float]],
               train_seconds: list[float], target: float, blobs: tuple[float, float] | None = None) -> ModeResult:
@@ -458,7 +465,7 @@ def run_lte(net: WanNetwork, cfg: RunConfig, workdir: Path, target: float, timeo
     trained = sum(r["steps"] for p in procs for r in p.of("round")) * cfg.head_batch
     result = summarize(cfg.swarm.merge, counters, launched, procs, [e["time"] for e in rounds],
                        cfg.train.batch_size * cfg.lte.merge_every, trained, curve, train, target, blob_per_round(procs))
-    result.round_phases = round_phases(procs)
+    result.round_phases, result.dht_reads_per_round = round_phases(procs), dht_reads(procs)
     return result
 
 
@@ -517,7 +524,8 @@ def table(results: list[ModeResult], target: float) -> str:
     for r in results:
         if r.round_phases:
             lines.append(f"{r.mode}: a merge round's steps, median seconds after entering it: "
-                         + ", ".join(f"{step} {seconds:.1f}" for step, seconds in r.round_phases.items()))
+                         + ", ".join(f"{step} {seconds:.1f}" for step, seconds in r.round_phases.items())
+                         + (f"; {r.dht_reads_per_round:.0f} DHT reads" if r.dht_reads_per_round is not None else ""))
     return "\n".join(lines)
 
 

@@ -8,7 +8,6 @@ run record, progress and votes to believe.
 
 from __future__ import annotations
 
-import hashlib
 import re
 
 from swarm.errors import ConfigError
@@ -89,14 +88,8 @@ class RunKeys:
         return self._key(f"round{round_}_hash")
 
     def parts(self, round_: int) -> str:
-        """Owners' reductions of the parts of W in merge round `round_`; one subkey per part,
-        contributor set and owner."""
+        """Owners' reductions of the parts of W in merge round `round_`; one subkey per owner."""
         return self._key(f"round{round_}_parts")
-
-    @staticmethod
-    def part_tag(part: int, members: list[str]) -> str:
-        """The tag of an owner's record for `part` reduced over `members`."""
-        return f"{part}:{hashlib.sha256(','.join(sorted(members)).encode()).hexdigest()[:16]}"
 
     @staticmethod
     def lease_tag(head: int) -> str:

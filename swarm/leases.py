@@ -47,8 +47,9 @@ class HeadLeases:
     view, e.g. the coordinator's or the status view's, has none)."""
 
     def __init__(self, dht, keys: RunKeys, identity: Identity | None, n_heads: int, lease_seconds: float,
-                 settle_seconds: float, clock: Clock | None = None, clock_skew: float = 10.0):
+                 settle_seconds: float, clock: Clock | None = None, clock_skew: float = 10.0, read_replicas: int = 0):
         self.dht, self.keys, self.identity, self.n_heads = dht, keys, identity, n_heads
+        self.read_replicas = read_replicas  # DHT nodes a read asks (`swarm.read_replicas`)
         self.peer = identity.fingerprint if identity is not None else ""
         self.lease_seconds, self.settle_seconds, self.clock_skew = lease_seconds, settle_seconds, clock_skew
         self.clock = clock or Clock()
@@ -64,7 +65,8 @@ class HeadLeases:
         it is not dated in the future, it does not outlive a lease, and the run admits its writer."""
         now = self.clock.now()
         out = []
-        for (tag, who), (r, expiration) in schemas.read(self.dht, self.keys.leases, LeaseRecord, now).items():
+        for (tag, who), (r, expiration) in schemas.read(self.dht, self.keys.leases, LeaseRecord, now,
+                                                          replicas=self.read_replicas).items():
             if (tag == RunKeys.lease_tag(r.head) and r.head < self.n_heads and r.claimed_at <= now + self.clock_skew
                     and expiration <= now + self.lease_seconds + 1.0 + self.clock_skew and self.admits(who)):
                 out.append((who, r))

@@ -41,7 +41,7 @@ from swarm.config import SwarmConfig
 from swarm.identity import Identity
 from swarm.keys import RunKeys
 from swarm.lte_model import LTEModel
-from swarm.schemas import DonorRecord, HashRecord, PartRecord, ReadyRecord, RunProgress
+from swarm.schemas import DonorRecord, HashRecord, PartRecord, ReadyRecord, Reduction, RunProgress
 from swarm.transport import NETWORK_ERRORS, TransferError, pushed_name
 from swarm.wire import (Contribution, ContributionError, apply_reduced, compact_part, contribution_bound,
                         decode_contribution, decode_reduced, decode_state, dequantized, encode_reduced, encode_state,
@@ -88,6 +88,7 @@ class RoundResult:
     seconds_communicating: float = 0.0
     # seconds from entering the round to each step we reached: where a round's time goes
     phases: dict[str, float] = field(default_factory=dict)
+    dht_reads: int = 0             # DHT keys read while in the round (each from `swarm.read_replicas` nodes)
 
 
 @dataclass
@@ -104,6 +105,7 @@ class MergeRound:
     idle_polls: int = 0            # polls in a row that found nothing new: the next waits longer
     votes_seen: int = 0            # votes read while voting (a new one is progress)
     marks: dict[str, float] = field(default_factory=dict)  # step -> seconds since `started` (RoundResult.phases)
+    reads_before: int = 0          # `MergeProtocol.dht_reads` when the round began
     settle_until: float = 0.0
     first_ready_seen: float | None = None  # monotonic: when this peer first saw a ready record
     agreed_members: list[str] | None = None  # the agreed contributors, once known
@@ -139,6 +141,9 @@ class ReduceWork:
     first_seen: dict[int, float] = field(default_factory=dict)           # part -> when an owner's record showed up
     orphaned: set[int] = field(default_factory=set)                      # parts whose other owner seems absent
     raw: set[int] = field(default_factory=set)                           # parts we fetched raw: owners failed us
+    published: list[Reduction] = field(default_factory=list)             # what we reduced as an owner and serve
+    announced: int = 0                                                   # ... of which our part record names
+    expiration: float = 0.0                                              # ... and when that record expires
 
 
 def owners(part: int, members: list[str], count: int = 2) -> tuple[str, ...]:
@@ -187,6 +192,7 @@ class MergeProtocol:
         self._bases: dict[tuple[str, int], tuple[int, str, dict[str, torch.Tensor]]] = {}
         self._w_version = 0  # bumped whenever W or the round may have changed
         self._state_blob: tuple[int, bytes] | None = None
+        self.dht_reads = 0  # DHT keys read so far (RoundResult.dht_reads: in one round)
         self.state_bytes_downloaded = 0  # W fetched from donors (none when we already held it)
         # Behind NAT (hivemind's client mode) nobody can fetch from us: we push our contribution to
         # peers that can be reached, never own a part and never hand out W. Those peers keep what
@@ -227,12 +233,12 @@ class MergeProtocol:
         schemas.store(self.dht, self.keys.donors, self.identity, record, self.clock.now() + 3 * self.cfg.lease_seconds)
 
     def donors(self) -> dict[str, DonorRecord]:
-        found = schemas.by_writer(schemas.read(self.dht, self.keys.donors, DonorRecord, self.clock.now()))
+        found = schemas.by_writer(self._read(self.keys.donors, DonorRecord, self.clock.now()))
         return {who: r for who, r in found.items() if who != self.peer}
 
     def progress(self) -> RunProgress | None:
         """The coordinator's signed account of the run (its latest agreed W), if it is up."""
-        found = schemas.by_writer(schemas.read(self.dht, self.keys.progress, RunProgress, self.clock.now()))
+        found = schemas.by_writer(self._read(self.keys.progress, RunProgress, self.clock.now()))
         return found.get(self.authority)
 
     def trusted_state(self) -> tuple[int, str] | None:
@@ -273,7 +279,7 @@ class MergeProtocol:
         else:
             vote = self._authority_vote(r)  # nobody else's word decides who keeps a head
             members = vote.members if vote is not None else []
-        ready = schemas.by_writer(schemas.read(self.dht, self.keys.ready(r), ReadyRecord, now))
+        ready = schemas.by_writer(self._read(self.keys.ready(r), ReadyRecord, now))
         out = {h: who for who in members if who in ready and ready[who].round == r for h in ready[who].heads}
         if members:
             self._incumbents = (r, out)
@@ -281,7 +287,7 @@ class MergeProtocol:
 
     def _authority_vote(self, r: int) -> HashRecord | None:
         """The coordinator's digest (and contributors) for round r, if it published one."""
-        votes = schemas.by_writer(schemas.read(self.dht, self.keys.hashes(r), HashRecord, self.clock.now()))
+        votes = schemas.by_writer(self._read(self.keys.hashes(r), HashRecord, self.clock.now()))
         vote = votes.get(self.authority)
         return vote if vote is not None and vote.round == r else None
 
@@ -328,12 +334,18 @@ class MergeProtocol:
         return False
 
     # ---- reading a round's records ---------------------------------------------------------
+    def _read(self, key: str, model: type[schemas.T], now: float) -> "schemas.Signed[schemas.T]":
+        """`schemas.read` from the nodes nearest to `key` (`swarm.read_replicas`), counted: a
+        round's polls are most of what a peer sends and receives besides blobs."""
+        self.dht_reads += 1
+        return schemas.read(self.dht, key, model, now, replicas=self.cfg.read_replicas)
+
     def _ready(self, r: int) -> dict[str, ReadyRecord]:
         """Ready records of round r that count: dated near now, from the holder of every head
         they list (so at most one contribution per head)."""
         now = self.clock.now()
         holders = self.holders()
-        found = schemas.by_writer(schemas.read(self.dht, self.keys.ready(r), ReadyRecord, now))
+        found = schemas.by_writer(self._read(self.keys.ready(r), ReadyRecord, now))
         oldest = now - 3 * self.cfg.round_timeout
         return {who: rec for who, rec in found.items()
                 if rec.round == r and oldest <= rec.ready_at <= now + self.cfg.clock_skew
@@ -343,7 +355,7 @@ class MergeProtocol:
         """Digests published for round r by those whose vote counts: the coordinator and the
         lease holders, one vote per signed identity."""
         voters = set(self.holders().values()) | {self.authority, self.peer}
-        found = schemas.by_writer(schemas.read(self.dht, self.keys.hashes(r), HashRecord, self.clock.now()))
+        found = schemas.by_writer(self._read(self.keys.hashes(r), HashRecord, self.clock.now()))
         return {who: rec for who, rec in found.items() if rec.round == r and who in voters}
 
     def close_window(self, ready: dict[str, ReadyRecord]) -> float:
@@ -366,7 +378,7 @@ class MergeProtocol:
         follower when `contribution` is None."""
         r, start = self._round, self.clock.monotonic()
         mr = MergeRound(round=r, contribution=contribution, ready=ready, started=start,
-                        deadline=start + self.cfg.round_timeout)
+                        deadline=start + self.cfg.round_timeout, reads_before=self.dht_reads)
         trusted = self.trusted_state()
         if trusted is not None and trusted[0] > r:
             log.warning("the swarm is at round %d, we are at %d: syncing instead of merging alone", trusted[0], r)
@@ -694,6 +706,7 @@ class MergeProtocol:
             self._fetch_parts(mr, work, mine)
             for i in mine:
                 self._reduce_part(mr, work, i, sorted(work.accepted[i]), publish=True)
+            self._publish_parts(mr, work)
         mr.work = work
         self._mark(mr, "reduced_own")
         mr.step = RoundStep.REDUCING
@@ -771,26 +784,36 @@ class MergeProtocol:
             work.computed[key] = (digest, dequantized(tensors, self.cfg.reduced_dtype))
             if publish:
                 self._serve(mr.round, self.keys.reduced_blob(mr.round, i, digest), encode_reduced(tensors))
-                schemas.store(self.dht, self.keys.parts(mr.round), self.identity,
-                              PartRecord(round=mr.round, part=i, members=members, digest=digest, p2p=self.p2p),
-                              self._expiration(), tag=self.keys.part_tag(i, members))
+                work.published.append(Reduction(part=i, members=members, digest=digest))
         return work.computed[key][1]
+
+    def _publish_parts(self, mr: MergeRound, work: ReduceWork) -> None:
+        """Announce every part we reduced and serve, in our one record of the round: rewritten
+        whole when there is more (a later expiration replaces it)."""
+        if len(work.published) == work.announced:
+            return
+        work.announced = len(work.published)
+        work.expiration = max(self._expiration(), work.expiration + 1e-3)  # an equal one would be refused
+        schemas.store(self.dht, self.keys.parts(mr.round), self.identity,
+                      PartRecord(round=mr.round, reductions=list(work.published), p2p=self.p2p), work.expiration)
 
     def _agreed_parts(self, r: int, work: ReduceWork) -> dict[int, dict[tuple[str, ...], tuple[str, list[str]]]]:
         """part -> {members: (digest, owners' addresses)} for every reduction both owners of the
         part published alike (our own reductions count as ours). Notes when each part's first
         record showed up in `work.first_seen`."""
-        found = schemas.read(self.dht, self.keys.parts(r), PartRecord, self.clock.now())
+        found = schemas.by_writer(self._read(self.keys.parts(r), PartRecord, self.clock.now()))
         said: dict[tuple[int, tuple[str, ...], str], dict[str, str]] = {}
-        for (tag, writer), (rec, _) in found.items():
-            if (rec.round != r or not 0 <= rec.part < len(self.parts) or tag != self.keys.part_tag(rec.part, rec.members)
-                    or writer not in self._vouchers(rec.part, work.servers)
-                    or not set(rec.members) <= set(work.members)):
+        for writer, record in found.items():
+            if record.round != r:
                 continue
-            said.setdefault((rec.part, tuple(rec.members), rec.digest), {})[writer] = rec.p2p
-            work.first_seen.setdefault(rec.part, self.clock.monotonic())
-            if not set(self._owners(rec.part, work.servers)) <= set(rec.members):
-                work.orphaned.add(rec.part)  # an owner says the other one's own contribution failed
+            for rec in record.reductions:
+                if (not 0 <= rec.part < len(self.parts) or writer not in self._vouchers(rec.part, work.servers)
+                        or not set(rec.members) <= set(work.members)):
+                    continue
+                said.setdefault((rec.part, tuple(rec.members), rec.digest), {})[writer] = record.p2p
+                work.first_seen.setdefault(rec.part, self.clock.monotonic())
+                if not set(self._owners(rec.part, work.servers)) <= set(rec.members):
+                    work.orphaned.add(rec.part)  # an owner says the other one's own contribution failed
         for (i, members), (digest, _) in work.computed.items():
             said.setdefault((i, members, digest), {})[self.peer] = self.p2p
         agreed: dict[int, dict[tuple[str, ...], tuple[str, list[str]]]] = {}
@@ -841,6 +864,7 @@ class MergeProtocol:
                                                     publish=self.peer in self._vouchers(i, work.servers))
             elif (i, final) in work.fetched:
                 work.reduced[i] = work.fetched.pop((i, final))
+        self._publish_parts(mr, work)
         missing = [i for i in range(len(self.parts)) if i not in work.reduced]
         if missing:
             if not all(overdue(i) for i in missing):
@@ -980,6 +1004,7 @@ class MergeProtocol:
         result.seconds_communicating = max(0.0, elapsed - result.seconds_waiting)
         self._mark(mr, "done")
         result.phases = dict(mr.marks)
+        result.dht_reads = self.dht_reads - mr.reads_before
         mr.step, mr.result, mr.wait = RoundStep.DONE, result, 0.0
 
     def _gather(self, mr: MergeRound) -> tuple[list[Contribution], list[str]]:

@@ -105,14 +105,22 @@ class HashRecord(_Record):
     members: list[Fingerprint] = Field(max_length=4096)
 
 
-class PartRecord(_Record):
-    """An owner's reduction of part `part` of merge round `round`: the contributors it sums
-    (sorted fingerprints), the digest of its values and members, and where to download it."""
+class Reduction(_Record):
+    """One part of W reduced by its owner: the contributors it sums (sorted fingerprints) and the
+    digest of its values and members."""
 
-    round: int = Field(ge=0)
     part: int = Field(ge=0, le=1_000_000)
     members: list[Fingerprint] = Field(max_length=4096)
     digest: Digest
+
+
+class PartRecord(_Record):
+    """Every reduction an owner published in merge round `round`, and where to download them. One
+    record per owner, rewritten as it reduces more: a round's polls read all of them, and each
+    record carries its writer's key and signature (most of its bytes)."""
+
+    round: int = Field(ge=0)
+    reductions: list[Reduction] = Field(max_length=4096)
     p2p: PeerAddress
 
 
@@ -142,9 +150,11 @@ Signed = dict[tuple[str, str], tuple[T, float]]
 READ_TIMEOUT = 10.0  # seconds: a DHT read never blocks a peer for longer
 
 
-def _get(dht, key: str):
-    """`dht.get(key, latest=True)`, bounded in time: None if it does not answer."""
-    future = dht.get(key, latest=True, return_future=True)
+def _get(dht, key: str, replicas: int = 0):
+    """`dht.get(key, latest=True)`, bounded in time: None if it does not answer. With `replicas`,
+    only that many of the nodes nearest to the key are asked (hivemind's beam), not every node its
+    search visits: each one sends the key's whole dictionary."""
+    future = dht.get(key, latest=True, return_future=True, **({"beam_size": replicas} if replicas else {}))
     try:
         return future.result(timeout=READ_TIMEOUT)
     except TimeoutError:
@@ -156,11 +166,12 @@ def _get(dht, key: str):
         return None
 
 
-def read(dht, key: str, model: type[T], now: float) -> "Signed[T]":
+def read(dht, key: str, model: type[T], now: float, replicas: int = 0) -> "Signed[T]":
     """Every unexpired, well-formed, signed record under `key` that does not claim to live longer
-    than a record may: (tag, writer) -> (record, expiration). Anything else is dropped."""
+    than a record may: (tag, writer) -> (record, expiration). Anything else is dropped. `replicas`:
+    see `_get`."""
     try:
-        found = _get(dht, key)
+        found = _get(dht, key, replicas)
     except Exception as exc:  # an undecodable value from another node: nothing here is usable
         log.warning("dropping what the DHT holds at %s: %s", key, exc)
         return {}

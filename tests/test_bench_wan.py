@@ -143,7 +143,7 @@ def test_tiny_wan_run_reports_and_cleans_up(tmp_path):
         assert mode["bytes_sent_per_peer_round"] > 0 and mode["bytes_received_per_peer_round"] > 0
         assert mode["total_bytes_per_peer"] > 0 and mode["samples_trained"] >= 64
         assert 0.0 < mode["train_fraction"] < 1.0
-        assert mode["curve"] and all(0.0 <= acc <= 1.0 for _, acc in mode["curve"])
+        assert mode["curve"] and all(0.0 <= acc <= 1.0 for _, acc in mode["curve"]), (mode["mode"], done.stderr[-3000:])
         assert 0.0 <= mode["accuracy"] <= 1.0
     blob_sent, blob_received = out["modes"][0]["blob_bytes_per_peer_round"]  # lte-swarm's own counters
     assert 0 < blob_sent <= out["modes"][0]["bytes_sent_per_peer_round"]
