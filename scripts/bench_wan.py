@@ -379,6 +379,16 @@ def _wait_all(procs: list[PeerProcess], timeout: float) -> None:
         raise LocalSwarmError(f"{failed[0].name} failed ({failed[0].handle.returncode}):\n{failed[0].tail()}")
 
 
+def _let_finish(proc: PeerProcess, timeout: float) -> None:
+    """Give a process that ends by itself (the coordinator, once the volunteers left) up to
+    `timeout` to do so: stopped at once, it could still be voting on the last round, which its
+    evaluation would then miss."""
+    try:
+        proc.handle.wait(timeout)
+    except subprocess.TimeoutExpired:
+        print(f"  {proc.name} still running {timeout:.0f}s after the peers left; stopping it", file=sys.stderr, flush=True)
+
+
 def time_to(curve: list[tuple[float, float]], target: float) -> float | None:
     """Seconds until the test accuracy first reached `target`, None if it never did."""
     return next((t for t, acc in curve if acc >= target), None)
@@ -456,6 +466,7 @@ def run_lte(net: WanNetwork, cfg: RunConfig, workdir: Path, target: float, timeo
         wait_w = f"{sync_timeout(cfg, len(peers), net.mbit):.0f}"
         procs = [swarm.join(n, "--host-maddrs", net.maddr(n), "--sync-timeout", wait_w) for n in peers]
         _wait_all(procs, timeout)
+        _let_finish(swarm.coordinator, 2 * cfg.swarm.round_timeout)
     finally:
         counters.stop()
         swarm.close()

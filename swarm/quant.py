@@ -13,9 +13,25 @@ from typing import Literal
 
 import torch
 
-# bitsandbytes warns at import that an optional CPU kernel package is missing; the fallback is fine.
-logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-import bitsandbytes.functional as bnbf  # noqa: E402
+
+
+def _import_bitsandbytes():
+    """`bitsandbytes.functional`, without building torch's compiler. On import bitsandbytes wraps
+    its generic fallback kernels in `torch.compile`, which imports dynamo and inductor: about 3 s
+    of CPU in every process, half of a peer's start-up, paid nine times over when a swarm starts on
+    one machine. The CPU and CUDA have kernels of their own; the fallbacks run as written."""
+    # bitsandbytes warns at import that an optional CPU kernel package is missing; the fallback is fine.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    compile_ = torch.compile
+    torch.compile = lambda model=None, **_: model if model is not None else (lambda fn: fn)
+    try:
+        import bitsandbytes.functional as functional
+    finally:
+        torch.compile = compile_
+    return functional
+
+
+bnbf = _import_bitsandbytes()
 
 Storage = Literal["fp32", "bf16", "int8", "nf4"]
 STORAGES: tuple[Storage, ...] = ("fp32", "bf16", "int8", "nf4")

@@ -334,18 +334,20 @@ class MergeProtocol:
         return False
 
     # ---- reading a round's records ---------------------------------------------------------
-    def _read(self, key: str, model: type[schemas.T], now: float) -> "schemas.Signed[schemas.T]":
+    def _read(self, key: str, model: type[schemas.T], now: float, thorough: bool = False) -> "schemas.Signed[schemas.T]":
         """`schemas.read` from the nodes nearest to `key` (`swarm.read_replicas`), counted: a
-        round's polls are most of what a peer sends and receives besides blobs."""
+        round's polls are most of what a peer sends and receives besides blobs. `thorough` asks
+        every node hivemind's search finds: for a read that decides (nodes that just left can
+        still be the nearest in a routing table, and a read from them alone comes back empty)."""
         self.dht_reads += 1
-        return schemas.read(self.dht, key, model, now, replicas=self.cfg.read_replicas)
+        return schemas.read(self.dht, key, model, now, replicas=0 if thorough else self.cfg.read_replicas)
 
-    def _ready(self, r: int) -> dict[str, ReadyRecord]:
+    def _ready(self, r: int, thorough: bool = False) -> dict[str, ReadyRecord]:
         """Ready records of round r that count: dated near now, from the holder of every head
-        they list (so at most one contribution per head)."""
+        they list (so at most one contribution per head). `thorough`: see `_read`."""
         now = self.clock.now()
         holders = self.holders()
-        found = schemas.by_writer(self._read(self.keys.ready(r), ReadyRecord, now))
+        found = schemas.by_writer(self._read(self.keys.ready(r), ReadyRecord, now, thorough))
         oldest = now - 3 * self.cfg.round_timeout
         return {who: rec for who, rec in found.items()
                 if rec.round == r and oldest <= rec.ready_at <= now + self.cfg.clock_skew
@@ -476,7 +478,7 @@ class MergeProtocol:
         r = mr.round
         if not mr.settled:
             mr.settled = True
-            mr.ready_set = self._ready(r)
+            mr.ready_set = self._ready(r, thorough=True)  # the round's members
             if mr.contribution is not None and self.peer not in mr.ready_set:  # our record never made it out
                 log.warning("our ready record for round %d is not visible; merging without us", r)
             mr.waited = self.clock.monotonic() - mr.started

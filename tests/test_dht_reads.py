@@ -65,3 +65,32 @@ def test_a_read_from_two_replicas_sees_every_record_for_a_fraction_of_the_bytes(
     near, seen_near = reads(2)
     assert seen_full == written and seen_near == written
     assert near < 0.7 * full, (near, full)
+
+
+def test_a_round_polls_its_records_from_two_replicas_and_reads_its_members_from_every_node(tmp_path, monkeypatch):
+    """The in-memory swarm, every DHT read recorded with the nodes it asks: the ready records that
+    decide a round's members are read thoroughly once per round, every other poll narrowly."""
+    from swarm.memnet import MemoryDHT
+    from tests.memswarm import MemorySwarm, tiny_config
+
+    asked: list[tuple[str, int]] = []
+    get = MemoryDHT.get
+
+    def recording_get(self, key, latest=True, return_future=False, **kwargs):
+        if return_future:  # as `schemas.read` asks; the in-memory DHT then calls get again, synchronously
+            asked.append((key, kwargs.get("beam_size", 0)))
+        return get(self, key, latest, return_future, **kwargs)
+
+    monkeypatch.setattr(MemoryDHT, "get", recording_get)
+    rounds = 3
+    mem = MemorySwarm(tiny_config(heads=2, merge_every=2, rounds=rounds, min_heads=2), tmp_path)
+    mem.coordinator()
+    mem.trainer("p0"), mem.trainer("p1")
+    mem.run()
+    assert len(set(mem.digests().values())) == 1
+    keys = mem["p0"].role.keys
+    for r in range(rounds):
+        ready = [beam for key, beam in asked if key == keys.ready(r)]
+        assert ready.count(0) >= 3 and ready.count(2) > ready.count(0), ready  # each member settles once
+        assert {beam for key, beam in asked if key in (keys.parts(r), keys.hashes(r))} == {2}
+    assert {beam for key, beam in asked if key == keys.leases} == {2}

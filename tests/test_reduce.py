@@ -10,7 +10,9 @@ import torch
 
 from peers.trainer import Trainer
 from swarm import rounds as rounds_module
+from swarm import schemas
 from swarm.rounds import MergeProtocol, owners
+from swarm.schemas import PartRecord
 from swarm.wire import factors_digest, plan_parts
 from tests.memswarm import MemorySwarm, tiny_config
 
@@ -70,11 +72,25 @@ def test_reduced_merge_agrees_everywhere_and_matches_the_gather(tmp_path, wire):
         assert all(len(r["members"]) == 4 for r in rounds)
         assert len(set(mem.digests().values())) == 1
     assert not any(r["resynced"] for n in _trainers(reduced) for r in reduced[n].events.of("round"))
+    _each_owner_announced_its_parts_in_one_record(reduced)
     a = reduced["coordinator"].role.model.shared_state()
     b = gathered["coordinator"].role.model.shared_state()
     assert a.keys() == b.keys()
     for key in a:  # the same sums, rounded the same way whoever reduces them
         assert torch.equal(a[key], b[key]), key
+
+
+def _each_owner_announced_its_parts_in_one_record(mem: MemorySwarm) -> None:
+    """Every round's part key holds one record per owner (a read costs its records' signatures)
+    that names every part the owner reduces, over the round's members."""
+    dht, keys, n_parts = mem["coordinator"].rt.dht, mem["p0"].role.keys, len(mem["p0"].role.protocol.parts)
+    for r in mem["coordinator"].events.of("round"):
+        members = sorted(r["members"])
+        found = schemas.read(dht, keys.parts(r["round"]), PartRecord, mem.clock.now())
+        assert {tag for tag, _ in found} == {""} and {who for _, who in found} == set(members)
+        for (_, who), (record, _) in found.items():
+            mine = {i for i in range(n_parts) if who in owners(i, members)}
+            assert {x.part for x in record.reductions} == mine and all(x.members == members for x in record.reductions)
 
 
 def test_bytes_per_peer_do_not_grow_with_the_swarm(tmp_path):
