@@ -945,7 +945,9 @@ class MergeProtocol:
         if mr.awaited is None:  # once per round: is the coordinator up and at this round, so that it votes?
             progress = None if self.is_authority else self.progress()
             mr.awaited = set(mr.members) | ({self.authority} if progress is not None and progress.round == r else set())
-        awaited = mr.awaited
+        # A member that has since left (its heads released) will not vote: waiting for it would
+        # hold the round to its deadline, as at the end of a run when every volunteer leaves.
+        awaited = mr.awaited & (set(self.holders().values()) | {self.authority})
         now = self.clock.monotonic()
         # The coordinator's vote decides: while it is up, it is awaited for as long as a round may
         # take, not just the grace (a peer that gives up on a slow coordinator merges on alone).

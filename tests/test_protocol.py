@@ -214,6 +214,36 @@ def test_sigterm_mid_merge_leaves_within_one_step_and_frees_the_heads(tmp_path):
     _agree(swarm, "b", "coordinator")
 
 
+def test_a_member_that_leaves_before_its_vote_is_read_does_not_hold_the_round_to_its_deadline(tmp_path):
+    """Its vote never shows (as when the last volunteers leave a run and take the DHT nodes that
+    held their votes with them); once its heads are released, nobody waits for it."""
+    from peers.trainer import Trainer
+    from swarm.rounds import MergeProtocol, RoundStep
+
+    class Unvoting(MergeProtocol):
+        def _vote(self, mr, members):  # as MergeProtocol's, without publishing the digest
+            mr.members = members
+            mr.step, mr.deadline = RoundStep.VOTING, self.clock.monotonic() + self.cfg.merge_grace
+
+    class Peer(Trainer):
+        def __init__(self, *args, **kw):
+            super().__init__(*args, **kw)
+            self.protocol.__class__ = Unvoting
+
+    cfg = tiny_config(heads=2, merge_every=2, rounds=3, min_heads=2)
+    swarm = MemorySwarm(cfg, tmp_path)
+    swarm.coordinator()
+    swarm.trainer("a", role=Peer), swarm.trainer("b")
+    swarm.run(until=lambda s: s["a"].role.mr is not None and s["a"].role.mr.step is RoundStep.VOTING)
+    swarm.stop("a")
+    swarm.run()
+    first = swarm["coordinator"].events.of("round")[0]
+    assert sorted(first["members"]) == sorted([swarm["a"].rt.peer, swarm["b"].rt.peer])
+    assert first["phases"]["done"] - first["phases"]["merged"] < cfg.swarm.merge_grace, first["phases"]
+    assert swarm["b"].state == "finished"
+    _agree(swarm, "b", "coordinator")
+
+
 def test_a_coordinator_resumes_from_its_checkpoint(tmp_path):
     cfg = tiny_config(heads=1, merge_every=2, rounds=8)
     swarm = MemorySwarm(cfg, tmp_path)
