@@ -14,7 +14,6 @@ from typing import Literal
 import torch
 
 
-
 def _import_bitsandbytes():
     """`bitsandbytes.functional`, without building torch's compiler. On import bitsandbytes wraps
     its generic fallback kernels in `torch.compile`, which imports dynamo and inductor: about 3 s
