@@ -334,7 +334,8 @@ class MergeProtocol:
         return False
 
     # ---- reading a round's records ---------------------------------------------------------
-    def _read(self, key: str, model: type[schemas.T], now: float, thorough: bool = False) -> "schemas.Signed[schemas.T]":
+    def _read(self, key: str, model: type[schemas.T], now: float,
+              thorough: bool = False) -> "schemas.Signed[schemas.T]":
         """`schemas.read` from the nodes nearest to `key` (`swarm.read_replicas`), counted: a
         round's polls are most of what a peer sends and receives besides blobs. `thorough` asks
         every node hivemind's search finds: for a read that decides (nodes that just left can

@@ -38,6 +38,16 @@ def tiny_config(*, heads: int = 2, merge_every: int = 2, rounds: int = 4, per_he
     return parse_config(raw, origin="tiny test config")
 
 
+def with_protocol(cls) -> type[Trainer]:
+    """A volunteer whose merge protocol is `cls` (a MergeProtocol that fails or attacks in a way
+    a test names)."""
+    class Peer(Trainer):
+        def __init__(self, *args, **kw):
+            super().__init__(*args, **kw)
+            self.protocol.__class__ = cls
+    return Peer
+
+
 class RecordingEvents(EventLog):
     """The event log, kept in memory for assertions."""
 

@@ -9,7 +9,7 @@ import torch
 
 from peers.simulate import simulate
 from swarm.schemas import PeerPhase
-from tests.memswarm import MemorySwarm, max_difference, run_swarm, tiny_config
+from tests.memswarm import MemorySwarm, max_difference, run_swarm, tiny_config, with_protocol
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -217,7 +217,6 @@ def test_sigterm_mid_merge_leaves_within_one_step_and_frees_the_heads(tmp_path):
 def test_a_member_that_leaves_before_its_vote_is_read_does_not_hold_the_round_to_its_deadline(tmp_path):
     """Its vote never shows (as when the last volunteers leave a run and take the DHT nodes that
     held their votes with them); once its heads are released, nobody waits for it."""
-    from peers.trainer import Trainer
     from swarm.rounds import MergeProtocol, RoundStep
 
     class Unvoting(MergeProtocol):
@@ -225,15 +224,10 @@ def test_a_member_that_leaves_before_its_vote_is_read_does_not_hold_the_round_to
             mr.members = members
             mr.step, mr.deadline = RoundStep.VOTING, self.clock.monotonic() + self.cfg.merge_grace
 
-    class Peer(Trainer):
-        def __init__(self, *args, **kw):
-            super().__init__(*args, **kw)
-            self.protocol.__class__ = Unvoting
-
     cfg = tiny_config(heads=2, merge_every=2, rounds=3, min_heads=2)
     swarm = MemorySwarm(cfg, tmp_path)
     swarm.coordinator()
-    swarm.trainer("a", role=Peer), swarm.trainer("b")
+    swarm.trainer("a", role=with_protocol(Unvoting)), swarm.trainer("b")
     swarm.run(until=lambda s: s["a"].role.mr is not None and s["a"].role.mr.step is RoundStep.VOTING)
     swarm.stop("a")
     swarm.run()

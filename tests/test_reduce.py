@@ -14,7 +14,7 @@ from swarm import schemas
 from swarm.rounds import MergeProtocol, owners
 from swarm.schemas import PartRecord
 from swarm.wire import factors_digest, plan_parts
-from tests.memswarm import MemorySwarm, tiny_config
+from tests.memswarm import MemorySwarm, tiny_config, with_protocol
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -127,21 +127,13 @@ class _LyingOwner(MergeProtocol):
             rounds_module.reduced_tensors = original
 
 
-def _with_protocol(cls):
-    class Peer(Trainer):
-        def __init__(self, *args, **kw):
-            super().__init__(*args, **kw)
-            self.protocol.__class__ = cls
-    return Peer
-
-
 @pytest.mark.parametrize("part_owners", [2, 1])
 @pytest.mark.parametrize("owner", [_SilentOwner, _LyingOwner], ids=["silent", "lying"])
 def test_an_owner_that_stays_silent_or_lies_changes_nothing(tmp_path, owner, part_owners):
     """Checked by the part's other owner, or (one owner per part) by the coordinator's sum."""
     baseline = _swarm(tmp_path, "baseline", 4, part_owners=part_owners)
     baseline.run()
-    attacked = _swarm(tmp_path, "attacked", 4, roles={"p1": _with_protocol(owner)}, part_owners=part_owners)
+    attacked = _swarm(tmp_path, "attacked", 4, roles={"p1": with_protocol(owner)}, part_owners=part_owners)
     attacked.run()
     honest = ("coordinator", "p0", "p2", "p3")
     assert all(attacked[n].state == "finished" for n in attacked.nodes)
@@ -183,7 +175,7 @@ def test_two_colluding_owners_cannot_change_the_agreed_w(tmp_path):
     liars = {by_fingerprint[0][1], by_fingerprint[1][1]}  # consecutive: together they own part 0
     baseline = _swarm(tmp_path, "baseline", 4)
     baseline.run()
-    attacked = _swarm(tmp_path, "attacked", 4, roles={n: _with_protocol(_LyingOwner) for n in liars})
+    attacked = _swarm(tmp_path, "attacked", 4, roles={n: with_protocol(_LyingOwner) for n in liars})
     attacked.run()
     assert all(attacked[n].state == "finished" for n in attacked.nodes)
     rounds = attacked["coordinator"].events.of("round")
@@ -198,7 +190,7 @@ def test_a_round_waiting_on_a_silent_owner_polls_the_dht_less_and_less(tmp_path)
     back off up to swarm.poll_max_seconds: the same W, with far fewer DHT reads."""
     reads, digests = {}, {}
     for cap in (0.1, 2.0):  # 0.1 = poll_seconds: no back-off
-        mem = _swarm(tmp_path, f"cap{cap}", 4, roles={"p1": _with_protocol(_SilentOwner)}, poll_max_seconds=cap)
+        mem = _swarm(tmp_path, f"cap{cap}", 4, roles={"p1": with_protocol(_SilentOwner)}, poll_max_seconds=cap)
         dht = mem["p0"].role.dht
         calls = []
         real_get = dht.get
@@ -296,7 +288,7 @@ def test_reduced_parts_are_downloaded_while_the_last_owners_still_reduce(tmp_pat
     before the last owners published theirs; the W is the same as without the slow owner."""
     baseline = _swarm(tmp_path, "baseline", 4)
     baseline.run()
-    mem = _swarm(tmp_path, "slow", 4, roles={"p1": _with_protocol(_SlowOwner)})
+    mem = _swarm(tmp_path, "slow", 4, roles={"p1": with_protocol(_SlowOwner)})
     log = _record_fetches(mem)
     mem.run()
     assert mem.digests() == baseline.digests()
