@@ -44,9 +44,9 @@ from swarm.lte_model import LTEModel
 from swarm.schemas import DonorRecord, HashRecord, PartRecord, ReadyRecord, Reduction, RunProgress
 from swarm.transport import NETWORK_ERRORS, TransferError, pushed_name
 from swarm.wire import (Contribution, ContributionError, apply_reduced, compact_part, contribution_bound,
-                        decode_contribution, decode_reduced, decode_state, dequantized, encode_reduced, encode_state,
-                        expand_part, merged_totals, part_bound, part_factors, plan_parts, reduce_contributions,
-                        reduced_digest, reduced_tensors, split_contribution, state_bound)
+                        decode_contribution, decode_contribution_parts, decode_reduced, decode_state, dequantized,
+                        encode_reduced, encode_state, expand_part, merged_totals, part_bound, part_factors, plan_parts,
+                        reduce_contributions, reduced_digest, reduced_tensors, split_contribution, state_bound)
 
 log = logging.getLogger(__name__)
 
@@ -746,15 +746,16 @@ class MergeProtocol:
                 log.warning("round %d: no contribution (part %s) from %s: %s", r, "all" if i is None else i,
                             peer[:8], exc)
                 return out
-            for j in wanted:
-                try:
-                    c = decode_contribution(blob, peer, self.model, self.cfg.max_update, self.cfg.max_relative_update,
-                                            part=self.parts[j], dtype=self.cfg.contribution_dtype)
-                    if sorted(c.heads) != sorted(rec.heads):
-                        raise ContributionError(f"heads {list(c.heads)} differ from its ready record")
+            decoded = decode_contribution_parts(blob, peer, self.model, self.cfg.max_update,
+                                                self.cfg.max_relative_update, [self.parts[j] for j in wanted],
+                                                self.cfg.contribution_dtype)
+            for j, c in zip(wanted, decoded):
+                if not isinstance(c, ContributionError) and sorted(c.heads) != sorted(rec.heads):
+                    c = ContributionError(f"heads {list(c.heads)} differ from its ready record")
+                if isinstance(c, ContributionError):
+                    log.warning("round %d: rejected part %d of %s's contribution: %s", r, j, peer[:8], c)
+                else:
                     out[j] = c
-                except ContributionError as exc:
-                    log.warning("round %d: rejected part %d of %s's contribution: %s", r, j, peer[:8], exc)
             return out
 
         # Every peer starts with a different member (the one after itself): were they all to ask the

@@ -1,4 +1,5 @@
-"""scripts/wire_estimate.py: a config's bytes per peer and round, from real blobs of its model."""
+"""scripts/wire_estimate.py: a config's bytes per peer and round, from real blobs of its model;
+scripts/bench_checks.py: what checking a whole contribution part by part costs."""
 
 from __future__ import annotations
 
@@ -24,3 +25,17 @@ def test_estimate_of_the_shipped_digits_config(capsys):
     assert by["bf16", "int8", 8]["reduce_received"] < 1.5 * by["bf16", "int8", 4]["reduce_received"]
     assert by["fp32", "fp32", 8]["gather_received"] > 2 * by["fp32", "fp32", 4]["gather_received"]
     assert "compact" in out
+
+
+def test_checks_benchmark_of_the_shipped_digits_config(capsys):
+    """scripts/bench_checks.py times both ways of checking a whole contribution part by part on
+    real blobs of the config's model, in every precision (figures only: nothing timed is asserted)."""
+    load_script("bench_checks").main(["--config", str(ROOT / "configs" / "digits-vit-tiny.yaml"),
+                                      "--peers", "4", "--repeat", "1", "--json"])
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [r["contribution_dtype"] for r in report["rows"]] == ["fp32", "bf16", "int8"]
+    sizes = [r["contribution_bytes"] for r in report["rows"]]
+    assert sizes[0] > sizes[1] > sizes[2]  # bf16 and 8-bit blobs really are smaller
+    for r in report["rows"]:
+        assert r["parts"] > 1 and r["parsed_per_part_seconds"] > 0 and r["parsed_once_seconds"] > 0
+        assert r["per_round_saved_seconds"] == (r["parsed_per_part_seconds"] - r["parsed_once_seconds"]) * 4

@@ -246,3 +246,40 @@ def test_hostile_compact_blobs_are_contribution_errors(zero):
                 call()
             except ContributionError:
                 pass
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "int8"])
+def test_the_parts_of_a_whole_contribution_decode_from_one_parse_each_as_on_its_own(monkeypatch, dtype):
+    """A peer checking every part of a whole contribution (the coordinator) parses it once, and
+    gets per part what decoding that part alone gives: a damaged layer rejects its part only."""
+    import swarm.wire as wire
+
+    peer = _model([0, 2])
+    parts = plan_parts(peer, 4)
+    tensors = st_load(encode_contribution(peer, [0, 2], form="factors", dtype=dtype)[0])
+    victim = sorted(k for k in tensors if k.startswith("w/"))[0]
+    broken = next(i for i, part in enumerate(parts) if wire._target(victim) in part)
+    key = victim if dtype == "fp32" else victim.removesuffix("#scale") + "#scale"
+    tensors[key] = torch.full_like(tensors[key], float("nan"))
+    blob = st_save(tensors, metadata={"format": FORMAT, "heads": "[0, 2]"})
+    receiver = LTEModel(tiny_vit(), SPEC, [])
+    alone = []
+    for part in parts:
+        try:
+            alone.append(decode_contribution(blob, "p", receiver, 10.0, part=part, dtype=dtype))
+        except ContributionError as exc:
+            alone.append(exc)
+    parses = []
+    monkeypatch.setattr(wire, "st_load", lambda data: parses.append(len(data)) or st_load(data))
+    together = wire.decode_contribution_parts(blob, "p", receiver, 10.0, float("inf"), parts, dtype)
+    assert parses == [len(blob)]
+    for i, (a, b) in enumerate(zip(alone, together)):
+        assert isinstance(a, ContributionError) == isinstance(b, ContributionError) == (i == broken), i
+        if i == broken:
+            assert str(a) == str(b) and "NaN or inf" in str(b)
+        else:
+            assert set(a.weights) == set(b.weights) and set(a.replicas) == set(b.replicas)
+            assert all(torch.equal(a.weights[n], b.weights[n]) for n in a.weights)
+            assert all(torch.equal(a.replicas[n], b.replicas[n]) for n in a.replicas)
+    garbage = wire.decode_contribution_parts(b"garbage", "p", receiver, 10.0, float("inf"), parts, dtype)
+    assert all(isinstance(g, ContributionError) and "not a valid safetensors" in str(g) for g in garbage)
