@@ -78,6 +78,7 @@ class Trainer:
         self.overlap = cfg.swarm.overlap
         self.landed: tuple[MergeRound, RoundResult] | None = None
         self.inflight_steps = 0                 # local steps in the contribution of the round in flight
+        self.inflight_losses: list[float] = []  # ... and their losses (its round event reports them)
         self.poll_due = 0.0                     # monotonic: when the round in flight is next polled
         self.trained_head_steps = 0
         self.compute_seconds = 0.0              # in forward/backward (and batching) alone, all run long
@@ -253,7 +254,7 @@ class Trainer:
         if self.overlap:  # train the next steps while this round's bytes move
             self.model.mark_sent(heads)
             self.inflight_steps, self.unmerged_steps = self.unmerged_steps, 0
-            self.step_in_round, self.round_losses = 0, []
+            self.inflight_losses, self.step_in_round, self.round_losses = self.round_losses, 0, []
             return 0.0
         self._set_phase(PeerPhase.MERGING)
         return 0.0
@@ -279,8 +280,11 @@ class Trainer:
         self.mr = None
         if result.idle:
             return 0.0
-        steps = len(self.round_losses) if mr.contribution is not None else 0
-        loss = sum(self.round_losses) / steps if steps else float("nan")
+        # The steps in this round's contribution: with overlap, those before it went out, not the
+        # ones we train meanwhile
+        losses = self.inflight_losses if self.overlap else self.round_losses
+        steps = len(losses) if mr.contribution is not None else 0
+        loss = sum(losses) / steps if steps else float("nan")
         if mr.contribution is not None and self.overlap:
             self.landed = (mr, result)  # applied at the end of the steps we are training (`_land`)
         elif mr.contribution is not None:

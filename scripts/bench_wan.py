@@ -17,7 +17,9 @@ It reports per mode the bytes each peer sent and received per round, read from i
 (everything: DHT, state download, merges), the wall clock from launching the peers to the last one
 leaving, the fraction of each peer's time (join to leave) spent in local forward/backward, test
 accuracy against wall clock (the coordinator's evaluation after every round; the first hivemind
-peer's after every global step) and the wall time to reach `--target-accuracy`.
+peer's after every global step) and the wall time to reach `--target-accuracy`, from the launch and
+from the moment the last peer joined (processes starting at once on a few cores take far longer to
+join than volunteers on machines of their own; that start costs every mode alike).
 
 Why this model and cap. The paper's setting is ViT-S/32 on a modest GPU over a 20 Mbit/s home link:
 about 1-3 s of compute per merge round of T = 10 local steps against about 36 s to move one fp32
@@ -307,6 +309,10 @@ class ModeResult:
     compute_seconds_per_round: float
     accuracy: float | None
     seconds_to_target: float | None
+    # from launching the peers until the last one joined: 9 processes importing torch at once on a
+    # few cores make it longer than on volunteers' own machines; the same for every mode
+    joined_seconds: float = 0.0
+    seconds_to_target_after_joined: float | None = None  # seconds_to_target - joined_seconds
     # lte-swarm: median seconds from a peer entering a merge round to each step of it (RoundResult.phases)
     round_phases: dict[str, float] | None = None
     dht_reads_per_round: float | None = None  # lte-swarm: median DHT keys a peer read in a round (its polls)
@@ -441,6 +447,8 @@ def summarize(mode: str, counters: CounterLog, launched: float, peers: list[Peer
     first, last = counters.samples[0][1], counters.samples[-1][1]
     spans = [p.of("left")[-1]["time"] - _first(p, "joined")["time"] for p in peers]
     left = max(p.of("left")[-1]["time"] for p in peers)
+    joined = max(_first(p, "joined")["time"] for p in peers) - launched
+    reach = time_to(curve, target)
     return ModeResult(
         mode=mode, rounds=rounds, samples_per_round=samples_per_round, wall_seconds=left - launched,
         bytes_sent_per_peer_round=statistics.mean(t[0] for t in traffic),
@@ -452,7 +460,8 @@ def summarize(mode: str, counters: CounterLog, launched: float, peers: list[Peer
         samples_trained=samples_trained,
         train_fraction=statistics.mean(t / s for t, s in zip(train_seconds, spans)),
         compute_seconds_per_round=statistics.mean(train_seconds) / rounds,
-        accuracy=curve[-1][1] if curve else None, seconds_to_target=time_to(curve, target), curve=curve)
+        accuracy=curve[-1][1] if curve else None, seconds_to_target=reach, joined_seconds=joined,
+        seconds_to_target_after_joined=None if reach is None else max(0.0, reach - joined), curve=curve)
 
 
 def run_lte(net: WanNetwork, cfg: RunConfig, workdir: Path, target: float, timeout: float) -> ModeResult:
@@ -473,7 +482,7 @@ def run_lte(net: WanNetwork, cfg: RunConfig, workdir: Path, target: float, timeo
     rounds = [e for e in swarm.coordinator.of("round") if not e.get("idle")]
     curve = [(e["time"] - launched, e["accuracy"]) for e in rounds if e.get("accuracy") is not None]
     train = [p.of("left")[-1]["compute_seconds"] for p in procs]  # forward/backward alone (see bench_swarm)
-    trained = sum(r["steps"] for p in procs for r in p.of("round")) * cfg.head_batch
+    trained = sum(p.of("left")[-1]["trained_head_steps"] for p in procs) * cfg.head_batch
     result = summarize(cfg.swarm.merge, counters, launched, procs, [e["time"] for e in rounds],
                        cfg.train.batch_size * cfg.lte.merge_every, trained, curve, train, target, blob_per_round(procs))
     result.round_phases, result.dht_reads_per_round = round_phases(procs), dht_reads(procs)
@@ -517,12 +526,14 @@ def table(results: list[ModeResult], target: float) -> str:
     """One row per mode: bytes per peer and round, wall clock, training fraction, accuracy."""
     head = (f"{'mode':9s} {'rounds':>6s} {'samples':>7s} {'MB sent':>8s} {'MB recv':>8s} {'blob MB':>11s} "
             f"{'coord MB':>9s} {'resent':>6s} {'wall s':>7s} {'train %':>7s} {'s/round':>7s} {'test acc':>8s} "
-            f"{f's to {target:.0%}':>8s}")
+            f"{f's to {target:.0%}':>8s} {'joined s':>8s} {'after':>6s}")
     lines = [head, "(samples: forward/backward over all peers; MB per peer per round, from the veth counters; "
                    "blob: sent/received by the blob transfers alone; coord: the coordinator's sent+received; "
-                   "resent: share of the peers' TCP segments sent again after drops at the caps)"]
+                   "resent: share of the peers' TCP segments sent again after drops at the caps; joined s: "
+                   "from launch until the last peer joined; after: seconds to the target accuracy from then)"]
     for r in results:
         reach = "-" if r.seconds_to_target is None else f"{r.seconds_to_target:.0f}"
+        after = "-" if r.seconds_to_target_after_joined is None else f"{r.seconds_to_target_after_joined:.0f}"
         acc = "-" if r.accuracy is None else f"{r.accuracy:.1%}"
         resent = "-" if r.retransmitted is None else f"{r.retransmitted:.1%}"
         blob = "-" if r.blob_bytes_per_peer_round is None else "{:.2f}/{:.2f}".format(
@@ -531,7 +542,7 @@ def table(results: list[ModeResult], target: float) -> str:
                      f"{r.bytes_received_per_peer_round / 1e6:8.2f} {blob:>11s} "
                      f"{sum(r.coordinator_bytes_per_round) / 1e6:9.2f} {resent:>6s} "
                      f"{r.wall_seconds:7.0f} {r.train_fraction:7.1%} {r.compute_seconds_per_round:7.2f} "
-                     f"{acc:>8s} {reach:>8s}")
+                     f"{acc:>8s} {reach:>8s} {r.joined_seconds:8.0f} {after:>6s}")
     for r in results:
         if r.round_phases:
             lines.append(f"{r.mode}: a merge round's steps, median seconds after entering it: "

@@ -75,14 +75,15 @@ def test_time_to_target_and_table():
                              bytes_sent_per_peer_round=2.5e6, bytes_received_per_peer_round=7.1e6,
                              coordinator_bytes_per_round=(1e6, 6e6), total_bytes_per_peer=1.2e8, samples_trained=7680,
                              train_fraction=0.1, blob_bytes_per_peer_round=blob, retransmitted=0.125,
-                             compute_seconds_per_round=1.2, accuracy=0.9, seconds_to_target=reach, curve=curve)
+                             compute_seconds_per_round=1.2, accuracy=0.9, seconds_to_target=reach, joined_seconds=12.4,
+                             seconds_to_target_after_joined=None if reach is None else reach - 12.4, curve=curve)
             for m, reach, blob in (("reduce", 20.0, (1.25e6, 3.5e6)), ("hivemind", None, None))]
     text = bench.table(rows, 0.7)
     lines = text.splitlines()
-    assert "s to 70%" in lines[0]
+    assert "s to 70%" in lines[0] and lines[0].split()[-2:] == ["s", "after"]
     assert lines[2].split() == ["reduce", "12", "7680", "2.50", "7.10", "1.25/3.50", "7.00", "12.5%", "300", "10.0%",
-                                "1.20", "90.0%", "20"]
-    assert lines[3].split()[-1] == "-" and lines[3].split()[5] == "-"
+                                "1.20", "90.0%", "20", "12", "8"]
+    assert lines[3].split()[-3:] == ["-", "12", "-"] and lines[3].split()[5] == "-"
 
 
 def test_swarm_settings_given_with_set_survive_the_benchmark_timeouts():
@@ -145,6 +146,10 @@ def test_tiny_wan_run_reports_and_cleans_up(tmp_path):
         assert 0.0 < mode["train_fraction"] < 1.0
         assert mode["curve"] and all(0.0 <= acc <= 1.0 for _, acc in mode["curve"]), (mode["mode"], done.stderr[-3000:])
         assert 0.0 <= mode["accuracy"] <= 1.0
+        assert 0.0 < mode["joined_seconds"] < mode["wall_seconds"]
+        reach, after = mode["seconds_to_target"], mode["seconds_to_target_after_joined"]
+        assert (after is None) == (reach is None)
+        assert reach is None or after == max(0.0, reach - mode["joined_seconds"])
     blob_sent, blob_received = out["modes"][0]["blob_bytes_per_peer_round"]  # lte-swarm's own counters
     assert 0 < blob_sent <= out["modes"][0]["bytes_sent_per_peer_round"]
     assert 0 < blob_received <= out["modes"][0]["bytes_received_per_peer_round"]

@@ -283,6 +283,8 @@ def test_with_overlap_peers_train_through_rounds_and_still_match_the_simulation(
         rounds = swarm[f"p{i}"].events.of("round")
         assert [r["new_round"] for r in rounds] == [1, 2, 3, 4, 5]
         assert all(r["merged"] and len(r["members"]) == 3 and not r["resynced"] for r in rounds), rounds
+        # each round reports the steps its contribution carried, not those trained while it was in flight
+        assert [r["steps"] for r in rounds] == [2] * 5 and all(r["loss"] == r["loss"] for r in rounds), rounds
     got = swarm["coordinator"].role.model.shared_state()
     sim = simulate(cfg).model.shared_state()
     prompt = simulate(cfg.with_overrides({"swarm.overlap": False})).model.shared_state()
