@@ -154,10 +154,10 @@ class SwarmConfig(_Strict):
     contribution_dtype: Literal["fp32", "bf16", "int8"] = Field(
         "fp32", description="numbers of a contribution on the wire (factors, dense deltas, replica deltas): bf16 halves "
                             "its bytes, blockwise 8-bit quarters them")
-    reduced_dtype: Literal["fp32", "bf16", "int8"] = Field(
+    reduced_dtype: Literal["fp32", "bf16", "int8", "int4"] = Field(
         "fp32", description="numbers of a merged total on the wire (a reduced part): bf16 halves, blockwise 8-bit "
-                            "(one float32 scale per 256 values) quarters its bytes. Every peer, and the simulation, "
-                            "adds the same rounded values")
+                            "(one float32 scale per 256 values) quarters its bytes, blockwise 4-bit (one scale per 64) "
+                            "takes 0.14 of them. Every peer, and the simulation, adds the same rounded values")
     coordinator_recomputes: bool = Field(
         True, description="in the reduced merge the coordinator reduces every part itself from the raw contributions, "
                           "so that no two colluding owners can change the agreed W (it then downloads every contribution)")

@@ -46,7 +46,8 @@ from swarm.transport import NETWORK_ERRORS, TransferError, pushed_name
 from swarm.wire import (Contribution, ContributionError, apply_reduced, compact_part, contribution_bound,
                         decode_contribution, decode_contribution_parts, decode_reduced, decode_state, dequantized,
                         encode_reduced, encode_state, expand_part, merged_totals, part_bound, part_factors, plan_parts,
-                        reduce_contributions, reduced_digest, reduced_tensors, split_contribution, state_bound)
+                        reduce_contributions, reduced_digest, reduced_tensors, shapes_of, split_contribution,
+                        state_bound)
 
 log = logging.getLogger(__name__)
 
@@ -785,7 +786,7 @@ class MergeProtocol:
                                           self.parts[i])
             tensors = reduced_tensors(totals, self.cfg.reduced_dtype)
             digest = reduced_digest(tensors, members)
-            work.computed[key] = (digest, dequantized(tensors, self.cfg.reduced_dtype))
+            work.computed[key] = (digest, dequantized(tensors, self.cfg.reduced_dtype, shapes_of(totals)))
             if publish:
                 self._serve(mr.round, self.keys.reduced_blob(mr.round, i, digest), encode_reduced(tensors))
                 work.published.append(Reduction(part=i, members=members, digest=digest))

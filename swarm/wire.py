@@ -30,17 +30,21 @@ STATE_FORMAT = "lte-swarm/state/1"
 
 # Precision on the wire. Contributions (factors, dense deltas and replica deltas alike) and reduced
 # parts travel as fp32, bf16 or blockwise 8-bit numbers (int8 values, one float32 scale per
-# `INT8_BLOCK`). Whatever travels, every peer adds the same dequantized float32 values to its
+# `INT8_BLOCK`); reduced parts also as blockwise 4-bit ones (two values a byte, one float32 scale
+# per `INT4_BLOCK`). Whatever travels, every peer adds the same dequantized float32 values to its
 # master, and the simulation rounds the same way (`reduce_in_process`), so the swarm still
 # reproduces it. Rounded factors lose nothing over rounds with the reset-less baseline: a round
 # sends q(B)q(A) - q(B0)q(A0) and the next round's baseline is this round's factors, rounded the
-# same way, so the roundings cancel from round to round.
+# same way, so the roundings cancel from round to round. A reduced part's rounding is not carried
+# over: each merge adds it once.
 Precision = Literal["fp32", "bf16", "int8"]
-WireDtype = Precision     # of contributions
-ReducedDtype = Precision  # of reduced parts
+WireDtype = Precision                                 # of contributions
+ReducedDtype = Literal["fp32", "bf16", "int8", "int4"]  # of reduced parts
 _TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-INT8_BLOCK = 256     # values per scale in a blockwise 8-bit reduced part
-_SCALE = "#scale"    # suffix of a blockwise 8-bit tensor's scales
+INT8_BLOCK = 256     # values per scale in a blockwise 8-bit tensor
+INT4_BLOCK = 64      # values per scale in a blockwise 4-bit reduced part: 4.5 bits a value
+_BLOCKS = {"int8": (INT8_BLOCK, 127), "int4": (INT4_BLOCK, 7)}  # values per scale, largest code
+_SCALE = "#scale"    # suffix of a blockwise tensor's scales
 
 
 class ContributionError(ValueError):
@@ -288,7 +292,8 @@ def merge_contributions(model: LTEModel, contributions: list[Contribution], robu
 def merged_totals(model: LTEModel, contributions: list[Contribution], robust_clip: float = 0.0,
                   reduced: ReducedDtype = "fp32") -> dict[str, torch.Tensor]:
     """The float32 values a merge of `contributions` adds, rounded as a reduced part travels."""
-    return dequantized(reduced_tensors(reduce_contributions(model, contributions, robust_clip), reduced), reduced)
+    totals = reduce_contributions(model, contributions, robust_clip)
+    return dequantized(reduced_tensors(totals, reduced), reduced, shapes_of(totals))
 
 
 def reduce_in_process(model: LTEModel, dtype: WireDtype = "fp32", reduced: ReducedDtype = "fp32",
@@ -475,39 +480,78 @@ def reduced_tensors(totals: dict[str, torch.Tensor], dtype: ReducedDtype = "fp32
     return quantize(totals, dtype)
 
 
-def quantize(totals: dict[str, torch.Tensor], dtype: Precision) -> dict[str, torch.Tensor]:
-    """Tensors rounded once to float32, then to bf16 or to blockwise 8-bit (int8 values and one
-    float32 scale per `INT8_BLOCK` values, as `name#scale`). Plain CPU float32 arithmetic: the
-    same bits on every machine."""
+def quantize(totals: dict[str, torch.Tensor], dtype: ReducedDtype) -> dict[str, torch.Tensor]:
+    """Tensors rounded once to float32, then to bf16 or blockwise to integer codes: int8 values
+    and one float32 scale per `INT8_BLOCK` values (`name#scale`), or codes of -7..7 two a byte
+    (`_pack4`) and one scale per `INT4_BLOCK`. Plain CPU float32 arithmetic: the same bits on every
+    machine."""
     out: dict[str, torch.Tensor] = {}
     for name, t in totals.items():
         t = t.detach().to("cpu", torch.float32).contiguous()
-        if dtype == "int8":
+        if dtype in _BLOCKS:
+            block, top = _BLOCKS[dtype]
             flat = t.reshape(-1)
-            pad = (-flat.numel()) % INT8_BLOCK
-            blocks = torch.cat([flat, flat.new_zeros(pad)]).reshape(-1, INT8_BLOCK)
-            scale = blocks.abs().amax(dim=1) / 127.0
+            blocks = torch.cat([flat, flat.new_zeros((-flat.numel()) % block)]).reshape(-1, block)
+            scale = blocks.abs().amax(dim=1) / float(top)
             q = torch.where(scale[:, None] > 0, blocks / scale.clamp_min(torch.finfo(torch.float32).tiny)[:, None],
                             torch.zeros_like(blocks))
-            out[name] = q.round().clamp(-127, 127).to(torch.int8).reshape(-1)[:flat.numel()].reshape(t.shape)
+            codes = q.round().clamp(-top, top).to(torch.int8)
+            if dtype == "int8":
+                out[name] = codes.reshape(-1)[:flat.numel()].reshape(t.shape)
+            else:
+                out[name] = _pack4(codes.reshape(-1))
             out[name + _SCALE] = scale.contiguous()
         else:
             out[name] = t.to(_TORCH_DTYPES[dtype]).contiguous()
     return out
 
 
-def dequantized(tensors: dict[str, torch.Tensor], dtype: ReducedDtype = "fp32") -> dict[str, torch.Tensor]:
-    """The float32 values a reduced part (see `reduced_tensors`) stands for, per target name."""
-    if dtype != "int8":
+def _pack4(codes: torch.Tensor) -> torch.Tensor:
+    """Codes of -7..7 (an even count) as bytes, two a byte: (code + 8), low nibble first."""
+    nibbles = (codes.to(torch.int16) + 8).to(torch.uint8).reshape(-1, 2)
+    return (nibbles[:, 0] | (nibbles[:, 1] << 4)).contiguous()
+
+
+def _unpack4(packed: torch.Tensor) -> torch.Tensor:
+    """`_pack4`'s codes back, as float32 values of -8..7 (an honest owner never sends -8)."""
+    low, high = (packed & 0x0F).to(torch.float32), (packed >> 4).to(torch.float32)
+    return torch.stack([low, high], dim=1).reshape(-1) - 8.0
+
+
+def packed_shape(dtype: ReducedDtype, shape: tuple[int, ...]) -> tuple[tuple[int, ...], torch.dtype, int]:
+    """(shape, dtype) of a tensor of `shape` on the wire in `dtype`, and how many scales it has."""
+    n = math.prod(shape)
+    if dtype == "int8":
+        return shape, torch.int8, -(-n // INT8_BLOCK)
+    if dtype == "int4":
+        blocks = -(-n // INT4_BLOCK)
+        return (blocks * INT4_BLOCK // 2,), torch.uint8, blocks
+    return shape, _TORCH_DTYPES[dtype], 0
+
+
+def shapes_of(totals: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    return {name: tuple(t.shape) for name, t in totals.items()}
+
+
+def dequantized(tensors: dict[str, torch.Tensor], dtype: ReducedDtype = "fp32",
+                shapes: dict[str, tuple[int, ...]] | None = None) -> dict[str, torch.Tensor]:
+    """The float32 values a reduced part (see `reduced_tensors`) stands for, per target name. A
+    4-bit part's tensors are flat: `shapes` gives the targets' shapes (`shapes_of` its totals)."""
+    if dtype not in _BLOCKS:
         return {name: t.float() for name, t in tensors.items()}
+    if dtype == "int4" and shapes is None:
+        raise ValueError("a 4-bit part's values need the shapes of its targets")
+    block = _BLOCKS[dtype][0]
     out = {}
     for name, q in tensors.items():
         if name.endswith(_SCALE):
             continue
-        flat = q.reshape(-1).float()
-        pad = (-flat.numel()) % INT8_BLOCK
-        blocks = torch.cat([flat, flat.new_zeros(pad)]).reshape(-1, INT8_BLOCK) * tensors[name + _SCALE][:, None]
-        out[name] = blocks.reshape(-1)[:flat.numel()].reshape(q.shape).contiguous()
+        shape = tuple(q.shape) if dtype == "int8" else shapes[name]
+        flat = (q.reshape(-1).float() if dtype == "int8" else _unpack4(q))
+        n = math.prod(shape)
+        padded = torch.cat([flat, flat.new_zeros((-flat.numel()) % block)])
+        blocks = padded.reshape(-1, block) * tensors[name + _SCALE][:, None]
+        out[name] = blocks.reshape(-1)[:n].reshape(shape).contiguous()
     return out
 
 
@@ -536,17 +580,19 @@ def decode_reduced(blob: bytes, model: LTEModel, part: frozenset[str], members: 
     shapes = {name: (layer.out_features, layer.in_features) for name, layer in model.layers() if name in part}
     params = dict(model.model.named_parameters())
     shapes.update({name: tuple(params[name].shape) for name in model.replicated if name in part})
-    kinds = {name: (shape, torch.int8 if dtype == "int8" else _TORCH_DTYPES[dtype]) for name, shape in shapes.items()}
-    if dtype == "int8":
-        kinds.update({name + _SCALE: ((-(-math.prod(shape) // INT8_BLOCK),), torch.float32)
-                      for name, shape in shapes.items()})
+    kinds = {}
+    for name, shape in shapes.items():
+        wire_shape, kind, scales = packed_shape(dtype, shape)
+        kinds[name] = (wire_shape, kind)
+        if scales:
+            kinds[name + _SCALE] = ((scales,), torch.float32)
     if set(tensors) != set(kinds):
         raise ContributionError("the reduced part does not hold the part's tensors")
     used: set[str] = set()
     out = {name: _take(tensors, name, shape, used, kind) for name, (shape, kind) in kinds.items()}
     if reduced_digest(out, members) != expect_digest:
         raise ContributionError("the reduced part does not hash to the digest its owners published")
-    return dequantized(out, dtype)
+    return dequantized(out, dtype, shapes)
 
 
 def encode_state(model: LTEModel, round_: int) -> bytes:

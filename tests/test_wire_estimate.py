@@ -13,7 +13,7 @@ def test_estimate_of_the_shipped_digits_config(capsys):
                                       "--peers", "4", "8", "--json"])
     out = capsys.readouterr().out
     rows = json.loads(out.strip().splitlines()[-1])["rows"]
-    assert len(rows) == 4 * 2  # every precision on the wire, each swarm size
+    assert len(rows) == 5 * 2  # every precision on the wire, each swarm size
     by = {(r["contribution_dtype"], r["reduced_dtype"], r["peers"]): r for r in rows}
     for (c, w, p), r in by.items():
         # the all-gather grows with the swarm, the reduced merge far less
@@ -23,6 +23,7 @@ def test_estimate_of_the_shipped_digits_config(capsys):
         assert r["contribution_bytes"] / 2 < r["gather_compact"] / (p - 1) < r["contribution_bytes"]
         assert r["compact_received"] < r["reduce_received"] and r["compact_sent"] < r["reduce_sent"]
     assert by["bf16", "int8", 8]["reduce_received"] < 1.5 * by["bf16", "int8", 4]["reduce_received"]
+    assert 0.5 < by["bf16", "int4", 8]["w_bytes"] / by["bf16", "int8", 8]["w_bytes"] < 0.6  # 4.5 bits against 8.125
     assert by["fp32", "fp32", 8]["gather_received"] > 2 * by["fp32", "fp32", 4]["gather_received"]
     assert "compact" in out
 

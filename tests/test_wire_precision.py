@@ -11,9 +11,10 @@ from safetensors.torch import load as st_load, save as st_save
 from peers.simulate import simulate
 from swarm.lora import delta_sum
 from swarm.lte_model import LTEModel, LTESpec, _as_double
-from swarm.wire import (BASE, FORMAT, INT8_BLOCK, ContributionError, compact_part, decode_contribution, decode_reduced,
-                        dequantized, encode_contribution, encode_reduced, expand_part, factors_digest, part_factors,
-                        plan_parts, quantize, reduced_digest, reduced_tensors, split_contribution)
+from swarm.wire import (BASE, FORMAT, INT4_BLOCK, INT8_BLOCK, ContributionError, compact_part, decode_contribution,
+                        decode_reduced, dequantized, encode_contribution, encode_reduced, expand_part, factors_digest,
+                        part_factors, plan_parts, quantize, reduced_digest, reduced_tensors, shapes_of,
+                        split_contribution)
 from tests.conftest import randomize_heads, tiny_vit
 from tests.memswarm import max_difference, run_swarm, tiny_config
 
@@ -86,24 +87,26 @@ def test_the_reset_less_roundings_cancel_from_round_to_round(dtype):
         torch.testing.assert_close(receiver.shared_state()[f"{name}.weight"].double(), want, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("dtype, ratio", [("bf16", 0.5), ("int8", 0.25)])
+@pytest.mark.parametrize("dtype, ratio", [("bf16", 0.5), ("int8", 0.25), ("int4", 0.141)])
 def test_a_reduced_part_rounds_to_its_precision_within_its_step(dtype, ratio):
     gen = torch.Generator().manual_seed(0)
     totals = {"big": torch.randn(37, 300, generator=gen, dtype=torch.float64) * 1e-3,
               "odd": torch.randn(5, generator=gen, dtype=torch.float64),
               "zero": torch.zeros(3, 4, dtype=torch.float64)}
     served = reduced_tensors(totals, dtype)
-    values = dequantized(served, dtype)
+    values = dequantized(served, dtype, shapes_of(totals))
     assert set(values) == set(totals)
     for name, t in totals.items():
         err = (values[name].double() - t).abs()
         if dtype == "bf16":
             assert (err <= t.abs() * 2 ** -8 + 1e-30).all(), name
         else:  # at most half a step of the value's block
+            block, top = (INT8_BLOCK, 127) if dtype == "int8" else (INT4_BLOCK, 7)
             flat = t.reshape(-1)
-            blocks = torch.nn.functional.pad(flat, (0, (-flat.numel()) % INT8_BLOCK)).reshape(-1, INT8_BLOCK)
-            step = (blocks.abs().amax(1) / 127).repeat_interleave(INT8_BLOCK)[:flat.numel()]
+            blocks = torch.nn.functional.pad(flat, (0, (-flat.numel()) % block)).reshape(-1, block)
+            step = (blocks.abs().amax(1) / top).repeat_interleave(block)[:flat.numel()]
             assert (err.reshape(-1) <= step * 0.5 + 1e-7 * step + 1e-12).all(), name
+            assert err.max() > 0 or name == "zero"  # it really rounds
         assert values[name].dtype == torch.float32 and values[name].shape == t.shape
     assert torch.equal(values["zero"], torch.zeros(3, 4))
     fp32 = _payload(encode_reduced(reduced_tensors(totals)))
@@ -126,6 +129,16 @@ def test_a_reduced_part_of_the_wrong_precision_or_tampered_is_refused():
     half = reduced_tensors(totals, "bf16")
     with pytest.raises(ContributionError, match="expected float32"):
         decode_reduced(encode_reduced(half), model, part, ["a", "b"], reduced_digest(half, ["a", "b"]), "fp32")
+    packed = reduced_tensors(totals, "int4")  # 4-bit: flat codes two a byte, their scales, the same checks
+    got = decode_reduced(encode_reduced(packed), model, part, ["a", "b"], reduced_digest(packed, ["a", "b"]), "int4")
+    assert all(torch.equal(got[n], v) for n, v in dequantized(packed, "int4", shapes_of(totals)).items())
+    assert all(got[n].shape == totals[n].shape for n in part)
+    with pytest.raises(ContributionError, match="expected uint8|shape"):
+        decode_reduced(blob, model, part, ["a", "b"], digest, "int4")
+    flipped = dict(packed)
+    flipped[sorted(part)[0]] = packed[sorted(part)[0]] ^ 0x11  # other codes, the same scales
+    with pytest.raises(ContributionError, match="digest"):
+        decode_reduced(encode_reduced(flipped), model, part, ["a", "b"], reduced_digest(packed, ["a", "b"]), "int4")
     scaled = dict(served)
     name = sorted(part)[0]
     scaled[name + "#scale"] = served[name + "#scale"] * 2  # the same int8 values, every step doubled
@@ -157,7 +170,7 @@ def _rounded(t: torch.Tensor, dtype: str) -> torch.Tensor:
     return dequantized(quantize({"t": t}, dtype), dtype)["t"].double()
 
 
-@pytest.mark.parametrize("contribution, reduced", [("bf16", "int8"), ("int8", "bf16")])
+@pytest.mark.parametrize("contribution, reduced", [("bf16", "int8"), ("int8", "bf16"), ("bf16", "int4")])
 def test_the_swarm_reproduces_the_simulation_in_every_precision_on_the_wire(tmp_path, contribution, reduced):
     cfg = tiny_config(heads=3, merge_every=2, rounds=4, min_heads=3, contribution_dtype=contribution,
                       reduced_dtype=reduced, robust_clip=0.0)
