@@ -148,7 +148,7 @@ def decode_contribution_parts(blob: bytes, peer: str, model: LTEModel, max_updat
                                            part, dtype))
         except ContributionError as exc:
             out.append(exc)
-        except Exception as exc:  # e.g. a header nested too deep, an unknown dtype, a failing allocation
+        except Exception as exc:  # e.g. a failing allocation for hostile shapes (parsing failed in `_load`)
             out.append(ContributionError(f"malformed contribution ({type(exc).__name__})"))
     return out
 
