@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 import math
 import os
+import threading
+from concurrent.futures import Future, wait
 from dataclasses import dataclass
 
 from peers.data import DataSource, ImageShape
@@ -29,6 +31,8 @@ from swarm.wire import encode_contribution
 log = logging.getLogger(__name__)
 
 STATUS_EVERY = 2.0  # seconds between status records while nothing changes
+BESIDE_WAIT = 0.02  # seconds between looks at a poll running beside us, once our steps are done
+CLOSE_WAIT = 5.0  # seconds a leaving peer waits for a poll running beside it
 
 
 @dataclass
@@ -80,6 +84,10 @@ class Trainer:
         self.inflight_steps = 0                 # local steps in the contribution of the round in flight
         self.inflight_losses: list[float] = []  # ... and their losses (its round event reports them)
         self.poll_due = 0.0                     # monotonic: when the round in flight is next polled
+        # ... and the poll now running beside our steps (`_poll_beside`), with whether the round
+        # was reducing when it began
+        self.polling: tuple[bool, Future] | None = None
+        self._renewing = threading.Lock()       # a long round renews leases from its own thread too
         self.trained_head_steps = 0
         self.compute_seconds = 0.0              # in forward/backward (and batching) alone, all run long
         self.loss: float | None = None
@@ -99,6 +107,7 @@ class Trainer:
             return self._step()
         except NETWORK_ERRORS as exc:
             log.warning("round %d: network trouble, retrying: %s", self.protocol.round, exc)
+            self._drain_poll()  # the round is given up: nothing may advance it any more
             mr, self.mr = self.mr, None
             if mr is not None and mr.contribution is not None and self.overlap:
                 merged = mr.agreed_members is not None and self.peer in mr.agreed_members
@@ -124,13 +133,10 @@ class Trainer:
         if self.mr is not None:
             if not self._overlapping():
                 return self._poll_round()
-            now = self.clock.monotonic()
-            if now >= self.poll_due:  # one step of the round in flight when due, then on with training
-                self._poll_round()
-                self.poll_due = now + (self.mr.wait if self.mr is not None else 0.0)
+            self._poll_beside()
             if self.mr is not None:  # still in flight; once our steps are done, wait for it
                 if self.step_in_round >= self._round_steps():
-                    return max(0.0, self.poll_due - now)
+                    return BESIDE_WAIT if self.polling is not None else max(0.0, self.poll_due - self.clock.monotonic())
                 return self._train_step()
         if self.landed is not None:  # the round landed: train the rest of our steps, then apply it
             return self._train_step() if self.step_in_round < self._round_steps() else self._offer()
@@ -205,7 +211,8 @@ class Trainer:
         global_step = self._period() * self.cfg.lte.merge_every + self.step_in_round
         began = self.clock.monotonic()
         x, y = stack_batches([self.streams[h] for h in self.model.head_ids], self.device)
-        self.loss = self.head_trainer.step(x, y, global_step)
+        with self.model.lock:  # W and the shared parameters stay put for the whole step
+            self.loss = self.head_trainer.step(x, y, global_step)
         self.compute_seconds += self.clock.monotonic() - began
         self.round_losses.append(self.loss)
         self.step_in_round += 1
@@ -269,10 +276,31 @@ class Trainer:
         """This peer's contribution: the unmerged change of `heads`."""
         return encode_contribution(self.model, heads, dtype=self.cfg.swarm.contribution_dtype)[0]
 
+    def _poll_beside(self) -> None:
+        """swarm.overlap: the round in flight advances one poll at a time in the background (its
+        downloads take seconds on a home link) while we train; between steps we start the next poll
+        when due and take in a finished one. The clock runs polls: a fake clock at once, in line."""
+        if self.polling is None and self.clock.monotonic() >= self.poll_due:
+            mr = self.mr
+            self.polling = (mr.step is RoundStep.REDUCING, self.clock.background(lambda: self.protocol.poll(mr)))
+        if self.polling is not None and self.polling[1].done():
+            (reducing, future), self.polling = self.polling, None
+            mr = self.mr
+            self._polled(mr, reducing, future.result())  # raises what the poll raised
+            self.poll_due = self.clock.monotonic() + (mr.wait if self.mr is not None else 0.0)
+
+    def _drain_poll(self, timeout: float | None = None) -> None:
+        """Wait (up to `timeout`) for a poll running beside us to end; whatever it found is dropped."""
+        if self.polling is not None:
+            wait([self.polling[1]], timeout=timeout)
+            self.polling = None
+
     def _poll_round(self) -> float:
         mr = self.mr
-        reducing = mr.step is RoundStep.REDUCING
-        result = self.protocol.poll(mr)
+        return self._polled(mr, mr.step is RoundStep.REDUCING, self.protocol.poll(mr))
+
+    def _polled(self, mr: MergeRound, reducing: bool, result: RoundResult | None) -> float:
+        """Take in what a poll of `mr` found (`reducing`: whether the round was reducing before)."""
         if result is None:
             if not reducing and mr.step is RoundStep.REDUCING:  # who the round's owners are, for the record
                 self.events.emit("reducing", round=mr.round, members=sorted(mr.ready_set))
@@ -299,11 +327,16 @@ class Trainer:
     # ---- heads -------------------------------------------------------------------------------
     def _keep_leases(self) -> None:
         """Renew our leases when due (also from inside a long merge); adopt what changed."""
-        self.membership.publish(self.rt.identity)
-        if self.leases.due():
-            if self.leases.renew():
-                self.heads_changed = True  # adopted between rounds, never under a running merge
-            self.protocol.announce()
+        if not self._renewing.acquire(blocking=False):
+            return  # the other thread is renewing them (a round running beside our steps)
+        try:
+            self.membership.publish(self.rt.identity)
+            if self.leases.due():
+                if self.leases.renew():
+                    self.heads_changed = True  # adopted between rounds, never under a running merge
+                self.protocol.announce()
+        finally:
+            self._renewing.release()
 
     def _adopt_heads(self) -> None:
         heads = sorted(self.leases.held)
@@ -360,6 +393,7 @@ class Trainer:
 
     def close(self) -> None:
         """Leave: release the heads (others may take them at once), stop serving blobs."""
+        self._drain_poll(timeout=CLOSE_WAIT)  # a stopped poll ends at its next wait or transfer bound
         try:
             self.leases.release()
         finally:

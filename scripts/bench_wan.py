@@ -10,7 +10,7 @@ per-peer batch and sample budget:
   one global step per `--hivemind-target` samples (default: the samples of one LTE merge round,
   so it communicates as often as LTE merges), evaluated by its first peer after every step.
 
-    python scripts/bench_wan.py [--peers 4] [--mbit 4] [--modes reduce gather hivemind] [--samples N]
+    python scripts/bench_wan.py [--peers 4] [--mbit 4] [--coordinator-mbit M] [--modes reduce gather hivemind] [--samples N]
         [--config FILE] [--set KEY=VALUE ...] [--target-accuracy 0.7] [--json] [--plot wan.png]
 
 It reports per mode the bytes each peer sent and received per round, read from its veth's counters
@@ -125,13 +125,14 @@ def parse_counters(ip_json: str, links: dict[str, str]) -> dict[str, tuple[int, 
 class WanNetwork:
     """Namespaces `<prefix>-<node>` each holding veth `<prefix>v<i>` (address SUBNET.<i+1>) whose
     other end `<prefix>h<i>` sits on a bridge in namespace `<prefix>-br`; tbf caps both ends at
-    `mbit`, so each node's upload and download are capped. Veths are created directly inside their
+    `mbit` (or the node's own rate in `rates`), so each node's upload and download are capped. Veths are created directly inside their
     namespaces: nothing of the run is ever in the root namespace. `close` kills whatever still runs
     in the namespaces (only this run's processes can be in them) and deletes them, which deletes
     the veths and the bridge with them."""
 
-    def __init__(self, prefix: str, nodes: list[str], mbit: float):
+    def __init__(self, prefix: str, nodes: list[str], mbit: float, rates: dict[str, float] | None = None):
         self.prefix, self.nodes, self.mbit = prefix, list(nodes), mbit
+        self.rates = {node: (rates or {}).get(node, mbit) for node in self.nodes}
         self.bridge_ns = f"{prefix}-br"
         self.created: list[str] = []
         self.inodes: list[int] = []  # of the namespaces: how to find a process still inside one
@@ -149,10 +150,10 @@ class WanNetwork:
     def launcher(self, node: str) -> list[str]:
         return ["ip", "netns", "exec", self.namespace(node)]
 
-    def _cap(self, namespace: str, link: str) -> None:
+    def _cap(self, namespace: str, link: str, mbit: float) -> None:
         # burst: at least a few ms at the rate (tbf needs rate / HZ); 200 ms of queue, as a home router.
-        burst = max(32 * 1024, int(self.mbit * 1e6 / 8 / 50))
-        subprocess.run(["tc", "-n", namespace, "qdisc", "add", "dev", link, "root", "tbf", "rate", f"{self.mbit}mbit",
+        burst = max(32 * 1024, int(mbit * 1e6 / 8 / 50))
+        subprocess.run(["tc", "-n", namespace, "qdisc", "add", "dev", link, "root", "tbf", "rate", f"{mbit}mbit",
                         "burst", str(burst), "latency", "200ms"], check=True, capture_output=True)
 
     def open(self) -> "WanNetwork":
@@ -169,8 +170,8 @@ class WanNetwork:
             _ip("-n", self.bridge_ns, "link", "set", outer, "master", "br0", "up")
             _ip("-n", ns, "addr", "add", f"{self.address(node)}/24", "dev", inner)
             _ip("-n", ns, "link", "set", inner, "up")
-            self._cap(ns, inner)
-            self._cap(self.bridge_ns, outer)
+            self._cap(ns, inner, self.rates[node])
+            self._cap(self.bridge_ns, outer, self.rates[node])
         return self
 
     def counters(self) -> dict[str, tuple[int, int]]:
@@ -601,6 +602,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--peers", type=int, default=4, help="peers (one LoRA head each; one hivemind peer each)")
     parser.add_argument("--mbit", type=float, default=4.0, help="cap of every link, each direction (Mbit/s)")
+    parser.add_argument("--coordinator-mbit", type=float,
+                        help="the coordinator's own cap (default: --mbit), as for a run started from a server")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--samples", type=int, default=7680, help="training budget over all peers")
     parser.add_argument("--config", type=Path, help="base config (default: the shipped digits config, widened; see above)")
@@ -630,12 +633,14 @@ def main(argv: list[str] | None = None) -> int:
     log = (lambda line: print(line, file=sys.stderr, flush=True)) if args.json else (lambda line: print(line, flush=True))
     prefix = run_prefix(os.getpid())
     nodes = ["coordinator", *(f"peer{i}" for i in range(args.peers))]
-    net = WanNetwork(prefix, nodes, args.mbit)
+    coordinator_mbit = args.coordinator_mbit or args.mbit
+    net = WanNetwork(prefix, nodes, args.mbit, {"coordinator": coordinator_mbit})
     results: list[ModeResult] = []
     with term_as_interrupt():
         try:
             net.open()
-            log(f"network {prefix}: {len(nodes)} namespaces on a bridge, every link capped at {args.mbit:g} Mbit/s")
+            log(f"network {prefix}: {len(nodes)} namespaces on a bridge, every link capped at {args.mbit:g} Mbit/s"
+                + (f" (the coordinator's at {coordinator_mbit:g})" if coordinator_mbit != args.mbit else ""))
             for mode in args.modes:
                 cfg = wan_config(base, args.peers, args.samples, args.mbit, "gather" if mode == "gather" else "reduce",
                                  user)
@@ -670,7 +675,8 @@ def main(argv: list[str] | None = None) -> int:
         plot(results, args.plot, f"{args.peers} peers over {args.mbit:g} Mbit/s links")
         log(f"plot: {args.plot}")
     if args.json:
-        print(json.dumps({"peers": args.peers, "mbit": args.mbit, "samples": args.samples, "prefix": prefix,
+        print(json.dumps({"peers": args.peers, "mbit": args.mbit, "coordinator_mbit": coordinator_mbit,
+                          "samples": args.samples, "prefix": prefix,
                           "netns_inodes": net.inodes, "weight_bytes": w_bytes, "weight_transfer_seconds": w_seconds,
                           "compute_to_transfer": 1 / ratio, "target_accuracy": args.target_accuracy,
                           "workdir": str(workdir), "modes": [r.to_json() for r in results]}))

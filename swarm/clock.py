@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Callable
+from concurrent.futures import Future
+from typing import Callable, TypeVar
 
 from swarm.errors import Stopped
+
+T = TypeVar("T")
 
 
 class Clock:
@@ -34,6 +37,20 @@ class Clock:
         if self.stop.is_set():
             raise Stopped()
 
+    def background(self, work: Callable[[], T]) -> "Future[T]":
+        """Run `work` beside the caller (a merge round's step, while the caller trains on); its
+        result or error lands in the future. A daemon thread: a stop ends the work through the
+        clock, and an exit never waits for a transfer."""
+        future: Future = Future()
+
+        def run() -> None:
+            try:
+                future.set_result(work())
+            except BaseException as exc:  # Stopped too: the caller re-raises it where it waits
+                future.set_exception(exc)
+        threading.Thread(target=run, name="background-work", daemon=True).start()
+        return future
+
 
 class FakeClock(Clock):
     """Time that moves only when told: `sleep` and `advance` move it, nothing else does. Both of
@@ -58,6 +75,20 @@ class FakeClock(Clock):
     def sleep(self, seconds: float) -> None:
         self.check()
         self.advance(seconds)
+
+    def background(self, work: Callable[[], T]) -> "Future[T]":
+        """Done at once, in the caller's thread: under a fake clock every run replays alike."""
+        return settled(work)
+
+
+def settled(work: Callable[[], T]) -> "Future[T]":
+    """`work` done now, its result or error in a future (what an asynchronous API hands back)."""
+    future: Future = Future()
+    try:
+        future.set_result(work())
+    except Exception as exc:
+        future.set_exception(exc)
+    return future
 
 
 def run_steps(clock: Clock, step: Callable[[], float], done: Callable[[], bool]) -> bool:

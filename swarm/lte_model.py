@@ -9,7 +9,9 @@ The wrapped model, called on its own, is the merged model: W plus the shared non
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator, Literal, Sequence
@@ -71,6 +73,17 @@ def _key(name: str) -> str:
     return name.replace(".", ":")
 
 
+def _exclusive(method):
+    """Run `method` holding the model's lock: while a head is plugged in (a forward), the module's
+    non-linear parameters are that head's replicas, so whatever reads or writes the shared state
+    from another thread (a merge round in the background, a peer handing out W) waits for it."""
+    @functools.wraps(method)
+    def locked(self, *args, **kwargs):
+        with self.lock:
+            return method(self, *args, **kwargs)
+    return locked
+
+
 class LTEModel(nn.Module):
     def __init__(self, model: nn.Module, spec: LTESpec, head_ids: Sequence[int], device: str | torch.device = "cpu"):
         super().__init__()
@@ -78,6 +91,7 @@ class LTEModel(nn.Module):
             raise ValueError(f"head ids {list(head_ids)} outside 0..{spec.n_heads - 1}")
         self.spec = spec
         self.head_ids = list(head_ids)
+        self.lock = threading.RLock()  # see `_exclusive`; a trainer holds it across a whole step
         self.model = model.to(device)
         self.layer_names = _convert_linears(self.model, spec, device)
         if not self.layer_names:
@@ -106,6 +120,15 @@ class LTEModel(nn.Module):
         return torch.cat([semi_orthogonal(self.spec.rank, layer.in_features, seed=seed ^ block,
                                           dtype=layer.weight_store.master.dtype, scale=self.spec.init_scale)
                           for block in range(self.row_blocks[name])])
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state.pop("lock", None)  # a lock does not copy; a copy gets a lock of its own
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self.lock = threading.RLock()
 
     def layer_rank(self, name: str) -> int:
         """Rows of A (columns of B) of a layer: r, or r per separately adapted block."""
@@ -197,17 +220,18 @@ class LTEModel(nn.Module):
         block, while the head is still plugged in."""
         tensors = {k: v[pos] for k, v in self.head_tensors().items()}
         saved = []
-        try:
-            for name, tensor in tensors.items():
-                module_name, _, leaf = name.rpartition(".")
-                module = self.model.get_submodule(module_name)
-                slots = module._parameters if leaf in module._parameters else module._buffers
-                saved.append((slots, leaf, slots[leaf]))
-                slots[leaf] = tensor  # what torch.func.functional_call does, for one head and no more
-            yield self.model
-        finally:
-            for slots, leaf, original in reversed(saved):
-                slots[leaf] = original
+        with self.lock:  # see `_exclusive`
+            try:
+                for name, tensor in tensors.items():
+                    module_name, _, leaf = name.rpartition(".")
+                    module = self.model.get_submodule(module_name)
+                    slots = module._parameters if leaf in module._parameters else module._buffers
+                    saved.append((slots, leaf, slots[leaf]))
+                    slots[leaf] = tensor  # what torch.func.functional_call does, for one head and no more
+                yield self.model
+            finally:
+                for slots, leaf, original in reversed(saved):
+                    slots[leaf] = original
 
     @contextmanager
     def _vectorised(self) -> Iterator[None]:
@@ -242,6 +266,7 @@ class LTEModel(nn.Module):
         runs the model directly."""
         return self.spec.vectorised and self.n_local > 1
 
+    @_exclusive
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Per-head forward: x is (H, batch, ...) with head i's own batch at x[i]."""
         if x.shape[0] != self.n_local:
@@ -306,6 +331,7 @@ class LTEModel(nn.Module):
         return out
 
     @torch.no_grad()
+    @_exclusive
     def apply_merge(self, weight_deltas: dict[str, torch.Tensor], replica_deltas: dict[str, torch.Tensor]) -> None:
         """W += (s/N) * sum of head deltas; shared non-linear params += (1/N) * sum of replica deltas.
 
@@ -318,6 +344,7 @@ class LTEModel(nn.Module):
             params[name].add_(replica_deltas[name].to(params[name].device), alpha=1.0 / self.spec.n_heads)
 
     @torch.no_grad()
+    @_exclusive
     def mark_merged(self, heads: Sequence[int] | None = None) -> None:
         """Record that these heads' changes are in W: reset B (reset) or move the baseline (reset-less).
 
@@ -338,6 +365,7 @@ class LTEModel(nn.Module):
                 self.replica_base[_key(name)][i].copy_(params[name])
 
     @torch.no_grad()
+    @_exclusive
     def settle_delayed(self, merged: bool, heads: Sequence[int] | None = None) -> None:
         """With merges one round late, after the previous round's merge was applied to W (or not):
         a head whose last contribution is in W now has it as its baseline (its forward gets it from
@@ -394,6 +422,7 @@ class LTEModel(nn.Module):
         self.mark_merged(heads)
 
     # ---- state ---------------------------------------------------------------------------
+    @_exclusive
     def shared_state(self) -> dict[str, torch.Tensor]:
         """What every peer of a run must hold identically: the W masters and the shared non-linear
         parameters (the heads are private to their holders)."""
@@ -402,6 +431,7 @@ class LTEModel(nn.Module):
         return out
 
     @torch.no_grad()
+    @_exclusive
     def load_shared_state(self, state: dict[str, torch.Tensor]) -> None:
         expected = self.shared_state()
         if set(state) != set(expected):

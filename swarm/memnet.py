@@ -26,7 +26,7 @@ from hivemind.dht.routing import DHTID
 from hivemind.dht.validation import CompositeValidator, DHTRecord, RecordValidatorBase
 from hivemind.utils import ValueWithExpiration
 
-from swarm.clock import Clock
+from swarm.clock import Clock, settled
 from swarm.transport import PUSHED, Inbox, TransferError
 
 _REGULAR = DHTProtocol.IS_REGULAR_VALUE
@@ -122,7 +122,10 @@ class MemoryDHT:
         with self.network.lock:
             self.network.validator.extend(validators)
 
-    def store(self, key: str, value: Any, expiration_time: float, subkey: Any = None, **_) -> bool:
+    def store(self, key: str, value: Any, expiration_time: float, subkey: Any = None, return_future: bool = False,
+              **_):
+        if return_future:
+            return settled(lambda: self.store(key, value, expiration_time, subkey))
         if not self.alive:
             raise ConnectionError("this DHT node was shut down")
         serializer = DHTProtocol.serializer
@@ -136,14 +139,7 @@ class MemoryDHT:
 
     def get(self, key: str, latest: bool = True, return_future: bool = False, **_):
         if return_future:
-            from concurrent.futures import Future
-
-            future: Future = Future()
-            try:
-                future.set_result(self.get(key, latest))
-            except Exception as exc:
-                future.set_exception(exc)
-            return future
+            return settled(lambda: self.get(key, latest))
         if not self.alive:
             raise ConnectionError("this DHT node was shut down")
         entry = self.network.fetch_entry(key)
@@ -226,3 +222,4 @@ class MemoryBlobServer:
 
     def shutdown(self) -> None:
         self.crash()
+

@@ -164,14 +164,14 @@ class MergeProtocol:
     time without ever sleeping, so the same code runs under a real and a fake clock."""
 
     def __init__(self, dht, server, keys: RunKeys, identity: Identity, cfg: SwarmConfig, model: LTEModel,
-                 holders: Callable[[], dict[int, str]], clock: Clock | None = None, round_: int = 0,
+                 holders: Callable[..., dict[int, str]], clock: Clock | None = None, round_: int = 0,
                  rounds_total: int | None = None, reachable: bool = True):
         self.dht, self.server, self.keys, self.identity, self.cfg = dht, server, keys, identity, cfg
         self.peer = identity.fingerprint
         self.p2p = str(dht.peer_id)
         self.authority = keys.coordinator
         self.model = model
-        self.holders = holders  # head -> holder: who may contribute and vote
+        self.holders = holders  # head -> holder: who may contribute and vote (max_age: 0 for a fresh view)
         self.keep_alive: Callable[[], None] = lambda: None  # called while a round blocks (lease renewals)
         self.clock = clock or Clock()
         self._round = round_
@@ -323,7 +323,8 @@ class MergeProtocol:
                                          self.max_state_bytes)
                 self._w_version += 1
                 try:
-                    self._round = decode_state(blob, self.model, expect_digest=digest, expect_round=round_)
+                    with self.model.lock:  # not under a training step running beside us (swarm.overlap)
+                        self._round = decode_state(blob, self.model, expect_digest=digest, expect_round=round_)
                 finally:
                     self._w_version += 1
                 self.state_bytes_downloaded += len(blob)
@@ -348,7 +349,7 @@ class MergeProtocol:
         """Ready records of round r that count: dated near now, from the holder of every head
         they list (so at most one contribution per head). `thorough`: see `_read`."""
         now = self.clock.now()
-        holders = self.holders()
+        holders = self.holders(0.0) if thorough else self.holders()  # a read that decides: no cached view
         found = schemas.by_writer(self._read(self.keys.ready(r), ReadyRecord, now, thorough))
         oldest = now - 3 * self.cfg.round_timeout
         return {who: rec for who, rec in found.items()
@@ -458,7 +459,10 @@ class MergeProtocol:
         if ready_set:
             if mr.first_ready_seen is None:  # our own clock decides, not the records' dates
                 mr.first_ready_seen = now
+            # Every holder is ready: as a view of the holders may be half a second old (a head just
+            # claimed is missing from it), a fresh one confirms before the round closes early.
             close = (not (set(self.holders().values()) - set(ready_set))
+                     and not (set(self.holders(0.0).values()) - set(ready_set))
                      or now > mr.first_ready_seen + self.close_window(ready_set))
         elif now > mr.deadline:
             # Nobody's ready record counts, ours included (a lost head, a store that never made it):

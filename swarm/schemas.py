@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import threading
 from typing import Annotated, Any, TypeVar
 
 from hivemind.dht.protocol import DHTProtocol
@@ -138,10 +139,19 @@ def dump(record: BaseModel) -> dict[str, Any]:
     return record.model_dump(mode="json")
 
 
+# hivemind.DHT hands every call to its process through one pipe, and a pipe's writes from two
+# threads may interleave (a merge round runs beside training with swarm.overlap): one call is
+# handed over at a time; the waits for the answers run side by side.
+_HAND_OVER = threading.Lock()
+
+
 def store(dht, key: str, identity: Identity, record: BaseModel, expiration: float, tag: str = "") -> bool:
     """Write one typed record under `key`, in the writer's own signed subkey (tagged `tag`); the
     boolean is only a hint, as in hivemind."""
-    return bool(dht.store(key, dump(record), expiration_time=expiration, subkey=identity.subkey(tag)))
+    with _HAND_OVER:
+        future = dht.store(key, dump(record), expiration_time=expiration, subkey=identity.subkey(tag),
+                           return_future=True)
+    return bool(future.result())
 
 
 Signed = dict[tuple[str, str], tuple[T, float]]
@@ -154,7 +164,8 @@ def _get(dht, key: str, replicas: int = 0):
     """`dht.get(key, latest=True)`, bounded in time: None if it does not answer. With `replicas`,
     only that many of the nodes nearest to the key are asked (hivemind's beam), not every node its
     search visits: each one sends the key's whole dictionary."""
-    future = dht.get(key, latest=True, return_future=True, **({"beam_size": replicas} if replicas else {}))
+    with _HAND_OVER:
+        future = dht.get(key, latest=True, return_future=True, **({"beam_size": replicas} if replicas else {}))
     try:
         return future.result(timeout=READ_TIMEOUT)
     except TimeoutError:

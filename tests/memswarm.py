@@ -91,9 +91,9 @@ def named_identity(name: str) -> Identity:
 
 
 class MemorySwarm:
-    def __init__(self, cfg: RunConfig, workdir: Path):
+    def __init__(self, cfg: RunConfig, workdir: Path, clock: FakeClock | None = None):
         self.cfg, self.workdir = cfg, Path(workdir)
-        self.clock = FakeClock()
+        self.clock = clock or FakeClock()
         self.net = MemoryNetwork(self.clock)
         self.nodes: dict[str, Node] = {}
         self.run_id = ""

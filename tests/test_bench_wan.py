@@ -128,6 +128,24 @@ def _assert_clean(bench, prefix: str, inodes: list[int], workdir: Path) -> None:
     assert _ours(workdir) == []
 
 
+@pytest.mark.timeout(60)
+def test_a_node_may_have_a_cap_of_its_own():
+    """--coordinator-mbit: the coordinator's link (both ends) at its own rate, the others at --mbit."""
+    _needs_network()
+    bench = _bench()
+    net = bench.WanNetwork(bench.run_prefix(os.getpid()), ["coordinator", "peer0"], 4.0, {"coordinator": 40.0})
+    try:
+        net.open()
+        for i, (node, rate) in enumerate((("coordinator", "40Mbit"), ("peer0", "4Mbit"))):
+            for ns, link in ((net.namespace(node), f"{net.prefix}v{i}"), (net.bridge_ns, net.host_links[node])):
+                shown = subprocess.run(["tc", "-n", ns, "qdisc", "show", "dev", link], capture_output=True,
+                                       text=True, check=True).stdout
+                assert f"rate {rate} " in shown, (node, ns, shown)
+    finally:
+        net.close()
+    assert bench.leftovers(net.prefix) == {"namespaces": [], "links": []}
+
+
 @pytest.mark.timeout(240)
 def test_tiny_wan_run_reports_and_cleans_up(tmp_path):
     _needs_network()

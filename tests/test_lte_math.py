@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 from torch.nn import functional as F
@@ -150,6 +152,28 @@ def test_replicas_are_averaged_with_fixed_divisor():
     torch.testing.assert_close(shared, shared0 + (replicas[0] + replicas[1] - 2 * shared0) / 4, rtol=0, atol=1e-12)
     torch.testing.assert_close(model.replicas["0:bias"][0], shared, rtol=0, atol=0)  # merged heads restart from it
     torch.testing.assert_close(model.replicas["0:bias"][3], replicas[3], rtol=0, atol=0)  # absent heads keep theirs
+
+
+def test_the_shared_state_read_from_another_thread_never_holds_a_plugged_in_head():
+    """While a head is plugged in (a training step), the module's non-linear parameters are that
+    head's replicas; a merge round running beside the step (swarm.overlap) or a peer handing out W
+    must read the shared ones, so it waits for the step."""
+    spec = LTESpec(n_heads=2, rank=2, alpha=4.0, nonlinear="replicate")
+    model = LTEModel(tiny_mlp(), spec, [0, 1])
+    shared = {name: p.data_ptr() for name, p in model.model.named_parameters()}
+    plugged, read = threading.Event(), threading.Event()
+
+    def step() -> None:
+        with model.plugged(0):
+            plugged.set()
+            read.wait(1.0)  # without the lock the read is done at once; with it, it waits for this
+    worker = threading.Thread(target=step)
+    worker.start()
+    plugged.wait(10.0)
+    state = model.shared_state()
+    read.set()
+    worker.join()
+    assert {name: state[name].data_ptr() for name in shared} == shared
 
 
 def test_A_is_semi_orthogonal_per_head_and_reproducible_anywhere():

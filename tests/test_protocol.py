@@ -4,10 +4,14 @@ time; each ends by checking that every live peer holds the same W."""
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
 from peers.simulate import simulate
+from swarm.clock import Clock, FakeClock
+from swarm.rounds import MergeProtocol
 from swarm.schemas import PeerPhase
 from tests.memswarm import MemorySwarm, max_difference, run_swarm, tiny_config, with_protocol
 
@@ -290,3 +294,61 @@ def test_with_overlap_peers_train_through_rounds_and_still_match_the_simulation(
     prompt = simulate(cfg.with_overrides({"swarm.overlap": False})).model.shared_state()
     gap, delay = max_difference(sim, got), max_difference(sim, prompt)
     assert gap < delay / 20, (gap, delay)
+
+
+class _FirstInThread(FakeClock):
+    """A fake clock that runs the first work handed to `background` in a real thread (and the rest
+    in line, so that the run still replays alike)."""
+
+    def __init__(self):
+        super().__init__()
+        self.threads = 0
+
+    def background(self, work):
+        if self.threads == 0:
+            self.threads += 1
+            return Clock.background(self, work)
+        return super().background(work)
+
+
+class _WaitsForAStep(MergeProtocol):
+    """A round's poll that, off the training thread, waits (a bounded real time) until its peer
+    has trained a step, and records how many it trained meanwhile; it advances nothing itself."""
+
+    def poll(self, mr):
+        if threading.current_thread() is threading.main_thread():
+            return super().poll(mr)
+        self.stepped.clear()
+        before = self.trainer.trained_head_steps
+        self.stepped.wait(30.0)
+        self.steps_during_poll.append(self.trainer.trained_head_steps - before)
+        return None
+
+
+class _StepSignal(with_protocol(_WaitsForAStep)):
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.protocol.trainer, self.protocol.stepped, self.protocol.steps_during_poll = self, threading.Event(), []
+
+    def _train_step(self):
+        wait = super()._train_step()
+        self.protocol.stepped.set()
+        return wait
+
+
+def test_with_overlap_a_round_is_polled_beside_the_training_steps(tmp_path):
+    """swarm.overlap: a round's poll (its downloads take seconds on a home link) runs beside the
+    peer's steps, not between them: a poll that waits for a step gets one. (The one test here with
+    a real thread: the clock runs that one poll in it.)"""
+    cfg = tiny_config(heads=2, merge_every=2, rounds=3, min_heads=2, overlap=True)
+    swarm = MemorySwarm(cfg, tmp_path, clock=_FirstInThread())
+    swarm.coordinator()
+    peers = [swarm.trainer(f"p{i}", role=_StepSignal) for i in range(2)]
+    swarm.run()
+    assert all(n.state == "finished" for n in swarm.nodes.values())
+    _agree(swarm)
+    waited = [n.role.protocol.steps_during_poll for n in peers]
+    assert sorted(len(w) for w in waited) == [0, 1], waited  # the one poll run in a thread
+    assert sum(waited, [])[0] >= 1, waited
+    for n in peers:
+        assert [r["new_round"] for r in n.events.of("round")] == [1, 2, 3]
