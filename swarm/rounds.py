@@ -221,6 +221,11 @@ class MergeProtocol:
         return self._round
 
     @property
+    def w_version(self) -> int:
+        """Changes whenever W or the round may have changed (what depends on W is cached by it)."""
+        return self._w_version
+
+    @property
     def is_authority(self) -> bool:
         return self.peer == self.authority
 

@@ -145,13 +145,15 @@ def dump(record: BaseModel) -> dict[str, Any]:
 _HAND_OVER = threading.Lock()
 
 
-def store(dht, key: str, identity: Identity, record: BaseModel, expiration: float, tag: str = "") -> bool:
+def store(dht, key: str, identity: Identity, record: BaseModel, expiration: float, tag: str = "",
+          wait: bool = True) -> bool:
     """Write one typed record under `key`, in the writer's own signed subkey (tagged `tag`); the
-    boolean is only a hint, as in hivemind."""
+    boolean is only a hint, as in hivemind. `wait=False` returns once the record is handed over
+    (True), not once the nodes answered: a record nothing depends on never stalls the caller."""
     with _HAND_OVER:
         future = dht.store(key, dump(record), expiration_time=expiration, subkey=identity.subkey(tag),
                            return_future=True)
-    return bool(future.result())
+    return bool(future.result()) if wait else True
 
 
 Signed = dict[tuple[str, str], tuple[T, float]]
@@ -325,9 +327,11 @@ class PeerStatus(_Record):
         return value
 
 
-def publish_status(dht, key: str, identity: Identity, status: PeerStatus, expiration: float) -> bool:
-    """Store this peer's status under its own signed subkey, valid until `expiration`."""
-    return store(dht, key, identity, status, expiration)
+def publish_status(dht, key: str, identity: Identity, status: PeerStatus, expiration: float,
+                   wait: bool = True) -> bool:
+    """Store this peer's status under its own signed subkey, valid until `expiration` (`wait`:
+    see `store`)."""
+    return store(dht, key, identity, status, expiration, wait=wait)
 
 
 def read_statuses(dht, key: str, now: float) -> list[PeerStatus]:

@@ -296,6 +296,35 @@ def test_with_overlap_peers_train_through_rounds_and_still_match_the_simulation(
     assert gap < delay / 20, (gap, delay)
 
 
+def test_a_peer_never_waits_for_the_dhts_answer_to_its_status_record(tmp_path):
+    """Status records are written for the status view alone: a step does not stall on the DHT's
+    answer (on a saturated home link a store's round trip takes a good part of a second)."""
+    from concurrent.futures import Future
+
+    from swarm.keys import RunKeys
+
+    cfg = tiny_config(heads=2, merge_every=2, rounds=3, min_heads=2)
+    swarm = MemorySwarm(cfg, tmp_path)
+    swarm.coordinator()
+    peers = [swarm.trainer(f"p{i}") for i in range(2)]
+    unanswered = []
+    for node in peers:
+        dht, store = node.rt.dht, node.rt.dht.store
+
+        def never_answered(key, *args, return_future=False, _store=store, **kw):
+            if key == RunKeys(swarm.run_id).peers:
+                unanswered.append(Future())  # the nodes never answer
+                return unanswered[-1] if return_future else unanswered[-1].result()
+            return _store(key, *args, return_future=return_future, **kw)
+        dht.store = never_answered
+    swarm.run()
+    assert all(n.state == "finished" for n in swarm.nodes.values())
+    assert len(unanswered) >= 2 * 3 and not any(f.done() for f in unanswered)
+    for node in peers:
+        assert [r["new_round"] for r in node.events.of("round")] == [1, 2, 3]
+    _agree(swarm)
+
+
 class _FirstInThread(FakeClock):
     """A fake clock that runs the first work handed to `background` in a real thread (and the rest
     in line, so that the run still replays alike)."""
