@@ -114,6 +114,14 @@ def retransmitted(before: dict[str, tuple[int, int]], after: dict[str, tuple[int
     return resent / sent if sent > 0 else None
 
 
+def parse_cpu(stat: str) -> tuple[int, int]:
+    """(busy, all) CPU time of the whole machine since boot, in ticks, from /proc/stat's first line
+    (user nice system idle iowait irq softirq steal; guest time is already in user)."""
+    fields = [int(v) for v in stat.splitlines()[0].split()[1:9]]
+    idle = fields[3] + fields[4]
+    return sum(fields) - idle, sum(fields)
+
+
 def parse_counters(ip_json: str, links: dict[str, str]) -> dict[str, tuple[int, int]]:
     """`ip -j -s link show` of the bridge's namespace -> {node: (bytes sent, bytes received)}.
     `links` maps node -> its veth end on the bridge: what the node sends, that end receives."""
@@ -213,6 +221,7 @@ class CounterLog:
         self.net, self.period = net, period
         self.samples: list[tuple[float, dict[str, tuple[int, int]]]] = []
         self.tcp: list[dict[str, tuple[int, int]]] = []  # the namespaces' TCP counters at start and stop
+        self.cpu: list[tuple[int, int]] = []  # the machine's (busy, all) CPU time at start and stop
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -224,6 +233,7 @@ class CounterLog:
 
     def start(self) -> "CounterLog":
         self.tcp.append(self.net.tcp())
+        self.cpu.append(parse_cpu(Path("/proc/stat").read_text()))
         self._thread.start()
         return self
 
@@ -232,6 +242,12 @@ class CounterLog:
         self._thread.join()
         self.samples.append((time.time(), self.net.counters()))
         self.tcp.append(self.net.tcp())
+        self.cpu.append(parse_cpu(Path("/proc/stat").read_text()))
+
+    def cpu_busy(self) -> float | None:
+        """Share of the machine's CPU time that was busy between start and stop."""
+        (busy0, all0), (busy1, all1) = self.cpu[0], self.cpu[-1]
+        return (busy1 - busy0) / (all1 - all0) if all1 > all0 else None
 
 
 def per_round(samples: list[tuple[float, dict[str, tuple[int, int]]]], round_ends: list[float],
@@ -317,6 +333,9 @@ class ModeResult:
     # lte-swarm: median seconds from a peer entering a merge round to each step of it (RoundResult.phases)
     round_phases: dict[str, float] | None = None
     dht_reads_per_round: float | None = None  # lte-swarm: median DHT keys a peer read in a round (its polls)
+    # share of the machine's CPU time busy from launch to the end: near 1, every process of the run
+    # (training and merging alike) waited for a core, and the figures measure this machine's CPUs
+    cpu_busy: float | None = None
     curve: list[tuple[float, float]] = field(default_factory=list)  # (seconds since launch, test accuracy)
 
     def to_json(self) -> dict[str, Any]:
@@ -462,6 +481,7 @@ def summarize(mode: str, counters: CounterLog, launched: float, peers: list[Peer
         train_fraction=statistics.mean(t / s for t, s in zip(train_seconds, spans)),
         compute_seconds_per_round=statistics.mean(train_seconds) / rounds,
         accuracy=curve[-1][1] if curve else None, seconds_to_target=reach, joined_seconds=joined,
+        cpu_busy=counters.cpu_busy(),
         seconds_to_target_after_joined=None if reach is None else max(0.0, reach - joined), curve=curve)
 
 
@@ -545,6 +565,8 @@ def table(results: list[ModeResult], target: float) -> str:
                      f"{r.wall_seconds:7.0f} {r.train_fraction:7.1%} {r.compute_seconds_per_round:7.2f} "
                      f"{acc:>8s} {reach:>8s} {r.joined_seconds:8.0f} {after:>6s}")
     for r in results:
+        if r.cpu_busy is not None:
+            lines.append(f"{r.mode}: the machine's {os.cpu_count()} cores were busy {r.cpu_busy:.0%} of the time")
         if r.round_phases:
             lines.append(f"{r.mode}: a merge round's steps, median seconds after entering it: "
                          + ", ".join(f"{step} {seconds:.1f}" for step, seconds in r.round_phases.items())

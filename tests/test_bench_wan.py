@@ -67,6 +67,16 @@ def test_tcp_counters_and_the_share_resent():
     assert bench.retransmitted(before, before, ["a"]) is None
 
 
+def test_the_machines_busy_share_from_proc_stat():
+    bench = _bench()
+    before = bench.parse_cpu("cpu  100 0 50 800 50 0 0 0 30 0\ncpu0 50 0 25 400 25 0 0 0 15 0\nintr 1\n")
+    after = bench.parse_cpu("cpu  400 0 150 900 50 0 0 0 90 0\ncpu0 1 0 1 1 1 0 0 0 0 0\n")
+    assert before == (150, 1000) and after == (550, 1500)  # guest time is inside user time: not added
+    log = bench.CounterLog.__new__(bench.CounterLog)
+    log.cpu = [before, after]
+    assert log.cpu_busy() == 400 / 500
+
+
 def test_time_to_target_and_table():
     bench = _bench()
     curve = [(10.0, 0.3), (20.0, 0.72), (30.0, 0.65), (40.0, 0.9)]
@@ -173,6 +183,7 @@ def test_tiny_wan_run_reports_and_cleans_up(tmp_path):
     assert 0 < blob_received <= out["modes"][0]["bytes_received_per_peer_round"]
     assert out["modes"][1]["blob_bytes_per_peer_round"] is None
     assert all(0.0 <= mode["retransmitted"] < 1.0 for mode in out["modes"])
+    assert all(0.0 < mode["cpu_busy"] <= 1.0 for mode in out["modes"])
     assert "compute per round : transfer of one |W|" in done.stderr
     assert (tmp_path / "wan.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     _assert_clean(bench, out["prefix"], out["netns_inodes"], tmp_path)
