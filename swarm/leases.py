@@ -54,30 +54,34 @@ class HeadLeases:
         self.lease_seconds, self.settle_seconds, self.clock_skew = lease_seconds, settle_seconds, clock_skew
         self.clock = clock or Clock()
         self.incumbents: Callable[[], dict[int, str]] = dict  # set by the merge protocol that knows them
-        self.admits: Callable[[str], bool] = lambda who: True  # a closed run's membership (swarm.membership)
+        # a closed run's membership (`Membership.admits`: who, and when its claim was written)
+        self.admits: Callable[..., bool] = lambda who, written_at=None: True
         self._view: tuple[float, dict[int, str]] | None = None
         self.held: dict[int, float] = {}  # head -> our claimed_at
         self.renewed_at = 0.0
         self.pending: tuple[list[int], float] | None = None  # claims written, not yet settled
 
-    def claims(self) -> list[tuple[str, LeaseRecord]]:
+    def claims(self, thorough: bool = False) -> list[tuple[str, LeaseRecord]]:
         """(claimant, claim) for every believable claim: its tag names its head, the head exists,
-        it is not dated in the future, it does not outlive a lease, and the run admits its writer."""
+        it is not dated in the future, it does not outlive a lease, and the run admits its writer.
+        `thorough`: from every node hivemind's search finds, not only the nearest few."""
         now = self.clock.now()
         out = []
         for (tag, who), (r, expiration) in schemas.read(self.dht, self.keys.leases, LeaseRecord, now,
-                                                          replicas=self.read_replicas).items():
+                                                          replicas=0 if thorough else self.read_replicas).items():
             if (tag == RunKeys.lease_tag(r.head) and r.head < self.n_heads and r.claimed_at <= now + self.clock_skew
-                    and expiration <= now + self.lease_seconds + 1.0 + self.clock_skew and self.admits(who)):
+                    and expiration <= now + self.lease_seconds + 1.0 + self.clock_skew and self.admits(who, r.claimed_at)):
                 out.append((who, r))
         return out
 
-    def holders(self, max_age: float = CACHE_SECONDS) -> dict[int, str]:
+    def holders(self, max_age: float = CACHE_SECONDS, thorough: bool = False) -> dict[int, str]:
         """head -> holder. A view up to `max_age` seconds old is reused: a merge round asks many
-        times a second, and every read is a DHT lookup plus a signature check per claim."""
+        times a second, and every read is a DHT lookup plus a signature check per claim.
+        `thorough` reads afresh from every node the search finds: for a view that decides who is
+        in a round (the nearest nodes alone may be ones that just left, or lack a fresh claim)."""
         now = self.clock.monotonic()
-        if self._view is None or max_age <= 0 or now - self._view[0] > max_age:
-            self._view = (now, winners(self.claims(), self.incumbents()))
+        if self._view is None or max_age <= 0 or thorough or now - self._view[0] > max_age:
+            self._view = (now, winners(self.claims(thorough), self.incumbents()))
         return dict(self._view[1])
 
     def free_heads(self) -> list[int]:

@@ -28,6 +28,7 @@ from swarm.schemas import InviteRecord
 log = logging.getLogger(__name__)
 
 READ_EVERY = 5.0          # seconds between reads of the run's invites, when an unknown key asks
+FRESH_READ_EVERY = 0.5    # ... when it asks with a record written after our last read
 PUBLISH_EVERY = 600.0     # a member re-publishes its invite this often (its record lives twice as long)
 MAX_CHECKED = 10_000      # signature checks remembered; strangers' invites cannot grow it without bound
 
@@ -67,19 +68,27 @@ class Membership:
         self._until: dict[str, int] = {}          # member -> expiry of its verified invite
         self._checked: dict[InviteRecord, bool] = {}  # invite -> verdict, so each invite is checked once
         self._read_at = float("-inf")
+        self._read_time = float("-inf")  # DHT time of our last read
         self._published_at = float("-inf")
 
-    def admits(self, who: str) -> bool:
-        """Whether the key with fingerprint `who` may hold heads in this run."""
+    def admits(self, who: str, written_at: float | None = None) -> bool:
+        """Whether the key with fingerprint `who` may hold heads in this run. `written_at`: when the
+        record it asks with (a head claim) was written. A member publishes its invite before its
+        first claim, so a claim written after our last read of the invites makes us read them
+        again soon (a node that kept the old view would leave a newcomer out of rounds that the
+        others merge it into); a key without one waits for the slower schedule."""
         if not self.closed or who in self.listed:
             return True
         now = self.clock.now()
-        if self._until.get(who, -1) < now and self.clock.monotonic() - self._read_at >= READ_EVERY:
-            self._read(now)
+        if self._until.get(who, -1) < now:
+            since = self.clock.monotonic() - self._read_at
+            fresh = written_at is not None and written_at >= self._read_time
+            if since >= READ_EVERY or (fresh and since >= FRESH_READ_EVERY):
+                self._read(now)
         return self._until.get(who, -1) >= now
 
     def _read(self, now: float) -> None:
-        self._read_at = self.clock.monotonic()
+        self._read_at, self._read_time = self.clock.monotonic(), now
         if len(self._checked) > MAX_CHECKED:
             self._checked.clear()
         for (tag, writer), (invite, _) in schemas.read(self.dht, self.keys.members, InviteRecord, now).items():

@@ -171,7 +171,7 @@ class MergeProtocol:
         self.p2p = str(dht.peer_id)
         self.authority = keys.coordinator
         self.model = model
-        self.holders = holders  # head -> holder: who may contribute and vote (max_age: 0 for a fresh view)
+        self.holders = holders  # head -> holder: who may contribute and vote (`HeadLeases.holders`)
         self.keep_alive: Callable[[], None] = lambda: None  # called while a round blocks (lease renewals)
         self.clock = clock or Clock()
         self._round = round_
@@ -354,7 +354,7 @@ class MergeProtocol:
         """Ready records of round r that count: dated near now, from the holder of every head
         they list (so at most one contribution per head). `thorough`: see `_read`."""
         now = self.clock.now()
-        holders = self.holders(0.0) if thorough else self.holders()  # a read that decides: no cached view
+        holders = self.holders(0.0, thorough) if thorough else self.holders()  # a read that decides: afresh
         found = schemas.by_writer(self._read(self.keys.ready(r), ReadyRecord, now, thorough))
         oldest = now - 3 * self.cfg.round_timeout
         return {who: rec for who, rec in found.items()
@@ -464,10 +464,10 @@ class MergeProtocol:
         if ready_set:
             if mr.first_ready_seen is None:  # our own clock decides, not the records' dates
                 mr.first_ready_seen = now
-            # Every holder is ready: as a view of the holders may be half a second old (a head just
-            # claimed is missing from it), a fresh one confirms before the round closes early.
+            # Every holder is ready: as a view of the holders may be half a second old or read from
+            # nodes that lack a fresh claim, a thorough one confirms before the round closes early.
             close = (not (set(self.holders().values()) - set(ready_set))
-                     and not (set(self.holders(0.0).values()) - set(ready_set))
+                     and not (set(self.holders(0.0, True).values()) - set(ready_set))
                      or now > mr.first_ready_seen + self.close_window(ready_set))
         elif now > mr.deadline:
             # Nobody's ready record counts, ours included (a lost head, a store that never made it):

@@ -68,8 +68,9 @@ def test_a_read_from_two_replicas_sees_every_record_for_a_fraction_of_the_bytes(
 
 
 def test_a_round_polls_its_records_from_two_replicas_and_reads_its_members_from_every_node(tmp_path, monkeypatch):
-    """The in-memory swarm, every DHT read recorded with the nodes it asks: the ready records that
-    decide a round's members are read thoroughly once per round, every other poll narrowly."""
+    """The in-memory swarm, every DHT read recorded with the nodes it asks: the ready records and
+    the holders that decide a round's members are read thoroughly once per round, every other poll
+    narrowly."""
     from swarm.memnet import MemoryDHT
     from tests.memswarm import MemorySwarm, tiny_config
 
@@ -93,4 +94,7 @@ def test_a_round_polls_its_records_from_two_replicas_and_reads_its_members_from_
         ready = [beam for key, beam in asked if key == keys.ready(r)]
         assert ready.count(0) >= 3 and ready.count(2) > ready.count(0), ready  # each member settles once
         assert {beam for key, beam in asked if key in (keys.parts(r), keys.hashes(r))} == {2}
-    assert {beam for key, beam in asked if key == keys.leases} == {2}
+    # the holders are read thoroughly where they decide (a round closing early, its members), twice
+    # a round at most for each of the 3 nodes; every other lease read is narrow
+    leases = [beam for key, beam in asked if key == keys.leases]
+    assert set(leases) == {0, 2} and leases.count(0) <= 2 * 3 * rounds, leases

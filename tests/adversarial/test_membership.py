@@ -90,6 +90,27 @@ def _run(tmp_path, name: str, closed: bool, attack: bool, for_seconds: float | N
     return mem
 
 
+def test_a_member_joining_just_after_the_invites_were_read_is_in_the_first_round(tmp_path):
+    """The coordinator read the run's invites when the first member claimed a head; the second
+    member publishes its invite and claims a moment later. Its claim, written after that read, has
+    the coordinator read them again: every node merges the same members from round 0 on."""
+    cfg = tiny_config(heads=2, merge_every=2, rounds=3, min_heads=2, closed=True)
+    mem = MemorySwarm(cfg, tmp_path)
+    coordinator = mem.coordinator()
+    authority = coordinator_identity(coordinator.role.run_dir)
+    expires = int(mem.clock.now() + 3600)
+    invite = {n: sign_invite(authority, mem.run_id, named_identity(n).fingerprint, expires) for n in ("p0", "p1")}
+    p0 = mem.trainer("p0", invite=invite["p0"])
+    mem.run(until=lambda s: bool(p0.role.leases.held))
+    p1 = mem.trainer("p1", invite=invite["p1"])
+    mem.run()
+    members = {named_identity(n).fingerprint for n in ("p0", "p1")}
+    for node in (coordinator, p0, p1):
+        rounds = node.events.of("round")
+        assert [r["new_round"] for r in rounds] == [1, 2, 3]
+        assert all(set(r["members"]) == members and not r.get("resynced") for r in rounds), (node.name, rounds)
+
+
 def test_in_a_closed_run_a_strangers_claims_and_stolen_invites_take_no_head(tmp_path):
     attacked = _run(tmp_path, "closed", closed=True, attack=True)
     assert not attacked.rogue_held  # in nobody's view, at any step
