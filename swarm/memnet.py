@@ -222,4 +222,3 @@ class MemoryBlobServer:
 
     def shutdown(self) -> None:
         self.crash()
-
