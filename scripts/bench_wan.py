@@ -10,8 +10,9 @@ per-peer batch and sample budget:
   one global step per `--hivemind-target` samples (default: the samples of one LTE merge round,
   so it communicates as often as LTE merges), evaluated by its first peer after every step.
 
-    python scripts/bench_wan.py [--peers 4] [--mbit 4] [--coordinator-mbit M] [--modes reduce gather hivemind] [--samples N]
-        [--config FILE] [--set KEY=VALUE ...] [--target-accuracy 0.7] [--json] [--plot wan.png]
+    python scripts/bench_wan.py [--peers 4] [--mbit 4] [--coordinator-mbit M] [--samples N]
+        [--modes reduce gather hivemind] [--config FILE] [--set KEY=VALUE ...] [--target-accuracy 0.7]
+        [--json] [--plot wan.png]
 
 It reports per mode the bytes each peer sent and received per round, read from its veth's counters
 (everything: DHT, state download, merges), the wall clock from launching the peers to the last one
@@ -133,10 +134,10 @@ def parse_counters(ip_json: str, links: dict[str, str]) -> dict[str, tuple[int, 
 class WanNetwork:
     """Namespaces `<prefix>-<node>` each holding veth `<prefix>v<i>` (address SUBNET.<i+1>) whose
     other end `<prefix>h<i>` sits on a bridge in namespace `<prefix>-br`; tbf caps both ends at
-    `mbit` (or the node's own rate in `rates`), so each node's upload and download are capped. Veths are created directly inside their
-    namespaces: nothing of the run is ever in the root namespace. `close` kills whatever still runs
-    in the namespaces (only this run's processes can be in them) and deletes them, which deletes
-    the veths and the bridge with them."""
+    `mbit` (or the node's own rate in `rates`), so each node's upload and download are capped. Veths
+    are created directly inside their namespaces: nothing of the run is ever in the root namespace.
+    `close` kills whatever still runs in the namespaces (only this run's processes can be in them)
+    and deletes them, which deletes the veths and the bridge with them."""
 
     def __init__(self, prefix: str, nodes: list[str], mbit: float, rates: dict[str, float] | None = None):
         self.prefix, self.nodes, self.mbit = prefix, list(nodes), mbit
