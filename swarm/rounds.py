@@ -354,7 +354,7 @@ class MergeProtocol:
         """Ready records of round r that count: dated near now, from the holder of every head
         they list (so at most one contribution per head). `thorough`: see `_read`."""
         now = self.clock.now()
-        holders = self.holders(0.0, thorough) if thorough else self.holders()  # a read that decides: afresh
+        holders = self.holders(thorough=thorough)  # a read that decides: afresh, from every node
         found = schemas.by_writer(self._read(self.keys.ready(r), ReadyRecord, now, thorough))
         oldest = now - 3 * self.cfg.round_timeout
         return {who: rec for who, rec in found.items()
@@ -467,7 +467,7 @@ class MergeProtocol:
             # Every holder is ready: as a view of the holders may be half a second old or read from
             # nodes that lack a fresh claim, a thorough one confirms before the round closes early.
             close = (not (set(self.holders().values()) - set(ready_set))
-                     and not (set(self.holders(0.0, True).values()) - set(ready_set))
+                     and not (set(self.holders(thorough=True).values()) - set(ready_set))
                      or now > mr.first_ready_seen + self.close_window(ready_set))
         elif now > mr.deadline:
             # Nobody's ready record counts, ours included (a lost head, a store that never made it):
