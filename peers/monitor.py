@@ -36,7 +36,7 @@ def snapshot(dht, keys: RunKeys, cfg: RunConfig, clock: Clock | None = None) -> 
     clock = clock or Clock()
     now = clock.now()
     membership = Membership(dht, keys, cfg.swarm, clock)
-    records = sorted((s for s in read_statuses(dht, keys.peers, now) if membership.admits(s.peer)),
+    records = sorted((s for s in read_statuses(dht, keys, now) if membership.admits(s.peer)),
                      key=lambda s: (-len(s.heads), s.peer))
     statuses = [s.model_dump(mode="json") for s in records]
     by_peer = {s["peer"]: s for s in statuses}

@@ -30,7 +30,8 @@ from swarm.wire import encode_contribution
 
 log = logging.getLogger(__name__)
 
-STATUS_EVERY = 2.0  # seconds between status records while nothing changes
+STATUS_EVERY = 5.0   # seconds between live status records while nothing changes
+ROSTER_EVERY = 20.0  # seconds between copies of it in the run's list of peers (see `publish_status`)
 BESIDE_WAIT = 0.02  # seconds between looks at a poll running beside us, once our steps are done
 CLOSE_WAIT = 5.0  # seconds a leaving peer waits for a poll running beside it
 
@@ -88,11 +89,12 @@ class Trainer:
         # was reducing when it began
         self.polling: tuple[bool, Future] | None = None
         self._renewing = threading.Lock()       # a long round renews leases from its own thread too
+        self.renewal: Future | None = None      # a lease renewal running beside our steps (`_renew_beside`)
         self.trained_head_steps = 0
         self.compute_seconds = 0.0              # in forward/backward (and batching) alone, all run long
         self.loss: float | None = None
         self.samples_per_second = 0.0
-        self._status_at = float("-inf")
+        self._status_at = self._roster_at = float("-inf")
         self._status_digest: tuple[int, str] = (-1, "")  # (W version, digest): see `_digest`
 
     # ---- the loop ----------------------------------------------------------------------------
@@ -128,7 +130,7 @@ class Trainer:
         if self.protocol.round >= self.cfg.rounds and self.mr is None and self.landed is None:
             self.finished = True
             return 0.0
-        self._keep_leases()
+        self._renew_beside()
         if self.mr is not None and self._follows_in_vain():
             self.mr = None
         if self.mr is not None:
@@ -148,9 +150,11 @@ class Trainer:
             if self.clock.monotonic() < self.settle_at:
                 return self.settle_at - self.clock.monotonic()
             self.settle_at = None
+            self._drain_renewal()
             self.leases.settle()
             self._adopt_heads()
         elif self.step_in_round == 0 and not self.carry_over and len(self.leases.held) < self.opts.heads:
+            self._drain_renewal()
             if self.leases.propose(self.opts.heads - len(self.leases.held)):
                 self.settle_at = self.clock.monotonic() + self.cfg.swarm.settle_seconds
                 return self.cfg.swarm.settle_seconds
@@ -326,6 +330,28 @@ class Trainer:
         return 0.0
 
     # ---- heads -------------------------------------------------------------------------------
+    def _renew_beside(self) -> None:
+        """Renew our leases when due. In the middle of our T steps the renewal (a DHT store and a
+        read, each a round trip on a busy home link) runs beside them; anything else that touches
+        the leases waits for it first (`_drain_renewal`). A fake clock runs it at once, in line."""
+        if self.renewal is not None:
+            if not self.renewal.done():
+                return
+            renewal, self.renewal = self.renewal, None
+            renewal.result()  # raises what the renewal raised
+        if (self.leases.due() and self.model.head_ids and self.step_in_round < self._round_steps()
+                and self.settle_at is None and not self.heads_changed):
+            self.renewal = self.clock.background(self._keep_leases)
+        else:
+            self._keep_leases()
+
+    def _drain_renewal(self) -> None:
+        """Wait for a renewal running beside us (each of its DHT calls is bounded); what it
+        found (a lost head) is taken in as usual."""
+        if self.renewal is not None:
+            renewal, self.renewal = self.renewal, None
+            renewal.result()
+
     def _keep_leases(self) -> None:
         """Renew our leases when due (also from inside a long merge); adopt what changed."""
         if not self._renewing.acquire(blocking=False):
@@ -340,6 +366,7 @@ class Trainer:
             self._renewing.release()
 
     def _adopt_heads(self) -> None:
+        self._drain_renewal()
         heads = sorted(self.leases.held)
         if heads == self.model.head_ids:
             return
@@ -366,6 +393,9 @@ class Trainer:
         if not force and now - self._status_at < STATUS_EVERY:
             return
         self._status_at = now
+        listed = now - self._roster_at >= ROSTER_EVERY
+        if listed:
+            self._roster_at = now
         loss = float(self.loss) if self.loss is not None and math.isfinite(self.loss) else None
         record = PeerStatus(run_id=self.keys.run_id, peer=self.peer, state=self.phase, heads=list(self.model.head_ids),
                             round=self.protocol.round, step=self.step_in_round, last_merged_round=self.last_merged_round,
@@ -373,9 +403,10 @@ class Trainer:
                             bytes_sent=self.server.bytes_sent, bytes_received=self.server.bytes_received,
                             device=str(self.device), storage=self.cfg.lte.storage, digest=self._digest(),
                             time=float(self.clock.now()))
+        expiration = self.clock.now() + max(10.0, self.cfg.swarm.lease_seconds)
         try:  # not waited for: a training step never stalls on the DHT's answer to a status record
-            publish_status(self.dht, self.keys.peers, self.rt.identity, record,
-                           expiration=self.clock.now() + max(10.0, self.cfg.swarm.lease_seconds), wait=False)
+            publish_status(self.dht, self.keys, self.rt.identity, record, expiration,
+                           roster_expiration=expiration + ROSTER_EVERY if listed else None, wait=False)
         except NETWORK_ERRORS as exc:
             log.debug("could not publish status: %s", exc)
 
@@ -403,6 +434,8 @@ class Trainer:
     def close(self) -> None:
         """Leave: release the heads (others may take them at once), stop serving blobs."""
         self._drain_poll(timeout=CLOSE_WAIT)  # a stopped poll ends at its next wait or transfer bound
+        if self.renewal is not None:
+            wait([self.renewal], timeout=CLOSE_WAIT)
         try:
             self.leases.release()
         finally:

@@ -66,8 +66,15 @@ class RunKeys:
 
     @property
     def peers(self) -> str:
-        """Status records of the peers; one subkey per peer."""
+        """The run's list of peers: each one's status record, rewritten now and then; one subkey
+        per peer."""
         return self._key("peers")
+
+    def status(self, writer: str) -> str:
+        """The live status record of peer `writer`, rewritten every few seconds. A key of its own:
+        a DHT store first looks the key up, and every node on the way sends back all it holds
+        there, so a live record in the shared list would cost each store the whole swarm's."""
+        return self._key(f"status_{writer}")
 
     @property
     def members(self) -> str:

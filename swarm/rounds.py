@@ -192,6 +192,7 @@ class MergeProtocol:
         self._sent_factors: dict[int, dict[str, torch.Tensor]] = {}
         self._bases: dict[tuple[str, int], tuple[int, str, dict[str, torch.Tensor]]] = {}
         self._w_version = 0  # bumped whenever W or the round may have changed
+        self._announced = (-1, float("-inf"))  # (W version, monotonic time) of our last donor record
         self._state_blob: tuple[int, bytes] | None = None
         self.dht_reads = 0  # DHT keys read so far (RoundResult.dht_reads: in one round)
         self.state_bytes_downloaded = 0  # W fetched from donors (none when we already held it)
@@ -231,10 +232,17 @@ class MergeProtocol:
 
     # ---- state ---------------------------------------------------------------------------
     def announce(self) -> None:
-        """Tell newcomers we can hand out W at our round (refreshed by callers now and then); a peer
-        nobody can connect to hands out nothing."""
+        """Tell newcomers we can hand out W at our round; a peer nobody can connect to hands out
+        nothing. Callers ask now and then: the record is written again once W changed, or once
+        it is a lease old (it lives three), never more often, as every store into the shared
+        list of donors moves the whole list."""
         if not self.reachable:
             return
+        now = self.clock.monotonic()
+        version, at = self._announced
+        if version == self._w_version and now - at < self.cfg.lease_seconds:
+            return
+        self._announced = (self._w_version, now)
         record = DonorRecord(round=self._round, digest=self.model.state_digest(), p2p=self.p2p)
         schemas.store(self.dht, self.keys.donors, self.identity, record, self.clock.now() + 3 * self.cfg.lease_seconds)
 

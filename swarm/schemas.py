@@ -14,6 +14,7 @@ from hivemind.dht.validation import RecordValidatorBase
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
 
 from swarm.identity import FINGERPRINT_CHARS, Identity, split_subkey
+from swarm.keys import RunKeys
 
 log = logging.getLogger(__name__)
 T = TypeVar("T", bound=BaseModel)
@@ -162,12 +163,16 @@ Signed = dict[tuple[str, str], tuple[T, float]]
 READ_TIMEOUT = 10.0  # seconds: a DHT read never blocks a peer for longer
 
 
-def _get(dht, key: str, replicas: int = 0):
-    """`dht.get(key, latest=True)`, bounded in time: None if it does not answer. With `replicas`,
-    only that many of the nodes nearest to the key are asked (hivemind's beam), not every node its
-    search visits: each one sends the key's whole dictionary."""
+def _ask(dht, key: str, replicas: int = 0):
+    """`dht.get(key, latest=True)`, handed over; answered by `_answer`. With `replicas`, only that
+    many of the nodes nearest to the key are asked (hivemind's beam), not every node its search
+    visits: each one sends the key's whole dictionary."""
     with _HAND_OVER:
-        future = dht.get(key, latest=True, return_future=True, **({"beam_size": replicas} if replicas else {}))
+        return dht.get(key, latest=True, return_future=True, **({"beam_size": replicas} if replicas else {}))
+
+
+def _answer(future, key: str):
+    """What `_ask` found, waited for at most READ_TIMEOUT: None if the DHT does not answer."""
     try:
         return future.result(timeout=READ_TIMEOUT)
     except TimeoutError:
@@ -179,15 +184,8 @@ def _get(dht, key: str, replicas: int = 0):
         return None
 
 
-def read(dht, key: str, model: type[T], now: float, replicas: int = 0) -> "Signed[T]":
-    """Every unexpired, well-formed, signed record under `key` that does not claim to live longer
-    than a record may: (tag, writer) -> (record, expiration). Anything else is dropped. `replicas`:
-    see `_get`."""
-    try:
-        found = _get(dht, key, replicas)
-    except Exception as exc:  # an undecodable value from another node: nothing here is usable
-        log.warning("dropping what the DHT holds at %s: %s", key, exc)
-        return {}
+def _records(found, key: str, model: type[T], now: float) -> "Signed[T]":
+    """The well-formed signed records of one answer (see `read`)."""
     if found is None or not isinstance(found.value, dict):
         return {}
     out: dict[tuple[str, str], tuple[T, float]] = {}
@@ -200,6 +198,30 @@ def read(dht, key: str, model: type[T], now: float, replicas: int = 0) -> "Signe
         record = parse(model, value, where=f"{key}/{who[0]}:{who[1][:8]}")
         if record is not None:
             out[who] = (record, float(expiration))
+    return out
+
+
+def read(dht, key: str, model: type[T], now: float, replicas: int = 0) -> "Signed[T]":
+    """Every unexpired, well-formed, signed record under `key` that does not claim to live longer
+    than a record may: (tag, writer) -> (record, expiration). Anything else is dropped. `replicas`:
+    see `_ask`."""
+    return read_each(dht, [key], model, now, replicas)[key]
+
+
+def read_each(dht, keys: list[str], model: type[T], now: float, replicas: int = 0) -> "dict[str, Signed[T]]":
+    """`read` of several keys, asked all at once: the slowest answer bounds the wait, not their sum."""
+    asked = {}
+    for key in dict.fromkeys(keys):
+        try:
+            asked[key] = _ask(dht, key, replicas)
+        except Exception as exc:
+            log.warning("could not read %s from the DHT: %s", key, exc)
+    out = {key: {} for key in keys}
+    for key, future in asked.items():
+        try:
+            out[key] = _records(_answer(future, key), key, model, now)
+        except Exception as exc:  # an undecodable value from another node: nothing here is usable
+            log.warning("dropping what the DHT holds at %s: %s", key, exc)
     return out
 
 
@@ -327,17 +349,29 @@ class PeerStatus(_Record):
         return value
 
 
-def publish_status(dht, key: str, identity: Identity, status: PeerStatus, expiration: float,
-                   wait: bool = True) -> bool:
-    """Store this peer's status under its own signed subkey, valid until `expiration` (`wait`:
-    see `store`)."""
-    return store(dht, key, identity, status, expiration, wait=wait)
+def publish_status(dht, keys: RunKeys, identity: Identity, status: PeerStatus, expiration: float,
+                   roster_expiration: float | None = None, wait: bool = True) -> bool:
+    """Store this peer's live status under its own key, valid until `expiration`; with
+    `roster_expiration`, in the run's list of peers too (read to find the peers; rewritten seldom,
+    as every store there moves the whole list). `wait`: see `store`."""
+    stored = store(dht, keys.status(identity.fingerprint), identity, status, expiration, wait=wait)
+    if roster_expiration is not None:
+        stored = store(dht, keys.peers, identity, status, roster_expiration, wait=wait) and stored
+    return stored
 
 
-def read_statuses(dht, key: str, now: float) -> list[PeerStatus]:
-    """Live status records of a run, each from the peer it names (the DHT's validators already
-    dropped forged and malformed ones; the schema checks them once more)."""
-    return [r for who, r in by_writer(read(dht, key, PeerStatus, now)).items() if r.peer == who]
+def read_statuses(dht, keys: RunKeys, now: float) -> list[PeerStatus]:
+    """Live status records of a run, each from the peer it names: the peers the list names, each
+    with the newer of its record there and under its own key (the DHT's validators already dropped
+    forged and malformed records in the list; the schema checks every record once more)."""
+    listed = {who: r for who, r in by_writer(read(dht, keys.peers, PeerStatus, now)).items() if r.peer == who}
+    live = read_each(dht, [keys.status(who) for who in listed], PeerStatus, now)
+    out = []
+    for who, listed_record in listed.items():
+        own = by_writer(live[keys.status(who)]).get(who)
+        fits = own is not None and own.peer == who and own.run_id == keys.run_id
+        out.append(own if fits and own.time >= listed_record.time else listed_record)
+    return out
 
 
 class RoundSummary(_Record):

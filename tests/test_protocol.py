@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from peers.simulate import simulate
+from peers.trainer import Trainer
 from swarm.clock import Clock, FakeClock
 from swarm.rounds import MergeProtocol
 from swarm.schemas import PeerPhase
@@ -276,6 +277,65 @@ def test_the_status_snapshot_shows_every_peer_its_phase_and_the_head_map(tmp_pat
     assert snap["round"] >= 2 and snap["history"] and snap["agree"] is True
 
 
+def test_the_list_of_peers_is_rewritten_seldom_and_the_view_shows_the_live_record(tmp_path):
+    """Every store into the run's shared list of peers moves the whole list (a DHT store first
+    looks its key up): a peer copies its status there every ROSTER_EVERY seconds, and writes it
+    more often under its own key, which is what the status view shows."""
+    from peers.monitor import snapshot
+    from peers.trainer import ROSTER_EVERY, STATUS_EVERY
+    from swarm.keys import RunKeys
+
+    cfg = tiny_config(heads=2, merge_every=4, rounds=60, min_heads=2)
+    swarm = MemorySwarm(cfg, tmp_path)
+    swarm.coordinator()
+    peers = [swarm.trainer(f"p{i}", throttle=0.5) for i in range(2)]
+    keys = RunKeys(swarm.run_id)
+    stores: dict[str, list[tuple[float, dict]]] = {}
+    dht, store = peers[0].rt.dht, peers[0].rt.dht.store
+
+    def counted(key, value, *args, _store=store, **kw):
+        if kw.get("return_future"):  # as the swarm asks (the in-memory node answers by calling itself)
+            stores.setdefault(key, []).append((swarm.clock.monotonic(), value))
+        return _store(key, value, *args, **kw)
+    dht.store = counted
+    began = swarm.clock.monotonic()
+    swarm.run(until=lambda s: s.clock.monotonic() - began > 4 * ROSTER_EVERY)
+    listed, live = stores.get(keys.peers, []), stores.get(keys.status(peers[0].rt.peer), [])
+    assert 1 <= len(listed) <= 5 and all(b[0] - a[0] >= ROSTER_EVERY for a, b in zip(listed, listed[1:])), listed
+    assert len(live) >= 4 * ROSTER_EVERY / STATUS_EVERY, len(live)
+    view = snapshot(swarm["coordinator"].role.dht, keys, cfg, swarm.clock)
+    shown = {p["peer"]: p for p in view["peers"]}[peers[0].rt.peer]
+    assert shown["time"] == live[-1][1]["time"] > listed[-1][1]["time"]  # the live record, newer than the copy
+
+
+def test_a_donor_record_is_rewritten_when_w_changes_or_once_a_lease_old(tmp_path):
+    """Lease renewals come every third of a lease; the donor record goes out again only when W
+    changed since, or when it is a lease old: every store into the shared list moves all of it."""
+    from swarm.keys import RunKeys
+
+    cfg = tiny_config(heads=2, merge_every=4, rounds=6, min_heads=2)
+    swarm = MemorySwarm(cfg, tmp_path)
+    swarm.coordinator()
+    peers = [swarm.trainer(f"p{i}", throttle=2.0) for i in range(2)]
+    keys = RunKeys(swarm.run_id)
+    written: list[tuple[float, int, str]] = []
+    dht, store = peers[0].rt.dht, peers[0].rt.dht.store
+
+    def counted(key, value, *args, _store=store, **kw):
+        if key == keys.donors and kw.get("return_future"):
+            written.append((swarm.clock.monotonic(), value["round"], value["digest"]))
+        return _store(key, value, *args, **kw)
+    dht.store = counted
+    began = swarm.clock.monotonic()
+    swarm.run()
+    span, lease = swarm.clock.monotonic() - began, cfg.swarm.lease_seconds
+    assert span > 6 * lease  # renewals alone would have written about 18 records
+    assert {w[1] for w in written} == set(range(7)), written  # every new W is said at once
+    repeats = [(a, b) for a, b in zip(written, written[1:]) if a[1:] == b[1:]]
+    assert all(b[0] - a[0] >= lease for a, b in repeats), written
+    assert len(written) <= 7 + span / lease + 1, (len(written), span)
+
+
 def test_with_overlap_peers_train_through_rounds_and_still_match_the_simulation(tmp_path):
     """swarm.overlap: each round's merge lands while the peers train the next T steps and applies
     at their end, as the simulation models it; the delay really changes the result."""
@@ -312,7 +372,8 @@ def test_a_peer_never_waits_for_the_dhts_answer_to_its_status_record(tmp_path):
         dht, store = node.rt.dht, node.rt.dht.store
 
         def never_answered(key, *args, return_future=False, _store=store, **kw):
-            if key == RunKeys(swarm.run_id).peers:
+            keys = RunKeys(swarm.run_id)
+            if key == keys.peers or key.startswith(keys.status("")):
                 unanswered.append(Future())  # the nodes never answer
                 return unanswered[-1] if return_future else unanswered[-1].result()
             return _store(key, *args, return_future=return_future, **kw)
@@ -380,4 +441,49 @@ def test_with_overlap_a_round_is_polled_beside_the_training_steps(tmp_path):
     assert sorted(len(w) for w in waited) == [0, 1], waited  # the one poll run in a thread
     assert sum(waited, [])[0] >= 1, waited
     for n in peers:
+        assert [r["new_round"] for r in n.events.of("round")] == [1, 2, 3]
+
+
+class _InThreads(FakeClock):
+    """A fake clock that runs work handed to `background` in real threads."""
+
+    def background(self, work):
+        return Clock.background(self, work)
+
+
+class _RenewsAfterAStep(Trainer):
+    """A peer whose lease renewal, off the training thread, first waits (a bounded real time) until
+    the peer has trained a step, and records how many it trained meanwhile."""
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.stepped, self.steps_during_renewal = threading.Event(), []
+
+    def _keep_leases(self):
+        if threading.current_thread() is not threading.main_thread():
+            self.stepped.clear()
+            before = self.trained_head_steps
+            self.stepped.wait(30.0)
+            self.steps_during_renewal.append(self.trained_head_steps - before)
+        super()._keep_leases()
+
+    def _train_step(self):
+        wait = super()._train_step()
+        self.stepped.set()
+        return wait
+
+
+def test_leases_are_renewed_beside_the_training_steps(tmp_path):
+    """A renewal due in the middle of a peer's T steps runs beside them (on a busy home link its
+    store and read take a good part of a second each), and the swarm still ends alike."""
+    cfg = tiny_config(heads=2, merge_every=8, rounds=3, min_heads=2)
+    swarm = MemorySwarm(cfg, tmp_path, clock=_InThreads())
+    swarm.coordinator()
+    peers = [swarm.trainer(f"p{i}", role=_RenewsAfterAStep, throttle=0.5) for i in range(2)]
+    swarm.run()
+    assert all(n.state == "finished" for n in swarm.nodes.values())
+    _agree(swarm)
+    for n in peers:
+        assert n.role.steps_during_renewal and all(s >= 1 for s in n.role.steps_during_renewal), \
+            n.role.steps_during_renewal
         assert [r["new_round"] for r in n.events.of("round")] == [1, 2, 3]

@@ -143,10 +143,11 @@ def test_forged_malformed_and_foreign_status_records_are_rejected(two_nodes):
     from swarm.schemas import publish_status, read_statuses
 
     (a, b), (id_a, id_b) = two_nodes
-    key = RunKeys(RUN).peers
+    keys = RunKeys(RUN)
+    key = keys.peers
     expiration = get_dht_time() + 30
     honest = PeerStatus.model_validate(_status_record(peer=id_a.fingerprint))
-    assert publish_status(a, key, id_a, honest, expiration)
+    assert publish_status(a, keys, id_a, honest, expiration, roster_expiration=expiration)
     # forged: a writes under b's public key
     assert not a.store(key, _status_record(peer=id_b.fingerprint), expiration, subkey=id_b.subkey())
     # wrong schema (a missing field, a mistyped field, an unknown state), written raw, bypassing
@@ -159,10 +160,39 @@ def test_forged_malformed_and_foreign_status_records_are_rejected(two_nodes):
     # another run's record under this run's key
     assert not b.store(key, _status_record(run_id="run-b", peer=id_b.fingerprint), expiration, subkey=id_b.subkey())
     # a well-formed status that names another peer than its writer is stored, but never believed
-    assert publish_status(b, key, id_b, PeerStatus.model_validate(_status_record(peer=id_a.fingerprint)), expiration)
+    assert publish_status(b, keys, id_b, PeerStatus.model_validate(_status_record(peer=id_a.fingerprint)),
+                          expiration, roster_expiration=expiration)
     time.sleep(0.5)
     for node in (a, b):
-        assert [s.peer for s in read_statuses(node, key, get_dht_time())] == [id_a.fingerprint]
+        assert [s.peer for s in read_statuses(node, keys, get_dht_time())] == [id_a.fingerprint]
+
+
+def test_a_peers_own_live_record_is_shown_when_newer_than_its_copy_in_the_list(two_nodes):
+    """The live record supersedes the listed copy only when it is newer and its own: another
+    writer's record under a peer's live key, or another run's, is never shown."""
+    from swarm.keys import RunKeys
+    from swarm.schemas import publish_status, read_statuses
+
+    (a, b), (id_a, id_b) = two_nodes
+    keys = RunKeys("run-c-" + "0" * 20)
+    expiration = get_dht_time() + 30
+    listed = PeerStatus.model_validate(_status_record(run_id=keys.run_id, peer=id_a.fingerprint, step=1))
+    assert publish_status(a, keys, id_a, listed, expiration, roster_expiration=expiration)
+    time.sleep(0.3)
+    assert [s.step for s in read_statuses(b, keys, get_dht_time())] == [1]
+    # b writes records of its own under a's live key: newer, naming a or another run; never shown
+    forged = _status_record(run_id=keys.run_id, peer=id_a.fingerprint, step=9, time=time.time() + 5)
+    assert b.store(keys.status(id_a.fingerprint), forged, expiration, subkey=id_b.subkey())
+    foreign = _status_record(run_id="run-b", peer=id_a.fingerprint, step=8, time=time.time() + 5)
+    assert a.store(keys.status(id_a.fingerprint), foreign, expiration + 1, subkey=id_a.subkey())
+    time.sleep(0.3)
+    assert [s.step for s in read_statuses(b, keys, get_dht_time())] == [1]
+    # a's own newer live record (not in the list) is what the view shows
+    live = PeerStatus.model_validate(_status_record(run_id=keys.run_id, peer=id_a.fingerprint, step=2,
+                                                    time=time.time() + 10))
+    assert publish_status(a, keys, id_a, live, expiration + 2)  # a record replaces one that expires sooner
+    time.sleep(0.3)
+    assert [s.step for s in read_statuses(b, keys, get_dht_time())] == [2]
 
 
 def test_the_status_record_and_its_dht_side_twin_agree_field_for_field():

@@ -154,7 +154,7 @@ def test_the_status_view_of_a_closed_run_lists_members_only(tmp_path):
     fake = PeerStatus(run_id=mem.run_id, peer=identity.fingerprint, state=PeerPhase.TRAINING, heads=[0, 1], round=0,
                       step=0, last_merged_round=-1, loss=None, samples_per_second=0.0, bytes_sent=0,
                       bytes_received=0, device="cpu", storage="fp32", digest="ab" * 32, time=mem.clock.now())
-    publish_status(rogue, keys.peers, identity, fake, expiration=mem.clock.now() + 10)
+    publish_status(rogue, keys, identity, fake, expiration=mem.clock.now() + 10, roster_expiration=mem.clock.now() + 10)
     view = snapshot(mem["p0"].rt.dht, keys, mem.cfg, mem.clock)
     assert [p["peer"] for p in view["peers"]] == [mem["p0"].rt.peer]
     assert all(h["peer"] in (None, mem["p0"].rt.peer) for h in view["heads"])
