@@ -261,7 +261,8 @@ class Trainer:
         ready = ReadyRecord(round=self.protocol.round, heads=heads, head_steps=self.unmerged_steps * len(heads),
                             nbytes=len(blob), ready_at=self.clock.now(), train_seconds=train_seconds,
                             p2p=self.rt.p2p)
-        self.events.emit("ready", round=self.protocol.round, heads=heads, nbytes=len(blob))
+        self.events.emit("ready", round=self.protocol.round, heads=heads, nbytes=len(blob),
+                         compute_seconds=self.compute_seconds)
         self.mr = self.protocol.begin(blob, ready)
         if self.overlap:  # train the next steps while this round's bytes move
             self.model.mark_sent(heads)

@@ -337,6 +337,10 @@ class ModeResult:
     # share of the machine's CPU time busy from launch to the end: near 1, every process of the run
     # (training and merging alike) waited for a core, and the figures measure this machine's CPUs
     cpu_busy: float | None = None
+    # lte-swarm: the train fraction from each peer's first offer to its last, as in a run of many
+    # rounds: its start (joining, claiming a head) and the last round's bytes (nothing left to
+    # train beside them) left out
+    steady_train_fraction: float | None = None
     curve: list[tuple[float, float]] = field(default_factory=list)  # (seconds since launch, test accuracy)
 
     def to_json(self) -> dict[str, Any]:
@@ -459,6 +463,18 @@ def dht_reads(peers: list[PeerProcess]) -> float | None:
     return statistics.median(reads) if reads else None
 
 
+def steady_fraction(peers: list[PeerProcess]) -> float | None:
+    """Mean over the peers that offered twice or more of the share of wall time in forward/backward
+    between their first and last offer (each `ready` event carries the compute seconds so far)."""
+    shares = []
+    for p in peers:
+        offers = p.of("ready")
+        if len(offers) >= 2 and offers[-1]["time"] > offers[0]["time"]:
+            shares.append((offers[-1]["compute_seconds"] - offers[0]["compute_seconds"])
+                          / (offers[-1]["time"] - offers[0]["time"]))
+    return statistics.mean(shares) if shares else None
+
+
 def summarize(mode: str, counters: CounterLog, launched: float, peers: list[PeerProcess], round_ends: list[float],
               samples_per_round: int, samples_trained: int, curve: list[tuple[float, float]],
               train_seconds: list[float], target: float, blobs: tuple[float, float] | None = None) -> ModeResult:
@@ -508,6 +524,7 @@ def run_lte(net: WanNetwork, cfg: RunConfig, workdir: Path, target: float, timeo
     result = summarize(cfg.swarm.merge, counters, launched, procs, [e["time"] for e in rounds],
                        cfg.train.batch_size * cfg.lte.merge_every, trained, curve, train, target, blob_per_round(procs))
     result.round_phases, result.dht_reads_per_round = round_phases(procs), dht_reads(procs)
+    result.steady_train_fraction = steady_fraction(procs)
     return result
 
 
@@ -566,6 +583,9 @@ def table(results: list[ModeResult], target: float) -> str:
                      f"{r.wall_seconds:7.0f} {r.train_fraction:7.1%} {r.compute_seconds_per_round:7.2f} "
                      f"{acc:>8s} {reach:>8s} {r.joined_seconds:8.0f} {after:>6s}")
     for r in results:
+        if r.steady_train_fraction is not None:
+            lines.append(f"{r.mode}: from a peer's first offer to its last (start and final drain left out) "
+                         f"{r.steady_train_fraction:.1%} of the time in forward/backward")
         if r.cpu_busy is not None:
             lines.append(f"{r.mode}: the machine's {os.cpu_count()} cores were busy {r.cpu_busy:.0%} of the time")
         if r.round_phases:

@@ -77,6 +77,35 @@ def test_the_machines_busy_share_from_proc_stat():
     assert log.cpu_busy() == 400 / 500
 
 
+class _Log:
+    """A peer's event log as the benchmark reads it back (`PeerProcess.of`)."""
+
+    def __init__(self, events):
+        self.events = events
+
+    def of(self, kind):
+        return [e for e in self.events if e["event"] == kind]
+
+
+def test_the_steady_train_fraction_runs_from_a_peers_first_offer_to_its_last():
+    bench = _bench()
+    offers = [{"event": "ready", "time": t, "compute_seconds": c} for t, c in ((100.0, 30.0), (140.0, 62.0), (180.0, 94.0))]
+    start_and_end = [{"event": "joined", "time": 60.0}, {"event": "left", "time": 230.0, "compute_seconds": 94.0}]
+    slow = [{"event": "ready", "time": 50.0, "compute_seconds": 10.0}, {"event": "ready", "time": 150.0, "compute_seconds": 60.0}]
+    once = [{"event": "ready", "time": 70.0, "compute_seconds": 20.0}]
+    assert bench.steady_fraction([_Log(offers + start_and_end)]) == 64.0 / 80.0
+    assert bench.steady_fraction([_Log(offers), _Log(slow), _Log(once)]) == (0.8 + 0.5) / 2
+    assert bench.steady_fraction([_Log(once)]) is None
+    rows = [bench.ModeResult(mode="reduce", rounds=3, samples_per_round=640, wall_seconds=300.0,
+                             bytes_sent_per_peer_round=1.0, bytes_received_per_peer_round=1.0,
+                             coordinator_bytes_per_round=(1.0, 1.0), blob_bytes_per_peer_round=None,
+                             retransmitted=None, total_bytes_per_peer=1.0, samples_trained=1, train_fraction=0.5,
+                             compute_seconds_per_round=1.0, accuracy=None, seconds_to_target=None,
+                             steady_train_fraction=0.8)]
+    assert "reduce: from a peer's first offer to its last (start and final drain left out) 80.0% of the time" \
+        in bench.table(rows, 0.7)
+
+
 def test_time_to_target_and_table():
     bench = _bench()
     curve = [(10.0, 0.3), (20.0, 0.72), (30.0, 0.65), (40.0, 0.9)]
