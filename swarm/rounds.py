@@ -192,7 +192,7 @@ class MergeProtocol:
         self._sent_factors: dict[int, dict[str, torch.Tensor]] = {}
         self._bases: dict[tuple[str, int], tuple[int, str, dict[str, torch.Tensor]]] = {}
         self._w_version = 0  # bumped whenever W or the round may have changed
-        self._announced = (-1, float("-inf"))  # (W version, monotonic time) of our last donor record
+        self._announced = ((-1, -1), float("-inf"))  # ((W version, round), monotonic time) of our last donor record
         self._state_blob: tuple[int, bytes] | None = None
         self.dht_reads = 0  # DHT keys read so far (RoundResult.dht_reads: in one round)
         self.state_bytes_downloaded = 0  # W fetched from donors (none when we already held it)
@@ -238,12 +238,15 @@ class MergeProtocol:
         list of donors moves the whole list."""
         if not self.reachable:
             return
-        now = self.clock.monotonic()
-        version, at = self._announced
-        if version == self._w_version and now - at < self.cfg.lease_seconds:
+        now, held = self.clock.monotonic(), (self._w_version, self._round)
+        said, at = self._announced
+        if said == held and now - at < self.cfg.lease_seconds:
             return
-        self._announced = (self._w_version, now)
-        record = DonorRecord(round=self._round, digest=self.model.state_digest(), p2p=self.p2p)
+        digest = self.model.state_digest()
+        if (self._w_version, self._round) != held:
+            return  # W changed while we hashed it (a renewal runs beside the merge): its changer announces
+        self._announced = (held, now)
+        record = DonorRecord(round=held[1], digest=digest, p2p=self.p2p)
         schemas.store(self.dht, self.keys.donors, self.identity, record, self.clock.now() + 3 * self.cfg.lease_seconds)
 
     def donors(self) -> dict[str, DonorRecord]:
@@ -540,8 +543,8 @@ class MergeProtocol:
         mr.pending = False
         self._w_version += 1
         apply_reduced(self.model, mr.totals)
-        self._w_version += 1
         self._round = max(self._round, mr.round + 1)
+        self._w_version += 1  # after the round too: what read the version first saw W and round change
         self.announce()
 
     def _vote(self, mr: MergeRound, members: list[str]) -> None:

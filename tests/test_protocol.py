@@ -336,6 +336,41 @@ def test_a_donor_record_is_rewritten_when_w_changes_or_once_a_lease_old(tmp_path
     assert len(written) <= 7 + span / lease + 1, (len(written), span)
 
 
+def test_a_donor_record_is_not_written_for_a_w_that_changed_while_it_was_hashed(tmp_path):
+    """A renewal (beside the steps) may announce while a merge lands: a record pairing the old
+    round with the new W's digest would stand for a lease, so it is dropped, and the merge's own
+    announcement says what W now is."""
+    from swarm.keys import RunKeys
+
+    cfg = tiny_config(heads=2, merge_every=2, rounds=3, min_heads=1)
+    swarm = MemorySwarm(cfg, tmp_path)
+    swarm.coordinator()
+    peer = swarm.trainer("p0")
+    swarm.run(until=lambda s: s["p0"].role.phase is PeerPhase.TRAINING)
+    protocol, keys = peer.role.protocol, RunKeys(swarm.run_id)
+    written = []
+    dht, store = peer.rt.dht, peer.rt.dht.store
+
+    def counted(key, value, *args, _store=store, **kw):
+        if key == keys.donors and kw.get("return_future"):
+            written.append((value["round"], value["digest"]))
+        return _store(key, value, *args, **kw)
+    dht.store = counted
+    digest = protocol.model.state_digest
+
+    def merge_lands_meanwhile():
+        protocol._round += 1  # as `apply_pending` does between its two version bumps
+        protocol._w_version += 1
+        return digest()
+    protocol._announced = ((-1, -1), float("-inf"))
+    protocol.model.state_digest = merge_lands_meanwhile
+    protocol.announce()
+    assert written == []
+    protocol.model.state_digest = digest
+    protocol.announce()
+    assert written == [(protocol.round, digest())]
+
+
 def test_with_overlap_peers_train_through_rounds_and_still_match_the_simulation(tmp_path):
     """swarm.overlap: each round's merge lands while the peers train the next T steps and applies
     at their end, as the simulation models it; the delay really changes the result."""
