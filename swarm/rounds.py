@@ -57,6 +57,9 @@ _HEX64 = re.compile(r"[0-9a-f]{64}")
 # Each poll that finds nothing new waits this much longer than the last (up to swarm.poll_max_seconds):
 # a round waiting on transfers over a slow link must not spend the link on reading DHT records.
 POLL_BACKOFF = 1.5
+# An open round asks whether the others already merged it (a read of the round's votes) at most
+# this often; it reads the ready records at every poll. Votes exist only once the round closed.
+CLOSED_EVERY = 1.0
 MIN_REDUCE_MEMBERS = 3  # below this, two owners per part means everyone reduces everything: gather instead
 
 
@@ -109,6 +112,7 @@ class MergeRound:
     reads_before: int = 0          # `MergeProtocol.dht_reads` when the round began
     settle_until: float = 0.0
     first_ready_seen: float | None = None  # monotonic: when this peer first saw a ready record
+    closed_asked: float = float("-inf")  # monotonic: when an open round last read its votes
     agreed_members: list[str] | None = None  # the agreed contributors, once known
     awaited: set[str] | None = None  # whose votes the round waits for
     waited: float = 0.0
@@ -409,6 +413,7 @@ class MergeProtocol:
             log.warning("merge round %d closed before we were ready; catching up (our change waits for the next round)", r)
             mr.step = RoundStep.CATCHING_UP
             return mr
+        mr.closed_asked = start
         if contribution is not None and ready is not None:
             self._serve(r, self.keys.contribution_blob(r, self.peer), contribution)
             parts = split_contribution(contribution, self.parts) if self.cfg.merge == "reduce" else []
@@ -486,11 +491,20 @@ class MergeProtocol:
             self._finish(mr, RoundResult(round=r, new_round=self._round, idle=mr.contribution is None,
                                          missed=mr.contribution is not None))
             return
-        if close or self.closed(r):
+        if close or self._closed_meanwhile(mr):
             self._mark(mr, "closed")
             mr.step = RoundStep.SETTLING
             mr.settle_until = self.clock.monotonic() + self.cfg.settle_seconds
             mr.wait = self.cfg.settle_seconds
+
+    def _closed_meanwhile(self, mr: MergeRound) -> bool:
+        """`closed`, asked of an open round at most every CLOSED_EVERY seconds (`begin` asked it
+        once already): each ask reads every holder's vote, and none exist before someone merged."""
+        now = self.clock.monotonic()
+        if now - mr.closed_asked < CLOSED_EVERY:
+            return False
+        mr.closed_asked = now
+        return self.closed(mr.round)
 
     def _poll_settling(self, mr: MergeRound) -> None:
         remaining = mr.settle_until - self.clock.monotonic()

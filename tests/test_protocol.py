@@ -371,6 +371,43 @@ def test_a_donor_record_is_not_written_for_a_w_that_changed_while_it_was_hashed(
     assert written == [(protocol.round, digest())]
 
 
+class _CountsClosedAsks(MergeProtocol):
+    """Records when each round was asked whether it closed (each ask reads the round's votes)."""
+
+    def closed(self, r):
+        self.asks.setdefault(r, []).append(self.clock.monotonic())
+        return super().closed(r)
+
+
+def test_an_open_round_asks_whether_it_closed_at_most_every_second(tmp_path):
+    """A peer waiting in an open round reads the ready records at every poll, and the votes (which
+    exist only once someone merged) at most every CLOSED_EVERY seconds; the rounds still close
+    when every holder is ready, and a straggler still finds a round closed."""
+    from swarm.rounds import CLOSED_EVERY
+
+    class Peer(with_protocol(_CountsClosedAsks)):
+        def __init__(self, *args, **kw):
+            super().__init__(*args, **kw)
+            self.protocol.asks = {}
+
+    cfg = tiny_config(heads=3, merge_every=4, rounds=4, min_heads=3, merge_grace=8.0)  # the slow peer is in time
+    swarm = MemorySwarm(cfg, tmp_path)
+    swarm.coordinator()
+    fast = [swarm.trainer(f"p{i}", role=Peer, throttle=0.05) for i in range(2)]
+    slow = swarm.trainer("slow", role=Peer, throttle=1.0)
+    swarm.run()
+    assert all(n.state == "finished" for n in swarm.nodes.values())
+    _agree(swarm)
+    for node in fast + [slow]:
+        asks = node.role.protocol.asks
+        assert asks and all(b - a >= CLOSED_EVERY - 1e-9 for times in asks.values() for a, b in zip(times, times[1:])), asks
+    # the fast peers waited seconds for the slow one in every round, asking now and then
+    waits = [len(node.role.protocol.asks.get(r, [])) for node in fast for r in range(4)]
+    assert max(waits) >= 3, waits
+    for node in fast + [slow]:
+        assert [r["new_round"] for r in node.events.of("round")] == [1, 2, 3, 4]
+
+
 def test_with_overlap_peers_train_through_rounds_and_still_match_the_simulation(tmp_path):
     """swarm.overlap: each round's merge lands while the peers train the next T steps and applies
     at their end, as the simulation models it; the delay really changes the result."""
