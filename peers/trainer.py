@@ -95,7 +95,6 @@ class Trainer:
         self.loss: float | None = None
         self.samples_per_second = 0.0
         self._status_at = self._roster_at = float("-inf")
-        self._status_digest: tuple[int, str] = (-1, "")  # (W version, digest): see `_digest`
 
     # ---- the loop ----------------------------------------------------------------------------
     def run(self) -> None:
@@ -402,7 +401,7 @@ class Trainer:
                             round=self.protocol.round, step=self.step_in_round, last_merged_round=self.last_merged_round,
                             loss=loss, samples_per_second=float(self.samples_per_second),
                             bytes_sent=self.server.bytes_sent, bytes_received=self.server.bytes_received,
-                            device=str(self.device), storage=self.cfg.lte.storage, digest=self._digest(),
+                            device=str(self.device), storage=self.cfg.lte.storage, digest=self.protocol.w_digest(),
                             time=float(self.clock.now()))
         expiration = self.clock.now() + max(10.0, self.cfg.swarm.lease_seconds)
         try:  # not waited for: a training step never stalls on the DHT's answer to a status record
@@ -410,14 +409,6 @@ class Trainer:
                            roster_expiration=expiration + ROSTER_EVERY if listed else None, wait=False)
         except NETWORK_ERRORS as exc:
             log.debug("could not publish status: %s", exc)
-
-    def _digest(self) -> str:
-        """Our W's digest, hashed again only once W changed: hashing all of W for every status
-        record would take its time from training."""
-        version = self.protocol.w_version
-        if self._status_digest[0] != version:
-            self._status_digest = (version, self.model.state_digest())
-        return self._status_digest[1]
 
     def _report(self, result: RoundResult, steps: int, loss: float, train_seconds: float) -> None:
         self.events.emit(

@@ -197,6 +197,7 @@ class MergeProtocol:
         self._bases: dict[tuple[str, int], tuple[int, str, dict[str, torch.Tensor]]] = {}
         self._w_version = 0  # bumped whenever W or the round may have changed
         self._announced = ((-1, -1), float("-inf"))  # ((W version, round), monotonic time) of our last donor record
+        self._digest: tuple[int, str] = (-1, "")  # (W version, its digest): see `w_digest`
         self._state_blob: tuple[int, bytes] | None = None
         self.dht_reads = 0  # DHT keys read so far (RoundResult.dht_reads: in one round)
         self.state_bytes_downloaded = 0  # W fetched from donors (none when we already held it)
@@ -225,10 +226,15 @@ class MergeProtocol:
         """The round of this peer's W: merge round `round` is the next one it takes part in."""
         return self._round
 
-    @property
-    def w_version(self) -> int:
-        """Changes whenever W or the round may have changed (what depends on W is cached by it)."""
-        return self._w_version
+    def w_digest(self) -> str:
+        """Our W's digest, hashed once per version of W: the donor record and the peer's status
+        record both say it, and hashing all of W each time would take its time from training. As in
+        `_encoded_state`, the version is read first, so a hash taken while W changed is never
+        given out for the new W."""
+        version, cached = self._w_version, self._digest
+        if cached[0] != version:
+            cached = self._digest = (version, self.model.state_digest())
+        return cached[1]
 
     @property
     def is_authority(self) -> bool:
@@ -246,7 +252,7 @@ class MergeProtocol:
         said, at = self._announced
         if said == held and now - at < self.cfg.lease_seconds:
             return
-        digest = self.model.state_digest()
+        digest = self.w_digest()
         if (self._w_version, self._round) != held:
             return  # W changed while we hashed it (a renewal runs beside the merge): its changer announces
         self._announced = (held, now)

@@ -277,6 +277,19 @@ def test_the_status_snapshot_shows_every_peer_its_phase_and_the_head_map(tmp_pat
     assert snap["round"] >= 2 and snap["history"] and snap["agree"] is True
 
 
+def _record_stores(swarm, node) -> dict[str, list[tuple[float, dict]]]:
+    """key -> (monotonic time, value) of every record `node` stores from now on."""
+    stores: dict[str, list[tuple[float, dict]]] = {}
+    store = node.rt.dht.store
+
+    def recorded(key, value, *args, **kw):
+        if kw.get("return_future"):  # as the swarm asks (the in-memory node answers by calling itself)
+            stores.setdefault(key, []).append((swarm.clock.monotonic(), value))
+        return store(key, value, *args, **kw)
+    node.rt.dht.store = recorded
+    return stores
+
+
 def test_the_list_of_peers_is_rewritten_seldom_and_the_view_shows_the_live_record(tmp_path):
     """Every store into the run's shared list of peers moves the whole list (a DHT store first
     looks its key up): a peer copies its status there every ROSTER_EVERY seconds, and writes it
@@ -290,14 +303,7 @@ def test_the_list_of_peers_is_rewritten_seldom_and_the_view_shows_the_live_recor
     swarm.coordinator()
     peers = [swarm.trainer(f"p{i}", throttle=0.5) for i in range(2)]
     keys = RunKeys(swarm.run_id)
-    stores: dict[str, list[tuple[float, dict]]] = {}
-    dht, store = peers[0].rt.dht, peers[0].rt.dht.store
-
-    def counted(key, value, *args, _store=store, **kw):
-        if kw.get("return_future"):  # as the swarm asks (the in-memory node answers by calling itself)
-            stores.setdefault(key, []).append((swarm.clock.monotonic(), value))
-        return _store(key, value, *args, **kw)
-    dht.store = counted
+    stores = _record_stores(swarm, peers[0])
     began = swarm.clock.monotonic()
     swarm.run(until=lambda s: s.clock.monotonic() - began > 4 * ROSTER_EVERY)
     listed, live = stores.get(keys.peers, []), stores.get(keys.status(peers[0].rt.peer), [])
@@ -318,16 +324,10 @@ def test_a_donor_record_is_rewritten_when_w_changes_or_once_a_lease_old(tmp_path
     swarm.coordinator()
     peers = [swarm.trainer(f"p{i}", throttle=2.0) for i in range(2)]
     keys = RunKeys(swarm.run_id)
-    written: list[tuple[float, int, str]] = []
-    dht, store = peers[0].rt.dht, peers[0].rt.dht.store
-
-    def counted(key, value, *args, _store=store, **kw):
-        if key == keys.donors and kw.get("return_future"):
-            written.append((swarm.clock.monotonic(), value["round"], value["digest"]))
-        return _store(key, value, *args, **kw)
-    dht.store = counted
+    stores = _record_stores(swarm, peers[0])
     began = swarm.clock.monotonic()
     swarm.run()
+    written = [(at, value["round"], value["digest"]) for at, value in stores.get(keys.donors, [])]
     span, lease = swarm.clock.monotonic() - began, cfg.swarm.lease_seconds
     assert span > 6 * lease  # renewals alone would have written about 18 records
     assert {w[1] for w in written} == set(range(7)), written  # every new W is said at once
@@ -348,27 +348,47 @@ def test_a_donor_record_is_not_written_for_a_w_that_changed_while_it_was_hashed(
     peer = swarm.trainer("p0")
     swarm.run(until=lambda s: s["p0"].role.phase is PeerPhase.TRAINING)
     protocol, keys = peer.role.protocol, RunKeys(swarm.run_id)
-    written = []
-    dht, store = peer.rt.dht, peer.rt.dht.store
-
-    def counted(key, value, *args, _store=store, **kw):
-        if key == keys.donors and kw.get("return_future"):
-            written.append((value["round"], value["digest"]))
-        return _store(key, value, *args, **kw)
-    dht.store = counted
+    stores = _record_stores(swarm, peer)
     digest = protocol.model.state_digest
+
+    def written():
+        return [(value["round"], value["digest"]) for _, value in stores.get(keys.donors, [])]
 
     def merge_lands_meanwhile():
         protocol._round += 1  # as `apply_pending` does between its two version bumps
         protocol._w_version += 1
         return digest()
-    protocol._announced = ((-1, -1), float("-inf"))
+    protocol._announced, protocol._digest = ((-1, -1), float("-inf")), (-1, "")  # nothing said or hashed yet
     protocol.model.state_digest = merge_lands_meanwhile
     protocol.announce()
-    assert written == []
+    assert written() == []
     protocol.model.state_digest = digest
     protocol.announce()
-    assert written == [(protocol.round, digest())]
+    assert written() == [(protocol.round, digest())]
+
+
+def test_w_is_hashed_once_per_version_and_again_after_a_change_during_its_hash(tmp_path):
+    cfg = tiny_config(heads=2, merge_every=2, rounds=3, min_heads=1)
+    swarm = MemorySwarm(cfg, tmp_path)
+    swarm.coordinator()
+    peer = swarm.trainer("p0")
+    swarm.run(until=lambda s: s["p0"].role.phase is PeerPhase.TRAINING)
+    protocol, digest = peer.role.protocol, peer.role.protocol.model.state_digest
+    hashed = []
+
+    def counted(changes: bool):
+        def hash_w():
+            hashed.append(protocol._w_version)
+            if changes:
+                protocol._w_version += 1  # W changes while it is hashed
+            return digest()
+        return hash_w
+    protocol._digest = (-1, "")
+    protocol.model.state_digest = counted(changes=True)
+    protocol.w_digest()
+    protocol.model.state_digest = counted(changes=False)
+    assert protocol.w_digest() == protocol.w_digest() == protocol.w_digest() == digest()
+    assert hashed == [hashed[0], hashed[0] + 1]  # hashed again after the change, then kept
 
 
 class _CountsClosedAsks(MergeProtocol):
