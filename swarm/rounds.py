@@ -935,9 +935,12 @@ class MergeProtocol:
                         agreed: dict[int, dict[tuple[str, ...], tuple[str, list[str]]]]) -> None:
         """Download, a few at a time, every part both its owners published reduced over `members`
         that we neither hold nor could reduce ourselves (into `work.fetched`). Each peer starts at
-        a different part, so that the owners' uplinks share the load."""
+        a different part, so that the owners' uplinks share the load; and of a part's sources
+        (its two owners, or its owner and the coordinator) consecutive members ask different ones
+        first, so that each source serves its part to about as many readers as the other."""
         n = len(self.parts)
-        start = work.members.index(self.peer) * n // len(work.members) if self.peer in work.members else self._spread(n)
+        me = work.members.index(self.peer) if self.peer in work.members else self._spread(len(work.members))
+        start = me * n // len(work.members) if self.peer in work.members else self._spread(n)
         todo = [i for i in (list(range(start, n)) + list(range(start))) if i not in work.reduced
                 and (i, members) not in work.fetched and members in agreed.get(i, {})
                 and not (i in work.held and set(members) <= set(work.held[i]))]
@@ -946,7 +949,7 @@ class MergeProtocol:
 
         def one(i: int) -> dict | None:
             digest, addresses = agreed[i][members]
-            return self._download_part(mr.round, i, list(members), digest, addresses)
+            return self._download_part(mr.round, i, list(members), digest, addresses, first=me + i)
 
         with ThreadPoolExecutor(max_workers=max(1, min(self.cfg.parallel_downloads, len(todo)))) as pool:
             futures = {pool.submit(one, i): i for i in todo}
@@ -956,9 +959,12 @@ class MergeProtocol:
                 if tensors is not None:
                     work.fetched[(futures[future], members)] = tensors
 
-    def _download_part(self, r: int, i: int, members: list[str], digest: str, addresses: list[str]) -> dict | None:
-        shift = self._spread(len(addresses))
-        for address in addresses[shift:] + addresses[:shift]:  # spread the readers over the owners
+    def _download_part(self, r: int, i: int, members: list[str], digest: str, addresses: list[str],
+                       first: int) -> dict | None:
+        """Reduced part i from the first of `addresses` (counted from index `first`) that serves it
+        intact."""
+        shift = first % max(1, len(addresses))
+        for address in addresses[shift:] + addresses[:shift]:
             try:
                 blob = self.server.fetch(address, self.keys.reduced_blob(r, i, digest), self.cfg.request_timeout,
                                          self.max_part_bytes[i])

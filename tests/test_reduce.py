@@ -271,6 +271,30 @@ def test_peers_spread_their_first_requests_over_the_uplinks(tmp_path):
     assert len(set(first_part.values())) >= peers // 2, first_part
 
 
+@pytest.mark.parametrize("part_owners", [1, 2])
+def test_each_source_of_a_reduced_part_serves_about_half_its_readers(tmp_path, part_owners):
+    """A reduced part comes from either of its two sources (two owners, or an owner and the
+    coordinator); were each reader to pick one by a hash of its name, one source could serve most
+    readers of every part (its uplink carrying twice its share) in one run and few in the next.
+    Consecutive readers ask different sources first: each serves every part to half its readers."""
+    peers = 8
+    mem = _swarm(tmp_path, f"halves{part_owners}", peers, parts=16, part_owners=part_owners)
+    log = _record_fetches(mem)
+    mem.run()
+    assert len(set(mem.digests().values())) == 1
+    served: dict[tuple[str, str], dict[str, int]] = {}
+    for f in log:
+        what = f["blob"].split("/")
+        if what[1] == "reduced":
+            by_source = served.setdefault((what[2], what[3]), {})
+            by_source[f["to"]] = by_source.get(f["to"], 0) + 1
+    assert len(served) >= 16 * (ROUNDS - 1), sorted(served)
+    for (r, part), by_source in served.items():
+        assert len(by_source) == 2 and max(by_source.values()) - min(by_source.values()) <= 1, (r, part, by_source)
+    if part_owners == 1:
+        assert any("coordinator" in by_source for by_source in served.values())
+
+
 class _SlowOwner(MergeProtocol):
     """Reduces and publishes the parts it owns only after a few seconds: the others can already
     download every other part."""
