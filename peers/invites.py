@@ -42,7 +42,7 @@ def make_invite(run_dir: Path, member: str | None, days: float, out: Path) -> tu
     invite = sign_invite(authority, run_id, member or key.fingerprint, int(time.time() + days * 86400))
     body = {"invite": invite.model_dump()}
     if key is not None:
-        body["signing_key"] = base64.b64encode(key.key.to_bytes()).decode()
+        body["signing_key"] = base64.b64encode(key.to_bytes()).decode()
     out = Path(out)
     tmp = out.with_name(out.name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

@@ -231,7 +231,7 @@ def by_writer(records: "Signed[T]", tag: str = "") -> dict[str, T]:
 
 
 # ---- signed status records (checked inside the DHT by hivemind's validators) ---------------
-# hivemind's SchemaValidator works with pydantic v1 models; RSASignatureValidator makes the
+# hivemind's SchemaValidator works with pydantic v1 models; `identity.SignatureValidator` makes the
 # `[owner:<public key>]` subkey writable only by the holder of that key.
 
 class PeerPhase(str, enum.Enum):

@@ -131,7 +131,7 @@ class MemorySwarm:
         key = run_dir / KEY_FILE
         if not key.exists():  # the session's key for this name, so that runs compare bit for bit
             run_dir.mkdir(parents=True, exist_ok=True)
-            key.write_bytes(named_identity(name).key.to_bytes())
+            key.write_bytes(named_identity(name).to_bytes())
         rt, events = self.runtime(name, identity=coordinator_identity(run_dir))
         role = Coordinator(self.cfg, run_dir, rt, run_id=kw.pop("run_id", "mem-run"), **kw)
         self.run_id = role.keys.run_id
