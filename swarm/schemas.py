@@ -3,7 +3,9 @@ models; a record that does not fit is dropped (and logged), never trusted."""
 
 from __future__ import annotations
 
+import dataclasses
 import enum
+import functools
 import logging
 import threading
 from typing import Annotated, Any, TypeVar
@@ -152,9 +154,58 @@ def store(dht, key: str, identity: Identity, record: BaseModel, expiration: floa
     boolean is only a hint, as in hivemind. `wait=False` returns once the record is handed over
     (True), not once the nodes answered: a record nothing depends on never stalls the caller."""
     with _HAND_OVER:
-        future = dht.store(key, dump(record), expiration_time=expiration, subkey=identity.subkey(tag),
-                           return_future=True)
+        if hasattr(dht, "run_coroutine"):
+            future = dht.run_coroutine(functools.partial(_store_nearest, key=key, value=dump(record),
+                                                         expiration=expiration, subkey=identity.subkey(tag)),
+                                       return_future=True)
+        else:  # the in-memory DHT stores where hivemind's search would
+            future = dht.store(key, dump(record), expiration_time=expiration, subkey=identity.subkey(tag),
+                               return_future=True)
     return bool(future.result()) if wait else True
+
+
+async def _store_nearest(_dht, node, key: str, value: Any, expiration: float, subkey: bytes) -> bool:
+    """Runs in the DHT's process. hivemind's store first searches for the key's nearest nodes,
+    and every node the search asks answers with all the key holds: a store into a key that holds
+    a record of each of 8 peers moved 28 KB on a 9-node loopback DHT (32 with RSA keys), storing
+    straight at the 5 nearest nodes 7 KB. While a node knows fewer nodes than fill one k-bucket,
+    its routing table holds every node it has heard of and no search would find nearer ones than
+    it knows: it stores at the `num_replicas` nearest of them (itself included) straight away,
+    taking the next nearest for each that does not answer, as hivemind's store does. A node that
+    knows more searches first, as hivemind does."""
+    import asyncio
+
+    from hivemind.dht.routing import DHTID
+    from hivemind.dht.validation import DHTRecord
+
+    protocol = node.protocol
+    known = dict(protocol.routing_table.uid_to_peer_id)
+    if len(known) >= protocol.bucket_size:
+        return bool(await node.store(key, value, expiration, subkey=subkey))
+    key_id = DHTID.generate(source=key)
+    record = DHTRecord(key_id.to_bytes(), protocol.serializer.dumps(subkey), protocol.serializer.dumps(value),
+                       expiration)
+    signed = protocol.record_validator.sign_value(record) if protocol.record_validator is not None else record.value
+    candidates = sorted([*known, node.node_id], key=key_id.xor_distance)
+
+    async def one(node_id) -> bool | None:
+        if node_id == node.node_id:
+            if protocol.record_validator is not None and not protocol.record_validator.validate(
+                    dataclasses.replace(record, value=signed)):
+                return False
+            return protocol.storage.store(key_id, signed, expiration, subkey=subkey)
+        answer = await protocol.call_store(known[node_id], keys=[key_id], values=[signed],
+                                           expiration_time=[expiration], subkeys=[subkey])
+        return None if answer is None else bool(answer[0])
+
+    stored, answered = False, 0
+    while candidates and answered < node.num_replicas:
+        batch, candidates = candidates[:node.num_replicas - answered], candidates[node.num_replicas - answered:]
+        for result in await asyncio.gather(*(one(n) for n in batch)):
+            if result is not None:
+                answered += 1
+                stored = stored or result
+    return stored
 
 
 Signed = dict[tuple[str, str], tuple[T, float]]

@@ -4,6 +4,7 @@ bytes of hivemind's full search, in which every node holding the key sends all o
 
 from __future__ import annotations
 
+import functools
 import time
 
 import pytest
@@ -65,6 +66,51 @@ def test_a_read_from_two_replicas_sees_every_record_for_a_fraction_of_the_bytes(
     near, seen_near = reads(2)
     assert seen_full == written and seen_near == written
     assert near < 0.7 * full, (near, full)
+
+
+async def _holds(_dht, node, key: str) -> tuple[bytes, int]:
+    """This node's id and how many records its own storage holds under `key` (run in its process)."""
+    from hivemind.dht.routing import DHTID
+
+    entry = node.protocol.storage.get(DHTID.generate(source=key))
+    return node.node_id.to_bytes(), 0 if entry is None else len(entry[0])
+
+
+def test_a_store_goes_straight_to_the_nearest_nodes_and_every_reader_finds_it(swarm_dht):
+    """In a swarm smaller than a k-bucket a node knows every node: it stores at the key's nearest
+    nodes without hivemind's search, which pulls the key's whole dictionary from every node it
+    asks. Every node then reads every record from the two nodes nearest the key, the records sit
+    on the nearest nodes only, and a store moves a fraction of the bytes of hivemind's."""
+    from hivemind.dht.routing import DHTID
+
+    nodes, identities = swarm_dht
+    key, now = "wire-test/ready/5", get_dht_time()
+    written = set()
+    for writer in range(1, NODES):
+        record = PartRecord(round=5, reductions=[], p2p="Qm" + "x" * 44)
+        assert schemas.store(nodes[writer], key, identities[writer], record, now + 60)
+        written.add(("", identities[writer].fingerprint))
+    for reader in nodes:
+        assert set(schemas.read(reader, key, PartRecord, get_dht_time(), replicas=2)) == written
+    key_id = DHTID.generate(source=key)
+    held = {DHTID.from_bytes(node_id): count
+            for node_id, count in (node.run_coroutine(functools.partial(_holds, key=key)) for node in nodes)}
+    nearest = sorted(held, key=key_id.xor_distance)[:5]
+    assert all(held[n] == NODES - 1 for n in nearest), (held, nearest)
+    assert not any(held[n] for n in held if n not in nearest), held
+
+    def store_bytes(store, times: int = 10) -> float:
+        before = _loopback_bytes()
+        for i in range(times):
+            store(PartRecord(round=5, reductions=[], p2p="Qm" + "y" * (44 + i)))
+        time.sleep(0.5)
+        return (_loopback_bytes() - before) / times
+
+    ours = store_bytes(lambda record: schemas.store(nodes[1], key, identities[1], record, get_dht_time() + 60))
+    theirs = store_bytes(lambda record: nodes[1].store(key, schemas.dump(record), get_dht_time() + 60,
+                                                       subkey=identities[1].subkey()))
+    assert ours < 0.5 * theirs, (ours, theirs)
+    assert set(schemas.read(nodes[0], key, PartRecord, get_dht_time(), replicas=2)) == written
 
 
 def test_a_round_polls_its_records_from_two_replicas_and_reads_its_members_from_every_node(tmp_path, monkeypatch):
