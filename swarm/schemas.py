@@ -170,9 +170,9 @@ async def _store_nearest(_dht, node, key: str, value: Any, expiration: float, su
     a record of each of 8 peers moved 28 KB on a 9-node loopback DHT (32 with RSA keys), storing
     straight at the 5 nearest nodes 7 KB. While a node knows fewer nodes than fill one k-bucket,
     its routing table holds every node it has heard of and no search would find nearer ones than
-    it knows: it stores at the `num_replicas` nearest of them (itself included) straight away,
-    taking the next nearest for each that does not answer, as hivemind's store does. A node that
-    knows more searches first, as hivemind does."""
+    it knows: it stores at the `num_replicas` nearest of them (itself included, unless in client
+    mode) straight away, taking the next nearest for each that does not answer, as hivemind's
+    store does. A node that knows more searches first, as hivemind does."""
     import asyncio
 
     from hivemind.dht.routing import DHTID
@@ -186,7 +186,8 @@ async def _store_nearest(_dht, node, key: str, value: Any, expiration: float, su
     record = DHTRecord(key_id.to_bytes(), protocol.serializer.dumps(subkey), protocol.serializer.dumps(value),
                        expiration)
     signed = protocol.record_validator.sign_value(record) if protocol.record_validator is not None else record.value
-    candidates = sorted([*known, node.node_id], key=key_id.xor_distance)
+    # a node in client mode is unreachable: a copy it keeps serves nobody else
+    candidates = sorted([*known, *([] if protocol.client_mode else [node.node_id])], key=key_id.xor_distance)
 
     async def one(node_id) -> bool | None:
         if node_id == node.node_id:
