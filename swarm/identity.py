@@ -28,6 +28,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from hivemind.dht.validation import DHTRecord, RecordValidatorBase
+from hivemind.utils.serializer import MSGPackSerializer
 
 from swarm.errors import ConfigError
 
@@ -47,10 +48,6 @@ def fingerprint(public_key: bytes) -> str:
 
 def is_fingerprint(text: str) -> bool:
     return bool(_FINGERPRINT.match(text))
-
-
-def _b64(data: bytes) -> bytes:
-    return base64.b64encode(data)
 
 
 def _unb64(text: bytes, size: int) -> bytes | None:
@@ -93,7 +90,7 @@ class SignatureValidator(RecordValidatorBase):
     def __init__(self, private_key: Ed25519PrivateKey):
         self._private_key = private_key
         raw = private_key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-        self._local_public_key = b"[owner:" + _b64(raw) + b"]"
+        self._local_public_key = b"[owner:" + base64.b64encode(raw) + b"]"
 
     @property
     def local_public_key(self) -> bytes:
@@ -118,7 +115,7 @@ class SignatureValidator(RecordValidatorBase):
         if self._local_public_key not in record.key and self._local_public_key not in (record.subkey or b""):
             return record.value
         signature = self._private_key.sign(_serialized(record))
-        return record.value + b"[signature:" + _b64(signature) + b"]"
+        return record.value + b"[signature:" + base64.b64encode(signature) + b"]"
 
     def strip_value(self, record: DHTRecord) -> bytes:
         return _SIGNATURE.sub(b"", record.value)
@@ -141,8 +138,6 @@ class SignatureValidator(RecordValidatorBase):
 
 
 def _serialized(record: DHTRecord) -> bytes:
-    from hivemind.utils.serializer import MSGPackSerializer
-
     return MSGPackSerializer.dumps(dataclasses.astuple(record))
 
 
@@ -157,7 +152,7 @@ class Identity:
 
     def sign(self, data: bytes) -> str:
         """A signature of `data` that `verify(self.owner, data, signature)` accepts."""
-        return _b64(self.key.sign(data)).decode()
+        return base64.b64encode(self.key.sign(data)).decode()
 
     def subkey(self, tag: str = "") -> bytes:
         """An owner subkey: only this identity can write it."""
@@ -244,8 +239,6 @@ class SignedOnlyValidator(RecordValidatorBase):
     ahead a record may expire is checked per record when it is read, `schemas.read`)."""
 
     def validate(self, record: DHTRecord) -> bool:
-        from hivemind.utils.serializer import MSGPackSerializer
-
         if not isinstance(record.subkey, bytes) or not _OWNER.search(record.subkey):
             return False
         if not math.isfinite(record.expiration_time):

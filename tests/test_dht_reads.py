@@ -113,6 +113,29 @@ def test_a_store_goes_straight_to_the_nearest_nodes_and_every_reader_finds_it(sw
     assert set(schemas.read(nodes[0], key, PartRecord, get_dht_time(), replicas=2)) == written
 
 
+def test_a_node_in_client_mode_stores_only_at_nodes_that_others_can_reach(swarm_dht):
+    """Nobody can connect to a node in client mode: a copy it kept would be one of the 5 replicas
+    in name only. Its records go to the 5 nearest reachable nodes, where every reader finds them."""
+    import hivemind
+
+    nodes, _ = swarm_dht
+    identity = Identity()
+    client = hivemind.DHT(start=True, client_mode=True, initial_peers=nodes[0].get_visible_maddrs(),
+                          record_validators=signing_validators(identity))
+    try:
+        key = "wire-test/ready/client"
+        assert schemas.store(client, key, identity, PartRecord(round=5, reductions=[], p2p="Qm" + "z" * 44),
+                             get_dht_time() + 60)
+        assert client.run_coroutine(functools.partial(_holds, key=key))[1] == 0
+        held = [node.run_coroutine(functools.partial(_holds, key=key))[1] for node in nodes]
+        assert sorted(held) == [0] * (NODES - 5) + [1] * 5, held
+        for reader in nodes:
+            seen = set(schemas.read(reader, key, PartRecord, get_dht_time(), replicas=2))
+            assert seen == {("", identity.fingerprint)}
+    finally:
+        client.shutdown()
+
+
 def test_a_round_polls_its_records_from_two_replicas_and_reads_its_members_from_every_node(tmp_path, monkeypatch):
     """The in-memory swarm, every DHT read recorded with the nodes it asks: the ready records and
     the holders that decide a round's members are read thoroughly once per round, every other poll

@@ -68,7 +68,7 @@ def test_records_without_an_owner_are_not_its_business_and_are_not_signed():
     assert identity.validator.sign_value(someone_elses) == b"v"  # it signs only what its key owns
 
 
-def test_a_signature_and_an_owner_cost_a_seventh_of_hivemind_rsa():
+def test_a_signature_and_an_owner_cost_a_fifth_of_hivemind_rsa():
     """Every read of a round's records carries each writer's owner marker and signature."""
     from hivemind.dht.crypto import RSASignatureValidator
     from hivemind.utils.crypto import RSAPrivateKey
