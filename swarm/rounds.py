@@ -41,7 +41,7 @@ from swarm.config import SwarmConfig
 from swarm.identity import Identity
 from swarm.keys import RunKeys
 from swarm.lte_model import LTEModel
-from swarm.schemas import DonorRecord, HashRecord, PartRecord, ReadyRecord, Reduction, RunProgress
+from swarm.schemas import DonorRecord, HashRecord, PartRecord, ReadyRecord, RunProgress
 from swarm.transport import NETWORK_ERRORS, TransferError, pushed_name
 from swarm.wire import (Contribution, ContributionError, apply_reduced, compact_part, contribution_bound,
                         decode_contribution, decode_contribution_parts, decode_reduced, decode_state, dequantized,
@@ -146,7 +146,7 @@ class ReduceWork:
     first_seen: dict[int, float] = field(default_factory=dict)           # part -> when an owner's record showed up
     orphaned: set[int] = field(default_factory=set)                      # parts whose other owner seems absent
     raw: set[int] = field(default_factory=set)                           # parts we fetched raw: owners failed us
-    published: list[Reduction] = field(default_factory=list)             # what we reduced as an owner and serve
+    published: list[tuple[int, tuple[str, ...], str]] = field(default_factory=list)  # (part, members, digest) we serve
     announced: int = 0                                                   # ... of which our part record names
     expiration: float = 0.0                                              # ... and when that record expires
 
@@ -829,7 +829,7 @@ class MergeProtocol:
             work.computed[key] = (digest, dequantized(tensors, self.cfg.reduced_dtype, shapes_of(totals)))
             if publish:
                 self._serve(mr.round, self.keys.reduced_blob(mr.round, i, digest), encode_reduced(tensors))
-                work.published.append(Reduction(part=i, members=members, digest=digest))
+                work.published.append((i, tuple(members), digest))
         return work.computed[key][1]
 
     def _publish_parts(self, mr: MergeRound, work: ReduceWork) -> None:
@@ -840,7 +840,7 @@ class MergeProtocol:
         work.announced = len(work.published)
         work.expiration = max(self._expiration(), work.expiration + 1e-3)  # an equal one would be refused
         schemas.store(self.dht, self.keys.parts(mr.round), self.identity,
-                      PartRecord(round=mr.round, reductions=list(work.published), p2p=self.p2p), work.expiration)
+                      PartRecord.of(mr.round, work.published, self.p2p), work.expiration)
 
     def _agreed_parts(self, r: int, work: ReduceWork) -> dict[int, dict[tuple[str, ...], tuple[str, list[str]]]]:
         """part -> {members: (digest, owners' addresses)} for every reduction both owners of the
@@ -851,14 +851,14 @@ class MergeProtocol:
         for writer, record in found.items():
             if record.round != r:
                 continue
-            for rec in record.reductions:
-                if (not 0 <= rec.part < len(self.parts) or writer not in self._vouchers(rec.part, work.servers)
-                        or not set(rec.members) <= set(work.members)):
+            for part, members, digest in record.reduced():
+                if (not 0 <= part < len(self.parts) or writer not in self._vouchers(part, work.servers)
+                        or not set(members) <= set(work.members)):
                     continue
-                said.setdefault((rec.part, tuple(rec.members), rec.digest), {})[writer] = record.p2p
-                work.first_seen.setdefault(rec.part, self.clock.monotonic())
-                if not set(self._owners(rec.part, work.servers)) <= set(rec.members):
-                    work.orphaned.add(rec.part)  # an owner says the other one's own contribution failed
+                said.setdefault((part, members, digest), {})[writer] = record.p2p
+                work.first_seen.setdefault(part, self.clock.monotonic())
+                if not set(self._owners(part, work.servers)) <= set(members):
+                    work.orphaned.add(part)  # an owner says the other one's own contribution failed
         for (i, members), (digest, _) in work.computed.items():
             said.setdefault((i, members, digest), {})[self.peer] = self.p2p
         agreed: dict[int, dict[tuple[str, ...], tuple[str, list[str]]]] = {}
@@ -1023,7 +1023,10 @@ class MergeProtocol:
         self._agreed_members = (r, list(agreed.members))
         result.members = list(agreed.members)
         result.merged = self.peer in agreed.members
-        result.merged_head_steps = sum(mr.ready_set[p].head_steps for p in agreed.members if p in mr.ready_set)
+        ready = mr.ready_set
+        if not set(agreed.members) <= set(ready):  # merged records that came after ours settled (we re-synced)
+            ready = {**self._ready(r), **ready}
+        result.merged_head_steps = sum(ready[p].head_steps for p in agreed.members if p in ready)
         if mr.totals is not None and not result.resynced:
             mr.pending = True  # applied by the caller, at the end of its current steps
             result.new_round = r + 1

@@ -8,12 +8,12 @@ import enum
 import functools
 import logging
 import threading
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, ClassVar, TypeVar
 
 from hivemind.dht.protocol import DHTProtocol
 from hivemind.dht.routing import DHTID
 from hivemind.dht.validation import RecordValidatorBase
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator, model_validator
 
 from swarm.identity import FINGERPRINT_CHARS, Identity, split_subkey
 from swarm.keys import RunKeys
@@ -33,6 +33,7 @@ HeadId = Annotated[int, Field(ge=0, le=1_000_000)]
 class _Record(BaseModel):
     # Floats must be finite: an infinite ready time or training time would stall every round.
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
+    COMPACT: ClassVar[bool] = True  # stored without the fields at their defaults (see `dump`)
 
 
 class RunRecord(_Record):
@@ -110,22 +111,47 @@ class HashRecord(_Record):
 
 
 class Reduction(_Record):
-    """One part of W reduced by its owner: the contributors it sums (sorted fingerprints) and the
-    digest of its values and members."""
+    """One part of W reduced by its owner: which of its record's members it sums (ascending
+    indices into `PartRecord.members`) and the digest of its values and members."""
 
     part: int = Field(ge=0, le=1_000_000)
-    members: list[Fingerprint] = Field(max_length=4096)
+    members: list[Annotated[int, Field(ge=0, le=4095)]] = Field(max_length=4096)
     digest: Digest
 
 
 class PartRecord(_Record):
     """Every reduction an owner published in merge round `round`, and where to download them. One
     record per owner, rewritten as it reduces more: a round's polls read all of them, and each
-    record carries its writer's key and signature (most of its bytes)."""
+    record carries its writer's key and signature (most of its bytes). The contributors are
+    listed once, and each reduction names its own by index: a record that spelled them out in
+    every reduction would grow with the square of the round's size."""
 
     round: int = Field(ge=0)
+    members: list[Fingerprint] = Field(max_length=4096)
     reductions: list[Reduction] = Field(max_length=4096)
     p2p: PeerAddress
+
+    @model_validator(mode="after")
+    def _indices(self) -> "PartRecord":
+        if self.members != sorted(set(self.members)):
+            raise ValueError("members are not sorted and distinct")
+        for rec in self.reductions:
+            if rec.members != sorted(set(rec.members)) or (rec.members and rec.members[-1] >= len(self.members)):
+                raise ValueError(f"part {rec.part} names members by indices that are not ascending and in range")
+        return self
+
+    @classmethod
+    def of(cls, round_: int, reductions: list[tuple[int, tuple[str, ...], str]], p2p: str) -> "PartRecord":
+        """The record of (part, sorted contributors, digest) reductions."""
+        members = sorted({m for _, summed, _ in reductions for m in summed})
+        index = {m: k for k, m in enumerate(members)}
+        return cls(round=round_, members=members, p2p=p2p, reductions=[
+            Reduction(part=part, members=sorted(index[m] for m in summed), digest=digest)
+            for part, summed, digest in reductions])
+
+    def reduced(self) -> list[tuple[int, tuple[str, ...], str]]:
+        """(part, sorted contributors, digest) of each reduction: what `of` was given."""
+        return [(rec.part, tuple(self.members[k] for k in rec.members), rec.digest) for rec in self.reductions]
 
 
 def parse(model: type[T], value: Any, where: str = "") -> T | None:
@@ -139,7 +165,9 @@ def parse(model: type[T], value: Any, where: str = "") -> T | None:
 
 
 def dump(record: BaseModel) -> dict[str, Any]:
-    return record.model_dump(mode="json")
+    """A record as stored: fields at their defaults are left out (every read of a round's key
+    carries every member's record), and `parse` puts them back."""
+    return record.model_dump(mode="json", exclude_defaults=getattr(record, "COMPACT", False))
 
 
 # hivemind.DHT hands every call to its process through one pipe, and a pipe's writes from two
@@ -370,6 +398,8 @@ def run_validators(run_id: str) -> list:
 
 class PeerStatus(_Record):
     """What a peer says about itself, signed with its own key (see `run_validators`)."""
+
+    COMPACT: ClassVar[bool] = False  # hivemind's schema validator refuses a record that parses into more fields
 
     run_id: str
     peer: Fingerprint

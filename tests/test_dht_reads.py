@@ -13,7 +13,7 @@ from hivemind.utils import get_dht_time
 from peers.node import signing_validators
 from swarm import schemas
 from swarm.identity import Identity
-from swarm.schemas import PartRecord, Reduction
+from swarm.schemas import PartRecord
 
 pytestmark = pytest.mark.timeout(120)
 LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]
@@ -48,9 +48,8 @@ def test_a_read_from_two_replicas_sees_every_record_for_a_fraction_of_the_bytes(
     members = sorted(identity.fingerprint for identity in identities[1:])
     written = set()
     for owner in range(1, NODES):  # 16 parts, two owners each: every owner announces 4, as with 8 peers
-        reductions = [Reduction(part=part, members=members, digest="ab" * 32)
-                      for part in range(16) if owner - 1 in (part % 8, (part + 1) % 8)]
-        record = PartRecord(round=3, reductions=reductions, p2p="Qm" + "x" * 44)
+        reductions = [(part, tuple(members), "ab" * 32) for part in range(16) if owner - 1 in (part % 8, (part + 1) % 8)]
+        record = PartRecord.of(3, reductions, "Qm" + "x" * 44)
         assert schemas.store(nodes[owner], key, identities[owner], record, now + 60)
         written.add(("", identities[owner].fingerprint))
     time.sleep(1.0)
@@ -87,7 +86,7 @@ def test_a_store_goes_straight_to_the_nearest_nodes_and_every_reader_finds_it(sw
     key, now = "wire-test/ready/5", get_dht_time()
     written = set()
     for writer in range(1, NODES):
-        record = PartRecord(round=5, reductions=[], p2p="Qm" + "x" * 44)
+        record = PartRecord(round=5, members=[], reductions=[], p2p="Qm" + "x" * 44)
         assert schemas.store(nodes[writer], key, identities[writer], record, now + 60)
         written.add(("", identities[writer].fingerprint))
     for reader in nodes:
@@ -102,7 +101,7 @@ def test_a_store_goes_straight_to_the_nearest_nodes_and_every_reader_finds_it(sw
     def store_bytes(store, times: int = 10) -> float:
         before = _loopback_bytes()
         for i in range(times):
-            store(PartRecord(round=5, reductions=[], p2p="Qm" + "y" * (44 + i)))
+            store(PartRecord(round=5, members=[], reductions=[], p2p="Qm" + "y" * (44 + i)))
         time.sleep(0.5)
         return (_loopback_bytes() - before) / times
 
@@ -124,7 +123,7 @@ def test_a_node_in_client_mode_stores_only_at_nodes_that_others_can_reach(swarm_
                           record_validators=signing_validators(identity))
     try:
         key = "wire-test/ready/client"
-        assert schemas.store(client, key, identity, PartRecord(round=5, reductions=[], p2p="Qm" + "z" * 44),
+        assert schemas.store(client, key, identity, PartRecord(round=5, members=[], reductions=[], p2p="Qm" + "z" * 44),
                              get_dht_time() + 60)
         assert client.run_coroutine(functools.partial(_holds, key=key))[1] == 0
         held = [node.run_coroutine(functools.partial(_holds, key=key))[1] for node in nodes]

@@ -90,7 +90,8 @@ def _each_owner_announced_its_parts_in_one_record(mem: MemorySwarm) -> None:
         assert {tag for tag, _ in found} == {""} and {who for _, who in found} == set(members)
         for (_, who), (record, _) in found.items():
             mine = {i for i in range(n_parts) if who in owners(i, members)}
-            assert {x.part for x in record.reductions} == mine and all(x.members == members for x in record.reductions)
+            assert {part for part, _, _ in record.reduced()} == mine
+            assert all(list(summed) == members for _, summed, _ in record.reduced())
 
 
 def test_bytes_per_peer_do_not_grow_with_the_swarm(tmp_path):
