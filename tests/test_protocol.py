@@ -107,6 +107,26 @@ def test_a_slow_peer_misses_rounds_but_no_head_step_is_lost_or_merged_twice(tmp_
     _agree(swarm)
 
 
+def test_a_peer_that_re_syncs_counts_the_steps_of_members_whose_records_came_after_it_settled(tmp_path, monkeypatch):
+    """Views of the holders two seconds old shift who sees the slow peer's ready record before its
+    window closes: a peer that settled without it re-syncs to the agreed W, and still counts
+    the steps that W merged from the agreed members' signed records."""
+    from swarm.leases import HeadLeases
+
+    holders = HeadLeases.holders
+    monkeypatch.setattr(HeadLeases, "holders", lambda self, max_age=2.0, thorough=False: holders(self, max_age, thorough))
+    swarm = MemorySwarm(tiny_config(heads=2, merge_every=3, rounds=4), tmp_path)
+    swarm.coordinator()
+    fast = swarm.trainer("fast", throttle=0.05)
+    swarm.trainer("slow", throttle=1.5)
+    swarm.run()
+    resynced = [r for r in fast.events.of("round") if r["resynced"] and len(r["members"]) > 1]
+    assert resynced, fast.events.of("round")
+    by_round = {r["round"]: r["merged_head_steps"] for r in swarm["coordinator"].events.of("round")}
+    assert all(r["merged_head_steps"] == by_round[r["round"]] > 0 for r in resynced), (resynced, by_round)
+    _agree(swarm)
+
+
 def test_two_peers_claiming_one_head_at_once_end_with_one_holder(tmp_path):
     cfg = tiny_config(heads=1, merge_every=2, rounds=6)
     swarm = MemorySwarm(cfg, tmp_path)
