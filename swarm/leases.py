@@ -56,7 +56,7 @@ class HeadLeases:
         self.incumbents: Callable[[], dict[int, str]] = dict  # set by the merge protocol that knows them
         # a closed run's membership (`Membership.admits`: who, and when its claim was written)
         self.admits: Callable[..., bool] = lambda who, written_at=None: True
-        self._view: tuple[float, dict[int, str]] | None = None
+        self._view: tuple[float, dict[int, str], bool] | None = None  # (when, view, thorough)
         self.held: dict[int, float] = {}  # head -> our claimed_at
         self.renewed_at = 0.0
         self.pending: tuple[list[int], float] | None = None  # claims written, not yet settled
@@ -76,13 +76,16 @@ class HeadLeases:
 
     def holders(self, max_age: float = CACHE_SECONDS, thorough: bool = False) -> dict[int, str]:
         """head -> holder. A view up to `max_age` seconds old is reused: a merge round asks many
-        times a second, and every read is a DHT lookup plus a signature check per claim.
-        `thorough` reads afresh from every node the search finds: for a view that decides who is
-        in a round (the nearest nodes alone may be ones that just left, or lack a fresh claim)."""
+        times a second, and every read is a DHT lookup plus a signature check per claim (and
+        carries every holder's claim). `thorough` asks for a view read from every node the search
+        finds: for a view that decides who is in a round (the nearest nodes alone may be ones
+        that just left, or lack a fresh claim). A thorough view serves any ask within `max_age`,
+        a plain one only plain asks."""
         now = self.clock.monotonic()
-        if self._view is None or max_age <= 0 or thorough or now - self._view[0] > max_age:
-            self._view = (now, winners(self.claims(thorough), self.incumbents()))
-        return dict(self._view[1])
+        view = self._view
+        if view is None or max_age <= 0 or now - view[0] > max_age or (thorough and not view[2]):
+            view = self._view = (now, winners(self.claims(thorough), self.incumbents()), thorough)
+        return dict(view[1])
 
     def free_heads(self) -> list[int]:
         taken = self.holders(max_age=0.0)

@@ -60,6 +60,11 @@ POLL_BACKOFF = 1.5
 # An open round asks whether the others already merged it (a read of the round's votes) at most
 # this often; it reads the ready records at every poll. Votes exist only once the round closed.
 CLOSED_EVERY = 1.0
+# How old a view of the lease holders a round's polls may use (`HeadLeases.holders`): it filters
+# whose records count while waiting, and a head changes hands over a settle delay at the fastest.
+# Each fresh view is a read of every holder's claim, at every poll it would be most of a round's
+# DHT traffic. What decides a round (its close, its members) asks for a thorough view instead.
+VIEW_SECONDS = 2.0
 MIN_REDUCE_MEMBERS = 3  # below this, two owners per part means everyone reduces everything: gather instead
 
 
@@ -373,19 +378,25 @@ class MergeProtocol:
 
     def _ready(self, r: int, thorough: bool = False) -> dict[str, ReadyRecord]:
         """Ready records of round r that count: dated near now, from the holder of every head
-        they list (so at most one contribution per head). `thorough`: see `_read`."""
+        they list (so at most one contribution per head). `thorough`: see `_read`; its view of
+        the holders may be the one the round's close read a settle delay before. A record that
+        a reused view does not back is checked against a fresh view before it is left out (a
+        claimant can be ready a few seconds after its claim)."""
         now = self.clock.now()
-        holders = self.holders(thorough=thorough)  # a read that decides: afresh, from every node
         found = schemas.by_writer(self._read(self.keys.ready(r), ReadyRecord, now, thorough))
         oldest = now - 3 * self.cfg.round_timeout
-        return {who: rec for who, rec in found.items()
-                if rec.round == r and oldest <= rec.ready_at <= now + self.cfg.clock_skew
-                and all(holders.get(h) == who for h in rec.heads)}
+        dated = {who: rec for who, rec in found.items()
+                 if rec.round == r and oldest <= rec.ready_at <= now + self.cfg.clock_skew}
+        holders = self.holders(max_age=self.cfg.settle_seconds + VIEW_SECONDS if thorough else VIEW_SECONDS,
+                               thorough=thorough)
+        if any(holders.get(h) != who for who, rec in dated.items() for h in rec.heads):
+            holders = self.holders(max_age=0.0, thorough=True) if thorough else self.holders()
+        return {who: rec for who, rec in dated.items() if all(holders.get(h) == who for h in rec.heads)}
 
     def _votes(self, r: int) -> dict[str, HashRecord]:
         """Digests published for round r by those whose vote counts: the coordinator and the
         lease holders, one vote per signed identity."""
-        voters = set(self.holders().values()) | {self.authority, self.peer}
+        voters = set(self.holders(max_age=VIEW_SECONDS).values()) | {self.authority, self.peer}
         found = schemas.by_writer(self._read(self.keys.hashes(r), HashRecord, self.clock.now()))
         return {who: rec for who, rec in found.items() if rec.round == r and who in voters}
 
@@ -399,7 +410,7 @@ class MergeProtocol:
         """Round r no longer takes contributions: the coordinator or most holders merged it. (Ready
         times do not decide this: a holder could date its records so that every round looks over.)"""
         votes = self._votes(r)
-        holders = set(self.holders().values())
+        holders = set(self.holders(max_age=VIEW_SECONDS).values())
         holder_votes = len(set(votes) & holders)
         return self.authority in votes or (bool(holders) and 2 * holder_votes > len(holders))
 
@@ -488,8 +499,8 @@ class MergeProtocol:
                 mr.first_ready_seen = now
             # Every holder is ready: as a view of the holders may be half a second old or read from
             # nodes that lack a fresh claim, a thorough one confirms before the round closes early.
-            close = (not (set(self.holders().values()) - set(ready_set))
-                     and not (set(self.holders(thorough=True).values()) - set(ready_set))
+            close = (not (set(self.holders(max_age=VIEW_SECONDS).values()) - set(ready_set))
+                     and not (set(self.holders(max_age=0.0, thorough=True).values()) - set(ready_set))
                      or now > mr.first_ready_seen + self.close_window(ready_set))
         elif now > mr.deadline:
             # Nobody's ready record counts, ours included (a lost head, a store that never made it):
@@ -996,7 +1007,7 @@ class MergeProtocol:
             mr.awaited = set(mr.members) | ({self.authority} if progress is not None and progress.round == r else set())
         # A member that has since left (its heads released) will not vote: waiting for it would
         # hold the round to its deadline, as at the end of a run when every volunteer leaves.
-        awaited = mr.awaited & (set(self.holders().values()) | {self.authority})
+        awaited = mr.awaited & (set(self.holders(max_age=VIEW_SECONDS).values()) | {self.authority})
         now = self.clock.monotonic()
         # The coordinator's vote decides: while it is up, it is awaited for as long as a round may
         # take, not just the grace (a peer that gives up on a slow coordinator merges on alone).
