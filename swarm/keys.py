@@ -98,6 +98,11 @@ class RunKeys:
         """Owners' reductions of the parts of W in merge round `round_`; one subkey per owner."""
         return self._key(f"round{round_}_parts")
 
+    def sums(self, round_: int) -> str:
+        """The coordinator's reductions of every part of W in merge round `round_` (one owner per
+        part): apart from the owners' records, as it is the one record every peer needs."""
+        return self._key(f"round{round_}_sums")
+
     @staticmethod
     def lease_tag(head: int) -> str:
         """The tag of a claim on `head` in its writer's owner subkey."""

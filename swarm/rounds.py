@@ -149,6 +149,7 @@ class ReduceWork:
     fetched: dict[tuple[int, tuple[str, ...]], dict[str, torch.Tensor]] = field(default_factory=dict)  # downloaded
     final: list[str] | None = None                                       # contributors every part accepted
     first_seen: dict[int, float] = field(default_factory=dict)           # part -> when an owner's record showed up
+    began: float = 0.0                                                   # when we began collecting the parts
     orphaned: set[int] = field(default_factory=set)                      # parts whose other owner seems absent
     raw: set[int] = field(default_factory=set)                           # parts we fetched raw: owners failed us
     published: list[tuple[int, tuple[str, ...], str]] = field(default_factory=list)  # (part, members, digest) we serve
@@ -763,6 +764,7 @@ class MergeProtocol:
                 self._reduce_part(mr, work, i, sorted(work.accepted[i]), publish=True)
             self._publish_parts(mr, work)
         mr.work = work
+        work.began = self.clock.monotonic()
         self._mark(mr, "reduced_own")
         mr.step = RoundStep.REDUCING
         mr.deadline = self.clock.monotonic() + self.cfg.round_timeout / 2
@@ -845,19 +847,28 @@ class MergeProtocol:
 
     def _publish_parts(self, mr: MergeRound, work: ReduceWork) -> None:
         """Announce every part we reduced and serve, in our one record of the round: rewritten
-        whole when there is more (a later expiration replaces it)."""
-        if len(work.published) == work.announced:
+        whole when there is more (a later expiration replaces it). With one owner per part the
+        owners announce nothing: only the coordinator's record vouches for a part (`_agreed_parts`)."""
+        if len(work.published) == work.announced or (self.cfg.part_owners == 1 and not self.is_authority):
             return
         work.announced = len(work.published)
         work.expiration = max(self._expiration(), work.expiration + 1e-3)  # an equal one would be refused
-        schemas.store(self.dht, self.keys.parts(mr.round), self.identity,
-                      PartRecord.of(mr.round, work.published, self.p2p), work.expiration)
+        key = self.keys.sums(mr.round) if self.is_authority else self.keys.parts(mr.round)
+        schemas.store(self.dht, key, self.identity, PartRecord.of(mr.round, work.published, self.p2p), work.expiration)
 
-    def _agreed_parts(self, r: int, work: ReduceWork) -> dict[int, dict[tuple[str, ...], tuple[str, list[str]]]]:
-        """part -> {members: (digest, owners' addresses)} for every reduction both owners of the
-        part published alike (our own reductions count as ours). Notes when each part's first
-        record showed up in `work.first_seen`."""
-        found = schemas.by_writer(self._read(self.keys.parts(r), PartRecord, self.clock.now()))
+    def _agreed_parts(self, mr: MergeRound, work: ReduceWork) -> dict[int, dict[tuple[str, ...], tuple[str, list[str]]]]:
+        """part -> {members: (digest, sources' addresses)} for every reduction its vouchers published
+        alike (our own reductions count as ours): both its owners, or, with one owner per part,
+        the coordinator, whose own sum is what checks the owner's. Then only the coordinator's one
+        record is read, not one record per owner (every read of a key carries all it holds), and
+        the owner is a source too: it serves the part under that digest if its sum agreed. Notes
+        when each part's first record showed up in `work.first_seen`."""
+        r = mr.round
+        single = self.cfg.part_owners == 1
+        found = schemas.by_writer(self._read(self.keys.sums(r) if single else self.keys.parts(r), PartRecord,
+                                             self.clock.now()))
+        if single:
+            found = {w: rec for w, rec in found.items() if w == self.authority}
         said: dict[tuple[int, tuple[str, ...], str], dict[str, str]] = {}
         for writer, record in found.items():
             if record.round != r:
@@ -874,8 +885,11 @@ class MergeProtocol:
             said.setdefault((i, members, digest), {})[self.peer] = self.p2p
         agreed: dict[int, dict[tuple[str, ...], tuple[str, list[str]]]] = {}
         for (i, members, digest), writers in said.items():
-            if self._vouchers(i, work.servers) <= set(writers):
-                addresses = [a for w, a in sorted(writers.items()) if w != self.peer]
+            if (self.authority in writers) if single else self._vouchers(i, work.servers) <= set(writers):
+                sources = dict(writers)
+                if single:
+                    sources.update({o: mr.ready_set[o].p2p for o in self._owners(i, work.servers) if o not in sources})
+                addresses = [a for w, a in sorted(sources.items()) if w != self.peer]
                 agreed.setdefault(i, {})[members] = (digest, addresses)
         return agreed
 
@@ -885,7 +899,7 @@ class MergeProtocol:
         downloaded from an owner and checked against the owners' digest. Parts whose owners are
         silent, dead or disagree past the deadline are fetched raw and reduced here."""
         r, work = mr.round, mr.work
-        agreed = self._agreed_parts(r, work)
+        agreed = self._agreed_parts(mr, work)
         for i, versions in agreed.items():
             if i not in work.accepted:  # the versions are nested: the widest is what the part accepted
                 work.accepted[i] = set(max(versions, key=len))
@@ -894,8 +908,11 @@ class MergeProtocol:
 
         def overdue(i: int) -> bool:
             """Past the deadline; or one owner published and the other stayed silent for the grace,
-            or is not in the round as far as its co-owner could tell (then we check it ourselves)."""
-            return late or i in work.orphaned or (i in work.first_seen and now > work.first_seen[i] + self.cfg.merge_grace)
+            or is not in the round as far as its co-owner could tell (then we check it ourselves).
+            With one owner per part only the coordinator's record is read: the grace runs from
+            when we began collecting, which is when the owners publish theirs."""
+            seen = work.first_seen.get(i, work.began if self.cfg.part_owners == 1 else None)
+            return late or i in work.orphaned or (seen is not None and now > seen + self.cfg.merge_grace)
 
         # The final set is usually every part's accepted set: download the parts agreed over what
         # the parts known so far accepted while the last owners are still reducing theirs.

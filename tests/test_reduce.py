@@ -109,6 +109,52 @@ def test_bytes_per_peer_do_not_grow_with_the_swarm(tmp_path):
     assert received["reduce", 2, 8] < received["gather", 2, 8] / 2, received
 
 
+def _count_dht_calls(mem: MemorySwarm) -> dict[str, list[str]]:
+    """'get' / 'store' -> the keys every node of `mem` reads and writes from now on."""
+    calls: dict[str, list[str]] = {"get": [], "store": []}
+    for name in mem.nodes:
+        dht = mem[name].role.dht
+        for verb in calls:
+            def counted(key, *args, _real=getattr(dht, verb), _log=calls[verb], **kw):
+                _log.append(key)
+                return _real(key, *args, **kw)
+            setattr(dht, verb, counted)
+    return calls
+
+
+@pytest.mark.parametrize("part_owners", [1, 2])
+def test_with_one_owner_per_part_only_the_coordinators_record_of_the_parts_is_read(tmp_path, part_owners):
+    """One owner's sum is checked by the coordinator's alone, so its one record is all a peer reads
+    to trust and find every part, and the owners announce nothing (every read of a key carries
+    a record per owner). Two owners check each other: their records are read, none of the
+    coordinator's. Either way every part comes from both of its sources and W agrees."""
+    peers = 6
+    mem = _swarm(tmp_path, f"sums{part_owners}", peers, parts=12, part_owners=part_owners)
+    calls = _count_dht_calls(mem)
+    log = _record_fetches(mem)
+    mem.run()
+    assert all(mem[n].state == "finished" for n in mem.nodes)
+    assert len(set(mem.digests().values())) == 1
+    parts_read = [k for k in calls["get"] if k.endswith("_parts")]
+    sums_read = [k for k in calls["get"] if k.endswith("_sums")]
+    parts_stored = [k for k in calls["store"] if k.endswith("_parts")]
+    sums_stored = [k for k in calls["store"] if k.endswith("_sums")]
+    if part_owners == 1:
+        assert not parts_read and not parts_stored, (parts_read[:3], parts_stored[:3])
+        assert len(set(sums_read)) >= ROUNDS - 1 and len(set(sums_stored)) >= ROUNDS - 1
+    else:
+        assert not sums_read and not sums_stored, (sums_read[:3], sums_stored[:3])
+        assert len(set(parts_read)) >= ROUNDS - 1 and len(set(parts_stored)) >= ROUNDS - 1
+    sources: dict[tuple[str, str], set[str]] = {}
+    for f in log:
+        what = f["blob"].split("/")
+        if what[1] == "reduced":
+            sources.setdefault((what[2], what[3]), set()).add(f["to"])
+    assert len(sources) >= 12 * (ROUNDS - 1) and all(len(s) == 2 for s in sources.values()), sources
+    for name in _trainers(mem):
+        assert not any(r.get("resynced") for r in mem[name].events.of("round")), name
+
+
 class _SilentOwner(MergeProtocol):
     """Contributes, then never reduces or publishes the parts it owns."""
 
@@ -164,6 +210,31 @@ def test_an_owner_killed_mid_round_loses_and_doubles_nothing(tmp_path):
     for name in ("p0", "p1", "p3"):
         for r in mem[name].events.of("round"):
             assert r["merged"] or r["missed"], r
+
+
+def test_with_one_owner_per_part_a_coordinator_killed_mid_round_costs_one_grace(tmp_path):
+    """Only the coordinator's record vouches for a part then: once it is gone, the peers wait one
+    grace from when they began collecting the parts, fetch every part raw, and agree."""
+    mem = _swarm(tmp_path, "coordinator-crash", 4, part_owners=1)
+    grace = mem["p0"].role.protocol.cfg.merge_grace
+
+    def reducing(s):
+        mr = s["p0"].role.mr
+        return mr is not None and mr.round == 1 and mr.step.value == "reducing"
+
+    def round_one_done(s):
+        return all(any(r["round"] == 1 for r in s[n].events.of("round")) for n in _trainers(s))
+
+    mem.run(until=reducing)
+    mem.crash("coordinator")
+    mem.run(until=round_one_done)
+    ends = {n: next(r for r in mem[n].events.of("round") if r["round"] == 1) for n in _trainers(mem)}
+    assert all(r["merged"] and not r["resynced"] for r in ends.values()), ends
+    assert len({mem[n].role.protocol.model.state_digest() for n in _trainers(mem)
+                if mem[n].role.protocol.round == 2}) == 1
+    for name, r in ends.items():
+        phases = r["phases"]
+        assert phases["final"] - phases["reduced_own"] < grace + 3.0, (name, phases)
 
 
 def test_two_colluding_owners_cannot_change_the_agreed_w(tmp_path):
