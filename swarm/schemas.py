@@ -31,8 +31,14 @@ HeadId = Annotated[int, Field(ge=0, le=1_000_000)]
 
 
 class _Record(BaseModel):
+    """A record of the run. The records a round reads again and again (leases, ready records,
+    votes, the sums of the parts, the progress) name their fields on the wire by a letter or two
+    (`alias`): every read of such a key carries every member's record, and spelled-out names were
+    a sixth to a third of its bytes. Either name parses; `dump` writes the short one."""
+
     # Floats must be finite: an infinite ready time or training time would stall every round.
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False,
+                              validate_by_name=True, validate_by_alias=True)
     COMPACT: ClassVar[bool] = True  # stored without the fields at their defaults (see `dump`)
 
 
@@ -51,9 +57,9 @@ class RunAnnouncement(_Record):
 class LeaseRecord(_Record):
     """A claim on `head` by the record's writer (named by its subkey)."""
 
-    head: HeadId
-    claimed_at: float
-    released: bool = False
+    head: HeadId = Field(alias="h")
+    claimed_at: float = Field(alias="c")
+    released: bool = Field(False, alias="x")
 
 
 class InviteRecord(_Record):
@@ -71,27 +77,27 @@ class InviteRecord(_Record):
 class DonorRecord(_Record):
     """The writer can hand out W of `round` (hashing to `digest`) from P2P address `p2p`."""
 
-    round: int = Field(ge=0)
-    digest: Digest
-    p2p: PeerAddress
+    round: int = Field(ge=0, alias="r")
+    digest: Digest = Field(alias="d")
+    p2p: PeerAddress = Field(alias="p")
 
 
 class ReadyRecord(_Record):
     """A contribution to merge round `round`: the heads it covers, their local steps, its size,
     and where to download it."""
 
-    round: int = Field(ge=0)
-    heads: list[HeadId] = Field(min_length=1, max_length=4096)
-    head_steps: int = Field(ge=0)
-    nbytes: int = Field(ge=0)
-    ready_at: float
-    train_seconds: float = Field(0.0, ge=0.0, description="how long its T steps took")
-    p2p: PeerAddress
+    round: int = Field(ge=0, alias="r")
+    heads: list[HeadId] = Field(min_length=1, max_length=4096, alias="h")
+    head_steps: int = Field(ge=0, alias="s")
+    nbytes: int = Field(ge=0, alias="n")
+    ready_at: float = Field(alias="t")
+    train_seconds: float = Field(0.0, ge=0.0, alias="ts", description="how long its T steps took")
+    p2p: PeerAddress = Field(alias="p")
     pushed: Digest | None = Field(
-        None, description="set by a peer that cannot accept connections: the sha256 of the JSON list of its blobs' "
+        None, alias="u", description="set by a peer that cannot accept connections: the sha256 of the JSON list of its blobs' "
                           "digests (the whole contribution, then each part), which it pushes to peers that can")
     zero_baseline: bool = Field(
-        False, description="its heads' baseline factors are all zero (none of their work is in W yet): its compact "
+        False, alias="z", description="its heads' baseline factors are all zero (none of their work is in W yet): its compact "
                            "blobs leave them out and anyone can put them back")
 
     @field_validator("heads")
@@ -105,18 +111,18 @@ class ReadyRecord(_Record):
 class HashRecord(_Record):
     """A peer's W after merge round `round`, and the contributors it merged (sorted fingerprints)."""
 
-    round: int = Field(ge=0)
-    digest: Digest
-    members: list[Fingerprint] = Field(max_length=4096)
+    round: int = Field(ge=0, alias="r")
+    digest: Digest = Field(alias="d")
+    members: list[Fingerprint] = Field(max_length=4096, alias="m")
 
 
 class Reduction(_Record):
     """One part of W reduced by its owner: which of its record's members it sums (ascending
     indices into `PartRecord.members`) and the digest of its values and members."""
 
-    part: int = Field(ge=0, le=1_000_000)
-    members: list[Annotated[int, Field(ge=0, le=4095)]] = Field(max_length=4096)
-    digest: Digest
+    part: int = Field(ge=0, le=1_000_000, alias="i")
+    members: list[Annotated[int, Field(ge=0, le=4095)]] = Field(max_length=4096, alias="m")
+    digest: Digest = Field(alias="d")
 
 
 class PartRecord(_Record):
@@ -126,10 +132,10 @@ class PartRecord(_Record):
     listed once, and each reduction names its own by index: a record that spelled them out in
     every reduction would grow with the square of the round's size."""
 
-    round: int = Field(ge=0)
-    members: list[Fingerprint] = Field(max_length=4096)
-    reductions: list[Reduction] = Field(max_length=4096)
-    p2p: PeerAddress
+    round: int = Field(ge=0, alias="r")
+    members: list[Fingerprint] = Field(max_length=4096, alias="m")
+    reductions: list[Reduction] = Field(max_length=4096, alias="x")
+    p2p: PeerAddress = Field(alias="p")
 
     @model_validator(mode="after")
     def _indices(self) -> "PartRecord":
@@ -167,7 +173,7 @@ def parse(model: type[T], value: Any, where: str = "") -> T | None:
 def dump(record: BaseModel) -> dict[str, Any]:
     """A record as stored: fields at their defaults are left out (every read of a round's key
     carries every member's record), and `parse` puts them back."""
-    return record.model_dump(mode="json", exclude_defaults=getattr(record, "COMPACT", False))
+    return record.model_dump(mode="json", by_alias=True, exclude_defaults=getattr(record, "COMPACT", False))
 
 
 # hivemind.DHT hands every call to its process through one pipe, and a pipe's writes from two
@@ -457,20 +463,20 @@ def read_statuses(dht, keys: RunKeys, now: float) -> list[PeerStatus]:
 
 
 class RoundSummary(_Record):
-    round: int = Field(ge=0)
-    time: float
-    samples: int = Field(ge=0)
-    members: int = Field(ge=0)
-    accuracy: float | None = None
-    loss: float | None = None
+    round: int = Field(ge=0, alias="r")
+    time: float = Field(alias="t")
+    samples: int = Field(ge=0, alias="s")
+    members: int = Field(ge=0, alias="m")
+    accuracy: float | None = Field(None, alias="a")
+    loss: float | None = Field(None, alias="l")
 
 
 class RunProgress(_Record):
     """The coordinator's account of the run: the agreed W (its round and digest), and the rounds
     so far with test accuracy and loss. Newcomers accept only W that hashes to `digest`."""
 
-    round: int = Field(ge=0)
-    digest: Digest
-    rounds_total: int = Field(ge=0)
-    samples: int = Field(ge=0)
-    history: list[RoundSummary]
+    round: int = Field(ge=0, alias="r")
+    digest: Digest = Field(alias="d")
+    rounds_total: int = Field(ge=0, alias="n")
+    samples: int = Field(ge=0, alias="s")
+    history: list[RoundSummary] = Field(alias="h")

@@ -13,7 +13,7 @@ from peers.simulate import simulate
 from peers.trainer import Trainer
 from swarm.clock import Clock, FakeClock
 from swarm.rounds import MergeProtocol
-from swarm.schemas import PeerPhase
+from swarm.schemas import DonorRecord, PeerPhase
 from tests.memswarm import MemorySwarm, max_difference, run_swarm, tiny_config, with_protocol
 
 pytestmark = pytest.mark.timeout(120)
@@ -347,7 +347,8 @@ def test_a_donor_record_is_rewritten_when_w_changes_or_once_a_lease_old(tmp_path
     stores = _record_stores(swarm, peers[0])
     began = swarm.clock.monotonic()
     swarm.run()
-    written = [(at, value["round"], value["digest"]) for at, value in stores.get(keys.donors, [])]
+    donors = [(at, DonorRecord.model_validate(value)) for at, value in stores.get(keys.donors, [])]
+    written = [(at, r.round, r.digest) for at, r in donors]
     span, lease = swarm.clock.monotonic() - began, cfg.swarm.lease_seconds
     assert span > 6 * lease  # renewals alone would have written about 18 records
     assert {w[1] for w in written} == set(range(7)), written  # every new W is said at once
@@ -372,7 +373,8 @@ def test_a_donor_record_is_not_written_for_a_w_that_changed_while_it_was_hashed(
     digest = protocol.model.state_digest
 
     def written():
-        return [(value["round"], value["digest"]) for _, value in stores.get(keys.donors, [])]
+        donors = [DonorRecord.model_validate(value) for _, value in stores.get(keys.donors, [])]
+        return [(r.round, r.digest) for r in donors]
 
     def merge_lands_meanwhile():
         protocol._round += 1  # as `apply_pending` does between its two version bumps
