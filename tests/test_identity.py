@@ -26,14 +26,18 @@ def test_a_signed_record_validates_anywhere_and_any_change_breaks_it():
     checker = SignatureValidator(Identity().key)  # any node: its own key plays no part in checking
     assert checker.validate(signed)
     assert checker.strip_value(signed) == MSGPackSerializer.dumps({"round": 3})
+    tail = len(signed.value) - len(checker.strip_value(signed))
+    assert tail == 69  # the marker and the 64 raw bytes of the signature
     changed = [
         dataclasses.replace(signed, expiration_time=1001.0),
         dataclasses.replace(signed, key=b"run_round4_ready"),
         dataclasses.replace(signed, subkey=writer.subkey("hash")),
-        dataclasses.replace(signed, value=MSGPackSerializer.dumps({"round": 4}) + signed.value[-100:]),
-        dataclasses.replace(signed, subkey=other.subkey("ready")),              # claimed for another key
-        dataclasses.replace(signed, value=signed.value[:-100]),                 # the signature cut off
-        dataclasses.replace(signed, value=signed.value + signed.value[-100:]),  # two signatures
+        dataclasses.replace(signed, value=MSGPackSerializer.dumps({"round": 4}) + signed.value[-tail:]),
+        dataclasses.replace(signed, subkey=other.subkey("ready")),               # claimed for another key
+        dataclasses.replace(signed, value=signed.value[:-tail]),                 # the signature cut off
+        dataclasses.replace(signed, value=signed.value[:-1]),                    # a byte of it cut off
+        dataclasses.replace(signed, value=signed.value + signed.value[-tail:]),  # two signatures
+        dataclasses.replace(signed, value=signed.value[:-tail] + signed.value),  # two, the other way
         dataclasses.replace(signed, subkey=writer.subkey("ready") + other.owner),  # two owners
     ]
     for record in changed:
@@ -45,8 +49,10 @@ def test_a_signed_record_validates_anywhere_and_any_change_breaks_it():
 @pytest.mark.parametrize("owner, signature", [
     (b"[owner:not base64!]", None),
     (b"[owner:" + b"A" * 40 + b"]", None),       # base64, but not 32 bytes
-    (None, b"[signature:" + b"A" * 80 + b"]"),   # base64, but not 64 bytes
-    (None, b"[signature:%%%]"),
+    (None, b"[sig]" + b"A" * 63),                 # a byte short
+    (None, b"[sig]" + b"A" * 65),                 # a byte too many
+    (None, b"[sig]" + b"\x00" * 64),              # 64 bytes, not a signature
+    (None, b"[signature:" + b"A" * 88 + b"]"),   # hivemind's base64 form
 ])
 def test_malformed_keys_and_signatures_are_refused_not_raised(owner, signature):
     writer = Identity()
