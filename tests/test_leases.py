@@ -128,3 +128,29 @@ def test_winner_rule_is_incumbent_then_earliest_claim_then_smaller_fingerprint()
               ("w", LeaseRecord(head=2, claimed_at=5.0))]
     assert winners(claims) == {0: "a", 1: "z", 2: "x"}
     assert winners(claims, incumbents={2: "w", 1: "gone"}) == {0: "a", 1: "z", 2: "w"}
+
+
+def test_a_view_of_the_holders_is_reused_within_its_age_and_a_thorough_one_serves_any_ask():
+    """Each fresh view is a read of every holder's claim: a plain view serves plain asks up to
+    `max_age` old, a thorough one serves any ask; a plain view never stands in for a thorough one."""
+    clock, (la, lb) = _memory_pair(lease=6.0)
+    assert la.claim(1, prefer=[0]) == [0]
+    reads = []
+    claims = lb.claims
+    lb.claims = lambda thorough=False: reads.append(thorough) or claims(thorough)
+    assert lb.holders(max_age=2.0) == {0: la.peer} and reads == [False]
+    assert lb.claim(1, prefer=[1]) == [1]  # its own claim read afresh (settle asks max_age=0)
+    reads.clear()
+    clock.advance(1.0)
+    lb.holders(max_age=2.0)
+    assert reads == []                      # a second old: reused
+    lb.holders(max_age=2.0, thorough=True)
+    assert reads == [True]                  # a plain view does not serve a thorough ask
+    clock.advance(1.5)
+    assert lb.holders(max_age=2.0) == {0: la.peer, 1: lb.peer} and reads == [True]  # the thorough one serves
+    lb.holders(max_age=2.0, thorough=True)
+    assert reads == [True]
+    clock.advance(1.0)                      # 2.5 s old
+    lb.holders(max_age=2.0, thorough=True)
+    lb.holders(max_age=0.0, thorough=True)  # 0: afresh, whatever is held
+    assert reads == [True, True, True]
