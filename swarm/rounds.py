@@ -745,8 +745,9 @@ class MergeProtocol:
         return owners(part, servers, self.cfg.part_owners)
 
     def _vouchers(self, part: int, servers: list[str]) -> set[str]:
-        """Whose equal digests make a reduced part trusted: its two owners, or its one owner and the
-        coordinator, which recomputes every part."""
+        """Who reduces and serves a part: its two owners, whose equal digests make it trusted; or
+        its one owner and the coordinator, which recomputes every part and whose digest alone
+        makes it trusted (`_agreed_parts`: the owner serves it under that digest if its sum agreed)."""
         return set(self._owners(part, servers)) | ({self.authority} if self.cfg.part_owners == 1 else set())
 
     def _start_reducing(self, mr: MergeRound) -> None:
@@ -767,7 +768,7 @@ class MergeProtocol:
         work.began = self.clock.monotonic()
         self._mark(mr, "reduced_own")
         mr.step = RoundStep.REDUCING
-        mr.deadline = self.clock.monotonic() + self.cfg.round_timeout / 2
+        mr.deadline = work.began + self.cfg.round_timeout / 2
 
     def _fetch_parts(self, mr: MergeRound, work: ReduceWork, parts: list[int]) -> None:
         """Download and validate `parts` of every member's contribution, a few at a time. For

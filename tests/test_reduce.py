@@ -230,6 +230,7 @@ def test_with_one_owner_per_part_a_coordinator_killed_mid_round_costs_one_grace(
     mem.run(until=round_one_done)
     ends = {n: next(r for r in mem[n].events.of("round") if r["round"] == 1) for n in _trainers(mem)}
     assert all(r["merged"] and not r["resynced"] for r in ends.values()), ends
+    assert all(r["raw_parts"] > 0 for r in ends.values()), ends  # the coordinator's sums never came
     assert len({mem[n].role.protocol.model.state_digest() for n in _trainers(mem)
                 if mem[n].role.protocol.round == 2}) == 1
     for name, r in ends.items():
