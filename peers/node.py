@@ -49,7 +49,7 @@ def start_dht(initial_peers: list[str], host_maddrs: list[str] | None = None, id
 
     try:
         validators = signing_validators(signer) if signer is not None else ()
-        return IsolatedDHT(initial_peers=initial_peers or None, host_maddrs=host_maddrs or LOOPBACK,
+        dht = IsolatedDHT(initial_peers=initial_peers or None, host_maddrs=host_maddrs or LOOPBACK,
                            record_validators=validators,
                            identity_path=identity_path, client_mode=client_mode, start=True,
                            announce_maddrs=announce_maddrs or None,
@@ -58,6 +58,12 @@ def start_dht(initial_peers: list[str], host_maddrs: list[str] | None = None, id
                            # reads its records itself when it needs them.
                            cache_refresh_before_expiry=0,
                            startup_timeout=30, await_ready=True)
+        try:
+            dht.run_coroutine(schemas.serve_reads)  # others' polls of the keys it holds
+        except BaseException:
+            dht.shutdown()
+            raise
+        return dht
     except (P2PDaemonError, TimeoutError, ConnectionError, OSError, ValueError) as exc:
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         where = f" {' '.join(initial_peers)}" if initial_peers else ""

@@ -64,7 +64,7 @@ class HeadLeases:
     def claims(self, thorough: bool = False) -> list[tuple[str, LeaseRecord]]:
         """(claimant, claim) for every believable claim: its tag names its head, the head exists,
         it is not dated in the future, it does not outlive a lease, and the run admits its writer.
-        `thorough`: from every node hivemind's search finds, not only the nearest few."""
+        `thorough`: from every node a claim is stored at, not only the nearest few."""
         now = self.clock.now()
         out = []
         for (tag, who), (r, expiration) in schemas.read(self.dht, self.keys.leases, LeaseRecord, now,
@@ -77,8 +77,8 @@ class HeadLeases:
     def holders(self, max_age: float = CACHE_SECONDS, thorough: bool = False) -> dict[int, str]:
         """head -> holder. A view up to `max_age` seconds old is reused: a merge round asks many
         times a second, and every read is a DHT lookup plus a signature check per claim (and
-        carries every holder's claim). `thorough` asks for a view read from every node the search
-        finds: for a view that decides who is in a round (the nearest nodes alone may be ones
+        carries every holder's claim). `thorough` asks for a view read from every node the claims
+        are stored at: for a view that decides who is in a round (the nearest nodes alone may be ones
         that just left, or lack a fresh claim). A thorough view serves any ask within `max_age`,
         a plain one only plain asks."""
         now = self.clock.monotonic()

@@ -372,8 +372,8 @@ class MergeProtocol:
               thorough: bool = False) -> "schemas.Signed[schemas.T]":
         """`schemas.read` from the nodes nearest to `key` (`swarm.read_replicas`), counted: a
         round's polls are most of what a peer sends and receives besides blobs. `thorough` asks
-        every node hivemind's search finds: for a read that decides (nodes that just left can
-        still be the nearest in a routing table, and a read from them alone comes back empty)."""
+        all the nodes a record is stored at: for a read that decides (a node that just left is
+        replaced by the next nearest, but one that lacks a fresh record is not)."""
         self.dht_reads += 1
         return schemas.read(self.dht, key, model, now, replicas=0 if thorough else self.cfg.read_replicas)
 

@@ -1,6 +1,8 @@
 """Reading a round's records from the few DHT nodes nearest to their key (`swarm.read_replicas`) over
 a real nine-node DHT on loopback: every record is still seen, and a read moves a fraction of the
-bytes of hivemind's full search, in which every node holding the key sends all of it."""
+bytes of hivemind's full search, in which every node holding the key sends all of it. The nodes
+answer such reads through `schemas.serve_reads` (without the neighbours hivemind appends to every
+answer), except one, which is asked as hivemind asks."""
 
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from swarm.schemas import PartRecord
 pytestmark = pytest.mark.timeout(120)
 LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]
 NODES = 9
+LEGACY = NODES - 1  # the fixture's node without the read handler
 
 
 def _loopback_bytes() -> int:
@@ -37,12 +40,16 @@ def swarm_dht():
     initial = nodes[0].get_visible_maddrs()
     nodes += [hivemind.DHT(start=True, host_maddrs=LOOPBACK, initial_peers=initial,
                            record_validators=signing_validators(identity)) for identity in identities[1:]]
+    for node in nodes[:LEGACY]:
+        node.run_coroutine(schemas.serve_reads)
     yield nodes, identities
     for node in nodes:
         node.shutdown()
 
 
 def test_a_read_from_two_replicas_sees_every_record_for_a_fraction_of_the_bytes(swarm_dht):
+    """Two replicas and all five see every record; both move less than hivemind's search, in which
+    every node it visits sends the whole key."""
     nodes, identities = swarm_dht
     key, now = "wire-test/parts/3", get_dht_time()
     members = sorted(identity.fingerprint for identity in identities[1:])
@@ -54,17 +61,18 @@ def test_a_read_from_two_replicas_sees_every_record_for_a_fraction_of_the_bytes(
         written.add(("", identities[owner].fingerprint))
     time.sleep(1.0)
 
-    def reads(replicas: int, times: int = 10) -> tuple[float, set]:
+    def reads(read, times: int = 10) -> tuple[float, set]:
         before, seen = _loopback_bytes(), set()
         for _ in range(times):
-            seen = set(schemas.read(nodes[0], key, PartRecord, get_dht_time(), replicas=replicas))
+            seen = read()
         time.sleep(0.5)  # stores hivemind makes after a search (caching at the nearest node) land too
         return (_loopback_bytes() - before) / times, seen
 
-    full, seen_full = reads(0)
-    near, seen_near = reads(2)
-    assert seen_full == written and seen_near == written
-    assert near < 0.7 * full, (near, full)
+    searched, _ = reads(lambda: nodes[0].get(key, latest=True))
+    every, seen_every = reads(lambda: set(schemas.read(nodes[0], key, PartRecord, get_dht_time(), replicas=0)))
+    near, seen_near = reads(lambda: set(schemas.read(nodes[0], key, PartRecord, get_dht_time(), replicas=2)))
+    assert seen_every == written and seen_near == written
+    assert near < 0.7 * every < 0.7 * searched, (near, every, searched)
 
 
 async def _holds(_dht, node, key: str) -> tuple[bytes, int]:
@@ -135,10 +143,132 @@ def test_a_node_in_client_mode_stores_only_at_nodes_that_others_can_reach(swarm_
         client.shutdown()
 
 
-def test_a_round_polls_its_records_from_two_replicas_and_reads_its_members_from_every_node(tmp_path, monkeypatch):
+async def _ask_straight(_dht, node, peer_id, key: str) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(found a value, neighbours listed) in `peer_id`'s answer to `schemas.serve_reads`'s handler
+    and in its answer to hivemind's rpc_find, for `key` (run in the asking node's process)."""
+    from hivemind.dht.routing import DHTID
+    from hivemind.proto import dht_pb2
+
+    request = dht_pb2.FindRequest(keys=[DHTID.generate(source=key).to_bytes()], peer=node.protocol.node_info)
+    ours = await node.protocol.p2p.call_protobuf_handler(peer_id, schemas.READ_HANDLER, request, dht_pb2.FindResponse)
+    theirs = await node.protocol.get_stub(peer_id).rpc_find(request)
+    return tuple((int(r.results[0].type == dht_pb2.FOUND_DICTIONARY), len(r.results[0].nearest_node_ids))
+                 for r in (ours, theirs))
+
+
+async def _forget(_dht, node, key: str) -> None:
+    """Drop what this node holds at `key` (run in its process)."""
+    from hivemind.dht.routing import DHTID
+
+    key_id = DHTID.generate(source=key)
+    for storage in (node.protocol.storage, node.protocol.cache):
+        if key_id in storage:
+            del storage[key_id]
+
+
+async def _plant(_dht, node, key: str, subkey: bytes, value: bytes, expiration: float) -> bool:
+    """Put a value straight into this node's storage, past its validators (run in its process)."""
+    from hivemind.dht.routing import DHTID
+
+    return node.protocol.storage.store_subkey(DHTID.generate(source=key), subkey, value, expiration)
+
+
+def _node_id(node) -> bytes:
+    return node.run_coroutine(functools.partial(_holds, key="-"))[0]
+
+
+def test_a_poll_is_answered_straight_without_the_neighbours_hivemind_lists(swarm_dht):
+    """hivemind's rpc_find lists up to a k-bucket of nearest nodes in every answer, for a search to
+    go on; a poll that knows the nearest nodes needs none of them, and its answers carry none."""
+    from hivemind.dht.routing import DHTID
+
+    nodes, identities = swarm_dht
+    key, now = "wire-test/votes/7", get_dht_time()
+    written = set()
+    for writer in range(1, 5):
+        assert schemas.store(nodes[writer], key, identities[writer], PartRecord(round=7, members=[], reductions=[],
+                                                                                 p2p="Qm" + "v" * 44), now + 60)
+        written.add(("", identities[writer].fingerprint))
+    key_id = DHTID.generate(source=key)
+    holder = min((n for n in range(LEGACY) if n != 0), key=lambda n: key_id.xor_distance(DHTID.from_bytes(_node_id(nodes[n]))))
+    ours, theirs = nodes[0].run_coroutine(functools.partial(_ask_straight, peer_id=nodes[holder].peer_id, key=key))
+    assert ours == (1, 0) and theirs[0] == 1 and theirs[1] >= NODES - 2, (ours, theirs)
+
+    def reads(read, times: int = 10) -> float:
+        before = _loopback_bytes()
+        for _ in range(times):
+            read()
+        time.sleep(0.5)
+        return (_loopback_bytes() - before) / times
+
+    straight = reads(lambda: schemas.read(nodes[0], key, PartRecord, get_dht_time(), replicas=2))
+    searched = reads(lambda: nodes[0].get(key, latest=True, beam_size=2))
+    assert set(schemas.read(nodes[0], key, PartRecord, get_dht_time(), replicas=2)) == written
+    # two answers, each without 7 neighbours of 60 bytes or so (node id, peer id, framing)
+    assert straight < searched - 2 * (NODES - 2) * 40, (straight, searched)
+
+
+def test_a_node_without_the_read_handler_is_asked_as_hivemind_asks(swarm_dht):
+    """A node of a release without `serve_reads` answers through rpc_find: when only it holds a
+    key, a poll finds the records there."""
+    nodes, identities = swarm_dht
+    key, now = "wire-test/ready/legacy", get_dht_time()
+    assert schemas.store(nodes[1], key, identities[1], PartRecord(round=1, members=[], reductions=[],
+                                                                  p2p="Qm" + "l" * 44), now + 60)
+    held = [entry for node in nodes for entry in node.run_coroutine(functools.partial(_entries, key=key))]
+    assert held
+    for node in nodes:
+        node.run_coroutine(functools.partial(_forget, key=key))
+    assert schemas.read(nodes[0], key, PartRecord, get_dht_time(), replicas=NODES) == {}
+    subkey, value, expiration = held[0]
+    assert nodes[LEGACY].run_coroutine(functools.partial(_plant, key=key, subkey=subkey, value=value,
+                                                         expiration=expiration))
+    assert set(schemas.read(nodes[0], key, PartRecord, get_dht_time(), replicas=NODES)) == {("", identities[1].fingerprint)}
+
+
+async def _entries(_dht, node, key: str) -> list[tuple[bytes, bytes, float]]:
+    """(subkey, signed value, expiration) of what this node holds at `key` (run in its process)."""
+    from hivemind.dht.routing import DHTID
+
+    entry = node.protocol.storage.get(DHTID.generate(source=key))
+    return [] if entry is None else [(subkey, item.value, item.expiration_time) for subkey, item in entry.value.items()]
+
+
+def test_a_forged_record_in_a_nodes_answer_is_dropped(swarm_dht):
+    """The two nodes nearest to a key hand out a record its writer never signed (planted in their
+    storage past their validators) beside a genuine one: the reader's own validators check every
+    entry, the forgery never surfaces and the genuine record is not lost with it."""
+    from hivemind.dht.routing import DHTID
+
+    nodes, identities = swarm_dht
+    ids = [DHTID.from_bytes(_node_id(node)) for node in nodes]
+
+    def nearest(key: str) -> list[int]:
+        return sorted(range(NODES), key=lambda n: DHTID.generate(source=key).xor_distance(ids[n]))[:2]
+
+    # a key whose two nearest nodes both answer through the read handler, and neither is the reader
+    key = next(k for k in (f"wire-test/ready/forged{i}" for i in range(1000)) if not {0, LEGACY} & set(nearest(k)))
+    now = get_dht_time()
+    assert schemas.store(nodes[1], key, identities[1], PartRecord(round=2, members=[], reductions=[],
+                                                                  p2p="Qm" + "f" * 44), now + 60)
+    forged = PartRecord(round=2, members=[], reductions=[], p2p="Qm" + "g" * 44)
+    value = nodes[0].run_coroutine(functools.partial(_serialize, value=schemas.dump(forged))) + b"[sig]" + bytes(64)
+    for n in nearest(key):
+        assert nodes[n].run_coroutine(functools.partial(_plant, key=key, subkey=identities[2].subkey(), value=value,
+                                                        expiration=now + 60))
+    for replicas in (2, NODES):
+        seen = schemas.read(nodes[0], key, PartRecord, get_dht_time(), replicas=replicas)
+        assert ("", identities[2].fingerprint) not in seen and ("", identities[1].fingerprint) in seen, seen
+
+
+async def _serialize(_dht, node, value) -> bytes:
+    return node.protocol.serializer.dumps(value)
+
+
+def test_a_round_polls_its_records_from_two_replicas_and_reads_its_members_from_the_store_replicas(tmp_path, monkeypatch):
     """The in-memory swarm, every DHT read recorded with the nodes it asks: the ready records and
-    the holders that decide a round's members are read thoroughly once per round, every other poll
-    narrowly."""
+    the holders that decide a round's members are read thoroughly (a search of the 5 nodes that
+    every record is stored at) once per round, every other poll narrowly."""
     from swarm.memnet import MemoryDHT
     from tests.memswarm import MemorySwarm, tiny_config
 
@@ -147,7 +277,7 @@ def test_a_round_polls_its_records_from_two_replicas_and_reads_its_members_from_
 
     def recording_get(self, key, latest=True, return_future=False, **kwargs):
         if return_future:  # as `schemas.read` asks; the in-memory DHT then calls get again, synchronously
-            asked.append((key, kwargs.get("beam_size", 0)))
+            asked.append((key, kwargs["beam_size"]))
         return get(self, key, latest, return_future, **kwargs)
 
     monkeypatch.setattr(MemoryDHT, "get", recording_get)
@@ -157,12 +287,43 @@ def test_a_round_polls_its_records_from_two_replicas_and_reads_its_members_from_
     mem.trainer("p0"), mem.trainer("p1")
     mem.run()
     assert len(set(mem.digests().values())) == 1
-    keys = mem["p0"].role.keys
+    keys, thorough = mem["p0"].role.keys, schemas.STORE_REPLICAS
     for r in range(rounds):
         ready = [beam for key, beam in asked if key == keys.ready(r)]
-        assert ready.count(0) >= 3 and ready.count(2) > ready.count(0), ready  # each member settles once
+        assert ready.count(thorough) >= 3 and ready.count(2) > ready.count(thorough), ready  # each member settles once
         assert {beam for key, beam in asked if key in (keys.parts(r), keys.hashes(r))} == {2}
     # the holders are read thoroughly where they decide (a round closing early, its members), twice
     # a round at most for each of the 3 nodes; every other lease read is narrow
     leases = [beam for key, beam in asked if key == keys.leases]
-    assert set(leases) == {0, 2} and leases.count(0) <= 2 * 3 * rounds, leases
+    assert set(leases) == {thorough, 2} and leases.count(thorough) <= 2 * 3 * rounds, leases
+
+
+def test_a_poll_takes_the_next_nearest_node_for_each_that_left():
+    """The two nodes nearest to a key leave without a word (still in every routing table): a poll
+    from two replicas asks the next nearest instead, and finds the records there."""
+    import hivemind
+    from hivemind.dht.routing import DHTID
+
+    identities = [Identity() for _ in range(6)]
+    nodes = [hivemind.DHT(start=True, host_maddrs=LOOPBACK, record_validators=signing_validators(identities[0]))]
+    nodes += [hivemind.DHT(start=True, host_maddrs=LOOPBACK, initial_peers=nodes[0].get_visible_maddrs(),
+                           record_validators=signing_validators(identity)) for identity in identities[1:]]
+    try:
+        for node in nodes:
+            node.run_coroutine(schemas.serve_reads)
+        ids = [DHTID.from_bytes(_node_id(node)) for node in nodes]
+        # a key whose three nearest nodes are neither the reader (0) nor the writer (1)
+        key = next(k for k in (f"wire-test/leases/{i}" for i in range(1000))
+                   if not {0, 1} & set(sorted(range(6), key=lambda n: DHTID.generate(source=k).xor_distance(ids[n]))[:3]))
+        nearest = sorted(range(6), key=lambda n: DHTID.generate(source=key).xor_distance(ids[n]))
+        assert schemas.store(nodes[1], key, identities[1], PartRecord(round=4, members=[], reductions=[],
+                                                                      p2p="Qm" + "n" * 44), get_dht_time() + 60)
+        for n in nearest[:2]:
+            nodes[n].shutdown()
+        for _ in range(2):  # and again, once the reader knows they are gone
+            seen = schemas.read(nodes[0], key, PartRecord, get_dht_time(), replicas=2)
+            assert set(seen) == {("", identities[1].fingerprint)}, seen
+    finally:
+        for node in nodes:
+            if node.is_alive():
+                node.shutdown()
