@@ -17,12 +17,15 @@ import asyncio
 import concurrent.futures
 import hashlib
 import logging
+import math
+import random
 import struct
 import threading
 import time
 from typing import AsyncIterator, Callable
 
 from hivemind.p2p import P2P, P2PContext, P2PDaemonError, P2PHandlerError, PeerID, ServicerBase
+from hivemind.p2p.p2p_daemon_bindings.utils import ControlFailure
 from hivemind.proto import runtime_pb2
 
 from swarm.errors import Stopped
@@ -31,6 +34,9 @@ log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 1 << 20
 _HEADER = struct.Struct("<BQ")  # found flag, total length
+# libp2p refuses to dial a peer again for about this long after a dial to it failed (5 s, growing
+# with repeated failures).
+DIAL_BACKOFF = 5.0
 
 
 class TransferError(Exception):
@@ -123,6 +129,7 @@ class BlobServer:
         self.inbox = Inbox()  # its budget is set by the merge protocol, which knows the model
         self.bytes_sent = 0
         self.bytes_received = 0
+        self._broken_handshakes: dict[str, float] = {}  # peer -> when a dial to it last broke in its handshake
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="lte-blobs", daemon=True)
         self._thread.start()
@@ -172,7 +179,36 @@ class BlobServer:
     def fetch(self, peer: str, name: str, timeout: float, max_bytes: int) -> bytes:
         """Download blob `name` from `peer`; raises TransferError on any failure, Stopped if the
         peer is asked to stop meanwhile."""
-        return self._wait(self._fetch(peer, name, max_bytes), timeout, f"fetching {name} from {peer[-8:]}")
+        return self._wait(self._fetch_redialing(peer, name, max_bytes), timeout, f"fetching {name} from {peer[-8:]}")
+
+    async def _fetch_redialing(self, peer: str, name: str, max_bytes: int) -> bytes:
+        """`_fetch`, dialed again after a failed dial while the caller's timeout lasts. Two peers
+        that dial each other at the same moment (both fetching the other's blobs as a round's
+        transfers begin) can both fail their handshakes, libp2p's simultaneous open, and then
+        libp2p refuses to dial that peer for a few seconds; two peers that retried as soon as
+        that allowed would collide again. So each waits a random pause past the backoff: the
+        first to dial again connects, and the other's request rides on that connection."""
+        while True:
+            try:
+                return await self._fetch(peer, name, max_bytes)
+            except ControlFailure as exc:
+                pause = self._redial_pause(peer, str(exc))
+                if pause is None:
+                    raise
+                log.info("could not dial %s (%s); dialing again in %.1fs", peer[-8:], str(exc).splitlines()[-1].strip(), pause)
+                await asyncio.sleep(pause)
+
+    def _redial_pause(self, peer: str, error: str) -> float | None:
+        """How long to wait before dialing `peer` again after `error`, or None to give up now. Only
+        a dial that reached the peer but broke in the security handshake is tried again (and the
+        dials libp2p then refuses during its backoff): a peer that refuses connections or does
+        not answer is gone, and a round must not wait on it. Runs on the transport's loop."""
+        now = time.monotonic()
+        if "failed to negotiate security protocol" in error:
+            self._broken_handshakes[peer] = now
+        elif not ("dial backoff" in error and now - self._broken_handshakes.get(peer, -math.inf) < 3 * DIAL_BACKOFF):
+            return None
+        return random.uniform(1.0, 2.0) * DIAL_BACKOFF
 
     def push(self, peer: str, data: bytes, timeout: float) -> None:
         """Upload `data` into `peer`'s inbox; raises TransferError if it fails or is refused."""

@@ -1,0 +1,105 @@
+"""The blob transport over real hivemind nodes on loopback. A download whose dial broke in the
+security handshake (as when two peers dial each other at the same moment, both fetching the
+other's blobs) dials again after a pause past libp2p's dial backoff and completes once the peer
+answers properly, within the caller's timeout; a download from a peer that is gone fails at once."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import pytest
+
+from swarm.transport import DIAL_BACKOFF, BlobServer, TransferError
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def _server(tmp_path, fetcher, port: int = 0):
+    """A node with a stable peer id (its key in tmp_path), serving one blob."""
+    import hivemind
+
+    node = hivemind.DHT(start=True, host_maddrs=[f"/ip4/127.0.0.1/tcp/{port}"],
+                        initial_peers=fetcher.get_visible_maddrs(), identity_path=str(tmp_path / "server.key"))
+    blobs = BlobServer(node, namespace="t")
+    blobs.publish("w", BLOB)
+    return node, blobs
+
+
+BLOB = bytes(range(256)) * 4000
+
+
+class _BrokenHandshakes:
+    """A listener at `port` that takes each connection and closes it mid-handshake."""
+
+    def __init__(self, port: int):
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", port))
+        self.sock.listen(8)
+        self.accepted = 0
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            conn.recv(64)
+            conn.close()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_a_dial_broken_in_its_handshake_is_dialed_again_and_a_gone_peer_fails_at_once(tmp_path):
+    import hivemind
+
+    fetcher = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    client = BlobServer(fetcher, namespace="t")
+    node, blobs = _server(tmp_path, fetcher)
+    port = int(str(node.get_visible_maddrs()[0]).split("/tcp/")[1].split("/")[0])
+    peer = str(node.peer_id)
+    try:
+        assert client.fetch(peer, "w", timeout=10, max_bytes=len(BLOB)) == BLOB  # connected once
+        blobs.shutdown()
+        node.shutdown()
+        broken = _BrokenHandshakes(port)
+        got: dict = {}
+
+        def fetch() -> None:
+            started = time.monotonic()
+            try:
+                got["blob"] = client.fetch(peer, "w", timeout=3 * DIAL_BACKOFF, max_bytes=len(BLOB))
+            except TransferError as exc:
+                got["error"] = exc
+            got["seconds"] = time.monotonic() - started
+
+        thread = threading.Thread(target=fetch)
+        thread.start()
+        deadline = time.monotonic() + DIAL_BACKOFF
+        while broken.accepted == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert broken.accepted >= 1  # the first dial reached the address and broke in its handshake
+        broken.close()
+        node, blobs = _server(tmp_path, fetcher, port=port)  # the peer answers at the same address
+        assert str(node.peer_id) == peer
+        thread.join(timeout=5 * DIAL_BACKOFF)
+        assert got.get("blob") == BLOB, got
+        assert got["seconds"] >= DIAL_BACKOFF, got  # it waited out libp2p's backoff before dialing again
+
+        blobs.shutdown()
+        node.shutdown()
+        started = time.monotonic()
+        with pytest.raises(TransferError):  # nobody listens there now: no pause, no second dial
+            client.fetch(peer, "w", timeout=3 * DIAL_BACKOFF, max_bytes=len(BLOB))
+        assert time.monotonic() - started < DIAL_BACKOFF / 2
+    finally:
+        for closing in (client.shutdown, blobs.shutdown, node.shutdown, fetcher.shutdown):
+            try:
+                closing()
+            except Exception:
+                pass
