@@ -317,3 +317,58 @@ def test_a_poll_takes_the_next_nearest_node_for_each_that_left():
         for node in nodes:
             if node.is_alive():
                 node.shutdown()
+
+
+async def _slow_reads(_dht, node, seconds: float) -> None:
+    """Make this node answer reads only after `seconds`, as behind a link busy with transfers."""
+    import asyncio
+
+    from hivemind.proto import dht_pb2
+
+    async def slow(request, context):
+        await asyncio.sleep(seconds)
+        return dht_pb2.FindResponse(results=[])
+
+    await node.protocol.p2p.remove_protobuf_handler(schemas.READ_HANDLER)
+    await node.protocol.p2p.add_protobuf_handler(schemas.READ_HANDLER, slow, dht_pb2.FindRequest)
+
+
+async def _knows(_dht, node, node_id: bytes) -> bool:
+    from hivemind.dht.routing import DHTID
+
+    return DHTID.from_bytes(node_id) in node.protocol.routing_table
+
+
+def test_a_slow_node_is_read_around_within_the_budget_and_stays_known():
+    """The two nodes nearest to a key answer only after 30 s: a two-replica read asks the next
+    nearest once they are late, finds the record within the read budget, and keeps the slow
+    nodes in its routing table (a live node behind a busy link is not gone)."""
+    import hivemind
+    from hivemind.dht.routing import DHTID
+
+    identities = [Identity() for _ in range(6)]
+    nodes = [hivemind.DHT(start=True, host_maddrs=LOOPBACK, record_validators=signing_validators(identities[0]))]
+    nodes += [hivemind.DHT(start=True, host_maddrs=LOOPBACK, initial_peers=nodes[0].get_visible_maddrs(),
+                           record_validators=signing_validators(identity)) for identity in identities[1:]]
+    try:
+        for node in nodes:
+            node.run_coroutine(schemas.serve_reads)
+        ids = [_node_id(node) for node in nodes]
+
+        def nearest(key: str) -> list[int]:
+            return sorted(range(6), key=lambda n: DHTID.generate(source=key).xor_distance(DHTID.from_bytes(ids[n])))
+
+        key = next(k for k in (f"wire-test/slow/{i}" for i in range(1000)) if not {0, 1} & set(nearest(k)[:3]))
+        assert schemas.store(nodes[1], key, identities[1], PartRecord(round=6, members=[], reductions=[],
+                                                                      p2p="Qm" + "s" * 44), get_dht_time() + 60)
+        slow = nearest(key)[:2]
+        for n in slow:
+            nodes[n].run_coroutine(functools.partial(_slow_reads, seconds=30.0))
+        started = time.monotonic()
+        seen = schemas.read(nodes[0], key, PartRecord, get_dht_time(), replicas=2)
+        assert set(seen) == {("", identities[1].fingerprint)}, seen
+        assert time.monotonic() - started < schemas.READ_BUDGET + 1
+        assert all(nodes[0].run_coroutine(functools.partial(_knows, node_id=ids[n])) for n in slow)
+    finally:
+        for node in nodes:
+            node.shutdown()
