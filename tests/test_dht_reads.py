@@ -236,19 +236,22 @@ def test_a_forged_record_in_a_nodes_answer_is_dropped(swarm_dht):
     def nearest(key: str) -> list[int]:
         return sorted(range(NODES), key=lambda n: DHTID.generate(source=key).xor_distance(ids[n]))[:2]
 
-    # a key whose two nearest nodes both answer through the read handler, and neither is the reader
-    key = next(k for k in (f"wire-test/ready/forged{i}" for i in range(1000)) if not {0, LEGACY} & set(nearest(k)))
+    # a key whose two nearest nodes both answer through the read handler (one node is excluded:
+    # such a key always exists), read by a node that is neither of them
+    key = next(k for k in (f"wire-test/ready/forged{i}" for i in range(1000)) if LEGACY not in nearest(k))
+    reader = next(n for n in range(NODES) if n not in nearest(key))
+    writer, forger = [n for n in range(NODES) if n != reader][:2]
     now = get_dht_time()
-    assert schemas.store(nodes[1], key, identities[1], PartRecord(round=2, members=[], reductions=[],
-                                                                  p2p="Qm" + "f" * 44), now + 60)
+    assert schemas.store(nodes[writer], key, identities[writer], PartRecord(round=2, members=[], reductions=[],
+                                                                            p2p="Qm" + "f" * 44), now + 60)
     forged = PartRecord(round=2, members=[], reductions=[], p2p="Qm" + "g" * 44)
-    value = nodes[0].run_coroutine(functools.partial(_serialize, value=schemas.dump(forged))) + b"[sig]" + bytes(64)
+    value = nodes[reader].run_coroutine(functools.partial(_serialize, value=schemas.dump(forged))) + b"[sig]" + bytes(64)
     for n in nearest(key):
-        assert nodes[n].run_coroutine(functools.partial(_plant, key=key, subkey=identities[2].subkey(), value=value,
-                                                        expiration=now + 60))
+        assert nodes[n].run_coroutine(functools.partial(_plant, key=key, subkey=identities[forger].subkey(),
+                                                        value=value, expiration=now + 60))
     for replicas in (2, NODES):
-        seen = schemas.read(nodes[0], key, PartRecord, get_dht_time(), replicas=replicas)
-        assert ("", identities[2].fingerprint) not in seen and ("", identities[1].fingerprint) in seen, seen
+        seen = schemas.read(nodes[reader], key, PartRecord, get_dht_time(), replicas=replicas)
+        assert ("", identities[forger].fingerprint) not in seen and ("", identities[writer].fingerprint) in seen, seen
 
 
 async def _serialize(_dht, node, value) -> bytes:
@@ -302,17 +305,17 @@ def test_a_poll_takes_the_next_nearest_node_for_each_that_left():
         for node in nodes:
             node.run_coroutine(schemas.serve_reads)
         ids = [DHTID.from_bytes(_node_id(node)) for node in nodes]
-        # a key whose three nearest nodes are neither the reader (0) nor the writer (1)
-        key = next(k for k in (f"wire-test/leases/{i}" for i in range(1000))
-                   if not {0, 1} & set(sorted(range(6), key=lambda n: DHTID.generate(source=k).xor_distance(ids[n]))[:3]))
+        key = "wire-test/leases/left"
         nearest = sorted(range(6), key=lambda n: DHTID.generate(source=key).xor_distance(ids[n]))
-        assert schemas.store(nodes[1], key, identities[1], PartRecord(round=4, members=[], reductions=[],
-                                                                      p2p="Qm" + "n" * 44), get_dht_time() + 60)
+        # the farthest node reads (it holds no copy: records go to the 5 nearest), the third writes
+        reader, writer = nearest[5], nearest[2]
+        assert schemas.store(nodes[writer], key, identities[writer], PartRecord(round=4, members=[], reductions=[],
+                                                                                p2p="Qm" + "n" * 44), get_dht_time() + 60)
         for n in nearest[:2]:
             nodes[n].shutdown()
         for _ in range(2):  # and again, once the reader knows they are gone
-            seen = schemas.read(nodes[0], key, PartRecord, get_dht_time(), replicas=2)
-            assert set(seen) == {("", identities[1].fingerprint)}, seen
+            seen = schemas.read(nodes[reader], key, PartRecord, get_dht_time(), replicas=2)
+            assert set(seen) == {("", identities[writer].fingerprint)}, seen
     finally:
         for node in nodes:
             if node.is_alive():
@@ -358,17 +361,17 @@ def test_a_slow_node_is_read_around_within_the_budget_and_stays_known():
         def nearest(key: str) -> list[int]:
             return sorted(range(6), key=lambda n: DHTID.generate(source=key).xor_distance(DHTID.from_bytes(ids[n])))
 
-        key = next(k for k in (f"wire-test/slow/{i}" for i in range(1000)) if not {0, 1} & set(nearest(k)[:3]))
-        assert schemas.store(nodes[1], key, identities[1], PartRecord(round=6, members=[], reductions=[],
-                                                                      p2p="Qm" + "s" * 44), get_dht_time() + 60)
-        slow = nearest(key)[:2]
+        key = "wire-test/slow"
+        slow, reader, writer = nearest(key)[:2], nearest(key)[5], nearest(key)[2]  # the reader holds no copy
+        assert schemas.store(nodes[writer], key, identities[writer], PartRecord(round=6, members=[], reductions=[],
+                                                                                p2p="Qm" + "s" * 44), get_dht_time() + 60)
         for n in slow:
             nodes[n].run_coroutine(functools.partial(_slow_reads, seconds=30.0))
         started = time.monotonic()
-        seen = schemas.read(nodes[0], key, PartRecord, get_dht_time(), replicas=2)
-        assert set(seen) == {("", identities[1].fingerprint)}, seen
+        seen = schemas.read(nodes[reader], key, PartRecord, get_dht_time(), replicas=2)
+        assert set(seen) == {("", identities[writer].fingerprint)}, seen
         assert time.monotonic() - started < schemas.READ_BUDGET + 1
-        assert all(nodes[0].run_coroutine(functools.partial(_knows, node_id=ids[n])) for n in slow)
+        assert all(nodes[reader].run_coroutine(functools.partial(_knows, node_id=ids[n])) for n in slow)
     finally:
         for node in nodes:
             node.shutdown()
