@@ -247,9 +247,6 @@ async def _store_nearest(_dht, node, key: str, value: Any, expiration: float, su
 STORE_REPLICAS = 5
 # The handler through which a node hands out what it holds at a key, and nothing else.
 READ_HANDLER = "lte_swarm.read"
-# A straight read returns what it has after this long (a peer waits READ_TIMEOUT at most): on a
-# link busy with a round's transfers an answer can queue behind megabytes for seconds.
-READ_BUDGET = 7.0
 MAX_KEYS_ASKED = 16  # `_read_nearest` asks one key a call; a larger ask is answered in part
 
 
@@ -291,11 +288,8 @@ async def _read_nearest(_dht, node, key: str, replicas: int):
     of each subkey, signatures stripped). Every entry is checked by this node's validators; one
     that fails is dropped alone (hivemind drops the node's whole answer, so a node that adds one
     forged entry would hide every record it holds there).
-    A node that cannot be reached is replaced by the next nearest, as `_store_nearest` does, and
-    leaves the routing table, as hivemind does; one that is only slow is replaced too but stays
-    (a live node behind a busy link is not gone). One that has no `serve_reads` handler is asked
-    through hivemind's `rpc_find`. After READ_BUDGET seconds, what has arrived is the answer.
-    While a node knows
+    A node that does not answer is replaced by the next nearest, as `_store_nearest` does; one
+    that has no `serve_reads` handler is asked through hivemind's `rpc_find`. While a node knows
     fewer nodes than fill one k-bucket, its routing table holds every node it has heard of and
     these are the nearest; a node that knows more searches, as hivemind does."""
     from hivemind.dht.node import _SearchState
@@ -326,9 +320,6 @@ async def _read_nearest(_dht, node, key: str, replicas: int):
                 key_bytes, protocol.IS_REGULAR_VALUE, result.value, result.expiration_time):
             found.add_candidate(ValueWithExpiration(result.value, result.expiration_time), source)
 
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + READ_BUDGET
-
     async def one(node_id) -> bool:
         if node_id == node.node_id:
             found.add_candidate(protocol.storage.get(key_id), node_id)
@@ -337,14 +328,13 @@ async def _read_nearest(_dht, node, key: str, replicas: int):
         if peer_id in node.blacklist:
             return False
         request = dht_pb2.FindRequest(keys=[key_bytes], peer=protocol.node_info)
-        wait = max(0.1, min(protocol.wait_timeout, deadline - loop.time()))
         try:
             try:
                 async with protocol.rpc_semaphore:
                     response = await asyncio.wait_for(protocol.p2p.call_protobuf_handler(
-                        peer_id, READ_HANDLER, request, dht_pb2.FindResponse), wait)
+                        peer_id, READ_HANDLER, request, dht_pb2.FindResponse), protocol.wait_timeout)
             except (P2PHandlerError, P2PDaemonError):  # a node without the handler: ask it as hivemind would
-                answer = await asyncio.wait_for(protocol.call_find(peer_id, [key_id]), wait)
+                answer = await protocol.call_find(peer_id, [key_id])
                 if answer is None:
                     raise ConnectionError("no answer")
                 value, _ = answer[key_id]
@@ -352,8 +342,6 @@ async def _read_nearest(_dht, node, key: str, replicas: int):
                 return True
             if len(response.results) == 1:
                 take(response.results[0], node_id)
-        except asyncio.TimeoutError:
-            return False
         except Exception:
             node.blacklist.register_failure(peer_id)
             asyncio.create_task(protocol.update_routing_table(node_id, peer_id, responded=False))
@@ -362,7 +350,7 @@ async def _read_nearest(_dht, node, key: str, replicas: int):
         return True
 
     answered = 0
-    while candidates and answered < replicas and loop.time() < deadline:
+    while candidates and answered < replicas:
         batch, candidates = candidates[:replicas - answered], candidates[replicas - answered:]
         answered += sum(await asyncio.gather(*(one(n) for n in batch)))
     found.finish_search()

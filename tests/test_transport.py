@@ -52,6 +52,10 @@ class _BrokenHandshakes:
             conn.close()
 
     def close(self) -> None:
+        try:  # wakes the thread blocked in accept, which would otherwise keep the port taken
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         self.sock.close()
 
 
