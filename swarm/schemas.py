@@ -201,27 +201,48 @@ def store(dht, key: str, identity: Identity, record: BaseModel, expiration: floa
     return bool(future.result()) if wait else True
 
 
+def _known_nearest(node, key_id) -> list | None:
+    """The node ids that hold records at `key_id`, nearest first: every node this node knows
+    (itself included, unless in client mode: a copy it keeps serves nobody else). While a node
+    knows fewer nodes than fill one k-bucket, its routing table holds every node it has heard of
+    and no search would find nearer ones; None once it knows more: then it must search."""
+    protocol = node.protocol
+    known = protocol.routing_table.uid_to_peer_id
+    if len(known) >= protocol.bucket_size:
+        return None
+    return sorted([*known, *([] if protocol.client_mode else [node.node_id])], key=key_id.xor_distance)
+
+
+async def _ask_in_turn(candidates: list, want: int, ask) -> list:
+    """`ask` the `want` nearest of `candidates` at once, and the next nearest for each that does
+    not answer (returns None), as hivemind's store does; the answers."""
+    answers: list = []
+    while candidates and len(answers) < want:
+        batch, candidates = candidates[:want - len(answers)], candidates[want - len(answers):]
+        answers += [a for a in await asyncio.gather(*(ask(n) for n in batch)) if a is not None]
+    return answers
+
+
 async def _store_nearest(_dht, node, key: str, value: Any, expiration: float, subkey: bytes) -> bool:
     """Runs in the DHT's process. hivemind's store first searches for the key's nearest nodes,
     and every node the search asks answers with all the key holds: a store into a key that holds
     a record of each of 8 peers moved 28 KB on a 9-node loopback DHT (32 with RSA keys), storing
     straight at the 5 nearest nodes 7 KB. While a node knows fewer nodes than fill one k-bucket,
     its routing table holds every node it has heard of and no search would find nearer ones than
-    it knows: it stores at the `num_replicas` nearest of them (itself included, unless in client
-    mode) straight away, taking the next nearest for each that does not answer, as hivemind's
-    store does. A node that knows more searches first, as hivemind does."""
+    it knows (`_known_nearest`): it stores at the `num_replicas` nearest of them straight away,
+    taking the next nearest for each that does not answer, as hivemind's store does. A node that
+    knows more searches first, as hivemind does."""
     from hivemind.dht.validation import DHTRecord
 
     protocol = node.protocol
-    known = dict(protocol.routing_table.uid_to_peer_id)
-    if len(known) >= protocol.bucket_size:
-        return bool(await node.store(key, value, expiration, subkey=subkey))
     key_id = DHTID.generate(source=key)
+    candidates = _known_nearest(node, key_id)
+    if candidates is None:
+        return bool(await node.store(key, value, expiration, subkey=subkey))
+    known = dict(protocol.routing_table.uid_to_peer_id)  # as the candidates were taken: nodes may leave it meanwhile
     record = DHTRecord(key_id.to_bytes(), protocol.serializer.dumps(subkey), protocol.serializer.dumps(value),
                        expiration)
     signed = protocol.record_validator.sign_value(record) if protocol.record_validator is not None else record.value
-    # a node in client mode is unreachable: a copy it keeps serves nobody else
-    candidates = sorted([*known, *([] if protocol.client_mode else [node.node_id])], key=key_id.xor_distance)
 
     async def one(node_id) -> bool | None:
         if node_id == node.node_id:
@@ -233,14 +254,7 @@ async def _store_nearest(_dht, node, key: str, value: Any, expiration: float, su
                                            expiration_time=[expiration], subkeys=[subkey])
         return None if answer is None else bool(answer[0])
 
-    stored, answered = False, 0
-    while candidates and answered < node.num_replicas:
-        batch, candidates = candidates[:node.num_replicas - answered], candidates[node.num_replicas - answered:]
-        for result in await asyncio.gather(*(one(n) for n in batch)):
-            if result is not None:
-                answered += 1
-                stored = stored or result
-    return stored
+    return any(await _ask_in_turn(candidates, node.num_replicas, one))
 
 
 # hivemind's `num_replicas`: a record is stored at this many of the nodes nearest to its key.
@@ -251,9 +265,9 @@ MAX_KEYS_ASKED = 16  # `_read_nearest` asks one key a call; a larger ask is answ
 
 
 async def serve_reads(_dht, node) -> None:
-    """Runs in the DHT's process, once, when the node starts. Answers `_read_nearest`: what this
-    node holds at the keys asked, as hivemind's `rpc_find` would, but without the nearest
-    neighbours it appends to every answer (up to a k-bucket of node ids and peer ids per key, 60
+    """Runs in the DHT's process, once, when the node starts. Answers `_read_nearest`: hivemind's
+    `rpc_find` answer (what this node holds at the keys asked) without the nearest neighbours it
+    appends to every answer (up to a k-bucket of node ids and peer ids per key, 60
     bytes a node: with 9 nodes a third of what a poll of a round's votes moved, and growing
     with the swarm). Searches still get them from `rpc_find`; a read of a key whose nearest
     nodes are known needs none."""
@@ -262,21 +276,10 @@ async def serve_reads(_dht, node) -> None:
     protocol = node.protocol
 
     async def answer(request: dht_pb2.FindRequest, context) -> dht_pb2.FindResponse:
-        if request.peer:  # as rpc_find does: whoever asks is put in the routing table
-            asyncio.create_task(protocol.rpc_ping(dht_pb2.PingRequest(peer=request.peer), context))
-        response = dht_pb2.FindResponse(results=[], peer=protocol.node_info)
-        for key_id in map(DHTID.from_bytes, request.keys[:MAX_KEYS_ASKED]):
-            item, cached = protocol.storage.get(key_id), protocol.cache.get(key_id)
-            if cached is not None and (item is None or cached.expiration_time > item.expiration_time):
-                item = cached
-            if item is None:
-                response.results.append(dht_pb2.FindResult(type=dht_pb2.NOT_FOUND))
-            elif isinstance(item.value, DictionaryDHTValue):
-                response.results.append(dht_pb2.FindResult(type=dht_pb2.FOUND_DICTIONARY, expiration_time=item.expiration_time,
-                                                           value=protocol.serializer.dumps(item.value)))
-            else:
-                response.results.append(dht_pb2.FindResult(type=dht_pb2.FOUND_REGULAR, value=item.value,
-                                                           expiration_time=item.expiration_time))
+        del request.keys[MAX_KEYS_ASKED:]
+        response = await protocol.rpc_find(request, context)
+        for result in response.results:
+            del result.nearest_node_ids[:], result.nearest_peer_ids[:]
         return response
 
     await protocol.p2p.add_protobuf_handler(READ_HANDLER, answer, dht_pb2.FindRequest)
@@ -289,21 +292,20 @@ async def _read_nearest(_dht, node, key: str, replicas: int):
     that fails is dropped alone (hivemind drops the node's whole answer, so a node that adds one
     forged entry would hide every record it holds there).
     A node that does not answer is replaced by the next nearest, as `_store_nearest` does; one
-    that has no `serve_reads` handler is asked through hivemind's `rpc_find`. While a node knows
-    fewer nodes than fill one k-bucket, its routing table holds every node it has heard of and
-    these are the nearest; a node that knows more searches, as hivemind does."""
+    that has no `serve_reads` handler is asked through hivemind's `rpc_find`. A node that knows
+    a k-bucket's worth of nodes searches, as hivemind does (`_known_nearest`)."""
     from hivemind.dht.node import _SearchState
     from hivemind.p2p import P2PDaemonError, P2PHandlerError
     from hivemind.proto import dht_pb2
 
     protocol = node.protocol
-    known = dict(protocol.routing_table.uid_to_peer_id)
-    if len(known) >= protocol.bucket_size:
-        return await node.get(key, latest=True, beam_size=replicas)
     key_id = DHTID.generate(source=key)
+    candidates = _known_nearest(node, key_id)
+    if candidates is None:
+        return await node.get(key, latest=True, beam_size=replicas)
+    known = dict(protocol.routing_table.uid_to_peer_id)  # as the candidates were taken: nodes may leave it meanwhile
     key_bytes = key_id.to_bytes()
     found = _SearchState(key_id, float("inf"), serializer=protocol.serializer, record_validator=protocol.record_validator)
-    candidates = sorted([*known, *([] if protocol.client_mode else [node.node_id])], key=key_id.xor_distance)
 
     def take(result, source) -> None:
         if result.type == dht_pb2.FOUND_DICTIONARY:
@@ -320,13 +322,13 @@ async def _read_nearest(_dht, node, key: str, replicas: int):
                 key_bytes, protocol.IS_REGULAR_VALUE, result.value, result.expiration_time):
             found.add_candidate(ValueWithExpiration(result.value, result.expiration_time), source)
 
-    async def one(node_id) -> bool:
+    async def one(node_id) -> bool | None:
         if node_id == node.node_id:
             found.add_candidate(protocol.storage.get(key_id), node_id)
             return True
         peer_id = known[node_id]
         if peer_id in node.blacklist:
-            return False
+            return None
         request = dht_pb2.FindRequest(keys=[key_bytes], peer=protocol.node_info)
         try:
             try:
@@ -345,14 +347,11 @@ async def _read_nearest(_dht, node, key: str, replicas: int):
         except Exception:
             node.blacklist.register_failure(peer_id)
             asyncio.create_task(protocol.update_routing_table(node_id, peer_id, responded=False))
-            return False
+            return None
         node.blacklist.register_success(peer_id)
         return True
 
-    answered = 0
-    while candidates and answered < replicas:
-        batch, candidates = candidates[:replicas - answered], candidates[replicas - answered:]
-        answered += sum(await asyncio.gather(*(one(n) for n in batch)))
+    await _ask_in_turn(candidates, replicas, one)
     found.finish_search()
     return found.future.result()
 
