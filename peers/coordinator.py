@@ -17,7 +17,7 @@ from peers.data import DataSource, ImageShape
 from peers.models import create_lte_model
 from peers.node import Runtime, announce_run, join_rounds
 from peers.training import evaluate
-from swarm import schemas
+from swarm import dht_io
 from swarm.config import RunConfig
 from swarm.clock import run_steps
 from swarm.errors import ConfigError
@@ -98,7 +98,7 @@ class Coordinator:
         self.protocol.announce()
         progress = RunProgress(round=self.protocol.round, digest=self.model.state_digest(), rounds_total=self.cfg.rounds,
                                samples=sum(h.samples for h in self.history), history=self.history[-200:])
-        schemas.store(self.dht, self.keys.progress, self.rt.identity, progress, expiration)
+        dht_io.store(self.dht, self.keys.progress, self.rt.identity, progress, expiration)
         self._published_at = self.clock.now()
 
     def start(self) -> None:

@@ -5,13 +5,14 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
-from swarm import schemas
+from swarm import dht_io
 from swarm.clock import Clock
 from swarm.config import RunConfig
 from swarm.keys import RunKeys
 from swarm.leases import HeadLeases
 from swarm.membership import Membership
-from swarm.schemas import DonorRecord, PeerPhase, RunProgress, read_statuses
+from swarm.dht_io import read_statuses
+from swarm.schemas import DonorRecord, PeerPhase, RunProgress
 
 HEAD_STATES = ("free", "leased", "training", "merging", "merged", "orphaned")
 
@@ -43,8 +44,8 @@ def snapshot(dht, keys: RunKeys, cfg: RunConfig, clock: Clock | None = None) -> 
     leases = HeadLeases(dht, keys, None, cfg.lte.heads, cfg.swarm.lease_seconds, cfg.swarm.settle_seconds, clock)
     leases.admits = membership.admits
     holders = leases.holders()
-    progress = schemas.by_writer(schemas.read(dht, keys.progress, RunProgress, now)).get(keys.coordinator)
-    donors = list(schemas.by_writer(schemas.read(dht, keys.donors, DonorRecord, now)).values())
+    progress = dht_io.by_writer(dht_io.read(dht, keys.progress, RunProgress, now)).get(keys.coordinator)
+    donors = list(dht_io.by_writer(dht_io.read(dht, keys.donors, DonorRecord, now)).values())
     round_ = max([progress.round if progress else 0] + [d.round for d in donors] + [s["round"] for s in statuses])
 
     heads = []

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterator, NamedTuple
 
-from swarm import schemas
+from swarm import dht_io
 from swarm.clock import Clock
 from swarm.config import RunConfig, parse_config
 from swarm.errors import ConfigError, LTESwarmError
@@ -59,7 +59,7 @@ def start_dht(initial_peers: list[str], host_maddrs: list[str] | None = None, id
                            cache_refresh_before_expiry=0,
                            startup_timeout=30, await_ready=True)
         try:
-            dht.run_coroutine(schemas.serve_reads)  # others' polls of the keys it holds
+            dht.run_coroutine(dht_io.serve_reads)  # others' polls of the keys it holds
         except BaseException:
             dht.shutdown()
             raise
@@ -119,15 +119,15 @@ def _isolate_dht_process(parent: int) -> None:
 
 def announce_run(dht, keys: RunKeys, identity: Identity, record: RunRecord, expiration: float) -> None:
     """The coordinator's signed run record and its entry in the list of runs."""
-    schemas.store(dht, keys.run, identity, record, expiration)
-    schemas.store(dht, RUNS_KEY, identity, RunAnnouncement(created=record.created, model=record.config["model"]["name"]),
+    dht_io.store(dht, keys.run, identity, record, expiration)
+    dht_io.store(dht, RUNS_KEY, identity, RunAnnouncement(created=record.created, model=record.config["model"]["name"]),
                   expiration, tag=keys.run_id)
 
 
 def announced_runs(dht, now: float) -> list[str]:
     """Run ids announced by the coordinators they pin (anyone can announce a run of their own;
     nobody can announce someone else's)."""
-    found = schemas.read(dht, RUNS_KEY, RunAnnouncement, now)
+    found = dht_io.read(dht, RUNS_KEY, RunAnnouncement, now)
     runs = []
     for (run_id, writer), _ in found.items():
         try:
@@ -155,7 +155,7 @@ def find_run(dht, run_id: str | None, timeout: float = 20.0, clock: Clock | None
             if runs:
                 keys = RunKeys(runs[0])
         if keys is not None:
-            found = schemas.by_writer(schemas.read(dht, keys.run, RunRecord, clock.now())).get(keys.coordinator)
+            found = dht_io.by_writer(dht_io.read(dht, keys.run, RunRecord, clock.now())).get(keys.coordinator)
             if found is not None and found.run_id == keys.run_id and found.coordinator == keys.coordinator:
                 return keys, found, parse_config(found.config, origin=f"run {keys.run_id}")
         if clock.monotonic() > deadline:

@@ -24,7 +24,8 @@ from swarm.clock import run_steps
 from swarm.errors import ConfigError
 from swarm.keys import RunKeys
 from swarm.rounds import MergeRound, RoundResult, RoundStep
-from swarm.schemas import InviteRecord, PeerPhase, PeerStatus, ReadyRecord, publish_status
+from swarm.dht_io import publish_status
+from swarm.schemas import InviteRecord, PeerPhase, PeerStatus, ReadyRecord
 from swarm.transport import NETWORK_ERRORS
 from swarm.wire import encode_contribution
 

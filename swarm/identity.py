@@ -244,7 +244,7 @@ class SignedOnlyValidator(RecordValidatorBase):
     would stop hivemind's search for that key (its future is never resolved). Deliberately
     independent of the reading node's clock: hivemind drops a node's whole dictionary if one
     subkey fails, so a time-dependent rule would let a stranger split the peers' views (how far
-    ahead a record may expire is checked per record when it is read, `schemas.read`)."""
+    ahead a record may expire is checked per record when it is read, `dht_io.read`)."""
 
     def validate(self, record: DHTRecord) -> bool:
         if not isinstance(record.subkey, bytes) or not _OWNER.search(record.subkey):

@@ -15,7 +15,7 @@ import logging
 import random
 from typing import Callable
 
-from swarm import schemas
+from swarm import dht_io
 from swarm.clock import Clock
 from swarm.identity import Identity
 from swarm.keys import RunKeys
@@ -67,7 +67,7 @@ class HeadLeases:
         `thorough`: from every node a claim is stored at, not only the nearest few."""
         now = self.clock.now()
         out = []
-        for (tag, who), (r, expiration) in schemas.read(self.dht, self.keys.leases, LeaseRecord, now,
+        for (tag, who), (r, expiration) in dht_io.read(self.dht, self.keys.leases, LeaseRecord, now,
                                                           replicas=0 if thorough else self.read_replicas).items():
             if (tag == RunKeys.lease_tag(r.head) and r.head < self.n_heads and r.claimed_at <= now + self.clock_skew
                     and expiration <= now + self.lease_seconds + 1.0 + self.clock_skew and self.admits(who, r.claimed_at)):
@@ -94,7 +94,7 @@ class HeadLeases:
     def _write(self, head: int, claimed_at: float, released: bool = False) -> None:
         record = LeaseRecord(head=head, claimed_at=claimed_at, released=released)
         expiration = self.clock.now() + self.lease_seconds + (1.0 if released else 0.0)
-        schemas.store(self.dht, self.keys.leases, self.identity, record, expiration, tag=RunKeys.lease_tag(head))
+        dht_io.store(self.dht, self.keys.leases, self.identity, record, expiration, tag=RunKeys.lease_tag(head))
 
     def propose(self, count: int, prefer: list[int] | None = None) -> list[int]:
         """Write claims for up to `count` free heads; `settle()` after `settle_seconds` says which

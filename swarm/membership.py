@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import time
 
-from swarm import schemas
+from swarm import dht_io
 from swarm.clock import Clock
 from swarm.config import SwarmConfig
 from swarm.errors import ConfigError
@@ -91,7 +91,7 @@ class Membership:
         self._read_at, self._read_time = self.clock.monotonic(), now
         if len(self._checked) > MAX_CHECKED:
             self._checked.clear()
-        for (tag, writer), (invite, _) in schemas.read(self.dht, self.keys.members, InviteRecord, now).items():
+        for (tag, writer), (invite, _) in dht_io.read(self.dht, self.keys.members, InviteRecord, now).items():
             if tag or writer != invite.member or self._until.get(writer, -1) >= invite.expires:
                 continue
             verdict = self._checked.get(invite)
@@ -120,4 +120,4 @@ class Membership:
             return
         self._published_at = self.clock.monotonic()
         expiration = min(float(self.invite.expires), self.clock.now() + 2 * PUBLISH_EVERY)
-        schemas.store(self.dht, self.keys.members, identity, self.invite, expiration)
+        dht_io.store(self.dht, self.keys.members, identity, self.invite, expiration)

@@ -35,7 +35,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from typing import Callable
 
-from swarm import schemas
+from swarm import dht_io, schemas
 from swarm.clock import Clock
 from swarm.config import SwarmConfig
 from swarm.identity import Identity
@@ -263,15 +263,15 @@ class MergeProtocol:
             return  # W changed while we hashed it (a renewal runs beside the merge): its changer announces
         self._announced = (held, now)
         record = DonorRecord(round=held[1], digest=digest, p2p=self.p2p)
-        schemas.store(self.dht, self.keys.donors, self.identity, record, self.clock.now() + 3 * self.cfg.lease_seconds)
+        dht_io.store(self.dht, self.keys.donors, self.identity, record, self.clock.now() + 3 * self.cfg.lease_seconds)
 
     def donors(self) -> dict[str, DonorRecord]:
-        found = schemas.by_writer(self._read(self.keys.donors, DonorRecord, self.clock.now()))
+        found = dht_io.by_writer(self._read(self.keys.donors, DonorRecord, self.clock.now()))
         return {who: r for who, r in found.items() if who != self.peer}
 
     def progress(self) -> RunProgress | None:
         """The coordinator's signed account of the run (its latest agreed W), if it is up."""
-        found = schemas.by_writer(self._read(self.keys.progress, RunProgress, self.clock.now()))
+        found = dht_io.by_writer(self._read(self.keys.progress, RunProgress, self.clock.now()))
         return found.get(self.authority)
 
     def trusted_state(self) -> tuple[int, str] | None:
@@ -312,7 +312,7 @@ class MergeProtocol:
         else:
             vote = self._authority_vote(r)  # nobody else's word decides who keeps a head
             members = vote.members if vote is not None else []
-        ready = schemas.by_writer(self._read(self.keys.ready(r), ReadyRecord, now))
+        ready = dht_io.by_writer(self._read(self.keys.ready(r), ReadyRecord, now))
         out = {h: who for who in members if who in ready and ready[who].round == r for h in ready[who].heads}
         if members:
             self._incumbents = (r, out)
@@ -320,7 +320,7 @@ class MergeProtocol:
 
     def _authority_vote(self, r: int) -> HashRecord | None:
         """The coordinator's digest (and contributors) for round r, if it published one."""
-        votes = schemas.by_writer(self._read(self.keys.hashes(r), HashRecord, self.clock.now()))
+        votes = dht_io.by_writer(self._read(self.keys.hashes(r), HashRecord, self.clock.now()))
         vote = votes.get(self.authority)
         return vote if vote is not None and vote.round == r else None
 
@@ -369,13 +369,13 @@ class MergeProtocol:
 
     # ---- reading a round's records ---------------------------------------------------------
     def _read(self, key: str, model: type[schemas.T], now: float,
-              thorough: bool = False) -> "schemas.Signed[schemas.T]":
-        """`schemas.read` from the nodes nearest to `key` (`swarm.read_replicas`), counted: a
+              thorough: bool = False) -> "dht_io.Signed[schemas.T]":
+        """`dht_io.read` from the nodes nearest to `key` (`swarm.read_replicas`), counted: a
         round's polls are most of what a peer sends and receives besides blobs. `thorough` asks
         all the nodes a record is stored at: for a read that decides (a node that just left is
         replaced by the next nearest, but one that lacks a fresh record is not)."""
         self.dht_reads += 1
-        return schemas.read(self.dht, key, model, now, replicas=0 if thorough else self.cfg.read_replicas)
+        return dht_io.read(self.dht, key, model, now, replicas=0 if thorough else self.cfg.read_replicas)
 
     def _ready(self, r: int, thorough: bool = False) -> dict[str, ReadyRecord]:
         """Ready records of round r that count: dated near now, from the holder of every head
@@ -384,7 +384,7 @@ class MergeProtocol:
         a reused view does not back is checked against a fresh view before it is left out (a
         claimant can be ready a few seconds after its claim)."""
         now = self.clock.now()
-        found = schemas.by_writer(self._read(self.keys.ready(r), ReadyRecord, now, thorough))
+        found = dht_io.by_writer(self._read(self.keys.ready(r), ReadyRecord, now, thorough))
         oldest = now - 3 * self.cfg.round_timeout
         dated = {who: rec for who, rec in found.items()
                  if rec.round == r and oldest <= rec.ready_at <= now + self.cfg.clock_skew}
@@ -398,7 +398,7 @@ class MergeProtocol:
         """Digests published for round r by those whose vote counts: the coordinator and the
         lease holders, one vote per signed identity."""
         voters = set(self.holders(max_age=VIEW_SECONDS).values()) | {self.authority, self.peer}
-        found = schemas.by_writer(self._read(self.keys.hashes(r), HashRecord, self.clock.now()))
+        found = dht_io.by_writer(self._read(self.keys.hashes(r), HashRecord, self.clock.now()))
         return {who: rec for who, rec in found.items() if rec.round == r and who in voters}
 
     def close_window(self, ready: dict[str, ReadyRecord]) -> float:
@@ -449,7 +449,7 @@ class MergeProtocol:
                 listing = json.dumps([hashlib.sha256(b).hexdigest() for b in blobs]).encode()
                 mr.pushed = {hashlib.sha256(b).hexdigest(): b for b in [listing, *blobs]}
                 mr.ready = ready = ready.model_copy(update={"pushed": hashlib.sha256(listing).hexdigest()})
-            schemas.store(self.dht, self.keys.ready(r), self.identity, ready, self._expiration())
+            dht_io.store(self.dht, self.keys.ready(r), self.identity, ready, self._expiration())
         return mr
 
     def poll(self, mr: MergeRound) -> RoundResult | None:
@@ -584,7 +584,7 @@ class MergeProtocol:
         for the others'."""
         mr.members = members
         self._mark(mr, "merged")
-        schemas.store(self.dht, self.keys.hashes(mr.round), self.identity,
+        dht_io.store(self.dht, self.keys.hashes(mr.round), self.identity,
                       HashRecord(round=mr.round, digest=mr.digest, members=mr.members), self._expiration())
         mr.step = RoundStep.VOTING
         mr.deadline = self.clock.monotonic() + self.cfg.merge_grace
@@ -855,7 +855,7 @@ class MergeProtocol:
         work.announced = len(work.published)
         work.expiration = max(self._expiration(), work.expiration + 1e-3)  # an equal one would be refused
         key = self.keys.sums(mr.round) if self.is_authority else self.keys.parts(mr.round)
-        schemas.store(self.dht, key, self.identity, PartRecord.of(mr.round, work.published, self.p2p), work.expiration)
+        dht_io.store(self.dht, key, self.identity, PartRecord.of(mr.round, work.published, self.p2p), work.expiration)
 
     def _agreed_parts(self, mr: MergeRound, work: ReduceWork) -> dict[int, dict[tuple[str, ...], tuple[str, list[str]]]]:
         """part -> {members: (digest, sources' addresses)} for every reduction its vouchers published
@@ -866,7 +866,7 @@ class MergeProtocol:
         when each part's first record showed up in `work.first_seen`."""
         r = mr.round
         single = self.cfg.part_owners == 1
-        found = schemas.by_writer(self._read(self.keys.sums(r) if single else self.keys.parts(r), PartRecord,
+        found = dht_io.by_writer(self._read(self.keys.sums(r) if single else self.keys.parts(r), PartRecord,
                                              self.clock.now()))
         if single:
             found = {w: rec for w, rec in found.items() if w == self.authority}

@@ -9,7 +9,7 @@ import hashlib
 
 import pytest
 
-from swarm import schemas
+from swarm import dht_io
 from swarm.schemas import DonorRecord, PartRecord
 from swarm.transport import Inbox
 from tests.memswarm import MemorySwarm, tiny_config
@@ -48,9 +48,9 @@ def test_peers_behind_nat_contribute_by_pushing_and_the_merge_is_unchanged(tmp_p
     reader = behind["coordinator"].rt.dht
     now = behind.clock.now()
     for r in range(ROUNDS if merge == "reduce" else 0):
-        writers = {w for (_, w) in schemas.read(reader, behind["p0"].role.keys.parts(r), PartRecord, now)}
+        writers = {w for (_, w) in dht_io.read(reader, behind["p0"].role.keys.parts(r), PartRecord, now)}
         assert writers and not writers & clients, writers  # never an owner
-    donors = schemas.by_writer(schemas.read(reader, behind["p0"].role.keys.donors, DonorRecord, now))
+    donors = dht_io.by_writer(dht_io.read(reader, behind["p0"].role.keys.donors, DonorRecord, now))
     assert not set(donors) & clients  # never hands out W
 
 

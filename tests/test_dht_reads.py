@@ -1,7 +1,7 @@
 """Reading a round's records from the few DHT nodes nearest to their key (`swarm.read_replicas`) over
 a real nine-node DHT on loopback: every record is still seen, and a read moves a fraction of the
 bytes of hivemind's full search, in which every node holding the key sends all of it. The nodes
-answer such reads through `schemas.serve_reads` (without the neighbours hivemind appends to every
+answer such reads through `dht_io.serve_reads` (without the neighbours hivemind appends to every
 answer), except one, which is asked as hivemind asks."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pytest
 from hivemind.utils import get_dht_time
 
 from peers.node import signing_validators
-from swarm import schemas
+from swarm import dht_io, schemas
 from swarm.identity import Identity
 from swarm.schemas import PartRecord
 
@@ -41,7 +41,7 @@ def swarm_dht():
     nodes += [hivemind.DHT(start=True, host_maddrs=LOOPBACK, initial_peers=initial,
                            record_validators=signing_validators(identity)) for identity in identities[1:]]
     for node in nodes[:LEGACY]:
-        node.run_coroutine(schemas.serve_reads)
+        node.run_coroutine(dht_io.serve_reads)
     yield nodes, identities
     for node in nodes:
         node.shutdown()
@@ -57,7 +57,7 @@ def test_a_read_from_two_replicas_sees_every_record_for_a_fraction_of_the_bytes(
     for owner in range(1, NODES):  # 16 parts, two owners each: every owner announces 4, as with 8 peers
         reductions = [(part, tuple(members), "ab" * 32) for part in range(16) if owner - 1 in (part % 8, (part + 1) % 8)]
         record = PartRecord.of(3, reductions, "Qm" + "x" * 44)
-        assert schemas.store(nodes[owner], key, identities[owner], record, now + 60)
+        assert dht_io.store(nodes[owner], key, identities[owner], record, now + 60)
         written.add(("", identities[owner].fingerprint))
     time.sleep(1.0)
 
@@ -69,8 +69,8 @@ def test_a_read_from_two_replicas_sees_every_record_for_a_fraction_of_the_bytes(
         return (_loopback_bytes() - before) / times, seen
 
     searched, _ = reads(lambda: nodes[0].get(key, latest=True))
-    every, seen_every = reads(lambda: set(schemas.read(nodes[0], key, PartRecord, get_dht_time(), replicas=0)))
-    near, seen_near = reads(lambda: set(schemas.read(nodes[0], key, PartRecord, get_dht_time(), replicas=2)))
+    every, seen_every = reads(lambda: set(dht_io.read(nodes[0], key, PartRecord, get_dht_time(), replicas=0)))
+    near, seen_near = reads(lambda: set(dht_io.read(nodes[0], key, PartRecord, get_dht_time(), replicas=2)))
     assert seen_every == written and seen_near == written
     assert near < 0.7 * every < 0.7 * searched, (near, every, searched)
 
@@ -95,10 +95,10 @@ def test_a_store_goes_straight_to_the_nearest_nodes_and_every_reader_finds_it(sw
     written = set()
     for writer in range(1, NODES):
         record = PartRecord(round=5, members=[], reductions=[], p2p="Qm" + "x" * 44)
-        assert schemas.store(nodes[writer], key, identities[writer], record, now + 60)
+        assert dht_io.store(nodes[writer], key, identities[writer], record, now + 60)
         written.add(("", identities[writer].fingerprint))
     for reader in nodes:
-        assert set(schemas.read(reader, key, PartRecord, get_dht_time(), replicas=2)) == written
+        assert set(dht_io.read(reader, key, PartRecord, get_dht_time(), replicas=2)) == written
     key_id = DHTID.generate(source=key)
     held = {DHTID.from_bytes(node_id): count
             for node_id, count in (node.run_coroutine(functools.partial(_holds, key=key)) for node in nodes)}
@@ -113,11 +113,11 @@ def test_a_store_goes_straight_to_the_nearest_nodes_and_every_reader_finds_it(sw
         time.sleep(0.5)
         return (_loopback_bytes() - before) / times
 
-    ours = store_bytes(lambda record: schemas.store(nodes[1], key, identities[1], record, get_dht_time() + 60))
+    ours = store_bytes(lambda record: dht_io.store(nodes[1], key, identities[1], record, get_dht_time() + 60))
     theirs = store_bytes(lambda record: nodes[1].store(key, schemas.dump(record), get_dht_time() + 60,
                                                        subkey=identities[1].subkey()))
     assert ours < 0.5 * theirs, (ours, theirs)
-    assert set(schemas.read(nodes[0], key, PartRecord, get_dht_time(), replicas=2)) == written
+    assert set(dht_io.read(nodes[0], key, PartRecord, get_dht_time(), replicas=2)) == written
 
 
 def test_a_node_in_client_mode_stores_only_at_nodes_that_others_can_reach(swarm_dht):
@@ -131,26 +131,26 @@ def test_a_node_in_client_mode_stores_only_at_nodes_that_others_can_reach(swarm_
                           record_validators=signing_validators(identity))
     try:
         key = "wire-test/ready/client"
-        assert schemas.store(client, key, identity, PartRecord(round=5, members=[], reductions=[], p2p="Qm" + "z" * 44),
+        assert dht_io.store(client, key, identity, PartRecord(round=5, members=[], reductions=[], p2p="Qm" + "z" * 44),
                              get_dht_time() + 60)
         assert client.run_coroutine(functools.partial(_holds, key=key))[1] == 0
         held = [node.run_coroutine(functools.partial(_holds, key=key))[1] for node in nodes]
         assert sorted(held) == [0] * (NODES - 5) + [1] * 5, held
         for reader in nodes:
-            seen = set(schemas.read(reader, key, PartRecord, get_dht_time(), replicas=2))
+            seen = set(dht_io.read(reader, key, PartRecord, get_dht_time(), replicas=2))
             assert seen == {("", identity.fingerprint)}
     finally:
         client.shutdown()
 
 
 async def _ask_straight(_dht, node, peer_id, key: str) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
-    """(found a value, neighbours listed, bytes) of `peer_id`'s answer to `schemas.serve_reads`'s
+    """(found a value, neighbours listed, bytes) of `peer_id`'s answer to `dht_io.serve_reads`'s
     handler and of its answer to hivemind's rpc_find, for `key` (run in the asking node's process)."""
     from hivemind.dht.routing import DHTID
     from hivemind.proto import dht_pb2
 
     request = dht_pb2.FindRequest(keys=[DHTID.generate(source=key).to_bytes()], peer=node.protocol.node_info)
-    ours = await node.protocol.p2p.call_protobuf_handler(peer_id, schemas.READ_HANDLER, request, dht_pb2.FindResponse)
+    ours = await node.protocol.p2p.call_protobuf_handler(peer_id, dht_io.READ_HANDLER, request, dht_pb2.FindResponse)
     theirs = await node.protocol.get_stub(peer_id).rpc_find(request)
     return tuple((int(r.results[0].type == dht_pb2.FOUND_DICTIONARY), len(r.results[0].nearest_node_ids),
                   r.ByteSize()) for r in (ours, theirs))
@@ -186,7 +186,7 @@ def test_a_poll_is_answered_straight_without_the_neighbours_hivemind_lists(swarm
     key, now = "wire-test/votes/7", get_dht_time()
     written = set()
     for writer in range(1, 5):
-        assert schemas.store(nodes[writer], key, identities[writer], PartRecord(round=7, members=[], reductions=[],
+        assert dht_io.store(nodes[writer], key, identities[writer], PartRecord(round=7, members=[], reductions=[],
                                                                                  p2p="Qm" + "v" * 44), now + 60)
         written.add(("", identities[writer].fingerprint))
     key_id = DHTID.generate(source=key)
@@ -195,7 +195,7 @@ def test_a_poll_is_answered_straight_without_the_neighbours_hivemind_lists(swarm
     assert ours[:2] == (1, 0) and theirs[0] == 1 and theirs[1] >= NODES - 2, (ours, theirs)
     # the same records, without a node id and a peer id (some 60 bytes) for each other node
     assert ours[2] < theirs[2] - (NODES - 2) * 50, (ours, theirs)
-    assert set(schemas.read(nodes[0], key, PartRecord, get_dht_time(), replicas=2)) == written
+    assert set(dht_io.read(nodes[0], key, PartRecord, get_dht_time(), replicas=2)) == written
 
 
 def test_a_node_without_the_read_handler_is_asked_as_hivemind_asks(swarm_dht):
@@ -203,17 +203,17 @@ def test_a_node_without_the_read_handler_is_asked_as_hivemind_asks(swarm_dht):
     key, a poll finds the records there."""
     nodes, identities = swarm_dht
     key, now = "wire-test/ready/legacy", get_dht_time()
-    assert schemas.store(nodes[1], key, identities[1], PartRecord(round=1, members=[], reductions=[],
+    assert dht_io.store(nodes[1], key, identities[1], PartRecord(round=1, members=[], reductions=[],
                                                                   p2p="Qm" + "l" * 44), now + 60)
     held = [entry for node in nodes for entry in node.run_coroutine(functools.partial(_entries, key=key))]
     assert held
     for node in nodes:
         node.run_coroutine(functools.partial(_forget, key=key))
-    assert schemas.read(nodes[0], key, PartRecord, get_dht_time(), replicas=NODES) == {}
+    assert dht_io.read(nodes[0], key, PartRecord, get_dht_time(), replicas=NODES) == {}
     subkey, value, expiration = held[0]
     assert nodes[LEGACY].run_coroutine(functools.partial(_plant, key=key, subkey=subkey, value=value,
                                                          expiration=expiration))
-    assert set(schemas.read(nodes[0], key, PartRecord, get_dht_time(), replicas=NODES)) == {("", identities[1].fingerprint)}
+    assert set(dht_io.read(nodes[0], key, PartRecord, get_dht_time(), replicas=NODES)) == {("", identities[1].fingerprint)}
 
 
 async def _entries(_dht, node, key: str) -> list[tuple[bytes, bytes, float]]:
@@ -242,7 +242,7 @@ def test_a_forged_record_in_a_nodes_answer_is_dropped(swarm_dht):
     reader = next(n for n in range(NODES) if n not in nearest(key))
     writer, forger = [n for n in range(NODES) if n != reader][:2]
     now = get_dht_time()
-    assert schemas.store(nodes[writer], key, identities[writer], PartRecord(round=2, members=[], reductions=[],
+    assert dht_io.store(nodes[writer], key, identities[writer], PartRecord(round=2, members=[], reductions=[],
                                                                             p2p="Qm" + "f" * 44), now + 60)
     forged = PartRecord(round=2, members=[], reductions=[], p2p="Qm" + "g" * 44)
     value = nodes[reader].run_coroutine(functools.partial(_serialize, value=schemas.dump(forged))) + b"[sig]" + bytes(64)
@@ -250,7 +250,7 @@ def test_a_forged_record_in_a_nodes_answer_is_dropped(swarm_dht):
         assert nodes[n].run_coroutine(functools.partial(_plant, key=key, subkey=identities[forger].subkey(),
                                                         value=value, expiration=now + 60))
     for replicas in (2, NODES):
-        seen = schemas.read(nodes[reader], key, PartRecord, get_dht_time(), replicas=replicas)
+        seen = dht_io.read(nodes[reader], key, PartRecord, get_dht_time(), replicas=replicas)
         assert ("", identities[forger].fingerprint) not in seen and ("", identities[writer].fingerprint) in seen, seen
 
 
@@ -269,7 +269,7 @@ def test_a_round_polls_its_records_from_two_replicas_and_reads_its_members_from_
     get = MemoryDHT.get
 
     def recording_get(self, key, latest=True, return_future=False, **kwargs):
-        if return_future:  # as `schemas.read` asks; the in-memory DHT then calls get again, synchronously
+        if return_future:  # as `dht_io.read` asks; the in-memory DHT then calls get again, synchronously
             asked.append((key, kwargs["beam_size"]))
         return get(self, key, latest, return_future, **kwargs)
 
@@ -280,7 +280,7 @@ def test_a_round_polls_its_records_from_two_replicas_and_reads_its_members_from_
     mem.trainer("p0"), mem.trainer("p1")
     mem.run()
     assert len(set(mem.digests().values())) == 1
-    keys, thorough = mem["p0"].role.keys, schemas.STORE_REPLICAS
+    keys, thorough = mem["p0"].role.keys, dht_io.STORE_REPLICAS
     for r in range(rounds):
         ready = [beam for key, beam in asked if key == keys.ready(r)]
         assert ready.count(thorough) >= 3 and ready.count(2) > ready.count(thorough), ready  # each member settles once
@@ -303,18 +303,18 @@ def test_a_poll_takes_the_next_nearest_node_for_each_that_left():
                            record_validators=signing_validators(identity)) for identity in identities[1:]]
     try:
         for node in nodes:
-            node.run_coroutine(schemas.serve_reads)
+            node.run_coroutine(dht_io.serve_reads)
         ids = [DHTID.from_bytes(_node_id(node)) for node in nodes]
         key = "wire-test/leases/left"
         nearest = sorted(range(6), key=lambda n: DHTID.generate(source=key).xor_distance(ids[n]))
         # the farthest node reads (it holds no copy: records go to the 5 nearest), the third writes
         reader, writer = nearest[5], nearest[2]
-        assert schemas.store(nodes[writer], key, identities[writer], PartRecord(round=4, members=[], reductions=[],
+        assert dht_io.store(nodes[writer], key, identities[writer], PartRecord(round=4, members=[], reductions=[],
                                                                                 p2p="Qm" + "n" * 44), get_dht_time() + 60)
         for n in nearest[:2]:
             nodes[n].shutdown()
         for _ in range(2):  # and again, once the reader knows they are gone
-            seen = schemas.read(nodes[reader], key, PartRecord, get_dht_time(), replicas=2)
+            seen = dht_io.read(nodes[reader], key, PartRecord, get_dht_time(), replicas=2)
             assert set(seen) == {("", identities[writer].fingerprint)}, seen
     finally:
         for node in nodes:

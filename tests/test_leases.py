@@ -9,7 +9,7 @@ import pytest
 from hivemind.utils import get_dht_time
 
 from peers.node import install_signing
-from swarm import schemas
+from swarm import dht_io, schemas
 from swarm.identity import Identity
 from swarm.keys import RunKeys, make_run_id
 from swarm.leases import HeadLeases, winners
@@ -68,7 +68,7 @@ def test_forged_unsigned_and_malformed_claims_are_ignored(nodes):
     assert not a.store(keys.leases, schemas.dump(LeaseRecord(head=0, claimed_at=now)), now + 10, subkey=ib.subkey("0"))
     # unsigned claims and garbage under a's own key: refused or dropped when read
     assert not a.store(keys.leases, {"head": 1, "claimed_at": now}, expiration_time=now + 10, subkey="1")
-    schemas.store(a, keys.leases, ia, LeaseRecord(head=2, claimed_at=now), now + 10, tag="3")  # tag names another head
+    dht_io.store(a, keys.leases, ia, LeaseRecord(head=2, claimed_at=now), now + 10, tag="3")  # tag names another head
     a.store(keys.leases, {"head": "one"}, expiration_time=now + 10, subkey=ia.subkey("1"))
     lb = HeadLeases(b, keys, ib, 4, lease_seconds=5.0, settle_seconds=0.5)
     assert lb.holders() == {}
@@ -116,8 +116,8 @@ def test_renewal_keeps_the_lease_and_release_frees_it_at_once():
 def test_claims_dated_in_the_future_or_outliving_a_lease_are_ignored():
     clock, (la, lb) = _memory_pair(lease=3.0)
     now = clock.now()
-    schemas.store(la.dht, la.keys.leases, la.identity, LeaseRecord(head=0, claimed_at=now + 60), now + 3, tag="0")
-    schemas.store(la.dht, la.keys.leases, la.identity, LeaseRecord(head=1, claimed_at=now), now + 600, tag="1")
+    dht_io.store(la.dht, la.keys.leases, la.identity, LeaseRecord(head=0, claimed_at=now + 60), now + 3, tag="0")
+    dht_io.store(la.dht, la.keys.leases, la.identity, LeaseRecord(head=1, claimed_at=now), now + 600, tag="1")
     assert lb.holders() == {}
 
 

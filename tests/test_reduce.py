@@ -10,7 +10,7 @@ import torch
 
 from peers.trainer import Trainer
 from swarm import rounds as rounds_module
-from swarm import schemas
+from swarm import dht_io
 from swarm.rounds import MergeProtocol, owners
 from swarm.schemas import PartRecord
 from swarm.wire import factors_digest, plan_parts
@@ -86,7 +86,7 @@ def _each_owner_announced_its_parts_in_one_record(mem: MemorySwarm) -> None:
     dht, keys, n_parts = mem["coordinator"].rt.dht, mem["p0"].role.keys, len(mem["p0"].role.protocol.parts)
     for r in mem["coordinator"].events.of("round"):
         members = sorted(r["members"])
-        found = schemas.read(dht, keys.parts(r["round"]), PartRecord, mem.clock.now())
+        found = dht_io.read(dht, keys.parts(r["round"]), PartRecord, mem.clock.now())
         assert {tag for tag, _ in found} == {""} and {who for _, who in found} == set(members)
         for (_, who), (record, _) in found.items():
             mine = {i for i in range(n_parts) if who in owners(i, members)}

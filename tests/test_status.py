@@ -140,7 +140,7 @@ def _status_record(run_id=RUN, **changes):
 
 def test_forged_malformed_and_foreign_status_records_are_rejected(two_nodes):
     from swarm.keys import RunKeys
-    from swarm.schemas import publish_status, read_statuses
+    from swarm.dht_io import publish_status, read_statuses
 
     (a, b), (id_a, id_b) = two_nodes
     keys = RunKeys(RUN)
@@ -171,7 +171,7 @@ def test_a_peers_own_live_record_is_shown_when_newer_than_its_copy_in_the_list(t
     """The live record supersedes the listed copy only when it is newer and its own: another
     writer's record under a peer's live key, or another run's, is never shown."""
     from swarm.keys import RunKeys
-    from swarm.schemas import publish_status, read_statuses
+    from swarm.dht_io import publish_status, read_statuses
 
     (a, b), (id_a, id_b) = two_nodes
     keys = RunKeys("run-c-" + "0" * 20)

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from peers.local_swarm import LocalSwarm
-from swarm import schemas
+from swarm import dht_io
 from swarm.keys import RunKeys
 from swarm.schemas import LeaseRecord
 from tests.conftest import run_cli
@@ -28,7 +28,7 @@ def test_a_closed_run_merges_its_invited_peers_only(tmp_path):
 
         def claim_every_head(dht, identity):
             for head in range(2):
-                schemas.store(dht, keys.leases, identity, LeaseRecord(head=head, claimed_at=time.time() - 9),
+                dht_io.store(dht, keys.leases, identity, LeaseRecord(head=head, claimed_at=time.time() - 9),
                               time.time() + 5, tag=str(head))
 
         with rogue_node(swarm, claim_every_head) as (rogue, identity):
@@ -46,7 +46,7 @@ def test_a_closed_run_merges_its_invited_peers_only(tmp_path):
             for p in peers:
                 assert p.wait(240) == 0, p.tail()
             assert coordinator.wait(60) == 0, coordinator.tail()
-            claimants = {who for (_, who) in schemas.read(rogue, keys.leases, LeaseRecord, time.time())}
+            claimants = {who for (_, who) in dht_io.read(rogue, keys.leases, LeaseRecord, time.time())}
             assert identity.fingerprint in claimants
     finally:
         swarm.close()

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from peers.coordinator import coordinator_identity
-from swarm import schemas
+from swarm import dht_io
 from swarm.errors import ConfigError
 from swarm.identity import Identity
 from swarm.keys import RunKeys, make_run_id
@@ -62,11 +62,11 @@ def _run(tmp_path, name: str, closed: bool, attack: bool, for_seconds: float | N
         original = mem._step
 
         def claim_everything():
-            schemas.store(copier, keys.members, copier_identity, invites["p0"], mem.clock.now() + 60)
+            dht_io.store(copier, keys.members, copier_identity, invites["p0"], mem.clock.now() + 60)
             stolen = invites["p0"].model_copy(update={"member": identity.fingerprint})
-            schemas.store(rogue, keys.members, identity, stolen, mem.clock.now() + 60)
+            dht_io.store(rogue, keys.members, identity, stolen, mem.clock.now() + 60)
             for head in range(3):
-                schemas.store(rogue, keys.leases, identity,
+                dht_io.store(rogue, keys.leases, identity,
                               LeaseRecord(head=head, claimed_at=mem.clock.now() - cfg.swarm.clock_skew),
                               mem.clock.now() + 5, tag=str(head))
 
@@ -141,7 +141,8 @@ def test_a_peer_without_an_invite_is_told_what_to_do(tmp_path):
 
 def test_the_status_view_of_a_closed_run_lists_members_only(tmp_path):
     from peers.monitor import snapshot
-    from swarm.schemas import PeerPhase, PeerStatus, publish_status
+    from swarm.dht_io import publish_status
+    from swarm.schemas import PeerPhase, PeerStatus
 
     mem = MemorySwarm(tiny_config(heads=2, rounds=2, closed=True), tmp_path)
     mem.coordinator()

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from peers.local_swarm import LocalSwarm
-from swarm import schemas
+from swarm import dht_io
 from swarm.identity import Identity
 from swarm.keys import RUNS_KEY, RunKeys, make_run_id
 from swarm.schemas import DonorRecord, HashRecord, LeaseRecord, ReadyRecord, RunAnnouncement, RunProgress, RunRecord
@@ -27,22 +27,22 @@ def _attack_once(dht, identity: Identity, keys: RunKeys, round_: int, victim_p2p
     for k in range(round_, round_ + 4):
         dht.store(keys.hashes(k), "blocks every vote", now + 1e6)                    # ordinary value
         dht.store(keys.ready(k), {"round": k}, now + 1e6, subkey="rogue")            # unsigned
-        schemas.store(dht, keys.hashes(k), identity, HashRecord(round=k, digest=BOGUS, members=[identity.fingerprint]),
+        dht_io.store(dht, keys.hashes(k), identity, HashRecord(round=k, digest=BOGUS, members=[identity.fingerprint]),
                       now + 300)                                                     # sybil vote, future rounds
-        schemas.store(dht, keys.ready(k), identity, ReadyRecord(round=k, heads=[0, 1], head_steps=99, nbytes=2**40,
+        dht_io.store(dht, keys.ready(k), identity, ReadyRecord(round=k, heads=[0, 1], head_steps=99, nbytes=2**40,
                                                                 ready_at=0.0, train_seconds=1e9, p2p=victim_p2p),
                       now + 300)                                                     # stale, huge, not its heads
     for head in range(2):
-        schemas.store(dht, keys.leases, identity, LeaseRecord(head=head, claimed_at=-1e308), now + 5, tag=str(head))
+        dht_io.store(dht, keys.leases, identity, LeaseRecord(head=head, claimed_at=-1e308), now + 5, tag=str(head))
         dht.store(keys.leases, {"head": head, "claimed_at": -1e308}, math.inf, subkey=identity.subkey(str(head)))
-    schemas.store(dht, keys.donors, identity, DonorRecord(round=10**9, digest=BOGUS, p2p=str(dht.peer_id)), now + 300)
-    schemas.store(dht, keys.progress, identity, RunProgress(round=10**9, digest=BOGUS, rounds_total=10**9, samples=0,
+    dht_io.store(dht, keys.donors, identity, DonorRecord(round=10**9, digest=BOGUS, p2p=str(dht.peer_id)), now + 300)
+    dht_io.store(dht, keys.progress, identity, RunProgress(round=10**9, digest=BOGUS, rounds_total=10**9, samples=0,
                                                             history=[]), now + 300)
-    schemas.store(dht, keys.run, identity, RunRecord(run_id=keys.run_id, config={"model": {}}, coordinator=keys.coordinator,
+    dht_io.store(dht, keys.run, identity, RunRecord(run_id=keys.run_id, config={"model": {}}, coordinator=keys.coordinator,
                                                      created=now), now + 300)
-    schemas.store(dht, RUNS_KEY, identity, RunAnnouncement(created=1e18, model="evil"), now + 300, tag=keys.run_id)
+    dht_io.store(dht, RUNS_KEY, identity, RunAnnouncement(created=1e18, model="evil"), now + 300, tag=keys.run_id)
     theirs = make_run_id("newest-run", identity.fingerprint)
-    schemas.store(dht, RUNS_KEY, identity, RunAnnouncement(created=1e18, model="evil"), now + 300, tag=theirs)
+    dht_io.store(dht, RUNS_KEY, identity, RunAnnouncement(created=1e18, model="evil"), now + 300, tag=theirs)
 
 
 def test_a_rogue_node_hammering_a_live_swarm_changes_nothing(tmp_path):
@@ -64,7 +64,7 @@ def test_a_rogue_node_hammering_a_live_swarm_changes_nothing(tmp_path):
                 assert p.wait(240) == 0, p.tail()
             assert coordinator.wait(60) == 0, coordinator.tail()
             # the attack was real: the rogue's signed records are in the DHT for everyone to read
-            assert identity.fingerprint in schemas.by_writer(schemas.read(rogue, keys.donors, DonorRecord, time.time()))
+            assert identity.fingerprint in dht_io.by_writer(dht_io.read(rogue, keys.donors, DonorRecord, time.time()))
     finally:
         swarm.close()
 

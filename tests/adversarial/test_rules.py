@@ -13,7 +13,7 @@ import torch
 from hivemind.utils.serializer import MSGPackSerializer
 
 from peers.trainer import Trainer
-from swarm import schemas
+from swarm import dht_io, schemas
 from swarm.identity import Identity
 from swarm.memnet import MemoryDHT
 from swarm.schemas import (DonorRecord, HashRecord, LeaseRecord, PartRecord, ReadyRecord, Reduction, RoundSummary,
@@ -73,16 +73,16 @@ def test_unsigned_values_and_endless_records_are_refused_by_storage(tmp_path):
     assert not bare.store(keys.leases, {"head": 0, "claimed_at": now}, now + 60, subkey="0:someone")
     rogue, identity = mem.signing_dht("rogue")
     record = LeaseRecord(head=0, claimed_at=now)
-    assert not schemas.store(rogue, keys.leases, identity, record, math.inf, tag="0")  # would freeze a key
+    assert not dht_io.store(rogue, keys.leases, identity, record, math.inf, tag="0")  # would freeze a key
     # one that outlives any record is stored (storage must not depend on a node's clock) but never read
-    assert schemas.store(rogue, keys.leases, identity, record, now + 10 * schemas.MAX_RECORD_TTL, tag="1")
-    assert schemas.read(rogue, keys.leases, LeaseRecord, now) == {}
-    assert schemas.store(rogue, keys.leases, identity, record, now + 30, tag="0")  # its own, bounded: fine
-    assert len(schemas.read(rogue, keys.leases, LeaseRecord, now)) == 1
+    assert dht_io.store(rogue, keys.leases, identity, record, now + 10 * schemas.MAX_RECORD_TTL, tag="1")
+    assert dht_io.read(rogue, keys.leases, LeaseRecord, now) == {}
+    assert dht_io.store(rogue, keys.leases, identity, record, now + 30, tag="0")  # its own, bounded: fine
+    assert len(dht_io.read(rogue, keys.leases, LeaseRecord, now)) == 1
     # nobody writes under another's key
     victim = mem["coordinator"].rt.identity
     assert not rogue.store(keys.progress, {"round": 9}, now + 30, subkey=victim.subkey())
-    assert schemas.read(rogue, keys.hashes(0), HashRecord, now) == {}
+    assert dht_io.read(rogue, keys.hashes(0), HashRecord, now) == {}
 
 
 def test_values_a_reader_cannot_decode_are_refused_and_never_hang_a_read(tmp_path):
@@ -111,7 +111,7 @@ def test_values_a_reader_cannot_decode_are_refused_and_never_hang_a_read(tmp_pat
     mem.coordinator()
     keys = mem.coordinator_role().keys
     mem.net.put(keys.leases, identity.subkey("0"), b"\xc1", mem.clock.now() + 30)
-    assert schemas.read(mem["coordinator"].rt.dht, keys.leases, LeaseRecord, mem.clock.now()) == {}
+    assert dht_io.read(mem["coordinator"].rt.dht, keys.leases, LeaseRecord, mem.clock.now()) == {}
 
 
 def test_infinite_and_malformed_fields_never_parse():
@@ -179,14 +179,14 @@ def test_strangers_votes_ready_records_donors_and_progress_change_nothing(tmp_pa
         keys, now = mem.coordinator_role().keys, mem.clock.now()
         r = mem.coordinator_role().protocol.round
         for k in range(r, ROUNDS + 2):
-            schemas.store(rogue, keys.hashes(k), identity, HashRecord(round=k, digest=BOGUS, members=[identity.fingerprint]),
+            dht_io.store(rogue, keys.hashes(k), identity, HashRecord(round=k, digest=BOGUS, members=[identity.fingerprint]),
                           now + 300)
             for ready_at, heads in ((0.0, [0]), (now, [1, 2]), (now + 1e6, [0])):
-                schemas.store(rogue, keys.ready(k), identity,
+                dht_io.store(rogue, keys.ready(k), identity,
                               ReadyRecord(round=k, heads=heads, head_steps=10, nbytes=100, ready_at=ready_at,
                                           train_seconds=1e6, p2p=mem["p0"].rt.p2p), now + 300)
-        schemas.store(rogue, keys.donors, identity, DonorRecord(round=10**9, digest=BOGUS, p2p=rogue.peer_id), now + 300)
-        schemas.store(rogue, keys.progress, identity, RunProgress(round=10**9, digest=BOGUS, rounds_total=10**9,
+        dht_io.store(rogue, keys.donors, identity, DonorRecord(round=10**9, digest=BOGUS, p2p=rogue.peer_id), now + 300)
+        dht_io.store(rogue, keys.progress, identity, RunProgress(round=10**9, digest=BOGUS, rounds_total=10**9,
                                                                   samples=0, history=[]), now + 300)
         seen["rogue"] = identity.fingerprint
 
@@ -202,7 +202,7 @@ def test_claims_dated_far_in_the_past_take_no_head_that_is_being_trained(tmp_pat
 
         def claim_everything():
             for head in range(3):
-                schemas.store(rogue, keys.leases, identity, LeaseRecord(head=head, claimed_at=-1e308),
+                dht_io.store(rogue, keys.leases, identity, LeaseRecord(head=head, claimed_at=-1e308),
                               mem.clock.now() + 5, tag=str(head))
         claim_everything()
         # keep renewing them for the rest of the run
@@ -230,12 +230,12 @@ def test_a_forged_run_record_and_a_stranger_run_announced_as_newest_redirect_nob
     rogue, identity = mem.signing_dht("rogue")
     evil = coordinator.cfg.with_overrides({"swarm.max_update": 1e6, "data.source": "hf:evil/data"})
     forged = RunRecord(run_id=keys.run_id, config=evil.model_dump(mode="json"), coordinator=keys.coordinator, created=now)
-    schemas.store(rogue, keys.run, identity, forged, now + 60)
+    dht_io.store(rogue, keys.run, identity, forged, now + 60)
     reader, _ = mem.signing_dht("reader")
     got_keys, record, cfg = find_run(reader, keys.run_id, timeout=1, clock=mem.clock)
     assert cfg == coordinator.cfg and record.coordinator == keys.coordinator
     # announcing the victim's run id under another key counts for nothing ...
-    schemas.store(rogue, "lteswarm_runs", identity, RunAnnouncement(created=1e18, model="x"), now + 60, tag=keys.run_id)
+    dht_io.store(rogue, "lteswarm_runs", identity, RunAnnouncement(created=1e18, model="x"), now + 60, tag=keys.run_id)
     assert find_run(reader, None, timeout=1, clock=mem.clock)[0].run_id == keys.run_id
     # ... and a stranger's own run makes a plain join ask which run, instead of silently picking it
     theirs = RunKeys(make_run_id("newest", identity.fingerprint))
@@ -381,7 +381,7 @@ def test_with_the_coordinator_down_sybil_votes_decide_nothing(tmp_path):
     start = mem["p0"].role.protocol.round
     for k in range(start, 14):
         for dht, identity in sybils:
-            schemas.store(dht, keys.hashes(k), identity, HashRecord(round=k, digest=BOGUS, members=[]), mem.clock.now() + 600)
+            dht_io.store(dht, keys.hashes(k), identity, HashRecord(round=k, digest=BOGUS, members=[]), mem.clock.now() + 600)
     mem.run()
     for i in range(3):
         rounds = mem[f"p{i}"].events.of("round")
@@ -413,7 +413,7 @@ def test_a_holder_dating_its_ready_records_to_close_every_round_early_stalls_not
                 record = ReadyRecord(round=k, heads=heads, head_steps=1, nbytes=10, train_seconds=0.0, p2p=self.rt.p2p,
                                      ready_at=now - 2.5 * self.cfg.swarm.round_timeout)
                 if self.attack:
-                    schemas.store(self.dht, keys.ready(k), self.rt.identity, record, now + 60)
+                    dht_io.store(self.dht, keys.ready(k), self.rt.identity, record, now + 60)
             return super().encode(heads)
 
     def run(name: str, attack: bool) -> tuple[MemorySwarm, float]:
