@@ -110,7 +110,7 @@ class Trainer:
             return self._step()
         except NETWORK_ERRORS as exc:
             log.warning("round %d: network trouble, retrying: %s", self.protocol.round, exc)
-            self._drain_poll()  # the round is given up: nothing may advance it any more
+            self._drain("polling")  # the round is given up: nothing may advance it any more
             mr, self.mr = self.mr, None
             if mr is not None and mr.contribution is not None and self.overlap:
                 merged = mr.agreed_members is not None and self.peer in mr.agreed_members
@@ -150,11 +150,11 @@ class Trainer:
             if self.clock.monotonic() < self.settle_at:
                 return self.settle_at - self.clock.monotonic()
             self.settle_at = None
-            self._drain_renewal()
+            self._drain("renewal")
             self.leases.settle()
             self._adopt_heads()
         elif self.step_in_round == 0 and not self.carry_over and len(self.leases.held) < self.opts.heads:
-            self._drain_renewal()
+            self._drain("renewal")
             if self.leases.propose(self.opts.heads - len(self.leases.held)):
                 self.settle_at = self.clock.monotonic() + self.cfg.swarm.settle_seconds
                 return self.cfg.swarm.settle_seconds
@@ -295,11 +295,20 @@ class Trainer:
             self._polled(mr, reducing, future.result())  # raises what the poll raised
             self.poll_due = self.clock.monotonic() + (mr.wait if self.mr is not None else 0.0)
 
-    def _drain_poll(self, timeout: float | None = None) -> None:
-        """Wait (up to `timeout`) for a poll running beside us to end; whatever it found is dropped."""
-        if self.polling is not None:
-            wait([self.polling[1]], timeout=timeout)
-            self.polling = None
+    def _drain(self, job: str, timeout: float | None = None) -> None:
+        """Let go of the job running beside our steps under attribute `job`, once it ended (each of
+        its DHT calls and transfers is bounded) or `timeout` passed: "renewal", a lease renewal,
+        whose outcome (a lost head) is taken in as usual and whose error is raised; "polling", a
+        round's poll, whose outcome is dropped (the round it advanced is given up)."""
+        running = getattr(self, job)
+        setattr(self, job, None)
+        if running is None:
+            return
+        future = running[1] if job == "polling" else running
+        if job == "renewal" and timeout is None:
+            future.result()
+        else:
+            wait([future], timeout=timeout)
 
     def _poll_round(self) -> float:
         mr = self.mr
@@ -334,24 +343,16 @@ class Trainer:
     def _renew_beside(self) -> None:
         """Renew our leases when due. In the middle of our T steps the renewal (a DHT store and a
         read, each a round trip on a busy home link) runs beside them; anything else that touches
-        the leases waits for it first (`_drain_renewal`). A fake clock runs it at once, in line."""
+        the leases waits for it first (`_drain`). A fake clock runs it at once, in line."""
         if self.renewal is not None:
             if not self.renewal.done():
                 return
-            renewal, self.renewal = self.renewal, None
-            renewal.result()  # raises what the renewal raised
+            self._drain("renewal")  # raises what the renewal raised
         if (self.leases.due() and self.model.head_ids and self.step_in_round < self._round_steps()
                 and self.settle_at is None and not self.heads_changed):
             self.renewal = self.clock.background(self._keep_leases)
         else:
             self._keep_leases()
-
-    def _drain_renewal(self) -> None:
-        """Wait for a renewal running beside us (each of its DHT calls is bounded); what it
-        found (a lost head) is taken in as usual."""
-        if self.renewal is not None:
-            renewal, self.renewal = self.renewal, None
-            renewal.result()
 
     def _keep_leases(self) -> None:
         """Renew our leases when due (also from inside a long merge); adopt what changed."""
@@ -367,7 +368,7 @@ class Trainer:
             self._renewing.release()
 
     def _adopt_heads(self) -> None:
-        self._drain_renewal()
+        self._drain("renewal")
         heads = sorted(self.leases.held)
         if heads == self.model.head_ids:
             return
@@ -426,9 +427,8 @@ class Trainer:
 
     def close(self) -> None:
         """Leave: release the heads (others may take them at once), stop serving blobs."""
-        self._drain_poll(timeout=CLOSE_WAIT)  # a stopped poll ends at its next wait or transfer bound
-        if self.renewal is not None:
-            wait([self.renewal], timeout=CLOSE_WAIT)
+        self._drain("polling", timeout=CLOSE_WAIT)  # a stopped poll ends at its next wait or transfer bound
+        self._drain("renewal", timeout=CLOSE_WAIT)
         try:
             self.leases.release()
         finally:

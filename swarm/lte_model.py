@@ -336,12 +336,24 @@ class LTEModel(nn.Module):
         """W += (s/N) * sum of head deltas; shared non-linear params += (1/N) * sum of replica deltas.
 
         The inputs are sums over every head that takes part in the merge (local or remote)."""
+        self._merge_into(self._shared_tensors(), weight_deltas, replica_deltas)
+        for _, layer in self.layers():
+            layer.weight_store.requantize()
+
+    def _merge_into(self, state: dict[str, torch.Tensor], weight_deltas: dict[str, torch.Tensor],
+                    replica_deltas: dict[str, torch.Tensor]) -> None:
+        """The one arithmetic of a merge, in place on `state` (named as in `shared_state`): the
+        model's own tensors (`apply_merge`) or copies of them (`digest_after`), so that the W a
+        peer votes for before applying a merge is bit for bit the W it then holds."""
         coef = merge_scale(self.spec.scale, self.spec.n_heads)
         for name in self.layer_names:
-            self.layer(name).weight_store.add_(weight_deltas[name], alpha=coef)
-        params = dict(self.model.named_parameters())
+            w, delta = state[f"{name}.weight"], weight_deltas[name]
+            if tuple(delta.shape) != tuple(w.shape):
+                raise ValueError(f"delta of shape {tuple(delta.shape)} for a weight of shape {tuple(w.shape)}")
+            w.add_(delta.to(device=w.device, dtype=w.dtype), alpha=coef)
         for name in self.replicated:
-            params[name].add_(replica_deltas[name].to(params[name].device), alpha=1.0 / self.spec.n_heads)
+            p = state[name]
+            p.add_(replica_deltas[name].to(p.device), alpha=1.0 / self.spec.n_heads)
 
     @torch.no_grad()
     @_exclusive
@@ -406,14 +418,9 @@ class LTEModel(nn.Module):
     @torch.no_grad()
     def digest_after(self, weight_deltas: dict[str, torch.Tensor], replica_deltas: dict[str, torch.Tensor]) -> str:
         """The `state_digest` W would have after `apply_merge(weight_deltas, replica_deltas)`,
-        computed on copies (the same operations, so the same bits) without touching the model."""
+        computed on copies without touching the model."""
         state = {k: v.detach().clone() for k, v in self.shared_state().items()}
-        coef = merge_scale(self.spec.scale, self.spec.n_heads)
-        for name in self.layer_names:
-            w = state[f"{name}.weight"]
-            w.add_(weight_deltas[name].to(device="cpu", dtype=w.dtype), alpha=coef)
-        for name in self.replicated:
-            state[name].add_(replica_deltas[name].to(state[name].device), alpha=1.0 / self.spec.n_heads)
+        self._merge_into(state, weight_deltas, replica_deltas)
         return _digest(state)
 
     def merge(self, heads: Sequence[int] | None = None) -> None:
@@ -426,6 +433,11 @@ class LTEModel(nn.Module):
     def shared_state(self) -> dict[str, torch.Tensor]:
         """What every peer of a run must hold identically: the W masters and the shared non-linear
         parameters (the heads are private to their holders)."""
+        return self._shared_tensors()
+
+    def _shared_tensors(self) -> dict[str, torch.Tensor]:
+        """`shared_state`, for a caller that holds the lock already: views of the model's own
+        tensors, which an in-place change changes in the model."""
         out = {f"{name}.weight": layer.weight_store.master for name, layer in self.layers()}
         out.update({name: p.detach() for name, p in self.model.named_parameters()})
         return out

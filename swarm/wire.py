@@ -60,6 +60,23 @@ class Contribution:
     nbytes: int
 
 
+@dataclass(frozen=True)
+class ParsedBlob:
+    """A contribution blob (or one part of it) parsed from its bytes once: a round expands it
+    (`expand_parsed`), keeps its factors as the next blob's baseline (`parsed_factors`) and
+    checks it (`check_parts`) from the same tensors."""
+
+    tensors: dict[str, torch.Tensor]
+    meta: dict[str, str]
+    nbytes: int  # bytes received
+
+
+def parse_contribution(blob: bytes) -> ParsedBlob:
+    """The tensors and metadata of a contribution blob; hostile bytes raise ContributionError."""
+    tensors, meta = _load(blob, FORMAT)
+    return ParsedBlob(tensors, meta, len(blob))
+
+
 def factor_numbers(k: int, rank: int, m: int, n: int, with_baseline: bool) -> int:
     return k * rank * (m + n) * (2 if with_baseline else 1)
 
@@ -133,19 +150,25 @@ def decode_contribution(blob: bytes, peer: str, model: LTEModel, max_update: flo
 def decode_contribution_parts(blob: bytes, peer: str, model: LTEModel, max_update: float,
                               max_relative_update: float, parts: list[frozenset[str] | None],
                               dtype: WireDtype = "fp32") -> list[Contribution | ContributionError]:
-    """`decode_contribution` of each of `parts` of one blob, parsed once: per part its
-    Contribution, or the ContributionError that rejects that part alone. (A peer that checks
-    every part of a whole contribution, as the coordinator does, would otherwise parse the whole
-    blob once per part: 64 parses of 43 MB per member and round at the paper's setting.)"""
+    """`decode_contribution` of each of `parts` of one blob, parsed once (see `check_parts`)."""
     try:
-        tensors, meta = _load(blob, FORMAT)
+        parsed = parse_contribution(blob)
     except ContributionError as exc:
         return [exc] * len(parts)
+    return check_parts(parsed, peer, model, max_update, max_relative_update, parts, dtype)
+
+
+def check_parts(parsed: ParsedBlob, peer: str, model: LTEModel, max_update: float, max_relative_update: float,
+                parts: list[frozenset[str] | None], dtype: WireDtype = "fp32") -> list[Contribution | ContributionError]:
+    """Per part of `parts` of a parsed blob, its Contribution, or the ContributionError that
+    rejects that part alone. (A peer that checks every part of a whole contribution, as the
+    coordinator does, would otherwise parse the whole blob once per part: 64 parses of 43 MB per
+    member and round at the paper's setting.)"""
     out: list[Contribution | ContributionError] = []
     for part in parts:
         try:
-            out.append(_check_contribution(tensors, meta, len(blob), peer, model, max_update, max_relative_update,
-                                           part, dtype))
+            out.append(_check_contribution(parsed.tensors, parsed.meta, parsed.nbytes, peer, model, max_update,
+                                           max_relative_update, part, dtype))
         except ContributionError as exc:
             out.append(exc)
         except Exception as exc:  # e.g. a failing allocation for hostile shapes (parsing failed in `_load`)
@@ -386,11 +409,15 @@ def factors_digest(factors: dict[str, torch.Tensor]) -> str:
 
 
 def part_factors(blob: bytes) -> tuple[str, dict[str, torch.Tensor]]:
+    """`parsed_factors` of a blob's bytes."""
+    return parsed_factors(parse_contribution(blob))
+
+
+def parsed_factors(parsed: ParsedBlob) -> tuple[str, dict[str, torch.Tensor]]:
     """The current factors (A, B) a full part carries and their digest: what a compact part of
     the same peer's next contribution may name as its baseline. Hostile bytes raise
     ContributionError, nothing else."""
-    tensors, _ = _load(blob, FORMAT)
-    factors = {k: t for k, t in tensors.items() if _is_current_factor(k)}
+    factors = {k: t for k, t in parsed.tensors.items() if _is_current_factor(k)}
     try:
         return factors_digest(factors), factors
     except Exception as exc:
@@ -437,23 +464,34 @@ def _zeros_like(factors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def expand_part(blob: bytes, held: tuple[str, dict[str, torch.Tensor]] | None, zero: bool = False) -> bytes | None:
-    """The full blob behind one fetched as compact: the blob itself if it is full, rebuilt with
+    """`expand_parsed` from and to bytes: the blob itself if it is full."""
+    parsed = parse_contribution(blob)
+    if BASE not in parsed.meta:
+        return blob
+    full = expand_parsed(parsed, held, zero)
+    return None if full is None else st_save(full.tensors, metadata=full.meta)
+
+
+def expand_parsed(parsed: ParsedBlob, held: tuple[str, dict[str, torch.Tensor]] | None,
+                  zero: bool = False) -> ParsedBlob | None:
+    """The full part behind one fetched as compact: the part itself if it is full, rebuilt with
     the baseline factors we `held` (digest, factors), or with zeros when its writer says its
     baseline is zero, if it names those; None if it names factors we do not hold (then fetch the
     full blob). Hostile bytes raise ContributionError, nothing else."""
     try:
-        return _expand_part(blob, held, zero)
+        return _expand_parsed(parsed, held, zero)
     except ContributionError:
         raise
     except Exception as exc:  # e.g. factors of shapes or dtypes no honest peer sends
         raise ContributionError(f"malformed compact blob ({type(exc).__name__})") from None
 
 
-def _expand_part(blob: bytes, held: tuple[str, dict[str, torch.Tensor]] | None, zero: bool) -> bytes | None:
-    tensors, meta = _load(blob, FORMAT)
+def _expand_parsed(parsed: ParsedBlob, held: tuple[str, dict[str, torch.Tensor]] | None,
+                   zero: bool) -> ParsedBlob | None:
+    tensors, meta = parsed.tensors, parsed.meta
     base = meta.get(BASE)
     if base is None:
-        return blob
+        return parsed
     if any(_is_baseline_factor(k) for k in tensors):
         raise ContributionError("a compact part that carries baseline factors too")
     if zero:
@@ -461,8 +499,8 @@ def _expand_part(blob: bytes, held: tuple[str, dict[str, torch.Tensor]] | None, 
         held = (factors_digest(zeros), zeros)
     if held is None or held[0] != base:
         return None
-    tensors.update({_as_baseline(k): t for k, t in held[1].items()})
-    return st_save(tensors, metadata={k: v for k, v in meta.items() if k != BASE})
+    full = {**tensors, **{_as_baseline(k): t for k, t in held[1].items()}}
+    return ParsedBlob(full, {k: v for k, v in meta.items() if k != BASE}, parsed.nbytes)
 
 
 def part_bound(model: LTEModel, part: frozenset[str]) -> int:

@@ -38,13 +38,14 @@ def tiny_config(*, heads: int = 2, merge_every: int = 2, rounds: int = 4, per_he
     return parse_config(raw, origin="tiny test config")
 
 
-def with_protocol(cls) -> type[Trainer]:
+def with_protocol(cls, part: str | None = None) -> type[Trainer]:
     """A volunteer whose merge protocol is `cls` (a MergeProtocol that fails or attacks in a way
-    a test names)."""
+    a test names), or whose protocol's `part` (e.g. "reduction") is `cls`."""
     class Peer(Trainer):
         def __init__(self, *args, **kw):
             super().__init__(*args, **kw)
-            self.protocol.__class__ = cls
+            target = self.protocol if part is None else getattr(self.protocol, part)
+            target.__class__ = cls
     return Peer
 
 

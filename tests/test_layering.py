@@ -22,7 +22,8 @@ def _imports(path) -> set[str]:
     return names
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "swarm").glob("*.py")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted((ROOT / "swarm").rglob("*.py")),
+                         ids=lambda p: str(p.relative_to(ROOT / "swarm")))
 def test_library_never_imports_peer_roles_or_ui(path):
     names = _imports(path)
     assert not any(n == "peers" or n.startswith("peers.") for n in names)

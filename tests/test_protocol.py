@@ -377,10 +377,10 @@ def test_a_donor_record_is_not_written_for_a_w_that_changed_while_it_was_hashed(
         return [(r.round, r.digest) for r in donors]
 
     def merge_lands_meanwhile():
-        protocol._round += 1  # as `apply_pending` does between its two version bumps
-        protocol._w_version += 1
+        protocol.state.round += 1  # as `apply_pending` does between its two version bumps
+        protocol.state.version += 1
         return digest()
-    protocol._announced, protocol._digest = ((-1, -1), float("-inf")), (-1, "")  # nothing said or hashed yet
+    protocol.state._announced, protocol.state._digest = ((-1, -1), float("-inf")), (-1, "")  # nothing said or hashed yet
     protocol.model.state_digest = merge_lands_meanwhile
     protocol.announce()
     assert written() == []
@@ -400,12 +400,12 @@ def test_w_is_hashed_once_per_version_and_again_after_a_change_during_its_hash(t
 
     def counted(changes: bool):
         def hash_w():
-            hashed.append(protocol._w_version)
+            hashed.append(protocol.state.version)
             if changes:
-                protocol._w_version += 1  # W changes while it is hashed
+                protocol.state.version += 1  # W changes while it is hashed
             return digest()
         return hash_w
-    protocol._digest = (-1, "")
+    protocol.state._digest = (-1, "")
     protocol.model.state_digest = counted(changes=True)
     protocol.w_digest()
     protocol.model.state_digest = counted(changes=False)

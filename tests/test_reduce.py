@@ -9,11 +9,13 @@ import pytest
 import torch
 
 from peers.trainer import Trainer
-from swarm import rounds as rounds_module
+from swarm.rounds import collection as collection_module
+from swarm.rounds import reduction as reduction_module
 from swarm import dht_io
 from swarm.rounds import MergeProtocol, owners
+from swarm.rounds.reduction import Reduction
 from swarm.schemas import PartRecord
-from swarm.wire import factors_digest, plan_parts
+from swarm.wire import factors_digest, part_factors, plan_parts
 from tests.memswarm import MemorySwarm, tiny_config, with_protocol
 
 pytestmark = pytest.mark.timeout(180)
@@ -155,23 +157,23 @@ def test_with_one_owner_per_part_only_the_coordinators_record_of_the_parts_is_re
         assert not any(r.get("resynced") for r in mem[name].events.of("round")), name
 
 
-class _SilentOwner(MergeProtocol):
+class _SilentOwner(Reduction):
     """Contributes, then never reduces or publishes the parts it owns."""
 
-    def _reduce_part(self, mr, work, i, members, publish):
-        return super()._reduce_part(mr, work, i, members, publish=False)
+    def reduce_part(self, mr, work, i, members, publish):
+        return super().reduce_part(mr, work, i, members, publish=False)
 
 
-class _LyingOwner(MergeProtocol):
+class _LyingOwner(Reduction):
     """Publishes reductions with every value doubled (its own W is merged from them too)."""
 
-    def _reduce_part(self, mr, work, i, members, publish):
-        original = rounds_module.reduced_tensors
-        rounds_module.reduced_tensors = lambda totals, dtype: original({k: 2 * v for k, v in totals.items()}, dtype)
+    def reduce_part(self, mr, work, i, members, publish):
+        original = reduction_module.reduced_tensors
+        reduction_module.reduced_tensors = lambda totals, dtype: original({k: 2 * v for k, v in totals.items()}, dtype)
         try:
-            return super()._reduce_part(mr, work, i, members, publish)
+            return super().reduce_part(mr, work, i, members, publish)
         finally:
-            rounds_module.reduced_tensors = original
+            reduction_module.reduced_tensors = original
 
 
 @pytest.mark.parametrize("part_owners", [2, 1])
@@ -180,7 +182,7 @@ def test_an_owner_that_stays_silent_or_lies_changes_nothing(tmp_path, owner, par
     """Checked by the part's other owner, or (one owner per part) by the coordinator's sum."""
     baseline = _swarm(tmp_path, "baseline", 4, part_owners=part_owners)
     baseline.run()
-    attacked = _swarm(tmp_path, "attacked", 4, roles={"p1": with_protocol(owner)}, part_owners=part_owners)
+    attacked = _swarm(tmp_path, "attacked", 4, roles={"p1": with_protocol(owner, "reduction")}, part_owners=part_owners)
     attacked.run()
     honest = ("coordinator", "p0", "p2", "p3")
     assert all(attacked[n].state == "finished" for n in attacked.nodes)
@@ -248,7 +250,7 @@ def test_two_colluding_owners_cannot_change_the_agreed_w(tmp_path):
     liars = {by_fingerprint[0][1], by_fingerprint[1][1]}  # consecutive: together they own part 0
     baseline = _swarm(tmp_path, "baseline", 4)
     baseline.run()
-    attacked = _swarm(tmp_path, "attacked", 4, roles={n: with_protocol(_LyingOwner) for n in liars})
+    attacked = _swarm(tmp_path, "attacked", 4, roles={n: with_protocol(_LyingOwner, "reduction") for n in liars})
     attacked.run()
     assert all(attacked[n].state == "finished" for n in attacked.nodes)
     rounds = attacked["coordinator"].events.of("round")
@@ -263,7 +265,7 @@ def test_a_round_waiting_on_a_silent_owner_polls_the_dht_less_and_less(tmp_path)
     back off up to swarm.poll_max_seconds: the same W, with far fewer DHT reads."""
     reads, digests = {}, {}
     for cap in (0.1, 2.0):  # 0.1 = poll_seconds: no back-off
-        mem = _swarm(tmp_path, f"cap{cap}", 4, roles={"p1": with_protocol(_SilentOwner)}, poll_max_seconds=cap)
+        mem = _swarm(tmp_path, f"cap{cap}", 4, roles={"p1": with_protocol(_SilentOwner, "reduction")}, poll_max_seconds=cap)
         dht = mem["p0"].role.dht
         calls = []
         real_get = dht.get
@@ -292,7 +294,7 @@ def test_a_download_cut_short_once_is_fetched_again_and_leaves_nobody_out(tmp_pa
     def flaky_fetch(peer, name, timeout, max_bytes):
         if str(peer) == victim and "/contribution/" in name and not failed:
             failed.append(name)
-            raise rounds_module.TransferError(f"{str(peer)[-8:]} sent 0 of 100 bytes for {name}")
+            raise collection_module.TransferError(f"{str(peer)[-8:]} sent 0 of 100 bytes for {name}")
         return fetch(peer, name, timeout, max_bytes)
 
     server.fetch = flaky_fetch
@@ -411,23 +413,24 @@ def test_contributions_travel_compact_and_merge_the_same_w(tmp_path, monkeypatch
     assert compact and {f["blob"].split("/")[2] for f in compact} == {str(r) for r in range(ROUNDS)}
     forgetful = _swarm(tmp_path, "forgetful", 4, merge=merge, parts=8)
     p0 = forgetful["p0"].role.protocol
-    fetch = p0._contribution_blob
+    collection = p0.collection
+    fetch = collection._contribution
     tried: list[int] = []
 
-    def contribution_blob(mr, peer, index, name, bound):  # it kept other factors than the ones named
-        if (peer, index) in p0._bases:
-            r, _, factors = p0._bases[(peer, index)]
+    def contribution(mr, peer, index, name, bound):  # it kept other factors than the ones named
+        if (peer, index) in collection._bases:
+            r, _, factors = collection._bases[(peer, index)]
             other = {k: t * 2 for k, t in factors.items()}
-            p0._bases[(peer, index)] = (r, factors_digest(other), other)
+            collection._bases[(peer, index)] = (r, factors_digest(other), other)
             tried.append(index)
         return fetch(mr, peer, index, name, bound)
 
-    p0._contribution_blob = contribution_blob
+    collection._contribution = contribution
     forgetful.run()
     assert tried
     with monkeypatch.context() as m:  # control: every blob travels in full
-        m.setattr(rounds_module, "compact_part",
-                  lambda blob, previous: (blob, rounds_module.part_factors(blob)[1], None))
+        m.setattr(collection_module, "compact_part",
+                  lambda blob, previous: (blob, part_factors(blob)[1], None))
         control = _swarm(tmp_path, "full", 4, merge=merge, parts=8)
         control.run()
     assert mem.digests() == control.digests() == forgetful.digests()

@@ -440,7 +440,8 @@ def test_asking_a_donor_for_w_again_and_again_encodes_it_once_per_version(tmp_pa
     """Anyone may download W from a donor; a stranger asking in a loop gets copies of one encoding,
     and the next round's W is encoded afresh."""
     from peers.models import create_lte_model
-    from swarm import rounds, wire
+    from swarm import wire
+    from swarm.rounds import state_transfer
     from swarm.memnet import MemoryBlobServer
 
     encodings = []
@@ -449,7 +450,7 @@ def test_asking_a_donor_for_w_again_and_again_encodes_it_once_per_version(tmp_pa
         encodings.append(round_)
         return wire.encode_state(model, round_)
 
-    monkeypatch.setattr(rounds, "encode_state", counting)
+    monkeypatch.setattr(state_transfer, "encode_state", counting)
     mem = MemorySwarm(tiny_config(heads=2, rounds=3), tmp_path)
     mem.coordinator()
     for i in range(2):

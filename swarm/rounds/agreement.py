@@ -1,0 +1,170 @@
+"""Whose word counts in a round, and what the swarm agreed: the ready records that make a round's
+members, the votes (W digests) that decide its result, the coordinator's progress, and the W a
+peer may adopt (`trusted_state`).
+
+Only some signed records count: a ready record from the holder of every head it lists (one
+contribution per head) and dated near now; a vote from the coordinator or a lease holder (one per
+signed identity). The coordinator's digest is the agreed W; without it, the digest most lease
+holders hold."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+
+from swarm import dht_io
+from swarm.rounds.context import RoundContext
+from swarm.schemas import DonorRecord, HashRecord, ReadyRecord, RunProgress
+
+log = logging.getLogger(__name__)
+
+# How old a view of the lease holders a round's polls may use (`HeadLeases.holders`): it filters
+# whose records count while waiting, and a head changes hands over a settle delay at the fastest.
+# Each fresh view is a read of every holder's claim, at every poll it would be most of a round's
+# DHT traffic. What decides a round (its close, its members) asks for a thorough view instead.
+VIEW_SECONDS = 2.0
+
+
+class Agreement:
+    """One peer's reading of who counts and what was agreed, round by round."""
+
+    def __init__(self, ctx: RoundContext, rounds_total: int | None = None):
+        self.ctx = ctx
+        self.rounds_total = rounds_total  # no trustworthy state is ever past the run's last round
+        # Only a resuming coordinator adopts what most lease holders hold (the swarm went on without
+        # it); otherwise the coordinator is the truth and never takes state from anyone.
+        self.adopt_holders_state = not ctx.is_authority
+        self._incumbents: tuple[int, dict[int, str]] = (-1, {})
+        self._agreed_members: tuple[int, list[str]] = (-1, [])
+
+    def donors(self) -> dict[str, DonorRecord]:
+        """Who else says it can hand out W, and of which round."""
+        ctx = self.ctx
+        found = dht_io.by_writer(ctx.read(ctx.keys.donors, DonorRecord, ctx.clock.now()))
+        return {who: r for who, r in found.items() if who != ctx.peer}
+
+    def progress(self) -> RunProgress | None:
+        """The coordinator's signed account of the run (its latest agreed W), if it is up."""
+        ctx = self.ctx
+        found = dht_io.by_writer(ctx.read(ctx.keys.progress, RunProgress, ctx.clock.now()))
+        return found.get(ctx.authority)
+
+    def authority_vote(self, r: int) -> HashRecord | None:
+        """The coordinator's digest (and contributors) for round r, if it published one."""
+        ctx = self.ctx
+        votes = dht_io.by_writer(ctx.read(ctx.keys.hashes(r), HashRecord, ctx.clock.now()))
+        vote = votes.get(ctx.authority)
+        return vote if vote is not None and vote.round == r else None
+
+    def trusted_state(self) -> tuple[int, str] | None:
+        """(round, digest) of the W this peer may adopt: the coordinator's agreed W whenever its
+        progress record is live; without it (or for a resuming coordinator), what a strict
+        majority of the lease holders advertise. None when nobody trustworthy says anything."""
+        if not self.ctx.is_authority:
+            progress = self.progress()
+            if progress is not None:
+                # The coordinator's vote on the round after its progress record (published before
+                # it evaluates and records that round) is as trustworthy and often newer.
+                vote = self.authority_vote(progress.round)
+                if vote is not None:
+                    return progress.round + 1, vote.digest
+                return progress.round, progress.digest
+        if not self.adopt_holders_state:
+            return None
+        holders = set(self.ctx.holders().values())
+        said = Counter((r.round, r.digest) for who, r in self.donors().items()
+                       if who in holders and (self.rounds_total is None or r.round <= self.rounds_total))
+        if not said:
+            return None
+        (round_, digest), count = max(said.items(), key=lambda kv: (kv[1], kv[0][0], kv[0][1]))
+        return (round_, digest) if 2 * count > len(holders) else None
+
+    def remember(self, r: int, members: list[str]) -> None:
+        """The contributors agreed for round r, as this peer merged them."""
+        self._agreed_members = (r, list(members))
+
+    def incumbents(self, round_: int) -> dict[int, str]:
+        """head -> the identity whose work on it was merged in the round before `round_` (it keeps
+        the head while its lease lives; see `leases.winners`). From what we merged ourselves, else
+        the agreed vote of that round and its contributors' signed ready records."""
+        ctx, r = self.ctx, round_ - 1
+        if r < 0:
+            return {}
+        if self._incumbents[0] == r:
+            return self._incumbents[1]
+        if self._agreed_members[0] == r:
+            members = self._agreed_members[1]
+        else:
+            vote = self.authority_vote(r)  # nobody else's word decides who keeps a head
+            members = vote.members if vote is not None else []
+        ready = dht_io.by_writer(ctx.read(ctx.keys.ready(r), ReadyRecord, ctx.clock.now()))
+        out = {h: who for who in members if who in ready and ready[who].round == r for h in ready[who].heads}
+        if members:
+            self._incumbents = (r, out)
+        return out
+
+    def ready(self, r: int, thorough: bool = False) -> dict[str, ReadyRecord]:
+        """Ready records of round r that count: dated near now, from the holder of every head
+        they list (so at most one contribution per head). `thorough`: see `RoundContext.read`;
+        its view of the holders may be the one the round's close read a settle delay before. A
+        record that a reused view does not back is checked against a fresh view before it is left
+        out (a claimant can be ready a few seconds after its claim)."""
+        ctx = self.ctx
+        cfg, now = ctx.cfg, ctx.clock.now()
+        found = dht_io.by_writer(ctx.read(ctx.keys.ready(r), ReadyRecord, now, thorough))
+        oldest = now - 3 * cfg.round_timeout
+        dated = {who: rec for who, rec in found.items()
+                 if rec.round == r and oldest <= rec.ready_at <= now + cfg.clock_skew}
+        holders = ctx.holders(max_age=cfg.settle_seconds + VIEW_SECONDS if thorough else VIEW_SECONDS,
+                              thorough=thorough)
+        if any(holders.get(h) != who for who, rec in dated.items() for h in rec.heads):
+            holders = ctx.holders(max_age=0.0, thorough=True) if thorough else ctx.holders()
+        return {who: rec for who, rec in dated.items() if all(holders.get(h) == who for h in rec.heads)}
+
+    def all_ready(self, ready: dict[str, ReadyRecord]) -> bool:
+        """Every lease holder is ready: as a view of the holders may be half a second old or read
+        from nodes that lack a fresh claim, a thorough one confirms before a round closes early."""
+        holders = self.ctx.holders
+        return (not (set(holders(max_age=VIEW_SECONDS).values()) - set(ready))
+                and not (set(holders(max_age=0.0, thorough=True).values()) - set(ready)))
+
+    def close_window(self, ready: dict[str, ReadyRecord]) -> float:
+        """How long a round waits for the others once this peer saw its first ready record."""
+        cfg = self.ctx.cfg
+        first = min(ready.values(), key=lambda x: x.ready_at)
+        train = min(first.train_seconds, cfg.round_timeout)
+        return max(cfg.merge_grace, cfg.merge_slack * train)
+
+    def voters(self) -> set[str]:
+        """The lease holders (a view up to VIEW_SECONDS old)."""
+        return set(self.ctx.holders(max_age=VIEW_SECONDS).values())
+
+    def votes(self, r: int) -> dict[str, HashRecord]:
+        """Digests published for round r by those whose vote counts: the coordinator and the
+        lease holders, one vote per signed identity."""
+        ctx = self.ctx
+        voters = self.voters() | {ctx.authority, ctx.peer}
+        found = dht_io.by_writer(ctx.read(ctx.keys.hashes(r), HashRecord, ctx.clock.now()))
+        return {who: rec for who, rec in found.items() if rec.round == r and who in voters}
+
+    def closed(self, r: int) -> bool:
+        """Round r no longer takes contributions: the coordinator or most holders merged it. (Ready
+        times do not decide this: a holder could date its records so that every round looks over.)"""
+        votes = self.votes(r)
+        holders = self.voters()
+        holder_votes = len(set(votes) & holders)
+        return self.ctx.authority in votes or (bool(holders) and 2 * holder_votes > len(holders))
+
+    def vote(self, r: int, digest: str, members: list[str]) -> None:
+        """Publish our W after round r and the contributors merged into it."""
+        ctx = self.ctx
+        dht_io.store(ctx.dht, ctx.keys.hashes(r), ctx.identity, HashRecord(round=r, digest=digest, members=members),
+                     ctx.expiration())
+
+
+def agreed_vote(votes: dict[str, HashRecord]) -> HashRecord:
+    """The vote for the digest most peers hold; ties go to the one merging more contributions,
+    then the larger digest, so every peer that sees the same votes picks the same one."""
+    counts = Counter(v.digest for v in votes.values())
+    sample = {v.digest: v for v in votes.values()}
+    return sample[max(counts, key=lambda d: (counts[d], len(sample[d].members), d))]
