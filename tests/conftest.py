@@ -4,6 +4,7 @@ run in this process."""
 from __future__ import annotations
 
 import copy
+import os
 import sys
 from pathlib import Path
 
@@ -38,12 +39,26 @@ def assert_one_error_line(result, expected: str, code: int = 2) -> None:
     assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], result.stderr
 
 
+def suite_threads() -> int:
+    """torch's thread count in this process: one, unless OMP_NUM_THREADS is set (learning-outcome
+    tests are calibrated under other counts that way). The models here are tiny: they gain nothing
+    from a second thread and lose a lot to it on a busy machine (a simulation step waits for a
+    descheduled thread: 16x slower measured on 2 shared cores), and pytest-xdist already keeps a
+    core busy with each worker process."""
+    return int(os.environ.get("OMP_NUM_THREADS") or 1)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _threads():
+    torch.set_num_threads(suite_threads())
+    yield
+
+
 @pytest.fixture(scope="module")
 def one_thread():
-    """Models this small gain nothing from a second thread, and lose a lot to it on a busy machine
-    (a simulation step waits for a descheduled thread: 16x slower measured on 2 shared cores)."""
+    """The suite's thread count (`suite_threads`), restored afterwards, for modules that change it."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(suite_threads())
     yield
     torch.set_num_threads(threads)
 

@@ -167,6 +167,7 @@ def _assert_clean(bench, prefix: str, inodes: list[int], workdir: Path) -> None:
     assert _ours(workdir) == []
 
 
+@pytest.mark.xdist_group("wan")
 @pytest.mark.timeout(60)
 def test_a_node_may_have_a_cap_of_its_own():
     """--coordinator-mbit: the coordinator's link (both ends) at its own rate, the others at --mbit."""
@@ -185,6 +186,7 @@ def test_a_node_may_have_a_cap_of_its_own():
     assert bench.leftovers(net.prefix) == {"namespaces": [], "links": []}
 
 
+@pytest.mark.xdist_group("wan")
 @pytest.mark.timeout(240)
 def test_tiny_wan_run_reports_and_cleans_up(tmp_path):
     _needs_network()
@@ -218,6 +220,7 @@ def test_tiny_wan_run_reports_and_cleans_up(tmp_path):
     _assert_clean(bench, out["prefix"], out["netns_inodes"], tmp_path)
 
 
+@pytest.mark.xdist_group("wan")
 @pytest.mark.timeout(180)
 def test_ctrl_c_mid_run_cleans_up(tmp_path):
     _needs_network()

@@ -11,7 +11,7 @@ import torch
 from tests.conftest import CLI, assert_one_error_line, run_cli
 from tests.harness import wait_role_gone
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.timeout(600), pytest.mark.xdist_group("processes")]
 
 
 def _evaluate_export(path):
@@ -70,18 +70,18 @@ def test_ctrl_c_stops_the_demo_and_every_process_it_started(tmp_path):
     workdir = tmp_path / "demo"
     # Ctrl+C reaches it as in a terminal even when the suite itself runs as a background job
     # (which starts its children with SIGINT ignored)
-    proc = subprocess.Popen([*CLI, "demo", "--peers", "2", "--rounds", "50", "--json", "--run-dir", str(workdir)],
+    proc = subprocess.Popen([*CLI, "demo", "--peers", "1", "--rounds", "50", "--json", "--run-dir", str(workdir)],
                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline:
-            logs = [workdir / f"{f}.jsonl" for f in ("peer0", "peer1")]
-            if all(e.exists() and "\"event\": \"joined\"" in e.read_text() for e in logs):  # all three are up
+            log = workdir / "peer0.jsonl"
+            if log.exists() and "\"event\": \"joined\"" in log.read_text():  # both are up
                 break
             time.sleep(0.5)
         else:
-            pytest.fail("the demo's peers never joined")
+            pytest.fail("the demo's peer never joined")
         proc.send_signal(signal.SIGINT)
         started = time.monotonic()
         try:
@@ -98,7 +98,7 @@ def test_ctrl_c_stops_the_demo_and_every_process_it_started(tmp_path):
     assert stopped_in < 15, f"the demo took {stopped_in:.1f}s to stop"
     assert "Traceback" not in stderr
     starts = [[json.loads(l) for l in (workdir / f"{f}.jsonl").read_text().splitlines() if '"pid"' in l]
-              for f in ("coordinator", "peer0", "peer1")]
+              for f in ("coordinator", "peer0")]
     assert all(starts), starts
     for events in starts:  # each role: the peer process, its DHT process and p2pd
         assert wait_role_gone(events) == [], f"processes of {events[0]} still run"

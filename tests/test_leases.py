@@ -15,7 +15,7 @@ from swarm.keys import RunKeys, make_run_id
 from swarm.leases import HeadLeases, winners
 from swarm.schemas import LeaseRecord
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.xdist_group("leases")]  # one two-node DHT
 LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]
 
 

@@ -19,9 +19,9 @@ def _simulate(*extra: str) -> dict:
 
 
 def test_lte_simulation_reports_its_run():
-    result = _simulate("--samples", "3200")
+    result = _simulate("--samples", "1280")
     assert result["mode"] == "lte"
-    assert result["samples"] == 3200 and result["steps"] == 50 and result["rounds"] == 5
+    assert result["samples"] == 1280 and result["steps"] == 20 and result["rounds"] == 2
     assert 0.0 <= result["accuracy"] <= 1.0 and result["loss"] > 0 and result["seconds"] > 0
     assert len(result["weight_digest"]) == 64
 
@@ -38,7 +38,7 @@ def test_simulation_is_deterministic():
     from swarm.config import load_config
     from peers.simulate import simulate
 
-    cfg = load_config(CONFIG).with_overrides({"train.samples": 1280, "lte.merge_every": 5})
+    cfg = load_config(CONFIG).with_overrides({"train.samples": 640, "lte.merge_every": 5})
     a, b = simulate(cfg), simulate(cfg)
     assert a.weight_digest == b.weight_digest and a.accuracy == b.accuracy
     c = simulate(cfg.with_overrides({"train.seed": 1}))

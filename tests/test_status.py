@@ -1,4 +1,10 @@
-"""`lte-swarm status` against a live loopback swarm, in a real terminal, and the signed records."""
+"""`lte-swarm status` against a live loopback swarm, in a real terminal, and the signed records.
+
+The live swarm is a closed run (real coordinator and peer processes, invites made with the command
+line) that a rogue hivemind node attacks from before anyone joined, claiming every head back-dated
+by the clock skew the run allows, which in an open run wins them (tests/adversarial/
+test_membership.py). Only the invited peers hold heads and merge, a peer without an invite is
+told how to get one, and the status view shows the members alone."""
 
 from __future__ import annotations
 
@@ -12,24 +18,45 @@ import pytest
 from hivemind.utils import get_dht_time
 
 from peers.local_swarm import LocalSwarm
-from swarm.schemas import PeerStatus
+from swarm import dht_io
+from swarm.keys import RunKeys
+from swarm.schemas import LeaseRecord, PeerStatus
 from tests.conftest import CLI, ROOT, run_cli
-from tests.harness import write_config
+from tests.harness import last, rogue_node, write_config
 
 pytestmark = pytest.mark.timeout(420)
+processes = pytest.mark.xdist_group("processes")
 
 
 @pytest.fixture(scope="module")
 def live_swarm(tmp_path_factory):
+    """A closed run of 3 heads: peer0 with a bearer invite, peer1 with an invite for the key it
+    signs with, an outsider without one; a rogue node claiming every head throughout."""
     tmp = tmp_path_factory.mktemp("status")
-    swarm = LocalSwarm(tmp, write_config(tmp / "run.yaml", heads=3, merge_every=2, rounds=400))
+    swarm = LocalSwarm(tmp, write_config(tmp / "run.yaml", heads=3, merge_every=2, rounds=400, min_heads=2, closed=True))
     try:
         swarm.start_coordinator()
-        peers = [swarm.join(f"peer{i}", "--throttle", "0.3") for i in range(2)]
-        for p in peers:
-            p.wait_for(lambda es: any(e["event"] == "round" for e in es), 180, "a merge round")
-        swarm.coordinator.wait_for(lambda es: any(e["event"] == "round" for e in es), 60, "a merge round")
-        yield swarm, peers
+        keys = RunKeys(swarm.run_id)
+
+        def claim_every_head(dht, identity):
+            for head in range(3):
+                dht_io.store(dht, keys.leases, identity, LeaseRecord(head=head, claimed_at=time.time() - 9),
+                              time.time() + 5, tag=str(head))
+
+        with rogue_node(swarm, claim_every_head) as (rogue, rogue_identity):
+            fingerprint = run_cli("key", tmp / "peer1.key").stdout.strip()
+            for args in (["--out", tmp / "bearer.json"], ["--member", fingerprint, "--out", tmp / "peer1.json"]):
+                made = run_cli("invite", "--run-dir", tmp / "run", *args)
+                assert made.exit_code == 0, made.stderr
+            outsider = swarm.join("outsider")
+            peers = [swarm.join("peer0", "--invite", str(tmp / "bearer.json"), "--throttle", "0.3"),
+                     swarm.join("peer1", "--invite", str(tmp / "peer1.json"), "--signing-key", str(tmp / "peer1.key"),
+                                "--throttle", "0.3")]
+            for p in peers:
+                p.wait_for(lambda es: any(e["event"] == "round" for e in es), 180, "a merge round")
+            swarm.coordinator.wait_for(lambda es: any(e["event"] == "round" for e in es), 60, "a merge round")
+            yield swarm, peers, dict(outsider=outsider, fingerprint=fingerprint, rogue=rogue,
+                                     rogue_fingerprint=rogue_identity.fingerprint)
     finally:
         swarm.close()
 
@@ -38,8 +65,30 @@ def _status(swarm, *args):
     return run_cli("status", "--initial-peers", *swarm.maddrs, *args)
 
 
+@processes
+def test_the_closed_run_merges_its_invited_peers_only(live_swarm):
+    swarm, peers, extra = live_swarm
+    outsider = extra["outsider"]
+    assert outsider.wait(120) == 2 and "--invite" in outsider.tail(), outsider.tail()
+    swarm.coordinator.wait_for(lambda es: any(e["event"] == "round" and e["new_round"] >= 3 for e in es), 120,
+                               "round 3")
+    keys = RunKeys(swarm.run_id)
+    claimants = {who for (_, who) in dht_io.read(extra["rogue"], keys.leases, LeaseRecord, time.time())}
+    assert extra["rogue_fingerprint"] in claimants  # the attack was real: its claims are in the DHT
+    honest = {last(p, "joined")["peer"] for p in peers}
+    assert extra["fingerprint"] in honest  # peer1 signs with the key its invite names
+    rounds = swarm.coordinator.of("round")
+    assert [r["new_round"] for r in rounds] == list(range(1, len(rounds) + 1)), rounds
+    assert all(set(r["members"]) == honest for r in rounds), [r["members"] for r in rounds]
+    agreed = {r["new_round"]: r["digest"] for r in rounds}
+    for p in peers:
+        merged = [r for r in p.of("round") if r["new_round"] in agreed]
+        assert len(merged) >= 3 and all(r["digest"] == agreed[r["new_round"]] for r in merged), (p.name, merged)
+
+
+@processes
 def test_status_json_reports_both_peers_their_heads_and_the_round(live_swarm):
-    swarm, peers = live_swarm
+    swarm, peers, _ = live_swarm
     before = max(e["new_round"] for e in swarm.coordinator.of("round"))
     result = _status(swarm, "--json")
     after = max(e["new_round"] for e in swarm.coordinator.of("round"))
@@ -60,9 +109,10 @@ def test_status_json_reports_both_peers_their_heads_and_the_round(live_swarm):
     assert snap["history"] and snap["agree"] in (True, None)
 
 
+@processes
 @pytest.mark.parametrize("columns", [80, 200])
 def test_status_once_renders_at_any_width(live_swarm, columns, monkeypatch):
-    swarm, peers = live_swarm
+    swarm, peers, _ = live_swarm
     monkeypatch.setenv("COLUMNS", str(columns))  # what rich sizes a console that is not a terminal by
     result = _status(swarm, "--once")
     assert result.exit_code == 0, (result.stderr[-2000:], result.exception)
@@ -74,9 +124,10 @@ def test_status_once_renders_at_any_width(live_swarm, columns, monkeypatch):
         assert p.of("joined")[0]["peer"][-8:] in text
 
 
+@processes
 @pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed (.ci/run installs it)")
 def test_live_view_in_a_real_terminal(live_swarm, tmp_path):
-    swarm, peers = live_swarm
+    swarm, peers, _ = live_swarm
     session = f"lte-status-{os.getpid()}"
     command = " ".join([*CLI, "status", "--interval", "1", "--initial-peers", *swarm.maddrs])
     subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "160", "-y", "50", f"cd {ROOT} && {command}"], check=True)
@@ -211,10 +262,11 @@ def test_the_status_record_and_its_dht_side_twin_agree_field_for_field():
             PeerStatusV1.parse_obj({**good, **change})
 
 
+@processes
 def test_export_from_a_live_swarm_loads_into_timm(live_swarm, tmp_path):
     from tests.test_demo import _evaluate_export
 
-    swarm, _ = live_swarm
+    swarm, _, _ = live_swarm
     out = tmp_path / "live.safetensors"
     result = run_cli("export", "--initial-peers", *swarm.maddrs, "--out", out)
     assert result.exit_code == 0, (result.stderr[-2000:], result.exception)
