@@ -73,7 +73,7 @@ def test_the_inbox_keeps_pushes_by_digest_within_its_budget():
 
 @pytest.mark.xfail(strict=True, reason=(
     "an inbox keeps what was pushed to it for 6 round timeouts within a budget of N contributions "
-    "(swarm/rounds.py): a peer behind NAT pushing every round fills the inboxes of the peers it pushes "
+    "(swarm/rounds/collection.py): a peer behind NAT pushing every round fills the inboxes of the peers it pushes "
     "to within a few fast rounds, and is left out of every later round until its old pushes expire"))
 def test_a_peer_behind_nat_contributes_round_after_round(tmp_path):
     """The digits model of the loopback swarm tests (tests/harness.py), 7 quick rounds: the peer

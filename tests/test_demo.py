@@ -11,7 +11,7 @@ import torch
 from tests.conftest import CLI, assert_one_error_line, run_cli
 from tests.harness import wait_role_gone
 
-pytestmark = [pytest.mark.timeout(600), pytest.mark.xdist_group("processes")]
+pytestmark = [pytest.mark.timeout(600), pytest.mark.xdist_group("demo")]
 
 
 def _evaluate_export(path):
