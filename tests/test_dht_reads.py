@@ -323,7 +323,9 @@ def test_a_poll_takes_the_next_nearest_node_for_each_that_left():
 
 
 
-@pytest.mark.xfail(strict=True, reason=(
+# Not strict: how many of its records a reader misses depends on which nodes it happened to learn
+# of before its reads went straight to the nearest ones, which varies from run to run.
+@pytest.mark.xfail(strict=False, reason=(
     "a node in client mode stores at the nodes it knows, and learns of no others while its reads go "
     "straight to the nodes it knows (their answers carry no neighbours): one that joined before the "
     "other peers' nodes knows only the first node for good, and most reads miss its records (in a "
