@@ -18,6 +18,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from itertools import islice
 from typing import Any, Iterable, Iterator
 
 import numpy as np
@@ -216,8 +217,12 @@ class DataSource:
         self.seed = seed
         self.stream = open_stream(cfg.source)
         self._held: frozenset[bytes] | None = None
+        self._eval: list[dict[str, Any]] | None = None
 
     def _eval_records(self) -> list[dict[str, Any]]:
+        """The evaluation set's records, read once (from the hub, a second read downloads again)."""
+        if self._eval is not None:
+            return self._eval
         if self.cfg.eval_source is None:
             stream = self.stream
         else:
@@ -229,22 +234,41 @@ class DataSource:
         records = list(self._guard(stream.take(self.cfg.holdout)))
         if not records:
             raise DataError(f"data {self.cfg.eval_source or self.cfg.source!r} is empty")
+        self._eval = records
+        return records
+
+    def _test_keys(self) -> frozenset[bytes]:
+        """Content keys of the evaluation set's records where they come from the training stream."""
+        if self.cfg.eval_source is not None:
+            return frozenset()
+        return frozenset(record_key(r) for r in self._eval_records())
+
+    def _validation_records(self) -> list[dict[str, Any]]:
+        if not self.cfg.validation:
+            raise DataError("no validation split: set data.validation to the number of training records to carve out")
+        test = self._test_keys()
+        records = list(islice((r for r in self._guard(self.stream) if record_key(r) not in test), self.cfg.validation))
+        if len(records) < self.cfg.validation:
+            raise DataError(f"data {self.cfg.source!r} has {len(records)} training records, fewer than "
+                            f"data.validation ({self.cfg.validation})")
         return records
 
     def held_out(self) -> frozenset[bytes]:
         """Content keys of the records training must skip: the evaluation set when it is taken from
-        the training stream, nothing when it comes from `eval_source`."""
+        the training stream (nothing when it comes from `eval_source`), and the validation split."""
         if self._held is None:
-            self._held = frozenset() if self.cfg.eval_source is not None else \
-                frozenset(record_key(r) for r in self._eval_records())
+            validation = self._validation_records() if self.cfg.validation else []
+            self._held = self._test_keys() | {record_key(r) for r in validation}
         return self._held
 
     def eval_set(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The first `holdout` records of `eval_source` (or of the stream), as tensors."""
-        records = self._eval_records()
-        if self.cfg.eval_source is None and self._held is None:
-            self._held = frozenset(record_key(r) for r in records)
-        return _collate(records, self.shape)
+        return _collate(self._eval_records(), self.shape)
+
+    def validation_set(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The `validation` records carved out of the training data, as tensors: what rates are
+        tuned on, so that the evaluation set judges only the tuned runs."""
+        return _collate(self._validation_records(), self.shape)
 
     def batches(self, shard: int, n_shards: int, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Endless batches from shard `shard` of `n_shards` of the training records (disjoint

@@ -1,14 +1,16 @@
 """`lte-swarm demo`: a whole run on this machine (coordinator and K peers on loopback, the embedded
-digits), watched live, then compared round by round with the one-process simulation."""
+digits), watched live, then compared round by round with the one-process simulation of the same run
+(bit for bit: the W digest of every round) and with full-rank training on the same samples."""
 
 from __future__ import annotations
 
 import json
 import time
 from pathlib import Path
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
-from peers.local_swarm import LocalSwarm, LocalSwarmError
+from peers.local_swarm import LocalSwarm, LocalSwarmError, peer_threads
 from peers.shipped import shipped_config
 from peers.simulate import simulate
 from swarm.config import RunConfig, load_config
@@ -66,22 +68,41 @@ def run_demo(workdir: Path, peers: int, rounds: int, config: Path | None = None,
 
     rounds_swarm = {e["new_round"]: e for e in coordinator.of("round") if "accuracy" in e}
     digests = {p.of("left")[-1]["digest"] for p in procs if p.of("left")} | {coordinator.of("left")[-1]["digest"]}
-    sim = simulate(cfg)
+    # The replay runs at the peers' thread count: a head's float sums depend on it.
+    with torch_threads(peer_threads()):
+        sim = simulate(cfg)
+    full = simulate(cfg, "full")
     rows = []
-    for point in sim.history:
+    for point, baseline in zip(sim.history, full.history):
         got = rounds_swarm.get(point.round, {})
         rows.append({"round": point.round, "samples": point.samples,
                      "swarm_accuracy": got.get("accuracy"), "swarm_loss": got.get("loss"),
-                     "simulate_accuracy": point.accuracy, "simulate_loss": point.loss})
+                     "simulate_accuracy": point.accuracy, "simulate_loss": point.loss,
+                     "full_accuracy": baseline.accuracy, "full_loss": baseline.loss,
+                     "identical": got.get("digest") == point.digest})
     plot = workdir / "run" / "curves.png"
     write_plot(rows, plot)
     final = rows[-1]
     summary = {"peers": peers, "rounds": rounds, "run_dir": str(workdir / "run"), "run_id": swarm.run_id,
                "accuracy": final["swarm_accuracy"], "simulate_accuracy": final["simulate_accuracy"],
-               "loss": final["swarm_loss"], "samples": final["samples"], "seconds": swarm_seconds,
-               "peers_agree": len(digests) == 1, "plot": str(plot), "history": rows}
+               "full_accuracy": final["full_accuracy"], "loss": final["swarm_loss"], "samples": final["samples"],
+               "seconds": swarm_seconds, "peers_agree": len(digests) == 1,
+               "bit_identical": all(r["identical"] for r in rows), "plot": str(plot), "history": rows}
     (workdir / "run" / "demo.json").write_text(json.dumps(summary, indent=1))
     return summary
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run the block on `n` torch threads."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def write_plot(rows: list[dict], path: Path) -> None:
@@ -92,10 +113,11 @@ def write_plot(rows: list[dict], path: Path) -> None:
 
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
     x = [r["round"] for r in rows]
-    for key, label, style in (("swarm", "swarm", "-o"), ("simulate", "one-process simulation", "--")):
+    for key, label, style in (("swarm", "swarm (LTE)", "-o"), ("simulate", "one-process simulation (LTE)", "--"),
+                              ("full", "full-rank training", ":")):
         ax_loss.plot(x, [r[f"{key}_loss"] for r in rows], style, label=label)
         ax_acc.plot(x, [r[f"{key}_accuracy"] for r in rows], style, label=label)
-    ax_loss.set(xlabel="merge round", ylabel="test loss", title="loss")
+    ax_loss.set(xlabel="merge round (same samples in every run)", ylabel="test loss", title="loss")
     ax_acc.set(xlabel="merge round", ylabel="test accuracy", title="accuracy")
     from matplotlib.ticker import MaxNLocator
 

@@ -18,6 +18,13 @@ from swarm.errors import LTESwarmError
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # the folder holding `peers` and `swarm`
 
 
+def peer_threads() -> int:
+    """torch threads of every local peer process (`LTE_PEER_THREADS`, default 1). A head's
+    arithmetic depends on it (CPU kernels split their sums by thread), so whatever replays these
+    peers' training bit for bit must use it too."""
+    return int(os.environ.get("LTE_PEER_THREADS") or 1)
+
+
 class LocalSwarmError(LTESwarmError):
     """A local peer process died or did not get where it should in time."""
 
@@ -28,7 +35,7 @@ class PeerProcess:
         self._log_file = open(log, "w")
         # One compute thread each: the processes share this machine's cores, and torch's default
         # of a thread per core in every process oversubscribes them many times over.
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": os.environ.get("LTE_PEER_THREADS", "1")}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(peer_threads())}
         # The processes run this very copy of the code, wherever the caller imported it from.
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PACKAGE_ROOT), env.get("PYTHONPATH", "")) if p)
         self.handle = subprocess.Popen(args, cwd=cwd, stdout=self._log_file, stderr=subprocess.STDOUT,

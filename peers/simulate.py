@@ -28,6 +28,7 @@ class EvalPoint:
     loss: float
     train_loss: float
     seconds: float
+    digest: str | None = None  # LTE: the digest of W and the replicas after this round's merge, as the swarm agrees on it
 
 
 @dataclass
@@ -63,7 +64,6 @@ def simulate(cfg: RunConfig, mode: Mode = "lte", *, on_eval: Callable[[EvalPoint
         net = create_model(cfg.model).to(device)
         trained: torch.nn.Module = net
         streams = [source.batches(0, 1, cfg.train.batch_size)]
-        lr = cfg.train.full_lr
         eval_forward = net
     else:
         n = cfg.lte.heads if mode == "lte" else 1
@@ -72,11 +72,10 @@ def simulate(cfg: RunConfig, mode: Mode = "lte", *, on_eval: Callable[[EvalPoint
         lte = create_lte_model(cfg, list(range(n)), device)
         trained = lte
         streams = [source.batches(i, n, cfg.head_batch) for i in range(n)]
-        lr = cfg.train.lr
         # Single LoRA never merges: it is evaluated with its head in place.
         eval_forward = lte.forward_merged if mode == "lte" else (lambda x: lte(x[None])[0])
 
-    trainer = HeadTrainer(trained, lr, cfg.train, steps)
+    trainer = HeadTrainer(trained, cfg.train, steps)
     pending: dict[str, torch.Tensor] | None = None  # a merge not yet applied (swarm.overlap)
     history: list[EvalPoint] = []
     start = time.perf_counter()
@@ -95,7 +94,8 @@ def simulate(cfg: RunConfig, mode: Mode = "lte", *, on_eval: Callable[[EvalPoint
                 acc, eval_loss = evaluate(eval_forward, x_eval, y_eval, device)
                 steps_in_round = (step % period) + 1
                 point = EvalPoint(rounds, step + 1, (step + 1) * cfg.train.batch_size, acc, eval_loss,
-                                  running / steps_in_round, time.perf_counter() - start)
+                                  running / steps_in_round, time.perf_counter() - start,
+                                  lte.state_digest() if mode == "lte" else None)
                 history.append(point)
                 if on_eval:
                     on_eval(point)

@@ -377,7 +377,7 @@ class Trainer:
                         self.model.head_ids, heads)
         cfg = self.cfg
         if self.head_trainer is None:
-            self.head_trainer = HeadTrainer(self.model, cfg.train.lr, cfg.train, cfg.steps)
+            self.head_trainer = HeadTrainer(self.model, cfg.train, cfg.steps)
         self.head_trainer.set_heads(heads)  # kept heads keep their optimizer state
         self.streams = {h: self.streams.get(h) or self.source.batches(h, cfg.lte.heads, cfg.head_batch) for h in heads}
         self.events.emit("heads", heads=heads)

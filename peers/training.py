@@ -56,21 +56,26 @@ def evaluate(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y
     return correct / len(y), loss / len(y)
 
 
+def replica_lr(train: TrainConfig) -> float:
+    """The replicas' peak learning rate: `train.replica_lr`, or full-rank's where unset."""
+    return train.full_lr if train.replica_lr is None else train.replica_lr
+
+
 def param_groups(forward: Callable[[torch.Tensor], torch.Tensor], params: list[nn.Parameter], train: TrainConfig,
                  per_head: bool) -> list[dict]:
-    """AdamW parameter groups with their settings (`train.factors`, `train.replicas`, `train.full`):
-    an LTE model's parameters split into its heads' factors and replicas, anything else as one
-    full-rank group."""
-    def group(params: list[nn.Parameter], settings: ParamGroup) -> dict:
+    """AdamW parameter groups with their settings (`train.factors`, `train.replicas`, `train.full`)
+    and peak learning rates (`train.lr`, `train.replica_lr`, `train.full_lr`): an LTE model's
+    parameters split into its heads' factors and replicas, anything else as one full-rank group."""
+    def group(params: list[nn.Parameter], settings: ParamGroup, peak_lr: float) -> dict:
         clip = train.grad_clip if settings.grad_clip is None else (settings.grad_clip or None)
         decay = train.weight_decay if settings.weight_decay is None else settings.weight_decay
-        return {"params": params, "weight_decay": decay, "lr_scale": settings.lr_scale, "clip": clip}
+        return {"params": params, "weight_decay": decay, "peak_lr": peak_lr, "lr": peak_lr, "clip": clip}
 
     if not per_head:
-        return [group(params, train.full)]
+        return [group(params, train.full, train.full_lr)]
     replica_ids = {id(p) for p in forward.replicas.parameters()} if isinstance(forward, LTEModel) else set()
-    groups = [group([p for p in params if id(p) not in replica_ids], train.factors),
-              group([p for p in params if id(p) in replica_ids], train.replicas)]
+    groups = [group([p for p in params if id(p) not in replica_ids], train.factors, train.lr),
+              group([p for p in params if id(p) in replica_ids], train.replicas, replica_lr(train))]
     return [g for g in groups if g["params"]]
 
 
@@ -92,8 +97,8 @@ class HeadTrainer:
     `LTEModel.plugged` block, because the recomputation must see the head's own tensors.
     """
 
-    def __init__(self, model: nn.Module, lr: float, train: TrainConfig, total_steps: int):
-        self.model, self.lr, self.train, self.total_steps = model, lr, train, total_steps
+    def __init__(self, model: nn.Module, train: TrainConfig, total_steps: int):
+        self.model, self.train, self.total_steps = model, train, total_steps
         self.lte = model if isinstance(model, LTEModel) else None
         if train.checkpointing:
             net = model.model if self.lte is not None else model
@@ -103,11 +108,11 @@ class HeadTrainer:
         if self.lte is not None:
             self.params = self.lte.trainable_parameters()
             groups = param_groups(self.lte, self.params, train, per_head=True)
-            self.optimizer: torch.optim.Optimizer = HeadAdamW(groups, lr=lr)
+            self.optimizer: torch.optim.Optimizer = HeadAdamW(groups)
         else:
             self.params = [p for p in model.parameters() if p.requires_grad]
             groups = param_groups(model, self.params, train, per_head=False)
-            self.optimizer = torch.optim.AdamW(groups, lr=lr)
+            self.optimizer = torch.optim.AdamW(groups)
         self._separate_clips = (self.lte is None or train.factors.grad_clip is not None
                                 or train.replicas.grad_clip is not None)
 
@@ -163,6 +168,6 @@ class HeadTrainer:
             else:
                 nn.utils.clip_grad_norm_(params, clip)
         for group in self.optimizer.param_groups:
-            group["lr"] = self.lr * group["lr_scale"] * lr_factor(step_index, self.total_steps, self.train)
+            group["lr"] = group["peak_lr"] * lr_factor(step_index, self.total_steps, self.train)
         self.optimizer.step()
         return mean_loss.item()

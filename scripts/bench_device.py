@@ -63,7 +63,7 @@ def measure(spec: dict) -> dict:
     if spec["mode"] == "full":
         model = create_model(model_cfg).to(device)
         net = model
-        trainer = HeadTrainer(model, train.full_lr, train, 1000)
+        trainer = HeadTrainer(model, train, 1000)
     else:
         lte = LTEConfig(heads=spec["run_heads"], rank=spec["rank"], alpha=spec["alpha"], merge_every=10,
                         variant=spec["variant"], nonlinear=spec["nonlinear"], storage=spec["storage"],
@@ -71,7 +71,7 @@ def measure(spec: dict) -> dict:
         run = RunConfig(model=model_cfg, lte=lte, train=train.model_copy(update={"batch_size": spec["run_heads"]}))
         model = create_lte_model(run, list(range(heads)), device)
         net = model.model
-        trainer = HeadTrainer(model, train.lr, train, 1000)
+        trainer = HeadTrainer(model, train, 1000)
         master_bytes = _tensor_bytes(layer.weight_store.master for _, layer in model.layers())
     per_head = spec["batch"] // heads
     x = torch.randn(heads, per_head, model_cfg.channels, model_cfg.image_size, model_cfg.image_size, device=device)

@@ -59,20 +59,26 @@ class LTEConfig(_Strict):
 class ParamGroup(_Strict):
     """Optimizer settings of one group of parameters; unset values follow train.weight_decay and
     train.grad_clip. LTE heads have two groups (their LoRA factors and their replicas of the
-    non-linear parameters), the full-rank baseline one."""
+    non-linear parameters), the full-rank baseline one. Each group's learning rate is its own
+    train key (`lr`, `replica_lr`, `full_lr`)."""
 
     weight_decay: float | None = Field(None, ge=0.0, description="AdamW weight decay of the group")
     grad_clip: float | None = Field(
         None, ge=0.0, description="clip the group's gradient norm (per head) to this; 0 turns clipping off. Setting it "
                                   "for factors or replicas clips the two apart; unset for both, each head is clipped "
                                   "as a whole at train.grad_clip")
-    lr_scale: PositiveFloat = Field(1.0, description="multiplies the group's learning rate (train.lr, or train.full_lr)")
 
 
 class TrainConfig(_Strict):
     batch_size: PositiveInt = Field(description="cumulative batch over all heads (per head: batch_size / heads)")
     samples: PositiveInt = Field(description="training budget in samples, summed over heads")
-    lr: PositiveFloat = Field(description="learning rate of the LoRA heads")
+    # Two kinds of parameter train in a head and want different rates: a step of the factors moves
+    # W by s * |A| times the step (alpha / r and A's scale set it), while the replicas (norms,
+    # biases, embeddings) are trained directly, as full-rank training trains them.
+    lr: PositiveFloat = Field(description="learning rate of the heads' LoRA factors A and B")
+    replica_lr: PositiveFloat | None = Field(
+        None, description="learning rate of the heads' replicas of the non-linear parameters (lte.nonlinear: "
+                          "replicate); unset: full_lr, as they are trained like full-rank parameters")
     full_lr: PositiveFloat = Field(description="learning rate of the full-rank baseline")
     weight_decay: float = Field(0.0, ge=0.0)
     warmup_steps: int = Field(0, ge=0)
@@ -96,6 +102,9 @@ class DataConfig(_Strict):
         None, description="where the evaluation set comes from: another split of an hf: source (`@validation`) or any "
                           "data spec; unset: the first `holdout` records of `source`, which training then skips by content")
     holdout: PositiveInt = Field(360, description="records in the evaluation set (the first ones of eval_source, or of source)")
+    validation: int = Field(
+        0, ge=0, description="records carved out of the training data to tune on (scripts/tune.py): the first ones "
+                             "of source that are not in the evaluation set; never trained on while set")
     shuffle_buffer: PositiveInt = 1024
     rotate_shards: bool = Field(False, description="stream i reads shard (i + epoch) mod N: disjoint at any time, all data over epochs")
 

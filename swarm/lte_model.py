@@ -344,7 +344,9 @@ class LTEModel(nn.Module):
                     replica_deltas: dict[str, torch.Tensor]) -> None:
         """The one arithmetic of a merge, in place on `state` (named as in `shared_state`): the
         model's own tensors (`apply_merge`) or copies of them (`digest_after`), so that the W a
-        peer votes for before applying a merge is bit for bit the W it then holds."""
+        peer votes for before applying a merge is bit for bit the W it then holds. Deltas are cast to
+        the state's dtype first: `p.add_(float64, alpha)` would scale in float64 and round once, a
+        float32 delta rounds twice, and the same values must give the same bits however they came."""
         coef = merge_scale(self.spec.scale, self.spec.n_heads)
         for name in self.layer_names:
             w, delta = state[f"{name}.weight"], weight_deltas[name]
@@ -353,7 +355,7 @@ class LTEModel(nn.Module):
             w.add_(delta.to(device=w.device, dtype=w.dtype), alpha=coef)
         for name in self.replicated:
             p = state[name]
-            p.add_(replica_deltas[name].to(p.device), alpha=1.0 / self.spec.n_heads)
+            p.add_(replica_deltas[name].to(device=p.device, dtype=p.dtype), alpha=1.0 / self.spec.n_heads)
 
     @torch.no_grad()
     @_exclusive
@@ -514,11 +516,15 @@ def _convert_linears(model: nn.Module, spec: LTESpec, device: str | torch.device
 def clip_head_grads_(params: Sequence[torch.Tensor], max_norm: float) -> torch.Tensor:
     """Clip each head's gradient to `max_norm` on its own, as if every head had its own optimizer.
 
-    Every tensor in `params` is stacked over heads along dim 0; returns the per-head norms."""
+    Every tensor in `params` is stacked over heads along dim 0; returns the per-head norms. Each
+    head's norm is summed from its own rows alone, in the same order whatever other heads the stack
+    holds: a reduction over a (heads, n) tensor splits its sums differently for 1 and for 4 rows,
+    and a peer holding one head must clip it exactly as the one-process simulation holding all."""
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return torch.zeros(0)
-    norms = torch.stack([g.flatten(1).pow(2).sum(1) for g in grads]).sum(0).sqrt()
+    norms = torch.stack([torch.stack([g[i].pow(2).sum() for g in grads]).sum()
+                         for i in range(grads[0].shape[0])]).sqrt()
     factor = (max_norm / (norms + 1e-6)).clamp(max=1.0)
     for g in grads:
         g.mul_(factor.view(-1, *[1] * (g.dim() - 1)).to(g.dtype))

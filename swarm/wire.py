@@ -265,14 +265,15 @@ def _dequantize_contribution(tensors: dict[str, torch.Tensor]) -> dict[str, torc
 def reduce_contributions(model: LTEModel, contributions: list[Contribution], robust_clip: float = 0.0,
                          part: frozenset[str] | None = None) -> dict[str, torch.Tensor]:
     """Per layer and replicated parameter (those in `part`, or all), the float64 sum of every
-    contribution, in a canonical (writer) order, so every peer reducing the same contributions
-    gets the same bits. Every name is looked at on its own, so reducing parts separately gives
-    what reducing the whole gives.
+    contribution, in a canonical order (by the lowest head each covers, then by writer), so every
+    peer reducing the same contributions gets the same bits, and a swarm of one head per peer adds
+    in the order the one-process simulation adds its heads. Every name is looked at on its own, so
+    reducing parts separately gives what reducing the whole gives.
 
     With `robust_clip` > 0 and 3 or more contributions, a contribution whose change of a layer
     (per head it covers) exceeds `robust_clip` times the round's median is scaled down to it:
     one peer moves W at most a few times as much as a typical honest one."""
-    ordered = sorted(contributions, key=lambda c: c.peer)
+    ordered = sorted(contributions, key=lambda c: (min(c.heads, default=-1), c.peer))
     clip = robust_clip > 0 and len(ordered) >= 3
     heads = [len(c.heads) for c in ordered]
 

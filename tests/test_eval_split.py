@@ -13,6 +13,7 @@ import torch
 
 from peers.data import DataSource, ImageShape
 from swarm.config import DataConfig
+from swarm.errors import DataError
 from tests.memswarm import MemorySwarm, tiny_config
 
 pytestmark = pytest.mark.timeout(120)
@@ -84,6 +85,28 @@ def test_eval_source_split_is_used_whole_and_training_keeps_every_record(tmp_pat
     shards = [_shard_records(src, i, 2) for i in range(2)]
     assert len(held) == 30 and not (shards[0] | shards[1]) & held
     assert len(shards[0] | shards[1]) == 100
+
+
+@pytest.mark.parametrize("eval_source", [False, True])
+def test_the_validation_split_is_carved_out_of_training_and_never_overlaps_the_test_set(multi_file, tmp_path,
+                                                                                        eval_source):
+    """`data.validation` takes training records (never test ones) that no head then trains on; the
+    heads keep every other training record."""
+    if eval_source:
+        _write_parquet(tmp_path / "eval", "eval", 1, HOLDOUT, offset=5000)
+    cfg = DataConfig(source=str(multi_file), holdout=HOLDOUT, validation=50,
+                     eval_source=str(tmp_path / "eval") if eval_source else None)
+    src = DataSource(cfg, ImageShape(8, 1))
+    test, validation = _keys(src.eval_set()[0]), _keys(src.validation_set()[0])
+    assert len(test) == HOLDOUT and len(validation) == 50 and not test & validation
+    shards = [_shard_records(src, i, 3) for i in range(3)]
+    trained = set().union(*shards)
+    assert not trained & validation and not trained & test
+    assert len(trained) == FILES * PER_FILE - 50 - (0 if eval_source else HOLDOUT)
+    with pytest.raises(DataError, match="fewer than data.validation"):
+        DataSource(cfg.model_copy(update={"validation": 10_000}), ImageShape(8, 1)).validation_set()
+    with pytest.raises(DataError, match="no validation split"):
+        DataSource(cfg.model_copy(update={"validation": 0}), ImageShape(8, 1)).validation_set()
 
 
 def test_eval_source_split_needs_an_hf_source():

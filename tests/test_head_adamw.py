@@ -48,7 +48,7 @@ def test_kept_heads_keep_their_optimizer_state_across_a_change_of_heads():
     unchanged to its new position; head 1 starts with no moments at step 0."""
     cfg = TrainConfig(batch_size=8, samples=80, lr=0.01, full_lr=0.01, grad_clip=1.0)
     model = LTEModel(tiny_vit(), LTESpec(n_heads=3, rank=2, alpha=16.0, nonlinear="replicate"), [0, 2])
-    trainer = HeadTrainer(model, cfg.lr, cfg, 10)
+    trainer = HeadTrainer(model, cfg, 10)
     g = torch.Generator().manual_seed(0)
     for step in range(2):
         trainer.step(torch.randn(2, 4, 1, 8, 8, generator=g), torch.randint(0, 3, (2, 4), generator=g), step)

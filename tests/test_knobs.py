@@ -105,23 +105,25 @@ def _train(**groups) -> TrainConfig:
     return TrainConfig(batch_size=4, samples=8, lr=0.01, full_lr=0.03, weight_decay=0.05, grad_clip=1.0, **groups)
 
 
-def test_param_groups_carry_their_own_decay_lr_and_clip():
+def test_param_groups_carry_their_own_decay_rate_and_clip():
     model = LTEModel(tiny_mlp(), LTESpec(n_heads=2, rank=2, alpha=4.0, nonlinear="replicate"), [0, 1])
-    trainer = HeadTrainer(model, 0.01, _train(factors={"weight_decay": 0.0}, replicas={"lr_scale": 10.0, "grad_clip": 0.0}),
-                          10)
+    trainer = HeadTrainer(model, _train(replica_lr=0.1, factors={"weight_decay": 0.0}, replicas={"grad_clip": 0.0}), 10)
     factors, replicas = trainer.optimizer.param_groups
     assert {id(p) for p in replicas["params"]} == {id(p) for p in model.replicas.parameters()}
-    assert (factors["weight_decay"], factors["lr_scale"]) == (0.0, 1.0)
-    assert (replicas["weight_decay"], replicas["lr_scale"]) == (0.05, 10.0)
+    assert (factors["weight_decay"], factors["peak_lr"]) == (0.0, 0.01)
+    assert (replicas["weight_decay"], replicas["peak_lr"]) == (0.05, 0.1)
     assert [clip for _, clip in trainer.clips] == [1.0, None]  # factors inherit train.grad_clip; 0 is off
     x = torch.randn(2, 3, 6, dtype=torch.float64)
     trainer.step(x, torch.zeros(2, 3, dtype=torch.long), step_index=5)
-    assert replicas["lr"] == pytest.approx(10 * factors["lr"]) and factors["lr"] > 0
-    # unset clips: each head's factors and replicas are clipped together, as one vector
-    joint = HeadTrainer(model, 0.01, _train(), 10)
+    assert replicas["lr"] == pytest.approx(10 * factors["lr"]) and 0 < factors["lr"] < 0.01  # on the schedule
+    # unset, the replicas train at full-rank's rate; unset clips: each head's factors and replicas
+    # are clipped together, as one vector
+    joint = HeadTrainer(model, _train(), 10)
+    assert [g["peak_lr"] for g in joint.optimizer.param_groups] == [0.01, 0.03]
     assert len(joint.clips) == 1 and joint.clips[0][1] == 1.0
-    full = HeadTrainer(torch.nn.Linear(3, 3), 0.03, _train(full={"grad_clip": 2.0, "weight_decay": 0.1}), 10)
+    full = HeadTrainer(torch.nn.Linear(3, 3), _train(full={"grad_clip": 2.0, "weight_decay": 0.1}), 10)
     assert full.clips[0][1] == 2.0 and full.optimizer.param_groups[0]["weight_decay"] == 0.1
+    assert full.optimizer.param_groups[0]["peak_lr"] == 0.03
 
 
 def test_separate_clips_clip_each_group_per_head():
@@ -131,7 +133,7 @@ def test_separate_clips_clip_each_group_per_head():
 
     model = LTEModel(tiny_mlp(), LTESpec(n_heads=2, rank=2, alpha=4.0, nonlinear="replicate"), [0, 1])
     randomize_heads(model, seed=1)
-    trainer = HeadTrainer(model, 0.01, _train(factors={"grad_clip": 1e-3}, replicas={"grad_clip": 1e-4}), 10)
+    trainer = HeadTrainer(model, _train(factors={"grad_clip": 1e-3}, replicas={"grad_clip": 1e-4}), 10)
     x = torch.randn(2, 3, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     trainer.step(x, torch.tensor([[0, 1, 2], [2, 1, 0]]), step_index=5)
     for (params, clip), group in zip(trainer.clips, trainer.optimizer.param_groups):

@@ -142,7 +142,7 @@ def test_checkpointing_gives_the_same_step(vectorised):
     x = torch.randn(3, 4, 1, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     y = torch.randint(0, 3, (3, 4), generator=torch.Generator().manual_seed(1))
     plain, checkpointed = _model(vectorised, "reset_less"), _model(vectorised, "reset_less")
-    losses = [HeadTrainer(m, 0.01, _train(checkpointing=c), 10).step(x, y, 0)
+    losses = [HeadTrainer(m, _train(checkpointing=c), 10).step(x, y, 0)
               for m, c in ((plain, False), (checkpointed, True))]
     assert checkpointed.model.grad_checkpointing and not plain.model.grad_checkpointing
     assert losses[0] == pytest.approx(losses[1], rel=1e-12)
@@ -159,7 +159,7 @@ def test_checkpointing_gives_the_same_step(vectorised):
 
 def test_bf16_training_step_on_cpu_keeps_fp32_state():
     model = LTEModel(tiny_vit(), LTESpec(n_heads=2, rank=2, alpha=16.0, nonlinear="replicate"), [0, 1])
-    trainer = HeadTrainer(model, 0.01, _train(precision="bf16"), 10)
+    trainer = HeadTrainer(model, _train(precision="bf16"), 10)
     x, y = torch.randn(2, 4, 1, 8, 8), torch.randint(0, 3, (2, 4))
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     loss = trainer.step(x, y, 0)

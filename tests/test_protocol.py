@@ -39,11 +39,10 @@ def test_peers_merge_every_round_and_match_the_simulation(tmp_path):
         assert [r["new_round"] for r in rounds] == [1, 2, 3, 4]
         assert all(r["merged"] and len(r["members"]) == 3 for r in rounds), rounds
     assert sorted(h for i in range(3) for h in swarm[f"p{i}"].events.last("heads")["heads"]) == [0, 1, 2]
-    # The same heads, seeds and data in one process give the same W (up to float rounding).
-    sim = simulate(cfg).model.shared_state()
-    got = swarm["coordinator"].role.model.shared_state()
-    for key, tensor in sim.items():
-        torch.testing.assert_close(got[key], tensor, rtol=1e-4, atol=1e-5, msg=key)
+    # The same heads, seeds and data in one process give the same W and replicas, bit for bit, at
+    # every round (three heads: the merge scales by 1/3, which rounds)
+    sim = simulate(cfg)
+    assert [r["digest"] for r in swarm["coordinator"].events.of("round")] == [p.digest for p in sim.history]
     assert swarm["coordinator"].role.protocol.round == cfg.rounds
 
 
