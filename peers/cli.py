@@ -277,7 +277,8 @@ def demo(
     as_json: bool = typer.Option(False, "--json", help="no live view; print one JSON summary as the last line"),
 ) -> None:
     """A whole swarm on this machine: a coordinator and K peers train on the embedded digits over
-    loopback, shown live, then compared round by round with the one-process simulation."""
+    loopback, shown live, then compared round by round with the one-process simulation (bit for
+    bit) and with full-rank training on the same samples."""
     from rich.live import Live
     from rich.table import Table
 
@@ -302,15 +303,21 @@ def demo(
         if as_json:
             print(json.dumps(summary))
             return
-        table = Table(title="test accuracy per round: swarm vs one-process simulation")
-        for col in ("round", "samples", "swarm acc", "simulation acc", "swarm loss", "simulation loss"):
+        table = Table(title="test accuracy per round: the swarm, its one-process simulation, full-rank training")
+        for col in ("round", "samples", "swarm (LTE)", "simulation", "W bit for bit", "full-rank", "swarm loss",
+                    "full-rank loss"):
             table.add_column(col, justify="right")
         for r in summary["history"]:
             fmt = lambda v, pct: "-" if v is None else (f"{v:.1%}" if pct else f"{v:.3f}")  # noqa: E731
             table.add_row(str(r["round"]), str(r["samples"]), fmt(r["swarm_accuracy"], True),
-                          fmt(r["simulate_accuracy"], True), fmt(r["swarm_loss"], False), fmt(r["simulate_loss"], False))
+                          fmt(r["simulate_accuracy"], True), "yes" if r["identical"] else "NO",
+                          fmt(r["full_accuracy"], True), fmt(r["swarm_loss"], False), fmt(r["full_loss"], False))
         out.print(table)
-        out.print(f"peers agree on W: {summary['peers_agree']}; {summary['seconds']:.0f}s; plot: {summary['plot']}; "
+        same = "bit for bit every round" if summary["bit_identical"] else "NOT bit for bit (see the table)"
+        out.print(f"LTE in the swarm: {summary['accuracy']:.1%}, full-rank on the same {summary['samples']} samples: "
+                  f"{summary['full_accuracy']:.1%}; the swarm's W is the simulation's {same}; peers agree on W: "
+                  f"{summary['peers_agree']}", highlight=False)
+        out.print(f"swarm {summary['seconds']:.0f}s, all {summary['total_seconds']:.0f}s; plot: {summary['plot']}; "
                   f"run dir: {summary['run_dir']}", highlight=False)
         out.print(f"export the model with: lte-swarm export --run-dir {summary['run_dir']} --out model.safetensors",
                   highlight=False)

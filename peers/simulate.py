@@ -51,13 +51,16 @@ class SimResult:
 
 
 def simulate(cfg: RunConfig, mode: Mode = "lte", *, on_eval: Callable[[EvalPoint], None] | None = None,
-             on_step: Callable[[int, int], None] | None = None) -> SimResult:
+             on_step: Callable[[int, int], None] | None = None,
+             evaluate_on: Literal["test", "validation"] = "test") -> SimResult:
     """Train `mode` on the config's data for `train.samples` samples; evaluate every
-    `train.eval_every` merge rounds (every T steps for the baselines, to align the curves)."""
+    `train.eval_every` merge rounds (every T steps for the baselines, to align the curves) on the
+    evaluation set, or on the validation split carved out of training (`data.validation`), which is
+    what rates are tuned on."""
     device = resolve_device(cfg.train.device)
     torch.manual_seed(cfg.train.seed)
     source = DataSource(cfg.data, ImageShape(cfg.model.image_size, cfg.model.channels), seed=cfg.train.seed)
-    x_eval, y_eval = source.eval_set()
+    x_eval, y_eval = source.eval_set() if evaluate_on == "test" else source.validation_set()
     steps, period = cfg.steps, cfg.lte.merge_every
 
     if mode == "full":

@@ -20,6 +20,17 @@ from swarm.lte_model import LTEModel, clip_head_grads_
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run the block on `n` torch threads."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def lr_factor(step: int, total: int, train: TrainConfig) -> float:
     """Linear warm-up, then constant or cosine decay to zero over the run."""
     if step < train.warmup_steps:

@@ -1,73 +1,39 @@
-"""Measure LTE against its baselines on any data set, over seeds: full-rank and a single LoRA head at
-the config's sample budget, LTE at each budget (multiples of it). Every run is the one-process
-simulation (`peers/simulate.py`), evaluated on the config's evaluation set; seed k sets both the
-model seed (W0 and every head's A) and the training seed (data order), so the spread over seeds is
-the spread a researcher would see. Prints a table of test accuracy, mean ± sd over seeds; `--json`
-prints the same as one JSON object (with the accuracy curves); `--plot` draws accuracy against
-training samples.
+"""Measure LTE against its baselines on any data set, over seeds, each arm at learning rates of its
+own: full-rank and a single LoRA head at the config's sample budget, LTE (W stored as the config
+says, and W in float32: the algorithm's cost apart from quantization's) at each budget (multiples
+of it). Every run is the one-process simulation (`peers/simulate.py`), evaluated on the config's
+evaluation set; seed k sets both the model seed (W0 and every head's A) and the training seed (data
+order). `--rates` takes each arm's rates from a sweep (`scripts/tune.py --out`); without it every
+arm runs at the config's. Prints a table of test accuracy, mean ± sd over seeds; `--json` prints the
+same as one JSON object (with the accuracy curves); `--plot` draws accuracy against samples.
 
     python scripts/compare.py --config configs/digits-vit-tiny.yaml --seeds 5 --budgets 1.0 1.2 1.5 \\
-        [--data SPEC] [--samples N] [--set lte.rank=8 ...] [--json] [--plot compare.png]
+        [--rates tuned.json] [--arms full lora lte lte-fp32] [--workers 2] [--data SPEC] [--samples N] \\
+        [--set lte.rank=8 ...] [--json] [--plot compare.png]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
-from peers.simulate import SimResult, simulate
+from peers.study import ARMS, compare
 from swarm.config import RunConfig, load_config, parse_overrides
 from swarm.errors import ConfigError
 
 
-def _stats(values: list[float]) -> dict:
-    return {"mean": statistics.mean(values), "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "values": values}
-
-
-def _curve(results: list[SimResult]) -> list[dict]:
-    """Accuracy against samples, mean and sd over seeds at each evaluation (same points every seed)."""
-    points = []
-    for evals in zip(*(r.history for r in results)):
-        accs = [p.accuracy for p in evals]
-        points.append({"samples": evals[0].samples, "accuracy": statistics.mean(accs),
-                       "sd": statistics.stdev(accs) if len(accs) > 1 else 0.0})
-    return points
-
-
-def plan(base: RunConfig, budgets: list[float]) -> list[tuple[str, str, float]]:
-    """(label, mode, budget) of every run: the baselines at 1x, LTE at each budget."""
-    lte = f"LTE N={base.lte.heads} r={base.lte.rank} T={base.lte.merge_every}"
-    return [("full-rank", "full", 1.0), (f"single LoRA r={base.lte.rank}", "lora", 1.0)] + \
-        [(f"{lte} x{b:g}", "lte", b) for b in budgets]
-
-
-def compare(base: RunConfig, seeds: int, budgets: list[float], log=print) -> list[dict]:
-    rows = []
-    for label, mode, budget in plan(base, budgets):
-        results = []
-        for seed in range(seeds):
-            cfg = base.with_overrides({"train.samples": int(base.train.samples * budget),
-                                       "train.seed": seed, "model.seed": seed})
-            result = simulate(cfg, mode)  # type: ignore[arg-type]
-            results.append(result)
-            log(f"  {label:32s} seed {seed}: acc {result.accuracy:.4f} loss {result.loss:.3f} ({result.seconds:.0f}s)")
-        rows.append({"label": label, "mode": mode, "budget": budget, "samples": results[0].samples,
-                     "accuracy": _stats([r.accuracy for r in results]), "loss": _stats([r.loss for r in results]),
-                     "seconds": statistics.mean(r.seconds for r in results), "curve": _curve(results)})
-    return rows
-
-
 def table(rows: list[dict], seeds: int, eval_size: int) -> str:
-    full = rows[0]["accuracy"]["mean"]
-    lines = [f"{'run':34s} {'samples':>9s} {'test acc (mean ± sd)':>21s} {'vs full':>8s} {'test loss':>10s} {'s/run':>6s}"]
+    full = next((r["accuracy"]["mean"] for r in rows if r["mode"] == "full"), None)
+    lines = [f"{'run':44s} {'samples':>9s} {'test acc (mean ± sd)':>21s} {'vs full':>8s} {'test loss':>10s} "
+             f"{'s/run':>6s}  rates"]
     for r in rows:
         acc = r["accuracy"]
-        lines.append(f"{r['label']:34s} {r['samples']:9d} {100 * acc['mean']:12.2f} ± {100 * acc['sd']:5.2f} % "
-                     f"{100 * (acc['mean'] - full):+7.2f}p {r['loss']['mean']:10.3f} {r['seconds']:6.0f}")
+        gap = f"{100 * (acc['mean'] - full):+7.2f}p" if full is not None else f"{'':8s}"
+        rates = " ".join(f"{k.removeprefix('train.')}={v:g}" for k, v in r["rates"].items()) or "config's"
+        lines.append(f"{r['label']:44s} {r['samples']:9d} {100 * acc['mean']:12.2f} ± {100 * acc['sd']:5.2f} % "
+                     f"{gap} {r['loss']['mean']:10.3f} {r['seconds']:6.0f}  {rates}")
     lines.append(f"({seeds} seeds; evaluation set of {eval_size} records)")
     return "\n".join(lines)
 
@@ -78,7 +44,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
     for r in rows:
         xs = [p["samples"] for p in r["curve"]]
         ys = [100 * p["accuracy"] for p in r["curve"]]
@@ -90,26 +56,23 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="configs/digits-vit-tiny.yaml")
-    parser.add_argument("--data", help="override data.source (digits, hf:NAME[:CONFIG][@SPLIT] or a local data set)")
-    parser.add_argument("--eval-data", help="override data.eval_source (e.g. @validation)")
-    parser.add_argument("--samples", type=int, help="override train.samples, the 1x budget")
-    parser.add_argument("--seeds", type=int, default=3, help="number of seeds (0 .. K-1)")
-    parser.add_argument("--budgets", type=float, nargs="+", default=[1.0, 1.5], help="LTE sample budgets, x full-rank's")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override any config key, e.g. lte.rank=8 or model.args.embed_dim=32 (YAML value)")
-    parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
-    parser.add_argument("--plot", type=Path, help="write accuracy against samples to this PNG")
-    args = parser.parse_args(argv)
+def read_rates(path: Path) -> dict[str, dict[str, float]]:
+    """Each arm's best rates from a sweep's JSON (`scripts/tune.py --out`)."""
+    try:
+        tuned = json.loads(path.read_text())
+        return {arm: dict(found["best"]) for arm, found in tuned["arms"].items()}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"--rates {path}: not a sweep written by scripts/tune.py --out ({exc})") from None
 
+
+def base_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> RunConfig:
+    """The config with the common overrides of both experiment scripts (--set, --data, --samples)."""
     try:
         overrides = parse_overrides(args.overrides)
     except ConfigError as exc:
@@ -120,9 +83,37 @@ def main(argv: list[str] | None = None) -> None:
         overrides["data.eval_source"] = args.eval_data
     if args.samples:
         overrides["train.samples"] = args.samples
-    base = load_config(args.config).with_overrides(overrides)
+    return load_config(args.config).with_overrides(overrides)
+
+
+def add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default="configs/digits-vit-tiny.yaml")
+    parser.add_argument("--data", help="override data.source (digits, hf:NAME[:CONFIG][@SPLIT] or a local data set)")
+    parser.add_argument("--eval-data", help="override data.eval_source (e.g. @validation)")
+    parser.add_argument("--samples", type=int, help="override train.samples, the 1x budget")
+    parser.add_argument("--seeds", type=int, default=3, help="number of seeds (0 .. K-1)")
+    parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS), help="what to run")
+    parser.add_argument("--workers", type=int, default=1, help="runs at once, one process and one torch thread each")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override any config key, e.g. lte.rank=8 or model.args.embed_dim=32 (YAML value)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common(parser)
+    parser.add_argument("--budgets", type=float, nargs="+", default=[1.0, 1.5], help="LTE sample budgets, x full-rank's")
+    parser.add_argument("--rates", type=Path, help="each arm's learning rates from this sweep (scripts/tune.py --out)")
+    parser.add_argument("--plot", type=Path, help="write accuracy against samples to this PNG")
+    args = parser.parse_args(argv)
+
+    try:
+        base = base_config(args, parser)
+        rates = read_rates(args.rates) if args.rates else {}
+    except ConfigError as exc:
+        parser.error(str(exc))
     log = (lambda line: print(line, file=sys.stderr, flush=True)) if args.json else (lambda line: print(line, flush=True))
-    rows = compare(base, args.seeds, args.budgets, log)
+    rows = compare(base, [ARMS[a] for a in args.arms], args.seeds, args.budgets, rates, args.workers, log)
     log("\n" + table(rows, args.seeds, base.data.holdout))
     if args.plot:
         plot(rows, args.plot, f"{base.model.name} on {base.data.source}, {args.seeds} seeds")

@@ -223,8 +223,3 @@ def run_swarm(cfg: RunConfig, workdir: Path, peers: int) -> MemorySwarm:
         swarm.trainer(f"p{i}")
     swarm.run()
     return swarm
-
-
-def max_difference(a: dict, b: dict) -> float:
-    """The largest absolute difference between two states' tensors (keys of `a`)."""
-    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)

@@ -1,6 +1,7 @@
-"""`scripts/compare.py` end to end in a tiny form (in this process: the imports are most of a small
-run's time): every run it plans is simulated, over the seeds asked for, and reported as a table, a
-JSON object and a plot."""
+"""`scripts/tune.py` and `scripts/compare.py` end to end in a tiny form (in this process: the imports
+are most of a small run's time): the sweep judges every arm's rates on the validation split alone,
+picks the lowest validation loss, and the comparison runs each arm at its own best rates, over the
+seeds asked for, reported as a table, a JSON object and a plot."""
 
 from __future__ import annotations
 
@@ -8,27 +9,50 @@ import json
 
 import pytest
 
+from peers.data import DataSource
 from tests.conftest import ROOT, load_script
 
 pytestmark = pytest.mark.timeout(240)
 
+TINY = ["model.args.embed_dim=16", "model.args.depth=1", "model.args.num_heads=2", "lte.merge_every=2",
+        "lte.rank=4", "train.warmup_steps=1"]
 
-def test_compare_reports_every_run_over_seeds(tmp_path, capsys):
-    png = tmp_path / "curves.png"
-    tiny = ["model.args.embed_dim=16", "model.args.depth=1", "model.args.num_heads=2", "lte.merge_every=2",
-            "lte.rank=4", "train.warmup_steps=1"]
+
+def _argv(*extra: str) -> list[str]:
     argv = ["--config", str(ROOT / "configs" / "digits-vit-tiny.yaml"), "--data", "digits", "--samples", "128",
-            "--seeds", "2", "--budgets", "1.0", "2.0", "--json", "--plot", str(png)]
-    for item in tiny:
+            "--json", *extra]
+    for item in TINY:
         argv += ["--set", item]
-    load_script("compare").main(argv)
+    return argv
+
+
+def test_the_sweep_never_looks_at_the_test_set_and_each_arm_compares_at_its_best_rates(tmp_path, capsys,
+                                                                                        monkeypatch):
+    tested = []
+    monkeypatch.setattr(DataSource, "eval_set", lambda self: tested.append(self) or pytest.fail("read the test set"))
+    tuned = tmp_path / "tuned.json"
+    load_script("tune").main(_argv("--validation", "100", "--full-lr", "1e-3", "3e-2", "--lr", "1e-4", "3e-3",
+                                   "--replica-lr", "3e-3", "--arms", "full", "lte", "lte-fp32", "--out", str(tuned)))
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert not tested and json.loads(tuned.read_text()) == out
+    for arm in ("full", "lte"):
+        sweep = out["arms"][arm]["sweep"]
+        assert len(sweep) == 2 and all(len(r["losses"]) == 1 for r in sweep)
+        assert out["arms"][arm]["best"] == min(sweep, key=lambda r: r["loss"])["rates"]
+    assert out["arms"]["lte"]["sweep"][0]["rates"] == {"train.lr": 1e-4, "train.replica_lr": 3e-3}
+    assert out["arms"]["lte-fp32"]["best"] == out["arms"]["lte"]["best"]
+    monkeypatch.undo()
+
+    png = tmp_path / "curves.png"
+    load_script("compare").main(_argv("--seeds", "2", "--budgets", "1.0", "2.0", "--rates", str(tuned),
+                                      "--plot", str(png)))
     captured = capsys.readouterr()
-    out = json.loads(captured.out.strip().splitlines()[-1])
-    assert out["seeds"] == 2 and out["data"] == "digits"
-    runs = out["runs"]
-    assert [(r["mode"], r["budget"], r["samples"]) for r in runs] == [
-        ("full", 1.0, 128), ("lora", 1.0, 128), ("lte", 1.0, 128), ("lte", 2.0, 256)]
+    runs = json.loads(captured.out.strip().splitlines()[-1])["runs"]
+    assert [(r["arm"], r["budget"], r["samples"]) for r in runs] == [
+        ("full", 1.0, 128), ("lora", 1.0, 128), ("lte", 1.0, 128), ("lte", 2.0, 256),
+        ("lte-fp32", 1.0, 128), ("lte-fp32", 2.0, 256)]
     for r in runs:
+        assert r["rates"] == out["arms"].get(r["arm"], {}).get("best", {})  # lora: not swept, the config's
         values = r["accuracy"]["values"]
         assert len(values) == 2 and all(0.0 <= v <= 1.0 for v in values)
         assert r["accuracy"]["mean"] == pytest.approx(sum(values) / 2)
@@ -36,5 +60,14 @@ def test_compare_reports_every_run_over_seeds(tmp_path, capsys):
         assert r["curve"][-1]["accuracy"] == pytest.approx(r["accuracy"]["mean"])
     # seed k changes W0, every A and the data order: the two seeds do not give the same model
     assert len({tuple(r["loss"]["values"]) for r in runs if len(set(r["loss"]["values"])) == 2}) == len(runs)
-    assert "test acc (mean ± sd)" in captured.err
+    # nf4 and float32 W give different models from the same seeds
+    assert runs[2]["loss"]["values"] != runs[4]["loss"]["values"]
+    assert "test acc (mean ± sd)" in captured.err and "W nf4" in captured.err and "W fp32" in captured.err
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_compare_refuses_a_file_that_is_not_a_sweep(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"runs": []}')
+    with pytest.raises(SystemExit):
+        load_script("compare").main(_argv("--rates", str(bad)))

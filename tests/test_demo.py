@@ -41,10 +41,12 @@ def test_demo_runs_writes_its_plot_and_exports_a_timm_model(tmp_path):
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["peers_agree"] is True
     assert [r["round"] for r in summary["history"]] == [1, 2, 3]
-    assert all(r["swarm_accuracy"] is not None and r["simulate_accuracy"] is not None for r in summary["history"])
-    # the first round starts from the same W, heads and data in both: identical evaluation
-    first = summary["history"][0]
-    assert abs(first["swarm_loss"] - first["simulate_loss"]) < 1e-3
+    # the swarm's W and replicas are the one-process simulation's, bit for bit, after every round,
+    # so the two evaluate alike; full-rank training on the same samples is beside them
+    assert summary["bit_identical"] is True and all(r["identical"] for r in summary["history"])
+    assert all(r["swarm_loss"] == r["simulate_loss"] for r in summary["history"])
+    assert all(0.0 <= r["full_accuracy"] <= 1.0 for r in summary["history"])
+    assert summary["samples"] == 3 * 20 * 2 * 32  # rounds x T x peers x per-head batch
     plot = tmp_path / "demo" / "run" / "curves.png"
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 10_000
 

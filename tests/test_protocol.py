@@ -7,14 +7,13 @@ from __future__ import annotations
 import threading
 
 import pytest
-import torch
 
 from peers.simulate import simulate
 from peers.trainer import Trainer
 from swarm.clock import Clock, FakeClock
 from swarm.rounds import MergeProtocol
 from swarm.schemas import DonorRecord, PeerPhase
-from tests.memswarm import MemorySwarm, max_difference, run_swarm, tiny_config, with_protocol
+from tests.memswarm import MemorySwarm, run_swarm, tiny_config, with_protocol
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -462,11 +461,10 @@ def test_with_overlap_peers_train_through_rounds_and_still_match_the_simulation(
         assert all(r["merged"] and len(r["members"]) == 3 and not r["resynced"] for r in rounds), rounds
         # each round reports the steps its contribution carried, not those trained while it was in flight
         assert [r["steps"] for r in rounds] == [2] * 5 and all(r["loss"] == r["loss"] for r in rounds), rounds
-    got = swarm["coordinator"].role.model.shared_state()
-    sim = simulate(cfg).model.shared_state()
-    prompt = simulate(cfg.with_overrides({"swarm.overlap": False})).model.shared_state()
-    gap, delay = max_difference(sim, got), max_difference(sim, prompt)
-    assert gap < delay / 20, (gap, delay)
+    # the merges applied a round late are the simulation's, bit for bit, and not the prompt ones
+    got = swarm["coordinator"].role.model.state_digest()
+    assert got == simulate(cfg).model.state_digest()
+    assert got != simulate(cfg.with_overrides({"swarm.overlap": False})).model.state_digest()
 
 
 def test_a_peer_never_waits_for_the_dhts_answer_to_its_status_record(tmp_path):
