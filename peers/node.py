@@ -247,7 +247,8 @@ def join_rounds(rt: "Runtime", keys: RunKeys, cfg: RunConfig, model, *, holds_he
     leases = HeadLeases(rt.dht, keys, rt.identity if holds_heads else None, cfg.lte.heads, sw.lease_seconds,
                         sw.settle_seconds, rt.clock, sw.clock_skew, sw.read_replicas)
     protocol = MergeProtocol(rt.dht, server, keys, rt.identity, sw, model, holders=leases.holders, clock=rt.clock,
-                             round_=round_, rounds_total=cfg.rounds, reachable=rt.reachable)
+                             round_=round_, rounds_total=cfg.rounds, reachable=rt.reachable,
+                             reach=model.update_reach(cfg.lte.merge_every, cfg.train.lr, cfg.train.replica_rate))
     membership = Membership(rt.dht, keys, sw, rt.clock, invite)
     leases.incumbents, leases.admits = protocol.incumbents, membership.admits
     return Rounds(server, leases, protocol, membership)

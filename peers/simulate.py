@@ -14,7 +14,8 @@ from peers.models import create_lte_model, create_model, resolve_device
 from peers.training import HeadTrainer, evaluate, stack_batches
 from swarm.config import RunConfig
 from swarm.lte_model import LTEModel
-from swarm.wire import apply_reduced, reduce_in_process
+from swarm.errors import ConfigError
+from swarm.wire import ContributionError, apply_reduced, reduce_in_process
 
 Mode = Literal["lte", "full", "lora"]
 
@@ -79,6 +80,8 @@ def simulate(cfg: RunConfig, mode: Mode = "lte", *, on_eval: Callable[[EvalPoint
         eval_forward = lte.forward_merged if mode == "lte" else (lambda x: lte(x[None])[0])
 
     trainer = HeadTrainer(trained, cfg.train, steps)
+    if mode == "lte":
+        reach = lte.update_reach(period, cfg.train.lr, cfg.train.replica_rate)
     pending: dict[str, torch.Tensor] | None = None  # a merge not yet applied (swarm.overlap)
     history: list[EvalPoint] = []
     start = time.perf_counter()
@@ -91,7 +94,7 @@ def simulate(cfg: RunConfig, mode: Mode = "lte", *, on_eval: Callable[[EvalPoint
         last = step == steps - 1
         if (step + 1) % period == 0 or last:
             if mode == "lte":
-                pending = _merge(lte, cfg, pending, last)
+                pending = _merge(lte, cfg, pending, last, rounds + 1, reach)
             rounds += 1
             if rounds % cfg.train.eval_every == 0 or last:
                 acc, eval_loss = evaluate(eval_forward, x_eval, y_eval, device)
@@ -110,20 +113,30 @@ def simulate(cfg: RunConfig, mode: Mode = "lte", *, on_eval: Callable[[EvalPoint
                      model=lte if mode != "full" else None)
 
 
-def _merge(lte: LTEModel, cfg: RunConfig, pending: dict[str, torch.Tensor] | None, last: bool
-           ) -> dict[str, torch.Tensor] | None:
-    """One merge round, as the swarm does it. With `swarm.overlap` a round's merge is applied at the
-    end of the next T steps (the heads trained on meanwhile), and the last one at once; returns
-    the merge still to apply."""
+def _merge(lte: LTEModel, cfg: RunConfig, pending: dict[str, torch.Tensor] | None, last: bool, round_: int = 0,
+           reach: dict[str, float] | None = None) -> dict[str, torch.Tensor] | None:
+    """One merge round, as the swarm does it (a contribution the swarm's bounds would refuse is an
+    error here: in the simulation every head is honest). With `swarm.overlap` a round's merge is
+    applied at the end of the next T steps (the heads trained on meanwhile), and the last one at
+    once; returns the merge still to apply."""
     sw = cfg.swarm
+
+    def reduce() -> dict[str, torch.Tensor]:
+        try:
+            return reduce_in_process(lte, sw.contribution_dtype, sw.reduced_dtype, sw.robust_clip, sw.max_update,
+                                     sw.max_relative_update, reach)
+        except ContributionError as exc:
+            raise ConfigError(f"round {round_}: the swarm would refuse an honest head's contribution ({exc}); raise "
+                              "swarm.max_update or swarm.max_relative_update, or lower the learning rates") from None
+
     if not sw.overlap:
-        apply_reduced(lte, reduce_in_process(lte, sw.contribution_dtype, sw.reduced_dtype, sw.robust_clip))
+        apply_reduced(lte, reduce())
         lte.mark_merged()
         return None
     if pending is not None:
         apply_reduced(lte, pending)
     lte.settle_delayed(merged=True)
-    pending = reduce_in_process(lte, sw.contribution_dtype, sw.reduced_dtype, sw.robust_clip)
+    pending = reduce()
     lte.mark_sent()
     if last:
         apply_reduced(lte, pending)

@@ -67,11 +67,6 @@ def evaluate(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y
     return correct / len(y), loss / len(y)
 
 
-def replica_lr(train: TrainConfig) -> float:
-    """The replicas' peak learning rate: `train.replica_lr`, or full-rank's where unset."""
-    return train.full_lr if train.replica_lr is None else train.replica_lr
-
-
 def param_groups(forward: Callable[[torch.Tensor], torch.Tensor], params: list[nn.Parameter], train: TrainConfig,
                  per_head: bool) -> list[dict]:
     """AdamW parameter groups with their settings (`train.factors`, `train.replicas`, `train.full`)
@@ -86,7 +81,7 @@ def param_groups(forward: Callable[[torch.Tensor], torch.Tensor], params: list[n
         return [group(params, train.full, train.full_lr)]
     replica_ids = {id(p) for p in forward.replicas.parameters()} if isinstance(forward, LTEModel) else set()
     groups = [group([p for p in params if id(p) not in replica_ids], train.factors, train.lr),
-              group([p for p in params if id(p) in replica_ids], train.replicas, replica_lr(train))]
+              group([p for p in params if id(p) in replica_ids], train.replicas, train.replica_rate)]
     return [g for g in groups if g["params"]]
 
 

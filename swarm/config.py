@@ -95,6 +95,11 @@ class TrainConfig(_Strict):
                                                                          "parameters (lte.nonlinear: replicate)")
     full: ParamGroup = Field(default_factory=ParamGroup, description="the full-rank baseline's parameters")
 
+    @property
+    def replica_rate(self) -> float:
+        """The replicas' peak learning rate: `replica_lr`, or full-rank's where unset."""
+        return self.full_lr if self.replica_lr is None else self.replica_lr
+
 
 class DataConfig(_Strict):
     source: str = Field("digits", description=DATA_SPEC_HELP)
@@ -141,10 +146,14 @@ class SwarmConfig(_Strict):
     min_heads: PositiveInt = Field(1, description="the first round starts once this many heads are held")
     checkpoint_every: PositiveInt = Field(5, description="the coordinator checkpoints W every this many rounds")
     max_update: PositiveFloat = Field(10.0, description="reject contributions that would move any weight by more than this in one merge")
-    # Honest digits runs (4 heads, 100 rounds) moved a layer by at most 0.30 of its norm per head
-    # and merge, and no head's change exceeded 4.1x the round's median: both bounds leave margin.
+    # A layer's size here is the larger of its norm and its reach (how far one round of AdamW steps
+    # at the run's rates can move it): an honest head stays below 1/4 of it on digits at the tuned
+    # rates (also with 2 heads and T = 20, whose share of a merge is larger), and no head's change
+    # exceeded 4.1x the round's median: both bounds leave margin.
     max_relative_update: PositiveFloat = Field(
-        1.0, description="reject contributions whose change of a layer, per head, exceeds this fraction of the layer's norm")
+        1.0, description="reject contributions whose change of a layer, per head, exceeds this fraction of the layer's "
+                         "size: the larger of its norm and how far one round of AdamW steps at the run's rates can "
+                         "move it")
     robust_clip: float = Field(
         8.0, ge=0.0, description="with 3 or more contributions, scale each layer's change down to this multiple of the "
                                  "round's median (per head); 0 turns it off")

@@ -134,6 +134,25 @@ class LTEModel(nn.Module):
         """Rows of A (columns of B) of a layer: r, or r per separately adapted block."""
         return self.spec.rank * self.row_blocks[name]
 
+    def update_reach(self, steps: int, lr: float, replica_lr: float) -> dict[str, float]:
+        """How far (Frobenius norm) `steps` AdamW steps of one head can move each layer and each
+        replicated parameter, at the factors' rate `lr` and the replicas' `replica_lr`. Adam moves
+        every entry by about its rate per step whatever the gradient's size, so a step of B moves
+        s B A by s * lr * sqrt(m r) * |A|, A's spectral norm as it was drawn (sqrt(r/n), or
+        sqrt(n/r) with init_scale reference), and a step of a replica moves it by replica_lr *
+        sqrt(numel). Bounds on a contribution's size take the larger of this and the parameter's
+        norm: a fresh ViT's layers are small next to what one honest round moves them by."""
+        out = {}
+        r = self.spec.rank
+        for name, layer in self.layers():
+            m, n = layer.out_features, layer.in_features
+            a = (r / n) ** 0.5 if self.spec.init_scale == "spectral" else (n / r) ** 0.5
+            out[name] = steps * lr * self.spec.scale * (m * self.layer_rank(name)) ** 0.5 * a
+        params = dict(self.model.named_parameters())
+        for name in self.replicated:
+            out[name] = steps * replica_lr * params[name].numel() ** 0.5
+        return out
+
     @torch.no_grad()
     def _build_heads(self, keep: dict[int, int]) -> None:
         """(Re)build the stacked head tensors for `self.head_ids`; heads in `keep` (head -> old

@@ -16,7 +16,7 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Mapping
 
 import torch
 from safetensors import SafetensorError
@@ -137,11 +137,11 @@ def state_bound(model: LTEModel) -> int:
 
 def decode_contribution(blob: bytes, peer: str, model: LTEModel, max_update: float,
                         max_relative_update: float = float("inf"), part: frozenset[str] | None = None,
-                        dtype: WireDtype = "fp32") -> Contribution:
+                        dtype: WireDtype = "fp32", reach: Mapping[str, float] | None = None) -> Contribution:
     """Parse and validate a contribution (see `_check_contribution`), or only the layers and
     replicas named in `part` (see `plan_parts`); its numbers must be the run's wire `dtype`.
     Whatever goes wrong with hostile bytes is a ContributionError, never another exception."""
-    out = decode_contribution_parts(blob, peer, model, max_update, max_relative_update, [part], dtype)[0]
+    out = decode_contribution_parts(blob, peer, model, max_update, max_relative_update, [part], dtype, reach=reach)[0]
     if isinstance(out, ContributionError):
         raise out
     return out
@@ -149,17 +149,19 @@ def decode_contribution(blob: bytes, peer: str, model: LTEModel, max_update: flo
 
 def decode_contribution_parts(blob: bytes, peer: str, model: LTEModel, max_update: float,
                               max_relative_update: float, parts: list[frozenset[str] | None],
-                              dtype: WireDtype = "fp32") -> list[Contribution | ContributionError]:
+                              dtype: WireDtype = "fp32", reach: Mapping[str, float] | None = None
+                              ) -> list[Contribution | ContributionError]:
     """`decode_contribution` of each of `parts` of one blob, parsed once (see `check_parts`)."""
     try:
         parsed = parse_contribution(blob)
     except ContributionError as exc:
         return [exc] * len(parts)
-    return check_parts(parsed, peer, model, max_update, max_relative_update, parts, dtype)
+    return check_parts(parsed, peer, model, max_update, max_relative_update, parts, dtype, reach=reach)
 
 
 def check_parts(parsed: ParsedBlob, peer: str, model: LTEModel, max_update: float, max_relative_update: float,
-                parts: list[frozenset[str] | None], dtype: WireDtype = "fp32") -> list[Contribution | ContributionError]:
+                parts: list[frozenset[str] | None], dtype: WireDtype = "fp32", reach: Mapping[str, float] | None = None
+                ) -> list[Contribution | ContributionError]:
     """Per part of `parts` of a parsed blob, its Contribution, or the ContributionError that
     rejects that part alone. (A peer that checks every part of a whole contribution, as the
     coordinator does, would otherwise parse the whole blob once per part: 64 parses of 43 MB per
@@ -168,7 +170,7 @@ def check_parts(parsed: ParsedBlob, peer: str, model: LTEModel, max_update: floa
     for part in parts:
         try:
             out.append(_check_contribution(parsed.tensors, parsed.meta, parsed.nbytes, peer, model, max_update,
-                                           max_relative_update, part, dtype))
+                                           max_relative_update, part, dtype, reach or {}))
         except ContributionError as exc:
             out.append(exc)
         except Exception as exc:  # e.g. a failing allocation for hostile shapes (parsing failed in `_load`)
@@ -178,14 +180,18 @@ def check_parts(parsed: ParsedBlob, peer: str, model: LTEModel, max_update: floa
 
 def _check_contribution(tensors: dict[str, torch.Tensor], meta: dict[str, str], nbytes: int, peer: str,
                         model: LTEModel, max_update: float, max_relative_update: float,
-                        part: frozenset[str] | None = None, dtype: WireDtype = "fp32") -> Contribution:
+                        part: frozenset[str] | None = None, dtype: WireDtype = "fp32",
+                        reach: Mapping[str, float] = {}) -> Contribution:
     """Validate a parsed contribution (or its `part`) against this run's model; raises
     ContributionError. `tensors` is left as it was: the other parts are checked from it too.
 
     Besides format, heads, shapes and finiteness, the change is bounded twice: no weight may move
     by more than `max_update`, and per head no layer may move by more than `max_relative_update`
-    of that layer's norm (a norm bound: a few huge entries, which would wreck the scale of a
-    quantization block, fail it even when each is within `max_update`)."""
+    of the larger of that layer's norm and its `reach` (how far one head's round of AdamW steps at
+    the run's rates can move it, `LTEModel.update_reach`). A norm bound: a few huge entries, which
+    would wreck the scale of a quantization block, fail it even when each is within `max_update`;
+    the reach keeps it from refusing honest rounds of a freshly initialised model, whose layers
+    are small next to one round's steps."""
     if dtype == "int8":
         if part is not None:  # other parts' tensors are not ours to judge (see below), nor to dequantize
             tensors = {k: v for k, v in tensors.items() if _target(k) in part}
@@ -227,21 +233,22 @@ def _check_contribution(tensors: dict[str, torch.Tensor], meta: dict[str, str], 
         biggest = delta.abs().max().item() * coef if delta.numel() else 0.0
         if biggest > max_update:
             raise ContributionError(f"layer {name}: it would move a weight by {biggest:.3g} (limit {max_update})")
-        relative = coef * delta.double().norm().item() / k / max(model.layer(name).weight_store.master.norm().item(), 1e-12)
+        size = max(model.layer(name).weight_store.master.norm().item(), reach.get(name, 0.0), 1e-12)
+        relative = coef * delta.double().norm().item() / k / size
         if relative > max_relative_update:
             raise ContributionError(f"layer {name}: per head it would move the layer by {relative:.3g} of its norm "
-                                    f"(limit {max_relative_update})")
+                                    f"or reach (limit {max_relative_update})")
     for name, delta in replicas.items():
         if delta.abs().max().item() / n_heads > max_update:
             raise ContributionError(f"parameter {name}: it would move a value by more than {max_update}")
-        # Per head, relative to the parameter's norm; zero-initialised ones (biases) get a floor of
-        # 0.01 per entry. Honest digits runs stayed below 0.13 of it.
+        # Per head, relative to the parameter's norm or its reach; zero-initialised ones (biases)
+        # get a floor of 0.01 per entry where the reach is not known.
         p = shared[name]
-        floor = max(p.norm().item(), 1e-2 * p.numel() ** 0.5)
+        floor = max(p.norm().item(), reach.get(name, 1e-2 * p.numel() ** 0.5))
         relative = delta.double().norm().item() / n_heads / k / floor
         if relative > max_relative_update:
             raise ContributionError(f"parameter {name}: per head it would move it by {relative:.3g} of its norm "
-                                    f"(limit {max_relative_update})")
+                                    f"or reach (limit {max_relative_update})")
     return Contribution(peer=peer, heads=heads, weights=weights, replicas=replicas, nbytes=nbytes)
 
 
@@ -321,13 +328,17 @@ def merged_totals(model: LTEModel, contributions: list[Contribution], robust_cli
 
 
 def reduce_in_process(model: LTEModel, dtype: WireDtype = "fp32", reduced: ReducedDtype = "fp32",
-                      robust_clip: float = 0.0) -> dict[str, torch.Tensor]:
+                      robust_clip: float = 0.0, max_update: float = float("inf"),
+                      max_relative_update: float = float("inf"), reach: Mapping[str, float] | None = None
+                      ) -> dict[str, torch.Tensor]:
     """The merge of every head `model` holds, as the swarm computes it: each head's change encoded
-    as it travels (one contribution per head), decoded, reduced and rounded as a reduced part; the
-    float32 values to add (`apply_reduced`). The one-process simulation merges this way, so that it
-    models the precision on the wire exactly."""
+    as it travels (one contribution per head), decoded, checked against the run's bounds, reduced
+    and rounded as a reduced part; the float32 values to add (`apply_reduced`). The one-process
+    simulation merges this way, so that it models the precision on the wire exactly; a head the
+    bounds refuse raises the ContributionError the swarm would reject it with."""
     contributions = [decode_contribution(encode_contribution(model, [h], dtype=dtype)[0], f"{h:08d}", model,
-                                         float("inf"), dtype=dtype) for h in model.head_ids]
+                                         max_update, max_relative_update, dtype=dtype, reach=reach)
+                     for h in model.head_ids]
     return merged_totals(model, contributions, robust_clip, reduced)
 
 

@@ -215,3 +215,40 @@ def test_bytes_that_break_the_parsers_are_contribution_errors_and_leave_w_untouc
     blob = st_save({"x": torch.zeros(1)}, metadata={"format": "lte-swarm/contribution/1", "heads": deep})
     with pytest.raises(ContributionError):
         decode_contribution(blob, "evil", receiver, max_update=10.0)
+
+
+def test_a_fresh_models_honest_round_passes_the_bounds_and_what_lies_beyond_the_reach_does_not():
+    """The bounds are relative to the larger of a parameter's norm and how far one round of AdamW at
+    the run's rates can move it: a freshly initialised ViT's layers are small next to an honest
+    round (a bound on the norm alone refused every head of the demo from its first round), and a
+    change past the reach is still refused."""
+    from tests.memswarm import tiny_config
+    from peers.data import DataSource, ImageShape
+    from peers.models import create_lte_model
+    from peers.training import HeadTrainer
+
+    cfg = tiny_config(heads=2, merge_every=20, rounds=1).with_overrides({"train.lr": 5e-3, "train.replica_lr": 2e-2})
+    peer = create_lte_model(cfg, [0], torch.device("cpu"))
+    receiver = create_lte_model(cfg, [], torch.device("cpu"))
+    trainer = HeadTrainer(peer, cfg.train, cfg.steps)
+    batches = DataSource(cfg.data, ImageShape(cfg.model.image_size, cfg.model.channels)).batches(0, 2, cfg.head_batch)
+    for step in range(cfg.lte.merge_every):
+        x, y = next(batches)
+        trainer.step(x[None], y[None], step)
+    reach = receiver.update_reach(cfg.lte.merge_every, cfg.train.lr, cfg.train.replica_rate)
+    assert set(reach) == set(receiver.layer_names) | set(receiver.replicated) and min(reach.values()) > 0
+    blob, _ = encode_contribution(peer, [0])
+    with pytest.raises(ContributionError, match="of its norm"):  # the norm alone: an honest head refused
+        decode_contribution(blob, "honest", receiver, max_update=10.0, max_relative_update=1.0)
+    decode_contribution(blob, "honest", receiver, max_update=10.0, max_relative_update=1.0, reach=reach)
+
+    # the same head's change of one layer, stretched to 1.5 times the layer's reach
+    tensors = st_load(encode_contribution(peer, [0], form="dense")[0])
+    name = max(receiver.layer_names, key=lambda n: reach[n] / receiver.layer(n).weight_store.master.norm().item())
+    assert reach[name] > receiver.layer(name).weight_store.master.norm().item()
+    coef = cfg.lte.alpha / cfg.lte.rank / cfg.lte.heads
+    delta = tensors[f"w/{name}/D"]
+    tensors[f"w/{name}/D"] = delta * (1.5 * reach[name] / coef / delta.norm())
+    loud = st_save(tensors, metadata={"format": "lte-swarm/contribution/1", "heads": "[0]"})
+    with pytest.raises(ContributionError, match=f"layer {name}: per head it would move the layer by 1.5 of its norm or reach"):
+        decode_contribution(loud, "loud", receiver, max_update=10.0, max_relative_update=1.0, reach=reach)

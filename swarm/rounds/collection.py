@@ -164,7 +164,8 @@ class Collection:
             log.warning("round %d: no contribution (part %s) from %s: %s", r, what, peer[:8], exc)
             return out
         checked = check_parts(parsed, peer, ctx.model, ctx.cfg.max_update, ctx.cfg.max_relative_update,
-                              [None if j is None else ctx.parts[j] for j in check], ctx.cfg.contribution_dtype)
+                              [None if j is None else ctx.parts[j] for j in check], ctx.cfg.contribution_dtype,
+                              reach=ctx.reach)
         for j, c in zip(check, checked):
             if not isinstance(c, ContributionError) and sorted(c.heads) != sorted(rec.heads):
                 c = ContributionError(f"heads {list(c.heads)} differ from its ready record")

@@ -34,6 +34,7 @@ class RoundContext:
     holders: Callable[..., dict[int, str]]
     clock: Clock
     reachable: bool = True
+    reach: dict[str, float] = field(default_factory=dict)  # LTEModel.update_reach: bounds a contribution's size
     keep_alive: Callable[[], None] = lambda: None
     dht_reads: int = 0  # DHT keys read so far (RoundResult.dht_reads: in one round)
     _served: dict[int, list[str]] = field(default_factory=dict)  # round -> names of the blobs we serve for it

@@ -78,8 +78,9 @@ class MergeProtocol:
 
     def __init__(self, dht, server, keys: RunKeys, identity: Identity, cfg: SwarmConfig, model: LTEModel,
                  holders: Callable[..., dict[int, str]], clock: Clock | None = None, round_: int = 0,
-                 rounds_total: int | None = None, reachable: bool = True):
-        self.ctx = ctx = RoundContext(dht, server, keys, identity, cfg, model, holders, clock or Clock(), reachable)
+                 rounds_total: int | None = None, reachable: bool = True, reach: dict[str, float] | None = None):
+        self.ctx = ctx = RoundContext(dht, server, keys, identity, cfg, model, holders, clock or Clock(), reachable,
+                                      reach or {})
         self.cfg, self.model, self.peer, self.authority = cfg, model, ctx.peer, ctx.authority
         self.parts, self.max_contribution_bytes = ctx.parts, ctx.max_contribution_bytes
         self.agreement = Agreement(ctx, rounds_total)
