@@ -218,6 +218,7 @@ class DataSource:
         self.stream = open_stream(cfg.source)
         self._held: frozenset[bytes] | None = None
         self._eval: list[dict[str, Any]] | None = None
+        self._validation: list[dict[str, Any]] | None = None
 
     def _eval_records(self) -> list[dict[str, Any]]:
         """The evaluation set's records, read once (from the hub, a second read downloads again)."""
@@ -244,6 +245,9 @@ class DataSource:
         return frozenset(record_key(r) for r in self._eval_records())
 
     def _validation_records(self) -> list[dict[str, Any]]:
+        """The validation split's records, read once (like the evaluation set's)."""
+        if self._validation is not None:
+            return self._validation
         if not self.cfg.validation:
             raise DataError("no validation split: set data.validation to the number of training records to carve out")
         test = self._test_keys()
@@ -251,6 +255,7 @@ class DataSource:
         if len(records) < self.cfg.validation:
             raise DataError(f"data {self.cfg.source!r} has {len(records)} training records, fewer than "
                             f"data.validation ({self.cfg.validation})")
+        self._validation = records
         return records
 
     def held_out(self) -> frozenset[bytes]:

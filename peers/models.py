@@ -39,6 +39,12 @@ def create_lte_model(cfg: RunConfig, head_ids: list[int], device: str | torch.de
     return model
 
 
+def run_reach(model: LTEModel, cfg: RunConfig) -> dict[str, float]:
+    """`LTEModel.update_reach` of one round of the run (T steps at its factors' and replicas'
+    rates): what the swarm's bounds on a contribution, and the simulation's, are measured against."""
+    return model.update_reach(cfg.lte.merge_every, cfg.train.lr, cfg.train.replica_rate)
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -237,6 +237,7 @@ def join_rounds(rt: "Runtime", keys: RunKeys, cfg: RunConfig, model, *, holds_he
     validators, a blob server, who the run admits (with this node's `invite` to a closed run), the
     lease view (with this node's own claims when it `holds_heads`) and the merge protocol over
     `model`."""
+    from peers.models import run_reach
     from swarm.leases import HeadLeases
     from swarm.membership import Membership
     from swarm.rounds import MergeProtocol
@@ -248,7 +249,7 @@ def join_rounds(rt: "Runtime", keys: RunKeys, cfg: RunConfig, model, *, holds_he
                         sw.settle_seconds, rt.clock, sw.clock_skew, sw.read_replicas)
     protocol = MergeProtocol(rt.dht, server, keys, rt.identity, sw, model, holders=leases.holders, clock=rt.clock,
                              round_=round_, rounds_total=cfg.rounds, reachable=rt.reachable,
-                             reach=model.update_reach(cfg.lte.merge_every, cfg.train.lr, cfg.train.replica_rate))
+                             reach=run_reach(model, cfg))
     membership = Membership(rt.dht, keys, sw, rt.clock, invite)
     leases.incumbents, leases.admits = protocol.incumbents, membership.admits
     return Rounds(server, leases, protocol, membership)

@@ -10,7 +10,7 @@ from typing import Callable, Literal
 import torch
 
 from peers.data import DataSource, ImageShape
-from peers.models import create_lte_model, create_model, resolve_device
+from peers.models import create_lte_model, create_model, resolve_device, run_reach
 from peers.training import HeadTrainer, evaluate, stack_batches
 from swarm.config import RunConfig
 from swarm.lte_model import LTEModel
@@ -81,7 +81,7 @@ def simulate(cfg: RunConfig, mode: Mode = "lte", *, on_eval: Callable[[EvalPoint
 
     trainer = HeadTrainer(trained, cfg.train, steps)
     if mode == "lte":
-        reach = lte.update_reach(period, cfg.train.lr, cfg.train.replica_rate)
+        reach = run_reach(lte, cfg)
     pending: dict[str, torch.Tensor] | None = None  # a merge not yet applied (swarm.overlap)
     history: list[EvalPoint] = []
     start = time.perf_counter()

@@ -107,9 +107,8 @@ def curve(results: list[dict]) -> list[dict]:
     """Accuracy against samples, mean and sd over seeds at each evaluation (same points every seed)."""
     points = []
     for evals in zip(*(r["history"] for r in results)):
-        accs = [p["accuracy"] for p in evals]
-        points.append({"samples": evals[0]["samples"], "accuracy": statistics.mean(accs),
-                       "sd": statistics.stdev(accs) if len(accs) > 1 else 0.0})
+        accuracy = stats([p["accuracy"] for p in evals])
+        points.append({"samples": evals[0]["samples"], "accuracy": accuracy["mean"], "sd": accuracy["sd"]})
     return points
 
 
