@@ -36,6 +36,12 @@ def last(proc: PeerProcess, kind: str) -> dict:
     return events[-1]
 
 
+def warnings_of(proc: PeerProcess) -> str:
+    """The warnings in a process's log: why a round went another way than the test expects."""
+    lines = proc.log.read_text().splitlines() if proc.log.exists() else []
+    return "\n".join(line for line in lines if " WARN" in line)
+
+
 def live_group_members(pgid: int) -> list[int]:
     """Processes of process group `pgid` that are still running (zombies awaiting a reaper, which
     a container's init may never be, do not count: they hold no resources and run nothing)."""

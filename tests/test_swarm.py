@@ -23,7 +23,7 @@ from swarm.config import load_config
 from swarm.identity import Identity
 from swarm.keys import RUNS_KEY, RunKeys, make_run_id
 from swarm.schemas import DonorRecord, HashRecord, LeaseRecord, ReadyRecord, RunAnnouncement, RunProgress, RunRecord
-from tests.harness import last, rogue_node, wait_role_gone, write_config
+from tests.harness import last, rogue_node, wait_role_gone, warnings_of, write_config
 
 pytestmark = [pytest.mark.timeout(420), pytest.mark.xdist_group("processes")]
 BOGUS = "ab" * 32
@@ -117,7 +117,9 @@ def test_three_peers_agree_bit_for_bit_and_match_the_simulation_while_a_rogue_no
         assert 0.0 < last(p, "left")["compute_seconds"] < last(p, "left")["time"] - last(p, "joined")["time"]
         assert all(r["merged"] and len(r["members"]) == 3 and not r["missed"] for r in rounds), rounds
         under_attack = [r for r in rounds if r["round"] >= attack_from]
-        assert under_attack and not any(r["resynced"] for r in under_attack), under_attack
+        assert under_attack and not any(r["resynced"] for r in under_attack), (
+            p.name, [{k: r[k] for k in ("round", "resynced", "rejected", "raw_parts")} for r in under_attack],
+            warnings_of(p))
 
     # The same heads, seeds and data in one process give the same W and replicas, bit for bit (one
     # torch thread in both: CPU kernels split their sums by thread)
