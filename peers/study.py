@@ -34,14 +34,24 @@ class Arm:
     rates: tuple[str, ...]
     overrides: dict[str, Any] = field(default_factory=dict)
     scales_budget: bool = False  # run at every sample budget of the comparison, not only 1x
+    rates_of: str | None = None  # whose tuned rates it runs at (a merge schedule: LTE's); None: its own
 
     def label(self, base: RunConfig) -> str:
         if self.mode == "full":
             return "full-rank"
         if self.mode == "lora":
             return f"single LoRA r={base.lte.rank}"
-        storage = self.overrides.get("lte.storage", base.lte.storage)
-        return f"LTE N={base.lte.heads} r={base.lte.rank} T={base.lte.merge_every} W {storage}"
+        cfg = base.with_overrides(self.overrides)
+        outer = cfg.lte.outer
+        step = "" if outer.optimizer == "average" and outer.lr == 1.0 else (
+            f" outer {outer.optimizer} lr {outer.lr:g}" + (f" mu {outer.momentum:g}" if outer.optimizer == "nesterov" else ""))
+        return f"LTE N={cfg.lte.heads} r={cfg.lte.rank} T={cfg.lte.merge_every}{step} W {cfg.lte.storage}"
+
+
+def schedule_arm(name: str, overrides: dict[str, Any]) -> Arm:
+    """An LTE arm with another merge schedule (T, outer step, storage...), at LTE's tuned rates:
+    what a schedule costs or gains is measured at the rates the plain schedule was tuned at."""
+    return Arm(name, "lte", FACTOR_RATES, dict(overrides), scales_budget=True, rates_of="lte")
 
 
 ARMS: dict[str, Arm] = {
@@ -157,7 +167,10 @@ def compare(base: RunConfig, arms: list[Arm], seeds: int, budgets: list[float], 
     """Every arm over `seeds` seeds on the evaluation set, each at its own rates (`rates[arm]`,
     else the config's): the baselines at the config's samples, LTE at each multiple of them."""
     plan = [(arm, b) for arm in arms for b in (budgets if arm.scales_budget else [1.0])]
-    runs = [Run(seeded(base, s, arm.overrides, rates.get(arm.name, {}), {"train.samples": int(base.train.samples * b)}),
+    def rates_of(arm: Arm) -> dict[str, float]:
+        return rates.get(arm.rates_of or arm.name, {})
+
+    runs = [Run(seeded(base, s, arm.overrides, rates_of(arm), {"train.samples": int(base.train.samples * b)}),
                 arm.mode) for arm, b in plan for s in range(seeds)]
 
     def done(i: int, result: dict) -> None:
@@ -170,7 +183,7 @@ def compare(base: RunConfig, arms: list[Arm], seeds: int, budgets: list[float], 
     for j, (arm, b) in enumerate(plan):
         mine = results[j * seeds:(j + 1) * seeds]
         rows.append({"arm": arm.name, "label": f"{arm.label(base)} x{b:g}", "mode": arm.mode, "budget": b,
-                     "rates": rates.get(arm.name, {}), "samples": mine[0]["samples"],
+                     "rates": rates_of(arm), "overrides": arm.overrides, "samples": mine[0]["samples"],
                      "accuracy": stats([r["accuracy"] for r in mine]), "loss": stats([r["loss"] for r in mine]),
                      "seconds": statistics.mean(r["seconds"] for r in mine), "curve": curve(mine)})
     return rows

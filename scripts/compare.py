@@ -4,12 +4,14 @@ says, and W in float32: the algorithm's cost apart from quantization's) at each 
 of it). Every run is the one-process simulation (`peers/simulate.py`), evaluated on the config's
 evaluation set; seed k sets both the model seed (W0 and every head's A) and the training seed (data
 order). `--rates` takes each arm's rates from a sweep (`scripts/tune.py --out`); without it every
-arm runs at the config's. Prints a table of test accuracy, mean ± sd over seeds; `--json` prints the
+arm runs at the config's. `--schedule NAME KEY=VALUE...` adds an LTE arm with another merge schedule
+(T, the outer step, W's storage, ...) at LTE's rates. Prints a table of test accuracy, mean ± sd over seeds; `--json` prints the
 same as one JSON object (with the accuracy curves); `--plot` draws accuracy against samples.
 
     python scripts/compare.py --config configs/digits-vit-tiny.yaml --seeds 5 --budgets 1.0 1.2 1.5 \\
         [--rates tuned.json] [--arms full lora lte lte-fp32] [--workers 2] [--data SPEC] [--samples N] \\
-        [--set lte.rank=8 ...] [--json] [--plot compare.png]
+        [--set lte.rank=8 ...] [--schedule T50-nesterov lte.merge_every=50 lte.outer.optimizer=nesterov ...] \\
+        [--json] [--plot compare.png]
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import json
 import sys
 from pathlib import Path
 
-from peers.study import ARMS, compare
+from peers.study import ARMS, compare, schedule_arm
 from swarm.config import RunConfig, load_config, parse_overrides
 from swarm.errors import ConfigError
 
@@ -105,15 +107,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--budgets", type=float, nargs="+", default=[1.0, 1.5], help="LTE sample budgets, x full-rank's")
     parser.add_argument("--rates", type=Path, help="each arm's learning rates from this sweep (scripts/tune.py --out)")
     parser.add_argument("--plot", type=Path, help="write accuracy against samples to this PNG")
+    parser.add_argument("--schedule", nargs="+", action="append", default=[], metavar=("NAME", "KEY=VALUE"),
+                        help="one more LTE arm, at LTE's rates, with these config changes (its merge schedule)")
     args = parser.parse_args(argv)
 
     try:
         base = base_config(args, parser)
         rates = read_rates(args.rates) if args.rates else {}
+        arms = [ARMS[a] for a in args.arms]
+        for name, *changes in args.schedule:
+            arm = schedule_arm(name, parse_overrides(changes))
+            base.with_overrides(arm.overrides)  # a bad key or value fails here, before any run
+            arms.append(arm)
     except ConfigError as exc:
         parser.error(str(exc))
     log = (lambda line: print(line, file=sys.stderr, flush=True)) if args.json else (lambda line: print(line, flush=True))
-    rows = compare(base, [ARMS[a] for a in args.arms], args.seeds, args.budgets, rates, args.workers, log)
+    rows = compare(base, arms, args.seeds, args.budgets, rates, args.workers, log)
     log("\n" + table(rows, args.seeds, base.data.holdout))
     if args.plot:
         plot(rows, args.plot, f"{base.model.name} on {base.data.source}, {args.seeds} seeds")

@@ -38,6 +38,17 @@ class ModelConfig(_Strict):
         return int(self.args.get("in_chans", 3))
 
 
+class OuterConfig(_Strict):
+    """The outer step every merge takes with the heads' mean change (the negative of DiLoCo's
+    pseudo-gradient), computed alike on every peer; its momentum is part of the shared state."""
+
+    optimizer: Literal["average", "nesterov"] = Field(
+        "average", description="average: W += lr * the heads' mean change (lr 1: plain averaging); nesterov: with a "
+                               "momentum buffer per shared tensor, as DiLoCo's outer optimizer")
+    lr: PositiveFloat = Field(1.0, description="outer learning rate")
+    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="Nesterov momentum (optimizer: nesterov)")
+
+
 class LTEConfig(_Strict):
     heads: PositiveInt = Field(description="N, the run's number of LoRA heads")
     rank: PositiveInt = Field(description="r, the rank of every head")
@@ -54,6 +65,7 @@ class LTEConfig(_Strict):
     init_scale: Literal["spectral", "reference"] = Field(
         "spectral", description="scale of each head's semi-orthogonal A (r x n): sqrt(r/n), its spectral scaling, or "
                                 "sqrt(n/r), as the paper's code does")
+    outer: OuterConfig = Field(default_factory=OuterConfig, description="the outer step each merge takes")
 
 
 class ParamGroup(_Strict):

@@ -25,6 +25,8 @@ from swarm.quant import QuantizedWeight, Storage
 
 Variant = Literal["reset", "reset_less"]
 Nonlinear = Literal["freeze", "replicate"]
+Outer = Literal["average", "nesterov"]
+MOMENTUM = "momentum/"  # shared-state key prefix of the outer optimizer's momentum buffers
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,13 @@ class LTESpec:
     vectorised: bool = False
     split_qkv: bool = False
     init_scale: InitScale = "spectral"
+    # The outer step a merge takes with the heads' mean change d (`LTEModel._merge_into`):
+    # "average" adds outer_lr * d (1.0: plain averaging); "nesterov" keeps a momentum buffer m per
+    # shared tensor, m = mu m + d, and adds outer_lr * (d + mu m), DiLoCo's outer Nesterov step
+    # with d as the negative pseudo-gradient.
+    outer: Outer = "average"
+    outer_lr: float = 1.0
+    outer_momentum: float = 0.0
 
     @property
     def scale(self) -> float:
@@ -113,6 +122,15 @@ class LTEModel(nn.Module):
         # contribution then starts from its last contribution, not from its last merge. Reset-less only.
         self.delayed = False
         self._build_heads({})
+        # The outer optimizer's state: as shared as W (every peer computes it alike from the agreed
+        # merges; a newcomer downloads it with W, a checkpoint keeps it), so it is in `shared_state`.
+        self.momentum: dict[str, torch.Tensor] = {}
+        if spec.outer == "nesterov":
+            for name, layer in self.layers():
+                self.momentum[f"{name}.weight"] = torch.zeros_like(layer.weight_store.master)
+            params = dict(self.model.named_parameters())
+            for name in self.replicated:
+                self.momentum[name] = torch.zeros_like(params[name])
 
     def _fresh_a(self, head: int, index: int) -> torch.Tensor:
         name = self.layer_names[index]
@@ -366,15 +384,22 @@ class LTEModel(nn.Module):
         peer votes for before applying a merge is bit for bit the W it then holds. Deltas are cast to
         the state's dtype first: `p.add_(float64, alpha)` would scale in float64 and round once, a
         float32 delta rounds twice, and the same values must give the same bits however they came."""
-        coef = merge_scale(self.spec.scale, self.spec.n_heads)
-        for name in self.layer_names:
-            w, delta = state[f"{name}.weight"], weight_deltas[name]
+        spec = self.spec
+        coef = merge_scale(spec.scale, spec.n_heads)
+        steps = [(f"{name}.weight", weight_deltas[name], coef) for name in self.layer_names]
+        steps += [(name, replica_deltas[name], 1.0 / spec.n_heads) for name in self.replicated]
+        for key, delta, weight in steps:
+            w = state[key]
             if tuple(delta.shape) != tuple(w.shape):
-                raise ValueError(f"delta of shape {tuple(delta.shape)} for a weight of shape {tuple(w.shape)}")
-            w.add_(delta.to(device=w.device, dtype=w.dtype), alpha=coef)
-        for name in self.replicated:
-            p = state[name]
-            p.add_(replica_deltas[name].to(device=p.device, dtype=p.dtype), alpha=1.0 / self.spec.n_heads)
+                raise ValueError(f"delta of shape {tuple(delta.shape)} for {key} of shape {tuple(w.shape)}")
+            delta = delta.to(device=w.device, dtype=w.dtype)
+            if spec.outer == "average":
+                w.add_(delta, alpha=weight * spec.outer_lr)
+                continue
+            mean = delta.mul(weight)  # the heads' mean change: the negative pseudo-gradient
+            m = state[MOMENTUM + key]
+            m.mul_(spec.outer_momentum).add_(mean)
+            w.add_(mean, alpha=spec.outer_lr).add_(m, alpha=spec.outer_lr * spec.outer_momentum)
 
     @torch.no_grad()
     @_exclusive
@@ -461,6 +486,7 @@ class LTEModel(nn.Module):
         tensors, which an in-place change changes in the model."""
         out = {f"{name}.weight": layer.weight_store.master for name, layer in self.layers()}
         out.update({name: p.detach() for name, p in self.model.named_parameters()})
+        out.update({MOMENTUM + key: m for key, m in self.momentum.items()})
         return out
 
     @torch.no_grad()
@@ -478,6 +504,8 @@ class LTEModel(nn.Module):
         params = dict(self.model.named_parameters())
         for name, p in params.items():
             p.copy_(state[name].to(p.device, p.dtype))
+        for key, m in self.momentum.items():
+            m.copy_(state[MOMENTUM + key].to(m.device, m.dtype))
 
     def state_digest(self) -> str:
         """sha256 of the shared state's exact bytes: equal digests, equal models."""

@@ -45,14 +45,17 @@ def test_the_sweep_never_looks_at_the_test_set_and_each_arm_compares_at_its_best
 
     png = tmp_path / "curves.png"
     load_script("compare").main(_argv("--seeds", "2", "--budgets", "1.0", "2.0", "--rates", str(tuned),
-                                      "--plot", str(png)))
+                                      "--plot", str(png), "--schedule", "T4-nesterov", "lte.merge_every=4",
+                                      "lte.outer.optimizer=nesterov", "lte.outer.lr=0.5"))
     captured = capsys.readouterr()
     runs = json.loads(captured.out.strip().splitlines()[-1])["runs"]
     assert [(r["arm"], r["budget"], r["samples"]) for r in runs] == [
         ("full", 1.0, 128), ("lora", 1.0, 128), ("lte", 1.0, 128), ("lte", 2.0, 256),
-        ("lte-fp32", 1.0, 128), ("lte-fp32", 2.0, 256)]
+        ("lte-fp32", 1.0, 128), ("lte-fp32", 2.0, 256), ("T4-nesterov", 1.0, 128), ("T4-nesterov", 2.0, 256)]
     for r in runs:
-        assert r["rates"] == out["arms"].get(r["arm"], {}).get("best", {})  # lora: not swept, the config's
+        # lora: not swept, the config's; a merge schedule: LTE's
+        swept = "lte" if r["arm"] == "T4-nesterov" else r["arm"]
+        assert r["rates"] == out["arms"].get(swept, {}).get("best", {})
         values = r["accuracy"]["values"]
         assert len(values) == 2 and all(0.0 <= v <= 1.0 for v in values)
         assert r["accuracy"]["mean"] == pytest.approx(sum(values) / 2)
@@ -62,6 +65,9 @@ def test_the_sweep_never_looks_at_the_test_set_and_each_arm_compares_at_its_best
     assert len({tuple(r["loss"]["values"]) for r in runs if len(set(r["loss"]["values"])) == 2}) == len(runs)
     # nf4 and float32 W give different models from the same seeds
     assert runs[2]["loss"]["values"] != runs[4]["loss"]["values"]
+    # another merge schedule at the same rates gives another model, labelled as what it ran
+    assert runs[6]["loss"]["values"] != runs[2]["loss"]["values"]
+    assert runs[6]["label"].startswith("LTE N=4 r=4 T=4 outer nesterov lr 0.5 mu 0.9")
     assert "test acc (mean ± sd)" in captured.err and "W nf4" in captured.err and "W fp32" in captured.err
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -71,3 +77,10 @@ def test_compare_refuses_a_file_that_is_not_a_sweep(tmp_path):
     bad.write_text('{"runs": []}')
     with pytest.raises(SystemExit):
         load_script("compare").main(_argv("--rates", str(bad)))
+
+
+@pytest.mark.parametrize("schedule", [["T50", "lte.merge_every=0"], ["x", "lte.outer.optimizer=adam"], ["x", "T=50"]])
+def test_compare_refuses_a_schedule_the_config_refuses_before_any_run(schedule, capsys):
+    with pytest.raises(SystemExit):
+        load_script("compare").main(_argv("--schedule", *schedule))
+    assert "error" in capsys.readouterr().err
