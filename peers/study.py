@@ -43,15 +43,20 @@ class Arm:
             return f"single LoRA r={base.lte.rank}"
         cfg = base.with_overrides(self.overrides)
         outer = cfg.lte.outer
-        step = "" if outer.optimizer == "average" and outer.lr == 1.0 else (
-            f" outer {outer.optimizer} lr {outer.lr:g}" + (f" mu {outer.momentum:g}" if outer.optimizer == "nesterov" else ""))
+        step = ""  # the outer rate shows where it is set: in the overrides, or among the tuned rates
+        if outer.optimizer == "nesterov":
+            step = f" outer nesterov mu {outer.momentum:g}"
+        if "lte.outer.lr" in self.overrides:
+            step += f" outer lr {outer.lr:g}"
         return f"LTE N={cfg.lte.heads} r={cfg.lte.rank} T={cfg.lte.merge_every}{step} W {cfg.lte.storage}"
 
 
 def schedule_arm(name: str, overrides: dict[str, Any]) -> Arm:
-    """An LTE arm with another merge schedule (T, outer step, storage...), at LTE's tuned rates:
-    what a schedule costs or gains is measured at the rates the plain schedule was tuned at."""
-    return Arm(name, "lte", FACTOR_RATES, dict(overrides), scales_budget=True, rates_of="lte")
+    """An LTE arm with another merge schedule (T, outer step, storage...) at LTE's tuned rates:
+    what a schedule costs or gains is measured at the rates the plain schedule was tuned at. With
+    DiLoCo's outer Nesterov step it has one rate of its own, the outer one (`lte.outer.lr`)."""
+    own = ("lte.outer.lr",) if overrides.get("lte.outer.optimizer") == "nesterov" else ()
+    return Arm(name, "lte", own, dict(overrides), scales_budget=True, rates_of="lte")
 
 
 ARMS: dict[str, Arm] = {
@@ -134,16 +139,17 @@ def sweep(base: RunConfig, arms: list[Arm], grids: dict[str, list[float]], seeds
     rates), `seeds` seeds each, trained without the `validation` records carved out of the training
     data and judged by the final loss on them (mean over seeds). Returns, per arm, the sweep and
     the best rates."""
+    by_name = {arm.name: arm for arm in arms}
     plan: list[tuple[str, dict[str, float], int]] = []
     for arm in arms:
         for point in itertools.product(*(grids[k] for k in arm.rates)):
             plan += [(arm.name, dict(zip(arm.rates, point)), s) for s in range(seeds)]
-    runs = [Run(seeded(base, s, ARMS[name].overrides, rates, {"data.validation": validation}), ARMS[name].mode,
+    runs = [Run(seeded(base, s, by_name[name].overrides, rates, {"data.validation": validation}), by_name[name].mode,
                 "validation") for name, rates, s in plan]
 
     def done(i: int, result: dict) -> None:
         name, rates, s = plan[i]
-        shown = " ".join(f"{k.removeprefix('train.')}={v:g}" for k, v in rates.items())
+        shown = " ".join(f"{k.removeprefix('train.')}={v:g}" for k, v in rates.items()) or "the config's"
         log(f"  {name:9s} {shown:36s} seed {s}: validation loss {result['loss']:.4f} "
             f"acc {result['accuracy']:.4f} ({result['seconds']:.0f}s)")
 
@@ -168,7 +174,8 @@ def compare(base: RunConfig, arms: list[Arm], seeds: int, budgets: list[float], 
     else the config's): the baselines at the config's samples, LTE at each multiple of them."""
     plan = [(arm, b) for arm in arms for b in (budgets if arm.scales_budget else [1.0])]
     def rates_of(arm: Arm) -> dict[str, float]:
-        return rates.get(arm.rates_of or arm.name, {})
+        inherited = rates.get(arm.rates_of, {}) if arm.rates_of else {}
+        return {**inherited, **rates.get(arm.name, {})}
 
     runs = [Run(seeded(base, s, arm.overrides, rates_of(arm), {"train.samples": int(base.train.samples * b)}),
                 arm.mode) for arm, b in plan for s in range(seeds)]

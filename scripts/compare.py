@@ -21,7 +21,7 @@ import json
 import sys
 from pathlib import Path
 
-from peers.study import ARMS, compare, schedule_arm
+from peers.study import ARMS, Arm, compare, schedule_arm
 from swarm.config import RunConfig, load_config, parse_overrides
 from swarm.errors import ConfigError
 
@@ -88,6 +88,19 @@ def base_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Ru
     return load_config(args.config).with_overrides(overrides)
 
 
+def schedule_arms(args: argparse.Namespace, base: RunConfig, parser: argparse.ArgumentParser) -> list[Arm]:
+    """The `--schedule NAME KEY=VALUE...` arms, each checked against the config before any run."""
+    arms = []
+    for name, *changes in args.schedule:
+        try:
+            arm = schedule_arm(name, parse_overrides(changes))
+            base.with_overrides(arm.overrides)
+        except ConfigError as exc:
+            parser.error(f"--schedule {name}: {exc}")
+        arms.append(arm)
+    return arms
+
+
 def add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default="configs/digits-vit-tiny.yaml")
     parser.add_argument("--data", help="override data.source (digits, hf:NAME[:CONFIG][@SPLIT] or a local data set)")
@@ -98,6 +111,8 @@ def add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=1, help="runs at once, one process and one torch thread each")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override any config key, e.g. lte.rank=8 or model.args.embed_dim=32 (YAML value)")
+    parser.add_argument("--schedule", nargs="+", action="append", default=[], metavar=("NAME", "KEY=VALUE"),
+                        help="one more LTE arm, at LTE's rates, with these config changes (its merge schedule)")
     parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
 
 
@@ -107,18 +122,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--budgets", type=float, nargs="+", default=[1.0, 1.5], help="LTE sample budgets, x full-rank's")
     parser.add_argument("--rates", type=Path, help="each arm's learning rates from this sweep (scripts/tune.py --out)")
     parser.add_argument("--plot", type=Path, help="write accuracy against samples to this PNG")
-    parser.add_argument("--schedule", nargs="+", action="append", default=[], metavar=("NAME", "KEY=VALUE"),
-                        help="one more LTE arm, at LTE's rates, with these config changes (its merge schedule)")
     args = parser.parse_args(argv)
 
     try:
         base = base_config(args, parser)
         rates = read_rates(args.rates) if args.rates else {}
-        arms = [ARMS[a] for a in args.arms]
-        for name, *changes in args.schedule:
-            arm = schedule_arm(name, parse_overrides(changes))
-            base.with_overrides(arm.overrides)  # a bad key or value fails here, before any run
-            arms.append(arm)
+        arms = [ARMS[a] for a in args.arms] + schedule_arms(args, base, parser)
     except ConfigError as exc:
         parser.error(str(exc))
     log = (lambda line: print(line, file=sys.stderr, flush=True)) if args.json else (lambda line: print(line, flush=True))

@@ -14,6 +14,7 @@ from tests.conftest import ROOT, load_script
 
 pytestmark = pytest.mark.timeout(240)
 
+SCHEDULE = ["--schedule", "T4-nesterov", "lte.merge_every=4", "lte.outer.optimizer=nesterov"]
 TINY = ["model.args.embed_dim=16", "model.args.depth=1", "model.args.num_heads=2", "lte.merge_every=2",
         "lte.rank=4", "train.warmup_steps=1"]
 
@@ -32,10 +33,13 @@ def test_the_sweep_never_looks_at_the_test_set_and_each_arm_compares_at_its_best
     monkeypatch.setattr(DataSource, "eval_set", lambda self: tested.append(self) or pytest.fail("read the test set"))
     tuned = tmp_path / "tuned.json"
     load_script("tune").main(_argv("--validation", "100", "--full-lr", "1e-3", "3e-2", "--lr", "1e-4", "3e-3",
-                                   "--replica-lr", "3e-3", "--arms", "full", "lte", "lte-fp32", "--out", str(tuned)))
+                                   "--replica-lr", "3e-3", "--arms", "full", "lte", "lte-fp32", "--out", str(tuned),
+                                   *SCHEDULE, "--outer-lr", "0.5", "1.5", "--schedule", "T8", "lte.merge_every=8"))
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert not tested and json.loads(tuned.read_text()) == out
-    for arm in ("full", "lte"):
+    assert "T8" not in out["arms"]  # plain averaging at LTE's rates: nothing to tune
+    assert [r["rates"] for r in out["arms"]["T4-nesterov"]["sweep"]] == [{"lte.outer.lr": 0.5}, {"lte.outer.lr": 1.5}]
+    for arm in ("full", "lte", "T4-nesterov"):
         sweep = out["arms"][arm]["sweep"]
         assert len(sweep) == 2 and all(len(r["losses"]) == 1 for r in sweep)
         assert out["arms"][arm]["best"] == min(sweep, key=lambda r: r["loss"])["rates"]
@@ -45,17 +49,16 @@ def test_the_sweep_never_looks_at_the_test_set_and_each_arm_compares_at_its_best
 
     png = tmp_path / "curves.png"
     load_script("compare").main(_argv("--seeds", "2", "--budgets", "1.0", "2.0", "--rates", str(tuned),
-                                      "--plot", str(png), "--schedule", "T4-nesterov", "lte.merge_every=4",
-                                      "lte.outer.optimizer=nesterov", "lte.outer.lr=0.5"))
+                                      "--plot", str(png), *SCHEDULE))
     captured = capsys.readouterr()
     runs = json.loads(captured.out.strip().splitlines()[-1])["runs"]
     assert [(r["arm"], r["budget"], r["samples"]) for r in runs] == [
         ("full", 1.0, 128), ("lora", 1.0, 128), ("lte", 1.0, 128), ("lte", 2.0, 256),
         ("lte-fp32", 1.0, 128), ("lte-fp32", 2.0, 256), ("T4-nesterov", 1.0, 128), ("T4-nesterov", 2.0, 256)]
     for r in runs:
-        # lora: not swept, the config's; a merge schedule: LTE's
-        swept = "lte" if r["arm"] == "T4-nesterov" else r["arm"]
-        assert r["rates"] == out["arms"].get(swept, {}).get("best", {})
+        # lora: not swept, the config's; a merge schedule: LTE's and its own outer rate
+        inherited = out["arms"]["lte"]["best"] if r["arm"] == "T4-nesterov" else {}
+        assert r["rates"] == {**inherited, **out["arms"].get(r["arm"], {}).get("best", {})}
         values = r["accuracy"]["values"]
         assert len(values) == 2 and all(0.0 <= v <= 1.0 for v in values)
         assert r["accuracy"]["mean"] == pytest.approx(sum(values) / 2)
@@ -67,7 +70,8 @@ def test_the_sweep_never_looks_at_the_test_set_and_each_arm_compares_at_its_best
     assert runs[2]["loss"]["values"] != runs[4]["loss"]["values"]
     # another merge schedule at the same rates gives another model, labelled as what it ran
     assert runs[6]["loss"]["values"] != runs[2]["loss"]["values"]
-    assert runs[6]["label"].startswith("LTE N=4 r=4 T=4 outer nesterov lr 0.5 mu 0.9")
+    assert runs[6]["label"].startswith("LTE N=4 r=4 T=4 outer nesterov")
+    assert set(runs[6]["rates"]) == {"train.lr", "train.replica_lr", "lte.outer.lr"}
     assert "test acc (mean ± sd)" in captured.err and "W nf4" in captured.err and "W fp32" in captured.err
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
