@@ -28,13 +28,14 @@ from swarm.errors import ConfigError
 
 def table(rows: list[dict], seeds: int, eval_size: int) -> str:
     full = next((r["accuracy"]["mean"] for r in rows if r["mode"] == "full"), None)
-    lines = [f"{'run':44s} {'samples':>9s} {'test acc (mean ± sd)':>21s} {'vs full':>8s} {'test loss':>10s} "
+    width = max([44] + [len(r["label"]) for r in rows])
+    lines = [f"{'run':{width}s} {'samples':>9s} {'test acc (mean ± sd)':>21s} {'vs full':>8s} {'test loss':>10s} "
              f"{'s/run':>6s}  rates"]
     for r in rows:
         acc = r["accuracy"]
         gap = f"{100 * (acc['mean'] - full):+7.2f}p" if full is not None else f"{'':8s}"
         rates = " ".join(f"{k.removeprefix('train.')}={v:g}" for k, v in r["rates"].items()) or "config's"
-        lines.append(f"{r['label']:44s} {r['samples']:9d} {100 * acc['mean']:12.2f} ± {100 * acc['sd']:5.2f} % "
+        lines.append(f"{r['label']:{width}s} {r['samples']:9d} {100 * acc['mean']:12.2f} ± {100 * acc['sd']:5.2f} % "
                      f"{gap} {r['loss']['mean']:10.3f} {r['seconds']:6.0f}  {rates}")
     lines.append(f"({seeds} seeds; evaluation set of {eval_size} records)")
     return "\n".join(lines)
