@@ -12,6 +12,8 @@ the other heads would train on the evaluation set.
 
 from __future__ import annotations
 
+import functools
+
 import hashlib
 import io
 import logging
@@ -44,9 +46,12 @@ class ImageShape:
     channels: int
 
 
+@functools.lru_cache(maxsize=1)
 def digits_dataset():
     """scikit-learn's 1,797 handwritten digits (8x8, 10 classes), shipped inside scikit-learn, as a
-    `datasets.Dataset` of uint8 images, in a fixed shuffled order so the held-out head is balanced."""
+    `datasets.Dataset` of uint8 images, in a fixed shuffled order so the held-out head is balanced.
+    Built once per process (an immutable in-memory table): every head's stream and the evaluation
+    set read the same one, and building it takes longer than a small round."""
     import datasets
     from sklearn.datasets import load_digits
 

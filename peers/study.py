@@ -48,7 +48,8 @@ class Arm:
             step = f" outer nesterov mu {outer.momentum:g}"
         if "lte.outer.lr" in self.overrides:
             step += f" outer lr {outer.lr:g}"
-        return f"LTE N={cfg.lte.heads} r={cfg.lte.rank} T={cfg.lte.merge_every}{step} W {cfg.lte.storage}"
+        label = f"LTE N={cfg.lte.heads} r={cfg.lte.rank} T={cfg.lte.merge_every}{step} W {cfg.lte.storage}"
+        return f"{self.name}: {label}" if self.rates_of else label  # a schedule's name says what else it sets
 
 
 def schedule_arm(name: str, overrides: dict[str, Any]) -> Arm:

@@ -70,7 +70,7 @@ def test_the_sweep_never_looks_at_the_test_set_and_each_arm_compares_at_its_best
     assert runs[2]["loss"]["values"] != runs[4]["loss"]["values"]
     # another merge schedule at the same rates gives another model, labelled as what it ran
     assert runs[6]["loss"]["values"] != runs[2]["loss"]["values"]
-    assert runs[6]["label"].startswith("LTE N=4 r=4 T=4 outer nesterov")
+    assert runs[6]["label"].startswith("T4-nesterov: LTE N=4 r=4 T=4 outer nesterov")
     assert set(runs[6]["rates"]) == {"train.lr", "train.replica_lr", "lte.outer.lr"}
     assert "test acc (mean ± sd)" in captured.err and "W nf4" in captured.err and "W fp32" in captured.err
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
