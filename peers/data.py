@@ -13,7 +13,6 @@ the other heads would train on the evaluation set.
 from __future__ import annotations
 
 import functools
-
 import hashlib
 import io
 import logging

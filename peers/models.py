@@ -30,7 +30,8 @@ def lte_spec(cfg: RunConfig) -> LTESpec:
     return LTESpec(n_heads=lte.heads, rank=lte.rank, alpha=lte.alpha, variant=lte.variant,
                    nonlinear=lte.nonlinear, storage=lte.storage, seed=cfg.model.seed, vectorised=lte.vectorised,
                    split_qkv=lte.split_qkv, init_scale=lte.init_scale, outer=lte.outer.optimizer,
-                   outer_lr=lte.outer.lr, outer_momentum=lte.outer.momentum if lte.outer.optimizer == "nesterov" else 0.0)
+                   outer_lr=lte.outer.lr,
+                   outer_momentum=lte.outer.momentum if lte.outer.optimizer == "nesterov" else 0.0)
 
 
 def create_lte_model(cfg: RunConfig, head_ids: list[int], device: str | torch.device = "cpu") -> LTEModel:

@@ -114,6 +114,11 @@ def seeded(cfg: RunConfig, seed: int, *overrides: dict[str, Any]) -> RunConfig:
     return cfg.with_overrides(merged)
 
 
+def shown_rates(rates: dict[str, float]) -> str:
+    """Rates as the tables and logs show them (`lr=0.0005 replica_lr=0.006`); none: the config's."""
+    return " ".join(f"{k.removeprefix('train.')}={v:g}" for k, v in rates.items()) or "config's"
+
+
 def stats(values: list[float]) -> dict:
     return {"mean": statistics.mean(values), "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
             "values": values}
@@ -150,8 +155,7 @@ def sweep(base: RunConfig, arms: list[Arm], grids: dict[str, list[float]], seeds
 
     def done(i: int, result: dict) -> None:
         name, rates, s = plan[i]
-        shown = " ".join(f"{k.removeprefix('train.')}={v:g}" for k, v in rates.items()) or "the config's"
-        log(f"  {name:9s} {shown:36s} seed {s}: validation loss {result['loss']:.4f} "
+        log(f"  {name:9s} {shown_rates(rates):36s} seed {s}: validation loss {result['loss']:.4f} "
             f"acc {result['accuracy']:.4f} ({result['seconds']:.0f}s)")
 
     results = run_all(runs, workers, done)
@@ -174,6 +178,7 @@ def compare(base: RunConfig, arms: list[Arm], seeds: int, budgets: list[float], 
     """Every arm over `seeds` seeds on the evaluation set, each at its own rates (`rates[arm]`,
     else the config's): the baselines at the config's samples, LTE at each multiple of them."""
     plan = [(arm, b) for arm in arms for b in (budgets if arm.scales_budget else [1.0])]
+
     def rates_of(arm: Arm) -> dict[str, float]:
         inherited = rates.get(arm.rates_of, {}) if arm.rates_of else {}
         return {**inherited, **rates.get(arm.name, {})}

@@ -5,8 +5,9 @@ of it). Every run is the one-process simulation (`peers/simulate.py`), evaluated
 evaluation set; seed k sets both the model seed (W0 and every head's A) and the training seed (data
 order). `--rates` takes each arm's rates from a sweep (`scripts/tune.py --out`); without it every
 arm runs at the config's. `--schedule NAME KEY=VALUE...` adds an LTE arm with another merge schedule
-(T, the outer step, W's storage, ...) at LTE's rates. Prints a table of test accuracy, mean ± sd over seeds; `--json` prints the
-same as one JSON object (with the accuracy curves); `--plot` draws accuracy against samples.
+(T, the outer step, W's storage, ...) at LTE's rates. Prints a table of test accuracy, mean ± sd
+over seeds; `--json` prints the same as one JSON object (with the accuracy curves); `--plot` draws
+accuracy against samples.
 
     python scripts/compare.py --config configs/digits-vit-tiny.yaml --seeds 5 --budgets 1.0 1.2 1.5 \\
         [--rates tuned.json] [--arms full lora lte lte-fp32] [--workers 2] [--data SPEC] [--samples N] \\
@@ -21,7 +22,7 @@ import json
 import sys
 from pathlib import Path
 
-from peers.study import ARMS, Arm, compare, schedule_arm
+from peers.study import ARMS, Arm, compare, schedule_arm, shown_rates
 from swarm.config import RunConfig, load_config, parse_overrides
 from swarm.errors import ConfigError
 
@@ -34,7 +35,7 @@ def table(rows: list[dict], seeds: int, eval_size: int) -> str:
     for r in rows:
         acc = r["accuracy"]
         gap = f"{100 * (acc['mean'] - full):+7.2f}p" if full is not None else f"{'':8s}"
-        rates = " ".join(f"{k.removeprefix('train.')}={v:g}" for k, v in r["rates"].items()) or "config's"
+        rates = shown_rates(r["rates"])
         lines.append(f"{r['label']:{width}s} {r['samples']:9d} {100 * acc['mean']:12.2f} ± {100 * acc['sd']:5.2f} % "
                      f"{gap} {r['loss']['mean']:10.3f} {r['seconds']:6.0f}  {rates}")
     lines.append(f"({seeds} seeds; evaluation set of {eval_size} records)")

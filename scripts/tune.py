@@ -22,13 +22,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare import add_common, base_config, schedule_arms  # noqa: E402  (the sibling script's shared options)
 
-from peers.study import ARMS, sweep  # noqa: E402
+from peers.study import ARMS, shown_rates, sweep  # noqa: E402
 
 
 def table(arm: str, found: dict) -> str:
     lines = [f"{arm}: validation loss (mean over seeds), accuracy"]
     for row in found["sweep"]:
-        shown = " ".join(f"{k.removeprefix('train.')}={v:g}" for k, v in row["rates"].items())
+        shown = shown_rates(row["rates"])
         mark = "  <- best" if row["rates"] == found["best"] else ""
         lines.append(f"  {shown:40s} {row['loss']:8.4f} {100 * row['accuracy']:7.2f} %{mark}")
     return "\n".join(lines)
