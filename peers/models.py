@@ -37,14 +37,15 @@ def lte_spec(cfg: RunConfig) -> LTESpec:
 def create_lte_model(cfg: RunConfig, head_ids: list[int], device: str | torch.device = "cpu") -> LTEModel:
     """The run's timm model converted to W plus the given heads of the run."""
     model = LTEModel(create_model(cfg.model), lte_spec(cfg), head_ids, device=device)
-    model.delayed = cfg.swarm.overlap
+    model.delayed, model.eager = cfg.swarm.overlap, cfg.swarm.eager
     return model
 
 
 def run_reach(model: LTEModel, cfg: RunConfig) -> dict[str, float]:
-    """`LTEModel.update_reach` of one round of the run (T steps at its factors' and replicas'
-    rates): what the swarm's bounds on a contribution, and the simulation's, are measured against."""
-    return model.update_reach(cfg.lte.merge_every, cfg.train.lr, cfg.train.replica_rate)
+    """`LTEModel.update_reach` of what one contribution carries (T steps at the run's factors' and
+    replicas' rates, k T with W merged in k fragments: a part's change accumulates until its turn):
+    what the swarm's bounds on a contribution, and the simulation's, are measured against."""
+    return model.update_reach(cfg.lte.merge_every * cfg.lte.fragments, cfg.train.lr, cfg.train.replica_rate)
 
 
 def resolve_device(name: str) -> torch.device:

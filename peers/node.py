@@ -249,7 +249,7 @@ def join_rounds(rt: "Runtime", keys: RunKeys, cfg: RunConfig, model, *, holds_he
                         sw.settle_seconds, rt.clock, sw.clock_skew, sw.read_replicas)
     protocol = MergeProtocol(rt.dht, server, keys, rt.identity, sw, model, holders=leases.holders, clock=rt.clock,
                              round_=round_, rounds_total=cfg.rounds, reachable=rt.reachable,
-                             reach=run_reach(model, cfg))
+                             reach=run_reach(model, cfg), fragments=cfg.lte.fragments)
     membership = Membership(rt.dht, keys, sw, rt.clock, invite)
     leases.incumbents, leases.admits = protocol.incumbents, membership.admits
     return Rounds(server, leases, protocol, membership)

@@ -15,7 +15,7 @@ from peers.training import HeadTrainer, evaluate, stack_batches
 from swarm.config import RunConfig
 from swarm.lte_model import LTEModel
 from swarm.errors import ConfigError
-from swarm.wire import ContributionError, apply_reduced, reduce_in_process
+from swarm.wire import ContributionError, apply_reduced, plan_parts, reduce_in_process, round_parts, targets_of
 
 Mode = Literal["lte", "full", "lora"]
 
@@ -82,7 +82,8 @@ def simulate(cfg: RunConfig, mode: Mode = "lte", *, on_eval: Callable[[EvalPoint
     trainer = HeadTrainer(trained, cfg.train, steps)
     if mode == "lte":
         reach = run_reach(lte, cfg)
-    pending: dict[str, torch.Tensor] | None = None  # a merge not yet applied (swarm.overlap)
+        parts = plan_parts(lte, cfg.n_parts)
+    pending: Pending | None = None  # a merge not yet applied (swarm.overlap)
     history: list[EvalPoint] = []
     start = time.perf_counter()
     running, rounds = 0.0, 0
@@ -94,7 +95,8 @@ def simulate(cfg: RunConfig, mode: Mode = "lte", *, on_eval: Callable[[EvalPoint
         last = step == steps - 1
         if (step + 1) % period == 0 or last:
             if mode == "lte":
-                pending = _merge(lte, cfg, pending, last, rounds + 1, reach)
+                targets = targets_of(parts, round_parts(len(parts), cfg.lte.fragments, rounds, cfg.rounds))
+                pending = _merge(lte, cfg, pending, last, rounds + 1, reach, targets)
             rounds += 1
             if rounds % cfg.train.eval_every == 0 or last:
                 acc, eval_loss = evaluate(eval_forward, x_eval, y_eval, device)
@@ -113,33 +115,37 @@ def simulate(cfg: RunConfig, mode: Mode = "lte", *, on_eval: Callable[[EvalPoint
                      model=lte if mode != "full" else None)
 
 
-def _merge(lte: LTEModel, cfg: RunConfig, pending: dict[str, torch.Tensor] | None, last: bool, round_: int = 0,
-           reach: dict[str, float] | None = None) -> dict[str, torch.Tensor] | None:
-    """One merge round, as the swarm does it (a contribution the swarm's bounds would refuse is an
-    error here: in the simulation every head is honest). With `swarm.overlap` a round's merge is
-    applied at the end of the next T steps (the heads trained on meanwhile), and the last one at
-    once; returns the merge still to apply."""
+Pending = tuple[dict[str, torch.Tensor], "frozenset[str] | None"]  # a merge's totals and what it covers
+
+
+def _merge(lte: LTEModel, cfg: RunConfig, pending: Pending | None, last: bool, round_: int = 0,
+           reach: dict[str, float] | None = None, targets: frozenset[str] | None = None) -> Pending | None:
+    """One merge round of `targets` (all for None; one fragment's with `lte.fragments`), as the
+    swarm does it (a contribution the swarm's bounds would refuse is an error here: in the
+    simulation every head is honest). With `swarm.overlap` a round's merge is applied at the end of
+    the next T steps (the heads trained on meanwhile), and the last one at once; returns the merge
+    still to apply."""
     sw = cfg.swarm
 
     def reduce() -> dict[str, torch.Tensor]:
         try:
             return reduce_in_process(lte, sw.contribution_dtype, sw.reduced_dtype, sw.robust_clip, sw.max_update,
-                                     sw.max_relative_update, reach)
+                                     sw.max_relative_update, reach, targets)
         except ContributionError as exc:
             raise ConfigError(f"round {round_}: the swarm would refuse an honest head's contribution ({exc}); raise "
                               "swarm.max_update or swarm.max_relative_update, or lower the learning rates") from None
 
     if not sw.overlap:
         apply_reduced(lte, reduce())
-        lte.mark_merged()
+        lte.mark_merged(targets=targets)
         return None
     if pending is not None:
-        apply_reduced(lte, pending)
-    lte.settle_delayed(merged=True)
-    pending = reduce()
-    lte.mark_sent()
+        apply_reduced(lte, pending[0])
+    lte.settle_delayed(merged=True, targets=None if pending is None else pending[1])  # as a peer settles
+    totals = reduce()
+    lte.mark_sent(targets=targets)
     if last:
-        apply_reduced(lte, pending)
-        lte.settle_delayed(merged=True)
+        apply_reduced(lte, totals)
+        lte.settle_delayed(merged=True, targets=targets)
         return None
-    return pending
+    return totals, targets

@@ -233,9 +233,10 @@ class Trainer:
         """swarm.overlap, at the end of our steps: apply the merge that landed meanwhile (if one
         did), and move the heads' baselines past what it merged (or back, if it left us out)."""
         landed, self.landed = self.landed, None
-        merged = True
+        merged, targets = True, None
         if landed is not None:
             mr, result = landed
+            targets = mr.scope.targets
             self.protocol.apply_pending(mr)
             merged = result.merged
             if merged:
@@ -243,7 +244,7 @@ class Trainer:
             else:
                 self.unmerged_steps += self.inflight_steps  # offered again with the next contribution
         self.inflight_steps = 0
-        self.model.settle_delayed(merged, self.model.head_ids)
+        self.model.settle_delayed(merged, self.model.head_ids, targets)
 
     def _offer(self) -> float:
         """Our T steps are done (or carried over from a missed round): enter the merge round."""
@@ -265,7 +266,7 @@ class Trainer:
                          compute_seconds=self.compute_seconds)
         self.mr = self.protocol.begin(blob, ready)
         if self.overlap:  # train the next steps while this round's bytes move
-            self.model.mark_sent(heads)
+            self.model.mark_sent(heads, self.mr.scope.targets)
             self.inflight_steps, self.unmerged_steps = self.unmerged_steps, 0
             self.inflight_losses, self.step_in_round, self.round_losses = self.round_losses, 0, []
             return 0.0
@@ -274,13 +275,15 @@ class Trainer:
 
     def _merged(self, mr: MergeRound) -> None:
         """The contribution of `mr` is in the agreed W: its heads start over from there."""
-        self.model.mark_merged(mr.ready.heads)
+        self.model.mark_merged(mr.ready.heads, mr.scope.targets)
         self.unmerged_steps = 0
         self.last_merged_round = mr.round
 
     def encode(self, heads: list[int]) -> bytes:
-        """This peer's contribution: the unmerged change of `heads`."""
-        return encode_contribution(self.model, heads, dtype=self.cfg.swarm.contribution_dtype)[0]
+        """This peer's contribution to the coming round: the unmerged change of `heads` to what the
+        round merges (all of W, or one fragment's parts)."""
+        return encode_contribution(self.model, heads, dtype=self.cfg.swarm.contribution_dtype,
+                                   targets=self.protocol.scope(self.protocol.round).targets)[0]
 
     def _poll_beside(self) -> None:
         """swarm.overlap: the round in flight advances one poll at a time in the background (its

@@ -66,6 +66,10 @@ class LTEConfig(_Strict):
         "spectral", description="scale of each head's semi-orthogonal A (r x n): sqrt(r/n), its spectral scaling, or "
                                 "sqrt(n/r), as the paper's code does")
     outer: OuterConfig = Field(default_factory=OuterConfig, description="the outer step each merge takes")
+    fragments: PositiveInt = Field(
+        1, description="k: W's parts (swarm.parts) merged in turn, round i merging parts i mod k, i mod k + k, ... so "
+                       "that a round moves about 1/k of the bytes and each part is merged every k rounds (the run's "
+                       "last round merges all); 1: every part every round")
 
 
 class ParamGroup(_Strict):
@@ -194,6 +198,10 @@ class SwarmConfig(_Strict):
     overlap: bool = Field(
         False, description="train the next T steps while a round's bytes move, and apply its merge one round late (at "
                            "the end of those steps); reset-less variant only")
+    eager: bool = Field(
+        False, description="with swarm.overlap: a head's own contribution counts in its forward as soon as it goes "
+                           "out, at the weight the merge gives it, until the agreed merge replaces it (instead of at "
+                           "full weight until then)")
     closed: bool = Field(False, description="admit only the signing keys in swarm.members and peers holding an invite "
                                             "the coordinator signed (`lte-swarm invite`)")
     members: tuple[str, ...] = Field((), description="fingerprints of signing keys a closed run admits without an invite")
@@ -239,9 +247,20 @@ class RunConfig(_Strict):
         if self.swarm.overlap and self.lte.variant != "reset_less":
             raise ValueError("swarm.overlap needs lte.variant: reset_less (a merge applied a round late must leave the "
                              "head's newer work in its forward, which only the reset-less baseline can)")
+        if self.lte.fragments > self.n_parts:
+            raise ValueError(f"lte.fragments ({self.lte.fragments}) exceeds the parts W is cut into ({self.n_parts}, "
+                             "swarm.parts or two per head): raise swarm.parts or lower lte.fragments")
+        if self.swarm.eager and not self.swarm.overlap:
+            raise ValueError("swarm.eager corrects merges that apply a round late: it needs swarm.overlap: true")
         if self.train.samples < self.train.batch_size:
             raise ValueError(f"train.samples ({self.train.samples}) is below one batch (train.batch_size = {self.train.batch_size})")
         return self
+
+    @property
+    def n_parts(self) -> int:
+        """Parts W is cut into for the reduced merge and for fragments (fewer for a model with fewer
+        layers and parameters: see `swarm.wire.plan_parts`)."""
+        return self.swarm.parts or 2 * self.lte.heads
 
     @property
     def head_batch(self) -> int:

@@ -14,7 +14,7 @@ import hashlib
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Literal, Sequence
+from typing import Collection, Iterator, Literal, Sequence
 
 import torch
 from torch import nn
@@ -54,6 +54,13 @@ class LTESpec:
     @property
     def scale(self) -> float:
         return self.alpha / self.rank
+
+    @property
+    def own_weight(self) -> float:
+        """The weight, relative to a head's own s, that a merge gives the head's change: 1/N of the
+        outer step's coefficient on the round's mean change (outer_lr, times 1 + mu for Nesterov)."""
+        momentum = self.outer_momentum if self.outer == "nesterov" else 0.0
+        return self.outer_lr * (1.0 + momentum) / self.n_heads
 
 
 class HeadFactors(nn.Module):
@@ -121,6 +128,10 @@ class LTEModel(nn.Module):
         # Merges apply one round late (training overlaps the merge's communication): a head's next
         # contribution then starts from its last contribution, not from its last merge. Reset-less only.
         self.delayed = False
+        # With delayed merges, eager: a head's own contribution counts in its forward from the moment
+        # it goes out, at the weight its merge will give it (`head_tensors`), not at its full s until
+        # the merge lands; the agreed merge then replaces it. The shared state is untouched.
+        self.eager = False
         self._build_heads({})
         # The outer optimizer's state: as shared as W (every peer computes it alike from the agreed
         # merges; a newcomer downloads it with W, a checkpoint keeps it), so it is in `shared_state`.
@@ -235,15 +246,31 @@ class LTEModel(nn.Module):
         return [p for p in self.parameters() if p.requires_grad]
 
     def head_tensors(self) -> dict[str, torch.Tensor]:
-        """Stacked per-head tensors keyed by the wrapped model's parameter/buffer names."""
+        """Stacked per-head tensors keyed by the wrapped model's parameter/buffer names: what a
+        head's forward plugs in.
+
+        Eager (`self.eager`, merges a round late): with w = `spec.own_weight`, a head runs on
+        W + s (B A - Bs As) + w s (Bs As - B0 A0), its unsent work at full weight and its sent, not
+        yet merged contribution at the weight the merge gives it, as if that merge had landed with
+        the other heads' changes still to come. The baseline is then the rank-2r pair
+        [As ; A0], [(1 - w) Bs | w B0], and a replica runs as base + w (sent - base) + (rep - sent).
+        Once the merge lands (`settle_delayed`) As = A0 and sent = base, and the view is the plain one."""
+        eager = self.delayed and self.eager
+        w = self.spec.own_weight
         out: dict[str, torch.Tensor] = {}
         for name in self.layer_names:
             f = self.factors[_key(name)]
             out[f"{name}.lora_A"], out[f"{name}.lora_B"] = f.A, f.B
-            if f.A0 is not None:
+            if f.A0 is not None and eager:
+                out[f"{name}.lora_A0"] = torch.cat([f.As, f.A0], dim=1)
+                out[f"{name}.lora_B0"] = torch.cat([f.Bs * (1.0 - w), f.B0 * w], dim=2)
+            elif f.A0 is not None:
                 out[f"{name}.lora_A0"], out[f"{name}.lora_B0"] = f.A0, f.B0
         for name in self.replicated:
-            out[name] = self.replicas[_key(name)]
+            rep = self.replicas[_key(name)]
+            if eager:
+                rep = rep - (1.0 - w) * (self.replica_sent[_key(name)] - self.replica_base[_key(name)])
+            out[name] = rep
         return out
 
     # ---- forward ---------------------------------------------------------------------------
@@ -336,13 +363,22 @@ class LTEModel(nn.Module):
             return list(range(self.n_local))
         return [self.head_ids.index(h) for h in sorted(heads)]
 
+    def _layers_in(self, targets: Collection[str] | None) -> list[str]:
+        """The layers among `targets` (layer and replicated parameter names; all for None), in order."""
+        return list(self.layer_names) if targets is None else [n for n in self.layer_names if n in targets]
+
+    def _replicated_in(self, targets: Collection[str] | None) -> list[str]:
+        return list(self.replicated) if targets is None else [n for n in self.replicated if n in targets]
+
     @torch.no_grad()
-    def weight_deltas(self, heads: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
-        """Per layer, the sum of the given heads' unmerged changes of B A (not yet scaled), computed in
-        float64 so that the result hardly depends on the order or form in which it is computed."""
+    def weight_deltas(self, heads: Sequence[int] | None = None,
+                      targets: Collection[str] | None = None) -> dict[str, torch.Tensor]:
+        """Per layer (of `targets`, or all), the sum of the given heads' unmerged changes of B A (not yet
+        scaled), computed in float64 so that the result hardly depends on the order or form in which it
+        is computed."""
         idx = self.local_indices(heads)
         out = {}
-        for name in self.layer_names:
+        for name in self._layers_in(targets):
             f = self.factors[_key(name)]
             out[name] = delta_sum(*_as_double(f.A, f.B, *self.contribution_base(name)), idx).to("cpu")
         return out
@@ -354,11 +390,13 @@ class LTEModel(nn.Module):
         return (f.As, f.Bs) if self.delayed else (f.A0, f.B0)
 
     @torch.no_grad()
-    def replica_deltas(self, heads: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
-        """Per replicated parameter, the sum of the given heads' changes since their last merge."""
+    def replica_deltas(self, heads: Sequence[int] | None = None,
+                       targets: Collection[str] | None = None) -> dict[str, torch.Tensor]:
+        """Per replicated parameter (of `targets`, or all), the sum of the given heads' changes since
+        their last merge."""
         idx = self.local_indices(heads)
         out = {}
-        for name in self.replicated:
+        for name in self._replicated_in(targets):
             rep = self.replicas[_key(name)]
             base = (self.replica_sent if self.delayed else self.replica_base)[_key(name)]
             total = torch.zeros_like(rep[0])
@@ -372,10 +410,11 @@ class LTEModel(nn.Module):
     def apply_merge(self, weight_deltas: dict[str, torch.Tensor], replica_deltas: dict[str, torch.Tensor]) -> None:
         """W += (s/N) * sum of head deltas; shared non-linear params += (1/N) * sum of replica deltas.
 
-        The inputs are sums over every head that takes part in the merge (local or remote)."""
+        The inputs are sums over every head that takes part in the merge (local or remote), for the
+        layers and parameters the merge covers (all of them, or one fragment's: `lte.fragments`)."""
         self._merge_into(self._shared_tensors(), weight_deltas, replica_deltas)
-        for _, layer in self.layers():
-            layer.weight_store.requantize()
+        for name in self._layers_in(weight_deltas):
+            self.layer(name).weight_store.requantize()
 
     def _merge_into(self, state: dict[str, torch.Tensor], weight_deltas: dict[str, torch.Tensor],
                     replica_deltas: dict[str, torch.Tensor]) -> None:
@@ -386,8 +425,11 @@ class LTEModel(nn.Module):
         float32 delta rounds twice, and the same values must give the same bits however they came."""
         spec = self.spec
         coef = merge_scale(spec.scale, spec.n_heads)
-        steps = [(f"{name}.weight", weight_deltas[name], coef) for name in self.layer_names]
-        steps += [(name, replica_deltas[name], 1.0 / spec.n_heads) for name in self.replicated]
+        unknown = (set(weight_deltas) - set(self.layer_names)) | (set(replica_deltas) - set(self.replicated))
+        if unknown:
+            raise ValueError(f"deltas for {sorted(unknown)[:3]}, which the model does not merge")
+        steps = [(f"{name}.weight", weight_deltas[name], coef) for name in self._layers_in(weight_deltas)]
+        steps += [(name, replica_deltas[name], 1.0 / spec.n_heads) for name in self._replicated_in(replica_deltas)]
         for key, delta, weight in steps:
             w = state[key]
             if tuple(delta.shape) != tuple(w.shape):
@@ -403,12 +445,13 @@ class LTEModel(nn.Module):
 
     @torch.no_grad()
     @_exclusive
-    def mark_merged(self, heads: Sequence[int] | None = None) -> None:
-        """Record that these heads' changes are in W: reset B (reset) or move the baseline (reset-less).
+    def mark_merged(self, heads: Sequence[int] | None = None, targets: Collection[str] | None = None) -> None:
+        """Record that these heads' changes (to `targets`, or all) are in W: reset B (reset) or move the
+        baseline (reset-less).
 
         A and the optimizer state are kept either way. Replicas restart from the shared values."""
         idx = self.local_indices(heads)
-        for name in self.layer_names:
+        for name in self._layers_in(targets):
             f = self.factors[_key(name)]
             for i in idx:
                 if f.A0 is None:
@@ -417,21 +460,22 @@ class LTEModel(nn.Module):
                     f.A0[i].copy_(f.A[i])
                     f.B0[i].copy_(f.B[i])
         params = dict(self.model.named_parameters())
-        for name in self.replicated:
+        for name in self._replicated_in(targets):
             for i in idx:
                 self.replicas[_key(name)][i].copy_(params[name])
                 self.replica_base[_key(name)][i].copy_(params[name])
 
     @torch.no_grad()
     @_exclusive
-    def settle_delayed(self, merged: bool, heads: Sequence[int] | None = None) -> None:
+    def settle_delayed(self, merged: bool, heads: Sequence[int] | None = None,
+                       targets: Collection[str] | None = None) -> None:
         """With merges one round late, after the previous round's merge was applied to W (or not):
         a head whose last contribution is in W now has it as its baseline (its forward gets it from
         W, averaged with the others'); one whose contribution was left out measures its next one
         from its last merge again, so that it carries the left-out work. Replicas restart from the
-        shared values plus the work not in them."""
+        shared values plus the work not in them. Only `targets` (all for None): what the merge covered."""
         idx = self.local_indices(heads)
-        for name in self.layer_names:
+        for name in self._layers_in(targets):
             f = self.factors[_key(name)]
             for i in idx:
                 if merged:
@@ -441,7 +485,7 @@ class LTEModel(nn.Module):
                     f.As[i].copy_(f.A0[i])
                     f.Bs[i].copy_(f.B0[i])
         params = dict(self.model.named_parameters())
-        for name in self.replicated:
+        for name in self._replicated_in(targets):
             rep, base, sent = (d[_key(name)] for d in (self.replicas, self.replica_base, self.replica_sent))
             for i in idx:
                 rep[i].sub_((sent if merged else base)[i]).add_(params[name])
@@ -449,15 +493,16 @@ class LTEModel(nn.Module):
                 sent[i].copy_(params[name])
 
     @torch.no_grad()
-    def mark_sent(self, heads: Sequence[int] | None = None) -> None:
-        """These heads' change so far went out as a contribution: the next one starts from here."""
+    def mark_sent(self, heads: Sequence[int] | None = None, targets: Collection[str] | None = None) -> None:
+        """These heads' change so far (to `targets`, or all) went out as a contribution: the next one
+        starts from here."""
         idx = self.local_indices(heads)
-        for name in self.layer_names:
+        for name in self._layers_in(targets):
             f = self.factors[_key(name)]
             for i in idx:
                 f.As[i].copy_(f.A[i])
                 f.Bs[i].copy_(f.B[i])
-        for name in self.replicated:
+        for name in self._replicated_in(targets):
             for i in idx:
                 self.replica_sent[_key(name)][i].copy_(self.replicas[_key(name)][i])
 
@@ -469,10 +514,10 @@ class LTEModel(nn.Module):
         self._merge_into(state, weight_deltas, replica_deltas)
         return _digest(state)
 
-    def merge(self, heads: Sequence[int] | None = None) -> None:
-        """One-process merge of the given local heads (all by default)."""
-        self.apply_merge(self.weight_deltas(heads), self.replica_deltas(heads))
-        self.mark_merged(heads)
+    def merge(self, heads: Sequence[int] | None = None, targets: Collection[str] | None = None) -> None:
+        """One-process merge of the given local heads (all by default), of `targets` (all by default)."""
+        self.apply_merge(self.weight_deltas(heads, targets), self.replica_deltas(heads, targets))
+        self.mark_merged(heads, targets)
 
     # ---- state ---------------------------------------------------------------------------
     @_exclusive

@@ -82,8 +82,10 @@ def factor_numbers(k: int, rank: int, m: int, n: int, with_baseline: bool) -> in
 
 
 def encode_contribution(model: LTEModel, heads: list[int], form: Literal["auto", "factors", "dense"] = "auto",
-                        dtype: WireDtype = "fp32") -> tuple[bytes, dict[str, int]]:
-    """Serialize the unmerged change of `heads` (run head ids held by `model`), its numbers in `dtype`.
+                        dtype: WireDtype = "fp32", targets: frozenset[str] | None = None
+                        ) -> tuple[bytes, dict[str, int]]:
+    """Serialize the unmerged change of `heads` (run head ids held by `model`) to `targets` (the
+    layers and replicated parameters the round merges; all for None), its numbers in `dtype`.
 
     `form` picks the cheaper form per layer (auto) or forces one (for measurements). Returns the
     blob and counts of layers sent as factors and as dense deltas."""
@@ -93,6 +95,8 @@ def encode_contribution(model: LTEModel, heads: list[int], form: Literal["auto",
     tensors: dict[str, torch.Tensor] = {}
     counts = {"factor_layers": 0, "dense_layers": 0}
     for name, layer in model.layers():
+        if targets is not None and name not in targets:
+            continue
         f = model.factors[name.replace(".", ":")]
         a0, b0 = model.contribution_base(name)
         m, n = layer.out_features, layer.in_features
@@ -107,7 +111,7 @@ def encode_contribution(model: LTEModel, heads: list[int], form: Literal["auto",
         else:
             tensors[f"w/{name}/D"] = delta_sum(*_as_double(f.A, f.B, a0, b0), idx).to(wire).contiguous()
             counts["dense_layers"] += 1
-    for name, total in model.replica_deltas(heads).items():
+    for name, total in model.replica_deltas(heads, targets).items():
         tensors[f"r/{name}"] = total.to(wire).contiguous()
     if dtype == "int8":
         tensors = quantize(tensors, "int8")
@@ -308,9 +312,16 @@ def reduce_contributions(model: LTEModel, contributions: list[Contribution], rob
 
 
 def apply_reduced(model: LTEModel, totals: dict[str, torch.Tensor]) -> None:
-    """W += (s/N) * totals, shared non-linear parameters += (1/N) * totals (see `reduce_contributions`)."""
-    model.apply_merge({name: totals[name] for name in model.layer_names},
-                      {name: totals[name] for name in model.replicated})
+    """W += (s/N) * totals, shared non-linear parameters += (1/N) * totals (see `reduce_contributions`),
+    for the layers and parameters the totals cover."""
+    model.apply_merge(*split_totals(model, totals))
+
+
+def split_totals(model: LTEModel, totals: dict[str, torch.Tensor]
+                 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """A merge's totals as (layer deltas, replica deltas), what `LTEModel.apply_merge` takes."""
+    return ({name: totals[name] for name in model.layer_names if name in totals},
+            {name: totals[name] for name in model.replicated if name in totals})
 
 
 def merge_contributions(model: LTEModel, contributions: list[Contribution], robust_clip: float = 0.0,
@@ -321,25 +332,28 @@ def merge_contributions(model: LTEModel, contributions: list[Contribution], robu
 
 
 def merged_totals(model: LTEModel, contributions: list[Contribution], robust_clip: float = 0.0,
-                  reduced: ReducedDtype = "fp32") -> dict[str, torch.Tensor]:
-    """The float32 values a merge of `contributions` adds, rounded as a reduced part travels."""
-    totals = reduce_contributions(model, contributions, robust_clip)
+                  reduced: ReducedDtype = "fp32", part: frozenset[str] | None = None) -> dict[str, torch.Tensor]:
+    """The float32 values a merge of `contributions` (to `part`, or all) adds, rounded as a reduced
+    part travels."""
+    totals = reduce_contributions(model, contributions, robust_clip, part)
     return dequantized(reduced_tensors(totals, reduced), reduced, shapes_of(totals))
 
 
 def reduce_in_process(model: LTEModel, dtype: WireDtype = "fp32", reduced: ReducedDtype = "fp32",
                       robust_clip: float = 0.0, max_update: float = float("inf"),
-                      max_relative_update: float = float("inf"), reach: Mapping[str, float] | None = None
-                      ) -> dict[str, torch.Tensor]:
+                      max_relative_update: float = float("inf"), reach: Mapping[str, float] | None = None,
+                      targets: frozenset[str] | None = None) -> dict[str, torch.Tensor]:
     """The merge of every head `model` holds, as the swarm computes it: each head's change encoded
     as it travels (one contribution per head), decoded, checked against the run's bounds, reduced
     and rounded as a reduced part; the float32 values to add (`apply_reduced`). The one-process
     simulation merges this way, so that it models the precision on the wire exactly; a head the
-    bounds refuse raises the ContributionError the swarm would reject it with."""
-    contributions = [decode_contribution(encode_contribution(model, [h], dtype=dtype)[0], f"{h:08d}", model,
-                                         max_update, max_relative_update, dtype=dtype, reach=reach)
+    bounds refuse raises the ContributionError the swarm would reject it with. Only `targets` (all
+    for None): what the round merges."""
+    contributions = [decode_contribution(encode_contribution(model, [h], dtype=dtype, targets=targets)[0],
+                                         f"{h:08d}", model, max_update, max_relative_update, part=targets,
+                                         dtype=dtype, reach=reach)
                      for h in model.head_ids]
-    return merged_totals(model, contributions, robust_clip, reduced)
+    return merged_totals(model, contributions, robust_clip, reduced, targets)
 
 
 # ---- the owner-reduced merge: W cut into parts, each part reduced by two of the round's members ----
@@ -363,6 +377,24 @@ def plan_parts(model: LTEModel, n_parts: int) -> list[frozenset[str]]:
         parts[i].append(name)
         loads[i] += sizes[name]
     return [frozenset(p) for p in parts]
+
+
+def round_parts(n_parts: int, fragments: int, round_: int, rounds_total: int | None) -> list[int]:
+    """The parts (indices into `plan_parts`) merge round `round_` (from 0) covers: with W merged in
+    `fragments` fragments (`lte.fragments`), fragment round mod k, that is parts f, f + k, f + 2k...,
+    so that each part is merged every k rounds and a round moves about 1/k of the bytes; all parts
+    with one fragment, and in the run's last round, which leaves no work unmerged."""
+    k = min(fragments, n_parts)  # a model with few targets may be cut into fewer parts than asked
+    if k <= 1 or (rounds_total is not None and round_ >= rounds_total - 1):
+        return list(range(n_parts))
+    return [i for i in range(n_parts) if i % k == round_ % k]
+
+
+def targets_of(parts: list[frozenset[str]], indices: list[int]) -> frozenset[str] | None:
+    """The layers and parameters of the parts at `indices` (None: all of them)."""
+    if len(indices) == len(parts):
+        return None
+    return frozenset().union(*(parts[i] for i in indices))
 
 
 def _target(key: str) -> str:

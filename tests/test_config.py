@@ -115,3 +115,5 @@ def test_set_overrides_read_yaml_values_and_reject_malformed_ones():
         parse_overrides(["swarm.overlap"])
     with pytest.raises(ConfigError, match="reset_less"):
         load_config(ROOT / "configs" / "digits-vit-tiny.yaml").with_overrides({"swarm.overlap": True, "lte.variant": "reset"})
+    with pytest.raises(ConfigError, match="swarm.eager .* needs swarm.overlap"):
+        load_config(ROOT / "configs" / "digits-vit-tiny.yaml").with_overrides({"swarm.eager": True})

@@ -216,3 +216,66 @@ def test_reset_variant_forward_is_W_x_plus_b_plus_s_B_A_x(vectorised):
             if key == "0":
                 h = F.gelu(h)
         torch.testing.assert_close(out[i], h, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("vectorised", [False, True])
+def test_an_eager_head_runs_on_its_sent_change_at_the_weight_its_merge_gives_it(vectorised):
+    """Merges a round late, eager: while its contribution is in flight, head i runs on
+    W + s (B A - Bs As) + w s (Bs As - B0 A0) with its replicas at base + w (sent - base) +
+    (rep - sent), w being the share of the head's change that the merge adds to W (with Nesterov,
+    outer_lr (1 + mu) / N); once the merge lands it runs on the plain view again."""
+    n = 3
+    spec = LTESpec(n_heads=n, rank=2, alpha=8.0, nonlinear="replicate", outer="nesterov", outer_lr=0.7,
+                   outer_momentum=0.9, vectorised=vectorised)
+    model = LTEModel(tiny_mlp(), spec, list(range(n)))
+    model.delayed = model.eager = True
+    w = spec.own_weight
+
+    # w is what a merge gives one head's change (momentum still zero)
+    fresh = LTEModel(tiny_mlp(), spec, list(range(n)))
+    randomize_heads(fresh, seed=9)
+    before = dict(fresh.shared_state())
+    before = {k: v.clone() for k, v in before.items()}
+    deltas, replicas = fresh.weight_deltas([1]), fresh.replica_deltas([1])
+    fresh.apply_merge(deltas, replicas)
+    for name, delta in deltas.items():
+        torch.testing.assert_close(fresh.shared_state()[f"{name}.weight"] - before[f"{name}.weight"],
+                                   spec.scale * w * delta, rtol=0, atol=1e-12)
+    torch.testing.assert_close(fresh.shared_state()["0.bias"] - before["0.bias"], w * replicas["0.bias"],
+                               rtol=0, atol=1e-12)
+
+    # a round trained, sent, merged a round late; the next one sent and in flight, training on
+    randomize_heads(model, seed=1)
+    first = model.weight_deltas(), model.replica_deltas()
+    model.mark_sent()
+    randomize_heads(model, seed=2)
+    model.apply_merge(*first)
+    model.settle_delayed(merged=True)
+    second = model.weight_deltas(), model.replica_deltas()
+    model.mark_sent()
+    randomize_heads(model, seed=3)
+
+    x = torch.randn(n, 4, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    state = model.shared_state()
+    out = model(x)
+    for i in range(n):
+        h = x[i]
+        for key in ("0", "2"):
+            f = {k: getattr(model.factors[key], k)[i].detach() for k in ("A", "B", "A0", "B0", "As", "Bs")}
+            weight = (state[f"{key}.weight"] + spec.scale * (f["B"] @ f["A"] - f["Bs"] @ f["As"])
+                      + w * spec.scale * (f["Bs"] @ f["As"] - f["B0"] @ f["A0"]))
+            base, sent = model.replica_base[f"{key}:bias"][i], model.replica_sent[f"{key}:bias"][i]
+            bias = base + w * (sent - base) + (model.replicas[f"{key}:bias"][i] - sent)
+            assert (sent - base).abs().max() > 1e-3 and (f["Bs"] - f["B0"]).abs().max() > 1e-3
+            h = h @ weight.T + bias.detach()
+            if key == "0":
+                h = F.gelu(h)
+        torch.testing.assert_close(out[i], h, rtol=0, atol=1e-12)
+    model.eager = False
+    assert (model(x) - out).abs().max() > 1e-3  # the plain delayed view differs while a merge is in flight
+
+    model.apply_merge(*second)
+    model.settle_delayed(merged=True)
+    plain = model(x)
+    model.eager = True
+    torch.testing.assert_close(model(x), plain, rtol=0, atol=1e-12)

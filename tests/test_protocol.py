@@ -448,10 +448,12 @@ def test_an_open_round_asks_whether_it_closed_at_most_every_second(tmp_path):
         assert [r["new_round"] for r in node.events.of("round")] == [1, 2, 3, 4]
 
 
-def test_with_overlap_peers_train_through_rounds_and_still_match_the_simulation(tmp_path):
+@pytest.mark.parametrize("eager", [False, True])
+def test_with_overlap_peers_train_through_rounds_and_still_match_the_simulation(tmp_path, eager):
     """swarm.overlap: each round's merge lands while the peers train the next T steps and applies
-    at their end, as the simulation models it; the delay really changes the result."""
-    cfg = tiny_config(heads=3, merge_every=2, rounds=5, min_heads=3, overlap=True)
+    at their end, as the simulation models it (with its eager correction too); the delay really
+    changes the result."""
+    cfg = tiny_config(heads=3, merge_every=2, rounds=5, min_heads=3, overlap=True, eager=eager)
     swarm = run_swarm(cfg, tmp_path, 3)
     assert all(n.state == "finished" for n in swarm.nodes.values())
     _agree(swarm)
@@ -464,7 +466,30 @@ def test_with_overlap_peers_train_through_rounds_and_still_match_the_simulation(
     # the merges applied a round late are the simulation's, bit for bit, and not the prompt ones
     got = swarm["coordinator"].role.model.state_digest()
     assert got == simulate(cfg).model.state_digest()
-    assert got != simulate(cfg.with_overrides({"swarm.overlap": False})).model.state_digest()
+    assert got != simulate(cfg.with_overrides({"swarm.overlap": False, "swarm.eager": False})).model.state_digest()
+    assert got != simulate(cfg.with_overrides({"swarm.eager": not eager})).model.state_digest()
+
+
+@pytest.mark.parametrize("part_owners,overlap", [(2, False), (1, True)])
+def test_fragments_are_merged_in_turn_and_the_swarm_still_matches_the_simulation(tmp_path, part_owners, overlap):
+    """lte.fragments: each round merges one fragment of W's parts (each part every k rounds, the
+    last round all of them), its contributions carry that fragment alone, and the owner-reduced
+    swarm (two owners per part, or one checked by the coordinator, with overlap and its eager
+    correction) still trains the simulation's model bit for bit."""
+    cfg = tiny_config(heads=3, merge_every=2, rounds=5, min_heads=3, part_owners=part_owners, overlap=overlap,
+                      eager=overlap).with_overrides({"lte.fragments": 3})
+    swarm = run_swarm(cfg, tmp_path, 3)
+    assert all(n.state == "finished" for n in swarm.nodes.values())
+    _agree(swarm)
+    for i in range(3):
+        rounds = swarm[f"p{i}"].events.of("round")
+        assert [r["new_round"] for r in rounds] == [1, 2, 3, 4, 5]
+        assert all(r["merged"] and len(r["members"]) == 3 and not r["resynced"] for r in rounds), rounds
+        sent = [e["nbytes"] for e in swarm[f"p{i}"].events.of("ready")]
+        assert len(sent) == 5 and max(sent[:4]) < 0.6 * sent[4], sent  # a fragment's bytes, then all of W's
+    got = swarm["coordinator"].role.model.state_digest()
+    assert got == simulate(cfg).model.state_digest()
+    assert got != simulate(cfg.with_overrides({"lte.fragments": 1})).model.state_digest()
 
 
 def test_a_peer_never_waits_for_the_dhts_answer_to_its_status_record(tmp_path):

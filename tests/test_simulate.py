@@ -46,17 +46,20 @@ def test_simulation_is_deterministic():
 
 
 @pytest.mark.parametrize("nonlinear", ["freeze", "replicate"])
-def test_a_merge_applied_one_round_late_loses_and_doubles_nothing(nonlinear):
+@pytest.mark.parametrize("schedule", [{"swarm.overlap": True}, {"lte.fragments": 2},
+                                      {"lte.fragments": 2, "swarm.overlap": True, "swarm.eager": True}])
+def test_a_merge_applied_late_or_in_fragments_loses_and_doubles_nothing(nonlinear, schedule):
     """With one head, a merge adds exactly what the head's forward already has, so applying it a
-    round late (swarm.overlap) must train the very same model (exact W storage): a lost or
-    doubled contribution, or a baseline moved to the wrong factors, would show."""
+    round late (swarm.overlap), eagerly or not, or merging W's parts in turn (lte.fragments) must
+    train the very same model (exact W storage): a lost or doubled contribution, or a baseline
+    moved to the wrong factors, would show."""
     from peers.simulate import simulate
     from tests.memswarm import tiny_config
 
     cfg = tiny_config(heads=1, merge_every=2, rounds=6).with_overrides(
         {"lte.nonlinear": nonlinear, "lte.storage": "fp32", "swarm.robust_clip": 0.0})
     prompt = simulate(cfg).model.shared_state()
-    late = simulate(cfg.with_overrides({"swarm.overlap": True})).model.shared_state()
+    late = simulate(cfg.with_overrides(schedule)).model.shared_state()
     initial = simulate(cfg.with_overrides({"train.samples": cfg.train.batch_size})).model.shared_state()
     for key in prompt:
         torch.testing.assert_close(late[key], prompt[key], rtol=1e-5, atol=1e-5, msg=key)

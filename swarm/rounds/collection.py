@@ -38,9 +38,10 @@ class Collection:
 
     def __init__(self, ctx: RoundContext, donors: Callable[[], dict[str, DonorRecord]]):
         self.ctx, self.donors = ctx, donors
-        # The current factors of our last contribution and of each of its parts (blob index: 0 the
-        # whole, i + 1 part i), the baseline of our next one; and those of every peer's last blob
-        # we received, by (peer, index): what compact blobs leave out (`wire.compact_part`).
+        # The current factors of our last contribution and of each of its parts (blob key: i + 1 for
+        # part i, `RoundScope.whole` for the whole), the baseline of our next one; and those of every
+        # peer's last blob we received, by (peer, key): what compact blobs leave out
+        # (`wire.compact_part`). With fragments a part's next turn is k rounds on: kept until then.
         self._sent_factors: dict[int, dict[str, torch.Tensor]] = {}
         self._bases: dict[tuple[str, int], tuple[int, str, dict[str, torch.Tensor]]] = {}
         # Pushed blobs are kept within a budget: every head's contribution, in the worst case.
@@ -52,17 +53,17 @@ class Collection:
         """Serve our contribution of round `mr.round` (whole, per part, and compact) and return
         the ready record that announces it: marked when its baseline is zero, and naming the
         digest list of what we will push when nobody can connect to us."""
-        ctx, r = self.ctx, mr.round
+        ctx, r, scope = self.ctx, mr.round, mr.scope
         ctx.serve(r, ctx.keys.contribution_blob(r, ctx.peer), contribution)
-        parts = split_contribution(contribution, ctx.parts) if ctx.cfg.merge == "reduce" else []
-        previous, self._sent_factors = self._sent_factors, {}
-        for index, blob in enumerate([contribution, *parts]):
-            part = None if index == 0 else index - 1
+        ours = list(scope.parts) if ctx.cfg.merge == "reduce" else []
+        parts = split_contribution(contribution, [ctx.parts[i] for i in ours])
+        for part, blob in [(None, contribution), *zip(ours, parts)]:
             if part is not None:
                 ctx.serve(r, ctx.keys.contribution_part_blob(r, ctx.peer, part), blob)
-            compact, self._sent_factors[index], base = compact_part(blob, previous.get(index))
+            key = scope.whole if part is None else part + 1
+            compact, self._sent_factors[key], base = compact_part(blob, self._sent_factors.get(key))
             ctx.serve(r, ctx.keys.contribution_compact_blob(r, ctx.peer, part), compact)
-            if index == 0 and base == "zero":  # nothing of its heads is in W: anyone can rebuild it
+            if part is None and base == "zero":  # nothing of its heads is in W: anyone can rebuild it
                 ready = ready.model_copy(update={"zero_baseline": True})
         if not ctx.reachable:  # what we will push, named in our signed record by its digest
             blobs = [contribution, *parts]
@@ -81,9 +82,9 @@ class Collection:
         targets: dict[str, list[bytes]] = {}
         if plan.reduces(ctx.cfg, mr.ready_set):
             servers = plan.servers(mr.ready_set)
-            for i in range(len(ctx.parts)):
-                for owner in plan.owners(i, servers, ctx.cfg.part_owners):
-                    targets.setdefault(mr.ready_set[owner].p2p, [listing]).append(mr.pushed[digests[i + 1]])
+            for slot, i in enumerate(mr.scope.parts):
+                for owner in plan.owners(i, servers, ctx.cfg.part_owners, mr.scope.among):
+                    targets.setdefault(mr.ready_set[owner].p2p, [listing]).append(mr.pushed[digests[slot + 1]])
             if ctx.cfg.coordinator_recomputes:
                 for address in self._coordinator_p2p(mr):
                     targets.setdefault(address, [listing]).append(mr.pushed[digests[0]])
@@ -107,7 +108,7 @@ class Collection:
     # ---- theirs ------------------------------------------------------------------------------
     def forget(self, r: int) -> None:
         """Drop the factors kept from peers whose last blob is rounds older than round r."""
-        for key in [k for k, held in self._bases.items() if held[0] < r - KEEP_CONTRIBUTIONS]:
+        for key in [k for k, held in self._bases.items() if held[0] < r - self.ctx.keep_bases]:
             del self._bases[key]
 
     def awaiting_pushes(self, mr: MergeRound) -> bool:
@@ -164,7 +165,7 @@ class Collection:
             log.warning("round %d: no contribution (part %s) from %s: %s", r, what, peer[:8], exc)
             return out
         checked = check_parts(parsed, peer, ctx.model, ctx.cfg.max_update, ctx.cfg.max_relative_update,
-                              [None if j is None else ctx.parts[j] for j in check], ctx.cfg.contribution_dtype,
+                              [mr.scope.targets if j is None else ctx.parts[j] for j in check], ctx.cfg.contribution_dtype,
                               reach=ctx.reach)
         for j, c in zip(check, checked):
             if not isinstance(c, ContributionError) and sorted(c.heads) != sorted(rec.heads):
@@ -188,16 +189,17 @@ class Collection:
             if len(blob) > bound:
                 raise ContributionError(f"it pushed {len(blob)} bytes, more than the limit {bound}")
             return parse_contribution(blob)
-        r, held = mr.round, self._bases.get((peer, index))
+        key = mr.scope.whole if index == 0 else index
+        r, held = mr.round, self._bases.get((peer, key))
         parsed = None
-        if rec.zero_baseline or (held is not None and held[0] >= r - KEEP_CONTRIBUTIONS):
+        if rec.zero_baseline or (held is not None and held[0] >= r - self.ctx.keep_bases):
             compact = self.ctx.keys.contribution_compact_blob(r, peer, None if index == 0 else index - 1)
             parsed = expand_parsed(parse_contribution(self._fetch_member(mr, rec, compact, bound)),
                                    None if held is None else held[1:], zero=rec.zero_baseline)
         if parsed is None:
             parsed = parse_contribution(self._fetch_member(mr, rec, name, bound))
         digest, factors = parsed_factors(parsed)
-        self._bases[(peer, index)] = (r, digest, factors)
+        self._bases[(peer, key)] = (r, digest, factors)
         return parsed
 
     def _fetch_member(self, mr: MergeRound, rec: ReadyRecord, name: str, bound: int) -> bytes:
@@ -227,7 +229,8 @@ class Collection:
         contribution, i + 1: part i; None: its digest list, which all of them got)."""
         servers = plan.servers(mr.ready_set)
         if index is not None and index > 0:
-            return [mr.ready_set[o].p2p for o in plan.owners(index - 1, servers, self.ctx.cfg.part_owners)]
+            return [mr.ready_set[o].p2p for o in plan.owners(index - 1, servers, self.ctx.cfg.part_owners,
+                                                              mr.scope.among)]
         return [mr.ready_set[s].p2p for s in servers] + self._coordinator_p2p(mr)
 
     def _needed_pushes(self, mr: MergeRound) -> list[int]:
@@ -238,7 +241,8 @@ class Collection:
         if ctx.is_authority and ctx.cfg.coordinator_recomputes:
             return [0]
         servers = plan.servers(mr.ready_set)
-        return [i + 1 for i in range(len(ctx.parts)) if ctx.peer in plan.owners(i, servers, ctx.cfg.part_owners)]
+        return [i + 1 for i in mr.scope.parts
+                if ctx.peer in plan.owners(i, servers, ctx.cfg.part_owners, mr.scope.among)]
 
     def _pushed_blob(self, mr: MergeRound, peer: str, index: int) -> bytes | None:
         """Blob `index` pushed by unreachable member `peer`, found by the digests its signed ready
@@ -247,7 +251,7 @@ class Collection:
         listing = self._by_digest(mr, mr.ready_set[peer].pushed, None, LISTING_BYTES)
         if listing is None:
             return None
-        expected = 1 + (len(ctx.parts) if ctx.cfg.merge == "reduce" else 0)
+        expected = 1 + (len(mr.scope.parts) if ctx.cfg.merge == "reduce" else 0)
         try:
             digests = json.loads(listing)
             if (not isinstance(digests, list) or len(digests) != expected
@@ -255,7 +259,8 @@ class Collection:
                 raise ValueError
         except ValueError:
             raise ContributionError("the list of blobs it pushed is malformed") from None
-        return self._by_digest(mr, digests[index], index, ctx.max_contribution_bytes)
+        slot = 0 if index == 0 else 1 + mr.scope.parts.index(index - 1)  # the list names the round's parts only
+        return self._by_digest(mr, digests[slot], index, ctx.max_contribution_bytes)
 
     def _by_digest(self, mr: MergeRound, digest: str, index: int | None, bound: int) -> bytes | None:
         """The blob hashing to `digest`: already held, pushed to us, or fetched from a peer it

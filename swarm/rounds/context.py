@@ -14,8 +14,8 @@ from swarm.config import SwarmConfig
 from swarm.identity import Identity
 from swarm.keys import RunKeys
 from swarm.lte_model import LTEModel
-from swarm.rounds.types import KEEP_CONTRIBUTIONS
-from swarm.wire import contribution_bound, part_bound, plan_parts, state_bound
+from swarm.rounds.types import KEEP_CONTRIBUTIONS, RoundScope
+from swarm.wire import contribution_bound, part_bound, plan_parts, round_parts, state_bound, targets_of
 
 
 @dataclass
@@ -35,6 +35,8 @@ class RoundContext:
     clock: Clock
     reachable: bool = True
     reach: dict[str, float] = field(default_factory=dict)  # LTEModel.update_reach: bounds a contribution's size
+    fragments: int = 1  # lte.fragments: W's parts merged in turn, one fragment a round
+    rounds_total: int | None = None  # the run's last round merges every part
     keep_alive: Callable[[], None] = lambda: None
     dht_reads: int = 0  # DHT keys read so far (RoundResult.dht_reads: in one round)
     _served: dict[int, list[str]] = field(default_factory=dict)  # round -> names of the blobs we serve for it
@@ -47,6 +49,14 @@ class RoundContext:
         self.max_contribution_bytes = contribution_bound(self.model)
         self.max_part_bytes = [part_bound(self.model, part) for part in self.parts]
         self.max_state_bytes = state_bound(self.model)
+        # Factors of a part are kept (ours and each member's) until that part's next turn, k rounds on.
+        self.keep_bases = KEEP_CONTRIBUTIONS * self.fragments
+
+    def scope(self, r: int) -> RoundScope:
+        """What merge round r merges: every part, or one fragment's (`swarm.wire.round_parts`)."""
+        parts = round_parts(len(self.parts), self.fragments, r, self.rounds_total)
+        whole = 0 if len(parts) == len(self.parts) else -1 - parts[0]
+        return RoundScope(tuple(parts), targets_of(self.parts, parts), whole)
 
     @property
     def is_authority(self) -> bool:

@@ -19,5 +19,5 @@ def gather(ctx: RoundContext, collection: Collection, mr: MergeRound) -> tuple[d
     found = [passed[None] for passed in collection.fetch(mr, [(None, p) for p in peers])]
     contributions = [c for c in found if c is not None]
     mr.rejected = [p for p, c in zip(peers, found) if c is None]
-    totals = merged_totals(ctx.model, contributions, ctx.cfg.robust_clip, ctx.cfg.reduced_dtype)
+    totals = merged_totals(ctx.model, contributions, ctx.cfg.robust_clip, ctx.cfg.reduced_dtype, mr.scope.targets)
     return totals, sorted(c.peer for c in contributions)

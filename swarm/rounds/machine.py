@@ -56,10 +56,10 @@ from swarm.rounds.context import RoundContext
 from swarm.rounds.gather import gather
 from swarm.rounds.reduction import Reduction
 from swarm.rounds.state_transfer import StateTransfer
-from swarm.rounds.types import MergeRound, RoundResult, RoundStep
+from swarm.rounds.types import MergeRound, RoundResult, RoundScope, RoundStep
 from swarm.schemas import HashRecord, ReadyRecord
 from swarm.transport import TransferError
-from swarm.wire import apply_reduced
+from swarm.wire import apply_reduced, split_totals
 
 log = logging.getLogger(__name__)
 
@@ -78,9 +78,10 @@ class MergeProtocol:
 
     def __init__(self, dht, server, keys: RunKeys, identity: Identity, cfg: SwarmConfig, model: LTEModel,
                  holders: Callable[..., dict[int, str]], clock: Clock | None = None, round_: int = 0,
-                 rounds_total: int | None = None, reachable: bool = True, reach: dict[str, float] | None = None):
+                 rounds_total: int | None = None, reachable: bool = True, reach: dict[str, float] | None = None,
+                 fragments: int = 1):
         self.ctx = ctx = RoundContext(dht, server, keys, identity, cfg, model, holders, clock or Clock(), reachable,
-                                      reach or {})
+                                      reach or {}, fragments, rounds_total)
         self.cfg, self.model, self.peer, self.authority = cfg, model, ctx.peer, ctx.authority
         self.parts, self.max_contribution_bytes = ctx.parts, ctx.max_contribution_bytes
         self.agreement = Agreement(ctx, rounds_total)
@@ -131,6 +132,10 @@ class MergeProtocol:
     def sync(self, min_round: int = 0) -> bool:
         return self.state.sync(min_round)
 
+    def scope(self, r: int) -> RoundScope:
+        """What merge round r merges (all of W, or one fragment's parts)."""
+        return self.ctx.scope(r)
+
     def incumbents(self) -> dict[int, str]:
         return self.agreement.incumbents(self.state.round)
 
@@ -143,7 +148,7 @@ class MergeProtocol:
         follower when `contribution` is None."""
         ctx, r, start = self.ctx, self.state.round, self.clock.monotonic()
         mr = MergeRound(round=r, contribution=contribution, ready=ready, started=start,
-                        deadline=start + self.cfg.round_timeout, reads_before=ctx.dht_reads)
+                        deadline=start + self.cfg.round_timeout, scope=ctx.scope(r), reads_before=ctx.dht_reads)
         trusted = self.agreement.trusted_state()
         if trusted is not None and trusted[0] > r:
             log.warning("the swarm is at round %d, we are at %d: syncing instead of merging alone", trusted[0], r)
@@ -263,8 +268,7 @@ class MergeProtocol:
         the W it will then hold."""
         if self.cfg.overlap and mr.contribution is not None:
             mr.totals = totals
-            mr.digest = self.model.digest_after({n: totals[n] for n in self.model.layer_names},
-                                                {n: totals[n] for n in self.model.replicated})
+            mr.digest = self.model.digest_after(*split_totals(self.model, totals))
         else:
             with self.state.changing():
                 apply_reduced(self.model, totals)

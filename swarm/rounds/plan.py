@@ -20,17 +20,20 @@ def reduces(cfg: SwarmConfig, ready_set: dict[str, ReadyRecord]) -> bool:
     return cfg.merge == "reduce" and len(ready_set) >= MIN_REDUCE_MEMBERS and len(servers(ready_set)) >= 2
 
 
-def owners(part: int, members: list[str], count: int = 2) -> tuple[str, ...]:
+def owners(part: int, members: list[str], count: int = 2, among: tuple[int, ...] | None = None) -> tuple[str, ...]:
     """The `count` members that reduce `part`: consecutive in fingerprint order, so every member
     owns about count/P of the parts. Two owners check each other; one owner is checked by the
     coordinator's recomputation (`swarm.part_owners`). Only members that accept connections own
-    parts (`servers`)."""
+    parts (`servers`). A round that merges only some parts (`among`, one fragment's) spreads
+    those over all the members, not over the few that would own them in a round of every part."""
     n = len(members)
-    return tuple(dict.fromkeys(members[(part + k) % n] for k in range(count)))
+    slot = part if among is None or len(among) == 0 else among.index(part) * n // len(among)
+    return tuple(dict.fromkeys(members[(slot + k) % n] for k in range(count)))
 
 
-def vouchers(cfg: SwarmConfig, part: int, servers_: list[str], authority: str) -> set[str]:
+def vouchers(cfg: SwarmConfig, part: int, servers_: list[str], authority: str,
+             among: tuple[int, ...] | None = None) -> set[str]:
     """Who reduces and serves a part: its two owners, whose equal digests make it trusted; or
     its one owner and the coordinator, which recomputes every part and whose digest alone
     makes it trusted (the owner serves it under that digest if its sum agreed)."""
-    return set(owners(part, servers_, cfg.part_owners)) | ({authority} if cfg.part_owners == 1 else set())
+    return set(owners(part, servers_, cfg.part_owners, among)) | ({authority} if cfg.part_owners == 1 else set())

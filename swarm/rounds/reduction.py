@@ -46,23 +46,24 @@ class Reduction:
     def __init__(self, ctx: RoundContext, collection: Collection):
         self.ctx, self.collection = ctx, collection
 
-    def _owners(self, part: int, servers: list[str]) -> tuple[str, ...]:
-        return plan.owners(part, servers, self.ctx.cfg.part_owners)
+    def _owners(self, part: int, work: ReduceWork) -> tuple[str, ...]:
+        return plan.owners(part, work.servers, self.ctx.cfg.part_owners, work.among)
 
-    def _vouchers(self, part: int, servers: list[str]) -> set[str]:
-        return plan.vouchers(self.ctx.cfg, part, servers, self.ctx.authority)
+    def _vouchers(self, part: int, work: ReduceWork) -> set[str]:
+        return plan.vouchers(self.ctx.cfg, part, work.servers, self.ctx.authority, work.among)
 
     def start(self, mr: MergeRound) -> ReduceWork:
         """Reduce the parts we own: fetch our parts of every contribution, validate, sum, serve the
         result and publish its digest. Then every part is collected (`collect`)."""
         ctx = self.ctx
-        work = ReduceWork(members=sorted(mr.ready_set), servers=plan.servers(mr.ready_set))
+        work = ReduceWork(members=sorted(mr.ready_set), servers=plan.servers(mr.ready_set), parts=mr.scope.parts,
+                          among=mr.scope.among)
         if ctx.is_authority and ctx.cfg.coordinator_recomputes:
             # The authority trusts no owner: it reduces every part from the raw contributions, and
             # its digest is the one a peer fooled by two colluding owners re-syncs to.
-            self.fetch_parts(mr, work, list(range(len(ctx.parts))))
+            self.fetch_parts(mr, work, list(work.parts))
         else:
-            mine = [i for i in range(len(ctx.parts)) if ctx.peer in self._owners(i, work.servers)]
+            mine = [i for i in work.parts if ctx.peer in self._owners(i, work)]
             self.fetch_parts(mr, work, mine)
             for i in mine:
                 self.reduce_part(mr, work, i, sorted(work.accepted[i]), publish=True)
@@ -75,7 +76,7 @@ class Reduction:
         most of the parts (the coordinator, a fallback) whole contributions are fetched instead:
         one request per member, not one per part."""
         ctx = self.ctx
-        whole = 2 * len(parts) > len(ctx.parts)
+        whole = 2 * len(parts) > len(work.parts)
         # Every peer starts with a different member (the one after itself): were they all to ask the
         # same members first, those members' uplinks would serve the whole swarm while others idle.
         start = (work.members.index(ctx.peer) + 1) if ctx.peer in work.members else ctx.spread(len(work.members))
@@ -140,21 +141,21 @@ class Reduction:
             if record.round != r:
                 continue
             for part, members, digest in record.reduced():
-                if (not 0 <= part < len(ctx.parts) or writer not in self._vouchers(part, work.servers)
+                if (part not in work.parts or writer not in self._vouchers(part, work)
                         or not set(members) <= set(work.members)):
                     continue
                 said.setdefault((part, members, digest), {})[writer] = record.p2p
                 work.first_seen.setdefault(part, ctx.clock.monotonic())
-                if not set(self._owners(part, work.servers)) <= set(members):
+                if not set(self._owners(part, work)) <= set(members):
                     work.orphaned.add(part)  # an owner says the other one's own contribution failed
         for (i, members), (digest, _) in work.computed.items():
             said.setdefault((i, members, digest), {})[ctx.peer] = ctx.p2p
         agreed: Agreed = {}
         for (i, members, digest), writers in said.items():
-            if (ctx.authority in writers) if single else self._vouchers(i, work.servers) <= set(writers):
+            if (ctx.authority in writers) if single else self._vouchers(i, work) <= set(writers):
                 sources = dict(writers)
                 if single:
-                    sources.update({o: mr.ready_set[o].p2p for o in self._owners(i, work.servers) if o not in sources})
+                    sources.update({o: mr.ready_set[o].p2p for o in self._owners(i, work) if o not in sources})
                 addresses = [a for w, a in sorted(sources.items()) if w != ctx.peer]
                 agreed.setdefault(i, {})[members] = (digest, addresses)
         return agreed
@@ -166,7 +167,6 @@ class Reduction:
         silent, dead or disagree past the deadline are fetched raw and reduced here. None while
         parts are still to come."""
         ctx, work = self.ctx, mr.work
-        n = len(ctx.parts)
         agreed = self.agreed_parts(mr, work)
         for i, versions in agreed.items():
             if i not in work.accepted:  # the versions are nested: the widest is what the part accepted
@@ -187,7 +187,7 @@ class Reduction:
         likely = tuple(sorted(set(work.members).intersection(*work.accepted.values())))
         if work.final is None:
             self.download_parts(mr, work, likely, agreed)
-        unknown = [i for i in range(n) if i not in work.accepted]
+        unknown = [i for i in work.parts if i not in work.accepted]
         if unknown:
             if not all(overdue(i) for i in unknown):
                 return None
@@ -197,16 +197,16 @@ class Reduction:
             mr.mark("final", ctx.clock.monotonic())
         final = tuple(work.final)
         self.download_parts(mr, work, final, agreed)
-        for i in range(n):
+        for i in work.parts:
             if i in work.reduced:
                 continue
             if i in work.held and set(final) <= set(work.held[i]):
                 work.reduced[i] = self.reduce_part(mr, work, i, list(final),
-                                                   publish=ctx.peer in self._vouchers(i, work.servers))
+                                                   publish=ctx.peer in self._vouchers(i, work))
             elif (i, final) in work.fetched:
                 work.reduced[i] = work.fetched.pop((i, final))
         self.publish_parts(mr, work)
-        missing = [i for i in range(n) if i not in work.reduced]
+        missing = [i for i in work.parts if i not in work.reduced]
         if missing:
             if not all(overdue(i) for i in missing):
                 return None
@@ -219,7 +219,7 @@ class Reduction:
             for i in missing:
                 work.reduced[i] = self.reduce_part(mr, work, i, list(final), publish=False)
         work.fetched.clear()
-        totals = {name: t.double() for i in range(n) for name, t in work.reduced[i].items()}
+        totals = {name: t.double() for i in work.parts for name, t in work.reduced[i].items()}
         return Reduced(totals, list(final))
 
     def download_parts(self, mr: MergeRound, work: ReduceWork, members: tuple[str, ...], agreed: Agreed) -> None:
@@ -228,11 +228,11 @@ class Reduction:
         a different part, so that the owners' uplinks share the load; and of a part's sources
         (its two owners, or its owner and the coordinator) consecutive members ask different ones
         first, so that each source serves its part to about as many readers as the other."""
-        ctx = self.ctx
-        n = len(ctx.parts)
+        ctx, parts = self.ctx, list(work.parts)
+        n = len(parts)
         me = work.members.index(ctx.peer) if ctx.peer in work.members else ctx.spread(len(work.members))
         start = me * n // len(work.members) if ctx.peer in work.members else ctx.spread(n)
-        todo = [i for i in (list(range(start, n)) + list(range(start))) if i not in work.reduced
+        todo = [i for i in parts[start:] + parts[:start] if i not in work.reduced
                 and (i, members) not in work.fetched and members in agreed.get(i, {})
                 and not (i in work.held and set(members) <= set(work.held[i]))]
         if not todo:
@@ -273,5 +273,5 @@ class Reduction:
         work.raw.update(parts)
         if todo:
             log.warning("round %d: %d of %d parts not reduced by their owners in time; fetching them raw",
-                        mr.round, len(todo), len(self.ctx.parts))
+                        mr.round, len(todo), len(work.parts))
             self.fetch_parts(mr, work, todo)

@@ -46,6 +46,23 @@ class RoundResult:
     dht_reads: int = 0             # DHT keys read while in the round (each from `swarm.read_replicas` nodes)
 
 
+@dataclass(frozen=True)
+class RoundScope:
+    """What one merge round merges (`lte.fragments`): the parts it covers (indices into the
+    context's `parts`), their layers and parameters (None: all), and the key under which the
+    factors of a whole contribution of such a round are kept (the baseline of the next whole
+    contribution that covers the same targets, which is then sent compact)."""
+
+    parts: tuple[int, ...]
+    targets: frozenset[str] | None
+    whole: int
+
+    @property
+    def among(self) -> tuple[int, ...] | None:
+        """The round's parts when it merges only some (what `plan.owners` spreads), else None."""
+        return None if self.targets is None else self.parts
+
+
 @dataclass
 class MergeRound:
     """One peer's progress through merge round `round`; advanced by `MergeProtocol.poll`."""
@@ -55,6 +72,7 @@ class MergeRound:
     ready: ReadyRecord | None
     started: float                 # monotonic
     deadline: float                # monotonic: bound on the current step
+    scope: RoundScope              # what the round merges
     step: RoundStep = RoundStep.OPEN
     wait: float = 0.0              # seconds until the next poll is useful
     idle_polls: int = 0            # polls in a row that found nothing new: the next waits longer
@@ -92,6 +110,8 @@ class ReduceWork:
 
     members: list[str]                                                    # the round's contributors
     servers: list[str]                                                    # those that accept connections
+    parts: tuple[int, ...]                                                # the parts the round merges
+    among: tuple[int, ...] | None                                         # ... when not all (`plan.owners`)
     held: dict[int, dict[str, Contribution]] = field(default_factory=dict)  # part -> validated contributions
     accepted: dict[int, set[str]] = field(default_factory=dict)          # part -> contributors that passed
     reduced: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)  # part -> values over the final set
