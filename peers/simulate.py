@@ -15,7 +15,8 @@ from peers.training import HeadTrainer, evaluate, stack_batches
 from swarm.config import RunConfig
 from swarm.lte_model import LTEModel
 from swarm.errors import ConfigError
-from swarm.wire import ContributionError, apply_reduced, plan_parts, reduce_in_process, round_parts, targets_of
+from swarm.wire import (ContributionError, apply_reduced, dither_seed, plan_parts, reduce_in_process, round_parts,
+                        targets_of)
 
 Mode = Literal["lte", "full", "lora"]
 
@@ -130,7 +131,8 @@ def _merge(lte: LTEModel, cfg: RunConfig, pending: Pending | None, last: bool, r
     def reduce() -> dict[str, torch.Tensor]:
         try:
             return reduce_in_process(lte, sw.contribution_dtype, sw.reduced_dtype, sw.robust_clip, sw.max_update,
-                                     sw.max_relative_update, reach, targets)
+                                     sw.max_relative_update, reach, targets,
+                                     dither_seed(sw.reduced_rounding, round_ - 1))  # round_ counts from 1
         except ContributionError as exc:
             raise ConfigError(f"round {round_}: the swarm would refuse an honest head's contribution ({exc}); raise "
                               "swarm.max_update or swarm.max_relative_update, or lower the learning rates") from None

@@ -192,6 +192,10 @@ class SwarmConfig(_Strict):
         "fp32", description="numbers of a merged total on the wire (a reduced part): bf16 halves, blockwise 8-bit "
                             "(one float32 scale per 256 values) quarters its bytes, blockwise 4-bit (one scale per 64) "
                             "takes 0.14 of them. Every peer, and the simulation, adds the same rounded values")
+    reduced_rounding: Literal["nearest", "stochastic"] = Field(
+        "nearest", description="how int8 and int4 reduced parts round: to the nearest code, or stochastically (up with "
+                               "the probability of the fraction, from a seed every peer shares): unbiased, so that "
+                               "changes under half a step still reach W on average")
     coordinator_recomputes: bool = Field(
         True, description="in the reduced merge the coordinator reduces every part itself from the raw contributions, "
                           "so that no two colluding owners can change the agreed W (it then downloads every contribution)")

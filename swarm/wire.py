@@ -332,17 +332,18 @@ def merge_contributions(model: LTEModel, contributions: list[Contribution], robu
 
 
 def merged_totals(model: LTEModel, contributions: list[Contribution], robust_clip: float = 0.0,
-                  reduced: ReducedDtype = "fp32", part: frozenset[str] | None = None) -> dict[str, torch.Tensor]:
+                  reduced: ReducedDtype = "fp32", part: frozenset[str] | None = None, dither: int | None = None
+                  ) -> dict[str, torch.Tensor]:
     """The float32 values a merge of `contributions` (to `part`, or all) adds, rounded as a reduced
-    part travels."""
+    part travels (stochastically with a `dither` seed: see `quantize`)."""
     totals = reduce_contributions(model, contributions, robust_clip, part)
-    return dequantized(reduced_tensors(totals, reduced), reduced, shapes_of(totals))
+    return dequantized(reduced_tensors(totals, reduced, dither), reduced, shapes_of(totals))
 
 
 def reduce_in_process(model: LTEModel, dtype: WireDtype = "fp32", reduced: ReducedDtype = "fp32",
                       robust_clip: float = 0.0, max_update: float = float("inf"),
                       max_relative_update: float = float("inf"), reach: Mapping[str, float] | None = None,
-                      targets: frozenset[str] | None = None) -> dict[str, torch.Tensor]:
+                      targets: frozenset[str] | None = None, dither: int | None = None) -> dict[str, torch.Tensor]:
     """The merge of every head `model` holds, as the swarm computes it: each head's change encoded
     as it travels (one contribution per head), decoded, checked against the run's bounds, reduced
     and rounded as a reduced part; the float32 values to add (`apply_reduced`). The one-process
@@ -353,7 +354,7 @@ def reduce_in_process(model: LTEModel, dtype: WireDtype = "fp32", reduced: Reduc
                                          f"{h:08d}", model, max_update, max_relative_update, part=targets,
                                          dtype=dtype, reach=reach)
                      for h in model.head_ids]
-    return merged_totals(model, contributions, robust_clip, reduced, targets)
+    return merged_totals(model, contributions, robust_clip, reduced, targets, dither)
 
 
 # ---- the owner-reduced merge: W cut into parts, each part reduced by two of the round's members ----
@@ -555,18 +556,31 @@ def part_bound(model: LTEModel, part: frozenset[str]) -> int:
     return 4 * numbers + _PER_TENSOR_SLACK * 4 * len(part) + _HEADER_SLACK
 
 
-def reduced_tensors(totals: dict[str, torch.Tensor], dtype: ReducedDtype = "fp32") -> dict[str, torch.Tensor]:
+def reduced_tensors(totals: dict[str, torch.Tensor], dtype: ReducedDtype = "fp32",
+                    dither: int | None = None) -> dict[str, torch.Tensor]:
     """What a part's owner serves: its float64 totals in the run's precision (see `quantize`).
     Every peer applies exactly their dequantized values (`dequantized`), the owner included, so W
     stays bit-identical however a peer got them."""
-    return quantize(totals, dtype)
+    return quantize(totals, dtype, dither)
 
 
-def quantize(totals: dict[str, torch.Tensor], dtype: ReducedDtype) -> dict[str, torch.Tensor]:
+def dither_seed(rounding: str, round_: int) -> int | None:
+    """The `quantize` dither of merge round `round_` (from 0) under `swarm.reduced_rounding`."""
+    return round_ if rounding == "stochastic" else None
+
+
+def quantize(totals: dict[str, torch.Tensor], dtype: ReducedDtype, dither: int | None = None
+             ) -> dict[str, torch.Tensor]:
     """Tensors rounded once to float32, then to bf16 or blockwise to integer codes: int8 values
     and one float32 scale per `INT8_BLOCK` values (`name#scale`), or codes of -7..7 two a byte
     (`_pack4`) and one scale per `INT4_BLOCK`. Plain CPU float32 arithmetic: the same bits on every
-    machine."""
+    machine.
+
+    Codes round to the nearest, or with a `dither` seed stochastically: up with probability the
+    fraction's, from uniform numbers drawn per tensor from the seed and the tensor's name, so that
+    every peer rounding the same totals gets the same codes. Nearest rounding loses a value under
+    half a step every time (a small steady change beside a large one in its block never reaches W);
+    stochastic rounding is unbiased: what it adds is right on average over rounds."""
     out: dict[str, torch.Tensor] = {}
     for name, t in totals.items():
         t = t.detach().to("cpu", torch.float32).contiguous()
@@ -577,7 +591,12 @@ def quantize(totals: dict[str, torch.Tensor], dtype: ReducedDtype) -> dict[str, 
             scale = blocks.abs().amax(dim=1) / float(top)
             q = torch.where(scale[:, None] > 0, blocks / scale.clamp_min(torch.finfo(torch.float32).tiny)[:, None],
                             torch.zeros_like(blocks))
-            codes = q.round().clamp(-top, top).to(torch.int8)
+            if dither is None:
+                codes = q.round().clamp(-top, top).to(torch.int8)
+            else:
+                seed = int.from_bytes(hashlib.sha256(f"dither/{dither}/{name}".encode()).digest()[:8], "little") >> 1
+                u = torch.rand(q.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
+                codes = (q + u).floor().clamp(-top, top).to(torch.int8)
             if dtype == "int8":
                 out[name] = codes.reshape(-1)[:flat.numel()].reshape(t.shape)
             else:

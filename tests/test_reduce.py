@@ -169,7 +169,8 @@ class _LyingOwner(Reduction):
 
     def reduce_part(self, mr, work, i, members, publish):
         original = reduction_module.reduced_tensors
-        reduction_module.reduced_tensors = lambda totals, dtype: original({k: 2 * v for k, v in totals.items()}, dtype)
+        reduction_module.reduced_tensors = lambda totals, dtype, dither=None: original(
+            {k: 2 * v for k, v in totals.items()}, dtype, dither)
         try:
             return super().reduce_part(mr, work, i, members, publish)
         finally:

@@ -28,6 +28,21 @@ def test_estimate_of_the_shipped_digits_config(capsys):
     assert "compact" in out
 
 
+def test_fragments_divide_a_rounds_bytes(capsys):
+    """W merged in k fragments: a round moves one fragment's parts, about 1/k of the bytes, with
+    its reductions spread over the members (no peer owns more than its share)."""
+    load_script("wire_estimate").main(["--config", str(ROOT / "configs" / "digits-vit-tiny.yaml"),
+                                      "--peers", "8", "--fragments", "1", "4", "--json"])
+    rows = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"]
+    by = {(r["contribution_dtype"], r["reduced_dtype"], r["fragments"]): r for r in rows}
+    assert len(by) == 5 * 2
+    for (c, w, k), r in by.items():
+        if k == 4:
+            whole = by[c, w, 1]
+            for key in ("reduce_sent", "reduce_received", "compact_sent", "compact_received", "gather_received"):
+                assert 0.2 < r[key] / whole[key] < 0.3, (c, w, key, r[key] / whole[key])
+
+
 def test_checks_benchmark_of_the_shipped_digits_config(capsys):
     """scripts/bench_checks.py times both ways of checking a whole contribution part by part on
     real blobs of the config's model, in every precision (figures only: nothing timed is asserted)."""

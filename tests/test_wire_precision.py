@@ -170,10 +170,29 @@ def _rounded(t: torch.Tensor, dtype: str) -> torch.Tensor:
     return dequantized(quantize({"t": t}, dtype), dtype)["t"].double()
 
 
-@pytest.mark.parametrize("contribution, reduced", [("bf16", "int8"), ("int8", "bf16"), ("bf16", "int4")])
-def test_the_swarm_reproduces_the_simulation_in_every_precision_on_the_wire(tmp_path, contribution, reduced):
+@pytest.mark.parametrize("dtype", ["int8", "int4"])
+def test_stochastic_rounding_is_the_same_everywhere_and_right_on_average(dtype):
+    """A small steady change beside a large one in its block: nearest rounding drops it every
+    time, stochastic rounding (a seed per round) adds it on average; one seed, one set of codes."""
+    t = torch.full((256,), 1e-3, dtype=torch.float64)
+    large = torch.arange(256) % 64 == 0
+    t[large] = 1.0  # each block's scale: a step of 1/127 or 1/7, far above 1e-3
+    nearest = dequantized(quantize({"t": t}, dtype), dtype, {"t": (256,)})["t"]
+    assert nearest[~large].abs().max() == 0
+    rounds = [dequantized(quantize({"t": t}, dtype, dither=r), dtype, {"t": (256,)})["t"] for r in range(400)]
+    mean = torch.stack(rounds).double().mean(0)
+    assert abs(mean[~large].mean().item() - 1e-3) < 2e-4 and torch.allclose(mean[large], torch.ones(4).double())
+    again = quantize({"t": t}, dtype, dither=7)
+    assert all(torch.equal(v, again[k]) for k, v in quantize({"t": t}, dtype, dither=7).items())
+    assert not torch.equal(quantize({"t": t}, dtype, dither=8)["t"], again["t"])
+    assert not torch.equal(quantize({"u": t}, dtype, dither=7)["u"], again["t"])  # each tensor draws its own
+
+
+@pytest.mark.parametrize("contribution, reduced, rounding", [("bf16", "int8", "nearest"), ("int8", "bf16", "nearest"),
+                                                             ("bf16", "int4", "nearest"), ("bf16", "int4", "stochastic")])
+def test_the_swarm_reproduces_the_simulation_in_every_precision_on_the_wire(tmp_path, contribution, reduced, rounding):
     cfg = tiny_config(heads=3, merge_every=2, rounds=4, min_heads=3, contribution_dtype=contribution,
-                      reduced_dtype=reduced, robust_clip=0.0)
+                      reduced_dtype=reduced, reduced_rounding=rounding, robust_clip=0.0)
     mem = run_swarm(cfg, tmp_path, 3)
     assert all(n.state == "finished" for n in mem.nodes.values())
     assert len(set(mem.digests().values())) == 1
@@ -182,6 +201,9 @@ def test_the_swarm_reproduces_the_simulation_in_every_precision_on_the_wire(tmp_
     sim = simulate(cfg)
     exact = simulate(cfg.with_overrides({"swarm.contribution_dtype": "fp32", "swarm.reduced_dtype": "fp32"}))
     assert exact.model.state_digest() != sim.model.state_digest()  # the wire's precision changes W ...
+    if rounding == "stochastic":
+        nearest = simulate(cfg.with_overrides({"swarm.reduced_rounding": "nearest"}))
+        assert nearest.model.state_digest() != sim.model.state_digest()
     # ... and the swarm rounds exactly as the simulation does, every round
     assert [r["digest"] for r in mem["coordinator"].events.of("round")] == [p.digest for p in sim.history]
 

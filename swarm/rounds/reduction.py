@@ -23,8 +23,8 @@ from swarm.rounds.context import RoundContext
 from swarm.rounds.types import MergeRound, ReduceWork
 from swarm.schemas import PartRecord
 from swarm.transport import NETWORK_ERRORS
-from swarm.wire import (ContributionError, decode_reduced, dequantized, encode_reduced, reduce_contributions,
-                        reduced_digest, reduced_tensors, shapes_of)
+from swarm.wire import (ContributionError, decode_reduced, dequantized, dither_seed, encode_reduced,
+                        reduce_contributions, reduced_digest, reduced_tensors, shapes_of)
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ class Reduction:
         if key not in work.computed:
             totals = reduce_contributions(ctx.model, [work.held[i][m] for m in members], ctx.cfg.robust_clip,
                                           ctx.parts[i])
-            tensors = reduced_tensors(totals, ctx.cfg.reduced_dtype)
+            tensors = reduced_tensors(totals, ctx.cfg.reduced_dtype, dither_seed(ctx.cfg.reduced_rounding, mr.round))
             digest = reduced_digest(tensors, members)
             work.computed[key] = (digest, dequantized(tensors, ctx.cfg.reduced_dtype, shapes_of(totals)))
             if publish:
