@@ -141,11 +141,14 @@ def state_bound(model: LTEModel) -> int:
 
 def decode_contribution(blob: bytes, peer: str, model: LTEModel, max_update: float,
                         max_relative_update: float = float("inf"), part: frozenset[str] | None = None,
-                        dtype: WireDtype = "fp32", reach: Mapping[str, float] | None = None) -> Contribution:
+                        dtype: WireDtype = "fp32", reach: Mapping[str, float] | None = None,
+                        scope: frozenset[str] | None = None) -> Contribution:
     """Parse and validate a contribution (see `_check_contribution`), or only the layers and
-    replicas named in `part` (see `plan_parts`); its numbers must be the run's wire `dtype`.
-    Whatever goes wrong with hostile bytes is a ContributionError, never another exception."""
-    out = decode_contribution_parts(blob, peer, model, max_update, max_relative_update, [part], dtype, reach=reach)[0]
+    replicas named in `part` (see `plan_parts`); its numbers must be the run's wire `dtype`, and it
+    may carry nothing outside what the round merges (`scope`; None: all of W). Whatever goes wrong
+    with hostile bytes is a ContributionError, never another exception."""
+    out = decode_contribution_parts(blob, peer, model, max_update, max_relative_update, [part], dtype, reach=reach,
+                                    scope=scope)[0]
     if isinstance(out, ContributionError):
         raise out
     return out
@@ -153,23 +156,29 @@ def decode_contribution(blob: bytes, peer: str, model: LTEModel, max_update: flo
 
 def decode_contribution_parts(blob: bytes, peer: str, model: LTEModel, max_update: float,
                               max_relative_update: float, parts: list[frozenset[str] | None],
-                              dtype: WireDtype = "fp32", reach: Mapping[str, float] | None = None
-                              ) -> list[Contribution | ContributionError]:
+                              dtype: WireDtype = "fp32", reach: Mapping[str, float] | None = None,
+                              scope: frozenset[str] | None = None) -> list[Contribution | ContributionError]:
     """`decode_contribution` of each of `parts` of one blob, parsed once (see `check_parts`)."""
     try:
         parsed = parse_contribution(blob)
     except ContributionError as exc:
         return [exc] * len(parts)
-    return check_parts(parsed, peer, model, max_update, max_relative_update, parts, dtype, reach=reach)
+    return check_parts(parsed, peer, model, max_update, max_relative_update, parts, dtype, reach=reach, scope=scope)
 
 
 def check_parts(parsed: ParsedBlob, peer: str, model: LTEModel, max_update: float, max_relative_update: float,
-                parts: list[frozenset[str] | None], dtype: WireDtype = "fp32", reach: Mapping[str, float] | None = None
-                ) -> list[Contribution | ContributionError]:
+                parts: list[frozenset[str] | None], dtype: WireDtype = "fp32", reach: Mapping[str, float] | None = None,
+                scope: frozenset[str] | None = None) -> list[Contribution | ContributionError]:
     """Per part of `parts` of a parsed blob, its Contribution, or the ContributionError that
     rejects that part alone. (A peer that checks every part of a whole contribution, as the
     coordinator does, would otherwise parse the whole blob once per part: 64 parses of 43 MB per
-    member and round at the paper's setting.)"""
+    member and round at the paper's setting.) A blob with any tensor outside the round's `scope`
+    (its fragment's layers and parameters; None: all of W), or of no target at all, is refused
+    whole, whichever part is checked."""
+    known = scope if scope is not None else frozenset(model.layer_names) | frozenset(model.replicated)
+    stray = sorted(k for k in parsed.tensors if _target(k) not in known)
+    if stray:
+        return [ContributionError(f"tensors outside the round's merge: {stray[:3]}")] * len(parts)
     out: list[Contribution | ContributionError] = []
     for part in parts:
         try:
@@ -352,7 +361,7 @@ def reduce_in_process(model: LTEModel, dtype: WireDtype = "fp32", reduced: Reduc
     for None): what the round merges."""
     contributions = [decode_contribution(encode_contribution(model, [h], dtype=dtype, targets=targets)[0],
                                          f"{h:08d}", model, max_update, max_relative_update, part=targets,
-                                         dtype=dtype, reach=reach)
+                                         dtype=dtype, reach=reach, scope=targets)
                      for h in model.head_ids]
     return merged_totals(model, contributions, robust_clip, reduced, targets, dither)
 

@@ -72,3 +72,30 @@ def test_more_fragments_than_parts_is_refused():
     assert cfg.with_overrides({"lte.fragments": cfg.n_parts}).lte.fragments == cfg.n_parts
     with pytest.raises(ConfigError, match="lte.fragments .* exceeds the parts"):
         cfg.with_overrides({"lte.fragments": cfg.n_parts + 1})
+
+
+def test_a_contribution_carrying_anything_outside_the_rounds_fragment_is_refused_whole():
+    """A blob for a fragment round may carry that fragment's tensors alone: one with another
+    fragment's layer, or a tensor of no target at all, is refused in every check, a whole one or
+    a part's (whose other tensors were not its business before)."""
+    from safetensors.torch import load as st_load, save as st_save
+
+    from swarm.wire import ContributionError, check_parts, decode_contribution, encode_contribution, parse_contribution
+
+    spec = LTESpec(n_heads=2, rank=2, alpha=8.0, nonlinear="replicate")
+    peer, receiver = LTEModel(tiny_mlp(), spec, [0]), LTEModel(tiny_mlp(), spec, [])
+    randomize_heads(peer, seed=1, scale=0.01)
+    parts = plan_parts(peer, 4)
+    fragment = targets_of(parts, round_parts(len(parts), 2, 0, None))
+    honest = encode_contribution(peer, [0], targets=fragment)[0]
+    got = decode_contribution(honest, "p", receiver, 10.0, part=fragment, scope=fragment)
+    assert set(got.weights) | set(got.replicas) == set(fragment)
+    whole = encode_contribution(peer, [0])[0]  # all of W, offered in a round of one fragment
+    with pytest.raises(ContributionError, match="outside the round's merge"):
+        decode_contribution(whole, "p", receiver, 10.0, part=fragment, scope=fragment)
+    tensors = dict(st_load(honest))
+    tensors["w/nowhere/A"] = torch.zeros(1)
+    stray = st_save(tensors, metadata=parse_contribution(honest).meta)
+    for scope in (fragment, None):
+        checked = check_parts(parse_contribution(stray), "p", receiver, 10.0, 1.0, [parts[0], parts[2]], scope=scope)
+        assert all(isinstance(c, ContributionError) and "outside the round's merge" in str(c) for c in checked)

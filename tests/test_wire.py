@@ -92,7 +92,7 @@ def _first_key(tensors, suffix):
     (lambda t, m: t.__setitem__(_first_key(t, "/B"), t[_first_key(t, "/B")].double()), "expected float32"),
     (lambda t, m: t.__setitem__(_first_key(t, "/B"), t[_first_key(t, "/B")] * 1e6), "would move a weight"),
     (lambda t, m: t.pop(_first_key(t, "/A")), "missing tensor"),
-    (lambda t, m: t.__setitem__("w/extra/A", torch.zeros(1)), "unexpected tensors"),
+    (lambda t, m: t.__setitem__("w/extra/A", torch.zeros(1)), "outside the round.s merge"),
     (lambda t, m: m.__setitem__("heads", "[7]"), "bad head ids"),
     (lambda t, m: m.__setitem__("heads", "[1, 1]"), "bad head ids"),
     (lambda t, m: m.__setitem__("heads", "oops"), "not valid JSON"),

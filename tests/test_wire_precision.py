@@ -153,7 +153,8 @@ def test_a_reduced_part_of_the_wrong_precision_or_tampered_is_refused():
     (lambda t, k: t.pop(k + "#scale"), "lacks its float32 scales"),
     (lambda t, k: t.__setitem__(k + "#scale", torch.full_like(t[k + "#scale"], float("nan"))), "NaN or inf scales"),
     (lambda t, k: t.__setitem__(k + "#scale", t[k + "#scale"][:0]), "lacks its float32 scales"),
-    (lambda t, k: t.__setitem__("w/ghost/A#scale", t[k + "#scale"].clone()), "without values"),
+    (lambda t, k: t.pop(k), "without values"),
+    (lambda t, k: t.__setitem__("w/ghost/A#scale", t[k + "#scale"].clone()), "outside the round's merge"),
 ])
 def test_a_hostile_8bit_contribution_is_refused(damage, message):
     from safetensors.torch import load as st_load, save as st_save

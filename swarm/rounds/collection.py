@@ -166,7 +166,7 @@ class Collection:
             return out
         checked = check_parts(parsed, peer, ctx.model, ctx.cfg.max_update, ctx.cfg.max_relative_update,
                               [mr.scope.targets if j is None else ctx.parts[j] for j in check], ctx.cfg.contribution_dtype,
-                              reach=ctx.reach)
+                              reach=ctx.reach, scope=mr.scope.targets)
         for j, c in zip(check, checked):
             if not isinstance(c, ContributionError) and sorted(c.heads) != sorted(rec.heads):
                 c = ContributionError(f"heads {list(c.heads)} differ from its ready record")
