@@ -11,7 +11,7 @@ it does not own. `compact` (sent/received) is the same once every round merges: 
 already holds each part's baseline factors (a reset-less head's last contribution) and fetches
 the part without them. The all-gather moves P - 1 whole contributions each way (`compact`: the
 same, compact). Every precision on the wire is shown (`swarm.contribution_dtype` /
-`swarm.reduced_dtype`): fp32/fp32, bf16/bf16, bf16/int8, int8/int8, bf16/int4. With W merged in
+`swarm.reduced_dtype`): fp32/fp32, bf16/bf16, bf16/int8, int8/int8, bf16/int4, int8/int4. With W merged in
 k fragments (`--fragments`, `lte.fragments`) a round moves one fragment's parts, reduced by
 members spread over the swarm: the figures are then the mean of a cycle of k rounds.
 
@@ -29,7 +29,8 @@ from swarm.rounds import owners
 from swarm.wire import (baseline_bytes, encode_contribution, encode_reduced, plan_parts, reduced_tensors, round_parts,
                         split_contribution)
 
-PRECISIONS = (("fp32", "fp32"), ("bf16", "bf16"), ("bf16", "int8"), ("int8", "int8"), ("bf16", "int4"))
+PRECISIONS = (("fp32", "fp32"), ("bf16", "bf16"), ("bf16", "int8"), ("int8", "int8"), ("bf16", "int4"),
+              ("int8", "int4"))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -13,7 +13,7 @@ def test_estimate_of_the_shipped_digits_config(capsys):
                                       "--peers", "4", "8", "--json"])
     out = capsys.readouterr().out
     rows = json.loads(out.strip().splitlines()[-1])["rows"]
-    assert len(rows) == 5 * 2  # every precision on the wire, each swarm size
+    assert len(rows) == 6 * 2  # every precision on the wire, each swarm size
     by = {(r["contribution_dtype"], r["reduced_dtype"], r["peers"]): r for r in rows}
     for (c, w, p), r in by.items():
         # the all-gather grows with the swarm, the reduced merge far less
@@ -35,7 +35,7 @@ def test_fragments_divide_a_rounds_bytes(capsys):
                                       "--peers", "8", "--fragments", "1", "4", "--json"])
     rows = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"]
     by = {(r["contribution_dtype"], r["reduced_dtype"], r["fragments"]): r for r in rows}
-    assert len(by) == 5 * 2
+    assert len(by) == 6 * 2
     for (c, w, k), r in by.items():
         if k == 4:
             whole = by[c, w, 1]
