@@ -10,6 +10,7 @@ from typing import Callable, Literal
 import torch
 
 from peers.data import DataSource, ImageShape
+from peers.diloco import DiLoCo
 from peers.models import create_lte_model, create_model, resolve_device, run_reach
 from peers.training import HeadTrainer, evaluate, stack_batches
 from swarm.config import RunConfig
@@ -18,7 +19,7 @@ from swarm.errors import ConfigError
 from swarm.wire import (ContributionError, apply_reduced, dither_seed, plan_parts, reduce_in_process, round_parts,
                         targets_of)
 
-Mode = Literal["lte", "full", "lora"]
+Mode = Literal["lte", "full", "lora", "diloco"]
 
 
 @dataclass
@@ -65,10 +66,11 @@ def simulate(cfg: RunConfig, mode: Mode = "lte", *, on_eval: Callable[[EvalPoint
     x_eval, y_eval = source.eval_set() if evaluate_on == "test" else source.validation_set()
     steps, period = cfg.steps, cfg.lte.merge_every
 
-    if mode == "full":
+    if mode in ("full", "diloco"):
         net = create_model(cfg.model).to(device)
         trained: torch.nn.Module = net
-        streams = [source.batches(0, 1, cfg.train.batch_size)]
+        n = cfg.lte.heads if mode == "diloco" else 1  # DiLoCo's workers: as many, with the same shards, as heads
+        streams = [source.batches(i, n, cfg.train.batch_size // n) for i in range(n)]
         eval_forward = net
     else:
         n = cfg.lte.heads if mode == "lte" else 1
@@ -80,7 +82,8 @@ def simulate(cfg: RunConfig, mode: Mode = "lte", *, on_eval: Callable[[EvalPoint
         # Single LoRA never merges: it is evaluated with its head in place.
         eval_forward = lte.forward_merged if mode == "lte" else (lambda x: lte(x[None])[0])
 
-    trainer = HeadTrainer(trained, cfg.train, steps)
+    trainer = DiLoCo(net, cfg, steps) if mode == "diloco" else HeadTrainer(trained, cfg.train, steps)
+    sync_every = cfg.diloco.inner_steps or period  # DiLoCo's H
     if mode == "lte":
         reach = run_reach(lte, cfg)
         parts = plan_parts(lte, cfg.n_parts)
@@ -94,6 +97,8 @@ def simulate(cfg: RunConfig, mode: Mode = "lte", *, on_eval: Callable[[EvalPoint
         if on_step:
             on_step(step + 1, steps)
         last = step == steps - 1
+        if mode == "diloco" and ((step + 1) % sync_every == 0 or last):
+            trainer.sync()
         if (step + 1) % period == 0 or last:
             if mode == "lte":
                 targets = targets_of(parts, round_parts(len(parts), cfg.lte.fragments, rounds, cfg.rounds))
@@ -113,7 +118,7 @@ def simulate(cfg: RunConfig, mode: Mode = "lte", *, on_eval: Callable[[EvalPoint
     return SimResult(mode=mode, accuracy=final.accuracy, loss=final.loss, samples=steps * cfg.train.batch_size,
                      seconds=time.perf_counter() - start, steps=steps, rounds=rounds, history=history,
                      weight_digest=lte.weight_digest() if mode == "lte" else None,
-                     model=lte if mode != "full" else None)
+                     model=lte if mode in ("lte", "lora") else None)
 
 
 Pending = tuple[dict[str, torch.Tensor], "frozenset[str] | None"]  # a merge's totals and what it covers

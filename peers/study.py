@@ -42,6 +42,11 @@ class Arm:
         if self.mode == "lora":
             return f"single LoRA r={base.lte.rank}"
         cfg = base.with_overrides(self.overrides)
+        if self.mode == "diloco":
+            outer = cfg.diloco.outer
+            step = f"outer {outer.optimizer} lr {outer.lr:g}" + (f" mu {outer.momentum:g}" if outer.optimizer == "nesterov" else "")
+            label = f"DiLoCo N={cfg.lte.heads} H={cfg.diloco.inner_steps or cfg.lte.merge_every} {step}"
+            return f"{self.name}: {label}" if self.rates_of else label
         outer = cfg.lte.outer
         step = ""  # the outer rate shows where it is set: in the overrides, or among the tuned rates
         if outer.optimizer == "nesterov":
@@ -55,7 +60,10 @@ class Arm:
 def schedule_arm(name: str, overrides: dict[str, Any]) -> Arm:
     """An LTE arm with another merge schedule (T, outer step, storage...) at LTE's tuned rates:
     what a schedule costs or gains is measured at the rates the plain schedule was tuned at. With
-    DiLoCo's outer Nesterov step it has one rate of its own, the outer one (`lte.outer.lr`)."""
+    DiLoCo's outer Nesterov step it has one rate of its own, the outer one (`lte.outer.lr`).
+    Changes of `diloco.*` keys make it a DiLoCo arm (another H, outer step) at DiLoCo's rates."""
+    if any(key.startswith("diloco.") for key in overrides):
+        return Arm(name, "diloco", ("diloco.outer.lr",), dict(overrides), rates_of="diloco")
     own = ("lte.outer.lr",) if overrides.get("lte.outer.optimizer") == "nesterov" else ()
     return Arm(name, "lte", own, dict(overrides), scales_budget=True, rates_of="lte")
 
@@ -64,6 +72,8 @@ ARMS: dict[str, Arm] = {
     "full": Arm("full", "full", ("train.full_lr",)),
     "lora": Arm("lora", "lora", FACTOR_RATES),
     "lte": Arm("lte", "lte", FACTOR_RATES, scales_budget=True),
+    # DiLoCo's workers train full-rank models: their inner rate is full-rank's key, tuned for them.
+    "diloco": Arm("diloco", "diloco", ("train.full_lr",)),
     # The algorithm's own cost apart from quantization's: W kept in float32, at LTE's tuned rates.
     "lte-fp32": Arm("lte-fp32", "lte", FACTOR_RATES, {"lte.storage": "fp32"}, scales_budget=True),
 }

@@ -4,13 +4,15 @@ says, and W in float32: the algorithm's cost apart from quantization's) at each 
 of it). Every run is the one-process simulation (`peers/simulate.py`), evaluated on the config's
 evaluation set; seed k sets both the model seed (W0 and every head's A) and the training seed (data
 order). `--rates` takes each arm's rates from a sweep (`scripts/tune.py --out`); without it every
-arm runs at the config's. `--schedule NAME KEY=VALUE...` adds an LTE arm with another merge schedule
-(T, the outer step, W's storage, ...) at LTE's rates. Prints a table of test accuracy, mean ± sd
-over seeds; `--json` prints the same as one JSON object (with the accuracy curves); `--plot` draws
-accuracy against samples.
+arm runs at the config's. `--arms diloco` adds DiLoCo (`peers/diloco.py`: N full-rank workers on
+the heads' shards, synced every H steps by DiLoCo's outer Nesterov step, `diloco` in the config).
+`--schedule NAME KEY=VALUE...` adds an LTE arm with another merge schedule (T, the outer step, W's
+storage, ...) at LTE's rates, or, with `diloco.*` keys, a DiLoCo arm (another H) at DiLoCo's.
+Prints a table of test accuracy, mean ± sd over seeds; `--json` prints the same as one JSON object
+(with the accuracy curves); `--plot` draws accuracy against samples.
 
     python scripts/compare.py --config configs/digits-vit-tiny.yaml --seeds 5 --budgets 1.0 1.2 1.5 \\
-        [--rates tuned.json] [--arms full lora lte lte-fp32] [--workers 2] [--data SPEC] [--samples N] \\
+        [--rates tuned.json] [--arms full lora lte lte-fp32 diloco] [--workers 2] [--data SPEC] [--samples N] \\
         [--set lte.rank=8 ...] [--schedule T50-nesterov lte.merge_every=50 lte.outer.optimizer=nesterov ...] \\
         [--json] [--plot compare.png]
 """
@@ -109,7 +111,8 @@ def add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-data", help="override data.eval_source (e.g. @validation)")
     parser.add_argument("--samples", type=int, help="override train.samples, the 1x budget")
     parser.add_argument("--seeds", type=int, default=3, help="number of seeds (0 .. K-1)")
-    parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS), help="what to run")
+    parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=["full", "lora", "lte", "lte-fp32"],
+                        help="what to run (diloco: on request)")
     parser.add_argument("--workers", type=int, default=1, help="runs at once, one process and one torch thread each")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override any config key, e.g. lte.rank=8 or model.args.embed_dim=32 (YAML value)")

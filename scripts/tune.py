@@ -1,11 +1,12 @@
 """Tune each arm's learning rates the same way, on data the comparison never tests on: a sweep of
-every arm's rates (full-rank: `train.full_lr`; a single LoRA head and LTE: the factors' `train.lr`
-times the replicas' `train.replica_lr`) at the config's sample budget, each run trained without the
+every arm's rates (full-rank and DiLoCo's workers: `train.full_lr`; a single LoRA head and LTE: the
+factors' `train.lr` times the replicas' `train.replica_lr`) at the config's sample budget, each run trained without the
 `--validation` records carved out of the training data (`data.validation`) and judged by its final
 loss on them (mean over `--seeds`). The evaluation set is never looked at. The best rates per arm go
 to `--out`, which `scripts/compare.py --rates` reads; LTE with W in float32 takes LTE's. A merge
 schedule (`--schedule NAME KEY=VALUE...`, as compare.py takes it) runs at the config's rates and,
-with the outer Nesterov step, sweeps its outer rate (`--outer-lr`).
+with the outer Nesterov step, sweeps its outer rate (`--outer-lr`); a DiLoCo schedule (`diloco.*`
+keys: another H) runs at DiLoCo's inner rate and sweeps its outer one (`--outer-lr`).
 
     python scripts/tune.py --config configs/digits-vit-tiny.yaml --validation 360 --workers 2 --out tuned.json \\
         [--full-lr 1e-3 2e-3 3e-3 5e-3] [--lr 2.5e-4 5e-4 1e-3] [--replica-lr 1.5e-3 3e-3 6e-3] [--seeds 1] \\
@@ -51,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
     base = base_config(args, parser)
     log = (lambda line: print(line, file=sys.stderr, flush=True)) if args.json else (lambda line: print(line, flush=True))
     grids = {"train.full_lr": args.full_lr, "train.lr": args.lr, "train.replica_lr": args.replica_lr,
-             "lte.outer.lr": args.outer_lr}
+             "lte.outer.lr": args.outer_lr, "diloco.outer.lr": args.outer_lr}
     arms = [ARMS[a] for a in args.arms if a != "lte-fp32"]  # it runs at LTE's rates
     arms += [arm for arm in schedule_arms(args, base, parser) if arm.rates]  # the others have nothing to tune
     found = sweep(base, arms, grids, args.seeds, args.validation, args.workers, log)

@@ -49,6 +49,17 @@ class OuterConfig(_Strict):
     momentum: float = Field(0.9, ge=0.0, lt=1.0, description="Nesterov momentum (optimizer: nesterov)")
 
 
+class DiLoCoConfig(_Strict):
+    """The DiLoCo baseline (arXiv 2311.08105) LTE is compared with in the simulation: N = lte.heads
+    workers, each training the whole model with AdamW at train.full_lr on its own shard (batch
+    train.batch_size / N, as an LTE head), averaging their changes every H steps through an outer
+    step. Defaults: DiLoCo's published outer Nesterov step."""
+
+    inner_steps: int = Field(0, ge=0, description="H, local steps between syncs (0: lte.merge_every)")
+    outer: OuterConfig = Field(default_factory=lambda: OuterConfig(optimizer="nesterov", lr=0.7, momentum=0.9),
+                               description="the outer step of every sync")
+
+
 class LTEConfig(_Strict):
     heads: PositiveInt = Field(description="N, the run's number of LoRA heads")
     rank: PositiveInt = Field(description="r, the rank of every head")
@@ -239,6 +250,7 @@ class RunConfig(_Strict):
     train: TrainConfig
     data: DataConfig = Field(default_factory=DataConfig)
     swarm: SwarmConfig = Field(default_factory=SwarmConfig)
+    diloco: DiLoCoConfig = Field(default_factory=DiLoCoConfig)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "RunConfig":

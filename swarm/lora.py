@@ -73,6 +73,20 @@ def merge_scale(scale: float, n_heads: int) -> float:
     return scale / n_heads
 
 
+def outer_step_(w: torch.Tensor, delta: torch.Tensor, weight: float, lr: float,
+                momentum: torch.Tensor | None = None, mu: float = 0.0) -> None:
+    """The outer step of a merge, in place on w, with the mean change d = weight * delta (the
+    negative of DiLoCo's pseudo-gradient): plain, w += lr d (lr 1: averaging); or with a Nesterov
+    `momentum` buffer m, m = mu m + d and w += lr (d + mu m), DiLoCo's outer step. `delta` must
+    have w's dtype already: the same values then give the same bits on every peer."""
+    if momentum is None:
+        w.add_(delta, alpha=weight * lr)
+        return
+    mean = delta.mul(weight)
+    momentum.mul_(mu).add_(mean)
+    w.add_(mean, alpha=lr).add_(momentum, alpha=lr * mu)
+
+
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype a layer computes in: autocast's (bf16 on a mixed-precision run), else x's own."""
     kind = x.device.type

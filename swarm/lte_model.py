@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
-from swarm.lora import InitScale, LTELinear, delta_sum, head_seed, merge_scale, semi_orthogonal
+from swarm.lora import InitScale, LTELinear, delta_sum, head_seed, merge_scale, outer_step_, semi_orthogonal
 from swarm.quant import QuantizedWeight, Storage
 
 Variant = Literal["reset", "reset_less"]
@@ -435,13 +435,8 @@ class LTEModel(nn.Module):
             if tuple(delta.shape) != tuple(w.shape):
                 raise ValueError(f"delta of shape {tuple(delta.shape)} for {key} of shape {tuple(w.shape)}")
             delta = delta.to(device=w.device, dtype=w.dtype)
-            if spec.outer == "average":
-                w.add_(delta, alpha=weight * spec.outer_lr)
-                continue
-            mean = delta.mul(weight)  # the heads' mean change: the negative pseudo-gradient
-            m = state[MOMENTUM + key]
-            m.mul_(spec.outer_momentum).add_(mean)
-            w.add_(mean, alpha=spec.outer_lr).add_(m, alpha=spec.outer_lr * spec.outer_momentum)
+            momentum = state[MOMENTUM + key] if spec.outer == "nesterov" else None
+            outer_step_(w, delta, weight, spec.outer_lr, momentum, spec.outer_momentum)
 
     @torch.no_grad()
     @_exclusive
