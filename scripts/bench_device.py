@@ -1,5 +1,6 @@
-"""Measure one device's training speed and memory: full-rank training against an LTE peer, same model,
-same per-peer batch, random images (no data loading, no network, no weights downloaded).
+"""Measure one device's training speed and memory: full-rank training and a DiLoCo worker against an
+LTE peer, same model, same per-peer batch, random images (no data loading, no network, no weights
+downloaded).
 
     python scripts/bench_device.py --model vit_small_patch32_224 --batch 16 --device cpu
     python scripts/bench_device.py --model vit_small_patch32_224 --batch 128 --device cuda --precision fp32 bf16
@@ -9,9 +10,12 @@ Every configuration runs in a process of its own, so that its peak memory is its
 (which includes Python, torch and the model's construction; `rss_after_import_bytes` is the part
 before the model exists, `train_peak_bytes` the rest). `held_bytes` is what the training state occupies on the device between
 steps (parameters, W's forward copy, buffers, gradients, optimizer state); an LTE peer also keeps
-W's fp32 master in host memory (`master_bytes`), which the merges accumulate into.
-Speed is the batch over the median step time of the timed steps. `--json` prints one JSON object: `full` and `lte` (the first precision asked for), `results` (every
-precision), and the settings.
+W's fp32 master in host memory (`master_bytes`), which the merges accumulate into; a DiLoCo worker
+(`peers/diloco.py`) holds full-rank training's state plus the global model it syncs from and its
+outer momentum.
+Speed is the batch over the median step time of the timed steps. `--json` prints one JSON object:
+`full`, `lte` and `diloco` (the first precision asked for), `results` (every precision), and the
+settings.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ def measure(spec: dict) -> dict:
     import timm  # noqa: F401 - imported before the baseline is taken, as every peer imports it
     import torch
 
+    from peers.diloco import DiLoCo
     from peers.models import create_lte_model, create_model
     from peers.training import HeadTrainer
     from swarm.config import LTEConfig, ModelConfig, RunConfig, TrainConfig
@@ -64,6 +69,11 @@ def measure(spec: dict) -> dict:
         model = create_model(model_cfg).to(device)
         net = model
         trainer = HeadTrainer(model, train, 1000)
+    elif spec["mode"] == "diloco":  # one worker: its model and AdamW, the global model, the outer momentum
+        net = create_model(model_cfg).to(device)
+        run = RunConfig(model=model_cfg, lte=LTEConfig(heads=1, rank=1, alpha=1.0, merge_every=10), train=train)
+        trainer = DiLoCo(net, run, 1000)
+        model = trainer.workers[0]
     else:
         lte = LTEConfig(heads=spec["run_heads"], rank=spec["rank"], alpha=spec["alpha"], merge_every=10,
                         variant=spec["variant"], nonlinear=spec["nonlinear"], storage=spec["storage"],
@@ -98,7 +108,10 @@ def measure(spec: dict) -> dict:
     params = list(model.parameters())
     held = _tensor_bytes(params) + _tensor_bytes(model.buffers())
     held += _tensor_bytes(p.grad for p in params)
-    held += _tensor_bytes(t for s in trainer.optimizer.state.values() for t in s.values() if torch.is_tensor(t))
+    optimizer = trainer.trainers[0].optimizer if spec["mode"] == "diloco" else trainer.optimizer
+    held += _tensor_bytes(t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t))
+    if spec["mode"] == "diloco":
+        held += _tensor_bytes(net.parameters()) + _tensor_bytes(trainer.momentum.values())
     if spec["mode"] == "lte":
         held += sum(layer.weight_store.forward_bytes() for _, layer in model.layers()
                     if not (device.type == "cpu" and layer.weight_store.storage == "fp32"))  # aliases the master
@@ -158,20 +171,21 @@ def main() -> None:
                                               "run_heads", "rank", "alpha", "storage", "variant", "nonlinear",
                                               "vectorised", "threads")}
     settings["model_args"] = json.loads(args.model_args)
-    results = {p: {mode: _run_child({**settings, "mode": mode, "precision": p}) for mode in ("full", "lte")}
+    results = {p: {mode: _run_child({**settings, "mode": mode, "precision": p}) for mode in ("full", "diloco", "lte")}
                for p in args.precision}
     first = results[args.precision[0]]
     if args.json:
-        print(json.dumps({**settings, "full": first["full"], "lte": first["lte"], "results": results}))
+        print(json.dumps({**settings, "full": first["full"], "diloco": first["diloco"], "lte": first["lte"],
+                          "results": results}))
         return
     print(f"{args.model}, {args.batch} images per step on {args.device}"
           f"{', checkpointing' if args.checkpointing else ''}; LTE peer: {args.heads} head(s) of rank {args.rank}, "
           f"W in {args.storage}, {args.variant}, {args.nonlinear} non-linear parameters")
-    print(f"{'precision':>9} {'mode':>4} {'samples/s':>10} {'peak MiB':>9} {'training MiB':>12} {'held MiB':>9} "
+    print(f"{'precision':>9} {'mode':>6} {'samples/s':>10} {'peak MiB':>9} {'training MiB':>12} {'held MiB':>9} "
           f"{'master MiB':>10}")
     for p, pair in results.items():
         for mode, r in pair.items():
-            print(f"{p:>9} {mode:>4} {r['samples_per_s']:>10.1f} {_mib(r['peak_bytes']):>9} {_mib(r['train_peak_bytes']):>12} "
+            print(f"{p:>9} {mode:>6} {r['samples_per_s']:>10.1f} {_mib(r['peak_bytes']):>9} {_mib(r['train_peak_bytes']):>12} "
                   f"{_mib(r['held_bytes']):>9} {_mib(r['master_bytes']):>10}")
 
 
