@@ -470,21 +470,22 @@ def test_with_overlap_peers_train_through_rounds_and_still_match_the_simulation(
     assert got != simulate(cfg.with_overrides({"swarm.eager": not eager})).model.state_digest()
 
 
-@pytest.mark.parametrize("part_owners,overlap", [(2, False), (1, True)])
-def test_fragments_are_merged_in_turn_and_the_swarm_still_matches_the_simulation(tmp_path, part_owners, overlap):
+@pytest.mark.parametrize("peers,part_owners,overlap", [(3, 2, False), (3, 1, True), (2, 2, False)])
+def test_fragments_are_merged_in_turn_and_the_swarm_still_matches_the_simulation(tmp_path, peers, part_owners,
+                                                                                 overlap):
     """lte.fragments: each round merges one fragment of W's parts (each part every k rounds, the
-    last round all of them), its contributions carry that fragment alone, and the owner-reduced
-    swarm (two owners per part, or one checked by the coordinator, with overlap and its eager
-    correction) still trains the simulation's model bit for bit."""
-    cfg = tiny_config(heads=3, merge_every=2, rounds=5, min_heads=3, part_owners=part_owners, overlap=overlap,
-                      eager=overlap).with_overrides({"lte.fragments": 3})
-    swarm = run_swarm(cfg, tmp_path, 3)
+    last round all of them), its contributions carry that fragment alone, and the swarm (owner-
+    reduced with two owners per part, or one checked by the coordinator, with overlap and its eager
+    correction; all-gathered with two peers) still trains the simulation's model bit for bit."""
+    cfg = tiny_config(heads=peers, merge_every=2, rounds=5, min_heads=peers, part_owners=part_owners,
+                      overlap=overlap, eager=overlap).with_overrides({"lte.fragments": 3})
+    swarm = run_swarm(cfg, tmp_path, peers)
     assert all(n.state == "finished" for n in swarm.nodes.values())
     _agree(swarm)
-    for i in range(3):
+    for i in range(peers):
         rounds = swarm[f"p{i}"].events.of("round")
         assert [r["new_round"] for r in rounds] == [1, 2, 3, 4, 5]
-        assert all(r["merged"] and len(r["members"]) == 3 and not r["resynced"] for r in rounds), rounds
+        assert all(r["merged"] and len(r["members"]) == peers and not r["resynced"] for r in rounds), rounds
         sent = [e["nbytes"] for e in swarm[f"p{i}"].events.of("ready")]
         assert len(sent) == 5 and max(sent[:4]) < 0.6 * sent[4], sent  # a fragment's bytes, then all of W's
     got = swarm["coordinator"].role.model.state_digest()
