@@ -72,8 +72,9 @@ ARMS: dict[str, Arm] = {
     "full": Arm("full", "full", ("train.full_lr",)),
     "lora": Arm("lora", "lora", FACTOR_RATES),
     "lte": Arm("lte", "lte", FACTOR_RATES, scales_budget=True),
-    # DiLoCo's workers train full-rank models: their inner rate is full-rank's key, tuned for them.
-    "diloco": Arm("diloco", "diloco", ("train.full_lr",)),
+    # DiLoCo's workers train full-rank models: their inner rate is full-rank's key, tuned for them
+    # with the outer rate (DiLoCo's 0.7 was chosen for H = 500; here syncs are far more frequent).
+    "diloco": Arm("diloco", "diloco", ("train.full_lr", "diloco.outer.lr")),
     # The algorithm's own cost apart from quantization's: W kept in float32, at LTE's tuned rates.
     "lte-fp32": Arm("lte-fp32", "lte", FACTOR_RATES, {"lte.storage": "fp32"}, scales_budget=True),
 }

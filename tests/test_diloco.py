@@ -52,7 +52,7 @@ def test_one_worker_syncing_every_step_by_plain_averaging_is_full_rank_training(
 
 def test_diloco_arms_run_at_their_own_rates_and_say_what_they_are():
     base = tiny_config(heads=4, merge_every=10)
-    assert ARMS["diloco"].mode == "diloco" and ARMS["diloco"].rates == ("train.full_lr",)
+    assert ARMS["diloco"].mode == "diloco" and ARMS["diloco"].rates == ("train.full_lr", "diloco.outer.lr")
     assert ARMS["diloco"].label(base) == "DiLoCo N=4 H=10 outer nesterov lr 0.7 mu 0.9"
     arm = schedule_arm("H50", {"diloco.inner_steps": 50})
     assert arm.mode == "diloco" and arm.rates_of == "diloco"
