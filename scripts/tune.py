@@ -1,6 +1,7 @@
 """Tune each arm's learning rates the same way, on data the comparison never tests on: a sweep of
-every arm's rates (full-rank and DiLoCo's workers: `train.full_lr`; a single LoRA head and LTE: the
-factors' `train.lr` times the replicas' `train.replica_lr`) at the config's sample budget, each run trained without the
+every arm's rates (full-rank: `train.full_lr`; DiLoCo: its workers' `train.full_lr` times its outer
+`diloco.outer.lr`, from `--outer-lr`; a single LoRA head and LTE: the factors' `train.lr` times the
+replicas' `train.replica_lr`) at the config's sample budget, each run trained without the
 `--validation` records carved out of the training data (`data.validation`) and judged by its final
 loss on them (mean over `--seeds`). The evaluation set is never looked at. The best rates per arm go
 to `--out`, which `scripts/compare.py --rates` reads; LTE with W in float32 takes LTE's. A merge
