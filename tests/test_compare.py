@@ -76,6 +76,23 @@ def test_the_sweep_never_looks_at_the_test_set_and_each_arm_compares_at_its_best
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_diloco_is_tuned_on_both_its_rates_and_its_other_H_runs_at_them(tmp_path, capsys):
+    tuned = tmp_path / "tuned.json"
+    load_script("tune").main(_argv("--validation", "100", "--full-lr", "1e-3", "3e-2", "--outer-lr", "0.7",
+                                   "--arms", "diloco", "--out", str(tuned)))
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [r["rates"] for r in out["arms"]["diloco"]["sweep"]] == [
+        {"train.full_lr": 1e-3, "diloco.outer.lr": 0.7}, {"train.full_lr": 3e-2, "diloco.outer.lr": 0.7}]
+    load_script("compare").main(_argv("--seeds", "1", "--arms", "diloco", "--rates", str(tuned), "--samples", "512",
+                                      "--schedule", "H4", "diloco.inner_steps=4"))
+    captured = capsys.readouterr()
+    runs = json.loads(captured.out.strip().splitlines()[-1])["runs"]
+    assert [(r["arm"], r["mode"]) for r in runs] == [("diloco", "diloco"), ("H4", "diloco")]
+    assert runs[0]["rates"] == runs[1]["rates"] == out["arms"]["diloco"]["best"]
+    assert runs[0]["loss"]["values"] != runs[1]["loss"]["values"]  # H changes the model
+    assert "DiLoCo N=4 H=2 outer nesterov" in captured.err and "H4: DiLoCo N=4 H=4" in captured.err
+
+
 def test_compare_refuses_a_file_that_is_not_a_sweep(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text('{"runs": []}')
