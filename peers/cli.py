@@ -37,6 +37,7 @@ err = Console(stderr=True)
 class Baseline(str, Enum):
     full = "full"
     lora = "lora"
+    diloco = "diloco"
 
 
 @contextmanager
@@ -64,7 +65,7 @@ def simulate(
     config: Path = typer.Option(..., "--config", "-c", help="run config (YAML), e.g. configs/digits-vit-tiny.yaml"),
     data: Optional[str] = typer.Option(None, help=f"override the config's data: {DATA_SPEC_HELP}"),
     samples: Optional[int] = typer.Option(None, help="override the training budget (samples over all heads)"),
-    baseline: Optional[Baseline] = typer.Option(None, help="train a baseline instead of LTE: full-rank or a single LoRA"),
+    baseline: Optional[Baseline] = typer.Option(None, help="train a baseline instead of LTE: full-rank, a single LoRA or DiLoCo"),
     device: Optional[str] = typer.Option(None, help="cpu, cuda or auto (overrides train.device)"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object with the result as the last line"),
 ) -> None:
@@ -72,12 +73,12 @@ def simulate(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from peers.simulate import EvalPoint, simulate as run_simulation
+    from peers.study import ARMS
 
     with user_errors():
         cfg = resolve_config(config, data, samples, device)
         mode = baseline.value if baseline else "lte"
-        label = {"lte": f"LTE N={cfg.lte.heads} r={cfg.lte.rank} T={cfg.lte.merge_every}",
-                 "full": "full-rank", "lora": f"single LoRA r={cfg.lte.rank}"}[mode]
+        label = ARMS[mode].label(cfg)
         with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                       TextColumn("{task.fields[status]}"), TimeRemainingColumn(), console=err,
                       transient=False, disable=not err.is_terminal) as progress:

@@ -58,3 +58,16 @@ def test_diloco_arms_run_at_their_own_rates_and_say_what_they_are():
     assert arm.mode == "diloco" and arm.rates_of == "diloco"
     assert arm.label(base) == "H50: DiLoCo N=4 H=50 outer nesterov lr 0.7 mu 0.9"
     assert schedule_arm("T50", {"lte.merge_every": 50}).mode == "lte"
+
+
+def test_the_cli_trains_diloco_as_a_baseline():
+    import json
+
+    from tests.conftest import ROOT, run_cli
+
+    result = run_cli("simulate", "--config", str(ROOT / "configs" / "digits-vit-tiny.yaml"), "--baseline", "diloco",
+                     "--samples", "256", "--json")
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["mode"] == "diloco" and out["samples"] == 256 and 0.0 <= out["accuracy"] <= 1.0
+    assert out["weight_digest"] is None  # no LTE W to digest
