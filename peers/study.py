@@ -43,8 +43,9 @@ class Arm:
             return f"single LoRA r={base.lte.rank}"
         cfg = base.with_overrides(self.overrides)
         if self.mode == "diloco":
-            outer = cfg.diloco.outer
-            step = f"outer {outer.optimizer} lr {outer.lr:g}" + (f" mu {outer.momentum:g}" if outer.optimizer == "nesterov" else "")
+            outer = cfg.diloco.outer  # its rate shows where it is set, as LTE's: in the overrides or the rates
+            step = f"outer {outer.optimizer}" + (f" mu {outer.momentum:g}" if outer.optimizer == "nesterov" else "")
+            step += f" lr {outer.lr:g}" if "diloco.outer.lr" in self.overrides else ""
             label = f"DiLoCo N={cfg.lte.heads} H={cfg.diloco.inner_steps or cfg.lte.merge_every} {step}"
             return f"{self.name}: {label}" if self.rates_of else label
         outer = cfg.lte.outer

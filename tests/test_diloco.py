@@ -53,10 +53,11 @@ def test_one_worker_syncing_every_step_by_plain_averaging_is_full_rank_training(
 def test_diloco_arms_run_at_their_own_rates_and_say_what_they_are():
     base = tiny_config(heads=4, merge_every=10)
     assert ARMS["diloco"].mode == "diloco" and ARMS["diloco"].rates == ("train.full_lr", "diloco.outer.lr")
-    assert ARMS["diloco"].label(base) == "DiLoCo N=4 H=10 outer nesterov lr 0.7 mu 0.9"
+    assert ARMS["diloco"].label(base) == "DiLoCo N=4 H=10 outer nesterov mu 0.9"
     arm = schedule_arm("H50", {"diloco.inner_steps": 50})
     assert arm.mode == "diloco" and arm.rates_of == "diloco"
-    assert arm.label(base) == "H50: DiLoCo N=4 H=50 outer nesterov lr 0.7 mu 0.9"
+    assert arm.label(base) == "H50: DiLoCo N=4 H=50 outer nesterov mu 0.9"
+    assert schedule_arm("H50", {"diloco.inner_steps": 50, "diloco.outer.lr": 0.3}).label(base).endswith("mu 0.9 lr 0.3")
     assert schedule_arm("T50", {"lte.merge_every": 50}).mode == "lte"
 
 
