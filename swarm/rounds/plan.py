@@ -27,7 +27,7 @@ def owners(part: int, members: list[str], count: int = 2, among: tuple[int, ...]
     parts (`servers`). A round that merges only some parts (`among`, one fragment's) spreads
     those over all the members, not over the few that would own them in a round of every part."""
     n = len(members)
-    slot = part if among is None or len(among) == 0 else among.index(part) * n // len(among)
+    slot = part if among is None else among.index(part) * n // len(among)
     return tuple(dict.fromkeys(members[(slot + k) % n] for k in range(count)))
 
 

@@ -47,23 +47,22 @@ class Reduction:
         self.ctx, self.collection = ctx, collection
 
     def _owners(self, part: int, work: ReduceWork) -> tuple[str, ...]:
-        return plan.owners(part, work.servers, self.ctx.cfg.part_owners, work.among)
+        return plan.owners(part, work.servers, self.ctx.cfg.part_owners, work.scope.among)
 
     def _vouchers(self, part: int, work: ReduceWork) -> set[str]:
-        return plan.vouchers(self.ctx.cfg, part, work.servers, self.ctx.authority, work.among)
+        return plan.vouchers(self.ctx.cfg, part, work.servers, self.ctx.authority, work.scope.among)
 
     def start(self, mr: MergeRound) -> ReduceWork:
         """Reduce the parts we own: fetch our parts of every contribution, validate, sum, serve the
         result and publish its digest. Then every part is collected (`collect`)."""
         ctx = self.ctx
-        work = ReduceWork(members=sorted(mr.ready_set), servers=plan.servers(mr.ready_set), parts=mr.scope.parts,
-                          among=mr.scope.among)
+        work = ReduceWork(members=sorted(mr.ready_set), servers=plan.servers(mr.ready_set), scope=mr.scope)
         if ctx.is_authority and ctx.cfg.coordinator_recomputes:
             # The authority trusts no owner: it reduces every part from the raw contributions, and
             # its digest is the one a peer fooled by two colluding owners re-syncs to.
-            self.fetch_parts(mr, work, list(work.parts))
+            self.fetch_parts(mr, work, list(work.scope.parts))
         else:
-            mine = [i for i in work.parts if ctx.peer in self._owners(i, work)]
+            mine = [i for i in work.scope.parts if ctx.peer in self._owners(i, work)]
             self.fetch_parts(mr, work, mine)
             for i in mine:
                 self.reduce_part(mr, work, i, sorted(work.accepted[i]), publish=True)
@@ -76,7 +75,7 @@ class Reduction:
         most of the parts (the coordinator, a fallback) whole contributions are fetched instead:
         one request per member, not one per part."""
         ctx = self.ctx
-        whole = 2 * len(parts) > len(work.parts)
+        whole = 2 * len(parts) > len(work.scope.parts)
         # Every peer starts with a different member (the one after itself): were they all to ask the
         # same members first, those members' uplinks would serve the whole swarm while others idle.
         start = (work.members.index(ctx.peer) + 1) if ctx.peer in work.members else ctx.spread(len(work.members))
@@ -141,7 +140,7 @@ class Reduction:
             if record.round != r:
                 continue
             for part, members, digest in record.reduced():
-                if (part not in work.parts or writer not in self._vouchers(part, work)
+                if (part not in work.scope.parts or writer not in self._vouchers(part, work)
                         or not set(members) <= set(work.members)):
                     continue
                 said.setdefault((part, members, digest), {})[writer] = record.p2p
@@ -187,7 +186,7 @@ class Reduction:
         likely = tuple(sorted(set(work.members).intersection(*work.accepted.values())))
         if work.final is None:
             self.download_parts(mr, work, likely, agreed)
-        unknown = [i for i in work.parts if i not in work.accepted]
+        unknown = [i for i in work.scope.parts if i not in work.accepted]
         if unknown:
             if not all(overdue(i) for i in unknown):
                 return None
@@ -197,7 +196,7 @@ class Reduction:
             mr.mark("final", ctx.clock.monotonic())
         final = tuple(work.final)
         self.download_parts(mr, work, final, agreed)
-        for i in work.parts:
+        for i in work.scope.parts:
             if i in work.reduced:
                 continue
             if i in work.held and set(final) <= set(work.held[i]):
@@ -206,7 +205,7 @@ class Reduction:
             elif (i, final) in work.fetched:
                 work.reduced[i] = work.fetched.pop((i, final))
         self.publish_parts(mr, work)
-        missing = [i for i in work.parts if i not in work.reduced]
+        missing = [i for i in work.scope.parts if i not in work.reduced]
         if missing:
             if not all(overdue(i) for i in missing):
                 return None
@@ -219,7 +218,7 @@ class Reduction:
             for i in missing:
                 work.reduced[i] = self.reduce_part(mr, work, i, list(final), publish=False)
         work.fetched.clear()
-        totals = {name: t.double() for i in work.parts for name, t in work.reduced[i].items()}
+        totals = {name: t.double() for i in work.scope.parts for name, t in work.reduced[i].items()}
         return Reduced(totals, list(final))
 
     def download_parts(self, mr: MergeRound, work: ReduceWork, members: tuple[str, ...], agreed: Agreed) -> None:
@@ -228,7 +227,7 @@ class Reduction:
         a different part, so that the owners' uplinks share the load; and of a part's sources
         (its two owners, or its owner and the coordinator) consecutive members ask different ones
         first, so that each source serves its part to about as many readers as the other."""
-        ctx, parts = self.ctx, list(work.parts)
+        ctx, parts = self.ctx, list(work.scope.parts)
         n = len(parts)
         me = work.members.index(ctx.peer) if ctx.peer in work.members else ctx.spread(len(work.members))
         start = me * n // len(work.members) if ctx.peer in work.members else ctx.spread(n)
@@ -273,5 +272,5 @@ class Reduction:
         work.raw.update(parts)
         if todo:
             log.warning("round %d: %d of %d parts not reduced by their owners in time; fetching them raw",
-                        mr.round, len(todo), len(work.parts))
+                        mr.round, len(todo), len(work.scope.parts))
             self.fetch_parts(mr, work, todo)

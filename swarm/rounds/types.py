@@ -110,8 +110,7 @@ class ReduceWork:
 
     members: list[str]                                                    # the round's contributors
     servers: list[str]                                                    # those that accept connections
-    parts: tuple[int, ...]                                                # the parts the round merges
-    among: tuple[int, ...] | None                                         # ... when not all (`plan.owners`)
+    scope: RoundScope                                                     # the parts the round merges
     held: dict[int, dict[str, Contribution]] = field(default_factory=dict)  # part -> validated contributions
     accepted: dict[int, set[str]] = field(default_factory=dict)          # part -> contributors that passed
     reduced: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)  # part -> values over the final set
