@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 DONE_KEY = "dp-baseline-done"
 
 
-def _stop_on_term() -> None:
+def stop_on_term() -> None:
     """SIGTERM ends the peer like Ctrl+C, so that `finally` shuts hivemind's processes down."""
     def handler(signum, frame):
         raise KeyboardInterrupt
@@ -67,18 +67,25 @@ def wait_for_peers(opt, peers: int, timeout: float = 300.0) -> None:
         time.sleep(0.2)
 
 
-def linger(dht, index: int, peers: int, timeout: float) -> None:
-    """Stay a state donor until every peer is done (or `timeout`): a peer an epoch behind catches up
-    by downloading the state from the others, and hivemind retries that forever if they are gone."""
+def barrier(dht, key: str, index: int, peers: int, timeout: float) -> bool:
+    """Announce `index` under the DHT key `key`, then wait until `peers` peers have (True) or
+    `timeout` passed (False)."""
     from hivemind.utils import get_dht_time
 
     deadline = time.monotonic() + timeout
-    dht.store(DONE_KEY, subkey=index, value=True, expiration_time=get_dht_time() + timeout + 60)
+    dht.store(key, subkey=index, value=True, expiration_time=get_dht_time() + timeout + 60)
     while time.monotonic() < deadline:
-        found = dht.get(DONE_KEY, latest=True)
+        found = dht.get(key, latest=True)
         if found is not None and isinstance(found.value, dict) and len(found.value) >= peers:
-            return
+            return True
         time.sleep(1.0)
+    return False
+
+
+def linger(dht, index: int, peers: int, timeout: float) -> None:
+    """Stay a state donor until every peer is done (or `timeout`): a peer an epoch behind catches up
+    by downloading the state from the others, and hivemind retries that forever if they are gone."""
+    barrier(dht, DONE_KEY, index, peers, timeout)
 
 
 def epochs_for(cfg: RunConfig, target: int) -> int:
@@ -175,7 +182,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    _stop_on_term()
+    stop_on_term()
     events = EventLog(args.events)
     try:
         if args.role == "bootstrap":

@@ -72,3 +72,39 @@ def test_the_cli_trains_diloco_as_a_baseline():
     out = json.loads(result.stdout.strip().splitlines()[-1])
     assert out["mode"] == "diloco" and out["samples"] == 256 and 0.0 <= out["accuracy"] <= 1.0
     assert out["weight_digest"] is None  # no LTE W to digest
+
+
+def test_diloco_over_hivemind_trains_what_the_simulation_trains(tmp_path):
+    """Two workers on loopback, each its own process with a DHT and hivemind's averager, fp32 on
+    the wire: every round has both, both end on the same global model, and that model is the
+    simulation's (its evaluation loss) up to the all-reduce's rounding."""
+    import yaml
+
+    from peers.local_swarm import LocalSwarm
+
+    cfg = tiny_config(heads=2, merge_every=2, rounds=3).with_overrides({"diloco.inner_steps": 2})
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    swarm = LocalSwarm(tmp_path, path)
+    try:
+        boot = swarm.spawn("boot", ["-m", "peers.dp_baseline", "bootstrap", "--events", "{events}"])
+        started = boot.wait_for(lambda es: any(e["event"] == "maddrs" for e in es), 60, "the DHT to start")
+        maddrs = next(e for e in started if e["event"] == "maddrs")["maddrs"]
+        procs = [swarm.spawn(f"w{i}", ["-m", "peers.diloco_baseline", "--config", str(path), "--index", str(i),
+                                       "--peers", "2", "--initial-peers", *maddrs, "--compression", "fp32",
+                                       "--matchmaking-time", "2", "--averaging-timeout", "30",
+                                       "--evaluate-every", "1" if i == 0 else "0", "--events", "{events}"])
+                 for i in range(2)]
+        for p in procs:
+            p.wait_for(lambda es: any(e["event"] == "left" for e in es), 120, "the worker to finish")
+            assert p.handle.wait(60) == 0, p.tail()
+    finally:
+        swarm.close()
+    rounds = [p.of("round") for p in procs]
+    assert [e["members"] for e in rounds[0]] == [2, 2, 2] == [e["members"] for e in rounds[1]]
+    for a, b in zip(*rounds):
+        assert abs(a["global_norm"] - b["global_norm"]) < 1e-5 * a["global_norm"]
+    assert len({round(e["global_norm"], 3) for e in rounds[0]}) == 3  # the global model moves every round
+    expected = simulate(cfg, "diloco").history[-1]
+    final = procs[0].of("eval")[-1]
+    assert abs(final["loss"] - expected.loss) < 1e-4 and final["accuracy"] == expected.accuracy
