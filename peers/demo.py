@@ -21,10 +21,10 @@ DEMO_SWARM = dict(lease_seconds=10.0, settle_seconds=0.5, merge_grace=15.0, roun
 DEMO_MERGE_EVERY, DEMO_HEAD_BATCH = 20, 32
 
 
-def demo_config(base: RunConfig, peers: int, rounds: int) -> RunConfig:
-    """One head per peer; `rounds` rounds of 20 steps of 32 samples per head, the rest (model,
-    rank, learning rates, storage) as the base config says."""
-    per_head, t = DEMO_HEAD_BATCH, DEMO_MERGE_EVERY
+def demo_config(base: RunConfig, peers: int, rounds: int, merge_every: int = DEMO_MERGE_EVERY) -> RunConfig:
+    """One head per peer; `rounds` rounds of `merge_every` (20) steps of 32 samples per head, the
+    rest (model, rank, learning rates, storage) as the base config says."""
+    per_head, t = DEMO_HEAD_BATCH, merge_every
     return base.with_overrides({
         "lte.merge_every": t,
         "lte.heads": peers, "train.batch_size": per_head * peers, "train.samples": per_head * peers * t * rounds,

@@ -1,24 +1,30 @@
-"""Measure lte-swarm against hivemind's data-parallel training over an emulated WAN: every peer (and
-the coordinator) runs in a Linux network namespace of its own, joined to a bridge by a veth pair
-whose two ends are capped by `tc tbf` at `--mbit` (each direction), on the same model, data,
-per-peer batch and sample budget:
+"""Measure lte-swarm against hivemind's data-parallel training and against DiLoCo over an emulated
+WAN: every peer (and the coordinator) runs in a Linux network namespace of its own, joined to a
+bridge by a veth pair whose two ends are capped by `tc tbf` at `--mbit` (each direction), on the
+same model, data, per-peer batch and sample budget:
 
 - `reduce`: lte-swarm with the owner-reduced merge (`swarm.merge: reduce`, the default);
 - `gather`: lte-swarm with the all-gather merge (`swarm.merge: gather`);
 - `hivemind`: `hivemind.Optimizer` data-parallel training of the full-rank model
   (`peers/dp_baseline.py`), 8-bit gradient and state compression, `use_local_updates=False`,
   one global step per `--hivemind-target` samples (default: the samples of one LTE merge round,
-  so it communicates as often as LTE merges), evaluated by its first peer after every step.
+  so it communicates as often as LTE merges), evaluated by its first peer after every step;
+- `diloco`: DiLoCo (`peers/diloco_baseline.py`): every peer trains the full-rank model with AdamW for
+  H = T steps, then the peers average their changes with hivemind's all-reduce (8-bit by default,
+  `--diloco-compression`) and take DiLoCo's outer Nesterov step; its rates are DILOCO_RATES unless
+  `--set train.full_lr=... --set diloco.outer.lr=...` says otherwise; evaluated by its first peer
+  after every sync.
 
     python scripts/bench_wan.py [--peers 4] [--mbit 4] [--coordinator-mbit M] [--samples N]
-        [--modes reduce gather hivemind] [--config FILE] [--set KEY=VALUE ...] [--target-accuracy 0.7]
+        [--modes reduce gather hivemind diloco] [--config FILE] [--set KEY=VALUE ...] [--target-accuracy 0.7]
         [--json] [--plot wan.png]
 
 It reports per mode the bytes each peer sent and received per round, read from its veth's counters
 (everything: DHT, state download, merges), the wall clock from launching the peers to the last one
-leaving, the fraction of each peer's time (join to leave) spent in local forward/backward, test
-accuracy against wall clock (the coordinator's evaluation after every round; the first hivemind
-peer's after every global step) and the wall time to reach `--target-accuracy`, from the launch and
+leaving, the fraction of each peer's time (join to leave) spent in local forward/backward, the peak
+memory of each peer's processes (their PSS, sampled every 2 s: hivemind's DHT, averager and p2pd
+processes included), test accuracy against wall clock (the coordinator's evaluation after every
+round; the first baseline peer's after every global step or sync) and the wall time to reach `--target-accuracy`, from the launch and
 from the moment the last peer joined (processes starting at once on a few cores take far longer to
 join than volunteers on machines of their own; that start costs every mode alike).
 
@@ -66,7 +72,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as `python scripts/bench_wan.py` from anywhere
     sys.path.insert(0, str(ROOT))
 
-from peers.demo import DEMO_SWARM, demo_config  # noqa: E402
+from peers.diloco_baseline import CODECS as DILOCO_CODECS  # noqa: E402
+from peers.demo import DEMO_HEAD_BATCH, DEMO_MERGE_EVERY, DEMO_SWARM, demo_config  # noqa: E402
 from peers.local_swarm import LocalSwarm, LocalSwarmError, PeerProcess  # noqa: E402
 from peers.models import create_model  # noqa: E402
 from peers.shipped import shipped_config  # noqa: E402
@@ -83,8 +90,11 @@ WAN_MODEL = {"model.args.embed_dim": 192, "model.args.num_heads": 3, "model.args
 # test accuracy 78.1 % at 5e-4 and 1e-3, 77.8 % at 7e-4, 73.9 % at 1.5e-3, 70.0 % at 2e-3,
 # 63.6 % at 3e-3 (the run's full_lr, tuned for batch 64), 56.4 % at 5e-3, 14 % at 1e-2.
 HIVEMIND_LR = 1e-3
+# DiLoCo's inner (AdamW) and outer rates for the default model, budget and T, tuned in the simulation
+# (scripts/tune.py --arms diloco on this benchmark's config): see docs/benchmarks.md.
+DILOCO_RATES = {"train.full_lr": 2.5e-4, "diloco.outer.lr": 0.7}
 SUBNET = "10.77.0"  # every run has a bridge of its own, so concurrent runs may share the range
-MODES = ("reduce", "gather", "hivemind")
+MODES = ("reduce", "gather", "hivemind", "diloco")
 
 
 class Interrupted(Exception):
@@ -214,21 +224,57 @@ class WanNetwork:
             _ip("link", "del", link, check=False)
 
 
+def tree_pss(pid: int) -> int:
+    """Bytes of memory held by a process and every process it started (hivemind's DHT and averager
+    processes, their p2pd daemons): the sum of their proportional set sizes, in which a page shared
+    by k processes counts 1/k in each (forked processes share much of their parent's memory)."""
+    import psutil
+
+    total = 0
+    try:
+        root = psutil.Process(pid)
+        family = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return 0
+    for proc in family:
+        try:
+            rollup = Path(f"/proc/{proc.pid}/smaps_rollup").read_text()
+        except OSError:  # gone meanwhile
+            continue
+        total += 1024 * next((int(line.split()[1]) for line in rollup.splitlines() if line.startswith("Pss:")), 0)
+    return total
+
+
 class CounterLog:
     """The network's counters every `period` seconds, in a thread, from `start` to `stop`: the
-    bytes of a stretch of the run are the difference of the samples around it."""
+    bytes of a stretch of the run are the difference of the samples around it. Every
+    `memory_every` samples it also reads the memory of the processes given to `watch`, keeping
+    each one's peak (`peak_memory`)."""
 
-    def __init__(self, net: WanNetwork, period: float = 0.5):
-        self.net, self.period = net, period
+    def __init__(self, net: WanNetwork, period: float = 0.5, memory_every: int = 4):
+        self.net, self.period, self.memory_every = net, period, memory_every
         self.samples: list[tuple[float, dict[str, tuple[int, int]]]] = []
         self.tcp: list[dict[str, tuple[int, int]]] = []  # the namespaces' TCP counters at start and stop
         self.cpu: list[tuple[int, int]] = []  # the machine's (busy, all) CPU time at start and stop
+        self.watched: dict[str, int] = {}  # name -> PID
+        self.peak_memory: dict[str, int] = {}  # name -> the most bytes its processes held (tree_pss)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
+    def watch(self, name: str, pid: int) -> None:
+        self.watched[name] = pid
+
+    def _sample_memory(self) -> None:
+        for name, pid in list(self.watched.items()):
+            self.peak_memory[name] = max(self.peak_memory.get(name, 0), tree_pss(pid))
+
     def _run(self) -> None:
+        n = 0
         while True:
             self.samples.append((time.time(), self.net.counters()))
+            if n % self.memory_every == 0:
+                self._sample_memory()
+            n += 1
             if self._stop.wait(self.period):
                 return
 
@@ -341,6 +387,9 @@ class ModeResult:
     # rounds: its start (joining, claiming a head) and the last round's bytes (nothing left to
     # train beside them) left out
     steady_train_fraction: float | None = None
+    # bytes each peer's processes held at their peak (tree_pss, sampled every 2 s): mean and max over peers
+    peak_memory_per_peer: float | None = None
+    peak_memory_max: float | None = None
     curve: list[tuple[float, float]] = field(default_factory=list)  # (seconds since launch, test accuracy)
 
     def to_json(self) -> dict[str, Any]:
@@ -349,11 +398,13 @@ class ModeResult:
 
 def wan_config(base: RunConfig, peers: int, samples: int, mbit: float, merge: str,
                overrides: dict[str, Any] | None = None) -> RunConfig:
-    """One head per peer at the base config's per-head batch, rounds enough for `samples`, and the
-    protocol's timeouts sized for moving a few W over the capped link; then the user's `--set`
-    overrides of `swarm.*` keys (e.g. the precision on the wire), which win."""
-    per_round = base.head_batch * peers * base.lte.merge_every
-    cfg = demo_config(base, peers, max(1, round(samples / per_round)))
+    """One head per peer at the demo's per-head batch (32) and T (20, or `lte.merge_every` when the
+    user sets it), rounds enough for `samples`, and the protocol's timeouts sized for moving a few W
+    over the capped link; then the user's `--set` overrides of `swarm.*` keys (e.g. the precision
+    on the wire), which win."""
+    overrides = overrides or {}
+    t = int(overrides.get("lte.merge_every", DEMO_MERGE_EVERY))
+    cfg = demo_config(base, peers, max(1, round(samples / (DEMO_HEAD_BATCH * peers * t))), merge_every=t)
     w_seconds = transfer_seconds(weight_bytes(cfg), mbit)
     # A newcomer whose W0 came out different, or a peer re-syncing, downloads W through one donor's
     # link, maybe with the whole swarm at once.
@@ -364,7 +415,7 @@ def wan_config(base: RunConfig, peers: int, samples: int, mbit: float, merge: st
         **DEMO_SWARM, "poll_seconds": 0.5, "min_heads": peers, "merge": merge, "request_timeout": request,
         "round_timeout": max(40.0 + 6 * w_seconds, request + 30.0), "merge_grace": 15.0 + w_seconds,
         "lease_seconds": 30.0 + 2 * w_seconds, "checkpoint_every": 1000}}).with_overrides(
-        {k: v for k, v in (overrides or {}).items() if k.startswith("swarm.")})
+        {k: v for k, v in overrides.items() if k.startswith("swarm.")})
 
 
 def sync_timeout(cfg: RunConfig, peers: int, mbit: float) -> float:
@@ -486,6 +537,7 @@ def summarize(mode: str, counters: CounterLog, launched: float, peers: list[Peer
     left = max(p.of("left")[-1]["time"] for p in peers)
     joined = max(_first(p, "joined")["time"] for p in peers) - launched
     reach = time_to(curve, target)
+    peaks = [counters.peak_memory[p.name] for p in peers if counters.peak_memory.get(p.name)]
     return ModeResult(
         mode=mode, rounds=rounds, samples_per_round=samples_per_round, wall_seconds=left - launched,
         bytes_sent_per_peer_round=statistics.mean(t[0] for t in traffic),
@@ -499,6 +551,7 @@ def summarize(mode: str, counters: CounterLog, launched: float, peers: list[Peer
         compute_seconds_per_round=statistics.mean(train_seconds) / rounds,
         accuracy=curve[-1][1] if curve else None, seconds_to_target=reach, joined_seconds=joined,
         cpu_busy=counters.cpu_busy(),
+        peak_memory_per_peer=statistics.mean(peaks) if peaks else None, peak_memory_max=max(peaks, default=None),
         seconds_to_target_after_joined=None if reach is None else max(0.0, reach - joined), curve=curve)
 
 
@@ -512,6 +565,8 @@ def run_lte(net: WanNetwork, cfg: RunConfig, workdir: Path, target: float, timeo
         swarm.start_coordinator("--host-maddrs", net.maddr("coordinator"), timeout=timeout)
         wait_w = f"{sync_timeout(cfg, len(peers), net.mbit):.0f}"
         procs = [swarm.join(n, "--host-maddrs", net.maddr(n), "--sync-timeout", wait_w) for n in peers]
+        for p in procs:
+            counters.watch(p.name, p.handle.pid)
         _wait_all(procs, timeout)
         _let_finish(swarm.coordinator, 2 * cfg.swarm.round_timeout)
     finally:
@@ -537,10 +592,7 @@ def run_hivemind(net: WanNetwork, cfg: RunConfig, workdir: Path, target: float, 
     counters = CounterLog(net).start()
     try:
         launched = time.time()
-        boot = swarm.spawn("coordinator", ["-m", "peers.dp_baseline", "bootstrap", "--host", net.maddr("coordinator"),
-                                           "--events", "{events}"])
-        maddrs = boot.wait_for(lambda es: any(e["event"] == "maddrs" for e in es), timeout, "the DHT to start")
-        initial = next(e for e in maddrs if e["event"] == "maddrs")["maddrs"]
+        initial = start_bootstrap(swarm, net, timeout)
         procs = [swarm.spawn(n, ["-m", "peers.dp_baseline", "train", "--config", str(swarm.config), "--index", str(i),
                                  "--peers", str(len(peers)), "--initial-peers", *initial, "--host", net.maddr(n),
                                  "--target", str(hm_target), "--lr", str(lr), "--events", "{events}",
@@ -549,6 +601,8 @@ def run_hivemind(net: WanNetwork, cfg: RunConfig, workdir: Path, target: float, 
                                  "--matchmaking-time", str(5.0 + w_seconds / 10),
                                  "--averaging-timeout", str(60.0 + 2 * w_seconds)])
                  for i, n in enumerate(peers)]
+        for p in procs:
+            counters.watch(p.name, p.handle.pid)
         _wait_all(procs, timeout)
     finally:
         counters.stop()
@@ -558,6 +612,51 @@ def run_hivemind(net: WanNetwork, cfg: RunConfig, workdir: Path, target: float, 
     trained = sum(p.of("left")[-1]["steps"] for p in procs) * cfg.head_batch
     return summarize("hivemind", counters, launched, procs, [e["time"] for e in procs[0].of("epoch")], hm_target,
                      trained, curve, train, target)
+
+
+def start_bootstrap(swarm: LocalSwarm, net: WanNetwork, timeout: float) -> list[str]:
+    """A bare DHT node where the coordinator would be; its multiaddrs, for the peers to join."""
+    boot = swarm.spawn("coordinator", ["-m", "peers.dp_baseline", "bootstrap", "--host", net.maddr("coordinator"),
+                                       "--events", "{events}"])
+    maddrs = boot.wait_for(lambda es: any(e["event"] == "maddrs" for e in es), timeout, "the DHT to start")
+    return next(e for e in maddrs if e["event"] == "maddrs")["maddrs"]
+
+
+def run_diloco(net: WanNetwork, cfg: RunConfig, workdir: Path, target: float, timeout: float,
+               compression: str) -> ModeResult:
+    """A bare DHT node where the coordinator would be and one DiLoCo worker per node
+    (`peers/diloco_baseline.py`), its first worker evaluating the global model after every sync."""
+    from peers.diloco_baseline import inner_steps
+
+    swarm = LocalSwarm(workdir, _write(cfg, workdir / "run.yaml"), launcher=net.launcher)
+    peers = [n for n in net.nodes if n != "coordinator"]
+    w_seconds = transfer_seconds(weight_bytes(cfg), net.mbit)
+    counters = CounterLog(net).start()
+    try:
+        launched = time.time()
+        initial = start_bootstrap(swarm, net, timeout)
+        procs = [swarm.spawn(n, ["-m", "peers.diloco_baseline", "--config", str(swarm.config), "--index", str(i),
+                                 "--peers", str(len(peers)), "--initial-peers", *initial, "--host", net.maddr(n),
+                                 "--compression", compression, "--events", "{events}",
+                                 "--evaluate-every", "1" if i == 0 else "0",
+                                 "--matchmaking-time", str(5.0 + w_seconds / 10),
+                                 "--averaging-timeout", str(60.0 + 2 * w_seconds)])
+                 for i, n in enumerate(peers)]
+        for p in procs:
+            counters.watch(p.name, p.handle.pid)
+        _wait_all(procs, timeout)
+    finally:
+        counters.stop()
+        swarm.close()
+    curve = [(e["time"] - launched, e["accuracy"]) for e in procs[0].of("eval")]
+    train = [p.of("left")[-1]["seconds_train"] for p in procs]
+    trained = sum(p.of("left")[-1]["steps"] for p in procs) * cfg.head_batch
+    result = summarize("diloco", counters, launched, procs, [e["time"] for e in procs[0].of("round")],
+                       cfg.train.batch_size * inner_steps(cfg), trained, curve, train, target)
+    partial = sum(e["members"] < len(peers) for p in procs for e in p.of("round"))
+    if partial:
+        print(f"  diloco: {partial} worker-rounds averaged without every worker", file=sys.stderr, flush=True)
+    return result
 
 
 # ---- reporting ----------------------------------------------------------------------------------
@@ -586,6 +685,9 @@ def table(results: list[ModeResult], target: float) -> str:
         if r.steady_train_fraction is not None:
             lines.append(f"{r.mode}: from a peer's first offer to its last (start and final drain left out) "
                          f"{r.steady_train_fraction:.1%} of the time in forward/backward")
+        if r.peak_memory_per_peer is not None:
+            lines.append(f"{r.mode}: peak memory per peer (its processes' PSS) {r.peak_memory_per_peer / 2**20:.0f} MiB "
+                         f"(max {r.peak_memory_max / 2**20:.0f})")
         if r.cpu_busy is not None:
             lines.append(f"{r.mode}: the machine's {os.cpu_count()} cores were busy {r.cpu_busy:.0%} of the time")
         if r.round_phases:
@@ -648,7 +750,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--coordinator-mbit", type=float,
                         help="the coordinator's own cap (default: --mbit), as for a run started from a server")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
-    parser.add_argument("--samples", type=int, default=7680, help="training budget over all peers")
+    parser.add_argument("--samples", type=int, default=30720,
+                        help="training budget over all peers (default: 12 rounds of 4 peers x 32 samples x T = 20)")
     parser.add_argument("--config", type=Path, help="base config (default: the shipped digits config, widened; see above)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override any config key, e.g. lte.rank=8 (YAML value)")
@@ -656,6 +759,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hivemind-target", type=int, help="hivemind's target_batch_size (default: one LTE round's samples)")
     parser.add_argument("--hivemind-lr", type=float, default=HIVEMIND_LR,
                         help="its AdamW learning rate (default: tuned for the default model and budget, see above)")
+    parser.add_argument("--diloco-compression", choices=DILOCO_CODECS, default="8bit",
+                        help="DiLoCo's codec for the averaged changes (hivemind's; it has no 4-bit one)")
     parser.add_argument("--timeout", type=float, default=1800.0, help="bound on each mode's run (s)")
     parser.add_argument("--workdir", type=Path, help="where the runs' logs and events go (default: a new temp dir)")
     parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
@@ -695,6 +800,10 @@ def main(argv: list[str] | None = None) -> int:
                     hm_target = args.hivemind_target or cfg.train.batch_size * cfg.lte.merge_every
                     result = run_hivemind(net, cfg, where, args.target_accuracy, args.timeout, hm_target,
                                           args.hivemind_lr)
+                elif mode == "diloco":
+                    rates = {k: v for k, v in DILOCO_RATES.items() if k not in user}
+                    result = run_diloco(net, cfg.with_overrides(rates), where, args.target_accuracy, args.timeout,
+                                        args.diloco_compression)
                 else:
                     result = run_lte(net, cfg, where, args.target_accuracy, args.timeout)
                 results.append(result)
@@ -705,7 +814,7 @@ def main(argv: list[str] | None = None) -> int:
                 net.close()
     w_bytes = weight_bytes(base)
     w_seconds = transfer_seconds(w_bytes, args.mbit)
-    lte_compute = [r.compute_seconds_per_round for r in results if r.mode != "hivemind"] or \
+    lte_compute = [r.compute_seconds_per_round for r in results if r.mode not in ("hivemind", "diloco")] or \
         [r.compute_seconds_per_round for r in results]
     ratio = w_seconds / statistics.mean(lte_compute)
     log(f"\n{args.peers} peers, {base.model.name} ({w_bytes / 4e6:.2f}M params, |W| {w_bytes / 1e6:.1f} MB fp32), "

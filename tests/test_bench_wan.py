@@ -1,6 +1,6 @@
 """`scripts/bench_wan.py`: its pure helpers (counters, per-round bytes, the table) on made-up
 numbers, and, as root with `ip netns` and `tc`, a tiny emulated-WAN run (2 peers, one round,
-lte-swarm's reduced merge and hivemind) that must report plausible figures and leave no namespace,
+lte-swarm's reduced merge, hivemind and DiLoCo) that must report plausible figures and leave no namespace,
 link or process behind, also when Ctrl+C arrives mid-run."""
 
 from __future__ import annotations
@@ -191,12 +191,12 @@ def test_a_node_may_have_a_cap_of_its_own():
 def test_tiny_wan_run_reports_and_cleans_up(tmp_path):
     _needs_network()
     bench = _bench()
-    done = subprocess.run([sys.executable, str(SCRIPT), *TINY, "--modes", "reduce", "hivemind", "--json",
+    done = subprocess.run([sys.executable, str(SCRIPT), *TINY, "--modes", "reduce", "hivemind", "diloco", "--json",
                            "--workdir", str(tmp_path), "--plot", str(tmp_path / "wan.png")],
                           capture_output=True, text=True, timeout=220, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
     out = json.loads(done.stdout.strip().splitlines()[-1])
-    assert [m["mode"] for m in out["modes"]] == ["reduce", "hivemind"]
+    assert [m["mode"] for m in out["modes"]] == ["reduce", "hivemind", "diloco"]
     assert out["weight_bytes"] > 0 and out["compute_to_transfer"] > 0 and len(out["netns_inodes"]) == 4
     for mode in out["modes"]:
         assert mode["rounds"] >= 1 and mode["wall_seconds"] > 0
@@ -205,6 +205,8 @@ def test_tiny_wan_run_reports_and_cleans_up(tmp_path):
         assert 0.0 < mode["train_fraction"] < 1.0
         assert mode["curve"] and all(0.0 <= acc <= 1.0 for _, acc in mode["curve"]), (mode["mode"], done.stderr[-3000:])
         assert 0.0 <= mode["accuracy"] <= 1.0
+        # a peer is at least its Python process with torch imported, and far less than the machine
+        assert 50e6 < mode["peak_memory_per_peer"] <= mode["peak_memory_max"] < 8e9
         assert 0.0 < mode["joined_seconds"] < mode["wall_seconds"]
         reach, after = mode["seconds_to_target"], mode["seconds_to_target_after_joined"]
         assert (after is None) == (reach is None)
@@ -212,7 +214,7 @@ def test_tiny_wan_run_reports_and_cleans_up(tmp_path):
     blob_sent, blob_received = out["modes"][0]["blob_bytes_per_peer_round"]  # lte-swarm's own counters
     assert 0 < blob_sent <= out["modes"][0]["bytes_sent_per_peer_round"]
     assert 0 < blob_received <= out["modes"][0]["bytes_received_per_peer_round"]
-    assert out["modes"][1]["blob_bytes_per_peer_round"] is None
+    assert out["modes"][1]["blob_bytes_per_peer_round"] is None is out["modes"][2]["blob_bytes_per_peer_round"]
     assert all(0.0 <= mode["retransmitted"] < 1.0 for mode in out["modes"])
     assert all(0.0 < mode["cpu_busy"] <= 1.0 for mode in out["modes"])
     assert "compute per round : transfer of one |W|" in done.stderr
@@ -247,3 +249,20 @@ def test_ctrl_c_mid_run_cleans_up(tmp_path):
     assert proc.returncode == 130, err[-2000:]
     assert "cleaned up" in err
     _assert_clean(bench, prefix, inodes, tmp_path)
+
+
+def test_a_peers_memory_counts_the_processes_it_started():
+    """tree_pss: a child holding 200 MB adds about that much to its parent's figure."""
+    bench = _bench()
+    alone = bench.tree_pss(os.getpid())
+    child = subprocess.Popen([sys.executable, "-c", "import sys, time; b = bytearray(200 * 2**20); "
+                              "b[::4096] = b'x' * len(b[::4096]); print('ok', flush=True); time.sleep(60)"],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "ok"
+        together = bench.tree_pss(os.getpid())
+    finally:
+        child.kill()
+        child.wait()
+    assert alone > 10e6 and together - alone > 180 * 2**20
+    assert bench.tree_pss(child.pid) == 0  # gone: nothing, not an error
