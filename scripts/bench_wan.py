@@ -817,9 +817,10 @@ def main(argv: list[str] | None = None) -> int:
     lte_compute = [r.compute_seconds_per_round for r in results if r.mode not in ("hivemind", "diloco")] or \
         [r.compute_seconds_per_round for r in results]
     ratio = w_seconds / statistics.mean(lte_compute)
+    shown = wan_config(base, args.peers, args.samples, args.mbit, "reduce", user)
     log(f"\n{args.peers} peers, {base.model.name} ({w_bytes / 4e6:.2f}M params, |W| {w_bytes / 1e6:.1f} MB fp32), "
-        f"links capped at {args.mbit:g} Mbit/s, {args.samples} samples, T={base.lte.merge_every}, "
-        f"per-peer batch {base.head_batch}")
+        f"links capped at {args.mbit:g} Mbit/s, {shown.train.samples} samples, T={shown.lte.merge_every}, "
+        f"per-peer batch {shown.head_batch}")
     log(f"compute per round : transfer of one |W| = 1 : {ratio:.1f} ({statistics.mean(lte_compute):.2f}s : "
         f"{w_seconds:.1f}s; the paper's ViT-S/32 at 20 Mbit/s: about 1 : 10 to 1 : 30)")
     log(table(results, args.target_accuracy))
