@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Mapping
 
 import torch
@@ -291,8 +291,10 @@ def reduce_contributions(model: LTEModel, contributions: list[Contribution], rob
     reducing parts separately gives what reducing the whole gives.
 
     With `robust_clip` > 0 and 3 or more contributions, a contribution whose change of a layer
-    (per head it covers) exceeds `robust_clip` times the round's median is scaled down to it:
-    one peer moves W at most a few times as much as a typical honest one."""
+    (per head it covers) exceeds `robust_clip` times the round's upper median is scaled down to it:
+    one peer moves W at most a few times as much as a typical honest one. The upper median (of an
+    even count, the larger middle value) cannot be pulled down by fewer than half the
+    contributions: a minority sending zeros (or tiny changes) cannot scale everyone else to zero."""
     ordered = sorted(contributions, key=lambda c: (min(c.heads, default=-1), c.peer))
     clip = robust_clip > 0 and len(ordered) >= 3
     heads = [len(c.heads) for c in ordered]
@@ -301,7 +303,7 @@ def reduce_contributions(model: LTEModel, contributions: list[Contribution], rob
         parts = [p.double() for p in parts]
         if clip:
             norms = [p.norm().item() / k for p, k in zip(parts, heads)]
-            limit = robust_clip * sorted(norms)[(len(norms) - 1) // 2]
+            limit = robust_clip * sorted(norms)[len(norms) // 2]
             parts = [p * (limit / n) if n > limit else p for p, n in zip(parts, norms)]
         out = torch.zeros_like(parts[0])
         for p in parts:
@@ -681,11 +683,58 @@ def encode_reduced(tensors: dict[str, torch.Tensor]) -> bytes:
     return st_save({name: t.cpu() for name, t in tensors.items()}, metadata={"format": REDUCED_FORMAT})
 
 
+@dataclass(frozen=True)
+class ReducedBound:
+    """What a reduced part may add to W: as much as its contributions, covering `heads` heads in
+    all, could each add within the bounds every contribution is checked against
+    (`_check_contribution`: `max_update` per value, `max_relative_update` of a layer's size per head)."""
+
+    heads: int
+    contributions: int
+    max_update: float
+    max_relative_update: float
+    reach: Mapping[str, float] = field(default_factory=dict)
+
+
+# A reduced part travels rounded (int4: by up to half a step per value), and may exceed the sum of
+# its contributions' bounds by that much; honest parts stay far below (a head moves a layer by a
+# quarter of its bound at most), so the margin costs no protection worth having.
+REDUCED_SLACK = 1.5
+
+
+def check_reduced(model: LTEModel, values: Mapping[str, torch.Tensor], bound: ReducedBound) -> None:
+    """Refuse a reduced part (its float values, what W adds times s/N) that moves any layer or
+    parameter further than its members' contributions could: whoever reduced it, two owners who
+    agree on one forged digest included, adds at most what the members could have."""
+    coef = merge_scale(model.spec.scale, model.spec.n_heads)
+    n_heads = model.spec.n_heads
+    params = dict(model.model.named_parameters())
+    layers = set(model.layer_names)
+    for name, t in values.items():
+        if name in layers:
+            size = max(model.layer(name).weight_store.master.norm().item(), bound.reach.get(name, 0.0), 1e-12)
+            norm_limit = bound.max_relative_update * bound.heads * size / coef
+            value_limit = bound.contributions * bound.max_update / coef
+        else:
+            p = params[name]
+            floor = max(p.norm().item(), bound.reach.get(name, 1e-2 * p.numel() ** 0.5))
+            norm_limit = bound.max_relative_update * n_heads * bound.heads * floor
+            value_limit = bound.contributions * bound.max_update * n_heads
+        norm = t.double().norm().item()
+        biggest = t.abs().max().item() if t.numel() else 0.0
+        if norm > REDUCED_SLACK * norm_limit or biggest > REDUCED_SLACK * value_limit:
+            raise ContributionError(f"{name}: the reduced part moves it further than its {bound.contributions} "
+                                    f"contributions could (norm {norm:.3g}, limit {norm_limit:.3g}; largest value "
+                                    f"{biggest:.3g}, limit {value_limit:.3g})")
+
+
 def decode_reduced(blob: bytes, model: LTEModel, part: frozenset[str], members: list[str],
-                   expect_digest: str, dtype: ReducedDtype = "fp32") -> dict[str, torch.Tensor]:
+                   expect_digest: str, dtype: ReducedDtype = "fp32", bound: ReducedBound | None = None
+                   ) -> dict[str, torch.Tensor]:
     """A reduced part served by an owner, accepted only if it is exactly the part (names, shapes,
-    the run's `dtype`, finite) and hashes, with `members`, to the digest its owners agreed on;
-    returns the float32 values it stands for."""
+    the run's `dtype`, finite), hashes, with `members`, to the digest its owners agreed on, and
+    stays within what its members could add (`bound`, see `check_reduced`); returns the float32
+    values it stands for."""
     tensors, _ = _load(blob, REDUCED_FORMAT)
     shapes = {name: (layer.out_features, layer.in_features) for name, layer in model.layers() if name in part}
     params = dict(model.model.named_parameters())
@@ -702,7 +751,10 @@ def decode_reduced(blob: bytes, model: LTEModel, part: frozenset[str], members: 
     out = {name: _take(tensors, name, shape, used, kind) for name, (shape, kind) in kinds.items()}
     if reduced_digest(out, members) != expect_digest:
         raise ContributionError("the reduced part does not hash to the digest its owners published")
-    return dequantized(out, dtype, shapes)
+    values = dequantized(out, dtype, shapes)
+    if bound is not None:
+        check_reduced(model, values, bound)
+    return values
 
 
 def encode_state(model: LTEModel, round_: int) -> bytes:

@@ -23,7 +23,7 @@ from swarm.rounds.context import RoundContext
 from swarm.rounds.types import MergeRound, ReduceWork
 from swarm.schemas import PartRecord
 from swarm.transport import NETWORK_ERRORS
-from swarm.wire import (ContributionError, decode_reduced, dequantized, dither_seed, encode_reduced,
+from swarm.wire import (ContributionError, ReducedBound, decode_reduced, dequantized, dither_seed, encode_reduced,
                         reduce_contributions, reduced_digest, reduced_tensors, shapes_of)
 
 log = logging.getLogger(__name__)
@@ -237,9 +237,11 @@ class Reduction:
         if not todo:
             return
 
+        bound = self.reduced_bound(mr, members)
+
         def one(i: int) -> dict | None:
             digest, addresses = agreed[i][members]
-            return self._download_part(mr.round, i, list(members), digest, addresses, first=me + i)
+            return self._download_part(mr.round, i, list(members), digest, addresses, first=me + i, bound=bound)
 
         with ThreadPoolExecutor(max_workers=max(1, min(ctx.cfg.parallel_downloads, len(todo)))) as pool:
             futures = {pool.submit(one, i): i for i in todo}
@@ -249,17 +251,24 @@ class Reduction:
                 if tensors is not None:
                     work.fetched[(futures[future], members)] = tensors
 
+    def reduced_bound(self, mr: MergeRound, members: tuple[str, ...]) -> ReducedBound:
+        """How far a part reduced over `members` may move W: their contributions' bounds, for the
+        heads their signed ready records list (a member without one: the most a peer may hold)."""
+        cfg = self.ctx.cfg
+        heads = sum(len(mr.ready_set[m].heads) if m in mr.ready_set else cfg.max_heads_per_peer for m in members)
+        return ReducedBound(heads, len(members), cfg.max_update, cfg.max_relative_update, self.ctx.reach)
+
     def _download_part(self, r: int, i: int, members: list[str], digest: str, addresses: list[str],
-                       first: int) -> dict | None:
+                       first: int, bound: ReducedBound) -> dict | None:
         """Reduced part i from the first of `addresses` (counted from index `first`) that serves it
-        intact."""
+        intact and within `bound`."""
         ctx = self.ctx
         shift = first % max(1, len(addresses))
         for address in addresses[shift:] + addresses[:shift]:
             try:
                 blob = ctx.server.fetch(address, ctx.keys.reduced_blob(r, i, digest), ctx.cfg.request_timeout,
                                         ctx.max_part_bytes[i])
-                return decode_reduced(blob, ctx.model, ctx.parts[i], members, digest, ctx.cfg.reduced_dtype)
+                return decode_reduced(blob, ctx.model, ctx.parts[i], members, digest, ctx.cfg.reduced_dtype, bound)
             except ContributionError as exc:
                 log.warning("round %d: part %d from %s is bad: %s", r, i, address[-8:], exc)
             except NETWORK_ERRORS as exc:

@@ -1,0 +1,109 @@
+"""Members steering the merge within what each check looks at: contributions that pull the robust
+clip's reference down, and reduced parts forged by the owners that reduce them (two colluding
+owners publish one digest, so the digest alone proves nothing about the values)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from swarm.lora import merge_scale
+from swarm.lte_model import LTEModel, LTESpec
+from swarm.wire import (Contribution, ContributionError, ReducedBound, decode_contribution, decode_reduced,
+                        encode_contribution, encode_reduced, reduce_contributions, reduced_digest, reduced_tensors)
+from tests.conftest import randomize_heads, tiny_vit
+
+SPEC = LTESpec(n_heads=4, rank=2, alpha=8.0, nonlinear="replicate")
+
+
+def _contribution(peer: str, heads: tuple[int, ...], values: dict[str, torch.Tensor]) -> Contribution:
+    return Contribution(peer=peer, heads=heads, weights=values, replicas={}, nbytes=0)
+
+
+@pytest.mark.parametrize("zeros, total", [(2, 4), (3, 6)])
+def test_a_minority_sending_nothing_cannot_scale_everyone_else_to_nothing(zeros, total):
+    """The robust clip's reference is an upper median: fewer than half the contributions, however
+    small, cannot pull it below an honest change, so honest changes pass unscaled and W moves."""
+    names = LTEModel(tiny_vit(), SPEC, []).layer_names
+    shapes = {n: tuple(LTEModel(tiny_vit(), SPEC, []).layer(n).weight_store.shape) for n in names}
+    g = torch.Generator().manual_seed(0)
+    honest = [_contribution(f"h{i}", (i,), {n: torch.randn(shapes[n], generator=g) for n in names})
+              for i in range(total - zeros)]
+    silent = [_contribution(f"z{i}", (total - zeros + i,), {n: torch.zeros(shapes[n]) for n in names})
+              for i in range(zeros)]
+    layers = frozenset(names)
+    clipped = reduce_contributions(LTEModel(tiny_vit(), SPEC, []), honest + silent, robust_clip=8.0, part=layers)
+    plain = reduce_contributions(LTEModel(tiny_vit(), SPEC, []), honest + silent, robust_clip=0.0, part=layers)
+    for n in names:
+        assert clipped[n].norm() > 0
+        torch.testing.assert_close(clipped[n], plain[n], rtol=1e-12, atol=0.0)
+
+
+def _honest_part():
+    """A part of W reduced honestly from two members' contributions (one head each)."""
+    model = LTEModel(tiny_vit(), SPEC, [])
+    part = frozenset(model.layer_names[:3])
+    contributions = []
+    for head in (0, 1):
+        peer = LTEModel(tiny_vit(), SPEC, [head])
+        randomize_heads(peer, seed=head, scale=0.05)
+        blob, _ = encode_contribution(peer, [head])
+        contributions.append(decode_contribution(blob, f"m{head}", model, max_update=10.0, max_relative_update=1.0,
+                                                 part=part))
+    return model, part, reduce_contributions(model, contributions, part=part)
+
+
+BOUND = ReducedBound(heads=2, contributions=2, max_update=10.0, max_relative_update=1.0)
+
+
+def _served(totals, dtype="fp32"):
+    served = reduced_tensors(totals, dtype)
+    return encode_reduced(served), reduced_digest(served, ["m0", "m1"])
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "int4"])
+def test_an_honest_reduced_part_passes_its_members_bound(dtype):
+    model, part, totals = _honest_part()
+    blob, digest = _served(totals, dtype)
+    got = decode_reduced(blob, model, part, ["m0", "m1"], digest, dtype, BOUND)
+    assert set(got) == set(part)
+
+
+@pytest.mark.parametrize("forgery", ["scaled", "reversed", "spike"])
+def test_a_forged_reduced_part_is_refused_though_it_hashes_to_the_digest_its_owners_published(forgery):
+    """Whatever the owners agree on, a part may add to W only what its members could: the family
+    of forgeries (a whole part blown up, a layer turned around, one weight set far off)."""
+    model, part, totals = _honest_part()
+    coef = merge_scale(SPEC.scale, SPEC.n_heads)
+    name = sorted(part)[0]
+    forged = {n: t.clone() for n, t in totals.items()}
+    if forgery == "scaled":
+        forged = {n: t * 50 for n, t in totals.items()}
+    elif forgery == "reversed":  # W += coef * total = -4 W: further than two heads may move it (1.0 each)
+        forged[name] = -4 * model.layer(name).weight_store.master.double() / coef
+    else:
+        forged[name].view(-1)[7] = 100.0 / coef  # one weight moved by 100
+    blob, digest = _served(forged)
+    decode_reduced(blob, model, part, ["m0", "m1"], digest, "fp32")  # the digest alone lets it through
+    with pytest.raises(ContributionError, match="further than its 2 contributions could"):
+        decode_reduced(blob, model, part, ["m0", "m1"], digest, "fp32", BOUND)
+
+
+def test_a_merge_of_in_bound_contributions_always_fits_the_bound_of_its_members():
+    """The bound is the sum of what each contribution may carry: contributions at the very edge
+    of their own checks reduce to a part that still passes."""
+    model = LTEModel(tiny_vit(), SPEC, [])
+    coef = merge_scale(SPEC.scale, SPEC.n_heads)
+    part = frozenset(model.layer_names[:2])
+    edge = []
+    for i in range(3):
+        values = {}
+        for n in part:
+            w = model.layer(n).weight_store.master.double()
+            values[n] = (w / w.norm() * 0.999 * w.norm() / coef * (-1) ** i).float()  # per head: 0.999 of the layer
+        edge.append(_contribution(f"m{i}", (i,), values))
+    totals = reduce_contributions(model, edge, part=part)
+    served = reduced_tensors(totals)
+    bound = ReducedBound(heads=3, contributions=3, max_update=float("inf"), max_relative_update=1.0)
+    decode_reduced(encode_reduced(served), model, part, ["m0", "m1", "m2"], reduced_digest(served, ["m0", "m1", "m2"]),
+                   "fp32", bound)
