@@ -41,7 +41,8 @@ def snapshot(dht, keys: RunKeys, cfg: RunConfig, clock: Clock | None = None) -> 
                      key=lambda s: (-len(s.heads), s.peer))
     statuses = [s.model_dump(mode="json") for s in records]
     by_peer = {s["peer"]: s for s in statuses}
-    leases = HeadLeases(dht, keys, None, cfg.lte.heads, cfg.swarm.lease_seconds, cfg.swarm.settle_seconds, clock)
+    leases = HeadLeases(dht, keys, None, cfg.lte.heads, cfg.swarm.lease_seconds, cfg.swarm.settle_seconds, clock,
+                        max_per_holder=cfg.swarm.max_heads_per_peer)
     leases.admits = membership.admits
     holders = leases.holders()
     progress = dht_io.by_writer(dht_io.read(dht, keys.progress, RunProgress, now)).get(keys.coordinator)

@@ -246,7 +246,7 @@ def join_rounds(rt: "Runtime", keys: RunKeys, cfg: RunConfig, model, *, holds_he
     server = rt.blob_server(keys.run_id)
     sw = cfg.swarm
     leases = HeadLeases(rt.dht, keys, rt.identity if holds_heads else None, cfg.lte.heads, sw.lease_seconds,
-                        sw.settle_seconds, rt.clock, sw.clock_skew, sw.read_replicas)
+                        sw.settle_seconds, rt.clock, sw.clock_skew, sw.read_replicas, sw.max_heads_per_peer)
     protocol = MergeProtocol(rt.dht, server, keys, rt.identity, sw, model, holders=leases.holders, clock=rt.clock,
                              round_=round_, rounds_total=cfg.rounds, reachable=rt.reachable,
                              reach=run_reach(model, cfg), fragments=cfg.lte.fragments)

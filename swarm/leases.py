@@ -26,20 +26,26 @@ log = logging.getLogger(__name__)
 CACHE_SECONDS = 0.5
 
 
-def winners(claims: list[tuple[str, LeaseRecord]], incumbents: dict[int, str] | None = None) -> dict[int, str]:
+def winners(claims: list[tuple[str, LeaseRecord]], incumbents: dict[int, str] | None = None,
+            max_per_holder: int | None = None) -> dict[int, str]:
     """head -> holder, by the deterministic rule: the head's incumbent (whose work on it was merged
     in the latest round) while its claim lives, else the earliest claim, then the smaller
     fingerprint. Incumbency is what keeps a claim dated far in the past from taking heads that
-    others are training."""
+    others are training. No holder gets more than `max_per_holder` heads, whatever its own code
+    claims: heads are given out best claim first (by that rank, then head), and a head whose best
+    claimant is full goes to its next claimant. Every reader sees the same claims the same way,
+    so all agree on who holds what."""
     incumbents = incumbents or {}
-    best: dict[int, tuple[bool, float, str]] = {}
-    for who, c in claims:
-        if c.released:
+    ranked = sorted(((incumbents.get(c.head) != who, c.claimed_at, who, c.head) for who, c in claims
+                     if not c.released))
+    out: dict[int, str] = {}
+    held: dict[str, int] = {}
+    for _, _, who, head in ranked:
+        if head in out or (max_per_holder is not None and held.get(who, 0) >= max_per_holder):
             continue
-        rank = (incumbents.get(c.head) != who, c.claimed_at, who)
-        if c.head not in best or rank < best[c.head]:
-            best[c.head] = rank
-    return {h: who for h, (_, _, who) in best.items()}
+        out[head] = who
+        held[who] = held.get(who, 0) + 1
+    return out
 
 
 class HeadLeases:
@@ -47,8 +53,10 @@ class HeadLeases:
     view, e.g. the coordinator's or the status view's, has none)."""
 
     def __init__(self, dht, keys: RunKeys, identity: Identity | None, n_heads: int, lease_seconds: float,
-                 settle_seconds: float, clock: Clock | None = None, clock_skew: float = 10.0, read_replicas: int = 0):
+                 settle_seconds: float, clock: Clock | None = None, clock_skew: float = 10.0, read_replicas: int = 0,
+                 max_per_holder: int | None = None):
         self.dht, self.keys, self.identity, self.n_heads = dht, keys, identity, n_heads
+        self.max_per_holder = max_per_holder  # `swarm.max_heads_per_peer`, enforced by every reader
         self.read_replicas = read_replicas  # DHT nodes a read asks (`swarm.read_replicas`)
         self.peer = identity.fingerprint if identity is not None else ""
         self.lease_seconds, self.settle_seconds, self.clock_skew = lease_seconds, settle_seconds, clock_skew
@@ -84,7 +92,7 @@ class HeadLeases:
         now = self.clock.monotonic()
         view = self._view
         if view is None or max_age <= 0 or now - view[0] > max_age or (thorough and not view[2]):
-            view = self._view = (now, winners(self.claims(thorough), self.incumbents()), thorough)
+            view = self._view = (now, winners(self.claims(thorough), self.incumbents(), self.max_per_holder), thorough)
         return dict(view[1])
 
     def free_heads(self) -> list[int]:

@@ -1,6 +1,7 @@
 """Members steering the merge within what each check looks at: contributions that pull the robust
-clip's reference down, and reduced parts forged by the owners that reduce them (two colluding
-owners publish one digest, so the digest alone proves nothing about the values)."""
+clip's reference down, reduced parts forged by the owners that reduce them (two colluding owners
+publish one digest, so the digest alone proves nothing about the values), and a member taking
+more heads than the run allows."""
 
 from __future__ import annotations
 
@@ -107,3 +108,37 @@ def test_a_merge_of_in_bound_contributions_always_fits_the_bound_of_its_members(
     bound = ReducedBound(heads=3, contributions=3, max_update=float("inf"), max_relative_update=1.0)
     decode_reduced(encode_reduced(served), model, part, ["m0", "m1", "m2"], reduced_digest(served, ["m0", "m1", "m2"]),
                    "fp32", bound)
+
+
+def test_a_member_claiming_every_head_holds_no_more_than_the_run_allows_in_anyones_view():
+    """`max_heads_per_peer` is the readers' rule, not the claimant's courtesy: a member whose own
+    code claims every head (earliest of all) is seen holding its cap, and every other head goes
+    to the next claimant, the same in every reader's view."""
+    from swarm import dht_io
+    from swarm.identity import Identity
+    from swarm.keys import RunKeys, make_run_id
+    from swarm.leases import HeadLeases
+    from swarm.memnet import MemoryDHT, MemoryNetwork
+    from swarm.schemas import LeaseRecord
+    from peers.node import install_signing
+    from swarm.clock import FakeClock
+
+    clock = FakeClock()
+    net = MemoryNetwork(clock)
+    keys = RunKeys(make_run_id("greedy", "0" * 20))
+    views = []
+    for name in ("greedy", "honest", "reader"):
+        dht, identity = MemoryDHT(net, name), Identity()
+        install_signing(dht, identity)
+        views.append(HeadLeases(dht, keys, identity, 6, lease_seconds=30.0, settle_seconds=1.0, clock=clock,
+                                max_per_holder=2))
+    greedy, honest, reader = views
+    now = clock.now()
+    for head in range(6):  # written past its own cap, dated before anyone else's claim
+        dht_io.store(greedy.dht, keys.leases, greedy.identity, LeaseRecord(head=head, claimed_at=now - 10), now + 30,
+                     tag=RunKeys.lease_tag(head))
+    clock.advance(0.1)
+    assert sorted(honest.claim(2)) == [2, 3]  # heads the greedy member cannot hold are free to claim
+    seen = [v.holders(max_age=0.0) for v in views]
+    assert seen[0] == seen[1] == seen[2] == {0: greedy.peer, 1: greedy.peer, 2: honest.peer, 3: honest.peer}
+    assert reader.free_heads() == [4, 5]
