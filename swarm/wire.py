@@ -293,8 +293,8 @@ def reduce_contributions(model: LTEModel, contributions: list[Contribution], rob
     With `robust_clip` > 0 and 3 or more contributions, a contribution whose change of a layer
     (per head it covers) exceeds `robust_clip` times the round's upper median is scaled down to it:
     one peer moves W at most a few times as much as a typical honest one. The upper median (of an
-    even count, the larger middle value) cannot be pulled down by fewer than half the
-    contributions: a minority sending zeros (or tiny changes) cannot scale everyone else to zero."""
+    even count, the larger middle value) cannot be pulled down by half the contributions or
+    fewer: they cannot, sending zeros (or tiny changes), scale everyone else to zero."""
     ordered = sorted(contributions, key=lambda c: (min(c.heads, default=-1), c.peer))
     clip = robust_clip > 0 and len(ordered) >= 3
     heads = [len(c.heads) for c in ordered]
