@@ -111,7 +111,7 @@ def measure(spec: dict) -> dict:
     optimizer = trainer.trainers[0].optimizer if spec["mode"] == "diloco" else trainer.optimizer
     held += _tensor_bytes(t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t))
     if spec["mode"] == "diloco":
-        held += _tensor_bytes(net.parameters()) + _tensor_bytes(trainer.momentum.values())
+        held += _tensor_bytes(net.parameters()) + _tensor_bytes(trainer.global_model.momentum.values())
     if spec["mode"] == "lte":
         held += sum(layer.weight_store.forward_bytes() for _, layer in model.layers()
                     if not (device.type == "cpu" and layer.weight_store.storage == "fp32"))  # aliases the master

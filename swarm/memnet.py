@@ -201,8 +201,9 @@ class MemoryBlobServer:
 
     def push(self, peer: str, data: bytes, timeout: float) -> None:
         server = self._reach(peer, "pushing to")
-        if server.inbox.put(bytes(data)) is None:
-            raise TransferError(f"{str(peer)[-8:]} refused {len(data)} pushed bytes (its inbox is full)")
+        if not server.inbox.admit(self.peer) or server.inbox.put(bytes(data), self.peer) is None:
+            raise TransferError(f"{str(peer)[-8:]} refused {len(data)} pushed bytes "
+                                "(not a sender it admits, or its inbox is full)")
         self.bytes_sent += len(data)
         server.bytes_received += len(data)
 

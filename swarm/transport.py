@@ -34,6 +34,10 @@ log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 1 << 20
 _HEADER = struct.Struct("<BQ")  # found flag, total length
+# A push must arrive at this many bytes a second, after a grace for its first ones: a member on a
+# slow uplink sends far faster (64 kbit/s is the floor), a stream that trickles or stalls is dropped.
+PUSH_MIN_RATE = 8 * 1024
+PUSH_GRACE = 15.0
 # libp2p refuses to dial a peer again for about this long after a dial to it failed (5 s, growing
 # with repeated failures).
 DIAL_BACKOFF = 5.0
@@ -57,26 +61,72 @@ def pushed_name(digest: str) -> str:
 
 
 class Inbox:
-    """Blobs other peers pushed to us, by sha256, within a byte budget: a push that would exceed it
-    is refused (a flood costs the flooder's pushes, not our memory). Blobs expire after
-    `keep_seconds`. Thread-safe."""
+    """Blobs other peers pushed to us, by sha256, and the rules of who may push how much.
 
-    def __init__(self, limit_bytes: int = 0, keep_seconds: float = 600.0, clock: Callable[[], float] = time.monotonic):
+    A push is taken only from a sender `admits` accepts (by its libp2p peer id, which the transport
+    authenticates; everyone by default, the merge protocol narrows it to the run's members that
+    push); each sender holds at most `per_sender_bytes` (its newest pushes: an older one of its own
+    makes room for a newer, never another sender's), all senders together at most `limit_bytes`
+    (a push past it is refused: a flood costs the flooder's pushes, not our memory), and at most
+    `max_streams` pushes of one sender are read at once. Blobs expire after `keep_seconds`.
+    Thread-safe."""
+
+    def __init__(self, limit_bytes: int = 0, keep_seconds: float = 600.0, clock: Callable[[], float] = time.monotonic,
+                 per_sender_bytes: int | None = None, max_streams: int = 2):
         self.limit_bytes, self.keep_seconds, self._clock = limit_bytes, keep_seconds, clock
-        self._blobs: dict[str, tuple[float, bytes]] = {}
+        self.per_sender_bytes = per_sender_bytes  # None: limit_bytes
+        self.max_streams = max_streams
+        self.admits: Callable[[str], bool] = lambda sender: True
+        self._blobs: dict[str, tuple[float, bytes, str]] = {}  # digest -> (when, data, sender)
+        self._streams: dict[str, int] = {}
         self._lock = threading.Lock()
 
-    def put(self, data: bytes) -> str | None:
-        """Keep `data`; its digest, or None if refused."""
+    def admit(self, sender: str) -> bool:
+        """Whether `sender` may push to us at all (a failing rule admits nobody)."""
+        try:
+            return bool(self.admits(sender))
+        except Exception:
+            log.exception("could not decide whether %s may push", sender[-8:])
+            return False
+
+    def sender_limit(self) -> int:
+        return self.limit_bytes if self.per_sender_bytes is None else min(self.per_sender_bytes, self.limit_bytes)
+
+    def open_stream(self, sender: str) -> bool:
+        """Count a push of `sender` being read; False (and nothing counted) past `max_streams`."""
+        with self._lock:
+            if self._streams.get(sender, 0) >= self.max_streams:
+                return False
+            self._streams[sender] = self._streams.get(sender, 0) + 1
+            return True
+
+    def close_stream(self, sender: str) -> None:
+        with self._lock:
+            left = self._streams.get(sender, 0) - 1
+            if left > 0:
+                self._streams[sender] = left
+            else:
+                self._streams.pop(sender, None)
+
+    def put(self, data: bytes, sender: str = "") -> str | None:
+        """Keep `data` pushed by `sender`; its digest, or None if refused."""
         digest = hashlib.sha256(data).hexdigest()
         now = self._clock()
         with self._lock:
-            for key in [k for k, (t, _) in self._blobs.items() if now - t > self.keep_seconds]:
+            for key in [k for k, (t, _, _) in self._blobs.items() if now - t > self.keep_seconds]:
                 del self._blobs[key]
-            if digest not in self._blobs:
-                if sum(len(b) for _, b in self._blobs.values()) + len(data) > self.limit_bytes:
-                    return None
-                self._blobs[digest] = (now, data)
+            if digest in self._blobs:
+                return digest
+            if len(data) > self.sender_limit():
+                return None
+            own = sorted((t, k) for k, (t, _, who) in self._blobs.items() if who == sender)
+            held = sum(len(self._blobs[k][1]) for _, k in own)
+            while own and held + len(data) > self.sender_limit():  # the sender's oldest make room
+                _, key = own.pop(0)
+                held -= len(self._blobs.pop(key)[1])
+            if sum(len(b) for _, b, _ in self._blobs.values()) + len(data) > self.limit_bytes:
+                return None
+            self._blobs[digest] = (now, data, sender)
         return digest
 
     def get(self, digest: str) -> bytes | None:
@@ -104,15 +154,38 @@ class _BlobServicer(ServicerBase):
 
     async def rpc_push(self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
                        ) -> runtime_pb2.ExpertResponse:
-        """Take a blob pushed to us in chunks; reply with its digest, or nothing if refused."""
-        parts, size, limit = [], 0, self.owner.inbox.limit_bytes
-        async for request in requests:
-            size += len(request.metadata)
-            if size > limit:
-                return runtime_pb2.ExpertResponse(metadata=b"")
-            parts.append(request.metadata)
+        """Take a blob pushed to us in chunks; reply with its digest, or nothing if refused: when
+        the inbox does not admit its sender (checked before a byte is read), the sender has
+        `max_streams` pushes under way already, the blob outgrows what the sender may hold, or
+        it arrives slower than `PUSH_MIN_RATE` after `PUSH_GRACE` seconds (a stream that sends a
+        byte and stalls holds nothing for long)."""
+        inbox, loop = self.owner.inbox, asyncio.get_running_loop()
+        sender = str(context.remote_id)
+        refused = runtime_pb2.ExpertResponse(metadata=b"")
+        if not await loop.run_in_executor(None, inbox.admit, sender):
+            return refused
+        if not inbox.open_stream(sender):
+            return refused
+        try:
+            parts, size, limit = [], 0, inbox.sender_limit()
+            chunks, started = requests.__aiter__(), loop.time()
+            while True:
+                left = self.owner.push_grace + size / self.owner.push_min_rate - (loop.time() - started)
+                try:
+                    request = await asyncio.wait_for(chunks.__anext__(), max(left, 0.0))
+                except StopAsyncIteration:
+                    break
+                except asyncio.TimeoutError:
+                    log.info("a push from %s stalled after %d bytes; dropped", sender[-8:], size)
+                    return refused
+                size += len(request.metadata)
+                if size > limit:
+                    return refused
+                parts.append(request.metadata)
+        finally:
+            inbox.close_stream(sender)
         self.owner.count(received=size)
-        digest = self.owner.inbox.put(b"".join(parts))
+        digest = inbox.put(b"".join(parts), sender)
         return runtime_pb2.ExpertResponse(metadata=(digest or "").encode())
 
 
@@ -126,7 +199,8 @@ class BlobServer:
         self.stop = stop  # a set stop event cuts a download short (raising Stopped)
         self._blobs: dict[str, bytes | Provider] = {}
         self._lock = threading.Lock()
-        self.inbox = Inbox()  # its budget is set by the merge protocol, which knows the model
+        self.inbox = Inbox()  # its budget and who may push are set by the merge protocol
+        self.push_min_rate, self.push_grace = PUSH_MIN_RATE, PUSH_GRACE
         self.bytes_sent = 0
         self.bytes_received = 0
         self._broken_handshakes: dict[str, float] = {}  # peer -> when a dial to it last broke in its handshake
@@ -214,7 +288,8 @@ class BlobServer:
         """Upload `data` into `peer`'s inbox; raises TransferError if it fails or is refused."""
         digest = self._wait(self._push(peer, data), timeout, f"pushing {len(data)} bytes to {peer[-8:]}")
         if digest != hashlib.sha256(data).hexdigest():
-            raise TransferError(f"{peer[-8:]} refused {len(data)} pushed bytes (its inbox is full)")
+            raise TransferError(f"{peer[-8:]} refused {len(data)} pushed bytes (not a sender it admits, "
+                                "or its inbox is full)")
 
     async def _push(self, peer: str, data: bytes) -> str:
         stub = _BlobServicer.get_stub(self._p2p, PeerID.from_base58(peer), namespace=self.namespace)

@@ -60,24 +60,40 @@ def test_peers_all_behind_nat_merge_through_the_coordinator(tmp_path):
     _run(tmp_path, "all", [False, False, False])
 
 
-def test_the_inbox_keeps_pushes_by_digest_within_its_budget():
+def test_the_inbox_keeps_pushes_by_digest_within_its_budgets():
     now = [0.0]
-    inbox = Inbox(limit_bytes=10, keep_seconds=60, clock=lambda: now[0])
-    first = inbox.put(b"abcdef")
+    inbox = Inbox(limit_bytes=10, keep_seconds=60, clock=lambda: now[0], per_sender_bytes=7)
+    first = inbox.put(b"abcdef", "a")
     assert first == hashlib.sha256(b"abcdef").hexdigest() and inbox.get(first) == b"abcdef"
-    assert inbox.put(b"ghijkl") is None  # over the budget: refused, the first one kept
-    assert inbox.put(b"abcdef") == first  # the same blob again costs nothing
+    assert inbox.put(b"ghijkl", "b") is None  # over the budget of all senders: refused, the first one kept
+    assert inbox.put(b"abcdef", "b") == first  # the same blob again costs nothing
+    assert inbox.put(b"12345678", "b") is None  # more than one sender may hold
+    newer = inbox.put(b"mnop", "a")  # a sender's own older push makes room for its newer one
+    assert newer is not None and inbox.get(first) is None and inbox.get(newer) == b"mnop"
+    assert inbox.put(b"1234567", "b") is None and inbox.get(newer) == b"mnop"  # never at another sender's cost
     now[0] = 61.0
-    assert inbox.put(b"ghijkl") is not None and inbox.get(first) is None  # old pushes expire
+    assert inbox.put(b"ghijkl", "b") is not None and inbox.get(newer) is None  # old pushes expire
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "an inbox keeps what was pushed to it for 6 round timeouts within a budget of N contributions "
-    "(swarm/rounds/collection.py): a peer behind NAT pushing every round fills the inboxes of the peers it pushes "
-    "to within a few fast rounds, and is left out of every later round until its old pushes expire"))
+def test_the_inbox_admits_by_its_rule_and_caps_each_senders_streams():
+    inbox = Inbox(limit_bytes=100, max_streams=2)
+    inbox.admits = lambda sender: sender.startswith("member")
+    assert inbox.admit("member-1") and not inbox.admit("stranger")
+
+    def broken(sender):
+        raise RuntimeError("no DHT")
+    inbox.admits = broken
+    assert not inbox.admit("member-1")  # a rule that fails admits nobody
+    assert inbox.open_stream("m") and inbox.open_stream("m") and not inbox.open_stream("m")
+    assert inbox.open_stream("n")  # per sender
+    inbox.close_stream("m")
+    assert inbox.open_stream("m")
+
+
 def test_a_peer_behind_nat_contributes_round_after_round(tmp_path):
     """The digits model of the loopback swarm tests (tests/harness.py), 7 quick rounds: the peer
-    behind NAT is a member of every one of them."""
+    behind NAT is a member of every one of them (its older pushes make room for its newer ones in
+    the inboxes of the peers it pushes to)."""
     from swarm.config import load_config
     from tests.harness import write_config
 

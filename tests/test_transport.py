@@ -107,3 +107,57 @@ def test_a_dial_broken_in_its_handshake_is_dialed_again_and_a_gone_peer_fails_at
                 closing()
             except Exception:
                 pass
+
+
+def test_pushes_are_taken_from_admitted_senders_only_and_a_stalled_push_is_dropped():
+    """Over real nodes: the receiver's rule sees the pusher's authenticated peer id and refuses a
+    sender it does not admit before keeping a byte; an admitted sender's push lands; a push stream
+    that sends a chunk and stalls is dropped after the grace, freeing the sender's stream slot."""
+    import asyncio
+
+    import hivemind
+    from hivemind.p2p import PeerID
+    from hivemind.proto import runtime_pb2
+
+    from swarm.transport import _BlobServicer
+
+    receiver_node = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    sender_node = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"],
+                               initial_peers=receiver_node.get_visible_maddrs())
+    receiver, sender = BlobServer(receiver_node, namespace="t"), BlobServer(sender_node, namespace="t")
+    try:
+        receiver.inbox.limit_bytes = 1 << 24
+        receiver.push_grace, receiver.push_min_rate = 1.0, 1 << 20
+        seen: list[str] = []
+        me = str(sender_node.peer_id)
+        receiver.inbox.admits = lambda who: seen.append(who) or False
+        with pytest.raises(TransferError):  # refused, or its stream closed under it
+            sender.push(str(receiver_node.peer_id), BLOB, timeout=30)
+        assert seen == [me] and receiver.bytes_received == 0  # the rule saw who it was, nothing was kept
+        receiver.inbox.admits = lambda who: who == me
+        sender.push(str(receiver_node.peer_id), BLOB, timeout=30)
+        assert receiver.lookup("sha256:" + __import__("hashlib").sha256(BLOB).hexdigest()) == BLOB
+
+        async def stalled() -> bytes:
+            stub = _BlobServicer.get_stub(sender._p2p, PeerID.from_base58(str(receiver_node.peer_id)), namespace="t")
+
+            async def chunks():
+                yield runtime_pb2.ExpertRequest(metadata=b"x" * 1000)
+                await asyncio.sleep(30)  # and nothing more
+            return (await stub.rpc_push(chunks())).metadata
+
+        pending = asyncio.run_coroutine_threadsafe(stalled(), sender._loop)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not receiver.inbox._streams:  # until the receiver reads it
+            time.sleep(0.05)
+        assert receiver.inbox._streams == {me: 1}
+        while time.monotonic() < deadline and receiver.inbox._streams:
+            time.sleep(0.05)
+        assert receiver.inbox._streams == {}  # dropped after the grace, well before the 30 s stall ends
+        assert receiver.bytes_received == len(BLOB)  # nothing of it was kept
+        pending.cancel()
+    finally:
+        receiver.shutdown()
+        sender.shutdown()
+        sender_node.shutdown()
+        receiver_node.shutdown()

@@ -44,9 +44,13 @@ class Collection:
         # (`wire.compact_part`). With fragments a part's next turn is k rounds on: kept until then.
         self._sent_factors: dict[int, dict[str, torch.Tensor]] = {}
         self._bases: dict[tuple[str, int], tuple[int, str, dict[str, torch.Tensor]]] = {}
-        # Pushed blobs are kept within a budget: every head's contribution, in the worst case.
-        ctx.server.inbox.limit_bytes = ctx.model.spec.n_heads * (ctx.max_contribution_bytes + LISTING_BYTES)
-        ctx.server.inbox.keep_seconds = KEEP_CONTRIBUTIONS * 2 * ctx.cfg.round_timeout
+        # Pushed blobs are kept within a budget: every head's contribution, in the worst case; of
+        # it, one sender holds its latest two rounds' pushes to us at most (a contribution, or its
+        # parts, and their digest list each), its older ones making room for them.
+        inbox = ctx.server.inbox
+        inbox.limit_bytes = ctx.model.spec.n_heads * (ctx.max_contribution_bytes + LISTING_BYTES)
+        inbox.per_sender_bytes = 2 * (ctx.max_contribution_bytes + LISTING_BYTES)
+        inbox.keep_seconds = KEEP_CONTRIBUTIONS * 2 * ctx.cfg.round_timeout
 
     # ---- ours --------------------------------------------------------------------------------
     def offer(self, mr: MergeRound, contribution: bytes, ready: ReadyRecord) -> ReadyRecord:

@@ -69,6 +69,9 @@ POLL_BACKOFF = 1.5
 # An open round asks whether the others already merged it (a read of the round's votes) at most
 # this often; it reads the ready records at every poll. Votes exist only once the round closed.
 CLOSED_EVERY = 1.0
+# A push from a sender no counted ready record names makes us read the rounds' ready records again
+# at most this often: strangers pushing cost us a DHT read a second at most.
+PUSHERS_READ_EVERY = 1.0
 
 
 class MergeProtocol:
@@ -88,6 +91,35 @@ class MergeProtocol:
         self.state = StateTransfer(ctx, self.agreement, round_)
         self.collection = Collection(ctx, self.agreement.donors)
         self.reduction = Reduction(ctx, self.collection)
+        self._pushers: dict[int, set[str]] = {}  # round -> addresses its counted ready records push from
+        self._pushers_read = float("-inf")
+        server.inbox.admits = self.admits_push
+
+    def admits_push(self, sender: str) -> bool:
+        """Whether `sender` (a libp2p peer id, which the transport authenticated) may push to us: a
+        member that cannot be reached and says so in a ready record that counts (`Agreement.ready`:
+        signed by the holder of every head it lists) for the round before ours, ours or the next,
+        naming `sender` as its address. Anyone else's push costs us a refused stream. An unknown
+        sender makes us read those rounds' records again, at most every PUSHERS_READ_EVERY seconds."""
+        r = self.round
+        rounds = (r - 1, r, r + 1)
+        if any(sender in self._pushers.get(x, ()) for x in rounds):
+            return True
+        now = self.clock.monotonic()
+        if now - self._pushers_read < PUSHERS_READ_EVERY:
+            return False
+        self._pushers_read = now
+        for x in rounds:
+            if x >= 0:
+                self._note_pushers(x, self.agreement.ready(x))
+        return any(sender in self._pushers.get(x, ()) for x in rounds)
+
+    def _note_pushers(self, r: int, ready_set: dict[str, ReadyRecord]) -> None:
+        """Remember who pushes in round r, from a ready set read anyway (the rounds' polls read
+        it before any member pushes, so `admits_push` rarely reads it for a push)."""
+        self._pushers = {x: v for x, v in self._pushers.items() if x >= r - 2}
+        self._pushers[r] = self._pushers.get(r, set()) | {rec.p2p for rec in ready_set.values()
+                                                           if rec.pushed is not None}
 
     # ---- what peer roles use ---------------------------------------------------------------
     @property
@@ -192,6 +224,7 @@ class MergeProtocol:
     def _poll_open(self, mr: MergeRound) -> None:
         r, now = mr.round, self.clock.monotonic()
         ready_set = self.agreement.ready(r)
+        self._note_pushers(r, ready_set)
         close = False
         if ready_set:
             if mr.first_ready_seen is None:  # our own clock decides, not the records' dates
@@ -228,6 +261,7 @@ class MergeProtocol:
         if not mr.settled:
             mr.settled = True
             mr.ready_set = self.agreement.ready(r, thorough=True)  # the round's members
+            self._note_pushers(r, mr.ready_set)
             if mr.contribution is not None and self.peer not in mr.ready_set:  # our record never made it out
                 log.warning("our ready record for round %d is not visible; merging without us", r)
             mr.waited = self.clock.monotonic() - mr.started

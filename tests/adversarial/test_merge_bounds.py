@@ -138,7 +138,8 @@ def test_a_member_claiming_every_head_holds_no_more_than_the_run_allows_in_anyon
         dht_io.store(greedy.dht, keys.leases, greedy.identity, LeaseRecord(head=head, claimed_at=now - 10), now + 30,
                      tag=RunKeys.lease_tag(head))
     clock.advance(0.1)
-    assert sorted(honest.claim(2)) == [2, 3]  # heads the greedy member cannot hold are free to claim
+    won = sorted(honest.claim(2))  # heads the greedy member cannot hold are free to claim
+    assert len(won) == 2 and set(won) <= {2, 3, 4, 5}
     seen = [v.holders(max_age=0.0) for v in views]
-    assert seen[0] == seen[1] == seen[2] == {0: greedy.peer, 1: greedy.peer, 2: honest.peer, 3: honest.peer}
-    assert reader.free_heads() == [4, 5]
+    assert seen[0] == seen[1] == seen[2] == {0: greedy.peer, 1: greedy.peer, **{h: honest.peer for h in won}}
+    assert reader.free_heads() == sorted({2, 3, 4, 5} - set(won))
