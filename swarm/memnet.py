@@ -174,6 +174,8 @@ class MemoryBlobServer:
         self._blobs: dict[str, bytes | Callable[[], bytes]] = {}
         self.inbox = Inbox(clock=network.clock.monotonic)
         self.unreachable = False  # a client-mode node: it can fetch and push, nobody can fetch from it
+        self.stall = 0.0  # seconds each fetch from it takes (a link that trickles), in fake time
+        self.stalled_fetches = 0
         self.bytes_sent = 0
         self.bytes_received = 0
         network.servers[self.peer] = self
@@ -209,6 +211,11 @@ class MemoryBlobServer:
 
     def fetch(self, peer: str, name: str, timeout: float, max_bytes: int) -> bytes:
         server = self._reach(peer, f"fetching {name} from")
+        if server.stall > 0:  # it answers, then trickles: the fetch takes its time, or its whole timeout
+            server.stalled_fetches += 1
+            self.network.clock.advance(min(server.stall, timeout))
+            if server.stall >= timeout:
+                raise TransferError(f"timed out after {timeout:.0f}s fetching {name} from {str(peer)[-8:]}")
         data = server.lookup(name)
         if data is None:
             raise TransferError(f"{str(peer)[-8:]} does not have {name}")

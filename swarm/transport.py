@@ -34,10 +34,11 @@ log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 1 << 20
 _HEADER = struct.Struct("<BQ")  # found flag, total length
-# A push must arrive at this many bytes a second, after a grace for its first ones: a member on a
-# slow uplink sends far faster (64 kbit/s is the floor), a stream that trickles or stalls is dropped.
-PUSH_MIN_RATE = 8 * 1024
-PUSH_GRACE = 15.0
+# Every stream, a download or a push, must move this many bytes a second on average, after a grace
+# for its first ones: a member on a slow uplink sends far faster (32 kbit/s is the floor), and a
+# stream that trickles or stalls is dropped instead of holding its reader for a whole timeout.
+STREAM_MIN_RATE = 4 * 1024
+STREAM_GRACE = 15.0
 # libp2p refuses to dial a peer again for about this long after a dial to it failed (5 s, growing
 # with repeated failures).
 DIAL_BACKOFF = 5.0
@@ -157,8 +158,8 @@ class _BlobServicer(ServicerBase):
         """Take a blob pushed to us in chunks; reply with its digest, or nothing if refused: when
         the inbox does not admit its sender (checked before a byte is read), the sender has
         `max_streams` pushes under way already, the blob outgrows what the sender may hold, or
-        it arrives slower than `PUSH_MIN_RATE` after `PUSH_GRACE` seconds (a stream that sends a
-        byte and stalls holds nothing for long)."""
+        it arrives slower than `BlobServer.allowance` lets it (a stream that sends a byte and
+        stalls holds nothing for long)."""
         inbox, loop = self.owner.inbox, asyncio.get_running_loop()
         sender = str(context.remote_id)
         refused = runtime_pb2.ExpertResponse(metadata=b"")
@@ -170,7 +171,7 @@ class _BlobServicer(ServicerBase):
             parts, size, limit = [], 0, inbox.sender_limit()
             chunks, started = requests.__aiter__(), loop.time()
             while True:
-                left = self.owner.push_grace + size / self.owner.push_min_rate - (loop.time() - started)
+                left = self.owner.allowance(size) - (loop.time() - started)
                 try:
                     request = await asyncio.wait_for(chunks.__anext__(), max(left, 0.0))
                 except StopAsyncIteration:
@@ -200,7 +201,7 @@ class BlobServer:
         self._blobs: dict[str, bytes | Provider] = {}
         self._lock = threading.Lock()
         self.inbox = Inbox()  # its budget and who may push are set by the merge protocol
-        self.push_min_rate, self.push_grace = PUSH_MIN_RATE, PUSH_GRACE
+        self.min_rate, self.grace = STREAM_MIN_RATE, STREAM_GRACE
         self.bytes_sent = 0
         self.bytes_received = 0
         self._broken_handshakes: dict[str, float] = {}  # peer -> when a dial to it last broke in its handshake
@@ -217,6 +218,10 @@ class BlobServer:
 
     def _run(self, coro, timeout: float):
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    def allowance(self, nbytes: int) -> float:
+        """Seconds a stream may have taken to move `nbytes`: the grace, then `min_rate`."""
+        return self.grace + nbytes / self.min_rate
 
     # ---- serving ---------------------------------------------------------------------------
     def publish(self, name: str, blob: bytes | Provider) -> None:
@@ -326,11 +331,21 @@ class BlobServer:
 
     async def _fetch(self, peer: str, name: str, max_bytes: int) -> bytes:
         stub = _BlobServicer.get_stub(self._p2p, PeerID.from_base58(peer), namespace=self.namespace)
-        stream = await stub.rpc_fetch(runtime_pb2.ExpertRequest(uid=name))
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        stream = (await stub.rpc_fetch(runtime_pb2.ExpertRequest(uid=name))).__aiter__()
         header = None
         parts: list[bytes] = []
         received = 0
-        async for message in stream:
+        while True:
+            try:
+                message = await asyncio.wait_for(stream.__anext__(),
+                                                 max(self.allowance(received) - (loop.time() - started), 0.0))
+            except StopAsyncIteration:
+                break
+            except asyncio.TimeoutError:
+                raise TransferError(f"{peer[-8:]} sent {received} bytes of {name} in {loop.time() - started:.0f}s, "
+                                    f"slower than {self.min_rate} bytes/s") from None
             if header is None:
                 if len(message.metadata) != _HEADER.size:
                     raise TransferError(f"{peer[-8:]} sent a malformed header for {name}")

@@ -1,7 +1,9 @@
 """The blob transport over real hivemind nodes on loopback. A download whose dial broke in the
 security handshake (as when two peers dial each other at the same moment, both fetching the
 other's blobs) dials again after a pause past libp2p's dial backoff and completes once the peer
-answers properly, within the caller's timeout; a download from a peer that is gone fails at once."""
+answers properly, within the caller's timeout; a download from a peer that is gone fails at once.
+Pushes come from admitted senders only, and a stream that stalls or trickles, pushed or downloaded,
+is dropped once it falls behind the minimum rate."""
 
 from __future__ import annotations
 
@@ -127,7 +129,7 @@ def test_pushes_are_taken_from_admitted_senders_only_and_a_stalled_push_is_dropp
     receiver, sender = BlobServer(receiver_node, namespace="t"), BlobServer(sender_node, namespace="t")
     try:
         receiver.inbox.limit_bytes = 1 << 24
-        receiver.push_grace, receiver.push_min_rate = 1.0, 1 << 20
+        receiver.grace, receiver.min_rate = 1.0, 1 << 20
         seen: list[str] = []
         me = str(sender_node.peer_id)
         receiver.inbox.admits = lambda who: seen.append(who) or False
@@ -161,3 +163,41 @@ def test_pushes_are_taken_from_admitted_senders_only_and_a_stalled_push_is_dropp
         sender.shutdown()
         sender_node.shutdown()
         receiver_node.shutdown()
+
+
+def test_a_download_that_trickles_is_dropped_once_it_falls_behind_the_minimum_rate():
+    """A peer that sends the header and then a few bytes now and then holds a reader for the
+    grace and the bytes it sent at the minimum rate, not for the caller's whole timeout."""
+    import asyncio
+
+    import hivemind
+    from hivemind.proto import runtime_pb2
+
+    from swarm.transport import _HEADER, _BlobServicer
+
+    async def trickle(self, request, context):
+        yield runtime_pb2.ExpertResponse(metadata=_HEADER.pack(1, 1 << 20))
+        for _ in range(100):
+            yield runtime_pb2.ExpertResponse(metadata=b"x" * 100)
+            await asyncio.sleep(0.5)
+
+    # named as the real servicer: its handlers are registered under the class's name
+    Trickler = type("_BlobServicer", (_BlobServicer,), {"rpc_fetch": trickle})
+
+    server_node = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    reader_node = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"],
+                               initial_peers=server_node.get_visible_maddrs())
+    server, reader = BlobServer(server_node, namespace="t"), BlobServer(reader_node, namespace="t")
+    try:
+        server._run(server._servicer.remove_p2p_handlers(server._p2p, namespace="t"), timeout=10)
+        server._run(Trickler(server).add_p2p_handlers(server._p2p, namespace="t"), timeout=10)
+        reader.grace, reader.min_rate = 2.0, 1000.0
+        started = time.monotonic()
+        with pytest.raises(TransferError, match="slower than 1000"):
+            reader.fetch(str(server_node.peer_id), "w", timeout=60, max_bytes=1 << 21)
+        assert time.monotonic() - started < 10  # 2 s of grace and a few hundred bytes' worth, not 60 s
+    finally:
+        reader.shutdown()
+        server.shutdown()
+        reader_node.shutdown()
+        server_node.shutdown()

@@ -207,18 +207,31 @@ class Collection:
         return parsed
 
     def _fetch_member(self, mr: MergeRound, rec: ReadyRecord, name: str, bound: int) -> bytes:
+        """One of a member's blobs, from the member. A member that let a fetch of this round run
+        into its deadline (stalling, or trickling bytes) is not asked again this round, for this
+        blob or any other: it costs a round one timeout, not one per part we need of it."""
         ctx = self.ctx
-        started = ctx.clock.monotonic()
+        if rec.p2p in mr.slow:
+            raise TransferError("it let a fetch of this round time out already")
+
+        def fetch() -> bytes:
+            started = ctx.clock.monotonic()
+            try:
+                return ctx.server.fetch(rec.p2p, name, ctx.cfg.request_timeout, bound)
+            except NETWORK_ERRORS:
+                if ctx.clock.monotonic() - started > ctx.cfg.request_timeout / 2:
+                    mr.slow.add(rec.p2p)
+                raise
+
         try:
-            return ctx.server.fetch(rec.p2p, name, ctx.cfg.request_timeout, bound)
+            return fetch()
         except NETWORK_ERRORS as exc:
             # A stream cut short on a busy home link must not leave a live member out of the round
-            # (its part's owners would then disagree); a peer that let a request time out is not
-            # asked twice.
-            if ctx.clock.monotonic() - started > ctx.cfg.request_timeout / 2:
+            # (its part's owners would then disagree): asked once more, unless it was slow.
+            if rec.p2p in mr.slow:
                 raise
             log.info("round %d: fetching %s again after: %s", mr.round, name, exc)
-            return ctx.server.fetch(rec.p2p, name, ctx.cfg.request_timeout, bound)
+        return fetch()
 
     # ---- what unreachable members pushed -------------------------------------------------------
     def _coordinator_p2p(self, mr: MergeRound) -> list[str]:

@@ -52,3 +52,27 @@ def test_strangers_and_members_that_do_not_push_cannot_fill_an_inbox(tmp_path):
         assert senders <= {str(mem["p2"].rt.dht.peer_id)}
     members = [len(r["members"]) for r in mem["coordinator"].events.of("round")]
     assert members == [3] * rounds, members
+
+
+def test_a_member_that_trickles_costs_each_peer_one_timeout_a_round_not_one_per_part(tmp_path):
+    """A member whose every fetch runs into the request timeout (it answers, then trickles) is
+    asked once a round by each peer that needs its blobs, then skipped for its other parts; the
+    others merge without it."""
+    from swarm.config import load_config
+    from tests.harness import write_config
+
+    rounds = 3
+    cfg = load_config(write_config(tmp_path / "run.yaml", heads=4, merge_every=2, rounds=rounds, min_heads=4,
+                                   part_owners=1, parts=16))
+    mem = MemorySwarm(cfg, tmp_path)
+    mem.coordinator()
+    for i in range(4):
+        mem.trainer(f"p{i}")
+    slow = mem["p3"].role.server
+    slow.stall = 1e9
+    mem.run()
+    assert all(n.state == "finished" for n in mem.nodes.values())
+    merged = [r for r in mem["coordinator"].events.of("round") if r["members"]]
+    assert merged and all(len(r["members"]) == 3 for r in merged)  # merged without it
+    # each of the other 4 nodes asked it at most once a round (parts: 16, so it owns several)
+    assert 0 < slow.stalled_fetches <= 4 * rounds, slow.stalled_fetches
