@@ -162,9 +162,14 @@ class Agreement:
                      ctx.expiration())
 
 
-def agreed_vote(votes: dict[str, HashRecord]) -> HashRecord:
-    """The vote for the digest most peers hold; ties go to the one merging more contributions,
-    then the larger digest, so every peer that sees the same votes picks the same one."""
+def agreed_vote(votes: dict[str, HashRecord], own: str | None = None) -> HashRecord:
+    """The vote for the digest most peers hold. A tie is broken by nothing a voter fills in (a
+    voter chooses its digest and the members it lists, and could grind either): our `own` digest
+    wins a tie it is in, so honest peers, who all computed the same W, keep it against as many
+    colluders as there are of them; a tie we are not in goes to the smallest digest, the same
+    choice for everyone who sees the same votes."""
     counts = Counter(v.digest for v in votes.values())
-    sample = {v.digest: v for v in votes.values()}
-    return sample[max(counts, key=lambda d: (counts[d], len(sample[d].members), d))]
+    top = max(counts.values())
+    tied = sorted(d for d, n in counts.items() if n == top)
+    digest = own if own in tied else tied[0]
+    return next(v for _, v in sorted(votes.items()) if v.digest == digest)

@@ -350,7 +350,7 @@ class MergeProtocol:
             return
         # Our own vote counts even if the DHT did not take it (then we only agree with ourselves).
         votes[self.peer] = HashRecord(round=r, digest=mr.digest, members=mr.members)
-        agreed = votes[self.authority] if self.authority in votes else agreed_vote(votes)
+        agreed = votes[self.authority] if self.authority in votes else agreed_vote(votes, mr.digest)
         mr.agreed_members = list(agreed.members)
         result = RoundResult(round=r, new_round=r + 1, rejected=mr.rejected, seconds_waiting=mr.waited,
                              reduced=mr.work is not None, raw_parts=len(mr.work.raw) if mr.work is not None else 0)

@@ -143,3 +143,23 @@ def test_a_member_claiming_every_head_holds_no_more_than_the_run_allows_in_anyon
     seen = [v.holders(max_age=0.0) for v in views]
     assert seen[0] == seen[1] == seen[2] == {0: greedy.peer, 1: greedy.peer, **{h: honest.peer for h in won}}
     assert reader.free_heads() == sorted({2, 3, 4, 5} - set(won))
+
+
+def test_a_tied_vote_is_broken_by_nothing_a_voter_fills_in():
+    """With the coordinator down, two colluders voting a forged digest against two honest peers
+    cannot win the tie by listing more members (or by grinding a larger digest): each honest peer
+    keeps the W it computed, which is the one every honest peer computed."""
+    from swarm.rounds import agreed_vote
+    from swarm.schemas import HashRecord
+
+    honest, forged = "a" * 64, "f" * 64
+    fingerprints = [f"{i:020x}" for i in range(6)]
+    votes = {"h1": HashRecord(round=3, digest=honest, members=fingerprints[:2]),
+             "h2": HashRecord(round=3, digest=honest, members=fingerprints[:2]),
+             "x1": HashRecord(round=3, digest=forged, members=fingerprints),
+             "x2": HashRecord(round=3, digest=forged, members=fingerprints)}
+    assert agreed_vote(votes, own=honest).digest == honest
+    assert agreed_vote(votes, own=forged).digest == forged  # the colluders keep theirs: no one is moved
+    assert agreed_vote(votes).digest == honest  # a tie we are not in: the smallest digest, for everyone
+    votes["h3"] = HashRecord(round=3, digest=honest, members=fingerprints[:2])
+    assert agreed_vote(votes, own=forged).digest == honest  # a plurality still decides
