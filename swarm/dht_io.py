@@ -9,6 +9,7 @@ import asyncio
 import dataclasses
 import functools
 import logging
+import random
 import threading
 from typing import Any
 
@@ -137,7 +138,10 @@ async def _read_nearest(_dht, node, key: str, replicas: int):
     that fails is dropped alone (hivemind drops the node's whole answer, so a node that adds one
     forged entry would hide every record it holds there).
     A node that does not answer is replaced by the next nearest, as `_store_nearest` does; one
-    that has no `serve_reads` handler is asked through hivemind's `rpc_find`. A node that knows
+    that has no `serve_reads` handler is asked through hivemind's `rpc_find`. A read of fewer than
+    the STORE_REPLICAS nodes every record is stored at (a poll) asks a random few of them: nodes
+    whose ids a stranger chose next to the key, answering every read with nothing, would
+    otherwise be the only ones a poll ever asks. A node that knows
     a k-bucket's worth of nodes searches, as hivemind does (`_known_nearest`)."""
     from hivemind.dht.node import _SearchState
     from hivemind.p2p import P2PDaemonError, P2PHandlerError
@@ -196,6 +200,10 @@ async def _read_nearest(_dht, node, key: str, replicas: int):
         node.blacklist.register_success(peer_id)
         return True
 
+    if replicas < STORE_REPLICAS:  # see the docstring: which of the nearest a poll asks is drawn
+        nearest = candidates[:STORE_REPLICAS]
+        random.shuffle(nearest)
+        candidates = nearest + candidates[STORE_REPLICAS:]
     await _ask_in_turn(candidates, replicas, one)
     found.finish_search()
     return found.future.result()

@@ -120,12 +120,14 @@ class HeadLeases:
         return wanted
 
     def settle(self) -> list[int]:
-        """Read the claims back and keep the heads the rule gives us; release the others."""
+        """Read the claims back and keep the heads the rule gives us; release the others. Who
+        holds a head is decided on a thorough view (every node a claim is stored at): a poll of a
+        few of them may miss a rival's claim, or be answered empty by nodes placed to do so."""
         if self.pending is None:
             return []
         wanted, now = self.pending
         self.pending = None
-        holders = self.holders(max_age=0.0)
+        holders = self.holders(max_age=0.0, thorough=True)
         won = [h for h in wanted if holders.get(h) == self.peer]
         for head in wanted:
             if head in won:

@@ -323,6 +323,51 @@ def test_a_poll_takes_the_next_nearest_node_for_each_that_left():
 
 
 
+def test_two_nodes_that_chose_ids_nearest_to_a_key_and_answer_empty_do_not_eclipse_polls():
+    """Strangers can choose node ids next to a key and answer every read of it with nothing. A
+    poll asks 2 of the 5 nearest nodes at random, not the 2 nearest: most polls see the records,
+    and a thorough read (all 5) always does."""
+    import hivemind
+    from hivemind.dht.routing import DHTID
+    from hivemind.dht.validation import RecordValidatorBase
+
+    class RefuseAll(RecordValidatorBase):
+        def validate(self, record) -> bool:
+            return False
+
+        def sign_value(self, record) -> bytes:
+            return record.value
+
+        def strip_value(self, record) -> bytes:
+            return record.value
+
+    key = "wire-test/leases/eclipse"
+    key_id = DHTID.generate(source=key)
+    identities = [Identity() for _ in range(4)]
+    nodes = [hivemind.DHT(start=True, host_maddrs=LOOPBACK, record_validators=signing_validators(identities[0]))]
+    initial = nodes[0].get_visible_maddrs()
+    nodes += [hivemind.DHT(start=True, host_maddrs=LOOPBACK, initial_peers=initial,
+                           record_validators=signing_validators(identity)) for identity in identities[1:]]
+    # joining through every honest node, the strangers are in every honest node's routing table
+    everyone = [maddr for node in nodes for maddr in node.get_visible_maddrs()]
+    eclipse = [hivemind.DHT(start=True, host_maddrs=LOOPBACK, initial_peers=everyone, node_id=DHTID(key_id ^ (i + 1)),
+                            record_validators=[RefuseAll()]) for i in range(2)]
+    try:
+        for node in nodes:
+            node.run_coroutine(dht_io.serve_reads)
+        ids = [DHTID.from_bytes(_node_id(node)) for node in nodes]
+        reader = max(range(4), key=lambda n: key_id.xor_distance(ids[n]))  # holds no copy of its own
+        writer = (reader + 1) % 4
+        assert dht_io.store(nodes[writer], key, identities[writer], PartRecord(round=4, members=[], reductions=[],
+                                                                                p2p="Qm" + "e" * 44), get_dht_time() + 60)
+        polls = [dht_io.read(nodes[reader], key, PartRecord, get_dht_time(), replicas=2) for _ in range(20)]
+        assert sum(bool(seen) for seen in polls) >= 10  # 2 of 5 at random: both strangers 1 time in 10
+        assert set(dht_io.read(nodes[reader], key, PartRecord, get_dht_time())) == {("", identities[writer].fingerprint)}
+    finally:
+        for node in nodes + eclipse:
+            node.shutdown()
+
+
 # Not strict: how many of its records a reader misses depends on which nodes it happened to learn
 # of before its reads went straight to the nearest ones, which varies from run to run.
 @pytest.mark.xfail(strict=False, reason=(
