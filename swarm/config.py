@@ -167,9 +167,9 @@ class SwarmConfig(_Strict):
     poll_max_seconds: PositiveFloat = Field(
         2.0, description="while a round waits with nothing new (transfers on a slow link), polls back off to this")
     read_replicas: int = Field(
-        2, ge=0, description="a round's polls read its records straight from this many of the DHT nodes nearest to "
-                             "them (every record is stored on the 5 nearest); each node asked sends the whole key, so "
-                             "on a slow link this caps what polling costs. 0: all 5")
+        2, ge=0, description="a round's polls read its records straight from this many of the 5 DHT nodes nearest to "
+                             "them (every record is stored on those 5), drawn at random; each node asked sends the "
+                             "whole key, so on a slow link this caps what polling costs. 0: all 5")
     min_heads: PositiveInt = Field(1, description="the first round starts once this many heads are held")
     checkpoint_every: PositiveInt = Field(5, description="the coordinator checkpoints W every this many rounds")
     max_update: PositiveFloat = Field(10.0, description="reject contributions that would move any weight by more than this in one merge")
