@@ -237,9 +237,15 @@ def _plain(value: Any, depth: int = 0) -> bool:
     return False
 
 
+# No record of a run comes near this (a vote or a part record of a round of 1,000 members takes
+# 20-40 KB): a larger value is refused by storage, so a stranger cannot make one key's answer a
+# few megabytes with a handful of records. Time-independent, as every rule below.
+MAX_RECORD_BYTES = 256 * 1024
+
+
 class SignedOnlyValidator(RecordValidatorBase):
     """The storage policy of every node of a run: only signed records under owner subkeys, with
-    finite expirations, whose value is plain msgpack data. An ordinary value could block a key,
+    finite expirations, whose value is plain msgpack data of at most MAX_RECORD_BYTES. An ordinary value could block a key,
     a record that never expires could freeze what a node sees, and a value a reader cannot decode
     would stop hivemind's search for that key (its future is never resolved). Deliberately
     independent of the reading node's clock: hivemind drops a node's whole dictionary if one
@@ -249,7 +255,7 @@ class SignedOnlyValidator(RecordValidatorBase):
     def validate(self, record: DHTRecord) -> bool:
         if not isinstance(record.subkey, bytes) or not _OWNER.search(record.subkey):
             return False
-        if not math.isfinite(record.expiration_time):
+        if not math.isfinite(record.expiration_time) or len(record.value) > MAX_RECORD_BYTES:
             return False
         try:
             return _plain(MSGPackSerializer.loads(record.value))

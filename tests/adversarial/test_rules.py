@@ -79,6 +79,11 @@ def test_unsigned_values_and_endless_records_are_refused_by_storage(tmp_path):
     assert dht_io.read(rogue, keys.leases, LeaseRecord, now) == {}
     assert dht_io.store(rogue, keys.leases, identity, record, now + 30, tag="0")  # its own, bounded: fine
     assert len(dht_io.read(rogue, keys.leases, LeaseRecord, now)) == 1
+    # a value far larger than any record of a run would bloat every answer for the key
+    from swarm.identity import MAX_RECORD_BYTES
+    huge = {"head": 1, "claimed_at": now, "pad": "x" * MAX_RECORD_BYTES}
+    assert not rogue.store(keys.leases, huge, now + 30, subkey=identity.subkey("1"))
+    assert len(dht_io.read(rogue, keys.leases, LeaseRecord, now)) == 1
     # nobody writes under another's key
     victim = mem["coordinator"].rt.identity
     assert not rogue.store(keys.progress, {"round": 9}, now + 30, subkey=victim.subkey())
