@@ -233,6 +233,21 @@ def invite(
 
 
 @app.command()
+def revoke(
+    run_dir: Path = typer.Option(..., help="the coordinator's run dir (it holds the run's signing key)"),
+    member: str = typer.Option(..., help="fingerprint of the member's key (as its invite names it)"),
+) -> None:
+    """Take a member out of a closed run, whatever its invite says: the running coordinator
+    publishes the revocation within a lease, and every node stops counting the key's claims."""
+    from peers.invites import revoke as revoke_member
+
+    with user_errors():
+        revoked = revoke_member(run_dir, member)
+        err.print(f"revoked {member} ({len(revoked)} revoked in all); the coordinator of {run_dir} publishes it "
+                  "while it runs", highlight=False)
+
+
+@app.command()
 def status(
     initial_peers: List[str] = typer.Option(..., "--initial-peers", help="multiaddr(s) of peers in the swarm"),
     more_peers: List[str] = typer.Argument(None, metavar="[MADDR]...", show_default=False, help="more initial peers"),

@@ -24,13 +24,35 @@ from swarm.errors import ConfigError
 from swarm.identity import Identity
 from swarm.keys import RunKeys, make_run_id
 from swarm.rounds import MergeRound, RoundResult
-from swarm.schemas import RoundSummary, RunProgress, RunRecord
+from swarm.schemas import RevocationRecord, RoundSummary, RunProgress, RunRecord
 from swarm.transport import NETWORK_ERRORS
 
 log = logging.getLogger(__name__)
 
 
 KEY_FILE = "signing.key"  # the run's authority; not the P2P identity of --identity
+
+
+REVOKED_FILE = "revoked.json"  # the members `lte-swarm revoke` took out of the run, a JSON list of fingerprints
+
+
+def revoked_members(run_dir: Path) -> list[str]:
+    """The fingerprints revoked in `run_dir` (none if the file is missing; a ConfigError if it is
+    not a list of fingerprints)."""
+    import json
+
+    from swarm.identity import is_fingerprint
+
+    path = Path(run_dir) / REVOKED_FILE
+    try:
+        found = json.loads(path.read_text())
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{path} cannot be read ({exc}); fix or remove it") from None
+    if not isinstance(found, list) or not all(isinstance(f, str) and is_fingerprint(f) for f in found):
+        raise ConfigError(f"{path} is not a list of key fingerprints; fix or remove it")
+    return sorted(set(found))
 
 
 def coordinator_identity(run_dir: Path) -> Identity:
@@ -85,6 +107,8 @@ class Coordinator:
         self.mr: MergeRound | None = None
         self._published_at = float("-inf")
         self._linger_until: float | None = None
+        self.revoked: list[str] = []
+        self._revocations_stamp: int | None = None  # the revoked file's mtime when last published
 
     # ---- checkpoints -------------------------------------------------------------------------
     def checkpoint(self) -> None:
@@ -99,7 +123,28 @@ class Coordinator:
         progress = RunProgress(round=self.protocol.round, digest=self.model.state_digest(), rounds_total=self.cfg.rounds,
                                samples=sum(h.samples for h in self.history), history=self.history[-200:])
         dht_io.store(self.dht, self.keys.progress, self.rt.identity, progress, expiration)
+        self.publish_revocations(expiration)
         self._published_at = self.clock.now()
+
+    def _revocations_changed(self) -> bool:
+        """Whether the run dir's revoked members changed since we last published them."""
+        try:
+            stamp = (self.run_dir / REVOKED_FILE).stat().st_mtime_ns
+        except OSError:
+            stamp = None
+        changed, self._revocations_stamp = stamp != self._revocations_stamp, stamp
+        return changed
+
+    def publish_revocations(self, expiration: float) -> None:
+        """Keep the run dir's revoked members in the DHT, read afresh each time (`lte-swarm
+        revoke` adds to it while the run goes on); a file gone bad keeps the last good list."""
+        try:
+            self.revoked = revoked_members(self.run_dir)
+        except ConfigError as exc:
+            log.warning("%s", exc)
+        if self.revoked:
+            dht_io.store(self.dht, self.keys.revocations, self.rt.identity,
+                         RevocationRecord(revoked=self.revoked[-4096:]), expiration)
 
     def start(self) -> None:
         self.publish()
@@ -126,7 +171,7 @@ class Coordinator:
     def _step(self) -> float:
         if not self.started:
             self.start()
-        if self.clock.now() - self._published_at > self.cfg.swarm.lease_seconds:
+        if self.clock.now() - self._published_at > self.cfg.swarm.lease_seconds or self._revocations_changed():
             self.publish()
         if self.mr is None and self.protocol.round >= self.cfg.rounds:
             return self._linger()

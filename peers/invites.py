@@ -4,21 +4,24 @@ The coordinator signs an invite for a key fingerprint (`lte-swarm invite --membe
 volunteer keeps its own private key and joins with `--invite FILE --signing-key KEY`. Without a
 fingerprint, the coordinator makes a key for the volunteer and puts it in the file: simpler to
 hand out, but then the file is a secret (whoever holds it is that member), so it is written
-readable by its owner only.
+readable by its owner only. `lte-swarm revoke --member FP` takes a member out again before its
+invite expires (the run dir's revoked.json, which the coordinator publishes).
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
+import tempfile
 import time
 from pathlib import Path
 
 from pydantic import ValidationError
 
 from peers.checkpoint import checkpoint_run_id
-from peers.coordinator import KEY_FILE, coordinator_identity
+from peers.coordinator import KEY_FILE, REVOKED_FILE, coordinator_identity, revoked_members
 from swarm.errors import ConfigError
 from swarm.identity import Identity, is_fingerprint
 from swarm.keys import RunKeys
@@ -30,12 +33,7 @@ def make_invite(run_dir: Path, member: str | None, days: float, out: Path) -> tu
     """Sign an invite to the run in `run_dir` and write it to `out`; (invite, whether the file
     holds a new private key)."""
     run_dir = Path(run_dir)
-    run_id = checkpoint_run_id(run_dir)
-    if not (run_dir / KEY_FILE).exists():
-        raise ConfigError(f"{run_dir / KEY_FILE} is missing: only the coordinator's run dir can sign invites")
-    authority = coordinator_identity(run_dir)
-    if RunKeys(run_id).coordinator != authority.fingerprint:
-        raise ConfigError(f"{run_dir / KEY_FILE} is not the key of run {run_id}")
+    run_id, authority = _coordinator_dir(run_dir)
     if member is not None and not is_fingerprint(member):
         raise ConfigError(f"--member {member!r} is not a key fingerprint (as `lte-swarm key FILE` prints it)")
     key = Identity() if member is None else None
@@ -43,13 +41,46 @@ def make_invite(run_dir: Path, member: str | None, days: float, out: Path) -> tu
     body = {"invite": invite.model_dump()}
     if key is not None:
         body["signing_key"] = base64.b64encode(key.to_bytes()).decode()
-    out = Path(out)
-    tmp = out.with_name(out.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(body, f, indent=1)
-    tmp.replace(out)
+    _write_private(Path(out), json.dumps(body, indent=1))
     return invite, key is not None
+
+
+def _write_private(out: Path, text: str) -> None:
+    """Write `text` to `out` at once, readable by its owner only: through a new file of a random
+    name beside it (created exclusively: never a file or link someone put there), then renamed."""
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, out)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def revoke(run_dir: Path, member: str) -> list[str]:
+    """Revoke `member` (a key fingerprint) in the run of `run_dir`: the running coordinator
+    publishes the list within a lease, and every node stops admitting the key, invite or not.
+    Returns every revoked fingerprint."""
+    run_dir = Path(run_dir)
+    _coordinator_dir(run_dir)
+    if not is_fingerprint(member):
+        raise ConfigError(f"--member {member!r} is not a key fingerprint (as `lte-swarm key FILE` prints it)")
+    revoked = sorted({*revoked_members(run_dir), member})
+    _write_private(run_dir / REVOKED_FILE, json.dumps(revoked, indent=1))
+    return revoked
+
+
+def _coordinator_dir(run_dir: Path) -> tuple[str, Identity]:
+    """(run id, the run's authority) of a coordinator's run dir; a ConfigError for any other dir."""
+    run_id = checkpoint_run_id(run_dir)
+    if not (run_dir / KEY_FILE).exists():
+        raise ConfigError(f"{run_dir / KEY_FILE} is missing: only the coordinator's run dir can admit or revoke")
+    authority = coordinator_identity(run_dir)
+    if RunKeys(run_id).coordinator != authority.fingerprint:
+        raise ConfigError(f"{run_dir / KEY_FILE} is not the key of run {run_id}")
+    return run_id, authority
 
 
 def read_invite(path: Path) -> tuple[InviteRecord, Identity | None]:

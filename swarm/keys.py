@@ -82,6 +82,11 @@ class RunKeys:
         return self._key("members")
 
     @property
+    def revocations(self) -> str:
+        """The members of a closed run the coordinator has revoked (its record alone counts)."""
+        return self._key("revoked")
+
+    @property
     def progress(self) -> str:
         """The coordinator's per-round history (accuracy, loss, samples)."""
         return self._key("progress")

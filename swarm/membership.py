@@ -7,6 +7,10 @@ its invite under its own subkey; every node checks it against the coordinator fi
 the run id pins, so a stranger can neither forge an invite nor use someone else's (the record's
 writer must be the member it names).
 
+The coordinator can revoke a member (`lte-swarm revoke`): it publishes the revoked fingerprints
+in a record of its own, and every node that reads it (every READ_EVERY seconds) stops admitting
+them, invited or listed, for as long as it runs.
+
 Admission is enforced where it decides anything: a key that is not admitted never wins a head
 lease (`HeadLeases.admits`), so it can neither contribute nor vote, and the status view does not
 list it. Sybil keys, free to make in an open run, are what a closed run keeps out.
@@ -23,7 +27,7 @@ from swarm.config import SwarmConfig
 from swarm.errors import ConfigError
 from swarm.identity import Identity, fingerprint, verify
 from swarm.keys import RunKeys
-from swarm.schemas import InviteRecord
+from swarm.schemas import InviteRecord, RevocationRecord
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +74,8 @@ class Membership:
         self._read_at = float("-inf")
         self._read_time = float("-inf")  # DHT time of our last read
         self._published_at = float("-inf")
+        self.revoked: set[str] = set()  # grows only: a revocation read once holds while this node runs
+        self._revocations_read_at = float("-inf")
 
     def admits(self, who: str, written_at: float | None = None) -> bool:
         """Whether the key with fingerprint `who` may hold heads in this run. `written_at`: when the
@@ -77,7 +83,12 @@ class Membership:
         first claim, so a claim written after our last read of the invites makes us read them
         again soon (a node that kept the old view would leave a newcomer out of rounds that the
         others merge it into); a key without one waits for the slower schedule."""
-        if not self.closed or who in self.listed:
+        if not self.closed or who == self.keys.coordinator:
+            return True
+        self._read_revocations()
+        if who in self.revoked:
+            return False
+        if who in self.listed:
             return True
         now = self.clock.now()
         if self._until.get(who, -1) < now:
@@ -86,6 +97,17 @@ class Membership:
             if since >= READ_EVERY or (fresh and since >= FRESH_READ_EVERY):
                 self._read(now)
         return self._until.get(who, -1) >= now
+
+    def _read_revocations(self) -> None:
+        """The coordinator's list of revoked members, at most every READ_EVERY seconds."""
+        if self.clock.monotonic() - self._revocations_read_at < READ_EVERY:
+            return
+        self._revocations_read_at = self.clock.monotonic()
+        records = dht_io.by_writer(dht_io.read(self.dht, self.keys.revocations, RevocationRecord, self.clock.now()))
+        found = records.get(self.keys.coordinator)
+        if found is not None and not set(found.revoked) <= self.revoked:
+            log.info("revoked members: %s", ", ".join(sorted(set(found.revoked) - self.revoked)))
+            self.revoked |= set(found.revoked)
 
     def _read(self, now: float) -> None:
         self._read_at, self._read_time = self.clock.monotonic(), now
@@ -102,7 +124,12 @@ class Membership:
 
     def check_member(self, identity: Identity) -> None:
         """Before joining a closed run: a ConfigError saying what to do unless `identity` is admitted."""
-        if not self.closed or identity.fingerprint in self.listed:
+        if not self.closed:
+            return
+        self._read_revocations()
+        if identity.fingerprint in self.revoked:
+            raise ConfigError(f"the coordinator of run {self.keys.run_id} revoked key {identity.fingerprint}")
+        if identity.fingerprint in self.listed:
             return
         if self.invite is None:
             raise ConfigError(f"run {self.keys.run_id} is closed: ask its coordinator for an invite "

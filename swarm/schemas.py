@@ -71,6 +71,13 @@ class InviteRecord(_Record):
     signature: str = Field(max_length=2048)
 
 
+class RevocationRecord(_Record):
+    """Members of a closed run whose invites no longer admit them, written by the coordinator
+    (only its record counts): a member is out as soon as the nodes read it."""
+
+    revoked: list[Fingerprint] = Field(max_length=4096, alias="v")
+
+
 class DonorRecord(_Record):
     """The writer can hand out W of `round` (hashing to `digest`) from P2P address `p2p`."""
 

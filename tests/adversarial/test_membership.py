@@ -206,3 +206,45 @@ def test_invite_files_from_the_command_line(tmp_path):
                           "holds no readable run")
     assert_one_error_line(run_cli("invite", "--run-dir", run_dir, "--member", "bob", "--out", tmp_path / "x.json"),
                           "not a key fingerprint")
+
+
+def test_a_revoked_member_is_out_within_seconds_and_cannot_join_again(tmp_path):
+    """`lte-swarm revoke` while the run goes on: the coordinator publishes it, every node stops
+    counting the member's claims (its heads go free, and to a member waiting for one), and the
+    revoked key is told so when it tries to join again; a file that is not a list of keys is one
+    line saying what to do."""
+    from peers.invites import revoke
+    from tests.conftest import assert_one_error_line, run_cli
+
+    rounds = 16
+    cfg = tiny_config(heads=2, merge_every=2, rounds=rounds, min_heads=2, closed=True)
+    mem = MemorySwarm(cfg, tmp_path)
+    coordinator = mem.coordinator()
+    authority = coordinator_identity(coordinator.role.run_dir)
+    expires = int(mem.clock.now() + 3600)
+    invites = {n: sign_invite(authority, mem.run_id, named_identity(n).fingerprint, expires) for n in ("p0", "p1", "p2")}
+    for name in ("p0", "p1"):
+        mem.trainer(name, invite=invites[name])
+    mem.run(until=lambda s: any(e["new_round"] >= 2 for e in s["coordinator"].events.of("round")))
+    spare = mem.trainer("p2", invite=invites["p2"])  # waits: both heads are held
+    revoked = named_identity("p1").fingerprint
+    done = run_cli("revoke", "--run-dir", coordinator.role.run_dir, "--member", revoked)
+    assert done.exit_code == 0, done.stderr
+    at = coordinator.events.of("round")[-1]["new_round"]
+    mem.run(max_seconds=600)
+    rounds_seen = coordinator.events.of("round")
+    assert rounds_seen[-1]["new_round"] == rounds
+    # rounds here take under a second of fake time, and nodes read revocations every 5 seconds
+    after = [r for r in rounds_seen if r["round"] >= at + 8]
+    assert after and all(revoked not in r["members"] for r in after)
+    assert any(spare.rt.peer in r["members"] for r in after)  # its head went to the member waiting
+    from swarm.membership import Membership
+
+    dht, _ = mem.signing_dht("p1-again")
+    again = Membership(dht, RunKeys(mem.run_id), cfg.swarm, mem.clock, invites["p1"])
+    with pytest.raises(ConfigError, match="revoked key"):
+        again.check_member(named_identity("p1"))
+    assert revoke(coordinator.role.run_dir, revoked) == [revoked]  # once is enough
+    (coordinator.role.run_dir / "revoked.json").write_text('{"not": "a list"}')
+    assert_one_error_line(run_cli("revoke", "--run-dir", coordinator.role.run_dir, "--member", revoked),
+                          "revoked.json is not a list of key fingerprints")
