@@ -60,6 +60,13 @@ def digits_dataset():
     return datasets.Dataset.from_dict({"image": images.tolist(), "label": bunch.target[order].tolist()})
 
 
+def is_shareable(spec: str) -> bool:
+    """Whether a run may name `spec` as every volunteer's data: the embedded digits or a hub data
+    set, which the spec alone pins. A local path names a file on each volunteer's own disk, which
+    the run's coordinator must not choose."""
+    return spec == "digits" or spec.startswith("hf:")
+
+
 def open_stream(spec: str):
     """The records of `spec` as a `datasets.IterableDataset` (streamed, nothing downloaded up front)."""
     import datasets

@@ -15,7 +15,7 @@ import threading
 from concurrent.futures import Future, wait
 from dataclasses import dataclass
 
-from peers.data import DataSource, ImageShape
+from peers.data import DataSource, ImageShape, is_shareable
 from peers.models import create_lte_model, resolve_device
 from peers.node import Runtime, SwarmError, join_rounds
 from peers.training import HeadTrainer, stack_batches
@@ -63,6 +63,10 @@ class Trainer:
         self.membership.publish(rt.identity)  # before any claim, so that others admit our claims at once
         self.protocol.keep_alive = self._keep_leases
         data_cfg = cfg.data if opts.data is None else cfg.data.model_copy(update={"source": opts.data})
+        if opts.data is None and not is_shareable(cfg.data.source):
+            # The run's config comes from its coordinator: it must not pick files on our disk.
+            raise ConfigError(f"this run trains on the local data {cfg.data.source!r}, and a peer never reads a "
+                              "local path the run names: pass --data with your own copy of the data")
         self.source = DataSource(data_cfg, ImageShape(cfg.model.image_size, cfg.model.channels), seed=cfg.train.seed)
         self.streams: dict[int, object] = {}
         self.head_trainer: HeadTrainer | None = None

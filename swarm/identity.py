@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import dataclasses
 import hashlib
 import math
 import os
 import re
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -192,11 +194,19 @@ class Identity:
                 raise ConfigError(f"cannot read the signing key {path}: {exc}") from None
         identity = cls()
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(identity.to_bytes())
-        tmp.replace(path)
+        # Written whole to a new file of a random name (created exclusively, readable by us only:
+        # never a file or a link someone put there), then linked into place only if no key is
+        # there yet: of two processes creating the key at once, both end with the first's.
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(identity.to_bytes())
+            os.link(tmp, path)
+        except FileExistsError:
+            return cls.load_or_create(path)
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
         return identity
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import pickle
+from pathlib import Path
 
 import pytest
 from hivemind.dht.validation import DHTRecord
@@ -122,3 +123,25 @@ def test_a_key_file_of_another_kind_is_a_one_line_error(tmp_path):
         assert message.startswith(f"cannot read the signing key {tmp_path / name}: ") and "\n" not in message
     with pytest.raises(ConfigError, match="not an Ed25519 private key"):
         Identity.load_or_create(tmp_path / "rsa.key")
+
+
+def test_a_key_is_never_written_through_a_link_and_processes_creating_it_at_once_share_it(tmp_path):
+    """A link planted where the temporary file used to go (`node.key.tmp`) is left alone, and of
+    several processes creating the same key at once every one ends with the same key."""
+    import multiprocessing
+
+    target = tmp_path / "victim"
+    target.write_text("keep me")
+    (tmp_path / "node.key.tmp").symlink_to(target)
+    identity = Identity.load_or_create(tmp_path / "node.key")
+    assert target.read_text() == "keep me" and not (tmp_path / "node.key").is_symlink()
+    assert Identity.load_or_create(tmp_path / "node.key").fingerprint == identity.fingerprint
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["node.key", "node.key.tmp", "victim"]  # no leftovers
+
+    with multiprocessing.get_context("fork").Pool(4) as pool:
+        prints = pool.map(_fingerprint_of, [str(tmp_path / "shared.key")] * 8)
+    assert len(set(prints)) == 1 and prints[0] == Identity.load_or_create(tmp_path / "shared.key").fingerprint
+
+
+def _fingerprint_of(path: str) -> str:
+    return Identity.load_or_create(Path(path)).fingerprint

@@ -476,3 +476,19 @@ def test_asking_a_donor_for_w_again_and_again_encodes_it_once_per_version(tmp_pa
     mem.run(until=lambda s: s["p0"].role.protocol.round >= 2 and s["p0"].role.mr is None)
     before = len(encodings)
     assert served_is_current(server.fetch(donor.rt.p2p, name, 5.0, 2**30)) and len(encodings) == before + 1
+
+
+def test_a_run_cannot_make_a_volunteer_train_on_a_local_path_it_names(tmp_path):
+    """The run's config is the coordinator's word: a local `data.source` (say `~/Pictures`) would
+    have every volunteer that joins without `--data` read its own files of that name. A peer
+    refuses, saying what to pass; with `--data` it trains on what it was given."""
+    from peers.data import digits_dataset
+    from swarm.errors import ConfigError
+
+    private = tmp_path / "private"
+    digits_dataset().save_to_disk(str(private))  # the coordinator's own copy, which it evaluates on
+    mem = MemorySwarm(_config().with_overrides({"data": {"source": str(private)}}), tmp_path / "swarm")
+    mem.coordinator()
+    with pytest.raises(ConfigError, match="pass --data"):
+        mem.trainer("p0")
+    assert mem.trainer("p1", data="digits").role.source is not None
