@@ -173,8 +173,8 @@ def test_swarm_data_path_keeps_the_evaluation_set_out(multi_file, monkeypatch, t
         {"data.source": str(multi_file), "data.holdout": HOLDOUT})
     swarm = MemorySwarm(cfg, tmp_path)
     swarm.coordinator()
-    for i in range(2):
-        swarm.trainer(f"p{i}", heads=2)
+    for i in range(2):  # volunteers with their own copy of the run's local data
+        swarm.trainer(f"p{i}", heads=2, data=str(multi_file))
     swarm.run()
     assert all(n.state == "finished" for n in swarm.nodes.values())
     assert {shard for s in _Spy.opened for shard in s.shards} == {(i, 4) for i in range(4)}
