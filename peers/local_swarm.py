@@ -29,6 +29,27 @@ class LocalSwarmError(LTESwarmError):
     """A local peer process died or did not get where it should in time."""
 
 
+def tree_pss(pid: int) -> int:
+    """Bytes of memory held by a process and every process it started (hivemind's DHT and averager
+    processes, their p2pd daemons): the sum of their proportional set sizes, in which a page shared
+    by k processes counts 1/k in each (forked processes share much of their parent's memory)."""
+    import psutil
+
+    total = 0
+    try:
+        root = psutil.Process(pid)
+        family = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return 0
+    for proc in family:
+        try:
+            rollup = Path(f"/proc/{proc.pid}/smaps_rollup").read_text()
+        except OSError:  # gone meanwhile
+            continue
+        total += 1024 * next((int(line.split()[1]) for line in rollup.splitlines() if line.startswith("Pss:")), 0)
+    return total
+
+
 class PeerProcess:
     def __init__(self, name: str, args: list[str], events: Path, log: Path, cwd: Path):
         self.name, self.events, self.log = name, events, log

@@ -1,51 +1,163 @@
-"""Rounds merged per minute by an honest loopback swarm, without and with a rogue node hammering it
-with every kind of hostile record (the volley of tests/adversarial/test_rogue_node.py), side by
-side in one run. Both runs start an idle extra DHT node, so the comparison is of the attack, not of
-one more process on the machine.
+"""An honest loopback swarm (a coordinator, `--peers` volunteers, the last behind NAT) without and
+with each attack a stranger with a key and a node of its own can make, side by side in one run:
+per attack, the rounds merged per minute against the run without it, whether every round merged
+every honest peer and all agree on W, and how much the honest processes grew (memory, the PSS of
+each process and those it started; open file descriptors) while it went on.
 
-    python scripts/bench_attack.py [--peers 2] [--rounds 16]
+- `records`: every kind of hostile DHT record, again and again (the volley of tests/test_swarm.py);
+- `big-records`: signed records of 1.5 MB under the run's lease key, one a second;
+- `junk-subkeys`: 50 small signed lease-shaped records a second under the run's lease key, each
+  under a subkey of its own (a known limit: storage takes them, see docs/security.md);
+- `push-flood`: 1 MiB of junk pushed into every honest peer's inbox, 8 pushes at once, again and again;
+- `stalled-pushes`: push streams that send one byte and stall, 32 at a time to every honest peer.
+
+Every run starts the same extra DHT node (idle without an attack), so the comparison is of the
+attack, not of one more process on the machine.
+
+    python scripts/bench_attack.py [--peers 3] [--rounds 12] [--attacks records big-records junk-subkeys ...]
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import os
+import statistics
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from peers.local_swarm import LocalSwarm  # noqa: E402
+from peers.local_swarm import LocalSwarm, PeerProcess, tree_pss  # noqa: E402
+from swarm import dht_io  # noqa: E402
 from swarm.identity import Identity  # noqa: E402
 from swarm.keys import RunKeys  # noqa: E402
-from tests.adversarial.test_rogue_node import _attack_once  # noqa: E402
+from swarm.schemas import LeaseRecord  # noqa: E402
 from tests.harness import last, write_config  # noqa: E402
+from tests.test_swarm import _attack_once  # noqa: E402
+
+ATTACKS = ("records", "big-records", "junk-subkeys", "push-flood", "stalled-pushes")
 
 
-def run(workdir: Path, peers: int, rounds: int, attack: bool) -> tuple[float, int, bool]:
-    import hivemind
+def tree_fds(pid: int) -> int:
+    """Open file descriptors of a process and those it started."""
+    import psutil
 
-    from peers.node import install_signing
+    total = 0
+    try:
+        root = psutil.Process(pid)
+        family = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return 0
+    for proc in family:
+        try:
+            total += len(os.listdir(f"/proc/{proc.pid}/fd"))
+        except OSError:
+            pass
+    return total
 
+
+class Attacker:
+    """A stranger's DHT node and blob transport, and one volley of the attack named."""
+
+    def __init__(self, maddrs: list[str], keys: RunKeys):
+        import hivemind
+
+        from peers.node import install_signing
+        from swarm.transport import BlobServer
+
+        self.keys, self.identity = keys, Identity()
+        self.dht = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=maddrs)
+        install_signing(self.dht, self.identity)
+        self.server = BlobServer(self.dht, namespace=keys.run_id)
+        self.server.inbox.admits = lambda sender: False
+        self.pending: list = []
+
+    def volley(self, attack: str, round_: int, victims: list[str]) -> None:
+        if attack == "records":
+            _attack_once(self.dht, self.identity, self.keys, round_, victims[0])
+        elif attack == "big-records":
+            now, pad = time.time(), "x" * (3 << 19)
+            head = round_ % 3
+            self.dht.store(self.keys.leases, {"head": head, "claimed_at": now, "pad": pad}, now + 1e4,
+                           subkey=self.identity.subkey(str(head)))
+            dht_io.store(self.dht, self.keys.leases, self.identity, LeaseRecord(head=0, claimed_at=now), now + 10, tag="0")
+        elif attack == "junk-subkeys":
+            now = time.time()
+            for i in range(50):
+                dht_io.store(self.dht, self.keys.leases, self.identity, LeaseRecord(head=0, claimed_at=now), now + 600,
+                             tag=f"junk{round_}-{i}-{time.monotonic_ns()}", wait=False)
+        elif attack == "push-flood":
+            junk = os.urandom(1 << 20)
+            for victim in victims:
+                self.pending += [asyncio.run_coroutine_threadsafe(self._push(victim, junk), self.server._loop)
+                                 for _ in range(8)]
+        elif attack == "stalled-pushes":
+            for victim in victims:
+                self.pending += [asyncio.run_coroutine_threadsafe(self._stall(victim), self.server._loop)
+                                 for _ in range(32)]
+        self.pending = [f for f in self.pending if not f.done()]
+
+    async def _push(self, victim: str, data: bytes) -> None:
+        try:
+            await asyncio.wait_for(self.server._push(victim, data), 30)
+        except Exception:
+            pass  # refused: the defence
+
+    async def _stall(self, victim: str) -> None:
+        from hivemind.p2p import PeerID
+        from hivemind.proto import runtime_pb2
+
+        from swarm.transport import _BlobServicer
+
+        async def one_byte():
+            yield runtime_pb2.ExpertRequest(metadata=b"x")
+            await asyncio.sleep(120)
+
+        try:
+            stub = _BlobServicer.get_stub(self.server._p2p, PeerID.from_base58(victim), namespace=self.keys.run_id)
+            await asyncio.wait_for(stub.rpc_push(one_byte()), 120)
+        except Exception:
+            pass
+
+    def close(self) -> None:
+        for f in self.pending:
+            f.cancel()
+        self.server.shutdown()
+        self.dht.shutdown()
+
+
+def run(workdir: Path, peers: int, rounds: int, attack: str | None) -> dict:
     workdir.mkdir(parents=True, exist_ok=True)
     swarm = LocalSwarm(workdir, write_config(workdir / "run.yaml", heads=peers, merge_every=2, rounds=rounds,
                                              min_heads=peers))
-    stop, rogue = threading.Event(), None
+    stop, attacker = threading.Event(), None
+    growth = {"rss": 0, "fds": 0}
     try:
         coordinator = swarm.start_coordinator()
-        procs = [swarm.join(f"peer{i}", "--throttle", "0.1") for i in range(peers)]
+        procs = [swarm.join(f"peer{i}", "--throttle", "0.1") for i in range(peers - 1)]
+        for p in procs:
+            p.wait_for(lambda es: any(e["event"] == "joined" for e in es), 120, "joining")
+        procs.append(swarm.join(f"peer{peers - 1}", "--throttle", "0.1", "--client-mode"))
         coordinator.wait_for(lambda es: any(e["event"] == "round" and e["new_round"] >= 2 for e in es), 300, "round 2")
-        rogue = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=swarm.maddrs)
-        identity, keys = Identity(), RunKeys(swarm.run_id)
-        install_signing(rogue, identity)
-        victim = last(procs[0], "joined")["p2p"]
+        attacker = Attacker(swarm.maddrs, RunKeys(swarm.run_id))
+        honest: list[PeerProcess] = [coordinator, *procs]
+        victims = [last(coordinator, "started")["p2p"]] + [last(p, "joined")["p2p"] for p in procs[:-1]]
+        before = {p.name: (tree_pss(p.handle.pid), tree_fds(p.handle.pid)) for p in honest}
 
         def hammer():
             while not stop.is_set():
-                done = [e["new_round"] for e in coordinator.of("round")]
-                if attack:
-                    _attack_once(rogue, identity, keys, max(done, default=0), victim)
+                if attack is not None:
+                    done = [e["new_round"] for e in coordinator.of("round")]
+                    attacker.volley(attack, max(done, default=0), victims)
+                for p in honest:
+                    if p.handle.poll() is None:
+                        rss0, fds0 = before[p.name]
+                        growth["rss"] = max(growth["rss"], tree_pss(p.handle.pid) - rss0)
+                        growth["fds"] = max(growth["fds"], tree_fds(p.handle.pid) - fds0)
                 stop.wait(1.0)
 
         threading.Thread(target=hammer, daemon=True).start()
@@ -54,28 +166,38 @@ def run(workdir: Path, peers: int, rounds: int, attack: bool) -> tuple[float, in
         coordinator.wait(120)
     finally:
         stop.set()
-        if rogue is not None:
-            rogue.shutdown()
+        if attacker is not None:
+            attacker.close()
         swarm.close()
     events = [e for e in coordinator.of("round") if e["new_round"] >= 2]
     minutes = (events[-1]["time"] - events[0]["time"]) / 60
+    everyone = all(len(e["members"]) == peers for e in events)
     agree = len({last(p, "left")["digest"] for p in (*procs, coordinator)}) == 1
-    return (len(events) - 1) / minutes, len(events) - 1, agree
+    return {"rate": (len(events) - 1) / minutes, "rounds": len(events) - 1, "everyone": everyone, "agree": agree,
+            "rss": growth["rss"], "fds": growth["fds"]}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--peers", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=16)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--peers", type=int, default=3, help="volunteers, one head each; the last behind NAT")
+    parser.add_argument("--rounds", type=int, default=12)
+    parser.add_argument("--attacks", nargs="+", choices=ATTACKS, default=list(ATTACKS))
     args = parser.parse_args()
+    results = {}
     with tempfile.TemporaryDirectory(prefix="lte-attack-") as tmp:
-        results = {name: run(Path(tmp) / name, args.peers, args.rounds, attack=name == "attacked")
-                   for name in ("honest", "attacked")}
-    print(f"{args.peers} peers x 1 head on loopback, rounds 2..{args.rounds}, merge every 2 steps")
-    print(f"{'run':<10}{'rounds/min':>12}{'rounds':>8}{'agree':>7}")
-    for name, (rate, n, agree) in results.items():
-        print(f"{name:<10}{rate:>12.1f}{n:>8}{str(agree):>7}")
-    print(f"under attack / honest: {results['attacked'][0] / results['honest'][0]:.0%}")
+        for name in (None, *args.attacks):
+            label = name or "none"
+            print(f"running: {label} ...", file=sys.stderr, flush=True)
+            results[label] = run(Path(tmp) / label, args.peers, args.rounds, name)
+    base = results["none"]["rate"]
+    print(f"{args.peers} peers x 1 head on loopback (the last behind NAT), rounds 2..{args.rounds}, merge every 2 steps")
+    print(f"{'attack':<16}{'rounds/min':>11}{'vs none':>9}{'all merged':>12}{'agree':>7}{'RSS +MB':>9}{'fds +':>7}")
+    for name, r in results.items():
+        print(f"{name:<16}{r['rate']:>11.1f}{r['rate'] / base:>9.0%}{str(r['everyone']):>12}{str(r['agree']):>7}"
+              f"{r['rss'] / 1e6:>9.0f}{r['fds']:>7d}")
+    rates = [r["rate"] / base for n, r in results.items() if n != "none"]
+    if rates:
+        print(f"lowest rate under attack: {min(rates):.0%} of the attack-free run's (median {statistics.median(rates):.0%})")
 
 
 if __name__ == "__main__":

@@ -74,7 +74,7 @@ if str(ROOT) not in sys.path:  # run as `python scripts/bench_wan.py` from anywh
 
 from peers.diloco_baseline import CODECS as DILOCO_CODECS  # noqa: E402
 from peers.demo import DEMO_HEAD_BATCH, DEMO_MERGE_EVERY, DEMO_SWARM, demo_config  # noqa: E402
-from peers.local_swarm import LocalSwarm, LocalSwarmError, PeerProcess  # noqa: E402
+from peers.local_swarm import LocalSwarm, LocalSwarmError, PeerProcess, tree_pss  # noqa: E402
 from peers.models import create_model  # noqa: E402
 from peers.shipped import shipped_config  # noqa: E402
 from swarm.config import RunConfig, load_config, parse_overrides  # noqa: E402
@@ -222,27 +222,6 @@ class WanNetwork:
         self.created.clear()
         for link in leftovers(self.prefix)["links"]:  # only if creation was cut short mid-way
             _ip("link", "del", link, check=False)
-
-
-def tree_pss(pid: int) -> int:
-    """Bytes of memory held by a process and every process it started (hivemind's DHT and averager
-    processes, their p2pd daemons): the sum of their proportional set sizes, in which a page shared
-    by k processes counts 1/k in each (forked processes share much of their parent's memory)."""
-    import psutil
-
-    total = 0
-    try:
-        root = psutil.Process(pid)
-        family = [root, *root.children(recursive=True)]
-    except psutil.Error:
-        return 0
-    for proc in family:
-        try:
-            rollup = Path(f"/proc/{proc.pid}/smaps_rollup").read_text()
-        except OSError:  # gone meanwhile
-            continue
-        total += 1024 * next((int(line.split()[1]) for line in rollup.splitlines() if line.startswith("Pss:")), 0)
-    return total
 
 
 class CounterLog:
