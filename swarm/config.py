@@ -184,7 +184,8 @@ class SwarmConfig(_Strict):
     robust_clip: float = Field(
         8.0, ge=0.0, description="with 3 or more contributions, scale each layer's change down to this multiple of the "
                                  "round's median (per head); 0 turns it off")
-    max_heads_per_peer: PositiveInt = Field(8, description="most heads one peer may hold")
+    max_heads_per_peer: PositiveInt = Field(8, le=64, description="most heads one peer may hold (readers look at 64 "
+                                            "claims of one key at most)")
     clock_skew: PositiveFloat = Field(10.0, description="how far peers' clocks may disagree (seconds); records dated further ahead are ignored")
     parallel_downloads: PositiveInt = Field(3, description="contributions downloaded (and held in memory) at once")
     merge: Literal["reduce", "gather"] = Field(

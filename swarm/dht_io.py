@@ -107,6 +107,11 @@ async def _store_nearest(_dht, node, key: str, value: Any, expiration: float, su
 STORE_REPLICAS = 5
 # The handler through which a node hands out what it holds at a key, and nothing else.
 READ_HANDLER = "lte_swarm.read"
+# A reader looks at no more subkeys of one writer under one key than this (the first, in subkey
+# order): no writer of a run needs more (a peer's head claims are the most, one per head it holds,
+# `swarm.max_heads_per_peer`), and a stranger writing thousands under a key the swarm polls would
+# have every poll check every one of their signatures and parse every record.
+MAX_SUBKEYS_PER_WRITER = 64
 MAX_KEYS_ASKED = 16  # `_read_nearest` asks one key a call; a larger ask is answered in part
 
 
@@ -162,7 +167,7 @@ async def _read_nearest(_dht, node, key: str, replicas: int):
             if not isinstance(value, DictionaryDHTValue):
                 return
             valid = DictionaryDHTValue()  # entry by entry: one forged entry does not hide the others
-            for subkey, (entry, expiration) in value.items():
+            for subkey, (entry, expiration) in _bounded(value.items()):
                 if protocol._validate_record(key_bytes, protocol.serializer.dumps(subkey), entry, expiration):
                     valid.store(subkey, entry, expiration)
             if len(valid):
@@ -239,13 +244,28 @@ def _answer(future, key: str):
         return None
 
 
+def _bounded(items) -> list:
+    """(subkey, entry) pairs of one key, at most MAX_SUBKEYS_PER_WRITER of each writer's (the first
+    in subkey order; an entry of no writer passes, for the checks that drop it)."""
+    per_writer: dict[str, int] = {}
+    out = []
+    for subkey, entry in sorted(items, key=lambda kv: kv[0] if isinstance(kv[0], bytes) else b""):
+        who = split_subkey(subkey)
+        if who is not None:
+            per_writer[who[1]] = per_writer.get(who[1], 0) + 1
+            if per_writer[who[1]] > MAX_SUBKEYS_PER_WRITER:
+                continue
+        out.append((subkey, entry))
+    return out
+
+
 def _records(found, key: str, model: type[T], now: float) -> "Signed[T]":
     """The well-formed signed records of one answer (see `read`)."""
     if found is None or not isinstance(found.value, dict):
         return {}
     out: dict[tuple[str, str], tuple[T, float]] = {}
     latest = now + MAX_RECORD_TTL
-    for subkey, item in found.value.items():
+    for subkey, item in _bounded(found.value.items()):
         who = split_subkey(subkey)
         value, expiration = getattr(item, "value", None), getattr(item, "expiration_time", 0.0)
         if who is None or not isinstance(expiration, (int, float)) or not now <= expiration <= latest:

@@ -323,6 +323,31 @@ def test_a_poll_takes_the_next_nearest_node_for_each_that_left():
 
 
 
+def test_a_reader_looks_at_a_bounded_number_of_one_writers_records_under_a_key(swarm_dht):
+    """A stranger writing hundreds of subkeys under a key the swarm polls: each read checks and
+    parses at most MAX_SUBKEYS_PER_WRITER of them, and still finds every other writer's record."""
+    nodes, identities = swarm_dht
+    key, now = "wire-test/leases/junk", get_dht_time()
+    import hivemind
+
+    junk = Identity()  # a node of its own, signing with a key of its own
+    flooder = hivemind.DHT(start=True, host_maddrs=LOOPBACK, initial_peers=nodes[0].get_visible_maddrs(),
+                           record_validators=signing_validators(junk))
+    try:
+        for i in range(dht_io.MAX_SUBKEYS_PER_WRITER + 40):
+            dht_io.store(flooder, key, junk, PartRecord(round=1, members=[], reductions=[], p2p="Qm" + "j" * 44),
+                         now + 60, tag=f"junk{i:04d}", wait=False)
+        assert dht_io.store(nodes[1], key, identities[1], PartRecord(round=1, members=[], reductions=[],
+                                                                      p2p="Qm" + "h" * 44), now + 60)
+        time.sleep(1.0)
+        seen = dht_io.read(nodes[2], key, PartRecord, get_dht_time())
+        writers = [who for _, who in seen]
+        assert identities[1].fingerprint in writers
+        assert 0 < writers.count(junk.fingerprint) <= dht_io.MAX_SUBKEYS_PER_WRITER
+    finally:
+        flooder.shutdown()
+
+
 def test_two_nodes_that_chose_ids_nearest_to_a_key_and_answer_empty_do_not_eclipse_polls():
     """Strangers can choose node ids next to a key and answer every read of it with nothing. A
     poll asks 2 of the 5 nearest nodes at random, not the 2 nearest: most polls see the records,
