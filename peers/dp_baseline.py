@@ -78,7 +78,7 @@ def barrier(dht, key: str, index: int, peers: int, timeout: float) -> bool:
         found = dht.get(key, latest=True)
         if found is not None and isinstance(found.value, dict) and len(found.value) >= peers:
             return True
-        time.sleep(1.0)
+        time.sleep(0.25)
     return False
 
 
