@@ -224,6 +224,10 @@ class MergeProtocol:
     def _poll_open(self, mr: MergeRound) -> None:
         r, now = mr.round, self.clock.monotonic()
         ready_set = self.agreement.ready(r)
+        if not ready_set and now > mr.deadline:
+            # An empty poll decides nothing: the few nodes it asked may lack the records, or be
+            # placed by a stranger to answer empty. Giving up on the round asks all of them.
+            ready_set = self.agreement.ready(r, thorough=True)
         self._note_pushers(r, ready_set)
         close = False
         if ready_set:

@@ -492,3 +492,17 @@ def test_a_run_cannot_make_a_volunteer_train_on_a_local_path_it_names(tmp_path):
     with pytest.raises(ConfigError, match="pass --data"):
         mem.trainer("p0")
     assert mem.trainer("p1", data="digits").role.source is not None
+
+
+def test_rounds_still_merge_when_every_poll_is_answered_empty(tmp_path, monkeypatch):
+    """Nodes placed next to a round's keys can answer the few a poll asks with nothing, poll after
+    poll. Before a round is given up, its ready records are read from every node that holds them:
+    the round merges, late, instead of passing without a merge."""
+    from swarm.rounds.agreement import Agreement
+
+    ready = Agreement.ready
+    monkeypatch.setattr(Agreement, "ready", lambda self, r, thorough=False: ready(self, r, True) if thorough else {})
+    mem = _honest_run(tmp_path, "eclipsed")
+    rounds = mem["coordinator"].events.of("round")
+    assert [r["new_round"] for r in rounds] == list(range(1, ROUNDS + 1))
+    assert all(len(r["members"]) == 3 for r in rounds), [r["members"] for r in rounds]
