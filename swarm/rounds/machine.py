@@ -39,6 +39,7 @@ runs under a real and a fake clock. The parts live beside: `agreement` (whose wo
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Callable
 
 import torch
@@ -91,7 +92,9 @@ class MergeProtocol:
         self.state = StateTransfer(ctx, self.agreement, round_)
         self.collection = Collection(ctx, self.agreement.donors)
         self.reduction = Reduction(ctx, self.collection)
-        self._pushers: dict[int, set[str]] = {}  # round -> addresses its counted ready records push from
+        # round -> addresses its counted ready records push from; the transport's thread reads it
+        self._pushers: dict[int, set[str]] = {}
+        self._pushers_lock = threading.Lock()
         self._pushers_read = float("-inf")
         server.inbox.admits = self.admits_push
 
@@ -103,7 +106,7 @@ class MergeProtocol:
         sender makes us read those rounds' records again, at most every PUSHERS_READ_EVERY seconds."""
         r = self.round
         rounds = (r - 1, r, r + 1)
-        if any(sender in self._pushers.get(x, ()) for x in rounds):
+        if self._pushes(sender, rounds):
             return True
         now = self.clock.monotonic()
         if now - self._pushers_read < PUSHERS_READ_EVERY:
@@ -112,14 +115,19 @@ class MergeProtocol:
         for x in rounds:
             if x >= 0:
                 self._note_pushers(x, self.agreement.ready(x))
-        return any(sender in self._pushers.get(x, ()) for x in rounds)
+        return self._pushes(sender, rounds)
+
+    def _pushes(self, sender: str, rounds: tuple[int, ...]) -> bool:
+        with self._pushers_lock:
+            return any(sender in self._pushers.get(x, ()) for x in rounds)
 
     def _note_pushers(self, r: int, ready_set: dict[str, ReadyRecord]) -> None:
         """Remember who pushes in round r, from a ready set read anyway (the rounds' polls read
         it before any member pushes, so `admits_push` rarely reads it for a push)."""
-        self._pushers = {x: v for x, v in self._pushers.items() if x >= r - 2}
-        self._pushers[r] = self._pushers.get(r, set()) | {rec.p2p for rec in ready_set.values()
-                                                           if rec.pushed is not None}
+        pushing = {rec.p2p for rec in ready_set.values() if rec.pushed is not None}
+        with self._pushers_lock:
+            self._pushers = {x: v for x, v in self._pushers.items() if x >= r - 2}
+            self._pushers[r] = self._pushers.get(r, set()) | pushing
 
     # ---- what peer roles use ---------------------------------------------------------------
     @property
