@@ -135,7 +135,7 @@ def run(workdir: Path, peers: int, rounds: int, attack: str | None) -> dict:
     swarm = LocalSwarm(workdir, write_config(workdir / "run.yaml", heads=peers, merge_every=2, rounds=rounds,
                                              min_heads=peers))
     stop, attacker = threading.Event(), None
-    growth = {"rss": 0, "fds": 0}
+    growth = {"rss": 0, "fds": 0, "who": "-"}
     try:
         coordinator = swarm.start_coordinator()
         procs = [swarm.join(f"peer{i}", "--throttle", "0.1") for i in range(peers - 1)]
@@ -156,7 +156,9 @@ def run(workdir: Path, peers: int, rounds: int, attack: str | None) -> dict:
                 for p in honest:
                     if p.handle.poll() is None:
                         rss0, fds0 = before[p.name]
-                        growth["rss"] = max(growth["rss"], tree_pss(p.handle.pid) - rss0)
+                        grew = tree_pss(p.handle.pid) - rss0
+                        if grew > growth["rss"]:
+                            growth["rss"], growth["who"] = grew, p.name
                         growth["fds"] = max(growth["fds"], tree_fds(p.handle.pid) - fds0)
                 stop.wait(1.0)
 
@@ -174,7 +176,7 @@ def run(workdir: Path, peers: int, rounds: int, attack: str | None) -> dict:
     everyone = all(len(e["members"]) == peers for e in events)
     agree = len({last(p, "left")["digest"] for p in (*procs, coordinator)}) == 1
     return {"rate": (len(events) - 1) / minutes, "rounds": len(events) - 1, "everyone": everyone, "agree": agree,
-            "rss": growth["rss"], "fds": growth["fds"]}
+            "rss": growth["rss"], "who": growth["who"], "fds": growth["fds"]}
 
 
 def main() -> None:
@@ -191,10 +193,11 @@ def main() -> None:
             results[label] = run(Path(tmp) / label, args.peers, args.rounds, name)
     base = results["none"]["rate"]
     print(f"{args.peers} peers x 1 head on loopback (the last behind NAT), rounds 2..{args.rounds}, merge every 2 steps")
-    print(f"{'attack':<16}{'rounds/min':>11}{'vs none':>9}{'all merged':>12}{'agree':>7}{'RSS +MB':>9}{'fds +':>7}")
+    print(f"{'attack':<16}{'rounds/min':>11}{'vs none':>9}{'all merged':>12}{'agree':>7}{'RSS +MB':>9}{'(who)':>13}"
+          f"{'fds +':>7}")
     for name, r in results.items():
         print(f"{name:<16}{r['rate']:>11.1f}{r['rate'] / base:>9.0%}{str(r['everyone']):>12}{str(r['agree']):>7}"
-              f"{r['rss'] / 1e6:>9.0f}{r['fds']:>7d}")
+              f"{r['rss'] / 1e6:>9.0f}{r['who']:>13}{r['fds']:>7d}")
     rates = [r["rate"] / base for n, r in results.items() if n != "none"]
     if rates:
         print(f"lowest rate under attack: {min(rates):.0%} of the attack-free run's (median {statistics.median(rates):.0%})")
