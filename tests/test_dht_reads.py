@@ -334,12 +334,12 @@ def test_a_reader_looks_at_a_bounded_number_of_one_writers_records_under_a_key(s
     flooder = hivemind.DHT(start=True, host_maddrs=LOOPBACK, initial_peers=nodes[0].get_visible_maddrs(),
                            record_validators=signing_validators(junk))
     try:
-        for i in range(dht_io.MAX_SUBKEYS_PER_WRITER + 40):
+        for i in range(dht_io.MAX_SUBKEYS_PER_WRITER + 16):
             dht_io.store(flooder, key, junk, PartRecord(round=1, members=[], reductions=[], p2p="Qm" + "j" * 44),
                          now + 60, tag=f"junk{i:04d}", wait=False)
         assert dht_io.store(nodes[1], key, identities[1], PartRecord(round=1, members=[], reductions=[],
                                                                       p2p="Qm" + "h" * 44), now + 60)
-        time.sleep(1.0)
+        time.sleep(0.5)
         seen = dht_io.read(nodes[2], key, PartRecord, get_dht_time())
         writers = [who for _, who in seen]
         assert identities[1].fingerprint in writers

@@ -208,15 +208,17 @@ def test_invite_files_from_the_command_line(tmp_path):
                           "not a key fingerprint")
 
 
-def test_a_revoked_member_is_out_within_seconds_and_cannot_join_again(tmp_path):
+def test_a_revoked_member_is_out_within_seconds_and_cannot_join_again(tmp_path, monkeypatch):
     """`lte-swarm revoke` while the run goes on: the coordinator publishes it, every node stops
     counting the member's claims (its heads go free, and to a member waiting for one), and the
     revoked key is told so when it tries to join again; a file that is not a list of keys is one
     line saying what to do."""
+    import swarm.membership
     from peers.invites import revoke
     from tests.conftest import assert_one_error_line, run_cli
 
-    rounds = 16
+    monkeypatch.setattr(swarm.membership, "READ_EVERY", 1.0)  # nodes read revocations every second here
+    rounds = 8
     cfg = tiny_config(heads=2, merge_every=2, rounds=rounds, min_heads=2, closed=True)
     mem = MemorySwarm(cfg, tmp_path)
     coordinator = mem.coordinator()
@@ -234,8 +236,8 @@ def test_a_revoked_member_is_out_within_seconds_and_cannot_join_again(tmp_path):
     mem.run(max_seconds=600)
     rounds_seen = coordinator.events.of("round")
     assert rounds_seen[-1]["new_round"] == rounds
-    # rounds here take under a second of fake time, and nodes read revocations every 5 seconds
-    after = [r for r in rounds_seen if r["round"] >= at + 8]
+    # rounds here take under a second of fake time, and nodes read revocations every second
+    after = [r for r in rounds_seen if r["round"] >= at + 3]
     assert after and all(revoked not in r["members"] for r in after)
     assert any(spare.rt.peer in r["members"] for r in after)  # its head went to the member waiting
     from swarm.membership import Membership
