@@ -1,6 +1,6 @@
 """DiLoCo over hivemind: one worker of the networked DiLoCo baseline (arXiv 2311.08105) per
-process, as OpenDiLoCo ran it. Used by scripts/bench_wan.py, which starts one such process per peer
-beside a bare DHT node (`python -m peers.dp_baseline bootstrap`).
+process, as OpenDiLoCo ran it. Used by scripts/bench_wan.py, which starts one such process per peer,
+the first without initial peers (the others join its DHT: its `maddrs` event).
 
 Each worker trains the run's full-rank model (the same W0 everywhere, from the run's model seed) on
 its own shard of the run's data with AdamW at `train.full_lr` and the run's schedule, for H =
@@ -74,7 +74,7 @@ def group_bits(round_: int) -> str:
 
 def train(cfg: RunConfig, index: int, peers: int, initial_peers: list[str], host: str, evaluate_every: int,
           events: EventLog, matchmaking_time: float, averaging_timeout: float, compression: str) -> None:
-    """Train the run's rounds. Emits `joined`, one `round` per sync (seconds of local forward and
+    """Train the run's rounds. Emits `maddrs` (this worker's DHT addresses), `joined`, one `round` per sync (seconds of local forward and
     backward so far, the group's size, the global model's norm), `eval` (with `evaluate_every` > 0:
     the global model after every that many rounds and the last) and `left`."""
     import hivemind
@@ -93,6 +93,8 @@ def train(cfg: RunConfig, index: int, peers: int, initial_peers: list[str], host
     dht = hivemind.DHT(initial_peers=initial_peers, host_maddrs=[host], start=True, startup_timeout=30)
     averager = None
     try:
+        # the first worker can be the others' initial peer: no node of its own is needed to start a run
+        events.emit("maddrs", maddrs=[str(m) for m in dht.get_visible_maddrs()], pid=os.getpid())
         averager = hivemind.DecentralizedAverager(
             changes, dht, start=True, prefix=PREFIX, target_group_size=peers, min_group_size=2,
             initial_group_bits=group_bits(0), min_matchmaking_time=matchmaking_time,

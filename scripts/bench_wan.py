@@ -562,6 +562,14 @@ def run_lte(net: WanNetwork, cfg: RunConfig, workdir: Path, target: float, timeo
     return result
 
 
+def start_bootstrap(swarm: LocalSwarm, net: WanNetwork, timeout: float) -> list[str]:
+    """A bare DHT node where the coordinator would be; its multiaddrs, for the peers to join."""
+    boot = swarm.spawn("coordinator", ["-m", "peers.dp_baseline", "bootstrap", "--host", net.maddr("coordinator"),
+                                       "--events", "{events}"])
+    maddrs = boot.wait_for(lambda es: any(e["event"] == "maddrs" for e in es), timeout, "the DHT to start")
+    return next(e for e in maddrs if e["event"] == "maddrs")["maddrs"]
+
+
 def run_hivemind(net: WanNetwork, cfg: RunConfig, workdir: Path, target: float, timeout: float,
                  hm_target: int, lr: float) -> ModeResult:
     """A bare DHT node where the coordinator would be and one `hivemind.Optimizer` peer per node."""
@@ -593,34 +601,31 @@ def run_hivemind(net: WanNetwork, cfg: RunConfig, workdir: Path, target: float, 
                      trained, curve, train, target)
 
 
-def start_bootstrap(swarm: LocalSwarm, net: WanNetwork, timeout: float) -> list[str]:
-    """A bare DHT node where the coordinator would be; its multiaddrs, for the peers to join."""
-    boot = swarm.spawn("coordinator", ["-m", "peers.dp_baseline", "bootstrap", "--host", net.maddr("coordinator"),
-                                       "--events", "{events}"])
-    maddrs = boot.wait_for(lambda es: any(e["event"] == "maddrs" for e in es), timeout, "the DHT to start")
-    return next(e for e in maddrs if e["event"] == "maddrs")["maddrs"]
-
-
 def run_diloco(net: WanNetwork, cfg: RunConfig, workdir: Path, target: float, timeout: float,
                compression: str) -> ModeResult:
-    """A bare DHT node where the coordinator would be and one DiLoCo worker per node
-    (`peers/diloco_baseline.py`), its first worker evaluating the global model after every sync."""
+    """One DiLoCo worker per node (`peers/diloco_baseline.py`; nothing runs where the coordinator
+    would be), the first the others' initial peer and the evaluator of the global model after
+    every sync."""
     from peers.diloco_baseline import inner_steps
 
     swarm = LocalSwarm(workdir, _write(cfg, workdir / "run.yaml"), launcher=net.launcher)
     peers = [n for n in net.nodes if n != "coordinator"]
     w_seconds = transfer_seconds(weight_bytes(cfg), net.mbit)
     counters = CounterLog(net).start()
+    def worker(i: int, node: str, initial: list[str]) -> PeerProcess:
+        return swarm.spawn(node, ["-m", "peers.diloco_baseline", "--config", str(swarm.config), "--index", str(i),
+                                  "--peers", str(len(peers)), "--initial-peers", *initial, "--host", net.maddr(node),
+                                  "--compression", compression, "--events", "{events}",
+                                  "--evaluate-every", "1" if i == 0 else "0",
+                                  "--matchmaking-time", str(5.0 + w_seconds / 10),
+                                  "--averaging-timeout", str(60.0 + 2 * w_seconds)])
+
     try:
         launched = time.time()
-        initial = start_bootstrap(swarm, net, timeout)
-        procs = [swarm.spawn(n, ["-m", "peers.diloco_baseline", "--config", str(swarm.config), "--index", str(i),
-                                 "--peers", str(len(peers)), "--initial-peers", *initial, "--host", net.maddr(n),
-                                 "--compression", compression, "--events", "{events}",
-                                 "--evaluate-every", "1" if i == 0 else "0",
-                                 "--matchmaking-time", str(5.0 + w_seconds / 10),
-                                 "--averaging-timeout", str(60.0 + 2 * w_seconds)])
-                 for i, n in enumerate(peers)]
+        first = worker(0, peers[0], [])  # the others' initial peer: DiLoCo needs no node of its own
+        started = first.wait_for(lambda es: any(e["event"] == "maddrs" for e in es), timeout, "the first worker's DHT")
+        initial = next(e for e in started if e["event"] == "maddrs")["maddrs"]
+        procs = [first, *(worker(i, n, initial) for i, n in enumerate(peers) if i > 0)]
         for p in procs:
             counters.watch(p.name, p.handle.pid)
         _wait_all(procs, timeout)

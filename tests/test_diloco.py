@@ -86,15 +86,16 @@ def test_diloco_over_hivemind_trains_what_the_simulation_trains(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     swarm = LocalSwarm(tmp_path, path)
+
+    def worker(i: int, initial: list[str]):
+        return swarm.spawn(f"w{i}", ["-m", "peers.diloco_baseline", "--config", str(path), "--index", str(i),
+                                     "--peers", "2", "--initial-peers", *initial, "--compression", "fp32",
+                                     "--matchmaking-time", "2", "--averaging-timeout", "30",
+                                     "--evaluate-every", "1" if i == 0 else "0", "--events", "{events}"])
     try:
-        boot = swarm.spawn("boot", ["-m", "peers.dp_baseline", "bootstrap", "--events", "{events}"])
-        started = boot.wait_for(lambda es: any(e["event"] == "maddrs" for e in es), 60, "the DHT to start")
-        maddrs = next(e for e in started if e["event"] == "maddrs")["maddrs"]
-        procs = [swarm.spawn(f"w{i}", ["-m", "peers.diloco_baseline", "--config", str(path), "--index", str(i),
-                                       "--peers", "2", "--initial-peers", *maddrs, "--compression", "fp32",
-                                       "--matchmaking-time", "2", "--averaging-timeout", "30",
-                                       "--evaluate-every", "1" if i == 0 else "0", "--events", "{events}"])
-                 for i in range(2)]
+        first = worker(0, [])  # the second joins the first's DHT
+        started = first.wait_for(lambda es: any(e["event"] == "maddrs" for e in es), 60, "the DHT to start")
+        procs = [first, worker(1, next(e for e in started if e["event"] == "maddrs")["maddrs"])]
         for p in procs:
             p.wait_for(lambda es: any(e["event"] == "left" for e in es), 120, "the worker to finish")
             assert p.handle.wait(60) == 0, p.tail()
