@@ -107,3 +107,18 @@ def randomize_heads(model, seed: int, scale: float = 0.1) -> None:
 def twin():
     """Two independent deep copies of a module (same initial weights)."""
     return lambda module: (copy.deepcopy(module), copy.deepcopy(module))
+
+
+# The groups of tests that start real processes take minutes each and run one after another on
+# one worker: handed out first (xdist gives out work in collection order), they overlap the many
+# short tests instead of leaving one worker alone with a long group at the end.
+LONG_FIRST = ("processes", "wan", "demo")
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item) -> int:
+        marker = item.get_closest_marker("xdist_group")
+        group = (marker.args[0] if marker.args else marker.kwargs.get("name")) if marker is not None else None
+        return LONG_FIRST.index(group) if group in LONG_FIRST else len(LONG_FIRST)
+
+    items.sort(key=rank)  # stable: the order within each rank stays the files' own
