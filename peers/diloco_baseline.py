@@ -39,7 +39,7 @@ import torch
 
 from peers.data import DataSource, ImageShape
 from peers.diloco import GlobalModel
-from peers.dp_baseline import barrier, stop_on_term
+from peers.dp_baseline import barrier, run_peer
 from peers.models import create_model
 from peers.node import EventLog
 from peers.training import HeadTrainer, evaluate
@@ -157,17 +157,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--averaging-timeout", type=float, default=120.0)
     parser.add_argument("--compression", choices=CODECS, default="8bit", help="the changes' codec on the wire")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    stop_on_term()
-    events = EventLog(args.events)
-    try:
-        train(load_config(args.config), args.index, args.peers, args.initial_peers, args.host, args.evaluate_every,
-              events, args.matchmaking_time, args.averaging_timeout, args.compression)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        events.close()
+    run_peer(args.events, lambda events: train(
+        load_config(args.config), args.index, args.peers, args.initial_peers, args.host, args.evaluate_every, events,
+        args.matchmaking_time, args.averaging_timeout, args.compression))
 
 
 if __name__ == "__main__":

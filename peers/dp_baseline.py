@@ -21,6 +21,7 @@ import math
 import os
 import signal
 import time
+from typing import Callable
 
 import torch
 
@@ -180,17 +181,28 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--averaging-timeout", type=float, default=120.0)
     parser.add_argument("--compression", choices=["8bit", "fp16"], default="8bit")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    stop_on_term()
-    events = EventLog(args.events)
-    try:
+
+    def work(events: EventLog) -> None:
         if args.role == "bootstrap":
             bootstrap(args.host, events)
         else:
-            cfg = load_config(args.config)
-            train(cfg, args.index, args.peers, args.initial_peers, args.host, args.target, args.lr, args.evaluate_every,
-                  events, args.matchmaking_time, args.averaging_timeout, args.compression)
+            train(load_config(args.config), args.index, args.peers, args.initial_peers, args.host, args.target,
+                  args.lr, args.evaluate_every, events, args.matchmaking_time, args.averaging_timeout,
+                  args.compression)
+
+    run_peer(args.events, work)
+
+
+def run_peer(events_path: str | None, work: Callable[[EventLog], None]) -> None:
+    """Run a baseline peer's `work` as every baseline process runs: warnings logged, the compute
+    threads the launcher set, SIGTERM and Ctrl+C ending it through every `finally`, its events
+    appended to `events_path`."""
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    stop_on_term()
+    events = EventLog(events_path)
+    try:
+        work(events)
     except KeyboardInterrupt:
         pass
     finally:

@@ -11,10 +11,7 @@ invite expires (the run dir's revoked.json, which the coordinator publishes).
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -23,7 +20,7 @@ from pydantic import ValidationError
 from peers.checkpoint import checkpoint_run_id
 from peers.coordinator import KEY_FILE, REVOKED_FILE, coordinator_identity, revoked_members
 from swarm.errors import ConfigError
-from swarm.identity import Identity, is_fingerprint
+from swarm.identity import Identity, is_fingerprint, write_private
 from swarm.keys import RunKeys
 from swarm.membership import invite_problem, sign_invite
 from swarm.schemas import InviteRecord
@@ -41,22 +38,8 @@ def make_invite(run_dir: Path, member: str | None, days: float, out: Path) -> tu
     body = {"invite": invite.model_dump()}
     if key is not None:
         body["signing_key"] = base64.b64encode(key.to_bytes()).decode()
-    _write_private(Path(out), json.dumps(body, indent=1))
+    write_private(Path(out), json.dumps(body, indent=1).encode())
     return invite, key is not None
-
-
-def _write_private(out: Path, text: str) -> None:
-    """Write `text` to `out` at once, readable by its owner only: through a new file of a random
-    name beside it (created exclusively: never a file or link someone put there), then renamed."""
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, out)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def revoke(run_dir: Path, member: str) -> list[str]:
@@ -68,7 +51,7 @@ def revoke(run_dir: Path, member: str) -> list[str]:
     if not is_fingerprint(member):
         raise ConfigError(f"--member {member!r} is not a key fingerprint (as `lte-swarm key FILE` prints it)")
     revoked = sorted({*revoked_members(run_dir), member})
-    _write_private(run_dir / REVOKED_FILE, json.dumps(revoked, indent=1))
+    write_private(run_dir / REVOKED_FILE, json.dumps(revoked, indent=1).encode())
     return revoked
 
 

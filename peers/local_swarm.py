@@ -29,24 +29,40 @@ class LocalSwarmError(LTESwarmError):
     """A local peer process died or did not get where it should in time."""
 
 
-def tree_pss(pid: int) -> int:
-    """Bytes of memory held by a process and every process it started (hivemind's DHT and averager
-    processes, their p2pd daemons): the sum of their proportional set sizes, in which a page shared
-    by k processes counts 1/k in each (forked processes share much of their parent's memory)."""
+def process_family(pid: int) -> list[int]:
+    """PIDs of a process and every process it started (hivemind's DHT and averager processes, their
+    p2pd daemons); none once it is gone."""
     import psutil
 
-    total = 0
     try:
         root = psutil.Process(pid)
-        family = [root, *root.children(recursive=True)]
+        return [pid, *(child.pid for child in root.children(recursive=True))]
     except psutil.Error:
-        return 0
-    for proc in family:
+        return []
+
+
+def tree_pss(pid: int) -> int:
+    """Bytes of memory held by a process family (`process_family`): the sum of their proportional
+    set sizes, in which a page shared by k processes counts 1/k in each (forked processes share
+    much of their parent's memory)."""
+    total = 0
+    for member in process_family(pid):
         try:
-            rollup = Path(f"/proc/{proc.pid}/smaps_rollup").read_text()
+            rollup = Path(f"/proc/{member}/smaps_rollup").read_text()
         except OSError:  # gone meanwhile
             continue
         total += 1024 * next((int(line.split()[1]) for line in rollup.splitlines() if line.startswith("Pss:")), 0)
+    return total
+
+
+def tree_fds(pid: int) -> int:
+    """Open file descriptors of a process family (`process_family`)."""
+    total = 0
+    for member in process_family(pid):
+        try:
+            total += len(os.listdir(f"/proc/{member}/fd"))
+        except OSError:  # gone meanwhile
+            pass
     return total
 
 

@@ -31,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from peers.local_swarm import LocalSwarm, PeerProcess, tree_pss  # noqa: E402
+from peers.local_swarm import LocalSwarm, PeerProcess, tree_fds, tree_pss  # noqa: E402
 from swarm import dht_io  # noqa: E402
 from swarm.identity import Identity  # noqa: E402
 from swarm.keys import RunKeys  # noqa: E402
@@ -40,24 +40,6 @@ from tests.harness import last, write_config  # noqa: E402
 from tests.test_swarm import _attack_once  # noqa: E402
 
 ATTACKS = ("records", "big-records", "junk-subkeys", "push-flood", "stalled-pushes")
-
-
-def tree_fds(pid: int) -> int:
-    """Open file descriptors of a process and those it started."""
-    import psutil
-
-    total = 0
-    try:
-        root = psutil.Process(pid)
-        family = [root, *root.children(recursive=True)]
-    except psutil.Error:
-        return 0
-    for proc in family:
-        try:
-            total += len(os.listdir(f"/proc/{proc.pid}/fd"))
-        except OSError:
-            pass
-    return total
 
 
 class Attacker:

@@ -64,7 +64,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import yaml
 
@@ -570,33 +570,53 @@ def start_bootstrap(swarm: LocalSwarm, net: WanNetwork, timeout: float) -> list[
     return next(e for e in maddrs if e["event"] == "maddrs")["maddrs"]
 
 
-def run_hivemind(net: WanNetwork, cfg: RunConfig, workdir: Path, target: float, timeout: float,
-                 hm_target: int, lr: float) -> ModeResult:
-    """A bare DHT node where the coordinator would be and one `hivemind.Optimizer` peer per node."""
+def run_baseline(net: WanNetwork, cfg: RunConfig, workdir: Path, timeout: float,
+                 start: Callable[[LocalSwarm, list[str], float], list[PeerProcess]]
+                 ) -> tuple[CounterLog, float, list[PeerProcess]]:
+    """A baseline's run: its peer processes, one per node but the coordinator's, started by
+    `start(swarm, nodes, seconds to move one W)`, their memory watched, until all exited; the
+    counters, the launch time and the processes."""
     swarm = LocalSwarm(workdir, _write(cfg, workdir / "run.yaml"), launcher=net.launcher)
-    peers = [n for n in net.nodes if n != "coordinator"]
-    w_seconds = transfer_seconds(weight_bytes(cfg), net.mbit)
+    nodes = [n for n in net.nodes if n != "coordinator"]
     counters = CounterLog(net).start()
     try:
         launched = time.time()
-        initial = start_bootstrap(swarm, net, timeout)
-        procs = [swarm.spawn(n, ["-m", "peers.dp_baseline", "train", "--config", str(swarm.config), "--index", str(i),
-                                 "--peers", str(len(peers)), "--initial-peers", *initial, "--host", net.maddr(n),
-                                 "--target", str(hm_target), "--lr", str(lr), "--events", "{events}",
-                                 "--evaluate-every", "1" if i == 0 else "0",
-                                 # 8-bit gradients, then 8-bit parameters: about |W| / 2 each way per step
-                                 "--matchmaking-time", str(5.0 + w_seconds / 10),
-                                 "--averaging-timeout", str(60.0 + 2 * w_seconds)])
-                 for i, n in enumerate(peers)]
+        procs = start(swarm, nodes, transfer_seconds(weight_bytes(cfg), net.mbit))
         for p in procs:
             counters.watch(p.name, p.handle.pid)
         _wait_all(procs, timeout)
     finally:
         counters.stop()
         swarm.close()
+    return counters, launched, procs
+
+
+def baseline_figures(cfg: RunConfig, launched: float, procs: list[PeerProcess]
+                     ) -> tuple[list[tuple[float, float]], list[float], int]:
+    """(accuracy curve of the first peer's evaluations, each peer's seconds in forward/backward,
+    samples trained over all peers) from a baseline's events."""
     curve = [(e["time"] - launched, e["accuracy"]) for e in procs[0].of("eval")]
     train = [p.of("left")[-1]["seconds_train"] for p in procs]
     trained = sum(p.of("left")[-1]["steps"] for p in procs) * cfg.head_batch
+    return curve, train, trained
+
+
+def run_hivemind(net: WanNetwork, cfg: RunConfig, workdir: Path, target: float, timeout: float,
+                 hm_target: int, lr: float) -> ModeResult:
+    """A bare DHT node where the coordinator would be and one `hivemind.Optimizer` peer per node."""
+    def start(swarm: LocalSwarm, nodes: list[str], w_seconds: float) -> list[PeerProcess]:
+        initial = start_bootstrap(swarm, net, timeout)
+        return [swarm.spawn(n, ["-m", "peers.dp_baseline", "train", "--config", str(swarm.config), "--index", str(i),
+                                "--peers", str(len(nodes)), "--initial-peers", *initial, "--host", net.maddr(n),
+                                "--target", str(hm_target), "--lr", str(lr), "--events", "{events}",
+                                "--evaluate-every", "1" if i == 0 else "0",
+                                # 8-bit gradients, then 8-bit parameters: about |W| / 2 each way per step
+                                "--matchmaking-time", str(5.0 + w_seconds / 10),
+                                "--averaging-timeout", str(60.0 + 2 * w_seconds)])
+                for i, n in enumerate(nodes)]
+
+    counters, launched, procs = run_baseline(net, cfg, workdir, timeout, start)
+    curve, train, trained = baseline_figures(cfg, launched, procs)
     return summarize("hivemind", counters, launched, procs, [e["time"] for e in procs[0].of("epoch")], hm_target,
                      trained, curve, train, target)
 
@@ -608,36 +628,25 @@ def run_diloco(net: WanNetwork, cfg: RunConfig, workdir: Path, target: float, ti
     every sync."""
     from peers.diloco_baseline import inner_steps
 
-    swarm = LocalSwarm(workdir, _write(cfg, workdir / "run.yaml"), launcher=net.launcher)
-    peers = [n for n in net.nodes if n != "coordinator"]
-    w_seconds = transfer_seconds(weight_bytes(cfg), net.mbit)
-    counters = CounterLog(net).start()
-    def worker(i: int, node: str, initial: list[str]) -> PeerProcess:
-        return swarm.spawn(node, ["-m", "peers.diloco_baseline", "--config", str(swarm.config), "--index", str(i),
-                                  "--peers", str(len(peers)), "--initial-peers", *initial, "--host", net.maddr(node),
-                                  "--compression", compression, "--events", "{events}",
-                                  "--evaluate-every", "1" if i == 0 else "0",
-                                  "--matchmaking-time", str(5.0 + w_seconds / 10),
-                                  "--averaging-timeout", str(60.0 + 2 * w_seconds)])
+    def start(swarm: LocalSwarm, nodes: list[str], w_seconds: float) -> list[PeerProcess]:
+        def worker(i: int, initial: list[str]) -> PeerProcess:
+            return swarm.spawn(nodes[i], ["-m", "peers.diloco_baseline", "--config", str(swarm.config),
+                                          "--index", str(i), "--peers", str(len(nodes)), "--initial-peers", *initial,
+                                          "--host", net.maddr(nodes[i]), "--compression", compression,
+                                          "--events", "{events}", "--evaluate-every", "1" if i == 0 else "0",
+                                          "--matchmaking-time", str(5.0 + w_seconds / 10),
+                                          "--averaging-timeout", str(60.0 + 2 * w_seconds)])
 
-    try:
-        launched = time.time()
-        first = worker(0, peers[0], [])  # the others' initial peer: DiLoCo needs no node of its own
+        first = worker(0, [])  # the others' initial peer: DiLoCo needs no node of its own
         started = first.wait_for(lambda es: any(e["event"] == "maddrs" for e in es), timeout, "the first worker's DHT")
         initial = next(e for e in started if e["event"] == "maddrs")["maddrs"]
-        procs = [first, *(worker(i, n, initial) for i, n in enumerate(peers) if i > 0)]
-        for p in procs:
-            counters.watch(p.name, p.handle.pid)
-        _wait_all(procs, timeout)
-    finally:
-        counters.stop()
-        swarm.close()
-    curve = [(e["time"] - launched, e["accuracy"]) for e in procs[0].of("eval")]
-    train = [p.of("left")[-1]["seconds_train"] for p in procs]
-    trained = sum(p.of("left")[-1]["steps"] for p in procs) * cfg.head_batch
+        return [first, *(worker(i, initial) for i in range(1, len(nodes)))]
+
+    counters, launched, procs = run_baseline(net, cfg, workdir, timeout, start)
+    curve, train, trained = baseline_figures(cfg, launched, procs)
     result = summarize("diloco", counters, launched, procs, [e["time"] for e in procs[0].of("round")],
                        cfg.train.batch_size * inner_steps(cfg), trained, curve, train, target)
-    partial = sum(e["members"] < len(peers) for p in procs for e in p.of("round"))
+    partial = sum(e["members"] < len(procs) for p in procs for e in p.of("round"))
     if partial:
         print(f"  diloco: {partial} worker-rounds averaged without every worker", file=sys.stderr, flush=True)
     return result

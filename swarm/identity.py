@@ -194,20 +194,31 @@ class Identity:
                 raise ConfigError(f"cannot read the signing key {path}: {exc}") from None
         identity = cls()
         path.parent.mkdir(parents=True, exist_ok=True)
-        # Written whole to a new file of a random name (created exclusively, readable by us only:
-        # never a file or a link someone put there), then linked into place only if no key is
-        # there yet: of two processes creating the key at once, both end with the first's.
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(identity.to_bytes())
-            os.link(tmp, path)
-        except FileExistsError:
+        # only if no key is there yet: of two processes creating the key at once, both end with the first's
+        if not write_private(path, identity.to_bytes(), replace=False):
             return cls.load_or_create(path)
-        finally:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
         return identity
+
+
+def write_private(path: Path, data: bytes, replace: bool = True) -> bool:
+    """Write `data` to `path` at once, readable by its owner only: through a new file of a random
+    name beside it (created exclusively: never a file or a link someone put there), then renamed
+    into place, or with `replace=False` linked there only if nothing is there yet (False if
+    something was)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        if replace:
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path)
+    except FileExistsError:
+        return False
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+    return True
 
 
 def verify(owner: bytes, data: bytes, signature: str) -> bool:
