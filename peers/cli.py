@@ -170,7 +170,6 @@ def join(
     Ctrl+C leaves cleanly (the heads are released for others)."""
     from peers.node import find_run, open_runtime
     from peers.trainer import TrainerOptions, serve_trainer
-    from swarm.identity import Identity
 
     if verbose:
         logging.getLogger().setLevel(logging.INFO)
@@ -182,16 +181,7 @@ def join(
                 check_data_spec(data)
             except ValueError as exc:
                 raise ConfigError(str(exc)) from None
-        admission, signer = None, None
-        if invite is not None:
-            from peers.invites import read_invite
-
-            admission, signer = read_invite(invite)
-            if run_id is not None and run_id != admission.run_id:
-                raise ConfigError(f"{invite} is an invite to run {admission.run_id}, not to --run-id {run_id}")
-            run_id = admission.run_id
-        if signing_key is not None:
-            signer = Identity.load_or_create(signing_key)
+        admission, signer, run_id = member_key(invite, signing_key, run_id)
         with open_runtime([*initial_peers, *(more_peers or [])], host_maddrs, str(identity) if identity else None,
                           events, identity=signer, client_mode=client_mode, announce_maddrs=announce_maddrs) as rt:
             keys, record, cfg = find_run(rt.dht, run_id, clock=rt.clock)
@@ -212,6 +202,24 @@ def key(
 
     with user_errors():
         print(Identity.load_or_create(path).fingerprint)
+
+
+def member_key(invite: Optional[Path], signing_key: Optional[Path], run_id: Optional[str]):
+    """(invite, signing identity, run id) from `--invite` and `--signing-key`: the key is the
+    invite's own (a bearer invite), else the one at `--signing-key`, else None (a new one)."""
+    from swarm.identity import Identity
+
+    admission, signer = None, None
+    if invite is not None:
+        from peers.invites import read_invite
+
+        admission, signer = read_invite(invite)
+        if run_id is not None and run_id != admission.run_id:
+            raise ConfigError(f"{invite} is an invite to run {admission.run_id}, not to --run-id {run_id}")
+        run_id = admission.run_id
+    if signing_key is not None:
+        signer = Identity.load_or_create(signing_key)
+    return admission, signer, run_id
 
 
 @app.command()
@@ -346,6 +354,9 @@ def export(
     initial_peers: List[str] = typer.Option([], "--initial-peers", help="or download W from a live swarm"),
     run_id: Optional[str] = typer.Option(None, help="with --initial-peers: the run (default: the newest)"),
     weights: str = typer.Option("forward", help="forward: the (de)quantized W the swarm evaluates with; master: the fp32 master"),
+    invite: Optional[Path] = typer.Option(None, help="with --initial-peers: an invite of its own (a closed run serves its "
+                                                     "W to members only)"),
+    signing_key: Optional[Path] = typer.Option(None, help="with --invite FILE made for a key (--member): that key"),
 ) -> None:
     """Write the merged model as a plain timm state dict (timm.create_model(name, **args) loads it)."""
     from peers.export import fetch_live, load_run_dir, write_export
@@ -360,8 +371,9 @@ def export(
         else:
             from peers.node import open_runtime
 
-            with open_runtime(initial_peers, client_mode=True) as rt:
-                cfg, model, round_ = fetch_live(rt, run_id)
+            admission, signer, run_id = member_key(invite, signing_key, run_id)
+            with open_runtime(initial_peers, client_mode=True, identity=signer) as rt:
+                cfg, model, round_ = fetch_live(rt, run_id, admission)
         info = write_export(cfg, model, out, weights, round_)
         args = ", ".join(f"{k}={v!r}" for k, v in info["args"].items())
         err.print(f"wrote {out} (round {round_}); load it with:\n"

@@ -90,8 +90,8 @@ class Coordinator:
         self.keys = RunKeys(run_id)
         self.peer = rt.peer
         # A read-only view of the leases (the coordinator holds no head): whom a round waits for.
-        self.server, self.leases, self.protocol, _ = join_rounds(rt, self.keys, cfg, self.model, holds_heads=False,
-                                                              round_=round_)
+        self.server, self.leases, self.protocol, self.membership = join_rounds(
+            rt, self.keys, cfg, self.model, holds_heads=False, round_=round_)
         # A resumed coordinator may find the swarm went on without it: it adopts what most lease
         # holders hold, once, then is the authority again.
         self.protocol.adopt_holders_state = saved is not None
@@ -173,6 +173,7 @@ class Coordinator:
             self.start()
         if self.clock.now() - self._published_at > self.cfg.swarm.lease_seconds or self._revocations_changed():
             self.publish()
+        self.membership.publish(self.rt.identity)  # where the members reach us (a closed run serves only them)
         if self.mr is None and self.protocol.round >= self.cfg.rounds:
             return self._linger()
         if self.mr is None:

@@ -32,15 +32,18 @@ def write_export(cfg: RunConfig, model: LTEModel, out: Path, weights: str, round
     return info
 
 
-def fetch_live(rt, run_id: str | None) -> tuple[RunConfig, LTEModel, int]:
-    """Download the current W of a live run from one of its donors."""
+def fetch_live(rt, run_id: str | None, invite=None) -> tuple[RunConfig, LTEModel, int]:
+    """Download the current W of a live run from one of its donors (of a closed run, as the
+    member `invite` admits: donors serve members only)."""
     from peers.models import create_lte_model
     from peers.node import SwarmError, find_run, join_rounds
 
     keys, _, cfg = find_run(rt.dht, run_id, clock=rt.clock)
     model = create_lte_model(cfg, [])
-    server, _, protocol, _ = join_rounds(rt, keys, cfg, model, holds_heads=False)
+    server, _, protocol, membership = join_rounds(rt, keys, cfg, model, holds_heads=False, invite=invite)
     try:
+        membership.check_member(rt.identity)
+        membership.publish(rt.identity)  # where the donors reach us
         deadline = rt.clock.monotonic() + 30.0
         while not protocol.sync():  # donors move on every round: try again until one hands it out
             if rt.clock.monotonic() > deadline:

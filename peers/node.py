@@ -238,6 +238,7 @@ def join_rounds(rt: "Runtime", keys: RunKeys, cfg: RunConfig, model, *, holds_he
     lease view (with this node's own claims when it `holds_heads`) and the merge protocol over
     `model`."""
     from peers.models import run_reach
+    from swarm.admission import install_storage_policy
     from swarm.leases import HeadLeases
     from swarm.membership import Membership
     from swarm.rounds import MergeProtocol
@@ -250,8 +251,10 @@ def join_rounds(rt: "Runtime", keys: RunKeys, cfg: RunConfig, model, *, holds_he
     protocol = MergeProtocol(rt.dht, server, keys, rt.identity, sw, model, holders=leases.holders, clock=rt.clock,
                              round_=round_, rounds_total=cfg.rounds, reachable=rt.reachable,
                              reach=run_reach(model, cfg), fragments=cfg.lte.fragments)
-    membership = Membership(rt.dht, keys, sw, rt.clock, invite)
+    membership = Membership(rt.dht, keys, sw, rt.clock, invite, p2p=rt.p2p)
     leases.incumbents, leases.admits = protocol.incumbents, membership.admits
+    server.serves = membership.admits_peer
+    install_storage_policy(rt.dht, keys.run_id, sw)
     return Rounds(server, leases, protocol, membership)
 
 

@@ -129,6 +129,9 @@ class Trainer:
             return 1.0
 
     def _step(self) -> float:
+        if self.peer in self.membership.revoked:  # nobody stores, serves or counts anything of ours now
+            raise ConfigError(f"the coordinator of run {self.keys.run_id} revoked this peer's key {self.peer}; "
+                              "it can no longer take part in the run")
         if self.phase is PeerPhase.SYNCING:
             return self._sync()
         if self.protocol.round >= self.cfg.rounds and self.mr is None and self.landed is None:

@@ -12,9 +12,10 @@ each process and those it started; open file descriptors) while it went on.
 - `stalled-pushes`: push streams that send one byte and stall, 32 at a time to every honest peer.
 
 Every run starts the same extra DHT node (idle without an attack), so the comparison is of the
-attack, not of one more process on the machine.
+attack, not of one more process on the machine. `--closed` makes the run a closed one (every
+volunteer joins with an invite of its own): the attacker is then a stranger to it.
 
-    python scripts/bench_attack.py [--peers 3] [--rounds 12] [--attacks records big-records junk-subkeys ...]
+    python scripts/bench_attack.py [--peers 3] [--rounds 12] [--closed] [--attacks records big-records junk-subkeys ...]
 """
 
 from __future__ import annotations
@@ -112,18 +113,27 @@ class Attacker:
         self.dht.shutdown()
 
 
-def run(workdir: Path, peers: int, rounds: int, attack: str | None) -> dict:
+def run(workdir: Path, peers: int, rounds: int, attack: str | None, closed: bool = False) -> dict:
+    from peers.invites import make_invite
+
     workdir.mkdir(parents=True, exist_ok=True)
     swarm = LocalSwarm(workdir, write_config(workdir / "run.yaml", heads=peers, merge_every=2, rounds=rounds,
-                                             min_heads=peers))
+                                             min_heads=peers, closed=closed))
     stop, attacker = threading.Event(), None
     growth = {"rss": 0, "fds": 0, "who": "-"}
     try:
         coordinator = swarm.start_coordinator()
-        procs = [swarm.join(f"peer{i}", "--throttle", "0.1") for i in range(peers - 1)]
+
+        def invite(i: int) -> list[str]:  # a bearer invite of its own for each volunteer of a closed run
+            if not closed:
+                return []
+            make_invite(workdir / "run", None, 1.0, workdir / f"invite{i}.json")
+            return ["--invite", str(workdir / f"invite{i}.json")]
+
+        procs = [swarm.join(f"peer{i}", "--throttle", "0.1", *invite(i)) for i in range(peers - 1)]
         for p in procs:
             p.wait_for(lambda es: any(e["event"] == "joined" for e in es), 120, "joining")
-        procs.append(swarm.join(f"peer{peers - 1}", "--throttle", "0.1", "--client-mode"))
+        procs.append(swarm.join(f"peer{peers - 1}", "--throttle", "0.1", "--client-mode", *invite(peers - 1)))
         coordinator.wait_for(lambda es: any(e["event"] == "round" and e["new_round"] >= 2 for e in es), 300, "round 2")
         attacker = Attacker(swarm.maddrs, RunKeys(swarm.run_id))
         honest: list[PeerProcess] = [coordinator, *procs]
@@ -166,15 +176,17 @@ def main() -> None:
     parser.add_argument("--peers", type=int, default=3, help="volunteers, one head each; the last behind NAT")
     parser.add_argument("--rounds", type=int, default=12)
     parser.add_argument("--attacks", nargs="+", choices=ATTACKS, default=list(ATTACKS))
+    parser.add_argument("--closed", action="store_true", help="a closed run: every volunteer invited, the attacker not")
     args = parser.parse_args()
     results = {}
     with tempfile.TemporaryDirectory(prefix="lte-attack-") as tmp:
         for name in (None, *args.attacks):
             label = name or "none"
             print(f"running: {label} ...", file=sys.stderr, flush=True)
-            results[label] = run(Path(tmp) / label, args.peers, args.rounds, name)
+            results[label] = run(Path(tmp) / label, args.peers, args.rounds, name, args.closed)
     base = results["none"]["rate"]
-    print(f"{args.peers} peers x 1 head on loopback (the last behind NAT), rounds 2..{args.rounds}, merge every 2 steps")
+    print(f"{args.peers} peers x 1 head on loopback (the last behind NAT), rounds 2..{args.rounds}, merge every 2 steps, "
+          f"{'closed' if args.closed else 'open'} run")
     print(f"{'attack':<16}{'rounds/min':>11}{'vs none':>9}{'all merged':>12}{'agree':>7}{'RSS +MB':>9}{'(who)':>13}"
           f"{'fds +':>7}")
     for name, r in results.items():

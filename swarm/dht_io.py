@@ -15,6 +15,7 @@ from typing import Any
 
 from hivemind.dht.routing import DHTID
 from hivemind.dht.storage import DictionaryDHTValue
+from hivemind.utils import get_dht_time
 from hivemind.utils.timed_storage import ValueWithExpiration
 from pydantic import BaseModel
 
@@ -47,15 +48,20 @@ def store(dht, key: str, identity: Identity, record: BaseModel, expiration: floa
     return bool(future.result()) if wait else True
 
 
-def _known_nearest(node, key_id) -> list | None:
+def _known_nearest(node, key_id, members_only: bool = True) -> list | None:
     """The node ids that hold records at `key_id`, nearest first: every node this node knows
-    (itself included, unless in client mode: a copy it keeps serves nobody else). While a node
+    (itself included, unless in client mode: a copy it keeps serves nobody else; in a closed run
+    only its members' nodes, `swarm.admission`). While a node
     knows fewer nodes than fill one k-bucket, its routing table holds every node it has heard of
     and no search would find nearer ones; None once it knows more: then it must search."""
     protocol = node.protocol
     known = protocol.routing_table.uid_to_peer_id
     if len(known) >= protocol.bucket_size:
         return None
+    policy = getattr(protocol, "lte_storage_policy", None)  # a closed run: its members' nodes only
+    members = policy.member_peers(get_dht_time()) if policy is not None and members_only else None
+    if members is not None:
+        known = {uid: peer for uid, peer in known.items() if peer.to_base58() in members}
     return sorted([*known, *([] if protocol.client_mode else [node.node_id])], key=key_id.xor_distance)
 
 
@@ -136,7 +142,7 @@ async def serve_reads(_dht, node) -> None:
     await protocol.p2p.add_protobuf_handler(READ_HANDLER, answer, dht_pb2.FindRequest)
 
 
-async def _read_nearest(_dht, node, key: str, replicas: int):
+async def _read_nearest(_dht, node, key: str, replicas: int, members_only: bool = True):
     """Runs in the DHT's process: what the `replicas` nodes nearest to `key` hold there (this
     node among them, unless in client mode), merged as hivemind's `get` merges (the latest entry
     of each subkey, signatures stripped). Every entry is checked by this node's validators; one
@@ -147,14 +153,15 @@ async def _read_nearest(_dht, node, key: str, replicas: int):
     the STORE_REPLICAS nodes every record is stored at (a poll) asks a random few of them: nodes
     whose ids a stranger chose next to the key, answering every read with nothing, would
     otherwise be the only ones a poll ever asks. A node that knows
-    a k-bucket's worth of nodes searches, as hivemind does (`_known_nearest`)."""
+    a k-bucket's worth of nodes searches, as hivemind does (`_known_nearest`). `members_only=False`
+    asks every node known in a closed run too: the read that learns who the members are."""
     from hivemind.dht.node import _SearchState
     from hivemind.p2p import P2PDaemonError, P2PHandlerError
     from hivemind.proto import dht_pb2
 
     protocol = node.protocol
     key_id = DHTID.generate(source=key)
-    candidates = _known_nearest(node, key_id)
+    candidates = _known_nearest(node, key_id, members_only)
     if candidates is None:
         return await node.get(key, latest=True, beam_size=replicas)
     known = dict(protocol.routing_table.uid_to_peer_id)  # as the candidates were taken: nodes may leave it meanwhile

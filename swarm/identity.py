@@ -147,6 +147,11 @@ def _split_signed(value: bytes) -> tuple[bytes, bytes | None]:
     return value[:cut], value[cut + len(_SIGNED):]
 
 
+def strip_signature(value: bytes) -> bytes:
+    """A stored value without the signature it ends in (unchanged if it has none)."""
+    return _split_signed(value)[0]
+
+
 def _serialized(record: DHTRecord) -> bytes:
     return MSGPackSerializer.dumps(dataclasses.astuple(record))
 

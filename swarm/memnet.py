@@ -50,6 +50,7 @@ class MemoryNetwork:
     validator: CompositeValidator = field(default_factory=CompositeValidator)
     servers: dict[str, "MemoryBlobServer"] = field(default_factory=dict)
     lock: threading.RLock = field(default_factory=threading.RLock)
+    policy: Any = None  # what the storing side keeps (`swarm.admission.StoragePolicy`), once a run sets one
 
     # ---- storage rules --------------------------------------------------------------------
     def put(self, key: str, subkey: Any, value: bytes, expiration: float) -> bool:
@@ -63,6 +64,8 @@ class MemoryNetwork:
                     return False
                 self.storage[key] = _Entry(expiration, value=value)
                 return True
+            if self.policy is not None and not self._kept(key, subkey, value, expiration, now, entry):
+                return False
             if entry is None or (entry.subkeys is None and expiration > entry.expiration):
                 self.storage[key] = _Entry(expiration, subkeys={subkey: (value, expiration)})
                 return True
@@ -74,6 +77,24 @@ class MemoryNetwork:
                 return False
             entry.subkeys[subkey] = (value, expiration)
             return True
+
+    def _kept(self, key: str, subkey: Any, value: bytes, expiration: float, now: float, entry: _Entry | None) -> bool:
+        """The storage policy's verdict; a writer it does not know yet makes it read the members
+        first (at once: this network has no lag to model)."""
+        key_bytes = DHTID.generate(source=key).to_bytes()
+        held = list(entry.subkeys) if entry is not None and entry.subkeys is not None else []
+        if self.policy.due(now):
+            self._refresh_policy(now)
+        if self.policy.allows(key_bytes, subkey, value, expiration, now, held):
+            return True
+        if not self.policy.due(now):
+            return False
+        self._refresh_policy(now)
+        return self.policy.allows(key_bytes, subkey, value, expiration, now, held)
+
+    def _refresh_policy(self, now: float) -> None:
+        reader = MemoryDHT(self, "storage")
+        self.policy.learn_found(reader.get(self.policy.keys.members), reader.get(self.policy.keys.revocations), now)
 
     def _live(self, key: str, now: float) -> _Entry | None:
         entry = self.storage.get(key)
@@ -137,6 +158,12 @@ class MemoryDHT:
             return False
         return self.network.put(key, subkey, record.value, expiration_time)
 
+    def install_storage_policy(self, policy) -> None:
+        """What every storing node keeps from now on (`swarm.admission`); the first one stays."""
+        with self.network.lock:
+            if self.network.policy is None:
+                self.network.policy = policy
+
     def get(self, key: str, latest: bool = True, return_future: bool = False, **_):
         if return_future:
             return settled(lambda: self.get(key, latest))
@@ -173,6 +200,7 @@ class MemoryBlobServer:
         self.network, self.peer = network, str(peer)
         self._blobs: dict[str, bytes | Callable[[], bytes]] = {}
         self.inbox = Inbox(clock=network.clock.monotonic)
+        self.serves: Callable[[str], bool] = lambda peer: True  # who may fetch from it, as BlobServer.serves
         self.unreachable = False  # a client-mode node: it can fetch and push, nobody can fetch from it
         self.stall = 0.0  # seconds each fetch from it takes (a link that trickles), in fake time
         self.stalled_fetches = 0
@@ -216,7 +244,7 @@ class MemoryBlobServer:
             self.network.clock.advance(min(server.stall, timeout))
             if server.stall >= timeout:
                 raise TransferError(f"timed out after {timeout:.0f}s fetching {name} from {str(peer)[-8:]}")
-        data = server.lookup(name)
+        data = server.lookup(name) if server.serves(self.peer) else None
         if data is None:
             raise TransferError(f"{str(peer)[-8:]} does not have {name}")
         if len(data) > max_bytes:

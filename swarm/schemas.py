@@ -71,6 +71,16 @@ class InviteRecord(_Record):
     signature: str = Field(max_length=2048)
 
 
+class MemberRecord(_Record):
+    """A member of a closed run says where it is reached: `p2p`, its libp2p peer id, which the
+    transport authenticates on every connection, so the writer's signature over this record binds
+    its key to that peer id. A member the run's config does not list adds the coordinator's
+    `invite` admitting its key. Written under the member's own subkey of the run's member key."""
+
+    p2p: PeerAddress = Field(alias="p")
+    invite: InviteRecord | None = Field(None, alias="i")
+
+
 class RevocationRecord(_Record):
     """Members of a closed run whose invites no longer admit them, written by the coordinator
     (only its record counts): a member is out as soon as the nodes read it."""

@@ -142,7 +142,11 @@ class _BlobServicer(ServicerBase):
 
     async def rpc_fetch(self, request: runtime_pb2.ExpertRequest, context: P2PContext
                         ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
-        data = await asyncio.get_running_loop().run_in_executor(None, self.owner.lookup, request.uid)
+        """Stream blob `request.uid` to a peer `BlobServer.serves` (a closed run's members); to
+        anyone else, and for a name we do not serve, "not found"."""
+        loop = asyncio.get_running_loop()
+        served = await loop.run_in_executor(None, self.owner.admit, str(context.remote_id))
+        data = await loop.run_in_executor(None, self.owner.lookup, request.uid) if served else None
         if data is None:
             yield runtime_pb2.ExpertResponse(metadata=_HEADER.pack(0, 0))
             return
@@ -201,6 +205,7 @@ class BlobServer:
         self._blobs: dict[str, bytes | Provider] = {}
         self._lock = threading.Lock()
         self.inbox = Inbox()  # its budget and who may push are set by the merge protocol
+        self.serves: Callable[[str], bool] = lambda peer: True  # who may fetch: by libp2p peer id
         self.min_rate, self.grace = STREAM_MIN_RATE, STREAM_GRACE
         self.bytes_sent = 0
         self.bytes_received = 0
@@ -224,6 +229,14 @@ class BlobServer:
         return self.grace + nbytes / self.min_rate
 
     # ---- serving ---------------------------------------------------------------------------
+    def admit(self, peer: str) -> bool:
+        """Whether to serve `peer` at all (a failing rule serves nobody)."""
+        try:
+            return bool(self.serves(peer))
+        except Exception:
+            log.exception("could not decide whether to serve %s", peer[-8:])
+            return False
+
     def publish(self, name: str, blob: bytes | Provider) -> None:
         with self._lock:
             self._blobs[name] = blob

@@ -268,7 +268,11 @@ def test_export_from_a_live_swarm_loads_into_timm(live_swarm, tmp_path):
 
     swarm, _, _ = live_swarm
     out = tmp_path / "live.safetensors"
-    result = run_cli("export", "--initial-peers", *swarm.maddrs, "--out", out)
+    refused = run_cli("export", "--initial-peers", *swarm.maddrs, "--out", out)  # a closed run serves members only
+    assert refused.exit_code != 0 and "--invite" in refused.stderr, refused.stderr
+    made = run_cli("invite", "--run-dir", swarm.workdir / "run", "--out", tmp_path / "export.json")
+    assert made.exit_code == 0, made.stderr
+    result = run_cli("export", "--initial-peers", *swarm.maddrs, "--invite", tmp_path / "export.json", "--out", out)
     assert result.exit_code == 0, (result.stderr[-2000:], result.exception)
     accuracy, meta = _evaluate_export(out)
     assert meta["round"] >= 1 and 0.0 <= accuracy <= 1.0

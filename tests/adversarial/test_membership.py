@@ -240,6 +240,7 @@ def test_a_revoked_member_is_out_within_seconds_and_cannot_join_again(tmp_path, 
     after = [r for r in rounds_seen if r["round"] >= at + 3]
     assert after and all(revoked not in r["members"] for r in after)
     assert any(spare.rt.peer in r["members"] for r in after)  # its head went to the member waiting
+    assert mem["p1"].state == "failed" and "revoked this peer's key" in str(mem["p1"].error)  # told, and gone
     from swarm.membership import Membership
 
     dht, _ = mem.signing_dht("p1-again")

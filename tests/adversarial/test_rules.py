@@ -74,9 +74,14 @@ def test_unsigned_values_and_endless_records_are_refused_by_storage(tmp_path):
     rogue, identity = mem.signing_dht("rogue")
     record = LeaseRecord(head=0, claimed_at=now)
     assert not dht_io.store(rogue, keys.leases, identity, record, math.inf, tag="0")  # would freeze a key
-    # one that outlives any record is stored (storage must not depend on a node's clock) but never read
+    # one that outlives any record is refused where it would be stored (`swarm.admission`; the
+    # validators, which also judge reads, do not look at the clock) ...
+    assert not dht_io.store(rogue, keys.leases, identity, record, now + 10 * schemas.MAX_RECORD_TTL, tag="1")
+    # ... and one a node without that rule stored is never read
+    policy, mem.net.policy = mem.net.policy, None
     assert dht_io.store(rogue, keys.leases, identity, record, now + 10 * schemas.MAX_RECORD_TTL, tag="1")
     assert dht_io.read(rogue, keys.leases, LeaseRecord, now) == {}
+    mem.net.policy = policy
     assert dht_io.store(rogue, keys.leases, identity, record, now + 30, tag="0")  # its own, bounded: fine
     assert len(dht_io.read(rogue, keys.leases, LeaseRecord, now)) == 1
     # a value far larger than any record of a run would bloat every answer for the key
