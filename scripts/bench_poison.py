@@ -1,0 +1,159 @@
+"""Members poisoning W within the bounds, measured: the one-process simulation (the swarm's merge
+arithmetic: every head's contribution encoded, checked against the run's bounds, reduced with the
+robust clip and rounded as on the wire) with K of the N heads hostile in every round, side by
+side with the run without them: test accuracy at the end, and how large W's layers end up against
+the attack-free run's.
+
+Each hostile contribution is as large as the per-head bounds let through (99 % of
+`swarm.max_relative_update` of a layer's size, and of `swarm.max_update` per weight); the robust
+clip then treats it as it treats any contribution. A contribution the bounds would refuse is
+dropped, as the swarm drops it. The attacks:
+
+- `shrink`: every layer and shared parameter pulled toward zero (its change is -W);
+- `flip`: the head's honest change turned around;
+- `zeros`: no change at all (trying to pull the robust clip's reference down, or freeze W);
+- `noise`: a random direction.
+
+    python scripts/bench_poison.py [--config configs/digits-vit-tiny.yaml] [--rounds 20] [--hostile 1 2] \\
+        [--attacks shrink flip zeros noise] [--set swarm.max_relative_update=0.5 ...] [--workers 2] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from swarm.config import load_config, parse_overrides  # noqa: E402
+from swarm.errors import ConfigError  # noqa: E402
+
+ATTACKS = ("shrink", "flip", "zeros", "noise")
+MARGIN = 0.99  # of each bound: the largest change that passes
+
+
+def _scaled(direction: torch.Tensor, norm_limit: float, value_limit: float) -> torch.Tensor:
+    """`direction` scaled to MARGIN of the tighter of a norm and a per-value limit."""
+    norm, peak = direction.double().norm().item(), direction.abs().max().item()
+    if norm == 0.0:
+        return direction.clone()
+    scale = MARGIN * min(norm_limit / norm, value_limit / peak if peak > 0 else float("inf"))
+    return (direction.double() * scale).float()
+
+
+def forge(attack: str, honest, model, max_update: float, max_relative_update: float, reach, generator):
+    """The hostile twin of `honest` (one head's decoded contribution) for `attack`."""
+    from swarm.lora import merge_scale
+    from swarm.wire import Contribution
+
+    coef = merge_scale(model.spec.scale, model.spec.n_heads)
+    n_heads = model.spec.n_heads
+    shared = dict(model.model.named_parameters())
+    weights, replicas = {}, {}
+    for name, delta in honest.weights.items():
+        w = model.layer(name).weight_store.master
+        size = max(w.norm().item(), reach.get(name, 0.0), 1e-12)
+        direction = {"shrink": -w.float(), "flip": -delta, "zeros": torch.zeros_like(delta),
+                     "noise": torch.randn(delta.shape, generator=generator)}[attack]
+        weights[name] = _scaled(direction, max_relative_update * size / coef, max_update / coef)
+    for name, delta in honest.replicas.items():
+        p = shared[name].detach()
+        floor = max(p.norm().item(), reach.get(name, 1e-2 * p.numel() ** 0.5))
+        direction = {"shrink": -p.float(), "flip": -delta, "zeros": torch.zeros_like(delta),
+                     "noise": torch.randn(delta.shape, generator=generator)}[attack]
+        replicas[name] = _scaled(direction, max_relative_update * n_heads * floor, max_update * n_heads)
+    return Contribution(peer=honest.peer, heads=honest.heads, weights=weights, replicas=replicas, nbytes=0)
+
+
+def run_one(job: tuple) -> dict:
+    """One simulation with `hostile` heads (the last ones) attacking as `attack` (None: none)."""
+    config, overrides, attack, hostile = job
+    torch.set_num_threads(1)
+    import peers.simulate as simulate
+    from swarm.wire import decode_contribution, encode_contribution, merged_totals
+
+    cfg = load_config(config).with_overrides(overrides)
+    generator = torch.Generator().manual_seed(cfg.train.seed)
+    stats = {"refused": 0}
+
+    def reduce(model, dtype="fp32", reduced="fp32", robust_clip=0.0, max_update=float("inf"),
+               max_relative_update=float("inf"), reach=None, targets=None, dither=None):
+        contributions = []
+        for h in model.head_ids:
+            blob = encode_contribution(model, [h], dtype=dtype, targets=targets)[0]
+            honest = decode_contribution(blob, f"{h:08d}", model, max_update, max_relative_update, part=targets,
+                                         dtype=dtype, reach=reach, scope=targets)
+            if attack is not None and h >= model.spec.n_heads - hostile:
+                forged = forge(attack, honest, model, max_update, max_relative_update, reach or {}, generator)
+                if not _passes(forged, model, max_update, max_relative_update, reach or {}):
+                    stats["refused"] += 1
+                    continue
+                honest = forged
+            contributions.append(honest)
+        return merged_totals(model, contributions, robust_clip, reduced, targets, dither)
+
+    simulate.reduce_in_process = reduce
+    result = simulate.simulate(cfg, "lte")
+    norms = {name: layer.weight_store.master.norm().item() for name, layer in result.model.layers()}
+    return {"attack": attack or "none", "hostile": hostile if attack else 0, "accuracy": result.accuracy,
+            "loss": result.loss, "rounds": result.rounds, "refused": stats["refused"], "norms": norms}
+
+
+def _passes(contribution, model, max_update: float, max_relative_update: float, reach) -> bool:
+    """Whether the swarm's checks take `contribution` (sent dense, as a forger would)."""
+    from swarm.wire import ContributionError, _check_contribution
+
+    tensors = {f"w/{n}/D": t for n, t in contribution.weights.items()}
+    tensors.update({f"r/{n}": t for n, t in contribution.replicas.items()})
+    try:
+        _check_contribution(tensors, {"heads": json.dumps(list(contribution.heads))}, 0, contribution.peer, model,
+                            max_update, max_relative_update, reach=reach)
+    except ContributionError:
+        return False
+    return True
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="configs/digits-vit-tiny.yaml")
+    parser.add_argument("--rounds", type=int, default=20, help="merge rounds (sets train.samples)")
+    parser.add_argument("--hostile", type=int, nargs="+", default=[1, 2], help="hostile heads, of the config's N")
+    parser.add_argument("--attacks", nargs="+", choices=ATTACKS, default=list(ATTACKS))
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--workers", type=int, default=1, help="simulations at once, one torch thread each")
+    parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    args = parser.parse_args()
+    try:
+        overrides = parse_overrides(args.overrides)
+        cfg = load_config(args.config).with_overrides(overrides)
+    except ConfigError as exc:
+        parser.error(str(exc))
+    overrides["train.samples"] = cfg.train.batch_size * cfg.lte.merge_every * args.rounds
+    if any(not 0 < k < cfg.lte.heads for k in args.hostile):
+        parser.error(f"--hostile: between 1 and {cfg.lte.heads - 1} of the config's {cfg.lte.heads} heads")
+    jobs = [(args.config, overrides, None, 0)] + [(args.config, overrides, a, k) for k in args.hostile
+                                                  for a in args.attacks]
+    with ProcessPoolExecutor(args.workers) as pool:
+        results = list(pool.map(run_one, jobs))
+    base = results[0]
+    sw = cfg.swarm
+    print(f"{args.config}: N = {cfg.lte.heads}, {args.rounds} rounds; max_relative_update {sw.max_relative_update}, "
+          f"robust_clip {sw.robust_clip}, max_update {sw.max_update}")
+    print(f"{'attack':<8}{'hostile':>8}{'test acc':>10}{'vs none':>9}{'W norm vs none':>16}{'refused':>9}")
+    for r in results:
+        ratios = [r["norms"][n] / base["norms"][n] for n in base["norms"]]
+        r["norm_ratio"] = sum(ratios) / len(ratios)
+        print(f"{r['attack']:<8}{r['hostile']:>5}/{cfg.lte.heads:<2}{100 * r['accuracy']:>9.2f}%"
+              f"{100 * (r['accuracy'] - base['accuracy']):>+8.2f}p{r['norm_ratio']:>16.2f}{r['refused']:>9d}")
+    if args.json:
+        print(json.dumps({"config": args.config, "rounds": args.rounds, "overrides": overrides,
+                          "runs": [{k: v for k, v in r.items() if k != "norms"} for r in results]}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,32 @@
+"""`scripts/bench_poison.py`: every forged contribution is as large as the bounds let through (it
+passes the swarm's checks, and 3 % more would not), points where its attack says, and the
+benchmark runs the swarm's merge with it. The runs themselves take minutes: docs/benchmarks.md."""
+
+from __future__ import annotations
+
+import torch
+
+from swarm.lte_model import LTEModel, LTESpec
+from swarm.wire import decode_contribution, encode_contribution
+from tests.conftest import load_script, randomize_heads, tiny_vit
+
+SPEC = LTESpec(n_heads=4, rank=2, alpha=8.0, nonlinear="replicate")
+
+
+def test_a_forgery_sits_at_the_bounds_and_points_where_its_attack_says():
+    bench = load_script("bench_poison")
+    model = LTEModel(tiny_vit(), SPEC, [0])
+    randomize_heads(model, seed=0, scale=0.05)
+    blob, _ = encode_contribution(model, [0])
+    honest = decode_contribution(blob, "p", model, max_update=10.0)
+    for attack in ("shrink", "flip", "noise"):
+        forged = bench.forge(attack, honest, model, 10.0, 0.5, {}, torch.Generator().manual_seed(0))
+        assert bench._passes(forged, model, 10.0, 0.5, {}), attack
+        assert not bench._passes(forged, model, 10.0, 0.5 * bench.MARGIN / 1.03, {}), attack  # at the bound
+        for name, delta in forged.weights.items():
+            reference = {"shrink": -model.layer(name).weight_store.master, "flip": -honest.weights[name]}.get(attack)
+            if reference is not None:
+                cosine = torch.nn.functional.cosine_similarity(delta.flatten(), reference.float().flatten(), dim=0)
+                assert cosine > 0.999, (attack, name)
+    zeros = bench.forge("zeros", honest, model, 10.0, 0.5, {}, torch.Generator())
+    assert all(not t.any() for t in [*zeros.weights.values(), *zeros.replicas.values()])
