@@ -4,6 +4,7 @@ clock, stop event, event log), finding the run, and stopping cleanly."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import signal
 import threading
@@ -60,6 +61,8 @@ def start_dht(initial_peers: list[str], host_maddrs: list[str] | None = None, id
                            startup_timeout=30, await_ready=True)
         try:
             dht.run_coroutine(dht_io.serve_reads)  # others' polls of the keys it holds
+            if initial_peers:
+                dht.run_coroutine(functools.partial(dht_io.keep_routing, initial_peers=list(initial_peers)))
         except BaseException:
             dht.shutdown()
             raise

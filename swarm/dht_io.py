@@ -142,6 +142,50 @@ async def serve_reads(_dht, node) -> None:
     await protocol.p2p.add_protobuf_handler(READ_HANDLER, answer, dht_pb2.FindRequest)
 
 
+REBOOTSTRAP_EVERY = 5.0  # seconds between checks that a node still knows another node
+
+
+async def keep_routing(_dht, node, initial_peers: list[str]) -> None:
+    """Runs in the DHT's process, once, when the node starts. hivemind drops a node from the routing
+    table when a call to it fails, whatever the cause, and never bootstraps again: a node whose
+    every neighbour failed it once (gone for a moment, or its answers too large for p2pd) knows
+    nobody for good, and every key reads as empty until it restarts. While its table is empty, this
+    dials its initial peers again every REBOOTSTRAP_EVERY seconds, pings them into the table and
+    looks up its neighbours, as hivemind's start does."""
+    from hivemind.p2p import PeerID
+    from hivemind.utils.multiaddr import Multiaddr
+
+    targets = []
+    for text in initial_peers:
+        try:
+            maddr = Multiaddr(str(text))
+            peer_id = PeerID.from_base58(maddr["p2p"])
+            targets.append((peer_id, maddr.decapsulate(Multiaddr(f"/p2p/{maddr['p2p']}"))))
+        except Exception:
+            continue
+    if not targets:
+        return
+
+    async def watch() -> None:
+        while node.is_alive:
+            await asyncio.sleep(REBOOTSTRAP_EVERY)
+            if node.protocol.routing_table.uid_to_peer_id:
+                continue
+            log.warning("this DHT node knows no other node: bootstrapping again from its %d initial peers", len(targets))
+            for peer_id, maddr in targets:
+                try:
+                    await asyncio.wait_for(node.p2p._client.connect(peer_id, [maddr]), node.protocol.wait_timeout)
+                except Exception as exc:  # the ping may still reach it, through an address p2pd kept
+                    log.info("could not dial initial peer %s at %s: %s", peer_id, maddr, exc)
+                await node.protocol.call_ping(peer_id)
+            try:
+                await asyncio.wait_for(node.find_nearest_nodes([node.node_id]), node.protocol.wait_timeout)
+            except Exception:
+                pass
+
+    asyncio.create_task(watch())
+
+
 async def _read_nearest(_dht, node, key: str, replicas: int, members_only: bool = True):
     """Runs in the DHT's process: what the `replicas` nodes nearest to `key` hold there (this
     node among them, unless in client mode), merged as hivemind's `get` merges (the latest entry

@@ -427,3 +427,39 @@ def test_a_node_in_client_mode_that_joined_before_the_others_still_stores_where_
     finally:
         for node in (client, *others, first):
             node.shutdown()
+
+
+async def _forget_everyone(_dht, node) -> int:
+    """Runs in a DHT's process: drop every node from the routing table, as failed calls do."""
+    table = node.protocol.routing_table
+    for uid in list(table.uid_to_peer_id):
+        del table[uid]
+    return len(table.uid_to_peer_id)
+
+
+async def _known(_dht, node) -> int:
+    return len(node.protocol.routing_table.uid_to_peer_id)
+
+
+def test_a_node_that_lost_every_neighbour_bootstraps_again_from_its_initial_peers(monkeypatch):
+    """hivemind never bootstraps again: a reader whose neighbours all failed it once would read
+    every key as empty until it restarted. It dials its initial peers again and reads as before."""
+    from peers.node import start_dht
+
+    monkeypatch.setattr(dht_io, "REBOOTSTRAP_EVERY", 1.0)  # before the nodes start: their processes fork with it
+    writer_identity = Identity()
+    writer = start_dht([], signer=writer_identity)
+    reader = start_dht(writer.get_visible_maddrs(), client_mode=True, signer=Identity())
+    try:
+        key, record = "rebootstrap-test", schemas.DonorRecord(round=0, digest="0" * 64, p2p="Qmwriter")
+        assert dht_io.store(writer, key, writer_identity, record, get_dht_time() + 60)
+        assert dht_io.read(reader, key, schemas.DonorRecord, get_dht_time())
+        assert reader.run_coroutine(_forget_everyone) == 0
+        assert dht_io.read(reader, key, schemas.DonorRecord, get_dht_time()) == {}  # what a lost node sees
+        deadline = time.monotonic() + 4 * dht_io.REBOOTSTRAP_EVERY + 10
+        while reader.run_coroutine(_known) == 0 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert dht_io.read(reader, key, schemas.DonorRecord, get_dht_time())
+    finally:
+        reader.shutdown()
+        writer.shutdown()
