@@ -7,7 +7,7 @@ each process and those it started; open file descriptors) while it went on.
 - `records`: every kind of hostile DHT record, again and again (the volley of tests/test_swarm.py);
 - `big-records`: signed records of 1.5 MB under the run's lease key, one a second;
 - `junk-subkeys`: 50 small signed lease-shaped records a second under the run's lease key, each
-  under a subkey of its own (a known limit: storage takes them, see docs/security.md);
+  under a subkey of its own (a node keeps 64 of one writer's; a closed run's nodes none);
 - `push-flood`: 1 MiB of junk pushed into every honest peer's inbox, 8 pushes at once, again and again;
 - `stalled-pushes`: push streams that send one byte and stall, 32 at a time to every honest peer.
 
@@ -165,9 +165,11 @@ def run(workdir: Path, peers: int, rounds: int, attack: str | None, closed: bool
         swarm.close()
     events = [e for e in coordinator.of("round") if e["new_round"] >= 2]
     minutes = (events[-1]["time"] - events[0]["time"]) / 60
-    everyone = all(len(e["members"]) == peers for e in events)
+    short = [e["round"] for e in events if len(e["members"]) != peers]
+    everyone = not short
     agree = len({last(p, "left")["digest"] for p in (*procs, coordinator)}) == 1
-    return {"rate": (len(events) - 1) / minutes, "rounds": len(events) - 1, "everyone": everyone, "agree": agree,
+    return {"rate": (len(events) - 1) / minutes, "rounds": len(events) - 1, "everyone": everyone, "short": short,
+            "agree": agree,
             "rss": growth["rss"], "who": growth["who"], "fds": growth["fds"]}
 
 
@@ -192,6 +194,9 @@ def main() -> None:
     for name, r in results.items():
         print(f"{name:<16}{r['rate']:>11.1f}{r['rate'] / base:>9.0%}{str(r['everyone']):>12}{str(r['agree']):>7}"
               f"{r['rss'] / 1e6:>9.0f}{r['who']:>13}{r['fds']:>7d}")
+    for name, r in results.items():
+        if r["short"]:
+            print(f"{name}: rounds {r['short']} merged fewer than all {args.peers} peers")
     rates = [r["rate"] / base for n, r in results.items() if n != "none"]
     if rates:
         print(f"lowest rate under attack: {min(rates):.0%} of the attack-free run's (median {statistics.median(rates):.0%})")

@@ -20,7 +20,9 @@ keeping does depend on both, and is decided here, by the storing node alone:
   honest node a refused store and, at most every REFRESH_EVERY seconds, one read of the members.
   The member records also bind each member's key to its peer id: while a node knows few enough
   nodes to store and read at the nearest ones straight away (`dht_io`), it stores at and reads from
-  members' nodes only, so a stranger's node placed next to a key is never asked.
+  members' nodes only, so a stranger's node placed next to a key is never asked (a node it passes
+  over makes it read the members again, at most every REFRESH_EVERY seconds: it may be a member
+  that joined since).
 
 The rule runs in the DHT's process (a hivemind node) or on the in-memory network's storage; the
 policy is pickled into the former.
@@ -181,6 +183,7 @@ async def _install(_dht, node, policy: StoragePolicy) -> None:
         except RuntimeError:  # no running loop: nothing to schedule on
             pass
 
+    protocol.lte_refresh = maybe_refresh  # also when a read or store passes over a node no member bound
     for storage in (protocol.storage, protocol.cache):
         def gated(key, subkey, value, expiration_time, _storage=storage, _store=storage.store_subkey):
             now = get_dht_time()

@@ -61,7 +61,11 @@ def _known_nearest(node, key_id, members_only: bool = True) -> list | None:
     policy = getattr(protocol, "lte_storage_policy", None)  # a closed run: its members' nodes only
     members = policy.member_peers(get_dht_time()) if policy is not None and members_only else None
     if members is not None:
-        known = {uid: peer for uid, peer in known.items() if peer.to_base58() in members}
+        kept = {uid: peer for uid, peer in known.items() if peer.to_base58() in members}
+        if len(kept) < len(known):  # a stranger, or a member joined since the last read: read them again soon
+            policy.wants_refresh = True
+            getattr(protocol, "lte_refresh", lambda now: None)(get_dht_time())
+        known = kept
     return sorted([*known, *([] if protocol.client_mode else [node.node_id])], key=key_id.xor_distance)
 
 

@@ -49,7 +49,7 @@ def _closed_run(tmp_path) -> tuple[MemorySwarm, dict[str, InviteRecord]]:
     return mem, invites
 
 
-def test_a_closed_run_stores_no_record_a_stranger_writes_under_any_key(tmp_path):
+def test_a_closed_run_stores_no_record_a_stranger_writes_and_serves_it_no_blob(tmp_path):
     mem, invites = _closed_run(tmp_path)
     keys = RunKeys(mem.run_id)
     mem.run(until=lambda s: any(e["new_round"] >= 2 for e in s["coordinator"].events.of("round")))
@@ -73,6 +73,25 @@ def test_a_closed_run_stores_no_record_a_stranger_writes_under_any_key(tmp_path)
     assert not dht_io.store(copier, keys.leases, copier_identity, LeaseRecord(head=1, claimed_at=now), now + 30, tag="1")
     assert identity.fingerprint not in _writers(mem) and copier_identity.fingerprint not in _writers(mem)
     assert mem.net.policy.refused >= refused + len(written) + 2
+
+    # ... and no blob is served to a peer id no member bound
+    outsider = MemoryBlobServer(mem.net, "Qmstranger")
+    for donor in ("coordinator", "p0"):
+        with pytest.raises(TransferError, match="does not have"):
+            outsider.fetch(f"Qm{donor}", keys.state_blob, timeout=10, max_bytes=1 << 30)
+    # a member that said where it is reached is served, by member and coordinator alike
+    dht, newcomer = mem.signing_dht("p2", named_identity("p2"))
+    Membership(dht, keys, mem.cfg.swarm, mem.clock, invites["p2"], p2p="Qmp2").publish(newcomer)
+    mem.clock.advance(5)  # past the donors' rate limit on reads of the members
+    member = MemoryBlobServer(mem.net, "Qmp2")
+    for donor in ("coordinator", "p0"):
+        assert member.fetch(f"Qm{donor}", keys.state_blob, timeout=10, max_bytes=1 << 30)
+    # a key that is no member binding the outsider's peer id binds nothing
+    impostor_dht, impostor = mem.signing_dht("impostor")
+    assert not dht_io.store(impostor_dht, keys.members, impostor, MemberRecord(p2p="Qmstranger"), mem.clock.now() + 30)
+    mem.clock.advance(5)
+    with pytest.raises(TransferError, match="does not have"):
+        outsider.fetch("Qmcoordinator", keys.state_blob, timeout=10, max_bytes=1 << 30)
     mem.run()
     assert mem.digests("coordinator", "p0", "p1")  # the run went on to its end, members and all
     assert {named_identity("p0").fingerprint, named_identity("p1").fingerprint} <= _writers(mem)
@@ -123,29 +142,6 @@ def test_every_run_bounds_how_long_and_how_many_records_one_writer_parks_at_a_no
     assert stored == dht_io.MAX_SUBKEYS_PER_WRITER - 1  # with the first one: the cap, and no more
     assert dht_io.store(flooder, keys.leases, identity, record, now + 60, tag="j0")  # renewing its own: fine
     assert dht_io.store(other_dht, keys.leases, other, record, now + 30, tag="0")  # other writers: fine
-
-
-def test_a_closed_run_serves_blobs_only_to_peer_ids_its_members_bound(tmp_path):
-    mem, invites = _closed_run(tmp_path)
-    keys = RunKeys(mem.run_id)
-    mem.run(until=lambda s: any(e["new_round"] >= 2 for e in s["coordinator"].events.of("round")))
-    stranger = MemoryBlobServer(mem.net, "Qmstranger")
-    for donor in ("coordinator", "p0"):
-        with pytest.raises(TransferError, match="does not have"):
-            stranger.fetch(f"Qm{donor}", keys.state_blob, timeout=10, max_bytes=1 << 30)
-    # a member that said where it is reached is served, by member and coordinator alike
-    dht, newcomer = mem.signing_dht("p2", named_identity("p2"))
-    Membership(dht, keys, mem.cfg.swarm, mem.clock, invites["p2"], p2p="Qmp2").publish(newcomer)
-    mem.clock.advance(5)  # past the donors' rate limit on reads of the members
-    member = MemoryBlobServer(mem.net, "Qmp2")
-    for donor in ("coordinator", "p0"):
-        assert member.fetch(f"Qm{donor}", keys.state_blob, timeout=10, max_bytes=1 << 30)
-    # a stranger naming itself at a member's peer id in a record of its own binds nothing
-    impostor_dht, impostor = mem.signing_dht("impostor")
-    assert not dht_io.store(impostor_dht, keys.members, impostor, MemberRecord(p2p="Qmstranger"), mem.clock.now() + 30)
-    mem.clock.advance(5)
-    with pytest.raises(TransferError, match="does not have"):
-        stranger.fetch("Qmcoordinator", keys.state_blob, timeout=10, max_bytes=1 << 30)
 
 
 def test_a_node_of_an_open_run_serves_everyone_and_a_failing_rule_nobody(tmp_path):
