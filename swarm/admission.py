@@ -40,7 +40,7 @@ from hivemind.utils.serializer import MSGPackSerializer
 
 from swarm import dht_io
 from swarm.config import SwarmConfig
-from swarm.identity import split_subkey, strip_signature
+from swarm.identity import owner_of, split_subkey, strip_signature
 from swarm.keys import RunKeys
 from swarm.membership import admitted_until
 from swarm.schemas import MAX_RECORD_TTL, MemberRecord, RevocationRecord, parse
@@ -59,7 +59,8 @@ class StoragePolicy:
         self.keys = RunKeys(run_id)
         self.closed = closed
         self.listed = frozenset({self.keys.coordinator, *listed})
-        self.members_key = DHTID.generate(source=self.keys.members).to_bytes()
+        # the member key as hivemind's storage names it (its DHT id) and as the in-memory one does
+        self.members_key = {DHTID.generate(source=self.keys.members).to_bytes(), self.keys.members}
         self.until: dict[str, float] = {}  # invited member -> expiry of its invite
         self.bound: dict[str, str] = {}  # member -> the peer id its latest record names
         self.revoked: set[str] = set()
@@ -84,23 +85,22 @@ class StoragePolicy:
             return None
         return {peer for who, peer in self.bound.items() if self.admits(who, now)}
 
-    def allows(self, key: bytes, subkey, value: bytes, expiration: float, now: float, held: Iterable) -> bool:
+    def allows(self, key: bytes | str, subkey, value: bytes, expiration: float, now: float, held: Iterable) -> bool:
         """Whether to store `value` under `key`/`subkey` until `expiration`; `held`: the subkeys
-        this node already stores under `key`."""
-        who = split_subkey(subkey)
-        if who is None or not expiration <= now + STORE_HORIZON:
+        this node already stores under `key`. Runs on every store: an open run's checks compare
+        bytes only."""
+        owner = owner_of(subkey)
+        if owner is None or not expiration <= now + STORE_HORIZON:
             return self._refuse()
-        writer = who[1]
-        if self.closed and not self.admits(writer, now):
-            if not (key == self.members_key and not who[0] and self._learn_from(writer, value, now)):
+        if self.closed:
+            tag, writer = split_subkey(subkey)
+            if not self.admits(writer, now) and not (key in self.members_key and not tag
+                                                      and self._learn_from(writer, value, now)):
                 self.wants_refresh = True
                 return self._refuse()
         if subkey not in held:
-            same_writer = 0
-            for other in held:
-                found = split_subkey(other)
-                same_writer += found is not None and found[1] == writer
-            if same_writer >= dht_io.MAX_SUBKEYS_PER_WRITER:
+            mine = sum(1 for other in held if isinstance(other, bytes) and other.endswith(owner))
+            if mine >= dht_io.MAX_SUBKEYS_PER_WRITER:
                 return self._refuse()
         return True
 

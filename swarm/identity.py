@@ -236,6 +236,14 @@ def verify(owner: bytes, data: bytes, signature: str) -> bool:
     return _verify(public_key, data, _unb64(signature.encode(), _SIGNATURE_BYTES))
 
 
+def owner_of(subkey: Any) -> bytes | None:
+    """The `[owner:<public key>]` marker an owner subkey ends in; None for anything else."""
+    if not isinstance(subkey, bytes):
+        return None
+    found = _OWNER.search(subkey)
+    return found.group(0) if found is not None and found.end() == len(subkey) else None
+
+
 def split_subkey(subkey: Any) -> tuple[str, str] | None:
     """(tag, writer fingerprint) of an owner subkey; None for anything else (unsigned, foreign)."""
     if not isinstance(subkey, bytes):

@@ -81,16 +81,15 @@ class MemoryNetwork:
     def _kept(self, key: str, subkey: Any, value: bytes, expiration: float, now: float, entry: _Entry | None) -> bool:
         """The storage policy's verdict; a writer it does not know yet makes it read the members
         first (at once: this network has no lag to model)."""
-        key_bytes = DHTID.generate(source=key).to_bytes()
-        held = list(entry.subkeys) if entry is not None and entry.subkeys is not None else []
+        held = entry.subkeys if entry is not None and entry.subkeys is not None else {}
         if self.policy.due(now):
             self._refresh_policy(now)
-        if self.policy.allows(key_bytes, subkey, value, expiration, now, held):
+        if self.policy.allows(key, subkey, value, expiration, now, held):
             return True
         if not self.policy.due(now):
             return False
         self._refresh_policy(now)
-        return self.policy.allows(key_bytes, subkey, value, expiration, now, held)
+        return self.policy.allows(key, subkey, value, expiration, now, held)
 
     def _refresh_policy(self, now: float) -> None:
         reader = MemoryDHT(self, "storage")
