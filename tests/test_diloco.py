@@ -82,7 +82,7 @@ def test_diloco_over_hivemind_trains_what_the_simulation_trains(tmp_path):
 
     from peers.local_swarm import LocalSwarm
 
-    cfg = tiny_config(heads=2, merge_every=2, rounds=3).with_overrides({"diloco.inner_steps": 2})
+    cfg = tiny_config(heads=2, merge_every=2, rounds=2).with_overrides({"diloco.inner_steps": 2})
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     swarm = LocalSwarm(tmp_path, path)
@@ -102,10 +102,10 @@ def test_diloco_over_hivemind_trains_what_the_simulation_trains(tmp_path):
     finally:
         swarm.close()
     rounds = [p.of("round") for p in procs]
-    assert [e["members"] for e in rounds[0]] == [2, 2, 2] == [e["members"] for e in rounds[1]]
+    assert [e["members"] for e in rounds[0]] == [2, 2] == [e["members"] for e in rounds[1]]
     for a, b in zip(*rounds):
         assert abs(a["global_norm"] - b["global_norm"]) < 1e-5 * a["global_norm"]
-    assert len({round(e["global_norm"], 3) for e in rounds[0]}) == 3  # the global model moves every round
+    assert len({round(e["global_norm"], 3) for e in rounds[0]}) == 2  # the global model moves every round
     expected = simulate(cfg, "diloco").history[-1]
     final = procs[0].of("eval")[-1]
     assert abs(final["loss"] - expected.loss) < 1e-4 and final["accuracy"] == expected.accuracy
