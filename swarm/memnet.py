@@ -27,7 +27,7 @@ from hivemind.dht.validation import CompositeValidator, DHTRecord, RecordValidat
 from hivemind.utils import ValueWithExpiration
 
 from swarm.clock import Clock, settled
-from swarm.transport import PUSHED, Inbox, TransferError
+from swarm.transport import PUSHED, Inbox, TransferError, judged
 
 _REGULAR = DHTProtocol.IS_REGULAR_VALUE
 
@@ -243,7 +243,7 @@ class MemoryBlobServer:
             self.network.clock.advance(min(server.stall, timeout))
             if server.stall >= timeout:
                 raise TransferError(f"timed out after {timeout:.0f}s fetching {name} from {str(peer)[-8:]}")
-        data = server.lookup(name) if server.serves(self.peer) else None
+        data = server.lookup(name) if judged(server.serves, self.peer, "fetch") else None
         if data is None:
             raise TransferError(f"{str(peer)[-8:]} does not have {name}")
         if len(data) > max_bytes:

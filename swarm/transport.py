@@ -61,6 +61,15 @@ def pushed_name(digest: str) -> str:
     return PUSHED + digest
 
 
+def judged(rule: Callable[[str], bool], peer: str, what: str) -> bool:
+    """`rule(peer)`, a door's verdict on a peer; a rule that fails lets nobody through."""
+    try:
+        return bool(rule(peer))
+    except Exception:
+        log.exception("could not decide whether %s may %s", peer[-8:], what)
+        return False
+
+
 class Inbox:
     """Blobs other peers pushed to us, by sha256, and the rules of who may push how much.
 
@@ -84,11 +93,7 @@ class Inbox:
 
     def admit(self, sender: str) -> bool:
         """Whether `sender` may push to us at all (a failing rule admits nobody)."""
-        try:
-            return bool(self.admits(sender))
-        except Exception:
-            log.exception("could not decide whether %s may push", sender[-8:])
-            return False
+        return judged(self.admits, sender, "push")
 
     def sender_limit(self) -> int:
         return self.limit_bytes if self.per_sender_bytes is None else min(self.per_sender_bytes, self.limit_bytes)
@@ -231,11 +236,7 @@ class BlobServer:
     # ---- serving ---------------------------------------------------------------------------
     def admit(self, peer: str) -> bool:
         """Whether to serve `peer` at all (a failing rule serves nobody)."""
-        try:
-            return bool(self.serves(peer))
-        except Exception:
-            log.exception("could not decide whether to serve %s", peer[-8:])
-            return False
+        return judged(self.serves, peer, "fetch")
 
     def publish(self, name: str, blob: bytes | Provider) -> None:
         with self._lock:

@@ -152,14 +152,12 @@ def test_a_node_of_an_open_run_serves_everyone_and_a_failing_rule_nobody(tmp_pat
     anyone = MemoryBlobServer(mem.net, "Qmanyone")
     assert anyone.fetch("Qmcoordinator", keys.state_blob, timeout=10, max_bytes=1 << 30)
 
-    from swarm.transport import BlobServer
-
     def broken(peer: str) -> bool:
         raise RuntimeError("the rule failed")
 
-    server = BlobServer.__new__(BlobServer)  # only its door: no node needed to judge who it serves
-    server.serves = broken
-    assert server.admit("Qmanyone") is False
+    mem.net.servers["Qmcoordinator"].serves = broken  # the real transport judges through the same `judged`
+    with pytest.raises(TransferError, match="does not have"):
+        anyone.fetch("Qmcoordinator", keys.state_blob, timeout=10, max_bytes=1 << 30)
 
 
 def test_one_policy_per_network_and_member_records_checked_where_they_are_stored():
