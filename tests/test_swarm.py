@@ -159,7 +159,7 @@ def test_an_owner_sigkilled_mid_round_loses_nothing_then_sigterm_ends_every_role
     killed_round = next(e["round"] for e in survivors[0].of("reducing") if victim_peer in e["members"]
                         and e["round"] >= 2)
     assert wait_role_gone(victim.read()) == []  # its DHT process and p2pd do not outlive it
-    survivors[0].wait_for(_rounds_done(killed_round + 2), 120, "two more rounds")
+    survivors[0].wait_for(_rounds_done(killed_round + 3), 120, "three more rounds")
     for p in (*survivors, coordinator):
         p.signal_group(signal.SIGTERM)
     for p in (*survivors, coordinator):
