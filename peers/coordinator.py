@@ -24,7 +24,7 @@ from swarm.errors import ConfigError
 from swarm.identity import Identity
 from swarm.keys import RunKeys, make_run_id
 from swarm.rounds import MergeRound, RoundResult
-from swarm.schemas import RevocationRecord, RoundSummary, RunProgress, RunRecord
+from swarm.schemas import DECISIONS_KEPT, HashRecord, RevocationRecord, RoundSummary, RunProgress, RunRecord
 from swarm.transport import NETWORK_ERRORS
 
 log = logging.getLogger(__name__)
@@ -72,6 +72,7 @@ class Coordinator:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         saved = load_checkpoint(self.run_dir)
         self.history: list[RoundSummary] = []
+        self.decisions: list[HashRecord] = []  # our votes on the latest rounds, repeated in the progress record
         if saved is not None:
             if saved.config.model != cfg.model or saved.config.lte != cfg.lte:
                 raise ConfigError(f"{self.run_dir} holds a run of another model/LTE config; use another --run-dir")
@@ -121,7 +122,8 @@ class Coordinator:
         announce_run(self.dht, self.keys, self.rt.identity, self.record, expiration)
         self.protocol.announce()
         progress = RunProgress(round=self.protocol.round, digest=self.model.state_digest(), rounds_total=self.cfg.rounds,
-                               samples=sum(h.samples for h in self.history), history=self.history[-200:])
+                               samples=sum(h.samples for h in self.history), history=self.history[-200:],
+                               decisions=self.decisions[-DECISIONS_KEPT:])
         dht_io.store(self.dht, self.keys.progress, self.rt.identity, progress, expiration)
         self.publish_revocations(expiration)
         self._published_at = self.clock.now()
@@ -215,6 +217,9 @@ class Coordinator:
         self.history.append(RoundSummary(round=result.new_round, time=float(self.clock.now()), samples=samples,
                                          members=len(result.members), accuracy=fields.get("accuracy"),
                                          loss=fields.get("loss")))
+        if result.new_round == result.round + 1 and result.digest:
+            self.decisions = [*self.decisions[-(DECISIONS_KEPT - 1):],
+                              HashRecord(round=result.round, digest=result.digest, members=sorted(result.members))]
         self.publish()
         if result.new_round % self.cfg.swarm.checkpoint_every == 0 and result.new_round < self.cfg.rounds:
             self.checkpoint()

@@ -12,7 +12,7 @@ import logging
 import math
 import os
 import threading
-from concurrent.futures import Future, wait
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 from peers.data import DataSource, ImageShape, is_shareable
@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 STATUS_EVERY = 5.0   # seconds between live status records while nothing changes
 ROSTER_EVERY = 20.0  # seconds between copies of it in the run's list of peers (see `publish_status`)
-BESIDE_WAIT = 0.02  # seconds between looks at a poll running beside us, once our steps are done
+BESIDE_WAIT = 1.0  # most seconds our steps wait, once done, for the poll running beside us to finish
 CLOSE_WAIT = 5.0  # seconds a leaving peer waits for a poll running beside it
 
 
@@ -146,7 +146,10 @@ class Trainer:
             self._poll_beside()
             if self.mr is not None:  # still in flight; once our steps are done, wait for it
                 if self.step_in_round >= self._round_steps():
-                    return BESIDE_WAIT if self.polling is not None else max(0.0, self.poll_due - self.clock.monotonic())
+                    if self.polling is None:
+                        return max(0.0, self.poll_due - self.clock.monotonic())
+                    self.clock.wait_for(self.polling[1], BESIDE_WAIT)  # woken by its end, not by a timer
+                    return 0.0
                 return self._train_step()
         if self.landed is not None:  # the round landed: train the rest of our steps, then apply it
             return self._train_step() if self.step_in_round < self._round_steps() else self._offer()
@@ -318,7 +321,7 @@ class Trainer:
         if job == "renewal" and timeout is None:
             future.result()
         else:
-            wait([future], timeout=timeout)
+            self.clock.wait_for(future, timeout)
 
     def _poll_round(self) -> float:
         mr = self.mr

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import threading
 import time
-from concurrent.futures import Future
-from typing import Callable, TypeVar
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed, wait
+from typing import Callable, Iterator, Sequence, TypeVar
 
 from swarm.errors import Stopped
 
 T = TypeVar("T")
+R = TypeVar("R")
 
 
 class Clock:
@@ -51,6 +52,19 @@ class Clock:
         threading.Thread(target=run, name="background-work", daemon=True).start()
         return future
 
+    def wait_for(self, future: Future, timeout: float | None = None) -> None:
+        """Until `future` is done or `timeout` passed (whichever comes first)."""
+        wait([future], timeout=timeout)
+
+    def gather(self, work: Callable[[T], R], items: Sequence[T], workers: int) -> Iterator[tuple[int, R]]:
+        """`work` on each item, `workers` at a time; (index, result) as each finishes, so the
+        caller keeps its leases alive between two. An error surfaces where its item is handed out;
+        leaving the loop early still waits for the work in flight."""
+        with ThreadPoolExecutor(max_workers=max(1, min(workers, len(items)))) as pool:
+            futures = {pool.submit(work, item): i for i, item in enumerate(items)}
+            for future in as_completed(futures):
+                yield futures[future], future.result()
+
 
 class FakeClock(Clock):
     """Time that moves only when told: `sleep` and `advance` move it, nothing else does. Both of
@@ -79,6 +93,11 @@ class FakeClock(Clock):
     def background(self, work: Callable[[], T]) -> "Future[T]":
         """Done at once, in the caller's thread: under a fake clock every run replays alike."""
         return settled(work)
+
+    def gather(self, work: Callable[[T], R], items: Sequence[T], workers: int) -> Iterator[tuple[int, R]]:
+        """One item after another, in order, in the caller's thread (a replayable order)."""
+        for i, item in enumerate(items):
+            yield i, work(item)
 
 
 def settled(work: Callable[[], T]) -> "Future[T]":

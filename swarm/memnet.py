@@ -95,6 +95,10 @@ class MemoryNetwork:
         reader = MemoryDHT(self, "storage")
         self.policy.learn_found(reader.get(self.policy.keys.members), reader.get(self.policy.keys.revocations), now)
 
+    def load(self, record: DHTRecord) -> Any:
+        """A stored value as a read hands it back: stripped by the validators, deserialized."""
+        return DHTProtocol.serializer.loads(self.validator.strip_value(record))
+
     def _live(self, key: str, now: float) -> _Entry | None:
         entry = self.storage.get(key)
         if entry is None:
@@ -168,15 +172,17 @@ class MemoryDHT:
             return settled(lambda: self.get(key, latest))
         if not self.alive:
             raise ConnectionError("this DHT node was shut down")
-        entry = self.network.fetch_entry(key)
+        return self.decoded(key, self.network.fetch_entry(key))
+
+    def decoded(self, key: str, entry: _Entry | None):
+        """What a read hands back for what storage holds at `key`: values stripped of their signatures."""
         if entry is None:
             return None
         serializer = DHTProtocol.serializer
         key_bytes = DHTID.generate(source=key).to_bytes()
 
         def load(subkey_bytes: bytes, value: bytes, expiration: float) -> Any:
-            record = DHTRecord(key_bytes, subkey_bytes, value, expiration)
-            return serializer.loads(self.network.validator.strip_value(record))
+            return self.network.load(DHTRecord(key_bytes, subkey_bytes, value, expiration))
 
         if entry.subkeys is None:
             return ValueWithExpiration(load(_REGULAR, entry.value, entry.expiration), entry.expiration)

@@ -311,6 +311,9 @@ class PeerStatus(_Record):
         return value
 
 
+DECISIONS_KEPT = 8  # rounds whose decision the progress record repeats
+
+
 class RoundSummary(_Record):
     round: int = Field(ge=0, alias="r")
     time: float = Field(alias="t")
@@ -329,3 +332,7 @@ class RunProgress(_Record):
     rounds_total: int = Field(ge=0, alias="n")
     samples: int = Field(ge=0, alias="s")
     history: list[RoundSummary] = Field(alias="h")
+    # The coordinator's votes on the latest rounds it merged, republished with its progress: its
+    # vote itself is written once, at the nodes then nearest to the key, and a wave of newcomers
+    # nearer to it hides it from every later read. A round's outcome must stay readable.
+    decisions: list[HashRecord] = Field(default_factory=list, max_length=DECISIONS_KEPT, alias="v")

@@ -624,3 +624,28 @@ def test_leases_are_renewed_beside_the_training_steps(tmp_path):
         assert n.role.steps_during_renewal and all(s >= 1 for s in n.role.steps_during_renewal), \
             n.role.steps_during_renewal
         assert [r["new_round"] for r in n.events.of("round")] == [1, 2, 3]
+
+
+def test_a_rounds_decision_stays_readable_when_its_vote_is_hidden(tmp_path):
+    """The coordinator's vote is written once, at the nodes then nearest to its key; newcomers
+    nearer to the key hide it from every later read. Its progress record repeats the latest
+    decisions, so a peer deciding late still takes the coordinator's word, not a majority of
+    whichever holders' votes it happened to read."""
+    cfg = tiny_config(heads=2, merge_every=2, rounds=5)
+    swarm = MemorySwarm(cfg, tmp_path)
+    swarm.coordinator()
+    peer = swarm.trainer("p0")
+    swarm.trainer("p1")
+    swarm.run(until=_round_done("coordinator", 3))
+    agreement = peer.role.protocol.agreement
+    keys = peer.role.keys
+    for r in (0, 1):
+        with swarm.net.lock:  # every vote of the round gone, as if displaced
+            swarm.net.storage.pop(keys.hashes(r), None)
+        assert agreement.authority_vote(r, thorough=True) is None
+        decided = agreement.decided(r)
+        coordinator_round = next(e for e in swarm["coordinator"].events.of("round") if e["round"] == r)
+        assert decided is not None and decided.round == r
+        assert decided.digest == coordinator_round["digest"]
+        assert decided.members == sorted(coordinator_round["members"]) and decided.members
+    assert agreement.decided(cfg.rounds + 3) is None

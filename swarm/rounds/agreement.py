@@ -49,12 +49,23 @@ class Agreement:
         found = dht_io.by_writer(ctx.read(ctx.keys.progress, RunProgress, ctx.clock.now()))
         return found.get(ctx.authority)
 
-    def authority_vote(self, r: int) -> HashRecord | None:
+    def authority_vote(self, r: int, thorough: bool = False) -> HashRecord | None:
         """The coordinator's digest (and contributors) for round r, if it published one."""
         ctx = self.ctx
-        votes = dht_io.by_writer(ctx.read(ctx.keys.hashes(r), HashRecord, ctx.clock.now()))
+        votes = dht_io.by_writer(ctx.read(ctx.keys.hashes(r), HashRecord, ctx.clock.now(), thorough))
         vote = votes.get(ctx.authority)
         return vote if vote is not None and vote.round == r else None
+
+    def decided(self, r: int, progress: RunProgress | None = None) -> HashRecord | None:
+        """What the coordinator decided for round r: its vote, read from every node it is stored
+        at, else the copy its progress record repeats (which newcomers nearer to the vote's key
+        cannot hide). None if neither says."""
+        vote = self.authority_vote(r, thorough=True)
+        if vote is not None:
+            return vote
+        progress = progress or self.progress()
+        repeated = [v for v in (progress.decisions if progress is not None else []) if v.round == r]
+        return repeated[0] if repeated else None
 
     def trusted_state(self) -> tuple[int, str] | None:
         """(round, digest) of the W this peer may adopt: the coordinator's agreed W whenever its
@@ -95,7 +106,7 @@ class Agreement:
         if self._agreed_members[0] == r:
             members = self._agreed_members[1]
         else:
-            vote = self.authority_vote(r)  # nobody else's word decides who keeps a head
+            vote = self.authority_vote(r) or self.decided(r)  # nobody else's word decides who keeps a head
             members = vote.members if vote is not None else []
         ready = dht_io.by_writer(ctx.read(ctx.keys.ready(r), ReadyRecord, ctx.clock.now()))
         out = {h: who for who in members if who in ready and ready[who].round == r for h in ready[who].heads}

@@ -13,7 +13,6 @@ import hashlib
 import json
 import logging
 import re
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Callable
 
 import torch
@@ -104,10 +103,8 @@ class Collection:
                     log.warning("round %d: could not push our contribution to %s: %s", mr.round, address[-8:], exc)
                     return
 
-        with ThreadPoolExecutor(max_workers=max(1, min(ctx.cfg.parallel_downloads, len(targets)))) as pool:
-            for future in as_completed([pool.submit(push, a, b) for a, b in targets.items()]):
-                future.result()
-                ctx.keep_alive()
+        for _ in ctx.clock.gather(lambda target: push(*target), list(targets.items()), ctx.cfg.parallel_downloads):
+            ctx.keep_alive()
 
     # ---- theirs ------------------------------------------------------------------------------
     def forget(self, r: int) -> None:
@@ -136,12 +133,12 @@ class Collection:
         contribution; i: part i; by default the part fetched). Per job, what passed by what was
         checked; what failed is None (and logged). Leases are kept alive meanwhile."""
         ctx = self.ctx
-        with ThreadPoolExecutor(max_workers=max(1, min(ctx.cfg.parallel_downloads, len(jobs)))) as pool:
-            futures = [pool.submit(self._one, mr, part, peer, [part] if check is None else check)
-                       for part, peer in jobs]
-            for _ in as_completed(futures):
-                ctx.keep_alive()  # a long collection must not let our leases lapse
-            return [f.result() for f in futures]
+        found: list = [None] * len(jobs)
+        for i, passed in ctx.clock.gather(lambda job: self._one(mr, job[0], job[1], [job[0]] if check is None else check),
+                                          jobs, ctx.cfg.parallel_downloads):
+            found[i] = passed
+            ctx.keep_alive()  # a long collection must not let our leases lapse
+        return found
 
     def _one(self, mr: MergeRound, part: int | None, peer: str, check: list[int | None]
              ) -> dict[int | None, Contribution | None]:

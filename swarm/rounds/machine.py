@@ -362,6 +362,18 @@ class MergeProtocol:
             return
         # Our own vote counts even if the DHT did not take it (then we only agree with ourselves).
         votes[self.peer] = HashRecord(round=r, digest=mr.digest, members=mr.members)
+        if self.authority not in votes and not self.ctx.is_authority:
+            # A coordinator past this round decided it: what it decided stands, never a majority
+            # of what some holders said (other peers may have read other holders' votes).
+            progress = self.agreement.progress()
+            if progress is not None and progress.round > r:
+                decided = self.agreement.decided(r, progress)
+                if decided is None:
+                    log.warning("round %d: the coordinator is at round %d and its decision on this round is out of "
+                                "reach; catching up", r, progress.round)
+                    mr.step, mr.deadline = RoundStep.CATCHING_UP, now + self.cfg.round_timeout
+                    return
+                votes[self.authority] = decided
         agreed = votes[self.authority] if self.authority in votes else agreed_vote(votes, mr.digest)
         mr.agreed_members = list(agreed.members)
         result = RoundResult(round=r, new_round=r + 1, rejected=mr.rejected, seconds_waiting=mr.waited,
@@ -404,6 +416,14 @@ class MergeProtocol:
                 result.missed = False
                 result.members = list(mr.agreed_members)
                 result.merged = self.peer in mr.agreed_members
+            elif mr.contribution is not None and (decided := self.agreement.decided(mr.round)) is not None:
+                # we offered and the round was decided without our vote: counted as the swarm
+                # counts it (carried on to the next round only if it was left out)
+                result.members, result.merged = list(decided.members), self.peer in decided.members
+                result.missed = not result.merged
+                if result.merged:
+                    ready = {**self.agreement.ready(mr.round), **mr.ready_set}
+                    result.merged_head_steps = sum(ready[p].head_steps for p in decided.members if p in ready)
             self._finish(mr, result)
             return
         if self.clock.monotonic() > mr.deadline:

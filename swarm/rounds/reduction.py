@@ -11,7 +11,6 @@ itself (`fallback`)."""
 from __future__ import annotations
 
 import logging
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 
 import torch
@@ -243,13 +242,10 @@ class Reduction:
             digest, addresses = agreed[i][members]
             return self._download_part(mr.round, i, list(members), digest, addresses, first=me + i, bound=bound)
 
-        with ThreadPoolExecutor(max_workers=max(1, min(ctx.cfg.parallel_downloads, len(todo)))) as pool:
-            futures = {pool.submit(one, i): i for i in todo}
-            for future in as_completed(futures):
-                ctx.keep_alive()
-                tensors = future.result()
-                if tensors is not None:
-                    work.fetched[(futures[future], members)] = tensors
+        for k, tensors in ctx.clock.gather(one, todo, ctx.cfg.parallel_downloads):
+            ctx.keep_alive()
+            if tensors is not None:
+                work.fetched[(todo[k], members)] = tensors
 
     def reduced_bound(self, mr: MergeRound, members: tuple[str, ...]) -> ReducedBound:
         """How far a part reduced over `members` may move W: their contributions' bounds, for the
