@@ -27,7 +27,7 @@ from peers.coordinator import KEY_FILE, Coordinator
 from peers.models import create_lte_model
 from peers.node import EventLog, Runtime, install_signing
 from peers.trainer import Trainer, TrainerOptions
-from swarm.config import RunConfig, load_config, parse_config
+from swarm.config import RunConfig, load_config, parse_config, parse_overrides
 from swarm.discrete import EventClock
 from swarm.errors import ConfigError, Stopped
 from swarm.identity import Identity
@@ -37,7 +37,7 @@ from swarm.simnet import SimBlobServer, SimDHT, SimNetwork
 from swarm.wire import encode_contribution, encode_state
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
-SERVER_LINK = Link(up=1000 * MBIT, down=1000 * MBIT, latency=0.005)
+SERVER_LINK = Link(up=1000 * MBIT, down=1000 * MBIT, latency=0.005)  # the coordinator's, at its default rate
 
 
 @dataclass
@@ -57,6 +57,9 @@ class Scenario:
     rejoin_seconds: float = 120.0  # mean seconds until a leaver's replacement arrives
     max_hours: float = 6.0  # fake time after which the run is cut short
     sets: list[str] = field(default_factory=list)  # --set overrides of the simulated run's config
+    wire: RunConfig | None = None  # the run itself, in place of `wire_config`
+    link_mbit: float | None = None  # every volunteer on this link each way (no latency to speak of) instead of home links
+    coordinator_mbit: float = 1000.0
 
 
 @dataclass
@@ -97,14 +100,7 @@ def simulated_config(sc: Scenario, wire: RunConfig) -> RunConfig:
                         samples=per_head * wire.lte.heads * wire.lte.merge_every * sc.rounds, warmup_steps=1)
     raw["data"]["shuffle_buffer"] = 64
     raw["swarm"] = wire.swarm.model_dump(exclude_unset=True)
-    for item in sc.sets:
-        dotted, _, value = item.partition("=")
-        *path, leaf = dotted.split(".")
-        node = raw
-        for part in path:
-            node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(value)
-    return parse_config(raw, origin="simulated run")
+    return parse_config(raw, origin="simulated run").with_overrides(parse_overrides(sc.sets))
 
 
 def wire_scales(sim: RunConfig, wire: RunConfig) -> dict[str, float]:
@@ -123,7 +119,7 @@ class SwarmSimulation:
     def __init__(self, sc: Scenario, workdir: Path, scales: dict[str, float] | None = None):
         self.sc, self.workdir = sc, Path(workdir)
         self.rng = random.Random(sc.seed)
-        wire = load_config(sc.wire_config)
+        wire = sc.wire or load_config(sc.wire_config)
         self.cfg = simulated_config(sc, wire)
         self.scales = scales if scales is not None else wire_scales(self.cfg, wire)
         self.clock = EventClock()
@@ -193,9 +189,10 @@ class SwarmSimulation:
         identity = self._identity()
         (run_dir / KEY_FILE).write_bytes(identity.to_bytes())
         events: list = []
-        rt = self._runtime("coordinator", identity, SERVER_LINK, True, events)
+        link = Link(up=self.sc.coordinator_mbit * MBIT, down=self.sc.coordinator_mbit * MBIT, latency=SERVER_LINK.latency)
+        rt = self._runtime("coordinator", identity, link, True, events)
         role = Coordinator(self.cfg, run_dir, rt, run_id="sim-run")
-        node = Volunteer("coordinator", role, rt, SERVER_LINK, 0.0, self.clock.t, events)
+        node = Volunteer("coordinator", role, rt, link, 0.0, self.clock.t, events)
         self.coordinator = self.nodes[node.name] = node
         self._launch(node)
         return node
@@ -203,7 +200,8 @@ class SwarmSimulation:
     def add_volunteer(self) -> None:
         name = f"v{self.count}"
         self.count += 1
-        link = home_link(self.rng)
+        mbit = self.sc.link_mbit
+        link = home_link(self.rng) if mbit is None else Link(up=mbit * MBIT, down=mbit * MBIT, latency=0.0005)
         reachable = self.rng.random() >= self.sc.nat_share
         step = self.sc.step_seconds * math.exp(self.rng.gauss(0.0, self.sc.step_spread))
         events: list = []
@@ -242,7 +240,7 @@ class SwarmSimulation:
         cut, told = None, 0
         try:
             while self.coordinator.how == "running" and self.clock.t < limit:
-                self.loop.run(until=min(limit, self.clock.t + 30.0))
+                self.loop.run(until=min(limit, self.clock.t + 5.0))
                 rounds = [e for e in self.coordinator.events if e["event"] == "round"]
                 for e in rounds[told:]:
                     if progress is not None:
@@ -272,6 +270,18 @@ def _by_kind(sim: SwarmSimulation, volunteers: list[Volunteer], per: float) -> d
         for kind, nbytes in received.items():
             totals[kind][1] += nbytes
     return {k: [round(v[0] / per), round(v[1] / per)] for k, v in sorted(totals.items())}
+
+
+def _split(sim: SwarmSimulation, volunteers: list[Volunteer], up, down, dht_up, dht_down, end: float,
+           done: int) -> dict[str, int]:
+    out = {}
+    for kind, group in (("holder", [n for n in volunteers if n.head_seconds > 0]),
+                        ("standby", [n for n in volunteers if n.head_seconds == 0])):
+        alive = sum((n.left or end) - n.joined for n in group) / max(1e-9, end - sim.start)
+        per = max(1e-9, alive * done)
+        out[f"{kind}_bytes_up_per_round"] = round(sum(up[n.name] + dht_up[n.name] for n in group) / per)
+        out[f"{kind}_bytes_down_per_round"] = round(sum(down[n.name] + dht_down[n.name] for n in group) / per)
+    return out
 
 
 def summarize(sim: SwarmSimulation, real_seconds: float, cut: str | None) -> dict:
@@ -327,6 +337,8 @@ def summarize(sim: SwarmSimulation, real_seconds: float, cut: str | None) -> dic
         "bytes_down_per_volunteer_round": round((sum(down.values()) + sum(dht_down.values())) / per),
         "dht_bytes_up_per_volunteer_round": round(sum(dht_up.values()) / per),
         "dht_bytes_down_per_volunteer_round": round(sum(dht_down.values()) / per),
+        # a head holder's and a standby's, apart (per volunteer of each kind alive, per round)
+        **_split(sim, volunteers, up, down, dht_up, dht_down, end, done),
         "max_volunteer_bytes_per_round": round(max([(up[k] + down[k] + dht_up[k] + dht_down[k]) for k in up] or [0])
                                                / done),
         "coordinator_bytes_per_round": round((sum(c_sent.values()) + sum(c_received.values())) / done),
@@ -334,6 +346,9 @@ def summarize(sim: SwarmSimulation, real_seconds: float, cut: str | None) -> dic
                                                 for k in sorted(set(c_sent) | set(c_received))},
         "volunteer_bytes_by_kind": _by_kind(sim, volunteers, per),
         "dht_requests_max_node": requests[-1] if requests else 0,
+        # the DHT bytes the busiest node sent per round: the nodes nearest to a round's keys answer every poll
+        "dht_bytes_up_max_node_per_round": round(max([sim.links.sent[n].get("dht", 0.0) for n in sim.links.sent] or [0])
+                                                 / done),
         "dht_requests_median_node": statistics.median(requests) if requests else 0,
         "seconds_close_to_agreement": round(statistics.median(to_agree), 1) if to_agree else None,
         "members_per_round": round(statistics.mean(len(e["members"]) for e in rounds), 1) if rounds else 0,

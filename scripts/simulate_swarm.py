@@ -22,8 +22,11 @@ rounds, after `--max-hours` of fake time, or after `--real-seconds` of real time
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import importlib.util
 import json
 import logging
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -70,6 +73,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--real-seconds", type=float, default=600.0, help="real seconds after which it is cut short")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override the simulated run's config (e.g. swarm.merge_grace=30)")
+    parser.add_argument("--wan", action="store_true",
+                        help="the scenario of scripts/bench_wan.py (its model, config and timings, one head per volunteer, "
+                             "every link at --mbit, no NAT, no churn, everyone at once): the model against the emulated WAN")
+    parser.add_argument("--mbit", type=float, default=4.0, help="with --wan: every link's cap, each direction")
+    parser.add_argument("--samples", type=int, default=30720, help="with --wan: its training budget over all peers")
     parser.add_argument("--json", action="store_true", help="print one JSON object per run")
     parser.add_argument("--plot", type=Path, help="write a PNG of members per round against fake time")
     parser.add_argument("--verbose", action="store_true", help="the peers' warnings (many at scale)")
@@ -82,12 +90,18 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--wire-config {args.wire_config}: no such file")
     logging.basicConfig(level=logging.WARNING if args.verbose else logging.CRITICAL, format="%(name)s: %(message)s")
 
+    def interrupted(*_):  # a SIGTERM ends the run in progress as Ctrl+C does: its figures still come out
+        raise KeyboardInterrupt()
+    signal.signal(signal.SIGTERM, interrupted)
+
     rows = []
     for v in args.volunteers:
         sc = Scenario(volunteers=v, rounds=args.rounds, seed=args.seed, wire_config=args.wire_config,
                       step_seconds=args.step_seconds, step_spread=args.step_spread, churn_per_hour=args.churn,
                       crash_share=args.crash_share, nat_share=args.nat, join_spread=args.join_spread,
                       max_hours=args.max_hours, sets=list(args.set))
+        if args.wan:
+            sc = wan_scenario(sc, args.mbit, args.samples)
         with tempfile.TemporaryDirectory() as workdir:
             sim = SwarmSimulation(sc, Path(workdir))
             print(f"V = {v}: {sim.cfg.lte.heads} heads, T = {sim.cfg.lte.merge_every}, {args.rounds} rounds; "
@@ -105,6 +119,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.plot:
         _plot(rows, args.plot)
     return 0
+
+
+def wan_scenario(sc: Scenario, mbit: float, samples: int) -> Scenario:
+    """`bench_wan.py`'s run in the simulator: its widened digits model on the wire, its config for
+    V peers (one head each, its timeouts for the cap), equal links, nobody behind NAT or leaving."""
+    spec = importlib.util.spec_from_file_location("bench_wan", Path(__file__).resolve().parent / "bench_wan.py")
+    bench_wan = sys.modules.setdefault("bench_wan", importlib.util.module_from_spec(spec))
+    spec.loader.exec_module(bench_wan)
+    from peers.shipped import shipped_config
+    from swarm.config import load_config
+
+    base = load_config(shipped_config()).with_overrides(dict(bench_wan.WAN_MODEL))
+    wire = bench_wan.wan_config(base, sc.volunteers, samples, mbit, "reduce")
+    return dataclasses.replace(sc, wire=wire, rounds=wire.rounds, link_mbit=mbit, coordinator_mbit=mbit, nat_share=0.0,
+                               churn_per_hour=0.0, join_spread=0.0, step_spread=0.0)
 
 
 def _plot(rows: list[dict], path: Path) -> None:

@@ -161,6 +161,10 @@ class SwarmConfig(_Strict):
     settle_seconds: PositiveFloat = Field(1.0, description="DHT settle delay before reading back claims and records")
     merge_grace: PositiveFloat = Field(10.0, description="after the first peer is ready for a merge, others have at least this long")
     merge_slack: float = Field(0.5, ge=0.0, description="... or this fraction of the first peer's training time, if longer")
+    close_quorum: float = Field(
+        0.0, ge=0.0, le=1.0, description="after its window, a round closes only once this fraction of the heads' "
+                                         "holders are ready (or a round's timeout after the first was); 0: the "
+                                         "window alone closes it")
     round_timeout: PositiveFloat = Field(60.0, description="bound on waiting for contributions and hashes of one round")
     request_timeout: PositiveFloat = Field(15.0, description="bound on one download from one peer")
     poll_seconds: PositiveFloat = Field(0.2, description="how often DHT records are polled while waiting")

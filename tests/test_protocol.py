@@ -649,3 +649,20 @@ def test_a_rounds_decision_stays_readable_when_its_vote_is_hidden(tmp_path):
         assert decided.digest == coordinator_round["digest"]
         assert decided.members == sorted(coordinator_round["members"]) and decided.members
     assert agreement.decided(cfg.rounds + 3) is None
+
+
+def test_a_close_quorum_holds_a_round_open_for_a_slow_holder(tmp_path):
+    """swarm.close_quorum: past its window, a round waits until that share of the holders are
+    ready (bounded by the round's timeout); without it the slow peer misses round after round."""
+    members = {}
+    for quorum in (0.0, 1.0):
+        cfg = tiny_config(heads=2, merge_every=3, rounds=4, close_quorum=quorum)
+        swarm = MemorySwarm(cfg, tmp_path / str(quorum))
+        swarm.coordinator()
+        swarm.trainer("fast", throttle=0.05)
+        swarm.trainer("slow", throttle=1.5)  # 4.5 s a round against a 3 s window
+        swarm.run()
+        members[quorum] = [len(r["members"]) for r in swarm["coordinator"].events.of("round")]
+        _agree(swarm)
+    assert min(members[0.0]) == 1, members  # the window closed without the slow peer
+    assert members[1.0][1:] == [2] * (len(members[1.0]) - 1), members  # every round after the first has both

@@ -137,3 +137,22 @@ def test_a_swarm_on_modelled_links_runs_the_real_protocol_and_replays_from_its_s
     assert report["volunteer_bytes_by_kind"]["state"][1] > 0
     assert 0 < report["train_fraction"] <= 1
     assert runs[1] == report  # the same seed, the same run, figure for figure
+
+
+def test_the_command_reports_the_figures_others_script_against(capsys):
+    """`scripts/simulate_swarm.py --json`, here in the emulated WAN's scenario (equal links, one head
+    per volunteer): one JSON object per run with the documented fields."""
+    import json
+
+    from tests.conftest import load_script
+
+    script = load_script("simulate_swarm")
+    assert script.main(["--wan", "--volunteers", "2", "--samples", "2560", "--step-seconds", "0.05", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for name in ("volunteers", "rounds_per_hour", "train_fraction", "bytes_up_per_volunteer_round",
+                 "bytes_down_per_volunteer_round", "coordinator_bytes_per_round", "divergent_w",
+                 "lost_contributions", "doubled_contributions", "idle_fraction"):
+        assert name in report, name
+    assert report["volunteers"] == report["heads"] == 2 and report["rounds"] == 2 and report["cut_short"] is None
+    assert report["members_per_round"] == 2 and report["bytes_up_per_volunteer_round"] > 1e6
+    assert report["divergent_w"] == report["lost_contributions"] == report["doubled_contributions"] == 0

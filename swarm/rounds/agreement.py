@@ -146,6 +146,16 @@ class Agreement:
         train = min(first.train_seconds, cfg.round_timeout)
         return max(cfg.merge_grace, cfg.merge_slack * train)
 
+    def quorum_ready(self, ready: dict[str, ReadyRecord]) -> bool:
+        """At least `swarm.close_quorum` of the heads' holders are ready (a view up to
+        VIEW_SECONDS old): until then a round's window does not close it, so that the fastest
+        peers cannot run ahead of a swarm whose other members spend each round catching up."""
+        quorum = self.ctx.cfg.close_quorum
+        if quorum <= 0:
+            return True
+        holders = set(self.ctx.holders(max_age=VIEW_SECONDS).values())
+        return len(set(ready) & holders) >= quorum * len(holders)
+
     def voters(self) -> set[str]:
         """The lease holders (a view up to VIEW_SECONDS old)."""
         return set(self.ctx.holders(max_age=VIEW_SECONDS).values())

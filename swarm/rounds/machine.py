@@ -241,8 +241,9 @@ class MergeProtocol:
         if ready_set:
             if mr.first_ready_seen is None:  # our own clock decides, not the records' dates
                 mr.first_ready_seen = now
-            close = (self.agreement.all_ready(ready_set)
-                     or now > mr.first_ready_seen + self.agreement.close_window(ready_set))
+            window = mr.first_ready_seen + self.agreement.close_window(ready_set)
+            close = self.agreement.all_ready(ready_set) or (now > window and (
+                self.agreement.quorum_ready(ready_set) or now > mr.first_ready_seen + self.cfg.round_timeout))
         elif now > mr.deadline:
             # Nobody's ready record counts, ours included (a lost head, a store that never made it):
             # the round is over for us without a merge; a contributor keeps its change.
