@@ -666,3 +666,40 @@ def test_a_close_quorum_holds_a_round_open_for_a_slow_holder(tmp_path):
         _agree(swarm)
     assert min(members[0.0]) == 1, members  # the window closed without the slow peer
     assert members[1.0][1:] == [2] * (len(members[1.0]) - 1), members  # every round after the first has both
+
+
+def test_peers_wait_for_a_slow_coordinator_while_its_progress_record_says_it_is_up(tmp_path):
+    """Past the grace and a round's timeout, a round still waits for the coordinator's vote while
+    the coordinator is up: a peer that merged on alone could keep, and spread, a W the coordinator
+    then decides otherwise."""
+    cfg = tiny_config(heads=2, merge_every=2, rounds=4, min_heads=2)
+    swarm = MemorySwarm(cfg, tmp_path)
+    coordinator = swarm.coordinator()
+    peers = [swarm.trainer("p0"), swarm.trainer("p1")]
+    hold = 2.5 * cfg.swarm.round_timeout
+    times: dict[str, float] = {}
+    original = coordinator.role.protocol.poll
+
+    def slow(mr):  # the coordinator takes long over round 1 (its links are busy), still publishing progress
+        if mr.round == 1:
+            times.setdefault("held", swarm.clock.now())
+            if swarm.clock.now() - times["held"] < hold:
+                mr.wait = cfg.swarm.poll_seconds
+                return None
+        result = original(mr)
+        if result is not None and mr.round == 1:
+            times.setdefault("coordinator", swarm.clock.now())
+        return result
+    coordinator.role.protocol.poll = slow
+    for node in peers:
+        emit = node.events.emit
+
+        def stamped(event, _name=node.name, _emit=emit, **fields):
+            if event == "round" and fields.get("round") == 1:
+                times.setdefault(_name, swarm.clock.now())
+            _emit(event, **fields)
+        node.events.emit = stamped
+    swarm.run()
+    assert times["coordinator"] - times["held"] >= hold
+    assert all(times[p.name] >= times["coordinator"] for p in peers), times  # nobody decided round 1 before it
+    _agree(swarm)

@@ -73,6 +73,9 @@ CLOSED_EVERY = 1.0
 # A push from a sender no counted ready record names makes us read the rounds' ready records again
 # at most this often: strangers pushing cost us a DHT read a second at most.
 PUSHERS_READ_EVERY = 1.0
+# While the coordinator's progress record lives, a round waits this many round timeouts past its
+# grace for the coordinator's vote before the holders' votes decide it.
+COORDINATOR_PATIENCE = 4
 
 
 class MergeProtocol:
@@ -322,6 +325,17 @@ class MergeProtocol:
             mr.digest = self.model.state_digest()
         self._vote(mr, members)
 
+    def _coordinator_awaited(self, mr: MergeRound, now: float) -> bool:
+        """Past the grace, whether to wait on for the coordinator's vote: for a round's timeout, and
+        beyond it (up to COORDINATOR_PATIENCE timeouts) while its progress record says it is up. A
+        peer that merged on without a live coordinator's word could keep a W the coordinator then
+        decides otherwise, and with it every peer that read its vote; only a coordinator that went
+        silent (its record expires a few leases after it stopped) leaves the round to the holders."""
+        if now <= mr.deadline + self.cfg.round_timeout:
+            return True
+        return (now <= mr.deadline + COORDINATOR_PATIENCE * self.cfg.round_timeout
+                and self.agreement.progress() is not None)
+
     def apply_pending(self, mr: MergeRound) -> None:
         """Apply the merge of `mr` that was agreed while we trained on (see `_merge`); our W and
         round move on only now, so what we hand out is always a W of the round we say."""
@@ -349,9 +363,10 @@ class MergeProtocol:
         r = mr.round
         votes = self.agreement.votes(r)
         mr.votes_seen = len(votes)
-        if mr.awaited is None:  # once per round: is the coordinator up and at this round, so that it votes?
+        if mr.awaited is None:  # once per round: is the coordinator up and at (or finishing the round before) this round?
             progress = None if self.ctx.is_authority else self.agreement.progress()
-            mr.awaited = set(mr.members) | ({self.authority} if progress is not None and progress.round == r else set())
+            mr.awaited = set(mr.members) | ({self.authority} if progress is not None and r - 1 <= progress.round <= r
+                                            else set())
         # A member that has since left (its heads released) will not vote: waiting for it would
         # hold the round to its deadline, as at the end of a run when every volunteer leaves.
         awaited = mr.awaited & (self.agreement.voters() | {self.authority})
@@ -359,7 +374,7 @@ class MergeProtocol:
         # The coordinator's vote decides: while it is up, it is awaited for as long as a round may
         # take, not just the grace (a peer that gives up on a slow coordinator merges on alone).
         if not awaited <= set(votes) and (now <= mr.deadline or (
-                self.authority in awaited - set(votes) and now <= mr.deadline + self.cfg.round_timeout)):
+                self.authority in awaited - set(votes) and self._coordinator_awaited(mr, now))):
             return
         # Our own vote counts even if the DHT did not take it (then we only agree with ourselves).
         votes[self.peer] = HashRecord(round=r, digest=mr.digest, members=mr.members)
