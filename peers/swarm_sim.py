@@ -60,6 +60,7 @@ class Scenario:
     wire: RunConfig | None = None  # the run itself, in place of `wire_config`
     link_mbit: float | None = None  # every volunteer on this link each way (no latency to speak of) instead of home links
     coordinator_mbit: float = 1000.0
+    exact: bool = False  # train the wire config's model itself (small models only: every step is real)
 
 
 @dataclass
@@ -120,8 +121,11 @@ class SwarmSimulation:
         self.sc, self.workdir = sc, Path(workdir)
         self.rng = random.Random(sc.seed)
         wire = sc.wire or load_config(sc.wire_config)
-        self.cfg = simulated_config(sc, wire)
-        self.scales = scales if scales is not None else wire_scales(self.cfg, wire)
+        if sc.exact:  # the wire config's own model trains: every byte is its own, nothing scaled
+            self.cfg, self.scales = wire.with_overrides(parse_overrides(sc.sets)), {}
+        else:
+            self.cfg = simulated_config(sc, wire)
+            self.scales = scales if scales is not None else wire_scales(self.cfg, wire)
         self.clock = EventClock()
         self.loop = self.clock.loop
         self.links = Links(self.loop)

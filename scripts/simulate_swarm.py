@@ -104,8 +104,9 @@ def main(argv: list[str] | None = None) -> int:
             sc = wan_scenario(sc, args.mbit, args.samples)
         with tempfile.TemporaryDirectory() as workdir:
             sim = SwarmSimulation(sc, Path(workdir))
-            print(f"V = {v}: {sim.cfg.lte.heads} heads, T = {sim.cfg.lte.merge_every}, {args.rounds} rounds; "
-                  f"bytes scaled x{sim.scales['state']:.0f} (W) and x{sim.scales['contribution']:.0f} (contributions)",
+            scaled = (f"bytes scaled x{sim.scales['state']:.0f} (W) and x{sim.scales['contribution']:.0f} (contributions)"
+                      if sim.scales else "the model itself on the wire")
+            print(f"V = {v}: {sim.cfg.lte.heads} heads, T = {sim.cfg.lte.merge_every}, {sim.cfg.rounds} rounds; {scaled}",
                   file=sys.stderr, flush=True)
             row = sim.run(real_seconds=args.real_seconds, progress=lambda line: print(line, file=sys.stderr, flush=True))
         rows.append(row)
@@ -133,7 +134,7 @@ def wan_scenario(sc: Scenario, mbit: float, samples: int) -> Scenario:
     base = load_config(shipped_config()).with_overrides(dict(bench_wan.WAN_MODEL))
     wire = bench_wan.wan_config(base, sc.volunteers, samples, mbit, "reduce")
     return dataclasses.replace(sc, wire=wire, rounds=wire.rounds, link_mbit=mbit, coordinator_mbit=mbit, nat_share=0.0,
-                               churn_per_hour=0.0, join_spread=0.0, step_spread=0.0)
+                               churn_per_hour=0.0, join_spread=0.0, step_spread=0.0, exact=True)
 
 
 def _plot(rows: list[dict], path: Path) -> None:

@@ -35,11 +35,12 @@ def home_link(rng: random.Random, down=(10.0, 300.0), up=(2.0, 50.0), latency=(0
 
 
 class _Flow:
-    __slots__ = ("src", "dst", "remaining", "rate", "updated", "version", "done")
+    __slots__ = ("src", "dst", "remaining", "rate", "updated", "version", "done", "due")
 
     def __init__(self, src: str, dst: str, nbytes: float, now: float, done: Completion):
         self.src, self.dst, self.remaining, self.done = src, dst, float(nbytes), done
         self.rate, self.updated, self.version = 0.0, now, 0
+        self.due: float | None = None  # when its pending wake-up is
 
 
 class Links:
@@ -92,15 +93,33 @@ class Links:
         return min(up, down)
 
     def _rebalance(self, src: str, dst: str, now: float) -> None:
+        """New fair shares for the flows on src's uplink and dst's downlink. A flow keeps its
+        pending wake-up when it will now land later (that wake-up finds it unfinished and sets
+        another): a thousand flows on one link then cost a wake-up each, not one per change."""
         for flow in self._up[src] | self._down[dst]:
-            flow.remaining = max(0.0, flow.remaining - flow.rate * (now - flow.updated))
-            flow.updated, flow.rate, flow.version = now, self._share(flow), flow.version + 1
-            self.loop.call_at(now + flow.remaining / flow.rate, lambda f=flow, v=flow.version: self._landed(f, v))
+            self._progress(flow, now)
+            flow.rate = self._share(flow)
+            due = now + flow.remaining / flow.rate
+            if flow.due is None or due < flow.due - 1e-9:
+                self._wake(flow, due)
+
+    @staticmethod
+    def _progress(flow: _Flow, now: float) -> None:
+        flow.remaining = max(0.0, flow.remaining - flow.rate * (now - flow.updated))
+        flow.updated = now
+
+    def _wake(self, flow: _Flow, due: float) -> None:
+        flow.due, flow.version = due, flow.version + 1
+        self.loop.call_at(due, lambda f=flow, v=flow.version: self._landed(f, v))
 
     def _landed(self, flow: _Flow, version: int) -> None:
         if version != flow.version or flow not in self._up[flow.src]:
-            return  # rescheduled since, or dropped
+            return  # replaced by an earlier wake-up, or dropped
         now = self.loop.clock.t
+        self._progress(flow, now)
+        if flow.remaining > 1e-6 * max(1.0, flow.rate):  # slowed down since: not there yet
+            self._wake(flow, now + flow.remaining / flow.rate)
+            return
         self._end(flow, now)
         self.loop.call_at(now + self.rtt(flow.src, flow.dst), flow.done.finish)
 

@@ -87,7 +87,7 @@ class SimNetwork(MemoryNetwork):
         cache_key = (record.key, record.subkey, record.value)
         found = self._loaded.get(cache_key)
         if found is None:
-            if len(self._loaded) > 200_000:
+            if len(self._loaded) > 50_000:
                 self._loaded.clear()
             found = self._loaded[cache_key] = MemoryNetwork.load(self, record)
         return found
