@@ -96,6 +96,10 @@ class Coordinator:
         # A resumed coordinator may find the swarm went on without it: it adopts what most lease
         # holders hold, once, then is the authority again.
         self.protocol.adopt_holders_state = saved is not None
+        # A round blocks for as long as its transfers take (recomputing every part waits on every
+        # member's uplink); peers take a lapsed progress record for a coordinator that is gone and
+        # decide the round without it, so the record is kept up between transfers too.
+        self.protocol.keep_alive = self._keep_published
         self.record = RunRecord(run_id=run_id, config=cfg.model_dump(mode="json"), coordinator=self.peer,
                                 created=float(self.clock.now()))
         self.resumed = saved is not None
@@ -169,6 +173,13 @@ class Coordinator:
             log.warning("round %d: %s", self.protocol.round, exc)
             self.mr = None
             return 1.0
+
+    def _keep_published(self) -> None:
+        if self.started and self.clock.now() - self._published_at > self.cfg.swarm.lease_seconds:
+            try:
+                self.publish()
+            except NETWORK_ERRORS as exc:
+                log.debug("could not publish our progress: %s", exc)
 
     def _step(self) -> float:
         if not self.started:

@@ -703,3 +703,28 @@ def test_peers_wait_for_a_slow_coordinator_while_its_progress_record_says_it_is_
     assert times["coordinator"] - times["held"] >= hold
     assert all(times[p.name] >= times["coordinator"] for p in peers), times  # nobody decided round 1 before it
     _agree(swarm)
+
+
+def test_the_coordinators_progress_record_outlives_a_round_that_blocks_on_transfers(tmp_path):
+    """A coordinator recomputing every part waits on every member's uplink, for minutes on home
+    links; peers read a lapsed progress record as a coordinator gone and decide without it. The
+    record is rewritten between transfers."""
+    cfg = tiny_config(heads=2, merge_every=2, rounds=4, min_heads=2)
+    swarm = MemorySwarm(cfg, tmp_path)
+    coordinator = swarm.coordinator()
+    peer = swarm.trainer("p0")
+    swarm.trainer("p1")
+    original = coordinator.role.protocol.poll
+    seen = []
+
+    def blocking(mr):  # round 1's transfers take twelve leases, with the round's keep-alive between them
+        if mr.round == 1 and not seen:
+            for _ in range(12):
+                swarm.clock.advance(cfg.swarm.lease_seconds)
+                coordinator.role.protocol.keep_alive()
+            seen.append(peer.role.protocol.agreement.progress())
+        return original(mr)
+    coordinator.role.protocol.poll = blocking
+    swarm.run()
+    assert seen and seen[0] is not None and seen[0].round == 1  # still there, 12 leases on
+    _agree(swarm)
