@@ -174,8 +174,11 @@ class Coordinator:
             self.mr = None
             return 1.0
 
+    def _publish_due(self) -> bool:
+        return self.clock.now() - self._published_at > self.cfg.swarm.lease_seconds
+
     def _keep_published(self) -> None:
-        if self.started and self.clock.now() - self._published_at > self.cfg.swarm.lease_seconds:
+        if self.started and self._publish_due():
             try:
                 self.publish()
             except NETWORK_ERRORS as exc:
@@ -184,7 +187,7 @@ class Coordinator:
     def _step(self) -> float:
         if not self.started:
             self.start()
-        if self.clock.now() - self._published_at > self.cfg.swarm.lease_seconds or self._revocations_changed():
+        if self._publish_due() or self._revocations_changed():
             self.publish()
         self.membership.publish(self.rt.identity)  # where the members reach us (a closed run serves only them)
         if self.mr is None and self.protocol.round >= self.cfg.rounds:

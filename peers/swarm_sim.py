@@ -37,7 +37,7 @@ from swarm.simnet import SimBlobServer, SimDHT, SimNetwork
 from swarm.wire import encode_contribution, encode_state
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
-SERVER_LINK = Link(up=1000 * MBIT, down=1000 * MBIT, latency=0.005)  # the coordinator's, at its default rate
+SERVER_LATENCY = 0.005  # seconds, one way: the coordinator's server
 
 
 @dataclass
@@ -68,7 +68,6 @@ class Volunteer:
     name: str
     role: Trainer | Coordinator
     rt: Runtime
-    link: Link
     step_seconds: float
     joined: float
     events: list = field(default_factory=list)
@@ -193,10 +192,10 @@ class SwarmSimulation:
         identity = self._identity()
         (run_dir / KEY_FILE).write_bytes(identity.to_bytes())
         events: list = []
-        link = Link(up=self.sc.coordinator_mbit * MBIT, down=self.sc.coordinator_mbit * MBIT, latency=SERVER_LINK.latency)
+        link = Link(up=self.sc.coordinator_mbit * MBIT, down=self.sc.coordinator_mbit * MBIT, latency=SERVER_LATENCY)
         rt = self._runtime("coordinator", identity, link, True, events)
         role = Coordinator(self.cfg, run_dir, rt, run_id="sim-run")
-        node = Volunteer("coordinator", role, rt, link, 0.0, self.clock.t, events)
+        node = Volunteer("coordinator", role, rt, 0.0, self.clock.t, events)
         self.coordinator = self.nodes[node.name] = node
         self._launch(node)
         return node
@@ -212,7 +211,7 @@ class SwarmSimulation:
         rt = self._runtime(name, self._identity(), link, reachable, events)
         role = Trainer(self.cfg, RunKeys(self.coordinator.role.keys.run_id), rt,
                        TrainerOptions(heads=1, throttle=step, sync_timeout=3600.0))
-        node = self.nodes[name] = Volunteer(name, role, rt, link, step, self.clock.t, events)
+        node = self.nodes[name] = Volunteer(name, role, rt, step, self.clock.t, events)
         self._launch(node)
         if self.sc.churn_per_hour > 0:
             rate = -math.log(1 - min(self.sc.churn_per_hour, 0.999)) / 3600
@@ -258,33 +257,33 @@ class SwarmSimulation:
             cut = "interrupted"
         if self.clock.t >= limit:
             cut = "fake time"
-        return self.report(time.monotonic() - began, cut)
-
-    def report(self, real_seconds: float, cut: str | None) -> dict:
-        return summarize(self, real_seconds, cut)
+        return summarize(self, time.monotonic() - began, cut)
 
 
-def _by_kind(sim: SwarmSimulation, volunteers: list[Volunteer], per: float) -> dict[str, list[int]]:
+def _by_kind(totals: dict[str, tuple[dict, dict]], per: float) -> dict[str, list[int]]:
     """Per volunteer and round, [sent, received] bytes of each kind (DHT, W, contributions, reduced parts)."""
-    totals: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
-    for n in volunteers:
-        sent, received = sim.links.totals(str(n.rt.dht.peer_id))
+    out: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
+    for sent, received in totals.values():
         for kind, nbytes in sent.items():
-            totals[kind][0] += nbytes
+            out[kind][0] += nbytes
         for kind, nbytes in received.items():
-            totals[kind][1] += nbytes
-    return {k: [round(v[0] / per), round(v[1] / per)] for k, v in sorted(totals.items())}
+            out[kind][1] += nbytes
+    return {k: [round(v[0] / per), round(v[1] / per)] for k, v in sorted(out.items())}
 
 
-def _split(sim: SwarmSimulation, volunteers: list[Volunteer], up, down, dht_up, dht_down, end: float,
-           done: int) -> dict[str, int]:
+def _alive(sim: SwarmSimulation, group: list[Volunteer], end: float) -> float:
+    """How many of `group` were there on average, from the start to `end`."""
+    return sum((n.left or end) - n.joined for n in group) / max(1e-9, end - sim.start)
+
+
+def _split(sim: SwarmSimulation, volunteers: list[Volunteer], up, down, end: float, done: int) -> dict[str, int]:
+    """A head holder's and a standby's bytes apart (per volunteer of each kind there, per round)."""
     out = {}
     for kind, group in (("holder", [n for n in volunteers if n.head_seconds > 0]),
                         ("standby", [n for n in volunteers if n.head_seconds == 0])):
-        alive = sum((n.left or end) - n.joined for n in group) / max(1e-9, end - sim.start)
-        per = max(1e-9, alive * done)
-        out[f"{kind}_bytes_up_per_round"] = round(sum(up[n.name] + dht_up[n.name] for n in group) / per)
-        out[f"{kind}_bytes_down_per_round"] = round(sum(down[n.name] + dht_down[n.name] for n in group) / per)
+        per = max(1e-9, _alive(sim, group, end) * done)
+        out[f"{kind}_bytes_up_per_round"] = round(sum(up[n.name] for n in group) / per)
+        out[f"{kind}_bytes_down_per_round"] = round(sum(down[n.name] for n in group) / per)
     return out
 
 
@@ -315,16 +314,13 @@ def summarize(sim: SwarmSimulation, real_seconds: float, cut: str | None) -> dic
                 lost += int(e["merged"] and not member)
                 doubled += int(member and not e["merged"])
     to_agree = [agreed[r + 1]["time"] - t for r, t in closes.items() if r + 1 in agreed]
-    blob_kinds = ("state", "reduced", "contribution")
-    up, down, dht_up, dht_down = defaultdict(float), defaultdict(float), defaultdict(float), defaultdict(float)
-    for n in volunteers:
-        sent, received = sim.links.totals(str(n.rt.dht.peer_id))
-        up[n.name] = sum(sent.get(k, 0.0) for k in blob_kinds)
-        down[n.name] = sum(received.get(k, 0.0) for k in blob_kinds)
-        dht_up[n.name], dht_down[n.name] = sent.get("dht", 0.0), received.get("dht", 0.0)
+    totals = {n.name: sim.links.totals(str(n.rt.dht.peer_id)) for n in volunteers}
+    up = {name: sum(sent.values()) for name, (sent, _) in totals.items()}  # blobs and DHT
+    down = {name: sum(received.values()) for name, (_, received) in totals.items()}
+    dht_up = sum(sent.get("dht", 0.0) for sent, _ in totals.values())
+    dht_down = sum(received.get("dht", 0.0) for _, received in totals.values())
     done = max(1, len(rounds))
-    mean_alive = lifetime / max(1e-9, end - sim.start)
-    per = max(1e-9, mean_alive * done)
+    per = max(1e-9, _alive(sim, volunteers, end) * done)
     c_sent, c_received = sim.links.totals(str(coord.rt.dht.peer_id))
     requests = sorted(sim.links.requests.values())
     return {
@@ -332,23 +328,21 @@ def summarize(sim: SwarmSimulation, real_seconds: float, cut: str | None) -> dic
         "heads": sim.cfg.lte.heads,
         "rounds": len(rounds),
         "fake_hours": round(hours, 3),
-        "rounds_per_hour": round(len(rounds) / max(1e-9, (end - sim.start) / 3600), 2),
+        "rounds_per_hour": round(len(rounds) / hours, 2),
         "first_round_after_s": round(first - sim.start, 1),
         "train_fraction": round(train_time / head_time, 3) if head_time else 0.0,
         "train_fraction_all": round(train_time / lifetime, 3) if lifetime else 0.0,
         "idle_fraction": round(1 - head_time / lifetime, 3) if lifetime else 1.0,
-        "bytes_up_per_volunteer_round": round((sum(up.values()) + sum(dht_up.values())) / per),
-        "bytes_down_per_volunteer_round": round((sum(down.values()) + sum(dht_down.values())) / per),
-        "dht_bytes_up_per_volunteer_round": round(sum(dht_up.values()) / per),
-        "dht_bytes_down_per_volunteer_round": round(sum(dht_down.values()) / per),
-        # a head holder's and a standby's, apart (per volunteer of each kind alive, per round)
-        **_split(sim, volunteers, up, down, dht_up, dht_down, end, done),
-        "max_volunteer_bytes_per_round": round(max([(up[k] + down[k] + dht_up[k] + dht_down[k]) for k in up] or [0])
-                                               / done),
+        "bytes_up_per_volunteer_round": round(sum(up.values()) / per),
+        "bytes_down_per_volunteer_round": round(sum(down.values()) / per),
+        "dht_bytes_up_per_volunteer_round": round(dht_up / per),
+        "dht_bytes_down_per_volunteer_round": round(dht_down / per),
+        **_split(sim, volunteers, up, down, end, done),
+        "max_volunteer_bytes_per_round": round(max([up[k] + down[k] for k in up] or [0]) / done),
         "coordinator_bytes_per_round": round((sum(c_sent.values()) + sum(c_received.values())) / done),
         "coordinator_bytes_per_round_by_kind": {k: round((c_sent.get(k, 0) + c_received.get(k, 0)) / done)
                                                 for k in sorted(set(c_sent) | set(c_received))},
-        "volunteer_bytes_by_kind": _by_kind(sim, volunteers, per),
+        "volunteer_bytes_by_kind": _by_kind(totals, per),
         "dht_requests_max_node": requests[-1] if requests else 0,
         # the DHT bytes the busiest node sent per round: the nodes nearest to a round's keys answer every poll
         "dht_bytes_up_max_node_per_round": round(max([sim.links.sent[n].get("dht", 0.0) for n in sim.links.sent] or [0])

@@ -34,8 +34,8 @@ class Task:
     """One thread of work on the loop. `owner` names the node it belongs to (a crash ends all of
     a node's tasks at once)."""
 
-    def __init__(self, loop: "EventLoop", work: Callable[[], object], name: str, owner: str | None):
-        self.loop, self.work, self.name, self.owner = loop, work, name, owner
+    def __init__(self, work: Callable[[], object], name: str, owner: str | None):
+        self.work, self.name, self.owner = work, name, owner
         self.wake = threading.Semaphore(0)
         self.token = 0  # which scheduled wake-up is current; older ones are stale
         self.done = False
@@ -120,7 +120,7 @@ class EventLoop:
         self._order = itertools.count()
         self._main = threading.Semaphore(0)
         self.current: Task | None = None
-        self.tasks: list[Task] = []
+        self.live: set[Task] = set()  # tasks not done yet (a done one, and what it returned, is let go)
         self.events = 0
 
     # ---- scheduling -----------------------------------------------------------------------------
@@ -130,8 +130,8 @@ class EventLoop:
         the task that spawns it."""
         if owner is None and self.current is not None:
             owner = self.current.owner
-        task = Task(self, work, name, owner)
-        self.tasks.append(task)
+        task = Task(work, name, owner)
+        self.live.add(task)
         self.schedule(task, self.clock.t if at is None else at)
         return task
 
@@ -145,8 +145,8 @@ class EventLoop:
 
     def kill(self, owner: str) -> None:
         """Drop every task of `owner` at once, wherever it is (a SIGKILL): none of them runs again."""
-        for task in self.tasks:
-            if task.owner == owner and not task.done:
+        for task in self.live:
+            if task.owner == owner:
                 task.killed = True
 
     # ---- running ----------------------------------------------------------------------------------
@@ -191,6 +191,7 @@ class EventLoop:
             task.error = exc
         finally:
             task.done = True
+            self.live.discard(task)
             for waiter in task.waiters:
                 self.schedule(waiter, self.clock.t)
             task.waiters = []
@@ -275,12 +276,10 @@ class EventClock(FakeClock):
         return EventFuture(self.loop, completion)
 
     def wait_for(self, future: Future, timeout: float | None = None) -> None:
-        if isinstance(future, EventFuture):
-            future._settle(timeout) if future.done() else self._bounded(future, timeout)
-        elif not future.done():
-            raise RuntimeError("a foreign future on the event loop")
-
-    def _bounded(self, future: EventFuture, timeout: float | None) -> None:
+        if not isinstance(future, EventFuture):
+            if not future.done():
+                raise RuntimeError("a foreign future on the event loop")
+            return
         try:
             future._settle(timeout)
         except TimeoutError:

@@ -191,10 +191,11 @@ class SimDHT(MemoryDHT):
 
         def start():
             stored = MemoryDHT.store(self, key, value, expiration_time, subkey)
-            holders = self.network.nearest(key)
-            for n in holders:
+            transfers = []
+            for n in self.network.nearest(key):
                 links.requests[n] += 1
-            return [links.send(me, n, nbytes + REQUEST_BYTES, "dht", shared=False) for n in holders], stored
+                transfers.append(links.send(me, n, nbytes + REQUEST_BYTES, "dht", shared=False))
+            return transfers, stored
         return self._finish(self._after(self._lookup_delay(key), start), return_future)
 
     def get(self, key: str, latest: bool = True, return_future: bool = False, beam_size: int = 0, **_):
@@ -213,8 +214,6 @@ class SimDHT(MemoryDHT):
                 transfers.append(links.send(n, me, _size(answer), "dht", shared=False))
             return transfers, self.decoded(key, merged([a for a in answers if a is not None]))
         return self._finish(self._after(self._lookup_delay(key), start), return_future)
-
-
 
 
 class SimBlobServer(MemoryBlobServer):

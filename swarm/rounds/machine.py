@@ -325,6 +325,14 @@ class MergeProtocol:
             mr.digest = self.model.state_digest()
         self._vote(mr, members)
 
+    def _head_steps(self, mr: MergeRound, members: list[str]) -> int:
+        """Head-steps of the agreed `members`' contributions, from the ready records we settled on,
+        and those read again if some member's came after ours settled (we re-synced, or caught up)."""
+        ready = mr.ready_set
+        if not set(members) <= set(ready):
+            ready = {**self.agreement.ready(mr.round), **ready}
+        return sum(ready[p].head_steps for p in members if p in ready)
+
     def _coordinator_awaited(self, mr: MergeRound, now: float) -> bool:
         """Past the grace, whether to wait on for the coordinator's vote: for a round's timeout, and
         beyond it (up to COORDINATOR_PATIENCE timeouts) while its progress record says it is up. A
@@ -408,10 +416,7 @@ class MergeProtocol:
         self.agreement.remember(r, agreed.members)
         result.members = list(agreed.members)
         result.merged = self.peer in agreed.members
-        ready = mr.ready_set
-        if not set(agreed.members) <= set(ready):  # merged records that came after ours settled (we re-synced)
-            ready = {**self.agreement.ready(r), **ready}
-        result.merged_head_steps = sum(ready[p].head_steps for p in agreed.members if p in ready)
+        result.merged_head_steps = self._head_steps(mr, agreed.members)
         if mr.totals is not None and not result.resynced:
             mr.pending = True  # applied by the caller, at the end of its current steps
             result.digest = mr.digest
@@ -438,8 +443,7 @@ class MergeProtocol:
                 result.members, result.merged = list(decided.members), self.peer in decided.members
                 result.missed = not result.merged
                 if result.merged:
-                    ready = {**self.agreement.ready(mr.round), **mr.ready_set}
-                    result.merged_head_steps = sum(ready[p].head_steps for p in decided.members if p in ready)
+                    result.merged_head_steps = self._head_steps(mr, decided.members)
             self._finish(mr, result)
             return
         if self.clock.monotonic() > mr.deadline:
