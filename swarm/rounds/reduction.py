@@ -20,7 +20,7 @@ from swarm.rounds import plan
 from swarm.rounds.collection import Collection
 from swarm.rounds.context import RoundContext
 from swarm.rounds.types import MergeRound, ReduceWork
-from swarm.schemas import PartRecord
+from swarm.schemas import PartRecord, ReadyRecord
 from swarm.transport import NETWORK_ERRORS
 from swarm.wire import (ContributionError, ReducedBound, decode_reduced, dequantized, dither_seed, encode_reduced,
                         reduce_contributions, reduced_digest, reduced_tensors, shapes_of)
@@ -37,6 +37,31 @@ class Reduced:
 
     totals: dict[str, torch.Tensor] | None
     members: list[str]
+
+
+def reduced_bound(ctx: RoundContext, ready: dict[str, ReadyRecord], members: tuple[str, ...]) -> ReducedBound:
+    """How far a part reduced over `members` may move W: their contributions' bounds, for the
+    heads their signed ready records list (a member without one: the most a peer may hold)."""
+    cfg = ctx.cfg
+    heads = sum(len(ready[m].heads) if m in ready else cfg.max_heads_per_peer for m in members)
+    return ReducedBound(heads, len(members), cfg.max_update, cfg.max_relative_update, ctx.reach)
+
+
+def download_part(ctx: RoundContext, r: int, i: int, members: list[str], digest: str, addresses: list[str],
+                  first: int, bound: ReducedBound) -> dict[str, torch.Tensor] | None:
+    """Part i of round r reduced over `members`, from the first of `addresses` (counted from index
+    `first`) that serves it intact, hashing to `digest` and within `bound`; its float32 values."""
+    shift = first % max(1, len(addresses))
+    for address in addresses[shift:] + addresses[:shift]:
+        try:
+            blob = ctx.server.fetch(address, ctx.keys.reduced_blob(r, i, digest), ctx.cfg.request_timeout,
+                                    ctx.max_part_bytes[i])
+            return decode_reduced(blob, ctx.model, ctx.parts[i], members, digest, ctx.cfg.reduced_dtype, bound)
+        except ContributionError as exc:
+            log.warning("round %d: part %d from %s is bad: %s", r, i, address[-8:], exc)
+        except NETWORK_ERRORS as exc:
+            log.warning("round %d: could not fetch part %d from %s: %s", r, i, address[-8:], exc)
+    return None
 
 
 class Reduction:
@@ -199,8 +224,10 @@ class Reduction:
             if i in work.reduced:
                 continue
             if i in work.held and set(final) <= set(work.held[i]):
+                # The coordinator serves every part it reduced, vouching or not: peers that missed the
+                # round take it from those parts (`replay`) when the owners have moved on.
                 work.reduced[i] = self.reduce_part(mr, work, i, list(final),
-                                                   publish=ctx.peer in self._vouchers(i, work))
+                                                   publish=ctx.is_authority or ctx.peer in self._vouchers(i, work))
             elif (i, final) in work.fetched:
                 work.reduced[i] = work.fetched.pop((i, final))
         self.publish_parts(mr, work)
@@ -236,40 +263,16 @@ class Reduction:
         if not todo:
             return
 
-        bound = self.reduced_bound(mr, members)
+        bound = reduced_bound(ctx, mr.ready_set, members)
 
         def one(i: int) -> dict | None:
             digest, addresses = agreed[i][members]
-            return self._download_part(mr.round, i, list(members), digest, addresses, first=me + i, bound=bound)
+            return download_part(ctx, mr.round, i, list(members), digest, addresses, first=me + i, bound=bound)
 
         for k, tensors in ctx.clock.gather(one, todo, ctx.cfg.parallel_downloads):
             ctx.keep_alive()
             if tensors is not None:
                 work.fetched[(todo[k], members)] = tensors
-
-    def reduced_bound(self, mr: MergeRound, members: tuple[str, ...]) -> ReducedBound:
-        """How far a part reduced over `members` may move W: their contributions' bounds, for the
-        heads their signed ready records list (a member without one: the most a peer may hold)."""
-        cfg = self.ctx.cfg
-        heads = sum(len(mr.ready_set[m].heads) if m in mr.ready_set else cfg.max_heads_per_peer for m in members)
-        return ReducedBound(heads, len(members), cfg.max_update, cfg.max_relative_update, self.ctx.reach)
-
-    def _download_part(self, r: int, i: int, members: list[str], digest: str, addresses: list[str],
-                       first: int, bound: ReducedBound) -> dict | None:
-        """Reduced part i from the first of `addresses` (counted from index `first`) that serves it
-        intact and within `bound`."""
-        ctx = self.ctx
-        shift = first % max(1, len(addresses))
-        for address in addresses[shift:] + addresses[:shift]:
-            try:
-                blob = ctx.server.fetch(address, ctx.keys.reduced_blob(r, i, digest), ctx.cfg.request_timeout,
-                                        ctx.max_part_bytes[i])
-                return decode_reduced(blob, ctx.model, ctx.parts[i], members, digest, ctx.cfg.reduced_dtype, bound)
-            except ContributionError as exc:
-                log.warning("round %d: part %d from %s is bad: %s", r, i, address[-8:], exc)
-            except NETWORK_ERRORS as exc:
-                log.warning("round %d: could not fetch part %d from %s: %s", r, i, address[-8:], exc)
-        return None
 
     def fallback(self, mr: MergeRound, work: ReduceWork, parts: list[int]) -> None:
         """Owners did not deliver these parts in time: fetch every contribution's part ourselves."""

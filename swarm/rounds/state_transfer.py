@@ -2,7 +2,9 @@
 
 A peer that can be reached announces itself as a donor of W at its round; a newcomer, a peer that
 fell behind, or one whose merge differs from the agreed one downloads the trusted W
-(`Agreement.trusted_state`) from a donor, accepting only state that hashes to the trusted digest.
+(`Agreement.trusted_state`) from a donor, accepting only state that hashes to the trusted digest; a
+peer a round or two behind first tries to replay the rounds it missed from their reduced parts
+(`replay`), a fraction of W's bytes.
 W and the round only change through `changing`, which bumps a version around the change: what is
 cached for a version (the encoded state every donor hands out, the digest it advertises) is never
 given out for another W."""
@@ -15,10 +17,12 @@ from typing import Iterator
 
 from swarm import dht_io
 from swarm.rounds.agreement import Agreement
+from swarm.rounds.collection import Collection
 from swarm.rounds.context import RoundContext
-from swarm.schemas import DonorRecord
+from swarm.rounds.replay import REPLAY_ROUNDS, replayed
+from swarm.schemas import DonorRecord, HashRecord
 from swarm.transport import NETWORK_ERRORS
-from swarm.wire import ContributionError, decode_state, encode_state
+from swarm.wire import ContributionError, apply_reduced, decode_state, encode_state
 
 log = logging.getLogger(__name__)
 
@@ -26,14 +30,16 @@ log = logging.getLogger(__name__)
 class StateTransfer:
     """This peer's W (in `ctx.model`) at round `round`, and moving it between peers."""
 
-    def __init__(self, ctx: RoundContext, agreement: Agreement, round_: int = 0):
-        self.ctx, self.agreement = ctx, agreement
+    def __init__(self, ctx: RoundContext, agreement: Agreement, collection: Collection, round_: int = 0):
+        self.ctx, self.agreement, self.collection = ctx, agreement, collection
         self.round = round_
         self.version = 0  # bumped whenever W or the round may have changed
         self._announced = ((-1, -1), float("-inf"))  # ((W version, round), monotonic time) of our last donor record
         self._digest: tuple[int, str] = (-1, "")  # (W version, its digest): see `w_digest`
         self._state_blob: tuple[int, bytes] | None = None
         self.bytes_downloaded = 0  # W fetched from donors (none when we already held it)
+        self.downloads = 0  # ... in how many downloads
+        self.rounds_replayed = 0  # rounds taken from their reduced parts instead (`replay`)
         ctx.server.publish(ctx.keys.state_blob, self.encoded)
 
     @contextlib.contextmanager
@@ -87,9 +93,10 @@ class StateTransfer:
         record = DonorRecord(round=held[1], digest=digest, p2p=ctx.p2p)
         dht_io.store(ctx.dht, ctx.keys.donors, ctx.identity, record, ctx.clock.now() + 3 * ctx.cfg.lease_seconds)
 
-    def sync(self, min_round: int = 0) -> bool:
-        """Adopt the trusted W if it is at `min_round` or later, from any donor advertising it;
-        only state hashing to the trusted digest is accepted."""
+    def sync(self, min_round: int = 0, replay: bool = True) -> bool:
+        """Adopt the trusted W if it is at `min_round` or later: replayed from the missed rounds'
+        reduced parts (unless `replay` is False: our W is not our round's agreed one), else from any
+        donor advertising it; only state hashing to the trusted digest is accepted."""
         ctx = self.ctx
         target = self.agreement.trusted_state()
         if target is None or target[0] < min_round:
@@ -98,6 +105,9 @@ class StateTransfer:
             # Already held: W0 is built from the run's seed, so a newcomer at round 0 usually has
             # it bit for bit and need not pull a whole W through anyone's link.
             log.info("W of round %d already held (digest %s): nothing to download", self.round, target[1][:12])
+            self.announce()
+            return True
+        if replay and 0 < target[0] - self.round <= REPLAY_ROUNDS and self.replay(target):
             self.announce()
             return True
         donors = self.agreement.donors()
@@ -110,6 +120,26 @@ class StateTransfer:
         candidates.sort(key=lambda who: (who != ctx.authority, who not in holders))
         return self.fetch([donors[c].p2p for c in candidates], *target)
 
+    def replay(self, target: tuple[int, str], agreed: HashRecord | None = None) -> bool:
+        """Move our W round by round to `target` (round, digest), adding what each missed round
+        added as its members did (`replay.replayed`), while the coordinator's decision on the round
+        (for our own round: `agreed`, if given) is known and what we fetch adds up to it. Whether we
+        reached the target; a round replayed stays (it is the decided W of the next round), the rest
+        is downloaded."""
+        ctx = self.ctx
+        while self.round < target[0]:
+            r = self.round
+            decision = agreed if agreed is not None and agreed.round == r else self.agreement.decided(r)
+            totals = None if decision is None else replayed(ctx, self.collection, r, decision)
+            if totals is None:
+                return False
+            with self.changing(), ctx.model.lock:
+                apply_reduced(ctx.model, totals)
+                self.round = r + 1
+            self.rounds_replayed += 1
+            log.info("took round %d from its reduced parts (%d contributions)", r, len(decision.members))
+        return self.w_digest() == target[1]
+
     def fetch(self, addresses: list[str], round_: int, digest: str) -> bool:
         """W of `round_` hashing to `digest`, from the first of `addresses` that hands it out."""
         ctx = self.ctx
@@ -121,6 +151,7 @@ class StateTransfer:
                 with self.changing(), ctx.model.lock:  # not under a training step running beside us (swarm.overlap)
                     self.round = decode_state(blob, ctx.model, expect_digest=digest, expect_round=round_)
                 self.bytes_downloaded += len(blob)
+                self.downloads += 1
                 log.info("synced W of round %d from %s (%.1f MB)", self.round, address[-8:], len(blob) / 2**20)
                 self.announce()
                 return True
