@@ -35,6 +35,10 @@ STATUS_EVERY = 5.0   # seconds between live status records while nothing changes
 ROSTER_EVERY = 20.0  # seconds between copies of it in the run's list of peers (see `publish_status`)
 BESIDE_WAIT = 1.0  # most seconds our steps wait, once done, for the poll running beside us to finish
 CLOSE_WAIT = 5.0  # seconds a leaving peer waits for a poll running beside it
+# A standby asks for a free head every this many leases: a head frees when its holder leaves (at
+# once) or crashes (a lease later); a swarm of many standbys must not make the nodes that store
+# the leases answer each of them every second.
+STANDBY_LEASES = 0.5
 
 
 @dataclass
@@ -81,6 +85,7 @@ class Trainer:
         self.round_losses: list[float] = []
         self.round_started = 0.0
         self.carry_over = False                 # missed a round with work in hand: offer it at once
+        self.stale = False                      # stood by: our W may be rounds behind the swarm's
         self.last_merged_round = -1
         self.unmerged_steps = 0
         # swarm.overlap: the heads train on while a round's bytes move; its merge lands here and is
@@ -138,8 +143,6 @@ class Trainer:
             self.finished = True
             return 0.0
         self._renew_beside()
-        if self.mr is not None and self._follows_in_vain():
-            self.mr = None
         if self.mr is not None:
             if not self._overlapping():
                 return self._poll_round()
@@ -165,11 +168,15 @@ class Trainer:
             self._adopt_heads()
         elif self.step_in_round == 0 and not self.carry_over and len(self.leases.held) < self.opts.heads:
             self._drain("renewal")
+            if self.stale and self._run_over():  # a standby does not follow the rounds: it asks
+                return 0.0
             if self.leases.propose(self.opts.heads - len(self.leases.held)):
                 self.settle_at = self.clock.monotonic() + self.cfg.swarm.settle_seconds
                 return self.cfg.swarm.settle_seconds
         if not self.model.head_ids:
-            return self._follow()
+            return self._stand_by()
+        if self.stale:
+            return self._catch_up()
         if self.protocol.round == 0 and len(self.leases.holders()) < self.cfg.swarm.min_heads:
             self._set_phase(PeerPhase.WAITING)
             return self.cfg.swarm.poll_seconds * 5
@@ -179,7 +186,14 @@ class Trainer:
 
     # ---- phases ------------------------------------------------------------------------------
     def _sync(self) -> float:
+        """Join with the swarm's W, or (no head is free to train) stand by without it: W is
+        fetched once a head is won (`_catch_up`)."""
         self._publish_status(force=True)
+        if not self.leases.free_heads():
+            self.events.emit("joined", peer=self.peer, p2p=self.rt.p2p, round=self.protocol.round,
+                             digest=self.model.state_digest(), downloaded=0, pid=os.getpid(),
+                             dht_pid=getattr(self.dht, "pid", None))
+            return self._stand_by()
         if self.protocol.sync():
             self.events.emit("joined", peer=self.peer, p2p=self.rt.p2p, round=self.protocol.round,
                              digest=self.model.state_digest(), downloaded=self.protocol.state_bytes_downloaded,
@@ -190,22 +204,35 @@ class Trainer:
             raise SwarmError(f"no peer of run {self.keys.run_id} handed out W within {self.opts.sync_timeout:.0f}s")
         return 1.0
 
-    def _follow(self) -> float:
-        """Standby: follow the rounds (W stays current), claim the next free head between rounds."""
-        self._set_phase(PeerPhase.STANDBY)
-        self.events.emit("standby", round=self.protocol.round)
-        self.mr = self.protocol.begin(None, None)
-        return 0.0
+    def _stand_by(self) -> float:
+        """No head is free: wait for one (each step asks the leases again) without following the
+        rounds. Most volunteers of a large swarm stand by, and a standby that took every round's
+        merge would cost the members' uplinks a round's parts each, for a W it may not train on for
+        hours; its W goes stale instead, and is brought up to date once it wins a head
+        (`_catch_up`: a round or two replayed, else downloaded). Before each claim it asks whether
+        the run is over (`_run_over`): then it leaves with the W it has."""
+        if self.phase is not PeerPhase.STANDBY or not self.stale:
+            self.stale = True
+            self._set_phase(PeerPhase.STANDBY)
+            self.events.emit("standby", round=self.protocol.round)
+        return self.cfg.swarm.lease_seconds * STANDBY_LEASES
 
-    def _follows_in_vain(self) -> bool:
-        """We follow a round nobody has offered to yet while a head is free: claim it instead. (Round
-        0 cannot open before `swarm.min_heads` heads are held: a peer that lost a claim race would
-        otherwise wait out a whole round's timeout, and the swarm with it.)"""
-        mr = self.mr
-        return (mr.contribution is None and not self.model.head_ids and mr.step is RoundStep.OPEN
-                and mr.first_ready_seen is None and self.settle_at is None
-                and self.clock.monotonic() - mr.started >= self.cfg.swarm.settle_seconds
-                and len(self.leases.holders()) < self.cfg.lte.heads)  # a cached view: standbys poll often
+    def _catch_up(self) -> float:
+        """We won a head after standing by: take the swarm's W before training on it."""
+        if self.protocol.sync(min_round=self.protocol.round):
+            self.stale = False
+            return 0.0
+        if self._run_over():
+            return 0.0
+        log.warning("round %d: nobody handed out the swarm's W yet; trying again", self.protocol.round)
+        return 1.0
+
+    def _run_over(self) -> bool:
+        """Whether the swarm's W is at the run's last round (as far as a standby can tell, which
+        does not follow the rounds): then we are finished too."""
+        trusted = self.protocol.agreement.trusted_state()
+        self.finished = trusted is not None and trusted[0] >= self.cfg.rounds
+        return self.finished
 
     def _overlapping(self) -> bool:
         """A contribution of ours is in a round whose merge is not applied yet (swarm.overlap)."""

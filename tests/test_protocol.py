@@ -138,7 +138,8 @@ def test_two_peers_claiming_one_head_at_once_end_with_one_holder(tmp_path):
     other = b if holders[0] is a else a
     assert other.events.of("standby") and not any(r["merged"] for r in other.events.of("round"))
     assert all(len(r["members"]) == 1 for r in swarm["coordinator"].events.of("round"))
-    _agree(swarm)
+    _agree(swarm, holders[0].name, "coordinator")  # a standby does not follow the rounds
+    assert other.state == "finished" and other.role.protocol.state.downloads == 0
 
 
 def test_a_lapsed_lease_is_reclaimed_as_a_new_claim_and_loses_to_the_peer_that_took_it(tmp_path):
@@ -730,3 +731,26 @@ def test_the_coordinators_progress_record_outlives_a_round_that_blocks_on_transf
     swarm.run()
     assert seen and seen[0] is not None and seen[0].round == 1  # still there, 12 leases on
     _agree(swarm)
+
+
+def test_standbys_fetch_nothing_of_the_rounds_until_one_wins_a_head_and_catches_up(tmp_path):
+    """Volunteers beyond the heads stand by without following the rounds (at scale most of them
+    do: following would cost the members' uplinks a round's parts each); the one that takes a
+    freed head brings its W up to date first, contributes, and ends on the swarm's W."""
+    cfg = tiny_config(heads=2, merge_every=2, rounds=10)
+    swarm = MemorySwarm(cfg, tmp_path)
+    swarm.coordinator()
+    swarm.trainer("p0"), swarm.trainer("p1")
+    swarm.run(until=lambda s: all(s[n].role.model.head_ids for n in ("p0", "p1")))
+    standbys = [swarm.trainer("s0"), swarm.trainer("s1")]
+    swarm.run(until=_round_done("coordinator", 4))
+    assert all(n.events.of("standby") and not n.events.of("round") for n in standbys)
+    assert all(n.role.server.bytes_received == 0 for n in standbys)  # neither W nor any round's blobs
+    swarm.stop("p0")
+    swarm.run()
+    taker = next(n for n in standbys if n.events.of("heads"))
+    rest = next(n for n in standbys if n is not taker)
+    assert any(r["merged"] for r in taker.events.of("round"))
+    assert taker.role.protocol.state.downloads + taker.role.protocol.state.rounds_replayed >= 1
+    _agree(swarm, "p1", taker.name, "coordinator")
+    assert rest.state == "finished" and rest.role.server.bytes_received == 0
