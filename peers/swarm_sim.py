@@ -186,6 +186,13 @@ class SwarmSimulation:
     def _holds(role) -> bool:
         return isinstance(role, Trainer) and bool(role.model.head_ids)
 
+    def _as_wire_model(self, role: Trainer | Coordinator) -> Trainer | Coordinator:
+        """A peer that bounds W (and so waits for its download) as a peer of the wire config's model
+        would: W's bytes on the wire are scaled, so its bound must be too."""
+        ctx = role.protocol.ctx
+        ctx.max_state_bytes = round(ctx.max_state_bytes * self.scales.get("state", 1.0))
+        return role
+
     def add_coordinator(self) -> Volunteer:
         run_dir = self.workdir / "run"
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -194,7 +201,7 @@ class SwarmSimulation:
         events: list = []
         link = Link(up=self.sc.coordinator_mbit * MBIT, down=self.sc.coordinator_mbit * MBIT, latency=SERVER_LATENCY)
         rt = self._runtime("coordinator", identity, link, True, events)
-        role = Coordinator(self.cfg, run_dir, rt, run_id="sim-run")
+        role = self._as_wire_model(Coordinator(self.cfg, run_dir, rt, run_id="sim-run"))
         node = Volunteer("coordinator", role, rt, 0.0, self.clock.t, events)
         self.coordinator = self.nodes[node.name] = node
         self._launch(node)
@@ -209,8 +216,8 @@ class SwarmSimulation:
         step = self.sc.step_seconds * math.exp(self.rng.gauss(0.0, self.sc.step_spread))
         events: list = []
         rt = self._runtime(name, self._identity(), link, reachable, events)
-        role = Trainer(self.cfg, RunKeys(self.coordinator.role.keys.run_id), rt,
-                       TrainerOptions(heads=1, throttle=step, sync_timeout=3600.0))
+        role = self._as_wire_model(Trainer(self.cfg, RunKeys(self.coordinator.role.keys.run_id), rt,
+                                           TrainerOptions(heads=1, throttle=step, sync_timeout=3600.0)))
         node = self.nodes[name] = Volunteer(name, role, rt, step, self.clock.t, events)
         self._launch(node)
         if self.sc.churn_per_hour > 0:

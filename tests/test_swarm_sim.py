@@ -156,3 +156,38 @@ def test_the_command_reports_the_figures_others_script_against(capsys):
     assert report["volunteers"] == report["heads"] == 2 and report["rounds"] == 2 and report["cut_short"] is None
     assert report["members_per_round"] == 2 and report["bytes_up_per_volunteer_round"] > 1e6
     assert report["divergent_w"] == report["lost_contributions"] == report["doubled_contributions"] == 0
+
+
+def test_a_download_of_w_is_waited_for_as_long_as_its_size_takes_on_a_slow_link():
+    """ViT-S/32's 90 MB W to a newcomer on a 4 Mbit/s downlink takes three minutes: a bound that
+    ignores W's size (four request timeouts, one minute) cuts every try short, for good."""
+    from swarm.rounds.state_transfer import state_timeout
+    from swarm.simnet import SimBlobServer
+
+    clock = EventClock()
+    links = Links(clock.loop)
+    w_bytes = 90_100_000
+    net = SimNetwork(clock, links, scales={"state": w_bytes / 1000})
+    links.add("Qmdonor", Link(up=1000 * MB / 8, down=1000 * MB / 8, latency=0.01))
+    links.add("Qmnew", Link(up=1 * MB / 8, down=4 * MB / 8, latency=0.05))
+    servers = {}
+    for name in ("Qmdonor", "Qmnew"):
+        net.join(name, True)
+        servers[name] = SimBlobServer(net, name)
+    name = "run/state"
+    assert blob_kind(name) == "state"
+    servers["Qmdonor"].publish(name, b"w" * 1000)  # stands for 90.1 MB on the wire
+    outcomes = []
+
+    def fetch(timeout):
+        def work():
+            try:
+                servers["Qmnew"].fetch("Qmdonor", name, timeout, 2000)
+                outcomes.append("ok")
+            except Exception as exc:  # noqa: BLE001 - the transport's error, as a peer sees it
+                outcomes.append(type(exc).__name__)
+        return work
+
+    _run(clock, fetch(4 * 15.0))
+    _run(clock, fetch(state_timeout(15.0, w_bytes)))
+    assert outcomes == ["TransferError", "ok"]

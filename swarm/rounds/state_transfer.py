@@ -26,6 +26,17 @@ from swarm.wire import ContributionError, apply_reduced, decode_state, encode_st
 
 log = logging.getLogger(__name__)
 
+# The slowest download of W that is waited for: 2 Mbit/s (ViT-S/32's 90 MB W: 6 minutes).
+STATE_MIN_RATE = 256 * 1024
+
+
+def state_timeout(request_timeout: float, state_bytes: int) -> float:
+    """How long one download of W (at most `state_bytes`) may take: its bytes at STATE_MIN_RATE,
+    and the time a small request may take. A bound that ignored W's size would keep every volunteer
+    whose link is slower than W's bytes over it out of the run for good (each try cut short and
+    begun again)."""
+    return request_timeout * 4 + state_bytes / STATE_MIN_RATE
+
 
 class StateTransfer:
     """This peer's W (in `ctx.model`) at round `round`, and moving it between peers."""
@@ -140,6 +151,9 @@ class StateTransfer:
             log.info("took round %d from its reduced parts (%d contributions)", r, len(decision.members))
         return self.w_digest() == target[1]
 
+    def timeout(self) -> float:
+        return state_timeout(self.ctx.cfg.request_timeout, self.ctx.max_state_bytes)
+
     def fetch(self, addresses: list[str], round_: int, digest: str) -> bool:
         """W of `round_` hashing to `digest`, from the first of `addresses` that hands it out."""
         ctx = self.ctx
@@ -147,7 +161,7 @@ class StateTransfer:
             ctx.clock.check()
             ctx.keep_alive()
             try:
-                blob = ctx.server.fetch(address, ctx.keys.state_blob, ctx.cfg.request_timeout * 4, ctx.max_state_bytes)
+                blob = ctx.server.fetch(address, ctx.keys.state_blob, self.timeout(), ctx.max_state_bytes)
                 with self.changing(), ctx.model.lock:  # not under a training step running beside us (swarm.overlap)
                     self.round = decode_state(blob, ctx.model, expect_digest=digest, expect_round=round_)
                 self.bytes_downloaded += len(blob)
