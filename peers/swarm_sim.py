@@ -92,6 +92,8 @@ def simulated_config(sc: Scenario, wire: RunConfig) -> RunConfig:
     protocol timings."""
     raw = yaml.safe_load((CONFIGS / "digits-vit-tiny.yaml").read_text())
     raw["model"]["args"].update(embed_dim=16, depth=1, num_heads=2)
+    # heads and T set on the command line size the run's samples as the wire config's would
+    wire = wire.with_overrides(parse_overrides([s for s in sc.sets if s.startswith("lte.")]))
     lte = wire.lte.model_dump()
     raw["lte"].update({k: lte[k] for k in ("heads", "merge_every", "variant", "fragments", "eager")
                        if k in lte}, rank=4)
@@ -187,10 +189,9 @@ class SwarmSimulation:
         return isinstance(role, Trainer) and bool(role.model.head_ids)
 
     def _as_wire_model(self, role: Trainer | Coordinator) -> Trainer | Coordinator:
-        """A peer that bounds W (and so waits for its download) as a peer of the wire config's model
-        would: W's bytes on the wire are scaled, so its bound must be too."""
-        ctx = role.protocol.ctx
-        ctx.max_state_bytes = round(ctx.max_state_bytes * self.scales.get("state", 1.0))
+        """A peer that waits for its downloads as a peer of the wire config's model would: their
+        bytes on the wire are scaled, so must the time they are given be."""
+        role.protocol.ctx.wire_scale = dict(self.scales)
         return role
 
     def add_coordinator(self) -> Volunteer:

@@ -38,6 +38,9 @@ class RoundContext:
     fragments: int = 1  # lte.fragments: W's parts merged in turn, one fragment a round
     rounds_total: int | None = None  # the run's last round merges every part
     keep_alive: Callable[[], None] = lambda: None
+    # bytes on the wire per byte of ours, by blob kind: 1 but in a simulation that moves a larger
+    # model's bytes (`peers.swarm_sim`), whose W download must be waited for as that model's would
+    wire_scale: dict[str, float] = field(default_factory=dict)
     dht_reads: int = 0  # DHT keys read so far (RoundResult.dht_reads: in one round)
     _served: dict[int, list[str]] = field(default_factory=dict)  # round -> names of the blobs we serve for it
 

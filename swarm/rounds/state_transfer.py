@@ -152,7 +152,8 @@ class StateTransfer:
         return self.w_digest() == target[1]
 
     def timeout(self) -> float:
-        return state_timeout(self.ctx.cfg.request_timeout, self.ctx.max_state_bytes)
+        ctx = self.ctx
+        return state_timeout(ctx.cfg.request_timeout, round(ctx.max_state_bytes * ctx.wire_scale.get("state", 1.0)))
 
     def fetch(self, addresses: list[str], round_: int, digest: str) -> bool:
         """W of `round_` hashing to `digest`, from the first of `addresses` that hands it out."""
