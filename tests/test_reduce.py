@@ -454,7 +454,7 @@ def test_a_peer_that_missed_a_round_adds_its_reduced_parts_instead_of_downloadin
         honest = replay.download_part
         monkeypatch.setattr(replay, "download_part", lambda *a, **kw: {
             k: 2 * v for k, v in (honest(*a, **kw) or {}).items()} or None)
-    cfg = tiny_config(heads=5, merge_every=2, rounds=6, min_heads=5, merge="reduce")
+    cfg = tiny_config(heads=5, merge_every=2, rounds=5, min_heads=5, merge="reduce")
     mem = MemorySwarm(cfg, tmp_path)
     mem.coordinator()
     for i in range(4):
