@@ -199,7 +199,7 @@ class PeerPhase(str, enum.Enum):
 
     SYNCING = "syncing"      # downloading W from a donor
     WAITING = "waiting"      # holds heads; the first round waits for `swarm.min_heads` heads
-    STANDBY = "standby"      # no free head: follows the rounds, takes the next head that frees up
+    STANDBY = "standby"      # no free head: waits for one (following no round), fetches W once it wins it
     TRAINING = "training"    # T local steps of its heads
     MERGING = "merging"      # in a merge round
 

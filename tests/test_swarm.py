@@ -80,7 +80,7 @@ def test_three_peers_agree_bit_for_bit_and_match_the_simulation_while_a_rogue_no
     trained, but they would take a free one, so it waits for the heads' first merge): every round
     still merges all three, never the rogue, and W is the simulation's, which no attack took part
     in."""
-    swarm = swarm_factory(heads=3, merge_every=2, rounds=3, min_heads=3, merge_grace=15.0, overlap=True)
+    swarm = swarm_factory(heads=3, merge_every=2, rounds=4, min_heads=3, merge_grace=15.0, overlap=True)
     coordinator = swarm.start_coordinator()
     peers = [swarm.join("peer0"), swarm.join("peer1")]
     # behind NAT, it joins a swarm whose nodes are up (see test_dht_reads.py: a node in client mode
@@ -112,7 +112,7 @@ def test_three_peers_agree_bit_for_bit_and_match_the_simulation_while_a_rogue_no
     assert all(set(r["members"]) == honest for r in coordinator.of("round")), coordinator.of("round")
     for p in peers:
         rounds = p.of("round")
-        assert [r["new_round"] for r in rounds] == [1, 2, 3]
+        assert [r["new_round"] for r in rounds] == [1, 2, 3, 4]
         # forward/backward alone, not the polls of the round in flight between the steps
         assert 0.0 < last(p, "left")["compute_seconds"] < last(p, "left")["time"] - last(p, "joined")["time"]
         assert all(r["merged"] and len(r["members"]) == 3 and not r["missed"] for r in rounds), rounds
