@@ -122,7 +122,12 @@ class Coordinator:
 
     # ---- the loop ----------------------------------------------------------------------------
     def publish(self) -> None:
-        expiration = self.clock.now() + self.cfg.swarm.lease_seconds * 6
+        """The run's record, our progress (peers take a lapsed one for a coordinator gone) and
+        revocations. They outlive what may pass between two rewrites: a lease, and one download
+        tried twice, which no keep-alive interrupts (`swarm.request_timeout` each)."""
+        swarm = self.cfg.swarm
+        life = max(6 * swarm.lease_seconds, 2 * swarm.lease_seconds + 2 * swarm.request_timeout)
+        expiration = self.clock.now() + life
         announce_run(self.dht, self.keys, self.rt.identity, self.record, expiration)
         self.protocol.announce()
         progress = RunProgress(round=self.protocol.round, digest=self.model.state_digest(), rounds_total=self.cfg.rounds,

@@ -754,3 +754,26 @@ def test_standbys_fetch_nothing_of_the_rounds_until_one_wins_a_head_and_catches_
     assert taker.role.protocol.state.downloads + taker.role.protocol.state.rounds_replayed >= 1
     _agree(swarm, "p1", taker.name, "coordinator")
     assert rest.state == "finished" and rest.role.server.bytes_received == 0
+
+
+def test_the_coordinators_progress_record_outlives_one_download_tried_twice(tmp_path):
+    """Between two of the coordinator's keep-alives lies at most one download and its retry: with a
+    request timeout long against the lease (a run tuned for slow links), the record lives that long."""
+    cfg = tiny_config(heads=2, merge_every=2, rounds=3, min_heads=2, request_timeout=20.0, round_timeout=40.0)
+    swarm = MemorySwarm(cfg, tmp_path)
+    coordinator = swarm.coordinator()
+    peer = swarm.trainer("p0")
+    swarm.trainer("p1")
+    original = coordinator.role.protocol.poll
+    seen = []
+
+    def blocking(mr):  # round 1: a lease passes, then a fetch and its retry each run into their timeout
+        if mr.round == 1 and not seen:
+            coordinator.role.protocol.keep_alive()
+            swarm.clock.advance(cfg.swarm.lease_seconds + 2 * cfg.swarm.request_timeout - 1)
+            seen.append(peer.role.protocol.agreement.progress())
+        return original(mr)
+    coordinator.role.protocol.poll = blocking
+    swarm.run()
+    assert seen and seen[0] is not None and seen[0].round == 1
+    _agree(swarm)
