@@ -190,19 +190,20 @@ class Trainer:
         fetched once a head is won (`_catch_up`)."""
         self._publish_status(force=True)
         if not self.leases.free_heads():
-            self.events.emit("joined", peer=self.peer, p2p=self.rt.p2p, round=self.protocol.round,
-                             digest=self.model.state_digest(), downloaded=0, pid=os.getpid(),
-                             dht_pid=getattr(self.dht, "pid", None))
+            self._joined()
             return self._stand_by()
         if self.protocol.sync():
-            self.events.emit("joined", peer=self.peer, p2p=self.rt.p2p, round=self.protocol.round,
-                             digest=self.model.state_digest(), downloaded=self.protocol.state_bytes_downloaded,
-                             pid=os.getpid(), dht_pid=getattr(self.dht, "pid", None))
+            self._joined()
             self._set_phase(PeerPhase.STANDBY)
             return 0.0
         if self.clock.monotonic() > self.sync_deadline:
             raise SwarmError(f"no peer of run {self.keys.run_id} handed out W within {self.opts.sync_timeout:.0f}s")
         return 1.0
+
+    def _joined(self) -> None:
+        self.events.emit("joined", peer=self.peer, p2p=self.rt.p2p, round=self.protocol.round,
+                         digest=self.model.state_digest(), downloaded=self.protocol.state_bytes_downloaded,
+                         pid=os.getpid(), dht_pid=getattr(self.dht, "pid", None))
 
     def _stand_by(self) -> float:
         """No head is free: wait for one (each step asks the leases again) without following the

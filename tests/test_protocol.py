@@ -708,11 +708,10 @@ def test_peers_wait_for_a_slow_coordinator_while_its_progress_record_says_it_is_
     _agree(swarm)
 
 
-def test_the_coordinators_progress_record_outlives_a_round_that_blocks_on_transfers(tmp_path):
-    """A coordinator recomputing every part waits on every member's uplink, for minutes on home
-    links; peers read a lapsed progress record as a coordinator gone and decide without it. The
-    record is rewritten between transfers."""
-    cfg = tiny_config(heads=2, merge_every=2, rounds=4, min_heads=2)
+def _progress_while_the_coordinator_blocks(tmp_path, cfg, block) -> None:
+    """Run a swarm whose coordinator, entering round 1, first calls `block(swarm, coordinator)`
+    (time passing in its transfers); the coordinator's progress record as a peer then reads it
+    must still be there, at round 1, and the swarm must end agreed."""
     swarm = MemorySwarm(cfg, tmp_path)
     coordinator = swarm.coordinator()
     peer = swarm.trainer("p0")
@@ -720,17 +719,28 @@ def test_the_coordinators_progress_record_outlives_a_round_that_blocks_on_transf
     original = coordinator.role.protocol.poll
     seen = []
 
-    def blocking(mr):  # round 1's transfers take twelve leases, with the round's keep-alive between them
+    def blocking(mr):
         if mr.round == 1 and not seen:
-            for _ in range(12):
-                swarm.clock.advance(cfg.swarm.lease_seconds)
-                coordinator.role.protocol.keep_alive()
+            block(swarm, coordinator)
             seen.append(peer.role.protocol.agreement.progress())
         return original(mr)
     coordinator.role.protocol.poll = blocking
     swarm.run()
-    assert seen and seen[0] is not None and seen[0].round == 1  # still there, 12 leases on
+    assert seen and seen[0] is not None and seen[0].round == 1
     _agree(swarm)
+
+
+def test_the_coordinators_progress_record_outlives_a_round_that_blocks_on_transfers(tmp_path):
+    """A coordinator recomputing every part waits on every member's uplink, for minutes on home
+    links; peers read a lapsed progress record as a coordinator gone and decide without it. The
+    record is rewritten between transfers."""
+    cfg = tiny_config(heads=2, merge_every=2, rounds=4, min_heads=2)
+
+    def twelve_leases(swarm, coordinator):  # the round's transfers, with its keep-alive between them
+        for _ in range(12):
+            swarm.clock.advance(cfg.swarm.lease_seconds)
+            coordinator.role.protocol.keep_alive()
+    _progress_while_the_coordinator_blocks(tmp_path, cfg, twelve_leases)
 
 
 def test_standbys_fetch_nothing_of_the_rounds_until_one_wins_a_head_and_catches_up(tmp_path):
@@ -760,20 +770,8 @@ def test_the_coordinators_progress_record_outlives_one_download_tried_twice(tmp_
     """Between two of the coordinator's keep-alives lies at most one download and its retry: with a
     request timeout long against the lease (a run tuned for slow links), the record lives that long."""
     cfg = tiny_config(heads=2, merge_every=2, rounds=3, min_heads=2, request_timeout=20.0, round_timeout=40.0)
-    swarm = MemorySwarm(cfg, tmp_path)
-    coordinator = swarm.coordinator()
-    peer = swarm.trainer("p0")
-    swarm.trainer("p1")
-    original = coordinator.role.protocol.poll
-    seen = []
 
-    def blocking(mr):  # round 1: a lease passes, then a fetch and its retry each run into their timeout
-        if mr.round == 1 and not seen:
-            coordinator.role.protocol.keep_alive()
-            swarm.clock.advance(cfg.swarm.lease_seconds + 2 * cfg.swarm.request_timeout - 1)
-            seen.append(peer.role.protocol.agreement.progress())
-        return original(mr)
-    coordinator.role.protocol.poll = blocking
-    swarm.run()
-    assert seen and seen[0] is not None and seen[0].round == 1
-    _agree(swarm)
+    def one_download_tried_twice(swarm, coordinator):  # a lease passes, then a fetch and its retry time out
+        coordinator.role.protocol.keep_alive()
+        swarm.clock.advance(cfg.swarm.lease_seconds + 2 * cfg.swarm.request_timeout - 1)
+    _progress_while_the_coordinator_blocks(tmp_path, cfg, one_download_tried_twice)

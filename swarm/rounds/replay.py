@@ -25,7 +25,7 @@ from swarm.rounds.collection import Collection
 from swarm.rounds.context import RoundContext
 from swarm.rounds.gather import gather
 from swarm.rounds.reduction import download_part, reduced_bound
-from swarm.rounds.types import KEEP_CONTRIBUTIONS, MergeRound
+from swarm.rounds.types import KEEP_CONTRIBUTIONS, MergeRound, RoundScope
 from swarm.schemas import HashRecord, PartRecord, ReadyRecord
 from swarm.wire import split_totals
 
@@ -43,36 +43,41 @@ def replayed(ctx: RoundContext, collection: Collection, r: int, decision: HashRe
     is taken from its reduced parts; one that all-gathered (few members) from the members'
     contributions, while they come to fewer bytes than W."""
     members = tuple(sorted(decision.members))
-    now = ctx.clock.now()
-    ready = {who: rec for who, rec in dht_io.by_writer(ctx.read(ctx.keys.ready(r), ReadyRecord, now,
-                                                                thorough=True)).items() if rec.round == r}
-    if not set(members) <= set(ready):
-        return None  # a member's record is gone: neither its heads (the bound) nor the parts' owners are known
-    scope = ctx.scope(r)
-    sources = _sources(ctx, r, members, ready, scope.parts)
-    if not members:
-        totals: dict[str, torch.Tensor] | None = {}  # a round nobody was merged in changes nothing
-    elif all(sources.get(i) for i in scope.parts):
-        totals = _from_parts(ctx, r, members, ready, sources, scope.parts)
-    elif sum(ready[m].nbytes for m in members) < ctx.max_state_bytes:
-        totals = _gathered(ctx, collection, r, members, ready)
-    else:
-        return None
-    if totals is None:
-        return None
+    totals: dict[str, torch.Tensor] | None = {}  # a round nobody was merged in changes nothing
+    if members:
+        totals = _fetched(ctx, collection, r, members)
+        if totals is None:
+            return None
     if ctx.model.digest_after(*split_totals(ctx.model, totals)) != decision.digest:
         log.warning("round %d: what we replayed does not add up to the decided W; downloading W instead", r)
         return None
     return totals
 
 
+def _fetched(ctx: RoundContext, collection: Collection, r: int, members: tuple[str, ...]
+             ) -> dict[str, torch.Tensor] | None:
+    """What round r added over `members`, from its reduced parts, else (an all-gathered round) from
+    the members' contributions while they come to fewer bytes than W; None if neither can be had."""
+    ready = {who: rec for who, rec in dht_io.by_writer(ctx.read(ctx.keys.ready(r), ReadyRecord, ctx.clock.now(),
+                                                                thorough=True)).items() if rec.round == r}
+    if not set(members) <= set(ready):
+        return None  # a member's record is gone: neither its heads (the bound) nor the parts' owners are known
+    scope = ctx.scope(r)
+    sources = _sources(ctx, r, members, ready, scope)
+    if all(sources.get(i) for i in scope.parts):
+        return _from_parts(ctx, r, members, ready, sources, scope.parts)
+    if sum(ready[m].nbytes for m in members) < ctx.max_state_bytes:
+        return _gathered(ctx, collection, r, members, ready, scope)
+    return None
+
+
 def _gathered(ctx: RoundContext, collection: Collection, r: int, members: tuple[str, ...],
-              ready: dict[str, ReadyRecord]) -> dict[str, torch.Tensor] | None:
+              ready: dict[str, ReadyRecord], scope: RoundScope) -> dict[str, torch.Tensor] | None:
     """Round r all-gathered again: every member's contribution fetched (from it, or from where it
     pushed it) and reduced as the members did."""
     start = ctx.clock.monotonic()
     mr = MergeRound(round=r, contribution=None, ready=None, started=start, deadline=start + ctx.cfg.round_timeout,
-                    scope=ctx.scope(r), ready_set={m: ready[m] for m in members})
+                    scope=scope, ready_set={m: ready[m] for m in members})
     totals, got = gather(ctx, collection, mr)
     return totals if tuple(got) == members else None
 
@@ -101,7 +106,7 @@ def _from_parts(ctx: RoundContext, r: int, members: tuple[str, ...], ready: dict
 
 
 def _sources(ctx: RoundContext, r: int, members: tuple[str, ...], ready: dict[str, ReadyRecord],
-             parts: tuple[int, ...]) -> dict[int, list[tuple[str, list[str]]]]:
+             scope: RoundScope) -> dict[int, list[tuple[str, list[str]]]]:
     """part -> [(digest, addresses)], the digests named for the part reduced over `members` by the
     round's part records, from the coordinator's or a contributor's of the round: the coordinator's
     digest first, then those most writers named. With one owner per part the owners name nothing;
@@ -112,9 +117,8 @@ def _sources(ctx: RoundContext, r: int, members: tuple[str, ...], ready: dict[st
             if record.round != r or (writer != ctx.authority and writer not in ready):
                 continue
             for part, summed, digest in record.reduced():
-                if summed == members and part in parts:
+                if summed == members and part in scope.parts:
                     said.setdefault(part, {}).setdefault(digest, {})[writer] = record.p2p
-    among = ctx.scope(r).among
     out: dict[int, list[tuple[str, list[str]]]] = {}
     for i, digests in said.items():
         ranked = sorted(digests.items(), key=lambda kv: (ctx.authority not in kv[1], -len(kv[1]), kv[0]))
@@ -122,7 +126,7 @@ def _sources(ctx: RoundContext, r: int, members: tuple[str, ...], ready: dict[st
         for digest, writers in ranked:
             addresses = [a for w, a in sorted(writers.items()) if w != ctx.peer]
             if ctx.cfg.part_owners == 1:
-                owners = plan.owners(i, plan.servers(ready), 1, among)
+                owners = plan.owners(i, plan.servers(ready), 1, scope.among)
                 addresses += [ready[o].p2p for o in owners if o in ready and ready[o].p2p not in addresses]
             out[i].append((digest, addresses))
     return out
