@@ -113,6 +113,8 @@ def start(
     identity: Optional[Path] = typer.Option(None, help="file with this peer's private key (a stable peer id across restarts)"),
     run_id: Optional[str] = typer.Option(None, help="run id (default: config name plus a random suffix)"),
     events: Optional[str] = typer.Option(None, help="append one JSON line per event to this file"),
+    adopt_swarm_state: bool = typer.Option(False, help="resuming: if the swarm went on without us further than its "
+                                           "contributions can be recomputed, take the W most lease holders hold, unverified"),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="log every round"),
 ) -> None:
     """Start (or resume) a run as its coordinator: bootstrap peer and state donor; it follows every
@@ -140,7 +142,7 @@ def start(
 
         serve(cfg, directory, initial_peers=initial_peers, host_maddrs=host_maddrs,
               identity_path=str(identity) if identity else None, run_id=run_id, config_name=path.stem,
-              events_path=events, announce=announce)
+              events_path=events, announce=announce, adopt_swarm_state=adopt_swarm_state)
 
 
 @app.command()

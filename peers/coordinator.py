@@ -67,7 +67,7 @@ def new_run_id(stem: str, identity: Identity) -> str:
 
 class Coordinator:
     def __init__(self, cfg: RunConfig, run_dir: Path, rt: Runtime, run_id: str | None = None,
-                 config_name: str = "run", evaluate_rounds: bool = True):
+                 config_name: str = "run", evaluate_rounds: bool = True, adopt_swarm_state: bool = False):
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         saved = load_checkpoint(self.run_dir)
@@ -93,9 +93,11 @@ class Coordinator:
         # A read-only view of the leases (the coordinator holds no head): whom a round waits for.
         self.server, self.leases, self.protocol, self.membership = join_rounds(
             rt, self.keys, cfg, self.model, holds_heads=False, round_=round_)
-        # A resumed coordinator may find the swarm went on without it: it adopts what most lease
-        # holders hold, once, then is the authority again.
+        # A resumed coordinator may find the swarm went on without it: it takes what most lease
+        # holders hold once it recomputed the rounds in between (or, if its operator says so,
+        # unverified), then is the authority again.
         self.protocol.adopt_holders_state = saved is not None
+        self.protocol.state.adopt_unverified = adopt_swarm_state
         # A round blocks for as long as its transfers take (recomputing every part waits on every
         # member's uplink); peers take a lapsed progress record for a coordinator that is gone and
         # decide the round without it, so the record is kept up between transfers too.
@@ -204,7 +206,8 @@ class Coordinator:
             return self.mr.wait
         self.mr = None
         if not result.idle:
-            self.protocol.adopt_holders_state = False
+            if not result.missed:  # it merged a round itself: the authority again (it chases the holders till then)
+                self.protocol.adopt_holders_state = False
             self._record(result)
         return 0.0
 
@@ -255,14 +258,15 @@ class Coordinator:
 
 def serve(cfg: RunConfig, run_dir: Path, *, initial_peers: list[str], host_maddrs: list[str] | None,
           identity_path: str | None, run_id: str | None, config_name: str, events_path: str | None,
-          announce) -> None:
+          announce, adopt_swarm_state: bool = False) -> None:
     """Start the DHT, create or resume the run, tell the caller how to join, follow rounds until
     the run ends or a signal arrives; always leave cleanly."""
     from peers.node import open_runtime
 
     with open_runtime(initial_peers, host_maddrs, identity_path, events_path,
                       identity=coordinator_identity(run_dir)) as rt:
-        coordinator = Coordinator(cfg, run_dir, rt, run_id=run_id, config_name=config_name)
+        coordinator = Coordinator(cfg, run_dir, rt, run_id=run_id, config_name=config_name,
+                                  adopt_swarm_state=adopt_swarm_state)
         try:
             maddrs = [str(m) for m in rt.dht.get_visible_maddrs()]
             rt.events.emit("maddrs", maddrs=maddrs, run_id=coordinator.keys.run_id)

@@ -13,6 +13,11 @@ class DataError(LTESwarmError):
     """A data spec cannot be resolved or its records cannot be turned into (image, label) pairs."""
 
 
+class UnverifiedState(LTESwarmError):
+    """A resumed coordinator found the swarm ahead of its checkpoint, cannot recompute the rounds in
+    between from their contributions, and was not told to adopt what the lease holders hold."""
+
+
 class Stopped(Exception):
     """The peer was asked to stop (Ctrl+C, SIGTERM): unwinds whatever wait it is in.
 

@@ -99,6 +99,11 @@ class RunKeys:
         """Each peer's W hash after merge round `round_`, with the contributions it merged."""
         return self._key(f"round{round_}_hash")
 
+    def beacon(self, epoch: int) -> str:
+        """The coordinator's seed for an epoch of rounds: it orders the members that own parts
+        (`rounds.plan.epoch`, `rounds.plan.servers`)."""
+        return self._key(f"epoch{epoch}_beacon")
+
     def parts(self, round_: int) -> str:
         """Owners' reductions of the parts of W in merge round `round_`; one subkey per owner."""
         return self._key(f"round{round_}_parts")

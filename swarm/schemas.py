@@ -130,6 +130,14 @@ class HashRecord(_Record):
     members: list[Fingerprint] = Field(max_length=4096, alias="m")
 
 
+class BeaconRecord(_Record):
+    """The coordinator's seed for an epoch of rounds (`rounds.plan.epoch`): a value nobody else can
+    compute, from which every peer orders the epoch's owners alike (`rounds.plan.servers`)."""
+
+    epoch: int = Field(ge=0, alias="e")
+    seed: Digest = Field(alias="s")
+
+
 class Reduction(_Record):
     """One part of W reduced by its owner: which of its record's members it sums (ascending
     indices into `PartRecord.members`) and the digest of its values and members."""

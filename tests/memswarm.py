@@ -16,7 +16,7 @@ from peers.node import EventLog, Runtime, install_signing
 from peers.trainer import Trainer, TrainerOptions
 from swarm.clock import FakeClock
 from swarm.config import RunConfig, parse_config
-from swarm.errors import ConfigError, Stopped
+from swarm.errors import LTESwarmError, Stopped
 from swarm.identity import Identity
 from swarm.memnet import MemoryBlobServer, MemoryDHT, MemoryNetwork
 from tests.conftest import ROOT
@@ -201,7 +201,7 @@ class MemorySwarm:
             role.close()
             node.state = "stopped"
             return
-        except ConfigError as exc:  # the peer stops with one line saying why, as the CLI would
+        except LTESwarmError as exc:  # the peer stops with one line saying why, as the CLI would
             role.close()
             node.state, node.error = "failed", exc
             return

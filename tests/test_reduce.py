@@ -5,6 +5,8 @@ peer that do not grow with the swarm, and survive owners that die or lie."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -12,7 +14,8 @@ from peers.trainer import Trainer
 from swarm.rounds import collection as collection_module
 from swarm.rounds import reduction as reduction_module
 from swarm import dht_io
-from swarm.rounds import MergeProtocol, owners
+from swarm.rounds import MergeProtocol, owners, plan
+from swarm.rounds.agreement import order
 from swarm.rounds.reduction import Reduction
 from swarm.schemas import PartRecord
 from swarm.wire import factors_digest, part_factors, plan_parts
@@ -90,8 +93,9 @@ def _each_owner_announced_its_parts_in_one_record(mem: MemorySwarm) -> None:
         members = sorted(r["members"])
         found = dht_io.read(dht, keys.parts(r["round"]), PartRecord, mem.clock.now())
         assert {tag for tag, _ in found} == {""} and {who for _, who in found} == set(members)
+        servers = plan.servers({m: SimpleNamespace(pushed=None) for m in members}, order(mem["coordinator"].role.protocol.ctx, r["round"]))
         for (_, who), (record, _) in found.items():
-            mine = {i for i in range(n_parts) if who in owners(i, members)}
+            mine = {i for i in range(n_parts) if who in owners(i, servers)}
             assert {part for part, _, _ in record.reduced()} == mine
             assert all(list(summed) == members for _, summed, _ in record.reduced())
 
@@ -244,13 +248,11 @@ def test_with_one_owner_per_part_a_coordinator_killed_mid_round_costs_one_grace(
 def test_two_colluding_owners_cannot_change_the_agreed_w(tmp_path):
     """Both owners of some parts double them alike, so their digests agree and the other peers
     apply those parts; the coordinator reduces every part itself, its W is the agreed one, and
-    whoever applied the doubled parts re-syncs to it."""
-    from tests.memswarm import named_identity
-
-    by_fingerprint = sorted((named_identity(f"p{i}").fingerprint, f"p{i}") for i in range(4))
-    liars = {by_fingerprint[0][1], by_fingerprint[1][1]}  # consecutive: together they own part 0
+    whoever applied the doubled parts re-syncs to it. (The liars are two members that own a part
+    together in the epoch's order, which only the coordinator's beacon tells.)"""
     baseline = _swarm(tmp_path, "baseline", 4)
     baseline.run()
+    liars = set(co_owners(baseline, [f"p{i}" for i in range(4)], 0)[0])
     attacked = _swarm(tmp_path, "attacked", 4, roles={n: with_protocol(_LyingOwner, "reduction") for n in liars})
     attacked.run()
     assert all(attacked[n].state == "finished" for n in attacked.nodes)
@@ -259,6 +261,17 @@ def test_two_colluding_owners_cannot_change_the_agreed_w(tmp_path):
     assert attacked.digests() == baseline.digests()
     fooled = [n for n in _trainers(attacked) if n not in liars]
     assert all(r["resynced"] for n in fooled for r in attacked[n].events.of("round"))
+
+
+def co_owners(mem: MemorySwarm, names: list[str], r: int) -> list[tuple[str, ...]]:
+    """Who owns each part of round r together, were `names` its members (all reachable): in the
+    order the coordinator's beacon of the round's epoch draws."""
+    from tests.memswarm import named_identity
+
+    by_fp = {named_identity(n).fingerprint: n for n in names}
+    protocol = mem["coordinator"].role.protocol
+    servers = plan.servers({fp: SimpleNamespace(pushed=None) for fp in by_fp}, order(protocol.ctx, r))
+    return [tuple(sorted(by_fp[o] for o in owners(i, servers))) for i in range(len(protocol.parts))]
 
 
 def test_a_round_waiting_on_a_silent_owner_polls_the_dht_less_and_less(tmp_path):

@@ -9,12 +9,14 @@ holders hold."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections import Counter
 
 from swarm import dht_io
+from swarm.rounds import plan
 from swarm.rounds.context import RoundContext
-from swarm.schemas import DonorRecord, HashRecord, ReadyRecord, RunProgress
+from swarm.schemas import BeaconRecord, DonorRecord, HashRecord, ReadyRecord, RunProgress
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +91,18 @@ class Agreement:
             return None
         (round_, digest), count = max(said.items(), key=lambda kv: (kv[1], kv[0][0], kv[0][1]))
         return (round_, digest) if 2 * count > len(holders) else None
+
+    def publish_beacons(self, r: int) -> None:
+        """The coordinator, beginning round r: its beacon of round r's epoch of owners (`plan.epoch`),
+        and in an epoch's last round the next epoch's too, so that a beacon is out before any peer
+        settles a round of its epoch, even while the coordinator is still busy with the round
+        before. Written again every round, as the nodes nearest to its key change. A beacon is a
+        hash of our signature over the epoch: a restarted coordinator publishes the same one."""
+        ctx = self.ctx
+        for e in sorted({plan.epoch(r, ctx.fragments), plan.epoch(r + 1, ctx.fragments)}):
+            seed = hashlib.sha256(ctx.identity.sign(f"{ctx.keys.run_id}|beacon|{e}".encode()).encode()).hexdigest()
+            dht_io.store(ctx.dht, ctx.keys.beacon(e), ctx.identity, BeaconRecord(epoch=e, seed=seed),
+                         ctx.expiration(), wait=False)
 
     def remember(self, r: int, members: list[str]) -> None:
         """The contributors agreed for round r, as this peer merged them."""
@@ -181,6 +195,18 @@ class Agreement:
         ctx = self.ctx
         dht_io.store(ctx.dht, ctx.keys.hashes(r), ctx.identity, HashRecord(round=r, digest=digest, members=members),
                      ctx.expiration())
+
+
+def order(ctx: RoundContext, r: int) -> str:
+    """The seed that orders round r's owners (`plan.seed`): with the coordinator's beacon of the
+    round's epoch, once any node it is stored at has handed it to us (then kept for the epoch)."""
+    e = plan.epoch(r, ctx.fragments)
+    if e not in ctx.beacons:
+        found = dht_io.by_writer(ctx.read(ctx.keys.beacon(e), BeaconRecord, ctx.clock.now(), thorough=True))
+        beacon = found.get(ctx.authority)
+        if beacon is not None and beacon.epoch == e:
+            ctx.beacons = {x: v for x, v in ctx.beacons.items() if x >= e - 1} | {e: beacon.seed}
+    return plan.seed(ctx.keys.run_id, e, ctx.beacons.get(e))
 
 
 def agreed_vote(votes: dict[str, HashRecord], own: str | None = None) -> HashRecord:

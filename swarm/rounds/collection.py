@@ -84,7 +84,7 @@ class Collection:
         digests = json.loads(listing)
         targets: dict[str, list[bytes]] = {}
         if plan.reduces(ctx.cfg, mr.ready_set):
-            servers = plan.servers(mr.ready_set)
+            servers = plan.servers(mr.ready_set, mr.order)
             for slot, i in enumerate(mr.scope.parts):
                 for owner in plan.owners(i, servers, ctx.cfg.part_owners, mr.scope.among):
                     targets.setdefault(mr.ready_set[owner].p2p, [listing]).append(mr.pushed[digests[slot + 1]])
@@ -241,7 +241,7 @@ class Collection:
     def _holders(self, mr: MergeRound, index: int | None) -> list[str]:
         """Addresses that were pushed an unreachable member's blob `index` (0: the whole
         contribution, i + 1: part i; None: its digest list, which all of them got)."""
-        servers = plan.servers(mr.ready_set)
+        servers = plan.servers(mr.ready_set, mr.order)
         if index is not None and index > 0:
             return [mr.ready_set[o].p2p for o in plan.owners(index - 1, servers, self.ctx.cfg.part_owners,
                                                               mr.scope.among)]
@@ -254,7 +254,7 @@ class Collection:
             return [0]
         if ctx.is_authority and ctx.cfg.coordinator_recomputes:
             return [0]
-        servers = plan.servers(mr.ready_set)
+        servers = plan.servers(mr.ready_set, mr.order)
         return [i + 1 for i in mr.scope.parts
                 if ctx.peer in plan.owners(i, servers, ctx.cfg.part_owners, mr.scope.among)]
 

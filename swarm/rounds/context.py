@@ -41,6 +41,7 @@ class RoundContext:
     # bytes on the wire per byte of ours, by blob kind: 1 but in a simulation that moves a larger
     # model's bytes (`peers.swarm_sim`), whose W download must be waited for as that model's would
     wire_scale: dict[str, float] = field(default_factory=dict)
+    beacons: dict[int, str] = field(default_factory=dict)  # epoch -> the coordinator's beacon (`agreement.order`)
     dht_reads: int = 0  # DHT keys read so far (RoundResult.dht_reads: in one round)
     _served: dict[int, list[str]] = field(default_factory=dict)  # round -> names of the blobs we serve for it
 

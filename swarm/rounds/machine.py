@@ -51,7 +51,7 @@ from swarm.identity import Identity
 from swarm.keys import RunKeys
 from swarm.lte_model import LTEModel
 from swarm.rounds import plan
-from swarm.rounds.agreement import Agreement, agreed_vote
+from swarm.rounds.agreement import Agreement, agreed_vote, order
 from swarm.rounds.collection import Collection
 from swarm.rounds.context import RoundContext
 from swarm.rounds.gather import gather
@@ -197,11 +197,15 @@ class MergeProtocol:
             log.warning("the swarm is at round %d, we are at %d: syncing instead of merging alone", trusted[0], r)
             mr.step = RoundStep.CATCHING_UP
             return mr
-        if self.closed(r):
+        if not ctx.is_authority and self.closed(r):
+            # (The coordinator merges a round the holders merged without it all the same: they wait
+            # for its word while its progress record lives, and it has nothing to catch up from.)
             log.warning("merge round %d closed before we were ready; catching up (our change waits for the next round)", r)
             mr.step = RoundStep.CATCHING_UP
             return mr
         mr.closed_asked = start
+        if ctx.is_authority:
+            self.agreement.publish_beacons(r)
         if contribution is not None and ready is not None:
             mr.ready = self.collection.offer(mr, contribution, ready)
             dht_io.store(ctx.dht, ctx.keys.ready(r), ctx.identity, mr.ready, ctx.expiration())
@@ -277,6 +281,7 @@ class MergeProtocol:
         if not mr.settled:
             mr.settled = True
             mr.ready_set = self.agreement.ready(r, thorough=True)  # the round's members
+            mr.order = order(self.ctx, r)
             self._note_pushers(r, mr.ready_set)
             if mr.contribution is not None and self.peer not in mr.ready_set:  # our record never made it out
                 log.warning("our ready record for round %d is not visible; merging without us", r)

@@ -80,7 +80,7 @@ class Reduction:
         """Reduce the parts we own: fetch our parts of every contribution, validate, sum, serve the
         result and publish its digest. Then every part is collected (`collect`)."""
         ctx = self.ctx
-        work = ReduceWork(members=sorted(mr.ready_set), servers=plan.servers(mr.ready_set), scope=mr.scope)
+        work = ReduceWork(members=sorted(mr.ready_set), servers=plan.servers(mr.ready_set, mr.order), scope=mr.scope)
         if ctx.is_authority and ctx.cfg.coordinator_recomputes:
             # The authority trusts no owner: it reduces every part from the raw contributions, and
             # its digest is the one a peer fooled by two colluding owners re-syncs to.
@@ -251,11 +251,13 @@ class Reduction:
         """Download, a few at a time, every part both its owners published reduced over `members`
         that we neither hold nor could reduce ourselves (into `work.fetched`). Each peer starts at
         a different part, so that the owners' uplinks share the load; and of a part's sources
-        (its two owners, or its owner and the coordinator) consecutive members ask different ones
-        first, so that each source serves its part to about as many readers as the other."""
+        (its two owners, or its owner and the coordinator) members consecutive in the round's order
+        (in which the owners are consecutive too) ask different ones first, so that each source
+        serves its part to about as many readers as the other."""
         ctx, parts = self.ctx, list(work.scope.parts)
         n = len(parts)
-        me = work.members.index(ctx.peer) if ctx.peer in work.members else ctx.spread(len(work.members))
+        readers = plan.ordered(work.members, mr.order)
+        me = readers.index(ctx.peer) if ctx.peer in readers else ctx.spread(len(readers))
         start = me * n // len(work.members) if ctx.peer in work.members else ctx.spread(n)
         todo = [i for i in parts[start:] + parts[:start] if i not in work.reduced
                 and (i, members) not in work.fetched and members in agreed.get(i, {})

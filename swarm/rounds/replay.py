@@ -21,6 +21,7 @@ import torch
 
 from swarm import dht_io
 from swarm.rounds import plan
+from swarm.rounds.agreement import order
 from swarm.rounds.collection import Collection
 from swarm.rounds.context import RoundContext
 from swarm.rounds.gather import gather
@@ -36,16 +37,19 @@ log = logging.getLogger(__name__)
 REPLAY_ROUNDS = KEEP_CONTRIBUTIONS - 1
 
 
-def replayed(ctx: RoundContext, collection: Collection, r: int, decision: HashRecord
+def replayed(ctx: RoundContext, collection: Collection, r: int, decision: HashRecord, recompute: bool = False
              ) -> dict[str, torch.Tensor] | None:
     """What merge round r added to W, as its members added it (the totals `wire.apply_reduced`
     takes), if it can be had and hashes to `decision.digest` on our W; else None. A reduced round
     is taken from its reduced parts; one that all-gathered (few members) from the members'
-    contributions, while they come to fewer bytes than W."""
+    contributions, while they come to fewer bytes than W. `recompute`: from the members'
+    contributions only, through our own checks and clip, whatever their size: what a coordinator
+    that trusts no owner and no voter accepts (a digest that sums of forged parts add up to proves
+    nothing about the parts)."""
     members = tuple(sorted(decision.members))
     totals: dict[str, torch.Tensor] | None = {}  # a round nobody was merged in changes nothing
     if members:
-        totals = _fetched(ctx, collection, r, members)
+        totals = _fetched(ctx, collection, r, members, recompute)
         if totals is None:
             return None
     if ctx.model.digest_after(*split_totals(ctx.model, totals)) != decision.digest:
@@ -54,7 +58,7 @@ def replayed(ctx: RoundContext, collection: Collection, r: int, decision: HashRe
     return totals
 
 
-def _fetched(ctx: RoundContext, collection: Collection, r: int, members: tuple[str, ...]
+def _fetched(ctx: RoundContext, collection: Collection, r: int, members: tuple[str, ...], recompute: bool = False
              ) -> dict[str, torch.Tensor] | None:
     """What round r added over `members`, from its reduced parts, else (an all-gathered round) from
     the members' contributions while they come to fewer bytes than W; None if neither can be had."""
@@ -63,6 +67,8 @@ def _fetched(ctx: RoundContext, collection: Collection, r: int, members: tuple[s
     if not set(members) <= set(ready):
         return None  # a member's record is gone: neither its heads (the bound) nor the parts' owners are known
     scope = ctx.scope(r)
+    if recompute:
+        return _gathered(ctx, collection, r, members, ready, scope)
     sources = _sources(ctx, r, members, ready, scope)
     if all(sources.get(i) for i in scope.parts):
         return _from_parts(ctx, r, members, ready, sources, scope.parts)
@@ -120,13 +126,14 @@ def _sources(ctx: RoundContext, r: int, members: tuple[str, ...], ready: dict[st
                 if summed == members and part in scope.parts:
                     said.setdefault(part, {}).setdefault(digest, {})[writer] = record.p2p
     out: dict[int, list[tuple[str, list[str]]]] = {}
+    servers = plan.servers(ready, order(ctx, r)) if ctx.cfg.part_owners == 1 and said else []
     for i, digests in said.items():
         ranked = sorted(digests.items(), key=lambda kv: (ctx.authority not in kv[1], -len(kv[1]), kv[0]))
         out[i] = []
         for digest, writers in ranked:
             addresses = [a for w, a in sorted(writers.items()) if w != ctx.peer]
             if ctx.cfg.part_owners == 1:
-                owners = plan.owners(i, plan.servers(ready), 1, scope.among)
+                owners = plan.owners(i, servers, 1, scope.among)
                 addresses += [ready[o].p2p for o in owners if o in ready and ready[o].p2p not in addresses]
             out[i].append((digest, addresses))
     return out

@@ -16,7 +16,8 @@ import logging
 from typing import Iterator
 
 from swarm import dht_io
-from swarm.rounds.agreement import Agreement
+from swarm.errors import UnverifiedState
+from swarm.rounds.agreement import Agreement, agreed_vote
 from swarm.rounds.collection import Collection
 from swarm.rounds.context import RoundContext
 from swarm.rounds.replay import REPLAY_ROUNDS, replayed
@@ -51,6 +52,10 @@ class StateTransfer:
         self.bytes_downloaded = 0  # W fetched from donors (none when we already held it)
         self.downloads = 0  # ... in how many downloads
         self.rounds_replayed = 0  # rounds taken from their reduced parts instead (`replay`)
+        self.rounds_verified = 0  # rounds a resumed coordinator recomputed from their contributions (`verify`)
+        # Whether a resumed coordinator that cannot recompute the rounds the swarm merged without it
+        # takes the W most lease holders hold anyway (the operator's word), or stops (`verify`).
+        self.adopt_unverified = False
         ctx.server.publish(ctx.keys.state_blob, self.encoded)
 
     @contextlib.contextmanager
@@ -118,6 +123,8 @@ class StateTransfer:
             log.info("W of round %d already held (digest %s): nothing to download", self.round, target[1][:12])
             self.announce()
             return True
+        if ctx.is_authority and self.verify(target):
+            return True
         if replay and 0 < target[0] - self.round <= REPLAY_ROUNDS and self.replay(target):
             self.announce()
             return True
@@ -150,6 +157,39 @@ class StateTransfer:
             self.rounds_replayed += 1
             log.info("took round %d from its reduced parts (%d contributions)", r, len(decision.members))
         return self.w_digest() == target[1]
+
+    def verify(self, target: tuple[int, str]) -> bool:
+        """A resumed coordinator behind the swarm (`target`: what most lease holders hold): recompute
+        each round it missed from its members' contributions, with its own checks and clip, and
+        keep the result only where it hashes to what the holders voted for the round. A majority of
+        holders is no proof (while the coordinator was down, two colluding owners could make every
+        peer apply a forged part), so a round that cannot be recomputed (its contributions are gone,
+        or they do not add up to the holders' W) stops the coordinator, unless its operator chose to
+        adopt the holders' W (`adopt_unverified`: then it is downloaded as a peer would)."""
+        ctx, began = self.ctx, self.round
+        while self.round < target[0]:
+            r = self.round
+            votes = {who: v for who, v in self.agreement.votes(r).items() if who not in (ctx.authority, ctx.peer)}
+            decision = agreed_vote(votes) if votes else None
+            totals = None if decision is None else replayed(ctx, self.collection, r, decision, recompute=True)
+            if totals is None:
+                break
+            with self.changing(), ctx.model.lock:
+                apply_reduced(ctx.model, totals)
+                self.round = r + 1
+            self.rounds_verified += 1
+            log.info("recomputed round %d from its %d contributions: it is what the holders hold", r,
+                     len(decision.members))
+        if (self.round, self.w_digest()) == tuple(target):
+            self.announce()
+            return True
+        if not self.adopt_unverified:
+            raise UnverifiedState(
+                f"the swarm went on from round {began} to round {target[0]} without the coordinator, and round "
+                f"{self.round} cannot be recomputed from its contributions (gone, or not adding up to what the lease "
+                f"holders hold); to take the holders' W on trust, start again with --adopt-swarm-state")
+        log.warning("adopting the W most lease holders hold at round %d, unverified, as asked", target[0])
+        return False
 
     def timeout(self) -> float:
         ctx = self.ctx

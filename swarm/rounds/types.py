@@ -86,6 +86,7 @@ class MergeRound:
     awaited: set[str] | None = None  # whose votes the round waits for
     waited: float = 0.0
     ready_set: dict[str, ReadyRecord] = field(default_factory=dict)
+    order: str = ""                # the seed that orders the round's owners (`plan.servers`), once settled
     members: list[str] = field(default_factory=list)
     rejected: list[str] = field(default_factory=list)
     digest: str = ""

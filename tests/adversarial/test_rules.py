@@ -357,23 +357,78 @@ def test_a_peer_whose_records_expired_syncs_instead_of_merging_alone(tmp_path):
     assert len(set(digests.values())) == 1, digests
 
 
-def test_a_resumed_coordinator_catches_up_after_the_rounds_records_expired(tmp_path):
-    cfg = tiny_config(heads=2, merge_every=2, rounds=40, min_heads=2)
-    mem = MemorySwarm(cfg, tmp_path)
-    mem.coordinator()
-    mem.trainer("p0"), mem.trainer("p1")
+def _coordinator_down_for(mem: MemorySwarm, rounds: int) -> int:
+    """Stop the coordinator once it checkpointed round 2 or later and let the holders merge
+    `rounds` rounds without it; the round of its checkpoint."""
     mem.run(until=lambda s: any(e["round"] >= 2 for e in s["coordinator"].events.of("checkpoint")))
     mem.stop("coordinator")
     mem.run(until=lambda s: s["coordinator"].state != "running")
     saved_round = mem["coordinator"].events.last("checkpoint")["round"]
-    # the swarm goes on without its coordinator, long enough for every record of that round to expire
-    mem.run(until=lambda s: s["p0"].role.protocol.round >= saved_round + 8)
+    mem.run(until=lambda s: s["p0"].role.protocol.round >= saved_round + rounds)
+    return saved_round
+
+
+def test_a_resumed_coordinator_recomputes_the_rounds_it_missed_and_downloads_no_w(tmp_path):
+    cfg = tiny_config(heads=3, merge_every=2, rounds=12, min_heads=3)
+    mem = MemorySwarm(cfg, tmp_path)
+    mem.coordinator()
+    for i in range(3):
+        mem.trainer(f"p{i}")
+    saved_round = _coordinator_down_for(mem, 2)
     resumed = mem.coordinator(name="coordinator-again", run_dir=tmp_path / "run")
+    assert resumed.role.protocol.round == saved_round
+    mem.run()
+    state = resumed.role.protocol.state
+    assert resumed.state == "finished" and resumed.role.protocol.round == cfg.rounds
+    assert state.rounds_verified >= 1 and state.downloads == 0
+    digests = mem.digests("p0", "p1", "p2", "coordinator-again")
+    assert len(set(digests.values())) == 1, digests
+
+
+def test_a_resumed_coordinator_never_adopts_a_w_it_cannot_recompute(tmp_path):
+    """Two colluding owners double the parts they own together while the coordinator is down: the
+    third holder applies them too (nobody recomputes), so every holder holds the forged W. The
+    coordinator, resumed, recomputes the round from its contributions, finds another W, and
+    stops with one line instead of taking the majority's."""
+    from tests.memswarm import with_protocol
+    from tests.test_reduce import _LyingOwner
+
+    cfg = tiny_config(heads=3, merge_every=2, rounds=40, min_heads=3)
+    mem = MemorySwarm(cfg, tmp_path)
+    mem.coordinator()
+    for i in range(3):
+        mem.trainer(f"p{i}", role=with_protocol(_LyingOwner, "reduction") if i < 2 else Trainer)
+    saved_round = _coordinator_down_for(mem, 2)
+    saved = mem["coordinator"].events.last("checkpoint")["digest"]
+    holders = mem.digests("p0", "p1", "p2")
+    resumed = mem.coordinator(name="coordinator-again", run_dir=tmp_path / "run")
+    mem.run(until=lambda s: resumed.state != "running")
+    assert resumed.state == "failed" and "cannot be recomputed" in str(resumed.error), resumed.error
+    assert resumed.role.protocol.round == saved_round and resumed.role.model.state_digest() == saved
+    assert resumed.role.protocol.state.downloads == 0
+    assert resumed.role.model.state_digest() not in holders.values()
+
+
+def test_a_resumed_coordinator_far_behind_adopts_the_holders_w_only_when_told(tmp_path):
+    """The rounds' contributions are gone after a few rounds: a coordinator down longer cannot
+    recompute them, stops, and takes the holders' W only when its operator says so
+    (`--adopt-swarm-state`)."""
+    cfg = tiny_config(heads=2, merge_every=2, rounds=40, min_heads=2)
+    mem = MemorySwarm(cfg, tmp_path)
+    mem.coordinator()
+    mem.trainer("p0"), mem.trainer("p1")
+    # long enough for every record and contribution of that round to be gone
+    saved_round = _coordinator_down_for(mem, 8)
+    refused = mem.coordinator(name="coordinator-again", run_dir=tmp_path / "run")
+    mem.run(until=lambda s: refused.state != "running")
+    assert refused.state == "failed" and "--adopt-swarm-state" in str(refused.error)
+    assert refused.role.protocol.round == saved_round
+    resumed = mem.coordinator(name="coordinator-trusting", run_dir=tmp_path / "run", adopt_swarm_state=True)
     assert resumed.role.protocol.round == saved_round
     mem.run()
     assert resumed.role.protocol.round == cfg.rounds
     assert any(r["missed"] and r["resynced"] for r in resumed.events.of("round"))
-    digests = mem.digests("p0", "p1", "coordinator-again")
+    digests = mem.digests("p0", "p1", "coordinator-trusting")
     assert len(set(digests.values())) == 1, digests
 
 
