@@ -99,6 +99,10 @@ class RunKeys:
         """Each peer's W hash after merge round `round_`, with the contributions it merged."""
         return self._key(f"round{round_}_hash")
 
+    def fetched(self, round_: int) -> str:
+        """The contributors of merge round `round_` whose contributions the coordinator holds."""
+        return self._key(f"round{round_}_fetched")
+
     def beacon(self, epoch: int) -> str:
         """The coordinator's seed for an epoch of rounds: it orders the members that own parts
         (`rounds.plan.epoch`, `rounds.plan.servers`)."""

@@ -138,6 +138,15 @@ class BeaconRecord(_Record):
     seed: Digest = Field(alias="s")
 
 
+class FetchedRecord(_Record):
+    """The contributors of merge round `round` whose whole contributions the coordinator fetched and
+    accepted, published once it has fetched them all (it recomputes every part): the other peers
+    leave out of the round whom it could not fetch, so that their W is the coordinator's."""
+
+    round: int = Field(ge=0, alias="r")
+    members: list[Fingerprint] = Field(max_length=4096, alias="m")
+
+
 class Reduction(_Record):
     """One part of W reduced by its owner: which of its record's members it sums (ascending
     indices into `PartRecord.members`) and the digest of its values and members."""

@@ -302,6 +302,10 @@ class MergeProtocol:
     def _start_reducing(self, mr: MergeRound) -> None:
         """Reduce the parts we own (`Reduction.start`), then collect the others' (REDUCING)."""
         mr.work = self.reduction.start(mr)
+        # A coordinator that recomputes every part says whom it could fetch; with two owners per
+        # part (whose records alone make the final set) that is waited for while it is up.
+        mr.work.await_coordinator = (self.cfg.coordinator_recomputes and self.cfg.part_owners == 2
+                                     and not self.ctx.is_authority and self._coordinator_up(mr))
         mr.mark("reduced_own", self.clock.monotonic())
         mr.step = RoundStep.REDUCING
         mr.deadline = mr.work.began + self.cfg.round_timeout / 2
@@ -337,6 +341,14 @@ class MergeProtocol:
         if not set(members) <= set(ready):
             ready = {**self.agreement.ready(mr.round), **ready}
         return sum(ready[p].head_steps for p in members if p in ready)
+
+    def _coordinator_up(self, mr: MergeRound) -> bool:
+        """Whether the coordinator is up and at this round (or finishing the one before), asked once
+        a round (by others: the coordinator itself waits for nobody's word)."""
+        if mr.coordinator_up is None:
+            progress = None if self.ctx.is_authority else self.agreement.progress()
+            mr.coordinator_up = progress is not None and mr.round - 1 <= progress.round <= mr.round
+        return mr.coordinator_up
 
     def _coordinator_awaited(self, mr: MergeRound, now: float) -> bool:
         """Past the grace, whether to wait on for the coordinator's vote: for a round's timeout, and
@@ -376,10 +388,8 @@ class MergeProtocol:
         r = mr.round
         votes = self.agreement.votes(r)
         mr.votes_seen = len(votes)
-        if mr.awaited is None:  # once per round: is the coordinator up and at (or finishing the round before) this round?
-            progress = None if self.ctx.is_authority else self.agreement.progress()
-            mr.awaited = set(mr.members) | ({self.authority} if progress is not None and r - 1 <= progress.round <= r
-                                            else set())
+        if mr.awaited is None:
+            mr.awaited = set(mr.members) | ({self.authority} if self._coordinator_up(mr) else set())
         # A member that has since left (its heads released) will not vote: waiting for it would
         # hold the round to its deadline, as at the end of a run when every volunteer leaves.
         awaited = mr.awaited & (self.agreement.voters() | {self.authority})

@@ -20,7 +20,7 @@ from swarm.rounds import plan
 from swarm.rounds.collection import Collection
 from swarm.rounds.context import RoundContext
 from swarm.rounds.types import MergeRound, ReduceWork
-from swarm.schemas import PartRecord, ReadyRecord
+from swarm.schemas import FetchedRecord, PartRecord, ReadyRecord
 from swarm.transport import NETWORK_ERRORS
 from swarm.wire import (ContributionError, ReducedBound, decode_reduced, dequantized, dither_seed, encode_reduced,
                         reduce_contributions, reduced_digest, reduced_tensors, shapes_of)
@@ -85,6 +85,11 @@ class Reduction:
             # The authority trusts no owner: it reduces every part from the raw contributions, and
             # its digest is the one a peer fooled by two colluding owners re-syncs to.
             self.fetch_parts(mr, work, list(work.scope.parts))
+            # Whom it could not fetch (a member may serve everyone but the coordinator) the others
+            # leave out too: else their W would differ from the agreed one in every such round.
+            fetched = set(work.members).intersection(*(work.accepted[i] for i in work.scope.parts))
+            dht_io.store(ctx.dht, ctx.keys.fetched(mr.round), ctx.identity,
+                         FetchedRecord(round=mr.round, members=sorted(fetched)), ctx.expiration(), wait=False)
         else:
             mine = [i for i in work.scope.parts if ctx.peer in self._owners(i, work)]
             self.fetch_parts(mr, work, mine)
@@ -183,6 +188,17 @@ class Reduction:
                 agreed.setdefault(i, {})[members] = (digest, addresses)
         return agreed
 
+    def _coordinator_fetched(self, mr: MergeRound, work: ReduceWork) -> set[str] | None:
+        """The contributors whose contributions the coordinator fetched this round (`FetchedRecord`),
+        read until it says (None until then)."""
+        ctx = self.ctx
+        if work.coordinator is None:
+            found = dht_io.by_writer(ctx.read(ctx.keys.fetched(mr.round), FetchedRecord, ctx.clock.now()))
+            record = found.get(ctx.authority)
+            if record is not None and record.round == mr.round:
+                work.coordinator = set(record.members)
+        return work.coordinator
+
     def collect(self, mr: MergeRound) -> Reduced | None:
         """Collect every part: which contributors each part accepted (ours, or as both owners say),
         the final set (accepted by every part), then every part reduced over it: ours, or
@@ -205,18 +221,23 @@ class Reduction:
             seen = work.first_seen.get(i, work.began if ctx.cfg.part_owners == 1 else None)
             return late or i in work.orphaned or (seen is not None and now > seen + ctx.cfg.merge_grace)
 
-        # The final set is usually every part's accepted set: download the parts agreed over what
-        # the parts known so far accepted while the last owners are still reducing theirs.
-        likely = tuple(sorted(set(work.members).intersection(*work.accepted.values())))
+        # The final set is usually every part's accepted set (and what the coordinator fetched):
+        # download the parts agreed over what the parts known so far accepted while the last
+        # owners are still reducing theirs.
+        fetched = self._coordinator_fetched(mr, work) if work.final is None and work.await_coordinator else None
+        also = [fetched] if fetched is not None else []
         if work.final is None:
-            self.download_parts(mr, work, likely, agreed)
+            self.download_parts(mr, work, tuple(sorted(set(work.members).intersection(*work.accepted.values(),
+                                                                                     *also))), agreed)
         unknown = [i for i in work.scope.parts if i not in work.accepted]
         if unknown:
             if not all(overdue(i) for i in unknown):
                 return None
             self.fallback(mr, work, unknown)
         if work.final is None:
-            work.final = sorted(set(work.members).intersection(*work.accepted.values()))
+            if work.await_coordinator and fetched is None and not late:
+                return None  # the coordinator is up and has not said whom it fetched yet
+            work.final = sorted(set(work.members).intersection(*work.accepted.values(), *also))
             mr.mark("final", ctx.clock.monotonic())
         final = tuple(work.final)
         self.download_parts(mr, work, final, agreed)

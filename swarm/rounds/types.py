@@ -96,6 +96,7 @@ class MergeRound:
     push_deadline: float = 0.0     # monotonic: how long we wait for blobs pushed by unreachable peers
     pushed: dict[str, bytes] = field(default_factory=dict)  # digest -> blob pushed by an unreachable peer
     coordinator_p2p: list[str] | None = None  # the coordinator's address this round, once looked up
+    coordinator_up: bool | None = None  # whether the coordinator is up and in this round, once asked
     slow: set[str] = field(default_factory=set)  # members' addresses that let a fetch of this round time out
     totals: dict[str, torch.Tensor] | None = None  # the merge, when it applies later (swarm.overlap)
     pending: bool = False          # agreed, not yet applied to our W (`MergeProtocol.apply_pending`)
@@ -123,6 +124,8 @@ class ReduceWork:
     began: float = 0.0                                                   # when we began collecting the parts
     orphaned: set[int] = field(default_factory=set)                      # parts whose other owner seems absent
     raw: set[int] = field(default_factory=set)                           # parts we fetched raw: owners failed us
+    await_coordinator: bool = False                                      # the final set waits for the coordinator's fetched record
+    coordinator: set[str] | None = None                                  # ... the contributors it fetched, once read
     published: list[tuple[int, tuple[str, ...], str]] = field(default_factory=list)  # (part, members, digest) we serve
     announced: int = 0                                                   # ... of which our part record names
     expiration: float = 0.0                                              # ... and when that record expires

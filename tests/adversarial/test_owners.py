@@ -1,6 +1,8 @@
-"""Members choosing whom they reduce parts with. Owners are consecutive in the order of an epoch's
-seed, which only the coordinator's beacon sets: keys chosen to sort next to each other, or a beacon
-written by anyone else, buy nothing."""
+"""Members steering who merges what. Owners are consecutive in the order of an epoch's seed, which
+only the coordinator's beacon sets: keys chosen to sort next to each other, or a beacon written by
+anyone else, buy nothing. And a member that serves its contribution to everyone but the coordinator
+is left out by everyone, as the coordinator says whom it fetched: nobody's W differs from the
+agreed one for it."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from swarm.rounds import owners, plan
 from swarm.rounds.agreement import order
 from swarm.schemas import BeaconRecord
 from tests.memswarm import named_identity
-from tests.test_reduce import _swarm
+from tests.test_reduce import ROUNDS, _swarm, _trainers
 
 PARTS = 16
 
@@ -77,3 +79,23 @@ def test_only_the_coordinators_beacon_orders_the_owners(tmp_path):
     assert settled and set(settled.values()) == {expected}, settled
     assert expected != plan.seed(member.role.keys.run_id, 0, forged.seed)
     assert expected == order(mem["p1"].role.protocol.ctx, 0)
+
+
+def test_a_member_serving_everyone_but_the_coordinator_is_left_out_by_everyone(tmp_path):
+    """The owners could fetch its parts and the coordinator could not fetch it: were the owners to
+    merge it in, every other peer's W would differ from the coordinator's (the agreed one) and
+    each would re-sync in every round. The coordinator says whom it fetched before the others
+    settle their final set, so they leave it out too; its change waits, and nobody re-syncs."""
+    mem = _swarm(tmp_path, "selective", 4)
+    coordinator = mem["coordinator"].rt.p2p
+    mem["p3"].role.server.serves = lambda peer: peer != coordinator
+    mem.run()
+    rounds = mem["coordinator"].events.of("round")
+    assert [r["new_round"] for r in rounds] == list(range(1, ROUNDS + 1))
+    selective = named_identity("p3").fingerprint
+    assert all(selective not in r["members"] and len(r["members"]) == 3 for r in rounds), rounds
+    honest = ["p0", "p1", "p2"]
+    assert not [r for n in honest for r in mem[n].events.of("round") if r["resynced"]]
+    assert all(r["merged"] for n in honest for r in mem[n].events.of("round"))
+    assert not any(r["merged"] for r in mem["p3"].events.of("round"))
+    assert len(set(mem.digests(*_trainers(mem), "coordinator").values())) == 1
