@@ -18,11 +18,12 @@ keeping does depend on both, and is decided here, by the storing node alone:
   settles) is taken; the node also reads them every REREAD_EVERY seconds while records arrive, so
   a revoked member's records stop being stored within that. A stranger's writes then cost an
   honest node a refused store and, at most every REFRESH_EVERY seconds, one read of the members.
-  The member records also bind each member's key to its peer id: while a node knows few enough
+  The member records also bind each member's key to its peer id: a node's routing table keeps
+  members' nodes only (hivemind adds whoever calls or answers), and while a node knows few enough
   nodes to store and read at the nearest ones straight away (`dht_io`), it stores at and reads from
-  members' nodes only, so a stranger's node placed next to a key is never asked (a node it passes
-  over makes it read the members again, at most every REFRESH_EVERY seconds: it may be a member
-  that joined since).
+  members' nodes only, so a stranger's node placed next to a key is never asked, nor passed through
+  by a search (a node it passes over makes it read the members again, at most every REFRESH_EVERY
+  seconds: it may be a member that joined since).
 
 The rule runs in the DHT's process (a hivemind node) or on the in-memory network's storage; the
 policy is pickled into the former.
@@ -171,8 +172,34 @@ async def _install(_dht, node, policy: StoragePolicy) -> None:
                 dht_io._read_nearest(None, node, policy.keys.members, dht_io.STORE_REPLICAS, members_only=False),
                 dht_io._read_nearest(None, node, policy.keys.revocations, dht_io.STORE_REPLICAS, members_only=False))
             policy.learn_found(members, revocations, get_dht_time())
+            prune()
         except Exception as exc:  # the next store asks again
             log.info("could not read the run's members: %s", exc)
+
+    def prune() -> None:
+        """Drop every node no admitted member bound from the routing table."""
+        peers = policy.member_peers(get_dht_time())
+        table = protocol.routing_table
+        for uid, peer_id in list(table.uid_to_peer_id.items()) if peers is not None else ():
+            if peer_id.to_base58() not in peers:
+                del table[uid]
+
+    update = protocol.update_routing_table
+
+    async def members_only(node_id, peer_id, responded=True):
+        """hivemind adds every node that calls this one, or answers it, to the routing table, and
+        searches past a k-bucket's worth of nodes go through that table: a closed run keeps its
+        members' nodes only, so a stranger can neither be asked to store or find a run's records
+        nor sit where a search passes. A node nobody bound makes us read the members again (a
+        member may have joined since); one that failed to answer is dropped, whoever it is."""
+        peers = policy.member_peers(get_dht_time())
+        if responded and peers is not None and peer_id.to_base58() not in peers:
+            policy.wants_refresh = True
+            maybe_refresh(get_dht_time())
+            return
+        await update(node_id, peer_id, responded)
+
+    protocol.update_routing_table = members_only
 
     def maybe_refresh(now: float) -> None:
         if not policy.due(now) or refreshing and not refreshing[0].done():

@@ -202,10 +202,24 @@ async def _candidates(_dht, node, key: str) -> list[str]:
     return [str(node.peer_id) if uid == node.node_id else known[uid].to_base58() for uid in ids]
 
 
+async def _table(_dht, node) -> list[str]:
+    """Runs in a DHT's process: the peer ids in its routing table."""
+    return sorted(peer.to_base58() for peer in node.protocol.routing_table.uid_to_peer_id.values())
+
+
+async def _ping(_dht, node, peer: str) -> None:
+    """Runs in a DHT's process: ask `peer` to add this node to its routing table (hivemind's ping)."""
+    from hivemind.p2p import PeerID
+
+    await node.protocol.call_ping(PeerID.from_base58(peer))
+
+
 def test_a_real_node_of_a_closed_run_stores_and_serves_members_only(tmp_path):
     """Real hivemind nodes on loopback: the coordinator's node stores no stranger's record and
     serves it no blob; a member that published its record before the node knew the run is learnt
-    by the read its first refused write starts; one that publishes later is stored at once."""
+    by the read its first refused write starts; one that publishes later is stored at once. Its
+    routing table (what hivemind's searches pass through) drops the stranger and never takes it
+    back, however often it calls."""
     import functools
 
     from peers.node import start_dht
@@ -246,6 +260,16 @@ def test_a_real_node_of_a_closed_run_stores_and_serves_members_only(tmp_path):
         # the members' nodes are what it stores at and reads from now: never the stranger's
         asked = honest.run_coroutine(functools.partial(_candidates, key=keys.leases))
         assert str(stranger.peer_id) not in asked and {str(early.peer_id), str(late.peer_id)} <= set(asked)
+        stranger.run_coroutine(functools.partial(_ping, peer=str(honest.peer_id)))
+        deadline = time.monotonic() + 10
+        while str(stranger.peer_id) in (table := honest.run_coroutine(_table)) and time.monotonic() < deadline:
+            stranger.run_coroutine(functools.partial(_ping, peer=str(honest.peer_id)))
+            time.sleep(0.5)
+        assert str(stranger.peer_id) not in table and {str(early.peer_id), str(late.peer_id)} <= set(table), table
+        for _ in range(3):
+            stranger.run_coroutine(functools.partial(_ping, peer=str(honest.peer_id)))
+        time.sleep(0.5)
+        assert str(stranger.peer_id) not in honest.run_coroutine(_table)
 
         server = BlobServer(honest, namespace="t")
         servers = [server] + [BlobServer(node, namespace="t") for node in (early, stranger)]
