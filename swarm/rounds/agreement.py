@@ -45,10 +45,10 @@ class Agreement:
         found = dht_io.by_writer(ctx.read(ctx.keys.donors, DonorRecord, ctx.clock.now()))
         return {who: r for who, r in found.items() if who != ctx.peer}
 
-    def progress(self) -> RunProgress | None:
+    def progress(self, thorough: bool = False) -> RunProgress | None:
         """The coordinator's signed account of the run (its latest agreed W), if it is up."""
         ctx = self.ctx
-        found = dht_io.by_writer(ctx.read(ctx.keys.progress, RunProgress, ctx.clock.now()))
+        found = dht_io.by_writer(ctx.read(ctx.keys.progress, RunProgress, ctx.clock.now(), thorough))
         return found.get(ctx.authority)
 
     def authority_vote(self, r: int, thorough: bool = False) -> HashRecord | None:

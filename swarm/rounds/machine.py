@@ -343,10 +343,15 @@ class MergeProtocol:
         return sum(ready[p].head_steps for p in members if p in ready)
 
     def _coordinator_up(self, mr: MergeRound) -> bool:
-        """Whether the coordinator is up and at this round (or finishing the one before), asked once
-        a round (by others: the coordinator itself waits for nobody's word)."""
-        if mr.coordinator_up is None:
-            progress = None if self.ctx.is_authority else self.agreement.progress()
+        """Whether the coordinator is up and at this round (or finishing the one before), asked until
+        it says so (by others: the coordinator itself waits for nobody's word). A poll that finds no
+        progress record decides nothing (it asked a few of the nodes that may hold it), nor does a
+        thorough read while a growing swarm's newcomers are nearer to the record's key than the
+        nodes holding it (until the coordinator writes it again): a peer that took the coordinator
+        for gone would agree on the holders' W without it."""
+        if not mr.coordinator_up:
+            progress = None if self.ctx.is_authority else (self.agreement.progress()
+                                                            or self.agreement.progress(thorough=True))
             mr.coordinator_up = progress is not None and mr.round - 1 <= progress.round <= mr.round
         return mr.coordinator_up
 

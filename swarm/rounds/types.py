@@ -96,7 +96,7 @@ class MergeRound:
     push_deadline: float = 0.0     # monotonic: how long we wait for blobs pushed by unreachable peers
     pushed: dict[str, bytes] = field(default_factory=dict)  # digest -> blob pushed by an unreachable peer
     coordinator_p2p: list[str] | None = None  # the coordinator's address this round, once looked up
-    coordinator_up: bool | None = None  # whether the coordinator is up and in this round, once asked
+    coordinator_up: bool = False  # the coordinator said it is up and in this round (asked until it did)
     slow: set[str] = field(default_factory=set)  # members' addresses that let a fetch of this round time out
     totals: dict[str, torch.Tensor] | None = None  # the merge, when it applies later (swarm.overlap)
     pending: bool = False          # agreed, not yet applied to our W (`MergeProtocol.apply_pending`)

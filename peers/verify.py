@@ -1,0 +1,140 @@
+"""Redoing one head's round, so that a contribution can be told from one that no training made.
+
+A head's round depends on W (the round's agreed W, which every peer holds) and on what is the
+head's own when the round begins: its factors and their baseline, its replicas, its optimizer's
+moments and step counts, which batches it trains on (its stream is a deterministic function of the
+run's seed, the head and how many batches the stream has yielded: the cursor) and the step index
+the learning-rate schedule is at. `RoundStart` holds all of that but W; its digest is what a holder
+can commit to before anyone asks, and `reproduce` trains the round again from it on any machine.
+Two honest runs of a round differ only by floating-point order (threads, kernels, bf16 against
+fp32); `mismatch` measures by how much, so that a tolerance can tell that from a change that was
+scaled, turned around, copied, zeroed or trained on other data (`scripts/bench_reproduce.py`)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from dataclasses import dataclass, field
+from itertools import islice
+from typing import Iterator
+
+import torch
+
+from peers.data import DataSource, ImageShape
+from peers.models import create_lte_model
+from peers.training import Batch, HeadTrainer, stack_batches
+from swarm.config import RunConfig
+from swarm.head_adamw import HeadAdamW
+from swarm.lte_model import LTEModel
+
+# What is a head's own in an LTEModel's state: its factors (and their baselines), its replicas.
+HEAD_STATE = ("factors.", "replicas.", "replica_base.", "replica_sent.")
+# The largest `mismatch` an honest redo may show. Measured on the digits config's rounds
+# (`scripts/bench_reproduce.py`, docs/benchmarks.md): redos in the same precision differ by 1e-5
+# (fp32, 1 thread against 2) to 7e-3 (bf16); a redo in the other precision (bf16 autocast against
+# fp32) by up to 0.15; the nearest cheat measured (half the change, or half the steps) by 0.5.
+TOLERANCE = 0.25
+
+
+@dataclass
+class RoundStart:
+    """One head's state as its round begins, and where its round reads and steps from."""
+
+    head: int
+    step: int                      # the schedule's step index of the round's first step
+    cursor: int                    # batches the head's stream has yielded before the round
+    steps: int                     # T: the round's steps
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)    # LTEModel state name -> the head's slice
+    moments: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # parameter -> its optimizer state
+
+    def encode(self) -> bytes:
+        """The bytes a holder serves to verifiers (and hashes into `digest`)."""
+        buffer = io.BytesIO()
+        torch.save({"head": self.head, "step": self.step, "cursor": self.cursor, "steps": self.steps,
+                    "tensors": dict(sorted(self.tensors.items())),
+                    "moments": {k: dict(sorted(v.items())) for k, v in sorted(self.moments.items())}}, buffer)
+        return buffer.getvalue()
+
+    @classmethod
+    def decode(cls, blob: bytes) -> "RoundStart":
+        raw = torch.load(io.BytesIO(blob), weights_only=True)
+        return cls(head=int(raw["head"]), step=int(raw["step"]), cursor=int(raw["cursor"]), steps=int(raw["steps"]),
+                   tensors=raw["tensors"], moments=raw["moments"])
+
+    def digest(self) -> str:
+        """What a holder commits to: the sha256 of its round's start, values and positions alike."""
+        h = hashlib.sha256(f"{self.head}|{self.step}|{self.cursor}|{self.steps}".encode())
+        for name, t in sorted(self.tensors.items()):
+            h.update(name.encode() + str(tuple(t.shape)).encode() + t.detach().cpu().contiguous().numpy().tobytes())
+        for name, state in sorted(self.moments.items()):
+            for key, t in sorted(state.items()):
+                h.update(f"{name}/{key}".encode() + t.detach().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()
+
+
+def snapshot(model: LTEModel, optimizer: HeadAdamW, head: int, step: int, cursor: int, steps: int) -> RoundStart:
+    """`head`'s state in `model` and `optimizer` now, as its round of `steps` steps begins at
+    schedule step `step` with its stream `cursor` batches in (copies: training on changes nothing)."""
+    pos = model.head_ids.index(head)
+    tensors = {name: t[pos].detach().clone() for name, t in model.state_dict().items() if name.startswith(HEAD_STATE)}
+    moments = {}
+    for name, p in model.named_parameters():
+        state = optimizer.state.get(p)
+        if p.requires_grad and state:
+            moments[name] = {key: value[pos].detach().clone() for key, value in state.items()}
+    return RoundStart(head=head, step=step, cursor=cursor, steps=steps, tensors=tensors, moments=moments)
+
+
+def restore(model: LTEModel, trainer: HeadTrainer, start: RoundStart) -> None:
+    """Make `model` (holding `start.head` alone) and `trainer` what `start` says."""
+    if model.head_ids != [start.head]:
+        raise ValueError(f"restore a round of head {start.head} into a model of that head alone")
+    state = model.state_dict()
+    missing = sorted(set(start.tensors) ^ {name for name in state if name.startswith(HEAD_STATE)})
+    if missing:
+        raise ValueError(f"the round's start and this run's model differ in {missing[:3]}")
+    with torch.no_grad():
+        for name, value in start.tensors.items():
+            state[name][0].copy_(value)
+    params = dict(model.named_parameters())
+    for name, moments in start.moments.items():
+        trainer.optimizer.state[params[name]] = {key: value.unsqueeze(0).clone() for key, value in moments.items()}
+
+
+def reproduce(cfg: RunConfig, w: LTEModel, start: RoundStart, source: DataSource | None = None,
+              device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """The change `start`'s round makes (the head's unmerged change of every layer, B A, and of
+    every replica), trained again on W as `w` holds it, on the head's own batches."""
+    source = source or DataSource(cfg.data, ImageShape(cfg.model.image_size, cfg.model.channels), seed=cfg.train.seed)
+    stream = source.batches(start.head, cfg.lte.heads, cfg.head_batch)
+    for _ in islice(stream, start.cursor):  # the batches the head trained on before the round
+        pass
+    return train_round(cfg, w, start, stream, start.steps, device)
+
+
+def train_round(cfg: RunConfig, w: LTEModel, start: RoundStart, batches: Iterator[Batch], steps: int,
+                device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """`steps` steps from `start` on W as `w` holds it, on `batches`: the change they make."""
+    model = create_lte_model(cfg, [start.head], device=device)
+    model.load_shared_state(w.shared_state())
+    trainer = HeadTrainer(model, cfg.train, cfg.steps)
+    restore(model, trainer, start)
+    for t in range(steps):
+        x, y = stack_batches([batches], device)
+        trainer.step(x, y, start.step + t)
+    return change(model)
+
+
+def change(model: LTEModel, heads: list[int] | None = None) -> dict[str, torch.Tensor]:
+    """The unmerged change of `heads` (all) in `model`: per layer B A, per replica its drift."""
+    return {**model.weight_deltas(heads), **model.replica_deltas(heads)}
+
+
+def mismatch(reproduced: dict[str, torch.Tensor], submitted: dict[str, torch.Tensor]) -> float:
+    """How far a submitted change is from the reproduced one, relative to the reproduced one's size
+    (L2 over every tensor): 0 for the same bits, 1 for zeros, 2 for the change turned around."""
+    if set(reproduced) != set(submitted):
+        return float("inf")
+    diff = sum(float((reproduced[k].double() - submitted[k].double()).pow(2).sum()) for k in reproduced)
+    size = sum(float(reproduced[k].double().pow(2).sum()) for k in reproduced)
+    return (diff / size) ** 0.5 if size > 0 else (0.0 if diff == 0 else float("inf"))

@@ -1,0 +1,70 @@
+"""A head's round redone from what its holder would commit to (`peers/verify.py`): the same bits on
+the same machine, within the tolerance across threads and precisions, and every cheat measured by
+`scripts/bench_reproduce.py` outside it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from peers import verify
+from peers.data import DataSource, ImageShape
+from peers.models import create_lte_model
+from peers.shipped import shipped_config
+from peers.training import HeadTrainer, stack_batches
+from swarm.config import load_config
+from tests.conftest import load_script
+
+
+def _cfg():
+    return load_config(shipped_config())
+
+
+def test_a_round_redone_from_its_start_is_the_holders_own_bit_for_bit():
+    """Two rounds of one head (the second from a merged W, with optimizer moments and a stream part
+    read): the start survives its encoding with its digest, and the redo is the holder's change."""
+    cfg, head = _cfg(), 2
+    source = DataSource(cfg.data, ImageShape(cfg.model.image_size, cfg.model.channels), seed=cfg.train.seed)
+    holder = create_lte_model(cfg, [head])
+    trainer = HeadTrainer(holder, cfg.train, cfg.steps)
+    stream = source.batches(head, cfg.lte.heads, cfg.head_batch)
+    steps = cfg.lte.merge_every
+    for r in range(2):
+        start = verify.snapshot(holder, trainer.optimizer, head, r * steps, r * steps, steps)
+        again = verify.RoundStart.decode(start.encode())
+        assert again.digest() == start.digest() and bool(again.moments) == (r > 0)
+        w = create_lte_model(cfg, [])
+        w.load_shared_state(holder.shared_state())
+        for t in range(steps):
+            x, y = stack_batches([stream], "cpu")
+            trainer.step(x, y, r * steps + t)
+        own = verify.change(holder)
+        assert verify.mismatch(verify.reproduce(cfg, w, again, source), own) == 0.0
+        holder.merge([head])
+    # what the digest covers: a moment, the cursor, a factor
+    name = next(iter(start.moments))
+    key = next(iter(start.moments[name]))
+    for tampered in (verify.RoundStart(**{**start.__dict__, "cursor": start.cursor + 1}),
+                     verify.RoundStart(**{**start.__dict__, "moments": {**start.moments, name: {
+                         **start.moments[name], key: start.moments[name][key] * 1.0001}}}),
+                     verify.RoundStart(**{**start.__dict__, "tensors": {k: v + 1e-6 if k.endswith("B") else v
+                                                                        for k, v in start.tensors.items()}})):
+        assert tampered.digest() != start.digest()
+    with pytest.raises(ValueError, match="alone"):
+        verify.restore(create_lte_model(cfg, [head, head + 1]), trainer, start)
+
+
+def test_honest_redos_pass_the_tolerance_and_every_cheat_fails_it():
+    bench = load_script("bench_reproduce")
+    (row,) = bench.measure(_cfg(), rounds=1, head=1)
+    for name in bench.HONEST:
+        assert row[name] <= verify.TOLERANCE, (name, row[name])
+    for name in bench.CHEATS:
+        assert row[name] > 1.5 * verify.TOLERANCE, (name, row[name])
+
+
+def test_mismatch_is_relative_to_the_redo_and_refuses_other_tensors():
+    redo = {"a": torch.ones(3), "b": torch.zeros(2)}
+    assert verify.mismatch(redo, {"a": -torch.ones(3), "b": torch.zeros(2)}) == pytest.approx(2.0)
+    assert verify.mismatch(redo, {"a": torch.zeros(3), "b": torch.zeros(2)}) == pytest.approx(1.0)
+    assert verify.mismatch(redo, {"a": torch.ones(3)}) == float("inf")
