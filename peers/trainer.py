@@ -19,6 +19,7 @@ from peers.data import DataSource, ImageShape, is_shareable
 from peers.models import create_lte_model, resolve_device
 from peers.node import Runtime, SwarmError, join_rounds
 from peers.training import HeadTrainer, stack_batches
+from peers.verify import Counted, RoundStart, snapshot
 from swarm.config import RunConfig
 from swarm.clock import run_steps
 from swarm.errors import ConfigError
@@ -72,7 +73,11 @@ class Trainer:
             raise ConfigError(f"this run trains on the local data {cfg.data.source!r}, and a peer never reads a "
                               "local path the run names: pass --data with your own copy of the data")
         self.source = DataSource(data_cfg, ImageShape(cfg.model.image_size, cfg.model.channels), seed=cfg.train.seed)
-        self.streams: dict[int, object] = {}
+        self.streams: dict[int, Counted] = {}
+        # What the heads' unmerged work began from (`peers.verify`): committed to in our ready
+        # record, served to whoever redoes the round. Not with swarm.overlap, whose steps train on a W
+        # that a merge changes midway.
+        self.starts: dict[int, RoundStart] = {}
         self.head_trainer: HeadTrainer | None = None
 
         self.phase = PeerPhase.SYNCING
@@ -252,6 +257,10 @@ class Trainer:
             self.round_losses, self.round_started = [], self.clock.monotonic()
         self._set_phase(PeerPhase.TRAINING)
         global_step = self._period() * self.cfg.lte.merge_every + self.step_in_round
+        if self.step_in_round == 0 and self.unmerged_steps == 0 and not self.overlap:
+            steps = self._round_steps()
+            self.starts = {h: snapshot(self.model, self.head_trainer.optimizer, h, global_step, self.streams[h].count,
+                                       steps) for h in self.model.head_ids}
         began = self.clock.monotonic()
         x, y = stack_batches([self.streams[h] for h in self.model.head_ids], self.device)
         with self.model.lock:  # W and the shared parameters stay put for the whole step
@@ -299,7 +308,7 @@ class Trainer:
         blob = self.encode(heads)
         ready = ReadyRecord(round=self.protocol.round, heads=heads, head_steps=self.unmerged_steps * len(heads),
                             nbytes=len(blob), ready_at=self.clock.now(), train_seconds=train_seconds,
-                            p2p=self.rt.p2p)
+                            p2p=self.rt.p2p, starts=self._commit_starts(heads))
         self.events.emit("ready", round=self.protocol.round, heads=heads, nbytes=len(blob),
                          compute_seconds=self.compute_seconds)
         self.mr = self.protocol.begin(blob, ready)
@@ -310,6 +319,18 @@ class Trainer:
             return 0.0
         self._set_phase(PeerPhase.MERGING)
         return 0.0
+
+    def _commit_starts(self, heads: list[int]) -> list[str] | None:
+        """Serve what each head's work in the coming round began from, and their digests for our
+        ready record; None when the work is not one round's steps from a start we took (carried
+        over from a missed round, heads changed, or swarm.overlap)."""
+        starts = [self.starts.get(h) for h in heads]
+        if any(s is None or s.steps != self.unmerged_steps for s in starts):
+            return None
+        r = self.protocol.round
+        for h, start in zip(heads, starts):
+            self.protocol.ctx.serve(r, self.keys.round_start_blob(r, self.peer, h), start.encode())
+        return [start.digest() for start in starts]
 
     def _merged(self, mr: MergeRound) -> None:
         """The contribution of `mr` is in the agreed W: its heads start over from there."""
@@ -420,7 +441,8 @@ class Trainer:
         if self.head_trainer is None:
             self.head_trainer = HeadTrainer(self.model, cfg.train, cfg.steps)
         self.head_trainer.set_heads(heads)  # kept heads keep their optimizer state
-        self.streams = {h: self.streams.get(h) or self.source.batches(h, cfg.lte.heads, cfg.head_batch) for h in heads}
+        self.streams = {h: self.streams.get(h) or Counted(self.source.batches(h, cfg.lte.heads, cfg.head_batch))
+                        for h in heads}
         self.events.emit("heads", heads=heads)
         self._publish_status(force=True)  # the status view shows the new head set at once
 

@@ -72,6 +72,21 @@ class RoundStart:
         return h.hexdigest()
 
 
+class Counted:
+    """A head's stream of batches, counting what it yielded: the cursor of the head's next round."""
+
+    def __init__(self, stream: Iterator[Batch]):
+        self.stream, self.count = stream, 0
+
+    def __iter__(self) -> "Counted":
+        return self
+
+    def __next__(self) -> Batch:
+        batch = next(self.stream)
+        self.count += 1
+        return batch
+
+
 def snapshot(model: LTEModel, optimizer: HeadAdamW, head: int, step: int, cursor: int, steps: int) -> RoundStart:
     """`head`'s state in `model` and `optimizer` now, as its round of `steps` steps begins at
     schedule step `step` with its stream `cursor` batches in (copies: training on changes nothing)."""

@@ -136,6 +136,10 @@ class RunKeys:
         whole = self.contribution_blob(round_, writer)
         return f"{whole}/compact" if part is None else f"{whole}/{part}/compact"
 
+    def round_start_blob(self, round_: int, writer: str, head: int) -> str:
+        """What `writer`'s work on `head` in merge round `round_` began from (`peers.verify.RoundStart`)."""
+        return f"{self.run_id}/start/{round_}/{writer}/{head}"
+
     def reduced_blob(self, round_: int, part: int, digest: str) -> str:
         return f"{self.run_id}/reduced/{round_}/{part}/{digest}"
 

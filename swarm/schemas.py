@@ -113,6 +113,9 @@ class ReadyRecord(_Record):
     zero_baseline: bool = Field(
         False, alias="z", description="its heads' baseline factors are all zero (none of their work is in W yet): its compact "
                            "blobs leave them out and anyone can put them back")
+    starts: list[Digest] | None = Field(
+        None, max_length=4096, alias="g", description="per head (in `heads` order), the digest of what its round began "
+        "from (`peers.verify.RoundStart`), which the writer serves: the round can be redone from it and W")
 
     @field_validator("heads")
     @classmethod
@@ -120,6 +123,12 @@ class ReadyRecord(_Record):
         if len(set(value)) != len(value):
             raise ValueError("a head is listed twice")
         return value
+
+    @model_validator(mode="after")
+    def _one_start_per_head(self) -> "ReadyRecord":
+        if self.starts is not None and len(self.starts) != len(self.heads):
+            raise ValueError("starts and heads differ in length")
+        return self
 
 
 class HashRecord(_Record):

@@ -68,3 +68,35 @@ def test_mismatch_is_relative_to_the_redo_and_refuses_other_tensors():
     assert verify.mismatch(redo, {"a": -torch.ones(3), "b": torch.zeros(2)}) == pytest.approx(2.0)
     assert verify.mismatch(redo, {"a": torch.zeros(3), "b": torch.zeros(2)}) == pytest.approx(1.0)
     assert verify.mismatch(redo, {"a": torch.ones(3)}) == float("inf")
+
+
+def test_a_holder_commits_to_its_rounds_start_and_its_contribution_can_be_redone(tmp_path):
+    """In a swarm: a volunteer's ready record names the digest of what each head's round began
+    from, it serves that start, and the round redone from it and the round's W is its contribution
+    as it went on the wire."""
+    from swarm import dht_io
+    from swarm.schemas import ReadyRecord
+    from swarm.wire import decode_contribution
+    from tests.memswarm import MemorySwarm, tiny_config
+
+    cfg = tiny_config(heads=2, merge_every=3, rounds=3, min_heads=2)
+    mem = MemorySwarm(cfg, tmp_path)
+    coordinator = mem.coordinator()
+    p0, _ = mem.trainer("p0"), mem.trainer("p1")
+    mem.run(until=lambda s: any(e["round"] == 1 for e in s["p0"].events.of("ready")))
+    w = coordinator.role.model  # the coordinator is at round 1: its W is what round 1 trained on
+    assert coordinator.role.protocol.round == 1
+    keys, peer = p0.role.keys, p0.role.peer
+    record = dht_io.by_writer(dht_io.read(p0.rt.dht, keys.ready(1), ReadyRecord, mem.clock.now()))[peer]
+    assert record.starts is not None and len(record.starts) == len(record.heads)
+    server = coordinator.role.server
+    blob = server.fetch(p0.rt.p2p, keys.contribution_blob(1, peer), 10.0, 1 << 26)
+    submitted = decode_contribution(blob, peer, w, max_update=float("inf"))
+    (head,) = record.heads
+    start = verify.RoundStart.decode(server.fetch(p0.rt.p2p, keys.round_start_blob(1, peer, head), 10.0, 1 << 26))
+    assert start.digest() == record.starts[0] and start.head == head and start.steps == cfg.lte.merge_every
+    assert start.cursor == cfg.lte.merge_every and start.moments  # its second round: a stream part read, moments
+    redo = verify.reproduce(cfg, w, start, p0.role.source)
+    # the same machine and fp32 on the wire: the redo is the contribution but for its rounding to fp32
+    assert cfg.swarm.contribution_dtype == "fp32"
+    assert verify.mismatch(redo, {**submitted.weights, **submitted.replicas}) < 1e-6
