@@ -24,8 +24,11 @@ from swarm.errors import ConfigError
 from swarm.identity import Identity
 from swarm.keys import RunKeys, make_run_id
 from swarm.rounds import MergeRound, RoundResult
-from swarm.schemas import DECISIONS_KEPT, HashRecord, RevocationRecord, RoundSummary, RunProgress, RunRecord
+from peers.verify import TOLERANCE, RoundStart, mismatch, redo_contribution, sampled
+from swarm.schemas import (DECISIONS_KEPT, HashRecord, ReadyRecord, RevocationRecord, RoundSummary, RunProgress,
+                           RunRecord, Verdict, VerdictRecord)
 from swarm.transport import NETWORK_ERRORS
+from swarm.wire import ContributionError, decode_contribution
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +119,10 @@ class Coordinator:
         self._linger_until: float | None = None
         self.revoked: list[str] = []
         self._revocations_stamp: int | None = None  # the revoked file's mtime when last published
+        # swarm.verify_rate: W as the round in progress began (what its heads trained on), to redo
+        # sampled heads' rounds from once it is merged; and the run's training data to redo them on
+        self.round_w: tuple[int, dict] | None = None
+        self._train_source: DataSource | None = None
 
     # ---- checkpoints -------------------------------------------------------------------------
     def checkpoint(self) -> None:
@@ -201,6 +208,8 @@ class Coordinator:
             return self._linger()
         if self.mr is None:
             self.mr = self.protocol.begin(None, None)
+            if self.cfg.swarm.verify_rate > 0:
+                self.round_w = (self.mr.round, {k: v.detach().clone() for k, v in self.model.shared_state().items()})
         result = self.protocol.poll(self.mr)
         if result is None:
             return self.mr.wait
@@ -209,7 +218,74 @@ class Coordinator:
             if not result.missed:  # it merged a round itself: the authority again (it chases the holders till then)
                 self.protocol.adopt_holders_state = False
             self._record(result)
+            self._verify(result)
         return 0.0
+
+    # ---- redoing rounds ----------------------------------------------------------------------
+    def _verify(self, result: RoundResult) -> None:
+        """Redo the rounds of a share of the heads merged in `result`'s round (`swarm.verify_rate`),
+        from the starts their holders committed to and the W the round began from, and publish a
+        verdict on each contribution redone: its mismatch, and whether it is within the tolerance
+        (`peers.verify`). A contribution that names no start (trained beside a merge, carried over)
+        or cannot be fetched (its writer pushed it, or left) is reported as not verifiable."""
+        held, rate = self.round_w, self.cfg.swarm.verify_rate
+        if rate <= 0 or held is None or held[0] != result.round or result.missed or not result.members:
+            return
+        r, w = result.round, held[1]
+        ready = dht_io.by_writer(dht_io.read(self.dht, self.keys.ready(r), ReadyRecord, self.clock.now()))
+        heads = sorted(h for writer in result.members if writer in ready for h in ready[writer].heads)
+        chosen = set(sampled(self.rt.identity, self.keys.run_id, r, heads, rate))
+        verdicts = []
+        for writer in sorted(result.members):
+            rec = ready.get(writer)
+            if rec is None or not chosen & set(rec.heads):
+                continue
+            found = self._redo(r, writer, rec, w)
+            if found is None:
+                self.events.emit("unverifiable", round=r, writer=writer, heads=rec.heads)
+                continue
+            passed = found <= TOLERANCE
+            verdicts.append(Verdict(writer=writer, heads=rec.heads, mismatch=min(found, 1e9), passed=passed))
+            self.events.emit("verdict", round=r, writer=writer, heads=rec.heads, mismatch=min(found, 1e9), passed=passed)
+            if not passed:
+                log.warning("round %d: the contribution of %s (heads %s) is %.3g from its round redone: it does not "
+                            "reproduce", r, writer[:8], rec.heads, found)
+        if verdicts:
+            dht_io.store(self.dht, self.keys.verdicts(r), self.rt.identity, VerdictRecord(round=r, verdicts=verdicts),
+                         self.clock.now() + 3 * self.cfg.swarm.round_timeout, wait=False)
+
+    def _redo(self, r: int, writer: str, rec: ReadyRecord, w: dict) -> float | None:
+        """How far `writer`'s contribution to round r is from its heads' rounds redone (inf for a
+        start that is not the one committed to, or that does not fit the run's model); None if it
+        named no start or its blobs cannot be fetched."""
+        if rec.starts is None or rec.pushed is not None:
+            return None
+        timeout, bound = self.cfg.swarm.request_timeout, self.protocol.ctx.max_state_bytes
+        try:
+            starts = [RoundStart.decode(self.server.fetch(rec.p2p, self.keys.round_start_blob(r, writer, head),
+                                                          timeout, bound)) for head in rec.heads]
+            blob = self.server.fetch(rec.p2p, self.keys.contribution_blob(r, writer), timeout,
+                                     self.protocol.max_contribution_bytes)
+        except NETWORK_ERRORS as exc:
+            log.info("round %d: cannot fetch what %s committed to: %s", r, writer[:8], exc)
+            return None
+        except Exception:  # not a start at all
+            return math.inf
+        if [s.digest() for s in starts] != rec.starts or [s.head for s in starts] != rec.heads:
+            return math.inf
+        try:
+            submitted = decode_contribution(blob, writer, self.model, max_update=math.inf)
+            if self._train_source is None:
+                self._train_source = DataSource(self.cfg.data, ImageShape(self.cfg.model.image_size,
+                                                                          self.cfg.model.channels), seed=self.cfg.train.seed)
+            redo = redo_contribution(self.cfg, w, starts, self._train_source)
+        except (ContributionError, ValueError, RuntimeError, KeyError) as exc:
+            log.info("round %d: the round of %s cannot be redone: %s", r, writer[:8], exc)
+            return math.inf
+        offered = {**submitted.weights, **submitted.replicas}
+        if not set(offered) <= set(redo):
+            return math.inf
+        return mismatch({name: redo[name] for name in offered}, offered)
 
     def _linger(self) -> float:
         """The run is over: checkpoint, then stay a donor so peers finishing the last round can

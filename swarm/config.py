@@ -215,6 +215,11 @@ class SwarmConfig(_Strict):
     coordinator_recomputes: bool = Field(
         True, description="in the reduced merge the coordinator reduces every part itself from the raw contributions, "
                           "so that no two colluding owners can change the agreed W (it then downloads every contribution)")
+    verify_rate: float = Field(
+        0.0, ge=0.0, le=1.0, description="share of the heads whose round the coordinator redoes after it merged it, "
+                                         "from what their holders committed to (`peers.verify`), publishing a verdict "
+                                         "on each; drawn from its signature over the round, which no holder can "
+                                         "compute before it offered")
     overlap: bool = Field(
         False, description="train the next T steps while a round's bytes move, and apply its merge one round late (at "
                            "the end of those steps); reset-less variant only")

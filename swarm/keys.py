@@ -99,6 +99,10 @@ class RunKeys:
         """Each peer's W hash after merge round `round_`, with the contributions it merged."""
         return self._key(f"round{round_}_hash")
 
+    def verdicts(self, round_: int) -> str:
+        """The coordinator's verdicts on the contributions of merge round `round_` it redid."""
+        return self._key(f"round{round_}_verdicts")
+
     def fetched(self, round_: int) -> str:
         """The contributors of merge round `round_` whose contributions the coordinator holds."""
         return self._key(f"round{round_}_fetched")

@@ -156,6 +156,23 @@ class FetchedRecord(_Record):
     members: list[Fingerprint] = Field(max_length=4096, alias="m")
 
 
+class Verdict(_Record):
+    """One contribution redone: its writer, the heads redone, how far the contribution was from the
+    redo (`peers.verify.mismatch`, capped), and whether that is within the tolerance."""
+
+    writer: Fingerprint = Field(alias="w")
+    heads: list[HeadId] = Field(min_length=1, max_length=4096, alias="h")
+    mismatch: float = Field(ge=0.0, le=1e9, alias="m")
+    passed: bool = Field(alias="p")
+
+
+class VerdictRecord(_Record):
+    """The coordinator's verdicts on the contributions of merge round `round` it redid."""
+
+    round: int = Field(ge=0, alias="r")
+    verdicts: list[Verdict] = Field(max_length=4096, alias="v")
+
+
 class Reduction(_Record):
     """One part of W reduced by its owner: which of its record's members it sums (ascending
     indices into `PartRecord.members`) and the digest of its values and members."""

@@ -11,6 +11,7 @@ from peers import verify
 from peers.data import DataSource, ImageShape
 from peers.models import create_lte_model
 from peers.shipped import shipped_config
+from peers.trainer import Trainer
 from peers.training import HeadTrainer, stack_batches
 from swarm.config import load_config
 from tests.conftest import load_script
@@ -63,10 +64,11 @@ def test_honest_redos_pass_the_tolerance_and_every_cheat_fails_it():
         assert row[name] > 1.5 * verify.TOLERANCE, (name, row[name])
 
 
-def test_mismatch_is_relative_to_the_redo_and_refuses_other_tensors():
-    redo = {"a": torch.ones(3), "b": torch.zeros(2)}
-    assert verify.mismatch(redo, {"a": -torch.ones(3), "b": torch.zeros(2)}) == pytest.approx(2.0)
-    assert verify.mismatch(redo, {"a": torch.zeros(3), "b": torch.zeros(2)}) == pytest.approx(1.0)
+def test_mismatch_is_each_tensors_own_and_refuses_other_tensors():
+    """A tensor forged alone is not hidden by a larger honest one beside it."""
+    redo = {"a": torch.ones(3), "b": torch.full((2,), 100.0)}
+    assert verify.mismatch(redo, {"a": -torch.ones(3), "b": torch.full((2,), 100.0)}) == pytest.approx(2.0)
+    assert verify.mismatch(redo, {"a": torch.zeros(3), "b": torch.full((2,), 100.0)}) == pytest.approx(1.0)
     assert verify.mismatch(redo, {"a": torch.ones(3)}) == float("inf")
 
 
@@ -100,3 +102,57 @@ def test_a_holder_commits_to_its_rounds_start_and_its_contribution_can_be_redone
     # the same machine and fp32 on the wire: the redo is the contribution but for its rounding to fp32
     assert cfg.swarm.contribution_dtype == "fp32"
     assert verify.mismatch(redo, {**submitted.weights, **submitted.replicas}) < 1e-6
+
+
+class _TurnedAround(Trainer):
+    """Sends its heads' change turned around (its B negated for the encoding), within every bound."""
+
+    def encode(self, heads):
+        with torch.no_grad():
+            for _, f in self.model.factors.items():
+                f.B.neg_()
+            try:
+                return super().encode(heads)
+            finally:
+                for _, f in self.model.factors.items():
+                    f.B.neg_()
+
+
+def test_the_coordinator_redoes_sampled_rounds_and_finds_the_contribution_that_does_not_reproduce(tmp_path):
+    """`swarm.verify_rate: 1`: the coordinator redoes every head's round once it merged it; the
+    honest volunteers' contributions pass every time, the one sending its factors' change turned
+    around (its replicas' honest) fails every time, and the verdicts are published signed."""
+    from swarm import dht_io
+    from swarm.schemas import VerdictRecord
+    from tests.memswarm import MemorySwarm, named_identity, tiny_config
+
+    cfg = tiny_config(heads=3, merge_every=2, rounds=4, min_heads=3, verify_rate=1.0)
+    mem = MemorySwarm(cfg, tmp_path)
+    coordinator = mem.coordinator()
+    for i in range(3):
+        mem.trainer(f"p{i}", role=_TurnedAround if i == 2 else Trainer)
+    mem.run()
+    cheat = named_identity("p2").fingerprint
+    verdicts = coordinator.events.of("verdict")
+    last = cfg.rounds - 1  # the run is over when the coordinator asks: the volunteers have left
+    rounds = {e["round"] for e in coordinator.events.of("round") if cheat in e["members"]} - {last}
+    assert rounds and {v["round"] for v in verdicts if v["writer"] == cheat} == rounds
+    assert {e["round"] for e in coordinator.events.of("unverifiable")} <= {last}
+    assert all(not v["passed"] and v["mismatch"] > 1.5 for v in verdicts if v["writer"] == cheat), verdicts
+    honest = [v for v in verdicts if v["writer"] != cheat]
+    assert len(honest) >= 2 * len(rounds) - 2 and all(v["passed"] and v["mismatch"] < 1e-6 for v in honest), honest
+    published = dht_io.by_writer(dht_io.read(coordinator.rt.dht, coordinator.role.keys.verdicts(max(rounds)),
+                                             VerdictRecord, mem.clock.now()))[coordinator.role.peer]
+    assert {v.writer: v.passed for v in published.verdicts}[cheat] is False
+
+
+def test_a_share_of_the_heads_is_drawn_from_the_coordinators_signature():
+    from swarm.identity import Identity
+
+    coordinator, other = Identity(), Identity()
+    heads = list(range(400))
+    drawn = verify.sampled(coordinator, "run", 3, heads, 0.25)
+    assert 60 < len(drawn) < 140 and drawn == verify.sampled(coordinator, "run", 3, heads, 0.25)
+    assert drawn != verify.sampled(coordinator, "run", 4, heads, 0.25)
+    assert drawn != verify.sampled(other, "run", 3, heads, 0.25)  # nobody else can compute it
+    assert verify.sampled(coordinator, "run", 3, heads, 0.0) == [] and verify.sampled(coordinator, "run", 3, heads, 1.0) == heads
