@@ -240,6 +240,7 @@ class Coordinator:
             rec = ready.get(writer)
             if rec is None or not chosen & set(rec.heads):
                 continue
+            self._keep_published()  # a redo takes a head's T steps: peers must not take us for gone meanwhile
             found = self._redo(r, writer, rec, w)
             if found is None:
                 self.events.emit("unverifiable", round=r, writer=writer, heads=rec.heads)
