@@ -232,7 +232,8 @@ class Coordinator:
         if rate <= 0 or held is None or held[0] != result.round or result.missed or not result.members:
             return
         r, w = result.round, held[1]
-        ready = dht_io.by_writer(dht_io.read(self.dht, self.keys.ready(r), ReadyRecord, self.clock.now()))
+        ready = {who: rec for who, rec in dht_io.by_writer(dht_io.read(self.dht, self.keys.ready(r), ReadyRecord,
+                                                                       self.clock.now())).items() if rec.round == r}
         heads = sorted(h for writer in result.members if writer in ready for h in ready[writer].heads)
         chosen = set(sampled(self.rt.identity, self.keys.run_id, r, heads, rate))
         verdicts = []
@@ -245,10 +246,11 @@ class Coordinator:
             if found is None:
                 self.events.emit("unverifiable", round=r, writer=writer, heads=rec.heads)
                 continue
-            passed = found <= TOLERANCE
-            verdicts.append(Verdict(writer=writer, heads=rec.heads, mismatch=min(found, 1e9), passed=passed))
-            self.events.emit("verdict", round=r, writer=writer, heads=rec.heads, mismatch=min(found, 1e9), passed=passed)
-            if not passed:
+            verdict = Verdict(writer=writer, heads=rec.heads, mismatch=min(found, 1e9), passed=found <= TOLERANCE)
+            verdicts.append(verdict)
+            self.events.emit("verdict", round=r, writer=writer, heads=rec.heads, mismatch=verdict.mismatch,
+                             passed=verdict.passed)
+            if not verdict.passed:
                 log.warning("round %d: the contribution of %s (heads %s) is %.3g from its round redone: it does not "
                             "reproduce", r, writer[:8], rec.heads, found)
         if verdicts:

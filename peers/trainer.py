@@ -75,8 +75,11 @@ class Trainer:
         self.source = DataSource(data_cfg, ImageShape(cfg.model.image_size, cfg.model.channels), seed=cfg.train.seed)
         self.streams: dict[int, Counted] = {}
         # What the heads' unmerged work began from (`peers.verify`): committed to in our ready
-        # record, served to whoever redoes the round. Not with swarm.overlap, whose steps train on a W
-        # that a merge changes midway.
+        # record, served to whoever redoes the round. Only in a run that redoes rounds
+        # (swarm.verify_rate), whose volunteers would otherwise copy, encode and hash their heads'
+        # state every round for nobody; not with swarm.overlap, whose steps train on a W that a
+        # merge changes midway.
+        self.commits = cfg.swarm.verify_rate > 0 and not cfg.swarm.overlap
         self.starts: dict[int, RoundStart] = {}
         self.head_trainer: HeadTrainer | None = None
 
@@ -257,7 +260,7 @@ class Trainer:
             self.round_losses, self.round_started = [], self.clock.monotonic()
         self._set_phase(PeerPhase.TRAINING)
         global_step = self._period() * self.cfg.lte.merge_every + self.step_in_round
-        if self.step_in_round == 0 and self.unmerged_steps == 0 and not self.overlap:
+        if self.step_in_round == 0 and self.unmerged_steps == 0 and self.commits:
             steps = self._round_steps()
             self.starts = {h: snapshot(self.model, self.head_trainer.optimizer, h, global_step, self.streams[h].count,
                                        steps) for h in self.model.head_ids}
@@ -323,9 +326,9 @@ class Trainer:
     def _commit_starts(self, heads: list[int]) -> list[str] | None:
         """Serve what each head's work in the coming round began from, and their digests for our
         ready record; None when the work is not one round's steps from a start we took (carried
-        over from a missed round, heads changed, or swarm.overlap)."""
+        over from a missed round, heads changed, or a run that redoes no rounds)."""
         starts = [self.starts.get(h) for h in heads]
-        if any(s is None or s.steps != self.unmerged_steps for s in starts):
+        if not self.commits or any(s is None or s.steps != self.unmerged_steps for s in starts):
             return None
         r = self.protocol.round
         for h, start in zip(heads, starts):

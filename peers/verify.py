@@ -147,7 +147,7 @@ def sampled(identity: Identity, run_id: str, r: int, heads: list[int], rate: flo
     """The heads of round r whose rounds are redone, a share `rate` of them: drawn from a hash of the
     coordinator's signature over the round, which nobody else can compute, so that no holder knows
     before it offered whether its round will be redone."""
-    seed = hashlib.sha256(identity.sign(f"{run_id}|verify|{r}".encode()).encode()).hexdigest()
+    seed = identity.secret_draw(f"{run_id}|verify|{r}")
     return [h for h in heads if int(hashlib.sha256(f"{seed}|{h}".encode()).hexdigest(), 16) < rate * 2 ** 256]
 
 

@@ -169,6 +169,12 @@ class Identity:
         """A signature of `data` that `verify(self.owner, data, signature)` accepts."""
         return base64.b64encode(self.key.sign(data)).decode()
 
+    def secret_draw(self, text: str) -> str:
+        """A value only this key's holder can compute, the same every time for `text`: the sha256
+        of its signature over it (Ed25519 signs deterministically). The coordinator's beacons and
+        its draw of the rounds it redoes: nobody can know them before it says."""
+        return hashlib.sha256(self.sign(text.encode()).encode()).hexdigest()
+
     def subkey(self, tag: str = "") -> bytes:
         """An owner subkey: only this identity can write it."""
         return tag.encode() + self.owner

@@ -73,23 +73,29 @@ def test_mismatch_is_each_tensors_own_and_refuses_other_tensors():
 
 
 def test_a_holder_commits_to_its_rounds_start_and_its_contribution_can_be_redone(tmp_path):
-    """In a swarm: a volunteer's ready record names the digest of what each head's round began
-    from, it serves that start, and the round redone from it and the round's W is its contribution
-    as it went on the wire."""
+    """In a run that redoes rounds: a volunteer's ready record names the digest of what each head's
+    round began from, it serves that start, and the round redone from it and the round's W is its
+    contribution as it went on the wire."""
     from swarm import dht_io
     from swarm.schemas import ReadyRecord
     from swarm.wire import decode_contribution
     from tests.memswarm import MemorySwarm, tiny_config
 
-    cfg = tiny_config(heads=2, merge_every=3, rounds=3, min_heads=2)
-    mem = MemorySwarm(cfg, tmp_path)
-    coordinator = mem.coordinator()
-    p0, _ = mem.trainer("p0"), mem.trainer("p1")
-    mem.run(until=lambda s: any(e["round"] == 1 for e in s["p0"].events.of("ready")))
+    def offered_round_one(verify_rate: float, workdir):
+        mem = MemorySwarm(tiny_config(heads=2, merge_every=3, rounds=3, min_heads=2, verify_rate=verify_rate), workdir)
+        coordinator = mem.coordinator()
+        p0, _ = mem.trainer("p0"), mem.trainer("p1")
+        mem.run(until=lambda s: any(e["round"] == 1 for e in s["p0"].events.of("ready")))
+        record = dht_io.by_writer(dht_io.read(p0.rt.dht, p0.role.keys.ready(1), ReadyRecord, mem.clock.now()))
+        return mem, coordinator, p0, record[p0.role.peer]
+
+    # a run that redoes no rounds: nobody copies, encodes and hashes its heads' state for nothing
+    assert offered_round_one(0.0, tmp_path / "off")[3].starts is None
+    mem, coordinator, p0, record = offered_round_one(0.5, tmp_path / "on")
+    cfg = mem.cfg
     w = coordinator.role.model  # the coordinator is at round 1: its W is what round 1 trained on
     assert coordinator.role.protocol.round == 1
     keys, peer = p0.role.keys, p0.role.peer
-    record = dht_io.by_writer(dht_io.read(p0.rt.dht, keys.ready(1), ReadyRecord, mem.clock.now()))[peer]
     assert record.starts is not None and len(record.starts) == len(record.heads)
     server = coordinator.role.server
     blob = server.fetch(p0.rt.p2p, keys.contribution_blob(1, peer), 10.0, 1 << 26)

@@ -9,7 +9,6 @@ holders hold."""
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections import Counter
 
@@ -100,7 +99,7 @@ class Agreement:
         hash of our signature over the epoch: a restarted coordinator publishes the same one."""
         ctx = self.ctx
         for e in sorted({plan.epoch(r, ctx.fragments), plan.epoch(r + 1, ctx.fragments)}):
-            seed = hashlib.sha256(ctx.identity.sign(f"{ctx.keys.run_id}|beacon|{e}".encode()).encode()).hexdigest()
+            seed = ctx.identity.secret_draw(f"{ctx.keys.run_id}|beacon|{e}")
             dht_io.store(ctx.dht, ctx.keys.beacon(e), ctx.identity, BeaconRecord(epoch=e, seed=seed),
                          ctx.expiration(), wait=False)
 

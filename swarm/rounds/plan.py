@@ -28,9 +28,10 @@ def epoch(r: int, fragments: int = 1) -> int:
 def seed(run_id: str, epoch_: int, beacon: str | None) -> str:
     """The seed that orders an epoch's owners: the coordinator's beacon for it (`BeaconRecord`), a
     value nobody else can compute before the coordinator publishes it, in the epoch's first round
-    or the round before. Members choose their keys, and with an order anyone could compute ahead of time they
-    could choose them to own parts together; a member invited before the beacon was out cannot. A
-    peer that finds no beacon (the coordinator down) orders by the run and epoch alone."""
+    or the round before. Members choose their keys, and with an order anyone could compute ahead
+    of time they could choose them to own parts together; a member invited before the beacon was
+    out cannot. A peer that finds no beacon (the coordinator down) orders by the run and epoch
+    alone."""
     return hashlib.sha256(f"{run_id}|{epoch_}|{beacon or ''}".encode()).hexdigest()
 
 

@@ -226,9 +226,9 @@ class Reduction:
         # owners are still reducing theirs.
         fetched = self._coordinator_fetched(mr, work) if work.final is None and work.await_coordinator else None
         also = [fetched] if fetched is not None else []
+        likely = tuple(sorted(set(work.members).intersection(*work.accepted.values(), *also)))
         if work.final is None:
-            self.download_parts(mr, work, tuple(sorted(set(work.members).intersection(*work.accepted.values(),
-                                                                                     *also))), agreed)
+            self.download_parts(mr, work, likely, agreed)
         unknown = [i for i in work.scope.parts if i not in work.accepted]
         if unknown:
             if not all(overdue(i) for i in unknown):
