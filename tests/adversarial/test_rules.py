@@ -369,7 +369,7 @@ def _coordinator_down_for(mem: MemorySwarm, rounds: int) -> int:
 
 
 def test_a_resumed_coordinator_recomputes_the_rounds_it_missed_and_downloads_no_w(tmp_path):
-    cfg = tiny_config(heads=3, merge_every=2, rounds=12, min_heads=3)
+    cfg = tiny_config(heads=3, merge_every=2, rounds=8, min_heads=3)
     mem = MemorySwarm(cfg, tmp_path)
     mem.coordinator()
     for i in range(3):
@@ -393,7 +393,7 @@ def test_a_resumed_coordinator_never_adopts_a_w_it_cannot_recompute(tmp_path):
     from tests.memswarm import with_protocol
     from tests.test_reduce import _LyingOwner
 
-    cfg = tiny_config(heads=3, merge_every=2, rounds=40, min_heads=3)
+    cfg = tiny_config(heads=3, merge_every=2, rounds=12, min_heads=3)
     mem = MemorySwarm(cfg, tmp_path)
     mem.coordinator()
     for i in range(3):
@@ -413,7 +413,7 @@ def test_a_resumed_coordinator_far_behind_adopts_the_holders_w_only_when_told(tm
     """The rounds' contributions are gone after a few rounds: a coordinator down longer cannot
     recompute them, stops, and takes the holders' W only when its operator says so
     (`--adopt-swarm-state`)."""
-    cfg = tiny_config(heads=2, merge_every=2, rounds=40, min_heads=2)
+    cfg = tiny_config(heads=2, merge_every=2, rounds=16, min_heads=2)
     mem = MemorySwarm(cfg, tmp_path)
     mem.coordinator()
     mem.trainer("p0"), mem.trainer("p1")
