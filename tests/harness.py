@@ -84,7 +84,7 @@ def rogue_node(swarm: LocalSwarm, volley, every: float = 1.0):
     from swarm.identity import Identity
 
     dht = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=swarm.maddrs)
-    identity, stop = Identity(), threading.Event()
+    identity, stop, thread = Identity(), threading.Event(), None
     try:
         install_signing(dht, identity)
 
@@ -93,8 +93,11 @@ def rogue_node(swarm: LocalSwarm, volley, every: float = 1.0):
                 volley(dht, identity)
                 stop.wait(every)
 
-        threading.Thread(target=loop, daemon=True).start()
+        thread = threading.Thread(target=loop, daemon=True)
+        thread.start()
         yield dht, identity
     finally:
         stop.set()
+        if thread is not None:
+            thread.join()
         dht.shutdown()

@@ -1,7 +1,8 @@
 """`scripts/bench_wan.py`: its pure helpers (counters, per-round bytes, the table) on made-up
-numbers, and, as root with `ip netns` and `tc`, a tiny emulated-WAN run (2 peers, one round,
-lte-swarm's reduced merge, hivemind and DiLoCo) that must report plausible figures and leave no namespace,
-link or process behind, also when Ctrl+C arrives mid-run."""
+numbers, and, as root with `ip netns` and `tc`, a tiny emulated-WAN run (2 peers, one round of
+lte-swarm's reduced merge) that must report plausible figures and leave no namespace, link or
+process behind, also when Ctrl+C arrives mid-run (in the hivemind baseline's run, whose processes
+are the other kind the benchmark starts). The DiLoCo baseline's peers are tests/test_diloco.py's."""
 
 from __future__ import annotations
 
@@ -191,14 +192,12 @@ def test_a_node_may_have_a_cap_of_its_own():
 def test_tiny_wan_run_reports_and_cleans_up(tmp_path):
     _needs_network()
     bench = _bench()
-    # DiLoCo in fp32: with hivemind's 8-bit codec a tiny model's all-reduce runs into its timeouts here
-    done = subprocess.run([sys.executable, str(SCRIPT), *TINY, "--modes", "reduce", "hivemind", "diloco",
-                           "--diloco-compression", "fp32", "--json",
+    done = subprocess.run([sys.executable, str(SCRIPT), *TINY, "--modes", "reduce", "--json",
                            "--workdir", str(tmp_path), "--plot", str(tmp_path / "wan.png")],
                           capture_output=True, text=True, timeout=220, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
     out = json.loads(done.stdout.strip().splitlines()[-1])
-    assert [m["mode"] for m in out["modes"]] == ["reduce", "hivemind", "diloco"]
+    assert [m["mode"] for m in out["modes"]] == ["reduce"]
     assert out["weight_bytes"] > 0 and out["compute_to_transfer"] > 0 and len(out["netns_inodes"]) == 4
     for mode in out["modes"]:
         assert mode["rounds"] >= 1 and mode["wall_seconds"] > 0
@@ -216,7 +215,6 @@ def test_tiny_wan_run_reports_and_cleans_up(tmp_path):
     blob_sent, blob_received = out["modes"][0]["blob_bytes_per_peer_round"]  # lte-swarm's own counters
     assert 0 < blob_sent <= out["modes"][0]["bytes_sent_per_peer_round"]
     assert 0 < blob_received <= out["modes"][0]["bytes_received_per_peer_round"]
-    assert out["modes"][1]["blob_bytes_per_peer_round"] is None is out["modes"][2]["blob_bytes_per_peer_round"]
     assert all(0.0 <= mode["retransmitted"] < 1.0 for mode in out["modes"])
     assert all(0.0 < mode["cpu_busy"] <= 1.0 for mode in out["modes"])
     assert "compute per round : transfer of one |W|" in done.stderr
@@ -229,7 +227,7 @@ def test_tiny_wan_run_reports_and_cleans_up(tmp_path):
 def test_ctrl_c_mid_run_cleans_up(tmp_path):
     _needs_network()
     bench = _bench()
-    proc = subprocess.Popen([sys.executable, str(SCRIPT), *TINY, "--modes", "reduce", "--workdir", str(tmp_path)],
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), *TINY, "--modes", "hivemind", "--workdir", str(tmp_path)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     prefix = bench.run_prefix(proc.pid)
     try:
@@ -238,7 +236,7 @@ def test_ctrl_c_mid_run_cleans_up(tmp_path):
         while time.monotonic() < deadline and proc.poll() is None:  # until the roles run in their namespaces
             if not inodes and len(bench.leftovers(prefix)["namespaces"]) == 4:
                 inodes = [os.stat(f"/run/netns/{ns}").st_ino for ns in bench.leftovers(prefix)["namespaces"]]
-            if inodes and len(bench.processes_in(inodes)) >= 3:  # the coordinator and both peers
+            if inodes and len(bench.processes_in(inodes)) >= 3:  # the bare DHT node and both peers
                 break
             time.sleep(0.2)
         assert inodes and proc.poll() is None, "the run never got going"
