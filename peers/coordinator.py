@@ -25,10 +25,11 @@ from swarm.identity import Identity
 from swarm.keys import RunKeys, make_run_id
 from swarm.rounds import MergeRound, RoundResult
 from peers.verify import TOLERANCE, RoundStart, mismatch, redo_contribution, sampled
+from swarm.rounds.undo import UNDO_DELAY
 from swarm.schemas import (DECISIONS_KEPT, HashRecord, ReadyRecord, RevocationRecord, RoundSummary, RunProgress,
-                           RunRecord, Verdict, VerdictRecord)
+                           RunRecord, Undone, Verdict, VerdictRecord)
 from swarm.transport import NETWORK_ERRORS
-from swarm.wire import ContributionError, decode_contribution
+from swarm.wire import Contribution, ContributionError, clipped_share, decode_contribution
 
 log = logging.getLogger(__name__)
 
@@ -213,21 +214,26 @@ class Coordinator:
         result = self.protocol.poll(self.mr)
         if result is None:
             return self.mr.wait
-        self.mr = None
+        limits, self.mr = self.mr.clip_limits, None
         if not result.idle:
             if not result.missed:  # it merged a round itself: the authority again (it chases the holders till then)
                 self.protocol.adopt_holders_state = False
             self._record(result)
-            self._verify(result)
+            self._verify(result, limits)
         return 0.0
 
     # ---- redoing rounds ----------------------------------------------------------------------
-    def _verify(self, result: RoundResult) -> None:
+    def _verify(self, result: RoundResult, limits: dict[str, float]) -> None:
         """Redo the rounds of a share of the heads merged in `result`'s round (`swarm.verify_rate`),
         from the starts their holders committed to and the W the round began from, and publish a
         verdict on each contribution redone: its mismatch, and whether it is within the tolerance
         (`peers.verify`). A contribution that names no start (trained beside a merge, carried over)
-        or cannot be fetched (its writer pushed it, or left) is reported as not verifiable."""
+        or cannot be fetched (its writer pushed it, or left) is reported as not verifiable.
+
+        A contribution that does not reproduce has consequences before the next round begins: what
+        it added to the round (clipped by the round's `limits`, as it was) is taken out again two
+        rounds on by every peer (`swarm.rounds.undo`), and its writer's key is revoked, so that its
+        heads go to others, who start them afresh."""
         held, rate = self.round_w, self.cfg.swarm.verify_rate
         if rate <= 0 or held is None or held[0] != result.round or result.missed or not result.members:
             return
@@ -236,7 +242,7 @@ class Coordinator:
                                                                        self.clock.now())).items() if rec.round == r}
         heads = sorted(h for writer in result.members if writer in ready for h in ready[writer].heads)
         chosen = set(sampled(self.rt.identity, self.keys.run_id, r, heads, rate))
-        verdicts = []
+        verdicts, failed = [], []
         for writer in sorted(result.members):
             rec = ready.get(writer)
             if rec is None or not chosen & set(rec.heads):
@@ -246,49 +252,90 @@ class Coordinator:
             if found is None:
                 self.events.emit("unverifiable", round=r, writer=writer, heads=rec.heads)
                 continue
-            verdict = Verdict(writer=writer, heads=rec.heads, mismatch=min(found, 1e9), passed=found <= TOLERANCE)
+            distance, submitted = found
+            verdict = Verdict(writer=writer, heads=rec.heads, mismatch=min(distance, 1e9), passed=distance <= TOLERANCE)
             verdicts.append(verdict)
             self.events.emit("verdict", round=r, writer=writer, heads=rec.heads, mismatch=verdict.mismatch,
                              passed=verdict.passed)
             if not verdict.passed:
                 log.warning("round %d: the contribution of %s (heads %s) is %.3g from its round redone: it does not "
-                            "reproduce", r, writer[:8], rec.heads, found)
+                            "reproduce; taking it out at round %d and revoking its key", r, writer[:8], rec.heads,
+                            distance, r + UNDO_DELAY)
+                failed.append((writer, rec.heads, submitted))
         if verdicts:
             dht_io.store(self.dht, self.keys.verdicts(r), self.rt.identity, VerdictRecord(round=r, verdicts=verdicts),
                          self.clock.now() + 3 * self.cfg.swarm.round_timeout, wait=False)
+        if failed:
+            self._undo(r, failed, limits)
 
-    def _redo(self, r: int, writer: str, rec: ReadyRecord, w: dict) -> float | None:
+    def _undo(self, r: int, failed: list, limits: dict[str, float]) -> None:
+        """Take the `failed` contributions to round r out at round r + UNDO_DELAY, and evict their
+        writers (a submitted contribution that cannot be read is evicted, with nothing to undo:
+        it was not merged as it reads)."""
+        shares: dict = {}
+        undone = []
+        for writer, heads, submitted in failed:
+            if submitted is None:
+                continue
+            for name, value in clipped_share(self.model, submitted, limits).items():
+                shares[name] = shares[name] + value if name in shares else value
+            undone.append(Undone(round=r, writer=writer, heads=len(heads)))
+        if undone:
+            self.protocol.undoing.schedule(r + UNDO_DELAY, undone, shares)
+            self.events.emit("undo", round=r, at=r + UNDO_DELAY, writers=[u.writer for u in undone])
+        self._revoke([writer for writer, _, _ in failed])
+
+    def _revoke(self, writers: list[str]) -> None:
+        """Revoke `writers`' keys: in the run dir (so that a resumed run keeps them out), for our
+        own reads at once, and in the DHT for everyone's."""
+        import json
+
+        revoked = sorted(set(self.revoked) | set(writers))
+        (self.run_dir / REVOKED_FILE).write_text(json.dumps(revoked))
+        self.membership.revoked |= set(writers)
+        self._revocations_changed()
+        self.publish_revocations(self.clock.now() + max(6 * self.cfg.swarm.lease_seconds, 3 * self.cfg.swarm.round_timeout))
+
+    def _redo(self, r: int, writer: str, rec: ReadyRecord, w: dict) -> tuple[float, Contribution | None] | None:
         """How far `writer`'s contribution to round r is from its heads' rounds redone (inf for a
-        start that is not the one committed to, or that does not fit the run's model); None if it
-        named no start or its blobs cannot be fetched."""
+        start that is not the one committed to, or that does not fit the run's model), and the
+        contribution as it was merged (None when it cannot be read); None if it named no start or
+        its blobs cannot be fetched."""
         if rec.starts is None or rec.pushed is not None:
             return None
-        timeout, bound = self.cfg.swarm.request_timeout, self.protocol.ctx.max_state_bytes
+        swarm = self.cfg.swarm
+        timeout, bound = swarm.request_timeout, self.protocol.ctx.max_state_bytes
         try:
-            starts = [RoundStart.decode(self.server.fetch(rec.p2p, self.keys.round_start_blob(r, writer, head),
-                                                          timeout, bound)) for head in rec.heads]
+            raw = [self.server.fetch(rec.p2p, self.keys.round_start_blob(r, writer, head), timeout, bound)
+                   for head in rec.heads]
             blob = self.server.fetch(rec.p2p, self.keys.contribution_blob(r, writer), timeout,
                                      self.protocol.max_contribution_bytes)
         except NETWORK_ERRORS as exc:
             log.info("round %d: cannot fetch what %s committed to: %s", r, writer[:8], exc)
             return None
-        except Exception:  # not a start at all
-            return math.inf
-        if [s.digest() for s in starts] != rec.starts or [s.head for s in starts] != rec.heads:
-            return math.inf
         try:
-            submitted = decode_contribution(blob, writer, self.model, max_update=math.inf)
+            submitted = decode_contribution(blob, writer, self.model, max_update=math.inf,
+                                            dtype=swarm.contribution_dtype)
+        except ContributionError:
+            return math.inf, None
+        try:
+            starts = [RoundStart.decode(b) for b in raw]
+        except Exception:  # not a start at all
+            return math.inf, submitted
+        if [s.digest() for s in starts] != rec.starts or [s.head for s in starts] != rec.heads:
+            return math.inf, submitted
+        try:
             if self._train_source is None:
                 self._train_source = DataSource(self.cfg.data, ImageShape(self.cfg.model.image_size,
                                                                           self.cfg.model.channels), seed=self.cfg.train.seed)
             redo = redo_contribution(self.cfg, w, starts, self._train_source)
-        except (ContributionError, ValueError, RuntimeError, KeyError) as exc:
+        except (ValueError, RuntimeError, KeyError) as exc:
             log.info("round %d: the round of %s cannot be redone: %s", r, writer[:8], exc)
-            return math.inf
+            return math.inf, submitted
         offered = {**submitted.weights, **submitted.replicas}
         if not set(offered) <= set(redo):
-            return math.inf
-        return mismatch({name: redo[name] for name in offered}, offered)
+            return math.inf, submitted
+        return mismatch({name: redo[name] for name in offered}, offered), submitted
 
     def _linger(self) -> float:
         """The run is over: checkpoint, then stay a donor so peers finishing the last round can

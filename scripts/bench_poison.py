@@ -14,8 +14,17 @@ dropped, as the swarm drops it. The attacks:
 - `zeros`: no change at all (trying to pull the robust clip's reference down, or freeze W);
 - `noise`: a random direction.
 
+With `--verify-rate R` each attack runs again with the consequences of the swarm's verification
+(`swarm.verify_rate`, `swarm/rounds/undo.py`): every round each hostile head not yet caught is
+drawn with probability R; a drawn one is caught (every attack here fails its redo,
+`scripts/bench_reproduce.py`), its contribution to that round is taken out two rounds on exactly
+as the swarm takes it out (clipped as the round clipped it, rounded as the undo travels), it is
+left out of the next round (the coordinator revoked its writer) and from then on its head sends
+its honest change (another volunteer's).
+
     python scripts/bench_poison.py [--config configs/digits-vit-tiny.yaml] [--rounds 20] [--hostile 1 2] \\
-        [--attacks shrink flip zeros noise] [--set swarm.max_relative_update=0.5 ...] [--workers 2] [--json]
+        [--attacks shrink flip zeros noise] [--verify-rate 0.25] [--set swarm.max_relative_update=0.5 ...] \\
+        [--workers 2] [--json]
 """
 
 from __future__ import annotations
@@ -71,37 +80,59 @@ def forge(attack: str, honest, model, max_update: float, max_relative_update: fl
 
 
 def run_one(job: tuple) -> dict:
-    """One simulation with `hostile` heads (the last ones) attacking as `attack` (None: none)."""
-    config, overrides, attack, hostile = job
+    """One simulation with `hostile` heads (the last ones) attacking as `attack` (None: none),
+    caught by verification at `verify_rate` (0: never)."""
+    config, overrides, attack, hostile, verify_rate = job
     torch.set_num_threads(1)
     import peers.simulate as simulate
-    from swarm.wire import decode_contribution, encode_contribution, merged_totals
+    from swarm.rounds.undo import UNDO_DELAY, subtract
+    from swarm.wire import (clip_limits, clipped_share, decode_contribution, dequantized, encode_contribution,
+                            merged_totals, reduced_tensors, shapes_of)
 
     cfg = load_config(config).with_overrides(overrides)
     generator = torch.Generator().manual_seed(cfg.train.seed)
-    stats = {"refused": 0}
+    draws = torch.Generator().manual_seed(cfg.train.seed + 1)
+    stats = {"refused": 0, "round": 0}
+    caught: dict[int, int] = {}   # hostile head -> the round it was caught in
+    undo: dict[int, dict] = {}    # round -> what it takes out
 
     def reduce(model, dtype="fp32", reduced="fp32", robust_clip=0.0, max_update=float("inf"),
                max_relative_update=float("inf"), reach=None, targets=None, dither=None):
-        contributions = []
+        r = stats["round"]
+        stats["round"] += 1
+        contributions, forged_now = [], []
         for h in model.head_ids:
             blob = encode_contribution(model, [h], dtype=dtype, targets=targets)[0]
             honest = decode_contribution(blob, f"{h:08d}", model, max_update, max_relative_update, part=targets,
                                          dtype=dtype, reach=reach, scope=targets)
-            if attack is not None and h >= model.spec.n_heads - hostile:
+            if h in caught and r == caught[h] + 1:
+                continue  # its writer was revoked before the round: nobody merges it
+            if attack is not None and h >= model.spec.n_heads - hostile and h not in caught:
                 forged = forge(attack, honest, model, max_update, max_relative_update, reach or {}, generator)
                 if not _passes(forged, model, max_update, max_relative_update, reach or {}):
                     stats["refused"] += 1
                     continue
                 honest = forged
+                if verify_rate > 0 and torch.rand((), generator=draws).item() < verify_rate:
+                    caught[h] = r
+                    forged_now.append(forged)
             contributions.append(honest)
-        return merged_totals(model, contributions, robust_clip, reduced, targets, dither)
+        totals = merged_totals(model, contributions, robust_clip, reduced, targets, dither)
+        if forged_now:
+            limits = clip_limits(model, contributions, robust_clip, targets)
+            shares: dict = {}
+            for c in forged_now:
+                for name, value in clipped_share(model, c, limits).items():
+                    shares[name] = shares[name] + value if name in shares else value
+            undo[r + UNDO_DELAY] = dequantized(reduced_tensors(shares, reduced), reduced, shapes_of(shares))
+        return subtract(totals, undo.pop(r)) if r in undo else totals
 
     simulate.reduce_in_process = reduce
     result = simulate.simulate(cfg, "lte")
     norms = {name: layer.weight_store.master.norm().item() for name, layer in result.model.layers()}
-    return {"attack": attack or "none", "hostile": hostile if attack else 0, "accuracy": result.accuracy,
-            "loss": result.loss, "rounds": result.rounds, "refused": stats["refused"], "norms": norms}
+    return {"attack": attack or "none", "hostile": hostile if attack else 0, "verify_rate": verify_rate,
+            "caught": sorted(caught.values()), "accuracy": result.accuracy, "loss": result.loss,
+            "rounds": result.rounds, "refused": stats["refused"], "norms": norms}
 
 
 def _passes(contribution, model, max_update: float, max_relative_update: float, reach) -> bool:
@@ -125,6 +156,8 @@ def main() -> None:
     parser.add_argument("--hostile", type=int, nargs="+", default=[1, 2], help="hostile heads, of the config's N")
     parser.add_argument("--attacks", nargs="+", choices=ATTACKS, default=list(ATTACKS))
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--verify-rate", type=float, default=0.0,
+                        help="run each attack again, its heads caught by verification at this rate (see above)")
     parser.add_argument("--workers", type=int, default=1, help="simulations at once, one torch thread each")
     parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     args = parser.parse_args()
@@ -136,20 +169,26 @@ def main() -> None:
     overrides["train.samples"] = cfg.train.batch_size * cfg.lte.merge_every * args.rounds
     if any(not 0 < k < cfg.lte.heads for k in args.hostile):
         parser.error(f"--hostile: between 1 and {cfg.lte.heads - 1} of the config's {cfg.lte.heads} heads")
-    jobs = [(args.config, overrides, None, 0)] + [(args.config, overrides, a, k) for k in args.hostile
-                                                  for a in args.attacks]
+    if not 0.0 <= args.verify_rate <= 1.0:
+        parser.error("--verify-rate: a share, between 0 and 1")
+    rates = [0.0] + ([args.verify_rate] if args.verify_rate > 0 else [])
+    jobs = [(args.config, overrides, None, 0, 0.0)] + [(args.config, overrides, a, k, v) for k in args.hostile
+                                                       for a in args.attacks for v in rates]
     with ProcessPoolExecutor(args.workers) as pool:
         results = list(pool.map(run_one, jobs))
     base = results[0]
     sw = cfg.swarm
     print(f"{args.config}: N = {cfg.lte.heads}, {args.rounds} rounds; max_relative_update {sw.max_relative_update}, "
           f"robust_clip {sw.robust_clip}, max_update {sw.max_update}")
-    print(f"{'attack':<8}{'hostile':>8}{'test acc':>10}{'vs none':>9}{'W norm vs none':>16}{'refused':>9}")
+    print(f"{'attack':<8}{'hostile':>8}{'verify':>8}{'caught in':>11}{'test acc':>10}{'vs none':>9}"
+          f"{'W norm vs none':>16}{'refused':>9}")
     for r in results:
         ratios = [r["norms"][n] / base["norms"][n] for n in base["norms"]]
         r["norm_ratio"] = sum(ratios) / len(ratios)
-        print(f"{r['attack']:<8}{r['hostile']:>5}/{cfg.lte.heads:<2}{100 * r['accuracy']:>9.2f}%"
-              f"{100 * (r['accuracy'] - base['accuracy']):>+8.2f}p{r['norm_ratio']:>16.2f}{r['refused']:>9d}")
+        caught = ",".join(str(c) for c in r["caught"]) or "-"
+        print(f"{r['attack']:<8}{r['hostile']:>5}/{cfg.lte.heads:<2}{r['verify_rate']:>8.2f}{caught:>11}"
+              f"{100 * r['accuracy']:>9.2f}%{100 * (r['accuracy'] - base['accuracy']):>+8.2f}p{r['norm_ratio']:>16.2f}"
+              f"{r['refused']:>9d}")
     if args.json:
         print(json.dumps({"config": args.config, "rounds": args.rounds, "overrides": overrides,
                           "runs": [{k: v for k, v in r.items() if k != "norms"} for r in results]}))

@@ -219,7 +219,8 @@ class SwarmConfig(_Strict):
         0.0, ge=0.0, le=1.0, description="share of the heads whose round the coordinator redoes after it merged it, "
                                          "from what their holders committed to (`peers.verify`), publishing a verdict "
                                          "on each; drawn from its signature over the round, which no holder can "
-                                         "compute before it offered")
+                                         "compute before it offered. A contribution that does not reproduce is "
+                                         "taken out of W two rounds on, by every peer, and its writer's key revoked")
     overlap: bool = Field(
         False, description="train the next T steps while a round's bytes move, and apply its merge one round late (at "
                            "the end of those steps); reset-less variant only")

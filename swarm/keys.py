@@ -103,6 +103,10 @@ class RunKeys:
         """The coordinator's verdicts on the contributions of merge round `round_` it redid."""
         return self._key(f"round{round_}_verdicts")
 
+    def undo(self, round_: int) -> str:
+        """The contributions found not to reproduce that merge round `round_` takes out of W again."""
+        return self._key(f"round{round_}_undo")
+
     def fetched(self, round_: int) -> str:
         """The contributors of merge round `round_` whose contributions the coordinator holds."""
         return self._key(f"round{round_}_fetched")
@@ -143,6 +147,10 @@ class RunKeys:
     def round_start_blob(self, round_: int, writer: str, head: int) -> str:
         """What `writer`'s work on `head` in merge round `round_` began from (`peers.verify.RoundStart`)."""
         return f"{self.run_id}/start/{round_}/{writer}/{head}"
+
+    def undo_blob(self, round_: int, digest: str) -> str:
+        """What merge round `round_` subtracts from its totals (`UndoRecord`)."""
+        return f"{self.run_id}/undo/{round_}/{digest}"
 
     def reduced_blob(self, round_: int, part: int, digest: str) -> str:
         return f"{self.run_id}/reduced/{round_}/{part}/{digest}"

@@ -11,7 +11,8 @@ coordinator publish the same record without an invite.
 
 The coordinator can revoke a member (`lte-swarm revoke`): it publishes the revoked fingerprints
 in a record of its own, and every node that reads it (every READ_EVERY seconds) stops admitting
-them, invited or listed, for as long as it runs.
+them, invited or listed, for as long as it runs. It revokes a key itself, in an open run too, when
+a contribution of that key's did not reproduce (`peers.verify`).
 
 Admission is enforced where it decides anything: a key that is not admitted never wins a head
 lease (`HeadLeases.admits`), so it can neither contribute nor vote, and the status view does not
@@ -106,12 +107,12 @@ class Membership:
         first claim, so a claim written after our last read of the invites makes us read them
         again soon (a node that kept the old view would leave a newcomer out of rounds that the
         others merge it into); a key without one waits for the slower schedule."""
-        if not self.closed or who == self.keys.coordinator:
+        if who == self.keys.coordinator:
             return True
-        self._read_revocations()
+        self._read_revocations()  # an open run's too: a key whose contribution did not reproduce is evicted
         if who in self.revoked:
             return False
-        if who in self.listed:
+        if not self.closed or who in self.listed:
             return True
         now = self.clock.now()
         if self._until.get(who, -1) < now:
@@ -166,13 +167,12 @@ class Membership:
                     self._until[writer] = until
 
     def check_member(self, identity: Identity) -> None:
-        """Before joining a closed run: a ConfigError saying what to do unless `identity` is admitted."""
-        if not self.closed:
-            return
+        """Before joining: a ConfigError saying what to do unless `identity` is admitted (not revoked;
+        in a closed run, also listed or invited)."""
         self._read_revocations()
         if identity.fingerprint in self.revoked:
             raise ConfigError(f"the coordinator of run {self.keys.run_id} revoked key {identity.fingerprint}")
-        if identity.fingerprint in self.listed:
+        if not self.closed or identity.fingerprint in self.listed:
             return
         if self.invite is None:
             raise ConfigError(f"run {self.keys.run_id} is closed: ask its coordinator for an invite "

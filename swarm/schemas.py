@@ -173,6 +173,24 @@ class VerdictRecord(_Record):
     verdicts: list[Verdict] = Field(max_length=4096, alias="v")
 
 
+class Undone(_Record):
+    """A contribution taken out of W again: its writer's, to merge round `round`."""
+
+    round: int = Field(ge=0, alias="r")
+    writer: Fingerprint = Field(alias="w")
+    heads: int = Field(ge=1, le=4096, alias="h")  # how many heads it covered: what bounds its values
+
+
+class UndoRecord(_Record):
+    """The coordinator's word that merge round `round` subtracts from its totals what the
+    contributions `undone` added to theirs (each found not to reproduce), as one reduced blob (the
+    run's `reduced_dtype`) that hashes, with `undone`, to `digest` (`wire.reduced_digest`)."""
+
+    round: int = Field(ge=0, alias="r")
+    undone: list[Undone] = Field(min_length=1, max_length=64, alias="u")
+    digest: Digest = Field(alias="d")
+
+
 class Reduction(_Record):
     """One part of W reduced by its owner: which of its record's members it sums (ascending
     indices into `PartRecord.members`) and the digest of its values and members."""

@@ -303,22 +303,64 @@ def reduce_contributions(model: LTEModel, contributions: list[Contribution], rob
         parts = [p.double() for p in parts]
         if clip:
             norms = [p.norm().item() / k for p, k in zip(parts, heads)]
-            limit = robust_clip * sorted(norms)[len(norms) // 2]
-            parts = [p * (limit / n) if n > limit else p for p, n in zip(parts, norms)]
+            limit = _clip_limit(norms, robust_clip)
+            parts = [_clipped(p, n, limit) for p, n in zip(parts, norms)]
         out = torch.zeros_like(parts[0])
         for p in parts:
             out += p
         return out
 
     out = {}
+    for name, shape in merged_shapes(model, part).items():
+        sources = [_source(c, name) for c in ordered]
+        out[name] = total(sources) if ordered else torch.zeros(shape, dtype=torch.float64)
+    return out
+
+
+def merged_shapes(model: LTEModel, part: frozenset[str] | None = None) -> dict[str, tuple[int, ...]]:
+    """Every name a merge adds to (those in `part`, or all): layers and replicated parameters."""
     shapes = {name: (layer.out_features, layer.in_features) for name, layer in model.layers()}
     params = dict(model.model.named_parameters())
     shapes.update({name: tuple(params[name].shape) for name in model.replicated})
-    for name, shape in shapes.items():
-        if part is not None and name not in part:
+    return {name: shape for name, shape in shapes.items() if part is None or name in part}
+
+
+def _source(c: Contribution, name: str) -> torch.Tensor:
+    return c.weights[name] if name in c.weights else c.replicas[name]
+
+
+def _clip_limit(norms: list[float], robust_clip: float) -> float:
+    """The largest change per head one contribution keeps: `robust_clip` times the upper median."""
+    return robust_clip * sorted(norms)[len(norms) // 2]
+
+
+def _clipped(p: torch.Tensor, norm: float, limit: float) -> torch.Tensor:
+    return p * (limit / norm) if norm > limit else p
+
+
+def clip_limits(model: LTEModel, contributions: list[Contribution], robust_clip: float,
+                part: frozenset[str] | None = None) -> dict[str, float]:
+    """Per name (those in `part`, or all), the limit `reduce_contributions` clipped the
+    contributions' changes per head to (none when it clips nothing): what a share of a merged
+    round is, found later (`clipped_share`), needs."""
+    if not (robust_clip > 0 and len(contributions) >= 3):
+        return {}
+    return {name: _clip_limit([_source(c, name).double().norm().item() / len(c.heads) for c in contributions],
+                              robust_clip)
+            for name in merged_shapes(model, part)}
+
+
+def clipped_share(model: LTEModel, contribution: Contribution, limits: Mapping[str, float]
+                  ) -> dict[str, torch.Tensor]:
+    """What `contribution` added to its round's totals (float64, per name), clipped to the round's
+    `limits` (`clip_limits`) as `reduce_contributions` clipped it: what undoing it takes away."""
+    out = {}
+    for name in merged_shapes(model):
+        if name not in contribution.weights and name not in contribution.replicas:
             continue
-        sources = [c.weights[name] if name in c.weights else c.replicas[name] for c in ordered]
-        out[name] = total(sources) if ordered else torch.zeros(shape, dtype=torch.float64)
+        p = _source(contribution, name).double()
+        limit = limits.get(name)
+        out[name] = p if limit is None else _clipped(p, p.norm().item() / len(contribution.heads), limit)
     return out
 
 

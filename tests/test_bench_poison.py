@@ -8,7 +8,7 @@ import torch
 
 from swarm.lte_model import LTEModel, LTESpec
 from swarm.wire import decode_contribution, encode_contribution
-from tests.conftest import load_script, randomize_heads, tiny_vit
+from tests.conftest import ROOT, load_script, randomize_heads, tiny_vit
 
 SPEC = LTESpec(n_heads=4, rank=2, alpha=8.0, nonlinear="replicate")
 
@@ -30,3 +30,26 @@ def test_a_forgery_sits_at_the_bounds_and_points_where_its_attack_says():
                 assert cosine > 0.999, (attack, name)
     zeros = bench.forge("zeros", honest, model, 10.0, 0.5, {}, torch.Generator())
     assert all(not t.any() for t in [*zeros.weights.values(), *zeros.replicas.values()])
+
+
+def test_a_caught_head_is_taken_out_as_the_swarm_takes_it_out_and_w_stays_near_the_attack_free_run(monkeypatch):
+    """`--verify-rate 1`: the head pulling W toward zero is caught in round 0, left out of round 1,
+    its round-0 change taken out in round 2 (`swarm.rounds.undo`) and honest after. W's layers end
+    up nearer the attack-free run's than with nothing taken out, and nearer still than when nobody
+    verifies (a tiny model, 3 rounds)."""
+    import swarm.rounds.undo as undo
+
+    bench = load_script("bench_poison")
+    tiny = {"model.args.embed_dim": 16, "model.args.depth": 1, "model.args.num_heads": 2, "lte.rank": 4,
+            "train.samples": 3 * 10 * 64, "train.eval_every": 1000}  # 3 rounds of T = 10 steps of 64
+    config = str(ROOT / "configs" / "digits-vit-tiny.yaml")
+    free = bench.run_one((config, tiny, None, 0, 0.0))
+    verified, unverified = (bench.run_one((config, tiny, "shrink", 1, v)) for v in (1.0, 0.0))
+    monkeypatch.setattr(undo, "subtract", lambda totals, _: totals)
+    kept = bench.run_one((config, tiny, "shrink", 1, 1.0))  # caught, but its change left in W
+    assert verified["caught"] == kept["caught"] == [0] and unverified["caught"] == [] and free["rounds"] == 3
+
+    def distance(run):
+        return sum(abs(run["norms"][n] - free["norms"][n]) for n in free["norms"])
+
+    assert distance(verified) < 0.7 * distance(kept) and distance(kept) < distance(unverified)

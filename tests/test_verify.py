@@ -162,3 +162,90 @@ def test_a_share_of_the_heads_is_drawn_from_the_coordinators_signature():
     assert drawn != verify.sampled(coordinator, "run", 4, heads, 0.25)
     assert drawn != verify.sampled(other, "run", 3, heads, 0.25)  # nobody else can compute it
     assert verify.sampled(coordinator, "run", 3, heads, 0.0) == [] and verify.sampled(coordinator, "run", 3, heads, 1.0) == heads
+
+
+class _Recorded(_TurnedAround):
+    """`_TurnedAround`, keeping each contribution it sent, by round."""
+
+    sent: dict[int, bytes] = {}
+
+    def encode(self, heads):
+        blob = super().encode(heads)
+        _Recorded.sent[self.protocol.round] = blob
+        return blob
+
+
+def test_a_contribution_that_does_not_reproduce_is_taken_out_by_every_peer_alike_and_its_writer_evicted(tmp_path,
+                                                                                                        monkeypatch):
+    """Four heads, one of them turned around; the coordinator redoes every round. The first round
+    it catches the cheat in, it revokes the cheat's key (the cheat stops, a spare volunteer takes
+    its head, no later round merges the cheat) and two rounds on every peer takes out of W exactly
+    what the cheat's contribution added, without a re-sync: they all hold the same W."""
+    from swarm.rounds.machine import MergeProtocol
+    from swarm.rounds.undo import UNDO_DELAY, Undoing, subtract
+    from swarm.wire import decode_contribution, split_totals
+    from tests.memswarm import MemorySwarm, named_identity, tiny_config
+
+    loaded: dict[tuple[str, int], dict] = {}  # (peer, round) -> what it took out
+    load = Undoing.load
+
+    def recorded(self, mr):
+        values = load(self, mr)
+        if values is not None:
+            loaded[(self.ctx.peer, mr.round)] = values
+        return values
+
+    monkeypatch.setattr(Undoing, "load", recorded)
+    merges: dict[tuple[str, int], tuple[str, str]] = {}  # (peer, round) -> W after its merge without / with the undo
+    merge = MergeProtocol._merge
+
+    def merged(self, mr, totals, members):
+        if mr.undo is not None:
+            merges[(self.peer, mr.round)] = tuple(self.model.digest_after(*split_totals(self.model, t))
+                                                  for t in (totals, subtract(totals, mr.undo)))
+        return merge(self, mr, totals, members)
+
+    monkeypatch.setattr(MergeProtocol, "_merge", merged)
+    cfg = tiny_config(heads=4, merge_every=2, rounds=14, min_heads=4, verify_rate=1.0)
+    mem = MemorySwarm(cfg, tmp_path)
+    coordinator = mem.coordinator()
+    _Recorded.sent = {}
+    honest = [mem.trainer(f"p{i}") for i in range(3)]
+    cheat = mem.trainer("cheat", role=_Recorded)
+    spare = mem.trainer("spare")  # no head free for it until the cheat is gone
+    undone_at = {}
+
+    def undone(_) -> bool:
+        undone_at.update({e["at"]: e for e in coordinator.events.of("undo")})
+        return bool(undone_at) and all(any(e["round"] >= max(undone_at) and e["merged"] for e in node.events.of("round"))
+                                       for node in [*honest, spare])
+
+    mem.run(until=undone, max_seconds=1200)
+    cheater = named_identity("cheat").fingerprint
+    (caught,) = [v for v in coordinator.events.of("verdict") if not v["passed"]]
+    r = caught["round"]
+    assert caught["writer"] == cheater and undone_at[r + UNDO_DELAY]["writers"] == [cheater]
+    assert cheat.state == "failed" and "revoked" in str(cheat.error)
+    assert all(v["passed"] for v in coordinator.events.of("verdict") if v["writer"] != cheater)
+
+    # what the round two on takes out is what the cheat's contribution added (unclipped here): the
+    # coordinator's values and those every other peer fetched and checked alike, at that round only
+    sent = decode_contribution(_Recorded.sent[r], cheater, coordinator.role.model, max_update=float("inf"))
+    added = {**sent.weights, **sent.replicas}
+    peers = [node.role.peer for node in [coordinator, *honest, spare]]
+    # (the spare had no W yet; the cheat, not yet aware it was revoked, took it out too)
+    assert {who for who, at in loaded if at == r + UNDO_DELAY} - {cheater} == set(peers[:-1])
+    assert {at for _, at in loaded} == {r + UNDO_DELAY}
+    for taken in loaded.values():
+        assert set(taken) >= set(added) and not any(bool(taken[name].any()) for name in set(taken) - set(added))
+        assert all(torch.equal(taken[name], added[name].double().float()) for name in added)
+
+    # no later round merges the cheat; every peer took the undo itself, and all hold the same W
+    for node in [coordinator, *honest, spare]:
+        rounds = [e for e in node.events.of("round") if e["round"] > r and e.get("merged", not e["missed"])]
+        assert rounds and all(cheater not in e["members"] for e in rounds), node.name
+    for node in [coordinator, *honest]:
+        at = [e for e in node.events.of("round") if e["round"] == r + UNDO_DELAY]
+        without, with_undo = merges[(node.role.peer, r + UNDO_DELAY)]
+        assert at and at[0]["digest"] == with_undo != without and not at[0]["resynced"], (node.name, at)
+    assert len({d for name, d in mem.digests().items() if name != "cheat"}) == 1

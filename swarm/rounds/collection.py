@@ -89,7 +89,7 @@ class Collection:
                 for owner in plan.owners(i, servers, ctx.cfg.part_owners, mr.scope.among):
                     targets.setdefault(mr.ready_set[owner].p2p, [listing]).append(mr.pushed[digests[slot + 1]])
             if ctx.cfg.coordinator_recomputes:
-                for address in self._coordinator_p2p(mr):
+                for address in self.coordinator_p2p(mr):
                     targets.setdefault(address, [listing]).append(mr.pushed[digests[0]])
         else:
             for address in self._holders(mr, 0):
@@ -231,7 +231,7 @@ class Collection:
         return fetch()
 
     # ---- what unreachable members pushed -------------------------------------------------------
-    def _coordinator_p2p(self, mr: MergeRound) -> list[str]:
+    def coordinator_p2p(self, mr: MergeRound) -> list[str]:
         """The coordinator's address, looked up in the DHT once per round."""
         if mr.coordinator_p2p is None:
             donor = self.donors().get(self.ctx.authority)
@@ -245,7 +245,7 @@ class Collection:
         if index is not None and index > 0:
             return [mr.ready_set[o].p2p for o in plan.owners(index - 1, servers, self.ctx.cfg.part_owners,
                                                               mr.scope.among)]
-        return [mr.ready_set[s].p2p for s in servers] + self._coordinator_p2p(mr)
+        return [mr.ready_set[s].p2p for s in servers] + self.coordinator_p2p(mr)
 
     def _needed_pushes(self, mr: MergeRound) -> list[int]:
         """Which blobs of every unreachable member we fetch this round (see `_holders`)."""

@@ -58,6 +58,7 @@ from swarm.rounds.gather import gather
 from swarm.rounds.reduction import Reduction
 from swarm.rounds.state_transfer import StateTransfer
 from swarm.rounds.types import MergeRound, RoundResult, RoundScope, RoundStep
+from swarm.rounds.undo import Undoing, subtract
 from swarm.schemas import HashRecord, ReadyRecord
 from swarm.transport import TransferError
 from swarm.wire import apply_reduced, split_totals
@@ -95,6 +96,7 @@ class MergeProtocol:
         self.collection = Collection(ctx, self.agreement.donors)
         self.state = StateTransfer(ctx, self.agreement, self.collection, round_)
         self.reduction = Reduction(ctx, self.collection)
+        self.undoing = Undoing(ctx, self.collection)
         # round -> addresses its counted ready records push from; the transport's thread reads it
         self._pushers: dict[int, set[str]] = {}
         self._pushers_lock = threading.Lock()
@@ -286,6 +288,7 @@ class MergeProtocol:
             if mr.contribution is not None and self.peer not in mr.ready_set:  # our record never made it out
                 log.warning("our ready record for round %d is not visible; merging without us", r)
             mr.waited = self.clock.monotonic() - mr.started
+            mr.undo = self.undoing.load(mr)  # a contribution found not to reproduce, taken out again
             if not self.ctx.reachable and self.peer in mr.ready_set:
                 self.collection.push(mr)
             mr.push_deadline = self.clock.monotonic() + self.cfg.request_timeout
@@ -318,6 +321,8 @@ class MergeProtocol:
             mr.step, mr.deadline = RoundStep.CATCHING_UP, self.clock.monotonic() + self.cfg.round_timeout
             return
         mr.rejected = sorted(set(mr.work.members) - set(reduced.members))
+        if self.ctx.is_authority and self.cfg.verify_rate > 0:  # what undoing one of them would take
+            mr.clip_limits = self.reduction.clip_limits(mr, reduced.members)
         self._merge(mr, reduced.totals, reduced.members)
 
     def _merge(self, mr: MergeRound, totals: dict[str, torch.Tensor], members: list[str]) -> None:
@@ -325,6 +330,8 @@ class MergeProtocol:
         round's bytes move (swarm.overlap) applies it only at the end of those steps
         (`apply_pending`), so that its heads train on the same W as in the simulation; it votes for
         the W it will then hold."""
+        if mr.undo is not None:
+            totals = subtract(totals, mr.undo)
         if self.cfg.overlap and mr.contribution is not None:
             mr.totals = totals
             mr.digest = self.model.digest_after(*split_totals(self.model, totals))

@@ -22,8 +22,8 @@ from swarm.rounds.context import RoundContext
 from swarm.rounds.types import MergeRound, ReduceWork
 from swarm.schemas import FetchedRecord, PartRecord, ReadyRecord
 from swarm.transport import NETWORK_ERRORS
-from swarm.wire import (ContributionError, ReducedBound, decode_reduced, dequantized, dither_seed, encode_reduced,
-                        reduce_contributions, reduced_digest, reduced_tensors, shapes_of)
+from swarm.wire import (ContributionError, ReducedBound, clip_limits, decode_reduced, dequantized, dither_seed,
+                        encode_reduced, reduce_contributions, reduced_digest, reduced_tensors, shapes_of)
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +138,16 @@ class Reduction:
                 ctx.serve(mr.round, ctx.keys.reduced_blob(mr.round, i, digest), encode_reduced(tensors))
                 work.published.append((i, tuple(members), digest))
         return work.computed[key][1]
+
+    def clip_limits(self, mr: MergeRound, members: list[str]) -> dict[str, float]:
+        """Per name, what the round's sums over `members` clipped a contribution to (of the parts
+        whose contributions we hold: all of them, for the coordinator that recomputes)."""
+        ctx, work, out = self.ctx, mr.work, {}
+        for i in work.scope.parts:
+            held = work.held.get(i, {})
+            if set(members) <= set(held):
+                out.update(clip_limits(ctx.model, [held[m] for m in members], ctx.cfg.robust_clip, ctx.parts[i]))
+        return out
 
     def publish_parts(self, mr: MergeRound, work: ReduceWork) -> None:
         """Announce every part we reduced and serve, in our one record of the round: rewritten

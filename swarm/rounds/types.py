@@ -99,6 +99,8 @@ class MergeRound:
     coordinator_up: bool = False  # the coordinator said it is up and in this round (asked until it did)
     slow: set[str] = field(default_factory=set)  # members' addresses that let a fetch of this round time out
     totals: dict[str, torch.Tensor] | None = None  # the merge, when it applies later (swarm.overlap)
+    undo: dict[str, torch.Tensor] | None = None  # what the round takes out of its totals again (`undo`)
+    clip_limits: dict[str, float] = field(default_factory=dict)  # (the coordinator's) the round's clip, per name
     pending: bool = False          # agreed, not yet applied to our W (`MergeProtocol.apply_pending`)
 
     def mark(self, step: str, now: float) -> None:
