@@ -277,6 +277,11 @@ class RunConfig(_Strict):
         if self.lte.fragments > self.n_parts:
             raise ValueError(f"lte.fragments ({self.lte.fragments}) exceeds the parts W is cut into ({self.n_parts}, "
                              "swarm.parts or two per head): raise swarm.parts or lower lte.fragments")
+        if self.swarm.verify_rate > 0 and (self.swarm.overlap or self.lte.fragments > 1):
+            raise ValueError("swarm.verify_rate redoes a head's round from its start on the W it began from: not with "
+                             "swarm.overlap (its steps train on a W a merge changes midway) or lte.fragments above 1 "
+                             "(a fragment's change spans several rounds); a verdict on a round nobody can redo would "
+                             "evict honest volunteers")
         if self.swarm.eager and not self.swarm.overlap:
             raise ValueError("swarm.eager corrects merges that apply a round late: it needs swarm.overlap: true")
         if self.train.samples < self.train.batch_size:

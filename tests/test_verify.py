@@ -249,3 +249,16 @@ def test_a_contribution_that_does_not_reproduce_is_taken_out_by_every_peer_alike
         without, with_undo = merges[(node.role.peer, r + UNDO_DELAY)]
         assert at and at[0]["digest"] == with_undo != without and not at[0]["resynced"], (node.name, at)
     assert len({d for name, d in mem.digests().items() if name != "cheat"}) == 1
+
+
+@pytest.mark.parametrize("setting", [{"swarm.overlap": True}, {"lte.fragments": 2}])
+def test_a_run_that_redoes_rounds_refuses_settings_whose_rounds_cannot_be_redone(setting):
+    """A fragment's change spans several rounds and an overlapped round trains on a W that changes
+    midway: redone from one round's start, an honest head's would not reproduce, and its holder
+    would be evicted."""
+    from swarm.errors import ConfigError
+
+    cfg = _cfg()
+    with pytest.raises(ConfigError, match="swarm.verify_rate"):
+        cfg.with_overrides({"swarm.verify_rate": 0.25, **setting})
+    cfg.with_overrides(setting)  # without verification: fine

@@ -40,6 +40,16 @@ def _labels(undone: list[Undone]) -> list[str]:
     return [f"{u.round}/{u.writer}" for u in undone]
 
 
+def _shapes(ctx: RoundContext, undone: list[Undone]) -> dict[str, tuple[int, ...]]:
+    """What an undo blob holds: the layers and parameters the rounds it undoes merged (all of W, or
+    their fragments'), which every peer can tell from the rounds alone."""
+    scopes = [ctx.scope(u.round).targets for u in undone]
+    shapes = merged_shapes(ctx.model)
+    if any(targets is None for targets in scopes):  # a round that merged all of W
+        return shapes
+    return {name: shape for name, shape in shapes.items() if any(name in targets for targets in scopes)}
+
+
 class Undoing:
     """One peer's side of undoing contributions: the coordinator schedules, everyone loads the
     values at the round that subtracts them (`subtract`)."""
@@ -52,9 +62,8 @@ class Undoing:
         """(The coordinator) Round r subtracts `shares` (float64, what the `undone` contributions
         added to their rounds): serve them rounded as a reduced part travels, and say so."""
         ctx = self.ctx
-        shapes = merged_shapes(ctx.model)
         full = {name: shares[name] if name in shares else torch.zeros(shape, dtype=torch.float64)
-                for name, shape in shapes.items()}
+                for name, shape in _shapes(ctx, undone).items()}
         tensors = reduced_tensors(full, ctx.cfg.reduced_dtype)
         digest = reduced_digest(tensors, _labels(undone))
         ctx.serve(r, ctx.keys.undo_blob(r, digest), encode_reduced(tensors))
@@ -79,12 +88,12 @@ class Undoing:
         cfg = ctx.cfg
         bound = ReducedBound(heads=sum(u.heads for u in record.undone), contributions=len(record.undone),
                              max_update=cfg.max_update, max_relative_update=cfg.max_relative_update, reach=ctx.reach)
-        whole = frozenset(merged_shapes(ctx.model))
+        targets = frozenset(_shapes(ctx, record.undone))
         for address in self.collection.coordinator_p2p(mr):
             try:
                 blob = ctx.server.fetch(address, ctx.keys.undo_blob(r, record.digest), cfg.request_timeout,
                                         ctx.max_contribution_bytes)
-                values = decode_reduced(blob, ctx.model, whole, _labels(record.undone), record.digest,
+                values = decode_reduced(blob, ctx.model, targets, _labels(record.undone), record.digest,
                                         cfg.reduced_dtype, bound)
             except ContributionError as exc:
                 log.warning("round %d: the coordinator's undo is bad: %s", r, exc)
