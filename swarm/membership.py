@@ -11,8 +11,9 @@ coordinator publish the same record without an invite.
 
 The coordinator can revoke a member (`lte-swarm revoke`): it publishes the revoked fingerprints
 in a record of its own, and every node that reads it (every READ_EVERY seconds) stops admitting
-them, invited or listed, for as long as it runs. It revokes a key itself, in an open run too, when
-a contribution of that key's did not reproduce (`peers.verify`).
+them, invited or listed, for as long as it runs. In a run that redoes rounds (`swarm.verify_rate`)
+it revokes a key itself, in an open run too, when a contribution of that key's did not reproduce
+(`peers.verify`); other open runs never read revocations.
 
 Admission is enforced where it decides anything: a key that is not admitted never wins a head
 lease (`HeadLeases.admits`), so it can neither contribute nor vote, and the status view does not
@@ -89,6 +90,9 @@ class Membership:
         self.dht, self.keys, self.clock = dht, keys, clock or Clock()
         self.p2p = p2p or str(getattr(dht, "peer_id", ""))
         self.closed = cfg.closed
+        # Revocations count in a closed run, and in any run that redoes rounds, whose coordinator
+        # revokes a key whose contribution did not reproduce; other open runs never read them.
+        self.revocable = cfg.closed or cfg.verify_rate > 0
         self.listed = {keys.coordinator, *cfg.members}
         self.invite = invite
         self._until: dict[str, float] = {}        # member -> expiry of its verified invite
@@ -109,7 +113,7 @@ class Membership:
         others merge it into); a key without one waits for the slower schedule."""
         if who == self.keys.coordinator:
             return True
-        self._read_revocations()  # an open run's too: a key whose contribution did not reproduce is evicted
+        self._read_revocations()
         if who in self.revoked:
             return False
         if not self.closed or who in self.listed:
@@ -124,7 +128,7 @@ class Membership:
 
     def _read_revocations(self) -> None:
         """The coordinator's list of revoked members, at most every READ_EVERY seconds."""
-        if self.clock.monotonic() - self._revocations_read_at < READ_EVERY:
+        if not self.revocable or self.clock.monotonic() - self._revocations_read_at < READ_EVERY:
             return
         self._revocations_read_at = self.clock.monotonic()
         records = dht_io.by_writer(dht_io.read(self.dht, self.keys.revocations, RevocationRecord, self.clock.now()))
