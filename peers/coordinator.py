@@ -25,9 +25,9 @@ from swarm.identity import Identity
 from swarm.keys import RunKeys, make_run_id
 from swarm.rounds import MergeRound, RoundResult
 from peers.verify import TOLERANCE, RoundStart, mismatch, redo_contribution, sampled
-from swarm.rounds.undo import UNDO_DELAY
+from swarm.rounds.undo import UNDO_DELAY, Unverified
 from swarm.schemas import (DECISIONS_KEPT, HashRecord, ReadyRecord, RevocationRecord, RoundSummary, RunProgress,
-                           RunRecord, Undone, Verdict, VerdictRecord)
+                           RunRecord, Verdict, VerdictRecord)
 from swarm.transport import NETWORK_ERRORS
 from swarm.wire import Contribution, ContributionError, clipped_share, decode_contribution
 
@@ -124,6 +124,7 @@ class Coordinator:
         # sampled heads' rounds from once it is merged; and the run's training data to redo them on
         self.round_w: tuple[int, dict] | None = None
         self._train_source: DataSource | None = None
+        self.unverified = Unverified()  # per writer, what it added in rounds no verdict passed
 
     # ---- checkpoints -------------------------------------------------------------------------
     def checkpoint(self) -> None:
@@ -214,26 +215,27 @@ class Coordinator:
         result = self.protocol.poll(self.mr)
         if result is None:
             return self.mr.wait
-        limits, self.mr = self.mr.clip_limits, None
+        shares, self.mr = self.mr.shares, None
         if not result.idle:
             if not result.missed:  # it merged a round itself: the authority again (it chases the holders till then)
                 self.protocol.adopt_holders_state = False
             self._record(result)
-            self._verify(result, limits)
+            self._verify(result, shares)
         return 0.0
 
     # ---- redoing rounds ----------------------------------------------------------------------
-    def _verify(self, result: RoundResult, limits: dict[str, float]) -> None:
+    def _verify(self, result: RoundResult, shares: dict[str, dict]) -> None:
         """Redo the rounds of a share of the heads merged in `result`'s round (`swarm.verify_rate`),
         from the starts their holders committed to and the W the round began from, and publish a
         verdict on each contribution redone: its mismatch, and whether it is within the tolerance
         (`peers.verify`). A contribution that names no start (trained beside a merge, carried over)
         or cannot be fetched (its writer pushed it, or left) is reported as not verifiable.
 
-        A contribution that does not reproduce has consequences before the next round begins: what
-        it added to the round (clipped by the round's `limits`, as it was) is taken out again two
-        rounds on by every peer (`swarm.rounds.undo`), and its writer's key is revoked, so that its
-        heads go to others, who start them afresh."""
+        What each member added to the round (`shares`, clipped as merged) is kept, summed per
+        writer, for every round no verdict passed. A contribution that does not reproduce has
+        consequences before the next round begins: all its writer added in those rounds is taken
+        out again two rounds on by every peer (`swarm.rounds.undo`), and its key is revoked, so
+        that its heads go to others, who start them afresh."""
         held, rate = self.round_w, self.cfg.swarm.verify_rate
         if rate <= 0 or held is None or held[0] != result.round or result.missed or not result.members:
             return
@@ -242,7 +244,7 @@ class Coordinator:
                                                                        self.clock.now())).items() if rec.round == r}
         heads = sorted(h for writer in result.members if writer in ready for h in ready[writer].heads)
         chosen = set(sampled(self.rt.identity, self.keys.run_id, r, heads, rate))
-        verdicts, failed = [], []
+        verdicts, failed = [], {}
         for writer in sorted(result.members):
             rec = ready.get(writer)
             if rec is None or not chosen & set(rec.heads):
@@ -259,31 +261,39 @@ class Coordinator:
                              passed=verdict.passed)
             if not verdict.passed:
                 log.warning("round %d: the contribution of %s (heads %s) is %.3g from its round redone: it does not "
-                            "reproduce; taking it out at round %d and revoking its key", r, writer[:8], rec.heads,
-                            distance, r + UNDO_DELAY)
-                failed.append((writer, rec.heads, submitted))
+                            "reproduce; taking out what it added since its rounds were last redone at round %d, and "
+                            "revoking its key", r, writer[:8], rec.heads, distance, r + UNDO_DELAY)
+                failed[writer] = submitted
         if verdicts:
             dht_io.store(self.dht, self.keys.verdicts(r), self.rt.identity, VerdictRecord(round=r, verdicts=verdicts),
                          self.clock.now() + 3 * self.cfg.swarm.round_timeout, wait=False)
+        passed = {v.writer for v in verdicts if v.passed}
+        for writer in result.members:
+            share = shares.get(writer) or None
+            if writer in failed and share is None and failed[writer] is not None:
+                share = clipped_share(self.model, failed[writer], {})  # we did not hold it: as it reads, unclipped
+            if writer not in passed and share is not None and writer in ready:
+                self.unverified.add(writer, r, len(ready[writer].heads), share)
+        self.unverified.forget(r)
         if failed:
-            self._undo(r, failed, limits)
+            self._undo(r, sorted(failed))
 
-    def _undo(self, r: int, failed: list, limits: dict[str, float]) -> None:
-        """Take the `failed` contributions to round r out at round r + UNDO_DELAY, and evict their
-        writers (a submitted contribution that cannot be read is evicted, with nothing to undo:
-        it was not merged as it reads)."""
-        shares: dict = {}
-        undone = []
-        for writer, heads, submitted in failed:
-            if submitted is None:
+    def _undo(self, r: int, writers: list[str]) -> None:
+        """Take out at round r + UNDO_DELAY all that `writers` added in rounds no verdict passed,
+        and revoke their keys."""
+        undone, total = [], {}
+        for writer in writers:
+            entry = self.unverified.pop(writer)
+            if entry is None:
                 continue
-            for name, value in clipped_share(self.model, submitted, limits).items():
-                shares[name] = shares[name] + value if name in shares else value
-            undone.append(Undone(round=r, writer=writer, heads=len(heads)))
+            undone.append(entry.undone)
+            for name, value in entry.total.items():
+                total[name] = total[name] + value if name in total else value
         if undone:
-            self.protocol.undoing.schedule(r + UNDO_DELAY, undone, shares)
-            self.events.emit("undo", round=r, at=r + UNDO_DELAY, writers=[u.writer for u in undone])
-        self._revoke([writer for writer, _, _ in failed])
+            self.protocol.undoing.schedule(r + UNDO_DELAY, undone, total)
+            self.events.emit("undo", round=r, at=r + UNDO_DELAY, writers=[u.writer for u in undone],
+                             rounds=[u.rounds for u in undone])
+        self._revoke(writers)
 
     def _revoke(self, writers: list[str]) -> None:
         """Revoke `writers`' keys: in the run dir (so that a resumed run keeps them out), for our

@@ -17,10 +17,11 @@ dropped, as the swarm drops it. The attacks:
 With `--verify-rate R` each attack runs again with the consequences of the swarm's verification
 (`swarm.verify_rate`, `swarm/rounds/undo.py`): every round each hostile head not yet caught is
 drawn with probability R; a drawn one is caught (every attack here fails its redo,
-`scripts/bench_reproduce.py`), its contribution to that round is taken out two rounds on exactly
-as the swarm takes it out (clipped as the round clipped it, rounded as the undo travels), it is
-left out of the next round (the coordinator revoked its writer) and from then on its head sends
-its honest change (another volunteer's).
+`scripts/bench_reproduce.py`), what it added in every round so far (none was redone and passed)
+is taken out two rounds on exactly as the swarm takes it out (each round's contribution clipped as
+that round clipped it, summed, rounded as the undo travels), it is left out of the next round (the
+coordinator revoked its writer) and from then on its head sends its honest change (another
+volunteer's).
 
     python scripts/bench_poison.py [--config configs/digits-vit-tiny.yaml] [--rounds 20] [--hostile 1 2] \\
         [--attacks shrink flip zeros noise] [--verify-rate 0.25] [--set swarm.max_relative_update=0.5 ...] \\
@@ -94,13 +95,14 @@ def run_one(job: tuple) -> dict:
     draws = torch.Generator().manual_seed(cfg.train.seed + 1)
     stats = {"refused": 0, "round": 0}
     caught: dict[int, int] = {}   # hostile head -> the round it was caught in
+    added: dict[int, dict] = {}   # hostile head -> what it added so far (no round of it passed a redo)
     undo: dict[int, dict] = {}    # round -> what it takes out
 
     def reduce(model, dtype="fp32", reduced="fp32", robust_clip=0.0, max_update=float("inf"),
                max_relative_update=float("inf"), reach=None, targets=None, dither=None):
         r = stats["round"]
         stats["round"] += 1
-        contributions, forged_now = [], []
+        contributions, forged_now = [], set()
         for h in model.head_ids:
             blob = encode_contribution(model, [h], dtype=dtype, targets=targets)[0]
             honest = decode_contribution(blob, f"{h:08d}", model, max_update, max_relative_update, part=targets,
@@ -113,18 +115,24 @@ def run_one(job: tuple) -> dict:
                     stats["refused"] += 1
                     continue
                 honest = forged
+                forged_now.add(honest.peer)
                 if verify_rate > 0 and torch.rand((), generator=draws).item() < verify_rate:
                     caught[h] = r
-                    forged_now.append(forged)
             contributions.append(honest)
         totals = merged_totals(model, contributions, robust_clip, reduced, targets, dither)
-        if forged_now:
+        if verify_rate > 0 and forged_now:
             limits = clip_limits(model, contributions, robust_clip, targets)
+            for c in contributions:
+                if c.peer in forged_now:
+                    acc = added.setdefault(int(c.peer), {})
+                    for name, value in clipped_share(model, c, limits).items():
+                        acc[name] = acc[name] + value if name in acc else value
             shares: dict = {}
-            for c in forged_now:
-                for name, value in clipped_share(model, c, limits).items():
+            for h in [h for h in added if caught.get(h) == r]:
+                for name, value in added.pop(h).items():
                     shares[name] = shares[name] + value if name in shares else value
-            undo[r + UNDO_DELAY] = dequantized(reduced_tensors(shares, reduced), reduced, shapes_of(shares))
+            if shares:
+                undo[r + UNDO_DELAY] = dequantized(reduced_tensors(shares, reduced), reduced, shapes_of(shares))
         return subtract(totals, undo.pop(r)) if r in undo else totals
 
     simulate.reduce_in_process = reduce

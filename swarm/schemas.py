@@ -174,17 +174,20 @@ class VerdictRecord(_Record):
 
 
 class Undone(_Record):
-    """A contribution taken out of W again: its writer's, to merge round `round`."""
+    """A writer's contributions taken out of W again: those of `rounds` merge rounds from `first`
+    to `last` that no verdict passed, each covering `heads` heads (what bounds their values)."""
 
-    round: int = Field(ge=0, alias="r")
     writer: Fingerprint = Field(alias="w")
-    heads: int = Field(ge=1, le=4096, alias="h")  # how many heads it covered: what bounds its values
+    first: int = Field(ge=0, alias="f")
+    last: int = Field(ge=0, alias="l")
+    rounds: int = Field(ge=1, le=1_000_000, alias="n")
+    heads: int = Field(ge=1, le=4096, alias="h")
 
 
 class UndoRecord(_Record):
     """The coordinator's word that merge round `round` subtracts from its totals what the
-    contributions `undone` added to theirs (each found not to reproduce), as one reduced blob (the
-    run's `reduced_dtype`) that hashes, with `undone`, to `digest` (`wire.reduced_digest`)."""
+    contributions `undone` added to theirs (their writers' found not to reproduce), as one reduced
+    blob (the run's `reduced_dtype`) that hashes, with `undone`, to `digest` (`wire.reduced_digest`)."""
 
     round: int = Field(ge=0, alias="r")
     undone: list[Undone] = Field(min_length=1, max_length=64, alias="u")

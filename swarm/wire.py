@@ -350,6 +350,14 @@ def clip_limits(model: LTEModel, contributions: list[Contribution], robust_clip:
             for name in merged_shapes(model, part)}
 
 
+def clipped_shares(model: LTEModel, contributions: list[Contribution], robust_clip: float,
+                   part: frozenset[str] | None = None) -> dict[str, dict[str, torch.Tensor]]:
+    """Per writer, what its contribution added to the round's totals (of `part`, or all), clipped
+    as `reduce_contributions` clipped it."""
+    limits = clip_limits(model, contributions, robust_clip, part)
+    return {c.peer: clipped_share(model, c, limits) for c in contributions}
+
+
 def clipped_share(model: LTEModel, contribution: Contribution, limits: Mapping[str, float]
                   ) -> dict[str, torch.Tensor]:
     """What `contribution` added to its round's totals (float64, per name), clipped to the round's

@@ -175,12 +175,15 @@ class _Recorded(_TurnedAround):
         return blob
 
 
-def test_a_contribution_that_does_not_reproduce_is_taken_out_by_every_peer_alike_and_its_writer_evicted(tmp_path,
-                                                                                                        monkeypatch):
-    """Four heads, one of them turned around; the coordinator redoes every round. The first round
-    it catches the cheat in, it revokes the cheat's key (the cheat stops, a spare volunteer takes
-    its head, no later round merges the cheat) and two rounds on every peer takes out of W exactly
-    what the cheat's contribution added, without a re-sync: they all hold the same W."""
+@pytest.mark.parametrize("first_drawn", [0, 2])
+def test_a_contribution_that_does_not_reproduce_is_taken_out_by_every_peer_alike_and_its_writer_evicted(
+        tmp_path, monkeypatch, first_drawn):
+    """Four heads, one of them turned around; the coordinator redoes every head's round from round
+    `first_drawn` on (none before). The round it catches the cheat in, it revokes the cheat's key
+    (the cheat stops, a spare volunteer takes its head, no later round merges the cheat) and two
+    rounds on every peer takes out of W exactly what the cheat's contributions added in every round
+    no verdict passed, the undrawn ones included, without a re-sync: they all hold the same W."""
+    import peers.coordinator
     from swarm.rounds.machine import MergeProtocol
     from swarm.rounds.undo import UNDO_DELAY, Undoing, subtract
     from swarm.wire import decode_contribution, split_totals
@@ -206,6 +209,8 @@ def test_a_contribution_that_does_not_reproduce_is_taken_out_by_every_peer_alike
         return merge(self, mr, totals, members)
 
     monkeypatch.setattr(MergeProtocol, "_merge", merged)
+    # the draw's own properties are tested below; here the rounds it draws are the test's
+    monkeypatch.setattr(peers.coordinator, "sampled", lambda identity, run_id, r, heads, rate: heads if r >= first_drawn else [])
     cfg = tiny_config(heads=4, merge_every=2, rounds=14, min_heads=4, verify_rate=1.0)
     mem = MemorySwarm(cfg, tmp_path)
     coordinator = mem.coordinator()
@@ -224,21 +229,26 @@ def test_a_contribution_that_does_not_reproduce_is_taken_out_by_every_peer_alike
     cheater = named_identity("cheat").fingerprint
     (caught,) = [v for v in coordinator.events.of("verdict") if not v["passed"]]
     r = caught["round"]
-    assert caught["writer"] == cheater and undone_at[r + UNDO_DELAY]["writers"] == [cheater]
+    assert r == first_drawn and caught["writer"] == cheater
+    assert undone_at[r + UNDO_DELAY]["writers"] == [cheater] and undone_at[r + UNDO_DELAY]["rounds"] == [r + 1]
     assert cheat.state == "failed" and "revoked" in str(cheat.error)
     assert all(v["passed"] for v in coordinator.events.of("verdict") if v["writer"] != cheater)
 
-    # what the round two on takes out is what the cheat's contribution added (unclipped here): the
-    # coordinator's values and those every other peer fetched and checked alike, at that round only
-    sent = decode_contribution(_Recorded.sent[r], cheater, coordinator.role.model, max_update=float("inf"))
-    added = {**sent.weights, **sent.replicas}
+    # what the round two on takes out is what the cheat's contributions to rounds 0 to r added
+    # (unclipped here, summed in round order): the coordinator's values and those every other peer
+    # fetched and checked alike, at that round only
+    added: dict = {}
+    for k in range(r + 1):
+        sent = decode_contribution(_Recorded.sent[k], cheater, coordinator.role.model, max_update=float("inf"))
+        for name, value in {**sent.weights, **sent.replicas}.items():
+            added[name] = added[name] + value.double() if name in added else value.double()
     peers = [node.role.peer for node in [coordinator, *honest, spare]]
     # (the spare had no W yet; the cheat, not yet aware it was revoked, took it out too)
     assert {who for who, at in loaded if at == r + UNDO_DELAY} - {cheater} == set(peers[:-1])
     assert {at for _, at in loaded} == {r + UNDO_DELAY}
     for taken in loaded.values():
         assert set(taken) >= set(added) and not any(bool(taken[name].any()) for name in set(taken) - set(added))
-        assert all(torch.equal(taken[name], added[name].double().float()) for name in added)
+        assert all(torch.equal(taken[name], added[name].float()) for name in added)
 
     # no later round merges the cheat; every peer took the undo itself, and all hold the same W
     for node in [coordinator, *honest, spare]:

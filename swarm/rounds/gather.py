@@ -9,7 +9,7 @@ import torch
 from swarm.rounds.collection import Collection
 from swarm.rounds.context import RoundContext
 from swarm.rounds.types import MergeRound
-from swarm.wire import clip_limits, dither_seed, merged_totals
+from swarm.wire import clipped_shares, dither_seed, merged_totals
 
 
 def gather(ctx: RoundContext, collection: Collection, mr: MergeRound) -> tuple[dict[str, torch.Tensor], list[str]]:
@@ -20,7 +20,7 @@ def gather(ctx: RoundContext, collection: Collection, mr: MergeRound) -> tuple[d
     contributions = [c for c in found if c is not None]
     mr.rejected = [p for p, c in zip(peers, found) if c is None]
     if ctx.is_authority and ctx.cfg.verify_rate > 0:  # what undoing one of them would take
-        mr.clip_limits = clip_limits(ctx.model, contributions, ctx.cfg.robust_clip, mr.scope.targets)
+        mr.shares = clipped_shares(ctx.model, contributions, ctx.cfg.robust_clip, mr.scope.targets)
     totals = merged_totals(ctx.model, contributions, ctx.cfg.robust_clip, ctx.cfg.reduced_dtype, mr.scope.targets,
                            dither_seed(ctx.cfg.reduced_rounding, mr.round))
     return totals, sorted(c.peer for c in contributions)

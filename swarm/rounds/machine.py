@@ -322,7 +322,7 @@ class MergeProtocol:
             return
         mr.rejected = sorted(set(mr.work.members) - set(reduced.members))
         if self.ctx.is_authority and self.cfg.verify_rate > 0:  # what undoing one of them would take
-            mr.clip_limits = self.reduction.clip_limits(mr, reduced.members)
+            mr.shares = self.reduction.shares(mr, reduced.members)
         self._merge(mr, reduced.totals, reduced.members)
 
     def _merge(self, mr: MergeRound, totals: dict[str, torch.Tensor], members: list[str]) -> None:

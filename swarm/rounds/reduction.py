@@ -22,7 +22,7 @@ from swarm.rounds.context import RoundContext
 from swarm.rounds.types import MergeRound, ReduceWork
 from swarm.schemas import FetchedRecord, PartRecord, ReadyRecord
 from swarm.transport import NETWORK_ERRORS
-from swarm.wire import (ContributionError, ReducedBound, clip_limits, decode_reduced, dequantized, dither_seed,
+from swarm.wire import (ContributionError, ReducedBound, clipped_shares, decode_reduced, dequantized, dither_seed,
                         encode_reduced, reduce_contributions, reduced_digest, reduced_tensors, shapes_of)
 
 log = logging.getLogger(__name__)
@@ -139,14 +139,17 @@ class Reduction:
                 work.published.append((i, tuple(members), digest))
         return work.computed[key][1]
 
-    def clip_limits(self, mr: MergeRound, members: list[str]) -> dict[str, float]:
-        """Per name, what the round's sums over `members` clipped a contribution to (of the parts
-        whose contributions we hold: all of them, for the coordinator that recomputes)."""
-        ctx, work, out = self.ctx, mr.work, {}
+    def shares(self, mr: MergeRound, members: list[str]) -> dict[str, dict[str, torch.Tensor]]:
+        """Per member, what its contribution added to the round's sums over `members` (clipped as
+        they clipped it), of the parts whose contributions we hold: all of them, for the
+        coordinator that recomputes."""
+        ctx, work, out = self.ctx, mr.work, {m: {} for m in members}
         for i in work.scope.parts:
             held = work.held.get(i, {})
             if set(members) <= set(held):
-                out.update(clip_limits(ctx.model, [held[m] for m in members], ctx.cfg.robust_clip, ctx.parts[i]))
+                for m, share in clipped_shares(ctx.model, [held[m] for m in members], ctx.cfg.robust_clip,
+                                               ctx.parts[i]).items():
+                    out[m].update(share)
         return out
 
     def publish_parts(self, mr: MergeRound, work: ReduceWork) -> None:

@@ -100,7 +100,7 @@ class MergeRound:
     slow: set[str] = field(default_factory=set)  # members' addresses that let a fetch of this round time out
     totals: dict[str, torch.Tensor] | None = None  # the merge, when it applies later (swarm.overlap)
     undo: dict[str, torch.Tensor] | None = None  # what the round takes out of its totals again (`undo`)
-    clip_limits: dict[str, float] = field(default_factory=dict)  # (the coordinator's) the round's clip, per name
+    shares: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # (the coordinator's) per member, what it added
     pending: bool = False          # agreed, not yet applied to our W (`MergeProtocol.apply_pending`)
 
     def mark(self, step: str, now: float) -> None:

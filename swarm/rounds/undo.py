@@ -1,13 +1,16 @@
 """Taking a contribution found not to reproduce out of W again, identically on every peer.
 
-The coordinator redoes a share of each merged round's heads (`peers.verify`). What a contribution
-to round r that does not reproduce added to round r's totals (its clipped share,
-`wire.clipped_share`) is subtracted from the totals of round r + UNDO_DELAY: the coordinator
+The coordinator redoes a share of each merged round's heads (`peers.verify`). When a contribution
+to round r does not reproduce, what its writer added to the totals of every round no verdict
+passed, round r's included (each contribution's clipped share, `wire.clipped_share`, summed as the
+coordinator merged them), is subtracted from the totals of round r + UNDO_DELAY: the coordinator
 serves it as one blob in the run's reduced precision and names it in a signed `UndoRecord` before
 it begins round r + 1; every peer reads the record when it settles round r + UNDO_DELAY and
 subtracts the blob's values from that round's totals before it applies them and votes. The merge
-is a sum, so W then holds what it would had the contribution been left out of round r (with an
-outer momentum, once the momentum has spent both), and every peer adds the same bits.
+is a sum, so W then holds what it would had those contributions been left out (with an outer
+momentum, once the momentum has spent both), and every peer adds the same bits. A cheat cannot
+tell a round that will be redone from one that will not (the draw comes after it offered), so the
+rounds it got through undrawn go with the one it was caught in.
 
 Why two rounds on: a peer settles round r + 2 only after round r + 1 was agreed, which waits for
 the coordinator's vote while the coordinator is up, and the coordinator stores the record before
@@ -18,6 +21,7 @@ missed a contribution does."""
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 
@@ -37,17 +41,50 @@ UNDO_DELAY = 2  # a contribution to round r found not to reproduce is taken out 
 
 def _labels(undone: list[Undone]) -> list[str]:
     """What an undo blob's digest binds its values to: the contributions it takes out."""
-    return [f"{u.round}/{u.writer}" for u in undone]
+    return [f"{u.first}-{u.last}x{u.rounds}/{u.writer}" for u in undone]
 
 
-def _shapes(ctx: RoundContext, undone: list[Undone]) -> dict[str, tuple[int, ...]]:
-    """What an undo blob holds: the layers and parameters the rounds it undoes merged (all of W, or
-    their fragments'), which every peer can tell from the rounds alone."""
-    scopes = [ctx.scope(u.round).targets for u in undone]
-    shapes = merged_shapes(ctx.model)
-    if any(targets is None for targets in scopes):  # a round that merged all of W
-        return shapes
-    return {name: shape for name, shape in shapes.items() if any(name in targets for targets in scopes)}
+# A writer absent from the merged rounds this long is forgotten: what it added stays in W.
+FORGET_AFTER = 64
+
+
+@dataclass
+class Pending:
+    """What one writer added to W in the rounds no verdict passed: which, and the sum (float64)."""
+
+    undone: Undone
+    total: dict[str, torch.Tensor]
+
+
+class Unverified:
+    """(The coordinator's) per writer, the sum of its contributions' shares in rounds no verdict
+    passed: one W-sized sum per writer, however many rounds, so that a writer honest for long and
+    then cheating in the rounds nobody drew loses all of them when one is."""
+
+    def __init__(self):
+        self._by_writer: dict[str, Pending] = {}
+
+    def add(self, writer: str, r: int, heads: int, share: dict[str, torch.Tensor]) -> None:
+        found = self._by_writer.get(writer)
+        if found is None:
+            self._by_writer[writer] = Pending(Undone(writer=writer, first=r, last=r, rounds=1, heads=heads),
+                                              {name: value.double().clone() for name, value in share.items()})
+            return
+        found.undone = found.undone.model_copy(update={"last": r, "rounds": found.undone.rounds + 1,
+                                                       "heads": max(found.undone.heads, heads)})
+        for name, value in share.items():
+            found.total[name] = found.total[name] + value.double() if name in found.total else value.double().clone()
+
+    def pop(self, writer: str) -> Pending | None:
+        return self._by_writer.pop(writer, None)
+
+    def forget(self, r: int) -> None:
+        """Drop writers whose last unverified round is FORGET_AFTER rounds before round r."""
+        for writer in [w for w, p in self._by_writer.items() if p.undone.last < r - FORGET_AFTER]:
+            del self._by_writer[writer]
+
+    def __contains__(self, writer: str) -> bool:
+        return writer in self._by_writer
 
 
 class Undoing:
@@ -63,7 +100,7 @@ class Undoing:
         added to their rounds): serve them rounded as a reduced part travels, and say so."""
         ctx = self.ctx
         full = {name: shares[name] if name in shares else torch.zeros(shape, dtype=torch.float64)
-                for name, shape in _shapes(ctx, undone).items()}
+                for name, shape in merged_shapes(ctx.model).items()}
         tensors = reduced_tensors(full, ctx.cfg.reduced_dtype)
         digest = reduced_digest(tensors, _labels(undone))
         ctx.serve(r, ctx.keys.undo_blob(r, digest), encode_reduced(tensors))
@@ -86,9 +123,10 @@ class Undoing:
         if record is None or record.round != r:
             return None
         cfg = ctx.cfg
-        bound = ReducedBound(heads=sum(u.heads for u in record.undone), contributions=len(record.undone),
-                             max_update=cfg.max_update, max_relative_update=cfg.max_relative_update, reach=ctx.reach)
-        targets = frozenset(_shapes(ctx, record.undone))
+        bound = ReducedBound(heads=sum(u.heads * u.rounds for u in record.undone),
+                             contributions=sum(u.rounds for u in record.undone), max_update=cfg.max_update,
+                             max_relative_update=cfg.max_relative_update, reach=ctx.reach)
+        targets = frozenset(merged_shapes(ctx.model))
         for address in self.collection.coordinator_p2p(mr):
             try:
                 blob = ctx.server.fetch(address, ctx.keys.undo_blob(r, record.digest), cfg.request_timeout,
