@@ -135,8 +135,11 @@ def run_one(job: tuple) -> dict:
                 undo[r + UNDO_DELAY] = dequantized(reduced_tensors(shares, reduced), reduced, shapes_of(shares))
         return subtract(totals, undo.pop(r)) if r in undo else totals
 
-    simulate.reduce_in_process = reduce
-    result = simulate.simulate(cfg, "lte")
+    original, simulate.reduce_in_process = simulate.reduce_in_process, reduce
+    try:
+        result = simulate.simulate(cfg, "lte")
+    finally:  # a process that simulates again after this one (a test worker) gets the swarm's merge back
+        simulate.reduce_in_process = original
     norms = {name: layer.weight_store.master.norm().item() for name, layer in result.model.layers()}
     return {"attack": attack or "none", "hostile": hostile if attack else 0, "verify_rate": verify_rate,
             "caught": sorted(caught.values()), "accuracy": result.accuracy, "loss": result.loss,
