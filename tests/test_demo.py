@@ -35,18 +35,18 @@ def _evaluate_export(path):
 
 def test_demo_runs_writes_its_plot_and_exports_a_timm_model(tmp_path):
     # run outside the checkout: the demo needs only the installed package
-    proc = subprocess.run([*CLI, "demo", "--peers", "2", "--rounds", "2", "--json", "--run-dir", str(tmp_path / "demo")],
+    proc = subprocess.run([*CLI, "demo", "--peers", "2", "--rounds", "1", "--json", "--run-dir", str(tmp_path / "demo")],
                           capture_output=True, text=True, timeout=540, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["peers_agree"] is True
-    assert [r["round"] for r in summary["history"]] == [1, 2]
+    assert [r["round"] for r in summary["history"]] == [1]
     # the swarm's W and replicas are the one-process simulation's, bit for bit, after every round,
     # so the two evaluate alike; full-rank training on the same samples is beside them
     assert summary["bit_identical"] is True and all(r["identical"] for r in summary["history"])
     assert all(r["swarm_loss"] == r["simulate_loss"] for r in summary["history"])
     assert all(0.0 <= r["full_accuracy"] <= 1.0 for r in summary["history"])
-    assert summary["samples"] == 2 * 20 * 2 * 32  # rounds x T x peers x per-head batch
+    assert summary["samples"] == 1 * 20 * 2 * 32  # rounds x T x peers x per-head batch
     plot = tmp_path / "demo" / "run" / "curves.png"
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 10_000
 
@@ -55,7 +55,7 @@ def test_demo_runs_writes_its_plot_and_exports_a_timm_model(tmp_path):
     assert result.exit_code == 0, (result.stderr[-2000:], result.exception)
     assert "timm.create_model" in result.stderr
     accuracy, meta = _evaluate_export(out)
-    assert meta["round"] == 2
+    assert meta["round"] == 1
     # the plain timm model scores what the swarm reported (its attention kernel may flip one tie)
     assert abs(accuracy - summary["accuracy"]) <= 1 / 360 + 1e-9, (accuracy, summary["accuracy"])
 

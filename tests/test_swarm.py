@@ -81,8 +81,8 @@ def test_three_peers_agree_bit_for_bit_and_match_the_simulation_while_a_rogue_no
     still merges all three, never the rogue, and W is the simulation's, which no attack took part
     in."""
     # nobody is killed here: a fetch that runs into its timeout is a host too busy (2 cores, 9 processes)
-    swarm = swarm_factory(heads=3, merge_every=2, rounds=3, min_heads=3, merge_grace=15.0, request_timeout=30.0,
-                          round_timeout=60.0, overlap=True)
+    swarm = swarm_factory(heads=3, merge_every=2, rounds=3, min_heads=3, merge_grace=15.0, request_timeout=20.0,
+                          overlap=True)
     coordinator = swarm.start_coordinator()
     peers = [swarm.join("peer0"), swarm.join("peer1")]
     # behind NAT, it joins a swarm whose nodes are up (see test_dht_reads.py: a node in client mode
