@@ -59,6 +59,17 @@ def revoked_members(run_dir: Path) -> list[str]:
     return sorted(set(found))
 
 
+def write_revoked(run_dir: Path, fingerprints) -> list[str]:
+    """Make `fingerprints` the run dir's revoked members (what `revoked_members` reads); returns them sorted."""
+    import json
+
+    from swarm.identity import write_private
+
+    revoked = sorted(set(fingerprints))
+    write_private(Path(run_dir) / REVOKED_FILE, json.dumps(revoked, indent=1).encode())
+    return revoked
+
+
 def coordinator_identity(run_dir: Path) -> Identity:
     """The run's authority: the coordinator's signing key, kept in the run dir so that a resumed
     coordinator keeps its run id (which pins the key) and its authority."""
@@ -298,10 +309,7 @@ class Coordinator:
     def _revoke(self, writers: list[str]) -> None:
         """Revoke `writers`' keys: in the run dir (so that a resumed run keeps them out), for our
         own reads at once, and in the DHT for everyone's."""
-        import json
-
-        revoked = sorted(set(self.revoked) | set(writers))
-        (self.run_dir / REVOKED_FILE).write_text(json.dumps(revoked))
+        write_revoked(self.run_dir, {*self.revoked, *writers})
         self.membership.revoked |= set(writers)
         self._revocations_changed()
         self.publish_revocations(self.clock.now() + max(6 * self.cfg.swarm.lease_seconds, 3 * self.cfg.swarm.round_timeout))

@@ -18,7 +18,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from peers.checkpoint import checkpoint_run_id
-from peers.coordinator import KEY_FILE, REVOKED_FILE, coordinator_identity, revoked_members
+from peers.coordinator import KEY_FILE, coordinator_identity, revoked_members, write_revoked
 from swarm.errors import ConfigError
 from swarm.identity import Identity, is_fingerprint, write_private
 from swarm.keys import RunKeys
@@ -50,9 +50,7 @@ def revoke(run_dir: Path, member: str) -> list[str]:
     _coordinator_dir(run_dir)
     if not is_fingerprint(member):
         raise ConfigError(f"--member {member!r} is not a key fingerprint (as `lte-swarm key FILE` prints it)")
-    revoked = sorted({*revoked_members(run_dir), member})
-    write_private(run_dir / REVOKED_FILE, json.dumps(revoked, indent=1).encode())
-    return revoked
+    return write_revoked(run_dir, {*revoked_members(run_dir), member})
 
 
 def _coordinator_dir(run_dir: Path) -> tuple[str, Identity]:

@@ -86,16 +86,16 @@ def run_one(job: tuple) -> dict:
     config, overrides, attack, hostile, verify_rate = job
     torch.set_num_threads(1)
     import peers.simulate as simulate
-    from swarm.rounds.undo import UNDO_DELAY, subtract
-    from swarm.wire import (clip_limits, clipped_share, decode_contribution, dequantized, encode_contribution,
-                            merged_totals, reduced_tensors, shapes_of)
+    from swarm.rounds.undo import UNDO_DELAY, Unverified, subtract
+    from swarm.wire import (clipped_shares, decode_contribution, dequantized, encode_contribution, merged_totals,
+                            reduced_tensors, shapes_of)
 
     cfg = load_config(config).with_overrides(overrides)
     generator = torch.Generator().manual_seed(cfg.train.seed)
     draws = torch.Generator().manual_seed(cfg.train.seed + 1)
     stats = {"refused": 0, "round": 0}
     caught: dict[int, int] = {}   # hostile head -> the round it was caught in
-    added: dict[int, dict] = {}   # hostile head -> what it added so far (no round of it passed a redo)
+    added = Unverified()          # what each hostile head added so far (no round of it passed a redo)
     undo: dict[int, dict] = {}    # round -> what it takes out
 
     def reduce(model, dtype="fp32", reduced="fp32", robust_clip=0.0, max_update=float("inf"),
@@ -105,7 +105,7 @@ def run_one(job: tuple) -> dict:
         contributions, forged_now = [], set()
         for h in model.head_ids:
             blob = encode_contribution(model, [h], dtype=dtype, targets=targets)[0]
-            honest = decode_contribution(blob, f"{h:08d}", model, max_update, max_relative_update, part=targets,
+            honest = decode_contribution(blob, f"{h:020d}", model, max_update, max_relative_update, part=targets,
                                          dtype=dtype, reach=reach, scope=targets)
             if h in caught and r == caught[h] + 1:
                 continue  # its writer was revoked before the round: nobody merges it
@@ -121,15 +121,12 @@ def run_one(job: tuple) -> dict:
             contributions.append(honest)
         totals = merged_totals(model, contributions, robust_clip, reduced, targets, dither)
         if verify_rate > 0 and forged_now:
-            limits = clip_limits(model, contributions, robust_clip, targets)
-            for c in contributions:
-                if c.peer in forged_now:
-                    acc = added.setdefault(int(c.peer), {})
-                    for name, value in clipped_share(model, c, limits).items():
-                        acc[name] = acc[name] + value if name in acc else value
+            for peer, share in clipped_shares(model, contributions, robust_clip, targets).items():
+                if peer in forged_now:
+                    added.add(peer, r, 1, share)
             shares: dict = {}
-            for h in [h for h in added if caught.get(h) == r]:
-                for name, value in added.pop(h).items():
+            for pending in [added.pop(f"{h:020d}") for h, at in caught.items() if at == r]:
+                for name, value in pending.total.items():
                     shares[name] = shares[name] + value if name in shares else value
             if shares:
                 undo[r + UNDO_DELAY] = dequantized(reduced_tensors(shares, reduced), reduced, shapes_of(shares))

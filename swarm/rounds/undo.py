@@ -83,9 +83,6 @@ class Unverified:
         for writer in [w for w, p in self._by_writer.items() if p.undone.last < r - FORGET_AFTER]:
             del self._by_writer[writer]
 
-    def __contains__(self, writer: str) -> bool:
-        return writer in self._by_writer
-
 
 class Undoing:
     """One peer's side of undoing contributions: the coordinator schedules, everyone loads the
