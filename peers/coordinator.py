@@ -17,6 +17,7 @@ from peers.data import DataSource, ImageShape
 from peers.models import create_lte_model
 from peers.node import Runtime, announce_run, join_rounds
 from peers.training import evaluate
+from peers.verification import Verification
 from swarm import dht_io
 from swarm.config import RunConfig
 from swarm.clock import run_steps
@@ -24,12 +25,9 @@ from swarm.errors import ConfigError
 from swarm.identity import Identity
 from swarm.keys import RunKeys, make_run_id
 from swarm.rounds import MergeRound, RoundResult
-from peers.verify import TOLERANCE, RoundStart, mismatch, redo_contribution, sampled
-from swarm.rounds.undo import UNDO_DELAY, Unverified
-from swarm.schemas import (DECISIONS_KEPT, HashRecord, ReadyRecord, RevocationRecord, RoundSummary, RunProgress,
-                           RunRecord, Verdict, VerdictRecord)
+from swarm.rounds.undo import UNDO_DELAY
+from swarm.schemas import DECISIONS_KEPT, HashRecord, RevocationRecord, RoundSummary, RunProgress, RunRecord
 from swarm.transport import NETWORK_ERRORS
-from swarm.wire import Contribution, ContributionError, clipped_share, decode_contribution
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +114,7 @@ class Coordinator:
         # A round blocks for as long as its transfers take (recomputing every part waits on every
         # member's uplink); peers take a lapsed progress record for a coordinator that is gone and
         # decide the round without it, so the record is kept up between transfers too.
-        self.protocol.keep_alive = self._keep_published
+        self.protocol.keep_alive = self.keep_published
         self.record = RunRecord(run_id=run_id, config=cfg.model_dump(mode="json"), coordinator=self.peer,
                                 created=float(self.clock.now()))
         self.resumed = saved is not None
@@ -131,11 +129,7 @@ class Coordinator:
         self._linger_until: float | None = None
         self.revoked: list[str] = []
         self._revocations_stamp: int | None = None  # the revoked file's mtime when last published
-        # swarm.verify_rate: W as the round in progress began (what its heads trained on), to redo
-        # sampled heads' rounds from once it is merged; and the run's training data to redo them on
-        self.round_w: tuple[int, dict] | None = None
-        self._train_source: DataSource | None = None
-        self.unverified = Unverified()  # per writer, what it added in rounds no verdict passed
+        self.verification = Verification(cfg, self)  # swarm.verify_rate: redoing rounds, and what follows
 
     # ---- checkpoints -------------------------------------------------------------------------
     def checkpoint(self) -> None:
@@ -204,7 +198,7 @@ class Coordinator:
     def _publish_due(self) -> bool:
         return self.clock.now() - self._published_at > self.cfg.swarm.lease_seconds
 
-    def _keep_published(self) -> None:
+    def keep_published(self) -> None:
         if self.started and self._publish_due():
             try:
                 self.publish()
@@ -221,8 +215,7 @@ class Coordinator:
             return self._linger()
         if self.mr is None:
             self.mr = self.protocol.begin(None, None)
-            if self.cfg.swarm.verify_rate > 0:
-                self.round_w = (self.mr.round, {k: v.detach().clone() for k, v in self.model.shared_state().items()})
+            self.verification.begin(self.mr.round)
         result = self.protocol.poll(self.mr)
         if result is None:
             return self.mr.wait
@@ -236,75 +229,21 @@ class Coordinator:
 
     # ---- redoing rounds ----------------------------------------------------------------------
     def _verify(self, result: RoundResult, shares: dict[str, dict]) -> None:
-        """Redo the rounds of a share of the heads merged in `result`'s round (`swarm.verify_rate`),
-        from the starts their holders committed to and the W the round began from, and publish a
-        verdict on each contribution redone: its mismatch, and whether it is within the tolerance
-        (`peers.verify`). A contribution that names no start (trained beside a merge, carried over)
-        or cannot be fetched (its writer pushed it, or left) is reported as not verifiable.
-
-        What each member added to the round (`shares`, clipped as merged) is kept, summed per
-        writer, for every round no verdict passed. A contribution that does not reproduce has
-        consequences before the next round begins: all its writer added in those rounds is taken
-        out again two rounds on by every peer (`swarm.rounds.undo`), and its key is revoked, so
-        that its heads go to others, who start them afresh."""
-        held, rate = self.round_w, self.cfg.swarm.verify_rate
-        if rate <= 0 or held is None or held[0] != result.round or result.missed or not result.members:
-            return
-        r, w = result.round, held[1]
-        ready = {who: rec for who, rec in dht_io.by_writer(dht_io.read(self.dht, self.keys.ready(r), ReadyRecord,
-                                                                       self.clock.now())).items() if rec.round == r}
-        heads = sorted(h for writer in result.members if writer in ready for h in ready[writer].heads)
-        chosen = set(sampled(self.rt.identity, self.keys.run_id, r, heads, rate))
-        verdicts, failed = [], {}
-        for writer in sorted(result.members):
-            rec = ready.get(writer)
-            if rec is None or not chosen & set(rec.heads):
-                continue
-            self._keep_published()  # a redo takes a head's T steps: peers must not take us for gone meanwhile
-            found = self._redo(r, writer, rec, w)
-            if found is None:
-                self.events.emit("unverifiable", round=r, writer=writer, heads=rec.heads)
-                continue
-            distance, submitted = found
-            verdict = Verdict(writer=writer, heads=rec.heads, mismatch=min(distance, 1e9), passed=distance <= TOLERANCE)
-            verdicts.append(verdict)
-            self.events.emit("verdict", round=r, writer=writer, heads=rec.heads, mismatch=verdict.mismatch,
-                             passed=verdict.passed)
-            if not verdict.passed:
-                log.warning("round %d: the contribution of %s (heads %s) is %.3g from its round redone: it does not "
-                            "reproduce; taking out what it added since its rounds were last redone at round %d, and "
-                            "revoking its key", r, writer[:8], rec.heads, distance, r + UNDO_DELAY)
-                failed[writer] = submitted
-        if verdicts:
-            dht_io.store(self.dht, self.keys.verdicts(r), self.rt.identity, VerdictRecord(round=r, verdicts=verdicts),
-                         self.clock.now() + 3 * self.cfg.swarm.round_timeout, wait=False)
-        passed = {v.writer for v in verdicts if v.passed}
-        for writer in result.members:
-            share = shares.get(writer) or None
-            if writer in failed and share is None and failed[writer] is not None:
-                share = clipped_share(self.model, failed[writer], {})  # we did not hold it: as it reads, unclipped
-            if writer not in passed and share is not None and writer in ready:
-                self.unverified.add(writer, r, len(ready[writer].heads), share)
-        self.unverified.forget(r)
+        """Redo a share of the heads merged in `result`'s round, or give them to spare volunteers
+        to redo (`peers.verification`), and act on the verdicts in: a contribution that does not
+        reproduce has consequences before the next round begins: all its writer added in the
+        rounds no verdict passed is taken out again UNDO_DELAY rounds on by every peer
+        (`swarm.rounds.undo`), and its key is revoked, so that its heads go to others, who start
+        them afresh; a verifier that lied is revoked too."""
+        failed, liars = self.verification.after(result, shares)
         if failed:
-            self._undo(r, sorted(failed))
-
-    def _undo(self, r: int, writers: list[str]) -> None:
-        """Take out at round r + UNDO_DELAY all that `writers` added in rounds no verdict passed,
-        and revoke their keys."""
-        undone, total = [], {}
-        for writer in writers:
-            entry = self.unverified.pop(writer)
-            if entry is None:
-                continue
-            undone.append(entry.undone)
-            for name, value in entry.total.items():
-                total[name] = total[name] + value if name in total else value
-        if undone:
-            self.protocol.undoing.schedule(r + UNDO_DELAY, undone, total)
-            self.events.emit("undo", round=r, at=r + UNDO_DELAY, writers=[u.writer for u in undone],
-                             rounds=[u.rounds for u in undone])
-        self._revoke(writers)
+            undone, total = self.verification.take_out(failed)
+            if undone:
+                self.protocol.undoing.schedule(result.round + UNDO_DELAY, undone, total)
+                self.events.emit("undo", round=result.round, at=result.round + UNDO_DELAY,
+                                 writers=[u.writer for u in undone], rounds=[u.rounds for u in undone])
+        if failed or liars:
+            self._revoke([*failed, *liars])
 
     def _revoke(self, writers: list[str]) -> None:
         """Revoke `writers`' keys: in the run dir (so that a resumed run keeps them out), for our
@@ -313,47 +252,6 @@ class Coordinator:
         self.membership.revoked |= set(writers)
         self._revocations_changed()
         self.publish_revocations(self.clock.now() + max(6 * self.cfg.swarm.lease_seconds, 3 * self.cfg.swarm.round_timeout))
-
-    def _redo(self, r: int, writer: str, rec: ReadyRecord, w: dict) -> tuple[float, Contribution | None] | None:
-        """How far `writer`'s contribution to round r is from its heads' rounds redone (inf for a
-        start that is not the one committed to, or that does not fit the run's model), and the
-        contribution as it was merged (None when it cannot be read); None if it named no start or
-        its blobs cannot be fetched."""
-        if rec.starts is None or rec.pushed is not None:
-            return None
-        swarm = self.cfg.swarm
-        timeout, bound = swarm.request_timeout, self.protocol.ctx.max_state_bytes
-        try:
-            raw = [self.server.fetch(rec.p2p, self.keys.round_start_blob(r, writer, head), timeout, bound)
-                   for head in rec.heads]
-            blob = self.server.fetch(rec.p2p, self.keys.contribution_blob(r, writer), timeout,
-                                     self.protocol.max_contribution_bytes)
-        except NETWORK_ERRORS as exc:
-            log.info("round %d: cannot fetch what %s committed to: %s", r, writer[:8], exc)
-            return None
-        try:
-            submitted = decode_contribution(blob, writer, self.model, max_update=math.inf,
-                                            dtype=swarm.contribution_dtype)
-        except ContributionError:
-            return math.inf, None
-        try:
-            starts = [RoundStart.decode(b) for b in raw]
-        except Exception:  # not a start at all
-            return math.inf, submitted
-        if [s.digest() for s in starts] != rec.starts or [s.head for s in starts] != rec.heads:
-            return math.inf, submitted
-        try:
-            if self._train_source is None:
-                self._train_source = DataSource(self.cfg.data, ImageShape(self.cfg.model.image_size,
-                                                                          self.cfg.model.channels), seed=self.cfg.train.seed)
-            redo = redo_contribution(self.cfg, w, starts, self._train_source)
-        except (ValueError, RuntimeError, KeyError) as exc:
-            log.info("round %d: the round of %s cannot be redone: %s", r, writer[:8], exc)
-            return math.inf, submitted
-        offered = {**submitted.weights, **submitted.replicas}
-        if not set(offered) <= set(redo):
-            return math.inf, submitted
-        return mismatch({name: redo[name] for name in offered}, offered), submitted
 
     def _linger(self) -> float:
         """The run is over: checkpoint, then stay a donor so peers finishing the last round can

@@ -19,7 +19,8 @@ from peers.data import DataSource, ImageShape, is_shareable
 from peers.models import create_lte_model, resolve_device
 from peers.node import Runtime, SwarmError, join_rounds
 from peers.training import HeadTrainer, stack_batches
-from peers.verify import Counted, RoundStart, snapshot
+from peers.verifier import Verifier
+from peers.verify import Counted, RoundStart, rewind, snapshot
 from swarm.config import RunConfig
 from swarm.clock import run_steps
 from swarm.errors import ConfigError
@@ -72,15 +73,31 @@ class Trainer:
             # The run's config comes from its coordinator: it must not pick files on our disk.
             raise ConfigError(f"this run trains on the local data {cfg.data.source!r}, and a peer never reads a "
                               "local path the run names: pass --data with your own copy of the data")
+        # Whether we commit to what each head's round began from (`peers.verify`): only in a run
+        # that redoes rounds (swarm.verify_rate), whose volunteers would otherwise copy, encode and
+        # hash their heads' state every round for nobody; not with swarm.overlap, whose steps train
+        # on a W that a merge changes midway; not on our own data (--data other than the run's),
+        # which nobody else can redo: such work goes uncommitted, which a run may refuse
+        # (swarm.accept_unverifiable).
+        private = data_cfg.source != cfg.data.source
+        self.commits = cfg.swarm.verify_rate > 0 and not cfg.swarm.overlap and not private
+        if cfg.swarm.verify_rate > 0 and not cfg.swarm.accept_unverifiable:
+            if private:
+                raise ConfigError(f"run {keys.run_id} merges only work it can redo, on its own data "
+                                  f"{cfg.data.source!r}: join without --data, or with --data {cfg.data.source!r}")
+            if not rt.reachable:
+                raise ConfigError(f"run {keys.run_id} merges only work it can redo, which verifiers fetch from the "
+                                  "peer that did it, and this peer cannot be reached (behind a NAT): join from a host "
+                                  "that accepts connections (--host-maddrs with a public address)")
         self.source = DataSource(data_cfg, ImageShape(cfg.model.image_size, cfg.model.channels), seed=cfg.train.seed)
+        # Standing by, we redo the rounds the coordinator gives us, on the run's data (ours is not)
+        self.verifier = (Verifier(cfg, self.protocol.ctx, self.source, self.events, self.device)
+                         if self.commits and cfg.swarm.verifiers > 0 else None)
         self.streams: dict[int, Counted] = {}
-        # What the heads' unmerged work began from (`peers.verify`): committed to in our ready
-        # record, served to whoever redoes the round. Only in a run that redoes rounds
-        # (swarm.verify_rate), whose volunteers would otherwise copy, encode and hash their heads'
-        # state every round for nobody; not with swarm.overlap, whose steps train on a W that a
-        # merge changes midway.
-        self.commits = cfg.swarm.verify_rate > 0 and not cfg.swarm.overlap
+        # What the heads' unmerged work began from: committed to in our ready record, served to
+        # whoever redoes the round.
         self.starts: dict[int, RoundStart] = {}
+        self.starts_round = -1                  # the round whose W they began on
         self.head_trainer: HeadTrainer | None = None
 
         self.phase = PeerPhase.SYNCING
@@ -137,7 +154,7 @@ class Trainer:
                 if mr.agreed_members is not None and self.peer in mr.agreed_members:
                     self._merged(mr)  # our change is in the agreed W even though we could not fetch it
                 else:
-                    self.carry_over = self.unmerged_steps > 0
+                    self._missed()
                 self.step_in_round, self.round_losses = 0, []
             return 1.0
 
@@ -219,11 +236,15 @@ class Trainer:
         merge would cost the members' uplinks a round's parts each, for a W it may not train on for
         hours; its W goes stale instead, and is brought up to date once it wins a head
         (`_catch_up`: a round or two replayed, else downloaded). Before each claim it asks whether
-        the run is over (`_run_over`): then it leaves with the W it has."""
+        the run is over (`_run_over`): then it leaves with the W it has. In a run that redoes rounds
+        it meanwhile does the checks the coordinator gives it (`peers.verifier`)."""
         if self.phase is not PeerPhase.STANDBY or not self.stale:
             self.stale = True
             self._set_phase(PeerPhase.STANDBY)
             self.events.emit("standby", round=self.protocol.round)
+        self._publish_status()  # live in the list of peers: the coordinator picks verifiers from it
+        if self.verifier is not None:
+            self.verifier.poll()
         return self.cfg.swarm.lease_seconds * STANDBY_LEASES
 
     def _catch_up(self) -> float:
@@ -264,6 +285,7 @@ class Trainer:
             steps = self._round_steps()
             self.starts = {h: snapshot(self.model, self.head_trainer.optimizer, h, global_step, self.streams[h].count,
                                        steps) for h in self.model.head_ids}
+            self.starts_round = self.protocol.round
         began = self.clock.monotonic()
         x, y = stack_batches([self.streams[h] for h in self.model.head_ids], self.device)
         with self.model.lock:  # W and the shared parameters stay put for the whole step
@@ -327,13 +349,33 @@ class Trainer:
         """Serve what each head's work in the coming round began from, and their digests for our
         ready record; None when the work is not one round's steps from a start we took (carried
         over from a missed round, heads changed, or a run that redoes no rounds)."""
-        starts = [self.starts.get(h) for h in heads]
-        if not self.commits or any(s is None or s.steps != self.unmerged_steps for s in starts):
+        starts, r = [self.starts.get(h) for h in heads], self.protocol.round
+        if (not self.commits or self.starts_round != r  # carried over: it trained on an older W
+                or any(s is None or s.steps != self.unmerged_steps for s in starts)):
             return None
-        r = self.protocol.round
         for h, start in zip(heads, starts):
             self.protocol.ctx.serve(r, self.keys.round_start_blob(r, self.peer, h), start.encode())
         return [start.digest() for start in starts]
+
+    def _missed(self) -> None:
+        """Our contribution missed its round: offer it again at once, or, in a run that merges
+        only work it can redo (`swarm.accept_unverifiable` false; work carried over began on a W
+        the swarm has left), take the heads back to where the round began, to train it again."""
+        self.carry_over = False
+        if self.unmerged_steps <= 0:
+            return
+        if self.cfg.swarm.accept_unverifiable:
+            self.carry_over = True
+            return
+        for head in self.model.head_ids:
+            if head in self.starts:
+                rewind(self.model, self.head_trainer.optimizer, self.starts[head])
+        unstarted = [h for h in self.model.head_ids if h not in self.starts]
+        if unstarted:  # no start to go back to (adopted since): its change is dropped, its factors kept
+            self.model.mark_merged(unstarted)
+        log.info("round %d: our contribution missed it; training the heads' round again on the new W",
+                 self.protocol.round)
+        self.unmerged_steps, self.starts = 0, {}
 
     def _merged(self, mr: MergeRound) -> None:
         """The contribution of `mr` is in the agreed W: its heads start over from there."""
@@ -398,7 +440,8 @@ class Trainer:
         elif mr.contribution is not None:
             if result.merged:
                 self._merged(mr)
-            self.carry_over = result.missed and self.unmerged_steps > 0
+            elif result.missed:
+                self._missed()
             self.step_in_round, self.round_losses = 0, []
         self._report(result, steps, loss, mr.ready.train_seconds if mr.ready is not None else 0.0)
         self._publish_status(force=True)
@@ -470,7 +513,7 @@ class Trainer:
                             loss=loss, samples_per_second=float(self.samples_per_second),
                             bytes_sent=self.server.bytes_sent, bytes_received=self.server.bytes_received,
                             device=str(self.device), storage=self.cfg.lte.storage, digest=self.protocol.w_digest(),
-                            time=float(self.clock.now()))
+                            time=float(self.clock.now()), verifies=self.verifier is not None)
         expiration = self.clock.now() + max(10.0, self.cfg.swarm.lease_seconds)
         try:  # not waited for: a training step never stalls on the DHT's answer to a status record
             publish_status(self.dht, self.keys, self.rt.identity, record, expiration,

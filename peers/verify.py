@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 from dataclasses import dataclass, field
 from itertools import islice
 from typing import Iterator
@@ -27,6 +28,7 @@ from swarm.config import RunConfig
 from swarm.head_adamw import HeadAdamW
 from swarm.identity import Identity
 from swarm.lte_model import LTEModel
+from swarm.wire import Contribution, ContributionError, decode_contribution
 
 # What is a head's own in an LTEModel's state: its factors (and their baselines), its replicas.
 HEAD_STATE = ("factors.", "replicas.", "replica_base.", "replica_sent.")
@@ -106,16 +108,36 @@ def restore(model: LTEModel, trainer: HeadTrainer, start: RoundStart) -> None:
     """Make `model` (holding `start.head` alone) and `trainer` what `start` says."""
     if model.head_ids != [start.head]:
         raise ValueError(f"restore a round of head {start.head} into a model of that head alone")
+    rewind(model, trainer.optimizer, start)
+
+
+def rewind(model: LTEModel, optimizer: HeadAdamW, start: RoundStart) -> None:
+    """Put `start.head`'s slice of `model` and of `optimizer`'s moments back to what `start` says:
+    its round's work undone, as if it had not trained (the other heads keep theirs)."""
+    if start.head not in model.head_ids:
+        raise ValueError(f"head {start.head} is not held by this model")
+    pos = model.head_ids.index(start.head)
     state = model.state_dict()
     missing = sorted(set(start.tensors) ^ {name for name in state if name.startswith(HEAD_STATE)})
     if missing:
         raise ValueError(f"the round's start and this run's model differ in {missing[:3]}")
+    params = dict(model.named_parameters())
     with torch.no_grad():
         for name, value in start.tensors.items():
-            state[name][0].copy_(value)
-    params = dict(model.named_parameters())
-    for name, moments in start.moments.items():
-        trainer.optimizer.state[params[name]] = {key: value.unsqueeze(0).clone() for key, value in moments.items()}
+            state[name][pos].copy_(value)
+        for name, p in params.items():  # moments the head had none of yet start from zeros, as a fresh head's
+            if name not in start.moments and optimizer.state.get(p):
+                for value in optimizer.state[p].values():
+                    value[pos].zero_()
+        for name, moments in start.moments.items():
+            held = optimizer.state.setdefault(params[name], {})
+            for key, value in moments.items():
+                if key in held:
+                    held[key][pos].copy_(value)
+                else:
+                    fresh = torch.zeros((len(model.head_ids), *value.shape), dtype=value.dtype, device=value.device)
+                    fresh[pos].copy_(value)
+                    held[key] = fresh
 
 
 def reproduce(cfg: RunConfig, w: LTEModel | dict[str, torch.Tensor], start: RoundStart,
@@ -180,3 +202,32 @@ def mismatch(reproduced: dict[str, torch.Tensor], submitted: dict[str, torch.Ten
         size = float(redo.double().norm())
         worst = max(worst, diff / size if size > 0 else (0.0 if diff == 0 else float("inf")))
     return worst
+
+
+def judge(cfg: RunConfig, w: dict[str, torch.Tensor], model: LTEModel, writer: str, heads: list[int],
+          committed: list[str], starts: list[bytes], contribution: bytes,
+          source: DataSource | None = None) -> tuple[float, Contribution | None]:
+    """How far `writer`'s `contribution` (its blob) is from its heads' rounds redone on W as `w`
+    holds it, from `starts` (their blobs, in `heads` order), which must be the ones it committed
+    to (`committed`, its ready record's digests): inf for a start that is not, or that does not fit
+    the run's model (`model`, any LTEModel of the run, reads the contribution); and the
+    contribution as decoded (None when it cannot be read)."""
+    try:
+        submitted = decode_contribution(contribution, writer, model, max_update=math.inf,
+                                        dtype=cfg.swarm.contribution_dtype)
+    except ContributionError:
+        return math.inf, None
+    try:
+        decoded = [RoundStart.decode(b) for b in starts]
+    except Exception:  # not a start at all
+        return math.inf, submitted
+    if [s.digest() for s in decoded] != committed or [s.head for s in decoded] != heads:
+        return math.inf, submitted
+    try:
+        redo = redo_contribution(cfg, w, decoded, source)
+    except (ValueError, RuntimeError, KeyError):
+        return math.inf, submitted
+    offered = {**submitted.weights, **submitted.replicas}
+    if not set(offered) <= set(redo):
+        return math.inf, submitted
+    return mismatch({name: redo[name] for name in offered}, offered), submitted

@@ -221,6 +221,15 @@ class SwarmConfig(_Strict):
                                          "on each; drawn from its signature over the round, which no holder can "
                                          "compute before it offered. A contribution that does not reproduce is "
                                          "taken out of W two rounds on, by every peer, and its writer's key revoked")
+    verifiers: int = Field(
+        2, ge=0, le=8, description="with swarm.verify_rate: spare volunteers (standing by without a head) that redo a "
+                                   "round's drawn heads, instead of the coordinator; a round all of them pass passes, "
+                                   "any other outcome the coordinator redoes itself and decides, and a verifier it "
+                                   "contradicts is revoked. 0, or no spare volunteer: the coordinator redoes them all")
+    accept_unverifiable: bool = Field(
+        True, description="with swarm.verify_rate: merge contributions nobody can redo (trained on a volunteer's private "
+                          "data, carried over from a missed round, or pushed from behind a NAT). False leaves them out "
+                          "of every round, and volunteers that would send them are told so when they join")
     overlap: bool = Field(
         False, description="train the next T steps while a round's bytes move, and apply its merge one round late (at "
                            "the end of those steps); reset-less variant only")
@@ -250,6 +259,9 @@ class SwarmConfig(_Strict):
                              "by the coordinator's)")
         if self.request_timeout > self.round_timeout:
             raise ValueError(f"swarm.request_timeout ({self.request_timeout}) exceeds swarm.round_timeout ({self.round_timeout})")
+        if not self.accept_unverifiable and self.verify_rate <= 0:
+            raise ValueError("swarm.accept_unverifiable: false needs swarm.verify_rate above 0 (a run that redoes no "
+                             "round can verify no contribution, and would merge none)")
         if self.settle_seconds * 2 >= self.lease_seconds:
             raise ValueError(f"swarm.lease_seconds ({self.lease_seconds}) must exceed twice swarm.settle_seconds ({self.settle_seconds})")
         return self

@@ -103,6 +103,11 @@ class RunKeys:
         """The coordinator's verdicts on the contributions of merge round `round_` it redid."""
         return self._key(f"round{round_}_verdicts")
 
+    @property
+    def checks(self) -> str:
+        """The coordinator's checks that spare volunteers redo (`CheckRecord`)."""
+        return self._key("checks")
+
     def undo(self, round_: int) -> str:
         """The contributions found not to reproduce that merge round `round_` takes out of W again."""
         return self._key(f"round{round_}_undo")
@@ -147,6 +152,11 @@ class RunKeys:
     def round_start_blob(self, round_: int, writer: str, head: int) -> str:
         """What `writer`'s work on `head` in merge round `round_` began from (`peers.verify.RoundStart`)."""
         return f"{self.run_id}/start/{round_}/{writer}/{head}"
+
+    def check_blob(self, round_: int, name: str) -> str:
+        """What the coordinator serves to the verifiers of merge round `round_`: "w" (W as the
+        round began), "<writer>" (its contribution), "<writer>/<head>" (the start of its round)."""
+        return f"{self.run_id}/check/{round_}/{name}"
 
     def undo_blob(self, round_: int, digest: str) -> str:
         """What merge round `round_` subtracts from its totals (`UndoRecord`)."""

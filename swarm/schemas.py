@@ -167,10 +167,40 @@ class Verdict(_Record):
 
 
 class VerdictRecord(_Record):
-    """The coordinator's verdicts on the contributions of merge round `round` it redid."""
+    """Verdicts on the contributions of merge round `round` its writer redid: the coordinator's, or
+    a verifier's on the checks the coordinator gave it (`RoundChecks`)."""
 
     round: int = Field(ge=0, alias="r")
     verdicts: list[Verdict] = Field(max_length=4096, alias="v")
+
+
+class Check(_Record):
+    """One contribution to redo: its writer and heads, the digests of the starts its writer
+    committed to (its ready record's, in `heads` order) and the sha256 of the contribution."""
+
+    writer: Fingerprint = Field(alias="w")
+    heads: list[HeadId] = Field(min_length=1, max_length=4096, alias="h")
+    starts: list[Digest] = Field(min_length=1, max_length=4096, alias="g")
+    contribution: Digest = Field(alias="c")
+
+
+class RoundChecks(_Record):
+    """The coordinator's checks of merge round `round`, given to `verifiers` (spare volunteers): W
+    as the round began (`w`, its state digest) and the checked writers' starts and contributions,
+    all to be fetched from the coordinator at `p2p`."""
+
+    round: int = Field(ge=0, alias="r")
+    w: Digest = Field(alias="d")
+    p2p: PeerAddress = Field(alias="p")
+    verifiers: list[Fingerprint] = Field(min_length=1, max_length=8, alias="v")
+    checks: list[Check] = Field(min_length=1, max_length=4096, alias="c")
+
+
+class CheckRecord(_Record):
+    """The rounds whose checks are out (`RoundChecks`), oldest first: one record that every spare
+    volunteer reads now and then to learn whether it has work."""
+
+    rounds: list[RoundChecks] = Field(max_length=16, alias="k")
 
 
 class Undone(_Record):
@@ -303,6 +333,7 @@ def _status_models():
         storage=(v1.StrictStr, ...),
         digest=(v1.StrictStr, ...),
         time=(v1.StrictFloat, ...),
+        verifies=(v1.StrictBool, False),
     )
     run_status = v1.create_model("RunStatusSchemaV1", __module__=__name__,
                                  peers=(Dict[BytesWithPublicKey, peer_status], None))
@@ -360,6 +391,7 @@ class PeerStatus(_Record):
     storage: str
     digest: str
     time: float
+    verifies: bool = False  # standing by, it redoes the rounds the coordinator gives it (`peers.verifier`)
 
     @field_validator("state", mode="before")
     @classmethod

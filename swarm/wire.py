@@ -808,9 +808,13 @@ def decode_reduced(blob: bytes, model: LTEModel, part: frozenset[str], members: 
 
 
 def encode_state(model: LTEModel, round_: int) -> bytes:
-    state = {k: v.detach().to("cpu").contiguous() for k, v in model.shared_state().items()}
-    meta = {"format": STATE_FORMAT, "round": str(round_), "digest": model.state_digest()}
-    return st_save(state, metadata=meta)
+    return encode_shared_state(model.shared_state(), round_, model.state_digest())
+
+
+def encode_shared_state(state: dict[str, torch.Tensor], round_: int, digest: str) -> bytes:
+    """W as a model's `shared_state` holds it (whose `state_digest` is `digest`), at `round_`."""
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    return st_save(tensors, metadata={"format": STATE_FORMAT, "round": str(round_), "digest": digest})
 
 
 def decode_state(blob: bytes, model: LTEModel, expect_digest: str | None = None, expect_round: int | None = None) -> int:

@@ -183,7 +183,7 @@ def test_a_contribution_that_does_not_reproduce_is_taken_out_by_every_peer_alike
     (the cheat stops, a spare volunteer takes its head, no later round merges the cheat) and two
     rounds on every peer takes out of W exactly what the cheat's contributions added in every round
     no verdict passed, the undrawn ones included, without a re-sync: they all hold the same W."""
-    import peers.coordinator
+    import peers.verification
     from swarm.rounds.machine import MergeProtocol
     from swarm.rounds.undo import UNDO_DELAY, Undoing, subtract
     from swarm.wire import decode_contribution, split_totals
@@ -210,8 +210,9 @@ def test_a_contribution_that_does_not_reproduce_is_taken_out_by_every_peer_alike
 
     monkeypatch.setattr(MergeProtocol, "_merge", merged)
     # the draw's own properties are tested below; here the rounds it draws are the test's
-    monkeypatch.setattr(peers.coordinator, "sampled", lambda identity, run_id, r, heads, rate: heads if r >= first_drawn else [])
-    cfg = tiny_config(heads=4, merge_every=2, rounds=14, min_heads=4, verify_rate=1.0)
+    monkeypatch.setattr(peers.verification, "sampled", lambda identity, run_id, r, heads, rate: heads if r >= first_drawn else [])
+    # the coordinator redoes every round itself (the spare volunteer is no verifier: see below)
+    cfg = tiny_config(heads=4, merge_every=2, rounds=14, min_heads=4, verify_rate=1.0, verifiers=0)
     mem = MemorySwarm(cfg, tmp_path)
     coordinator = mem.coordinator()
     _Recorded.sent = {}
@@ -272,3 +273,96 @@ def test_a_run_that_redoes_rounds_refuses_settings_whose_rounds_cannot_be_redone
     with pytest.raises(ConfigError, match="swarm.verify_rate"):
         cfg.with_overrides({"swarm.verify_rate": 0.25, **setting})
     cfg.with_overrides(setting)  # without verification: fine
+
+
+def test_rewinding_a_head_puts_back_its_rounds_start_and_leaves_the_other_heads_alone():
+    """What a holder does with a round nobody will merge in a run that merges only work it can
+    redo: the head's factors, replicas and moments go back to the round's start, bit for bit, and
+    a first round's moments (none at its start) go back to a fresh head's zeros."""
+    cfg = _cfg()
+    source = DataSource(cfg.data, ImageShape(cfg.model.image_size, cfg.model.channels), seed=cfg.train.seed)
+    model = create_lte_model(cfg, [1, 3])
+    trainer = HeadTrainer(model, cfg.train, cfg.steps)
+    streams = [source.batches(h, cfg.lte.heads, cfg.head_batch) for h in (1, 3)]
+
+    def train(steps, first):
+        for t in range(steps):
+            x, y = stack_batches(streams, "cpu")
+            trainer.step(x, y, first + t)
+
+    for first_round in (True, False):
+        starts = {h: verify.snapshot(model, trainer.optimizer, h, 0, 0, 2) for h in (1, 3)}
+        assert bool(starts[3].moments) != first_round
+        train(2, 0)
+        verify.rewind(model, trainer.optimizer, starts[3])
+        back = verify.snapshot(model, trainer.optimizer, 3, 0, 0, 2)
+        kept = verify.snapshot(model, trainer.optimizer, 1, 0, 0, 2)
+        if first_round:  # zeros where there were no moments: the same steps as a fresh head's
+            assert back.moments and all(not bool(t.any()) for m in back.moments.values() for t in m.values())
+            back.moments = {}
+        assert back.digest() == starts[3].digest()
+        assert kept.digest() != starts[1].digest()  # head 1 keeps its round
+        model.merge()
+    with pytest.raises(ValueError, match="not held"):
+        verify.rewind(model, trainer.optimizer, verify.RoundStart(head=0, step=0, cursor=0, steps=2))
+
+
+class _Uncommitted(Trainer):
+    """Sends its work with no start to redo it from (as work on a volunteer's own data goes)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.commits = False
+
+
+@pytest.mark.parametrize("accept", [True, False])
+def test_a_run_that_merges_only_what_it_can_redo_leaves_unverifiable_work_out(tmp_path, accept):
+    """`swarm.accept_unverifiable: false`: a contribution without a start to redo it from is left
+    out of every round by every peer (with it true, the same contribution is merged), and a
+    volunteer that would train on its own data is told so when it joins."""
+    from swarm.errors import ConfigError
+    from tests.memswarm import MemorySwarm, named_identity, tiny_config
+
+    cfg = tiny_config(heads=3, merge_every=2, rounds=4, min_heads=3, verify_rate=0.01, accept_unverifiable=accept)
+    mem = MemorySwarm(cfg, tmp_path)
+    mem.coordinator()
+    for i in range(2):
+        mem.trainer(f"p{i}")
+    mem.trainer("own", role=_Uncommitted)
+    if not accept:
+        with pytest.raises(ConfigError, match="without --data"):
+            mem.trainer("private", data="digits:/somewhere/else")
+    mem.run()
+    own = named_identity("own").fingerprint
+    rounds = [e for node in mem.nodes.values() for e in node.events.of("round") if e.get("members")]
+    assert rounds and all(len(e["members"]) == (3 if accept else 2) for e in rounds), rounds
+    assert all((own in e["members"]) == accept for e in rounds)
+    assert len(set(mem.digests().values())) == 1
+
+
+@pytest.mark.parametrize("accept", [True, False])
+def test_work_that_missed_its_round_is_offered_again_or_in_a_run_that_merges_only_what_it_can_redo_trained_again(
+        tmp_path, accept):
+    """Work carried into the next round began on a W the swarm left: nobody could redo it. A run
+    that merges anything offers it again at once; one that merges only what it can redo takes the
+    heads back to their round's start (bit for bit), to train it again from a start it commits to."""
+    from tests.memswarm import MemorySwarm, tiny_config
+
+    cfg = tiny_config(heads=2, merge_every=2, rounds=4, min_heads=2, verify_rate=0.5, accept_unverifiable=accept)
+    mem = MemorySwarm(cfg, tmp_path)
+    mem.coordinator()
+    node, _ = mem.trainer("p0"), mem.trainer("p1")
+    peer = node.role
+    # its second round (moments at its start) trained, not yet offered
+    mem.run(until=lambda s: peer.starts_round >= 1 and peer.step_in_round == cfg.lte.merge_every and peer.mr is None)
+    (head,) = peer.model.head_ids
+    start = peer.starts[head]
+
+    def at_start() -> bool:
+        now = verify.snapshot(peer.model, peer.head_trainer.optimizer, head, start.step, start.cursor, start.steps)
+        return now.digest() == start.digest()
+
+    assert not at_start() and peer.unmerged_steps == cfg.lte.merge_every
+    peer._missed()
+    assert peer.carry_over is accept and (peer.unmerged_steps > 0) is accept
+    assert at_start() is not accept and (peer.starts == {}) is not accept

@@ -13,6 +13,7 @@ import logging
 from collections import Counter
 
 from swarm import dht_io
+from swarm.config import SwarmConfig
 from swarm.rounds import plan
 from swarm.rounds.context import RoundContext
 from swarm.schemas import BeaconRecord, DonorRecord, HashRecord, ReadyRecord, RunProgress
@@ -24,6 +25,13 @@ log = logging.getLogger(__name__)
 # Each fresh view is a read of every holder's claim, at every poll it would be most of a round's
 # DHT traffic. What decides a round (its close, its members) asks for a thorough view instead.
 VIEW_SECONDS = 2.0
+
+
+def verifiable(cfg: SwarmConfig, rec: ReadyRecord) -> bool:
+    """Whether a run whose config `cfg` is merges `rec`: any contribution, or in a run that
+    accepts only what it can verify, one whose round can be redone (its starts committed to, and
+    served by its writer rather than pushed from behind a NAT)."""
+    return cfg.accept_unverifiable or (rec.starts is not None and rec.pushed is None)
 
 
 class Agreement:
@@ -129,7 +137,9 @@ class Agreement:
 
     def ready(self, r: int, thorough: bool = False) -> dict[str, ReadyRecord]:
         """Ready records of round r that count: dated near now, from the holder of every head
-        they list (so at most one contribution per head). `thorough`: see `RoundContext.read`;
+        they list (so at most one contribution per head), and, in a run that merges only what it
+        can verify (`swarm.accept_unverifiable` false), committed to a start its writer serves.
+        `thorough`: see `RoundContext.read`;
         its view of the holders may be the one the round's close read a settle delay before. A
         record that a reused view does not back is checked against a fresh view before it is left
         out (a claimant can be ready a few seconds after its claim)."""
@@ -138,7 +148,7 @@ class Agreement:
         found = dht_io.by_writer(ctx.read(ctx.keys.ready(r), ReadyRecord, now, thorough))
         oldest = now - 3 * cfg.round_timeout
         dated = {who: rec for who, rec in found.items()
-                 if rec.round == r and oldest <= rec.ready_at <= now + cfg.clock_skew}
+                 if rec.round == r and oldest <= rec.ready_at <= now + cfg.clock_skew and verifiable(cfg, rec)}
         holders = ctx.holders(max_age=cfg.settle_seconds + VIEW_SECONDS if thorough else VIEW_SECONDS,
                               thorough=thorough)
         if any(holders.get(h) != who for who, rec in dated.items() for h in rec.heads):

@@ -1,0 +1,98 @@
+"""Spare volunteers redo the drawn rounds instead of the coordinator (`peers.verifier`,
+`peers.verification`): their passes stand, anything they doubt the coordinator redoes and decides,
+and a verifier its redo contradicts is revoked. In memory, on the real roles."""
+
+from __future__ import annotations
+
+import pytest
+
+from peers.trainer import Trainer
+from peers.verify import TOLERANCE
+from tests.memswarm import MemorySwarm, named_identity, tiny_config
+from tests.test_verify import _TurnedAround
+
+
+class _Lying(Trainer):
+    """A verifier that reports every check the other way round: an honest contribution far from
+    its redo, a cheat's the same bits."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.verifier.judged = lambda v: v.model_copy(update={"mismatch": 0.0 if v.mismatch > TOLERANCE else 1.0,
+                                                              "passed": v.mismatch > TOLERANCE})
+
+
+def _swarm(tmp_path, volunteers: dict, spares: dict, rounds: int):
+    cfg = tiny_config(heads=len(volunteers), merge_every=2, rounds=rounds, min_heads=len(volunteers), verify_rate=1.0,
+                      verifiers=2)
+    mem = MemorySwarm(cfg, tmp_path)
+    coordinator = mem.coordinator()
+    nodes = {name: mem.trainer(name, role=role) for name, role in {**volunteers, **spares}.items()}
+    return mem, coordinator, nodes
+
+
+def test_spare_volunteers_redo_the_drawn_rounds_and_the_coordinator_redoes_none(tmp_path):
+    """Every head drawn in every round: two spare volunteers redo them all, their passes stand, and
+    the coordinator redoes no round itself; W is one on every peer."""
+    mem, coordinator, nodes = _swarm(tmp_path, {f"p{i}": Trainer for i in range(3)}, {"v0": Trainer, "v1": Trainer},
+                                     rounds=5)
+    mem.run()
+    given = coordinator.events.of("checks")
+    assert given and all(sorted(e["verifiers"]) == sorted(named_identity(v).fingerprint for v in ("v0", "v1"))
+                         for e in given)
+    verdicts = coordinator.events.of("verdict")
+    # (the checks of the last rounds may still be out when the run ends)
+    assert {v["round"] for v in verdicts} <= {e["round"] for e in given}
+    assert len(verdicts) >= 3 * (len(given) - 2) and all(v["passed"] and v["by"] == "verifiers" for v in verdicts)
+    assert coordinator.events.of("redo") == []
+    for v in ("v0", "v1"):
+        checked = nodes[v].events.of("checked")
+        assert checked and all(c["passed"] and c["mismatch"] < 1e-6 for c in checked)
+        assert nodes[v].role.verifier.checked == len(checked)
+    assert not coordinator.role.membership.revoked
+    assert len(set(mem.digests(*[f"p{i}" for i in range(3)], "coordinator").values())) == 1
+
+
+def test_a_lying_verifier_is_outvoted_and_revoked_and_the_cheat_it_covered_for_is_caught(tmp_path):
+    """One verifier reports every check the other way round beside an honest one: no honest
+    volunteer is evicted for its word, the coordinator redoes what it doubted, finds the cheat it
+    passed, takes the cheat's work out and revokes both; the honest verifier stays."""
+    mem, coordinator, nodes = _swarm(tmp_path, {"p0": Trainer, "p1": Trainer, "cheat": _TurnedAround},
+                                     {"v0": Trainer, "liar": _Lying}, rounds=8)
+    mem.run(max_seconds=1200)
+    cheat, liar, honest_verifier = (named_identity(n).fingerprint for n in ("cheat", "liar", "v0"))
+    assert coordinator.role.membership.revoked == {cheat, liar}
+    assert [e["verifier"] for e in coordinator.events.of("lying_verifier")] == [liar]
+    verdicts = coordinator.events.of("verdict")
+    assert any(v["writer"] == cheat and not v["passed"] and v["by"] == "coordinator" for v in verdicts)
+    assert all(v["passed"] for v in verdicts if v["writer"] != cheat), verdicts
+    assert [e["writers"] for e in coordinator.events.of("undo")] == [[cheat]]
+    assert nodes["liar"].state == "failed" and "revoked" in str(nodes["liar"].error)
+    assert nodes["cheat"].state == "failed" and nodes["v0"].state != "failed"
+    assert honest_verifier not in coordinator.role.membership.revoked
+    # the liar's word on the honest volunteers never stood: what it failed first the coordinator
+    # redid (and passed, above); once revoked, what it said next counted for nothing
+    redone = {(e["round"], e["writer"]) for e in coordinator.events.of("redo")}
+    lied_about = {(c["round"], c["writer"]) for c in nodes["liar"].events.of("checked") if c["passed"]}
+    first = min(r for r, _ in lied_about)
+    assert {x for x in lied_about if x[0] == first} <= redone
+    decided = {(v["round"], v["writer"]): v for v in verdicts}
+    assert all(decided[x]["passed"] for x in lied_about if x in decided)
+    finished = [n for n in ("p0", "p1", "v0") if nodes[n].state != "failed"]
+    assert len(set(mem.digests(*finished, "coordinator").values())) == 1
+
+
+@pytest.mark.parametrize("verifiers", [0, 2])
+def test_with_no_spare_volunteer_or_none_asked_for_the_coordinator_redoes_every_drawn_round(tmp_path, verifiers):
+    cfg = tiny_config(heads=2, merge_every=2, rounds=4, min_heads=2, verify_rate=1.0, verifiers=verifiers)
+    mem = MemorySwarm(cfg, tmp_path)
+    coordinator = mem.coordinator()
+    for i in range(2):
+        mem.trainer(f"p{i}")
+    if verifiers == 0:
+        mem.trainer("spare")  # standing by, but not asked
+    mem.run()
+    assert coordinator.events.of("checks") == []
+    verdicts = coordinator.events.of("verdict")
+    assert verdicts and all(v["by"] == "coordinator" and v["passed"] for v in verdicts)
+    assert len(coordinator.events.of("redo")) == len(verdicts)
