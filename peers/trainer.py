@@ -86,9 +86,9 @@ class Trainer:
                 raise ConfigError(f"run {keys.run_id} merges only work it can redo, on its own data "
                                   f"{cfg.data.source!r}: join without --data, or with --data {cfg.data.source!r}")
             if not rt.reachable:
-                raise ConfigError(f"run {keys.run_id} merges only work it can redo, which verifiers fetch from the "
-                                  "peer that did it, and this peer cannot be reached (behind a NAT): join from a host "
-                                  "that accepts connections (--host-maddrs with a public address)")
+                raise ConfigError(f"run {keys.run_id} merges only work it can redo, which is fetched from the peer "
+                                  "that did it, and this peer joined with --client-mode (it cannot accept "
+                                  "connections): join without it, from a host that accepts connections")
         self.source = DataSource(data_cfg, ImageShape(cfg.model.image_size, cfg.model.channels), seed=cfg.train.seed)
         # Standing by, we redo the rounds the coordinator gives us, on the run's data (ours is not)
         self.verifier = (Verifier(cfg, self.protocol.ctx, self.source, self.events, self.device)

@@ -52,18 +52,33 @@ class RoundStart:
     moments: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # parameter -> its optimizer state
 
     def encode(self) -> bytes:
-        """The bytes a holder serves to verifiers (and hashes into `digest`)."""
+        """The bytes a holder serves to verifiers (whose values `digest` hashes). A tensor equal to
+        one before it goes as a reference to that one: a round begins right after a merge, when
+        each factor, its baseline and what was last sent of it are the same values (for ViT-S/32
+        597 of a head's 603 tensors, 40 % of its start's bytes)."""
+        tensors, refs, kept = {}, {}, {}
+        for name, t in sorted(self.tensors.items()):
+            same = next((other for other in kept.get((tuple(t.shape), t.dtype), ())
+                         if torch.equal(tensors[other], t)), None)
+            if same is None:
+                tensors[name] = t
+                kept.setdefault((tuple(t.shape), t.dtype), []).append(name)
+            else:
+                refs[name] = same
         buffer = io.BytesIO()
         torch.save({"head": self.head, "step": self.step, "cursor": self.cursor, "steps": self.steps,
-                    "tensors": dict(sorted(self.tensors.items())),
+                    "tensors": tensors, "refs": refs,
                     "moments": {k: dict(sorted(v.items())) for k, v in sorted(self.moments.items())}}, buffer)
         return buffer.getvalue()
 
     @classmethod
     def decode(cls, blob: bytes) -> "RoundStart":
         raw = torch.load(io.BytesIO(blob), weights_only=True)
+        tensors = dict(raw["tensors"])
+        for name, same in dict(raw.get("refs", {})).items():
+            tensors[str(name)] = tensors[str(same)].clone()
         return cls(head=int(raw["head"]), step=int(raw["step"]), cursor=int(raw["cursor"]), steps=int(raw["steps"]),
-                   tensors=raw["tensors"], moments=raw["moments"])
+                   tensors=tensors, moments=raw["moments"])
 
     def digest(self) -> str:
         """What a holder commits to: the sha256 of its round's start, values and positions alike."""

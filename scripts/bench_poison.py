@@ -21,7 +21,10 @@ drawn with probability R; a drawn one is caught (every attack here fails its red
 is taken out two rounds on exactly as the swarm takes it out (each round's contribution clipped as
 that round clipped it, summed, rounded as the undo travels), it is left out of the next round (the
 coordinator revoked its writer) and from then on its head sends its honest change (another
-volunteer's).
+volunteer's). With `--rollback` each verified attack runs once more with a design the swarm does not
+have, to measure what it would buy: instead of the hostile head's contributions alone, every
+contribution merged since its first unverified round is taken out (W goes back to where it was
+then, the honest heads' own states do not).
 
     python scripts/bench_poison.py [--config configs/digits-vit-tiny.yaml] [--rounds 20] [--hostile 1 2] \\
         [--attacks shrink flip zeros noise] [--verify-rate 0.25] [--set swarm.max_relative_update=0.5 ...] \\
@@ -83,7 +86,7 @@ def forge(attack: str, honest, model, max_update: float, max_relative_update: fl
 def run_one(job: tuple) -> dict:
     """One simulation with `hostile` heads (the last ones) attacking as `attack` (None: none),
     caught by verification at `verify_rate` (0: never)."""
-    config, overrides, attack, hostile, verify_rate = job
+    config, overrides, attack, hostile, verify_rate, rollback = job
     torch.set_num_threads(1)
     import peers.simulate as simulate
     from swarm.rounds.undo import UNDO_DELAY, Unverified, subtract
@@ -97,6 +100,7 @@ def run_one(job: tuple) -> dict:
     caught: dict[int, int] = {}   # hostile head -> the round it was caught in
     added = Unverified()          # what each hostile head added so far (no round of it passed a redo)
     undo: dict[int, dict] = {}    # round -> what it takes out
+    applied: dict[int, dict] = {}  # round -> what it added to W (rollback)
 
     def reduce(model, dtype="fp32", reduced="fp32", robust_clip=0.0, max_update=float("inf"),
                max_relative_update=float("inf"), reach=None, targets=None, dither=None):
@@ -124,13 +128,24 @@ def run_one(job: tuple) -> dict:
             for peer, share in clipped_shares(model, contributions, robust_clip, targets).items():
                 if peer in forged_now:
                     added.add(peer, r, 1, share)
-            shares: dict = {}
+            shares, rolled = {}, False
             for pending in [added.pop(f"{h:020d}") for h, at in caught.items() if at == r]:
+                if rollback:
+                    for k in range(pending.undone.first, r):
+                        for name, value in applied[k].items():
+                            shares[name] = shares[name] + value if name in shares else value.clone()
+                    rolled = True
+                    continue
                 for name, value in pending.total.items():
                     shares[name] = shares[name] + value if name in shares else value
+            if rolled:  # and this round's, as it is applied
+                for name, value in (subtract(totals, undo[r]) if r in undo else totals).items():
+                    shares[name] = shares[name] + value.double() if name in shares else value.double().clone()
             if shares:
                 undo[r + UNDO_DELAY] = dequantized(reduced_tensors(shares, reduced), reduced, shapes_of(shares))
-        return subtract(totals, undo.pop(r)) if r in undo else totals
+        out = subtract(totals, undo.pop(r)) if r in undo else totals
+        applied[r] = {name: value.double() for name, value in out.items()}
+        return out
 
     original, simulate.reduce_in_process = simulate.reduce_in_process, reduce
     try:
@@ -139,8 +154,9 @@ def run_one(job: tuple) -> dict:
         simulate.reduce_in_process = original
     norms = {name: layer.weight_store.master.norm().item() for name, layer in result.model.layers()}
     return {"attack": attack or "none", "hostile": hostile if attack else 0, "verify_rate": verify_rate,
-            "caught": sorted(caught.values()), "accuracy": result.accuracy, "loss": result.loss,
-            "rounds": result.rounds, "refused": stats["refused"], "norms": norms}
+            "rollback": rollback, "caught": sorted(caught.values()), "accuracy": result.accuracy, "loss": result.loss,
+            "rounds": result.rounds, "refused": stats["refused"], "norms": norms,
+            "curve": [(p.round, p.accuracy) for p in result.history]}
 
 
 def _passes(contribution, model, max_update: float, max_relative_update: float, reach) -> bool:
@@ -166,6 +182,9 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--verify-rate", type=float, default=0.0,
                         help="run each attack again, its heads caught by verification at this rate (see above)")
+    parser.add_argument("--rollback", action="store_true",
+                        help="with --verify-rate, each caught attack also rolled back: all contributions of the rounds "
+                             "since the hostile head's first unverified one taken out, every head's")
     parser.add_argument("--workers", type=int, default=1, help="simulations at once, one torch thread each")
     parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     args = parser.parse_args()
@@ -180,8 +199,9 @@ def main() -> None:
     if not 0.0 <= args.verify_rate <= 1.0:
         parser.error("--verify-rate: a share, between 0 and 1")
     rates = [0.0] + ([args.verify_rate] if args.verify_rate > 0 else [])
-    jobs = [(args.config, overrides, None, 0, 0.0)] + [(args.config, overrides, a, k, v) for k in args.hostile
-                                                       for a in args.attacks for v in rates]
+    jobs = [(args.config, overrides, None, 0, 0.0, False)] + [
+        (args.config, overrides, a, k, v, b) for k in args.hostile for a in args.attacks for v in rates
+        for b in ([False, True] if v > 0 and args.rollback else [False])]
     with ProcessPoolExecutor(args.workers) as pool:
         results = list(pool.map(run_one, jobs))
     base = results[0]
@@ -194,7 +214,7 @@ def main() -> None:
         ratios = [r["norms"][n] / base["norms"][n] for n in base["norms"]]
         r["norm_ratio"] = sum(ratios) / len(ratios)
         caught = ",".join(str(c) for c in r["caught"]) or "-"
-        print(f"{r['attack']:<8}{r['hostile']:>5}/{cfg.lte.heads:<2}{r['verify_rate']:>8.2f}{caught:>11}"
+        print(f"{r['attack'] + ('+rb' if r['rollback'] else ''):<8}{r['hostile']:>5}/{cfg.lte.heads:<2}{r['verify_rate']:>8.2f}{caught:>11}"
               f"{100 * r['accuracy']:>9.2f}%{100 * (r['accuracy'] - base['accuracy']):>+8.2f}p{r['norm_ratio']:>16.2f}"
               f"{r['refused']:>9d}")
     if args.json:

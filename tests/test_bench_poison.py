@@ -43,13 +43,39 @@ def test_a_caught_head_is_taken_out_as_the_swarm_takes_it_out_and_w_stays_near_t
     tiny = {"model.args.embed_dim": 16, "model.args.depth": 1, "model.args.num_heads": 2, "lte.rank": 4,
             "train.samples": 3 * 10 * 64, "train.eval_every": 1000}  # 3 rounds of T = 10 steps of 64
     config = str(ROOT / "configs" / "digits-vit-tiny.yaml")
-    free = bench.run_one((config, tiny, None, 0, 0.0))
-    verified, unverified = (bench.run_one((config, tiny, "shrink", 1, v)) for v in (1.0, 0.0))
+    free = bench.run_one((config, tiny, None, 0, 0.0, False))
+    verified, unverified = (bench.run_one((config, tiny, "shrink", 1, v, False)) for v in (1.0, 0.0))
     monkeypatch.setattr(undo, "subtract", lambda totals, _: totals)
-    kept = bench.run_one((config, tiny, "shrink", 1, 1.0))  # caught, but its change left in W
+    kept = bench.run_one((config, tiny, "shrink", 1, 1.0, False))  # caught, but its change left in W
     assert verified["caught"] == kept["caught"] == [0] and unverified["caught"] == [] and free["rounds"] == 3
 
     def distance(run):
         return sum(abs(run["norms"][n] - free["norms"][n]) for n in free["norms"])
 
     assert distance(verified) < 0.7 * distance(kept) and distance(kept) < distance(unverified)
+
+
+def test_a_rolled_back_round_takes_out_every_heads_contribution_of_the_rounds_since_the_caught_heads_first(
+        monkeypatch):
+    """`--rollback` (a design measured, not the swarm's): the head caught in round 0 takes round
+    0's whole merge with it, two rounds on: every head's contribution, as the round applied them."""
+    import swarm.rounds.undo as undo
+    import swarm.wire as wire
+
+    bench = load_script("bench_poison")
+    tiny = {"model.args.embed_dim": 16, "model.args.depth": 1, "model.args.num_heads": 2, "lte.rank": 4,
+            "train.samples": 3 * 10 * 64, "train.eval_every": 1000}
+    config = str(ROOT / "configs" / "digits-vit-tiny.yaml")
+    merged, taken = [], []
+    totals_of, subtract = wire.merged_totals, undo.subtract
+    monkeypatch.setattr(wire, "merged_totals", lambda *a, **k: merged.append(totals_of(*a, **k)) or merged[-1])
+    monkeypatch.setattr(undo, "subtract", lambda totals, values: taken.append(values) or subtract(totals, values))
+    for rollback in (False, True):
+        merged.clear(), taken.clear()
+        run = bench.run_one((config, tiny, "shrink", 1, 1.0, rollback))
+        assert run["caught"] == [0] and len(merged) == 3 and len(taken) == 1
+        (values,) = taken
+        whole = {name: float((values[name].double() - merged[0][name].double()).abs().max()) for name in merged[0]}
+        scale = max(float(merged[0][name].abs().max()) for name in merged[0])
+        # rolled back: round 0's totals, all of them; else the caught head's share alone
+        assert (max(whole.values()) < 1e-6 * scale) is rollback, (rollback, max(whole.values()), scale)

@@ -32,8 +32,14 @@ def test_a_round_redone_from_its_start_is_the_holders_own_bit_for_bit():
     steps = cfg.lte.merge_every
     for r in range(2):
         start = verify.snapshot(holder, trainer.optimizer, head, r * steps, r * steps, steps)
-        again = verify.RoundStart.decode(start.encode())
+        blob = start.encode()
+        again = verify.RoundStart.decode(blob)
         assert again.digest() == start.digest() and bool(again.moments) == (r > 0)
+        assert set(again.tensors) == set(start.tensors)
+        values = sum(t.numel() * t.element_size() for t in start.tensors.values())
+        if r > 0:  # after a merge each factor, its baseline and what was sent of it are one value, sent once
+            assert len(blob) < 0.6 * values + sum(t.numel() * t.element_size() for m in start.moments.values()
+                                                   for t in m.values())
         w = create_lte_model(cfg, [])
         w.load_shared_state(holder.shared_state())
         for t in range(steps):
@@ -366,3 +372,15 @@ def test_work_that_missed_its_round_is_offered_again_or_in_a_run_that_merges_onl
     peer._missed()
     assert peer.carry_over is accept and (peer.unmerged_steps > 0) is accept
     assert at_start() is not accept and (peer.starts == {}) is not accept
+
+
+def test_a_run_that_merges_only_what_it_can_redo_refuses_a_volunteer_nobody_can_fetch_from(tmp_path):
+    from swarm.errors import ConfigError
+    from tests.memswarm import MemorySwarm, tiny_config
+
+    cfg = tiny_config(heads=2, verify_rate=0.25, accept_unverifiable=False)
+    mem = MemorySwarm(cfg, tmp_path)
+    mem.coordinator()
+    with pytest.raises(ConfigError, match="--client-mode"):
+        mem.trainer("behind-nat", reachable=False)
+    mem.trainer("reachable")  # fine
