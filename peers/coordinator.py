@@ -237,11 +237,12 @@ class Coordinator:
         them afresh; a verifier that lied is revoked too."""
         failed, liars = self.verification.after(result, shares)
         if failed:
-            undone, total = self.verification.take_out(failed)
-            if undone:
-                self.protocol.undoing.schedule(result.round + UNDO_DELAY, undone, total)
+            taken, total, rollback = self.verification.take_out(failed, result.round)
+            if taken:
+                self.protocol.undoing.schedule(result.round + UNDO_DELAY, taken, total, rollback)
                 self.events.emit("undo", round=result.round, at=result.round + UNDO_DELAY,
-                                 writers=[u.writer for u in undone], rounds=[u.rounds for u in undone])
+                                 writers=[u.writer for u in taken], rounds=[u.rounds for u in taken],
+                                 rollback=None if rollback is None else [rollback.first, rollback.last])
         if failed or liars:
             self._revoke([*failed, *liars])
 

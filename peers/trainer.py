@@ -377,6 +377,16 @@ class Trainer:
                  self.protocol.round)
         self.unmerged_steps, self.starts = 0, {}
 
+    def _afresh(self) -> None:
+        """The round rolled W back to before a cheat's rounds: our heads' factors and moments,
+        trained on the W it poisoned, start afresh, as a newly claimed head does (our streams go on)."""
+        heads = list(self.model.head_ids)
+        self.head_trainer.set_heads([])
+        self.head_trainer.set_heads(heads)
+        self.unmerged_steps, self.carry_over, self.starts = 0, False, {}
+        self.events.emit("afresh", round=self.protocol.round, heads=heads)
+        log.info("round %d: W was rolled back; our heads %s start afresh", self.protocol.round, heads)
+
     def _merged(self, mr: MergeRound) -> None:
         """The contribution of `mr` is in the agreed W: its heads start over from there."""
         self.model.mark_merged(mr.ready.heads, mr.scope.targets)
@@ -443,6 +453,8 @@ class Trainer:
             elif result.missed:
                 self._missed()
             self.step_in_round, self.round_losses = 0, []
+        if result.rolled_back and self.model.head_ids:
+            self._afresh()
         self._report(result, steps, loss, mr.ready.train_seconds if mr.ready is not None else 0.0)
         self._publish_status(force=True)
         return 0.0

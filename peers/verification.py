@@ -36,7 +36,7 @@ from swarm import dht_io
 from swarm.config import RunConfig
 from swarm.rounds import RoundResult
 from swarm.rounds.undo import Unverified
-from swarm.schemas import (Check, CheckRecord, PeerStatus, ReadyRecord, RoundChecks, Undone, Verdict,
+from swarm.schemas import (Check, CheckRecord, PeerStatus, ReadyRecord, RolledBack, RoundChecks, Undone, Verdict,
                            VerdictRecord)
 from swarm.transport import NETWORK_ERRORS
 from swarm.wire import ContributionError, clipped_share, decode_contribution, encode_shared_state
@@ -83,6 +83,9 @@ class Verification:
         self.unverified = Unverified()  # per writer, what it added in rounds no verdict passed
         self.out: dict[int, OutRound] = {}
         self.round_w: tuple[int, dict[str, torch.Tensor], str] | None = None  # W as the round in progress began
+        # swarm.rollback_rounds: per recent round, its contributions and their heads (what it added
+        # to W the merge keeps: `Undoing.applied`)
+        self.counts: dict[int, tuple[int, int]] = {}
         self._source: DataSource | None = None
 
     # ---- a round begins, a round ends --------------------------------------------------------
@@ -98,16 +101,20 @@ class Verification:
         contributions do not reproduce (to be taken out and revoked) and the verifiers that lied."""
         if self.rate <= 0:
             return [], []
-        self._draw(result, shares)
+        ready = self._ready(result)
+        self._count(result, ready)
+        self._draw(result, shares, ready)
         failed, liars = self._decide()
         self.unverified.forget(result.round)
         if self.cfg.swarm.verifiers > 0:
             self._publish()
         return failed, liars
 
-    def take_out(self, writers: list[str]) -> tuple[list[Undone], dict[str, torch.Tensor]]:
-        """All that `writers` added in rounds no verdict passed (their checks still out included),
-        forgotten here: what the undo subtracts."""
+    def take_out(self, writers: list[str], r: int) -> tuple[list[Undone], dict[str, torch.Tensor], RolledBack | None]:
+        """What the undo of `writers`' contributions subtracts (decided at the end of round r), and
+        forgets it here: all they added in rounds no verdict passed (their checks still out
+        included), or, when those rounds are recent enough (`swarm.rollback_rounds`), every
+        contribution merged since the first of them, which W then goes back before."""
         for out in self.out.values():
             for writer in [w for w in writers if w in out.held]:
                 held = out.held.pop(writer)
@@ -121,16 +128,56 @@ class Verification:
             undone.append(entry.undone)
             for name, value in entry.total.items():
                 total[name] = total[name] + value if name in total else value
-        return undone, total
+        rolled = self._rollback(min((u.first for u in undone), default=r), r) if undone else None
+        if rolled is None:
+            return undone, total, None
+        total, rollback = rolled
+        # what every writer added in those rounds is out of W now; what they added before cannot be
+        # told apart from it in their sums any more, and stays
+        self.unverified = Unverified()
+        for out in self.out.values():
+            if out.round >= rollback.first:
+                for held in out.held.values():
+                    held.share = None
+        return undone, total, rollback
 
-    # ---- giving out checks -------------------------------------------------------------------
-    def _draw(self, result: RoundResult, shares: dict[str, dict]) -> None:
+    def _rollback(self, first: int, last: int) -> tuple[dict[str, torch.Tensor], RolledBack] | None:
+        """Every contribution merged in rounds `first` to `last`, summed as applied, if they are
+        few enough (`swarm.rollback_rounds`) and all known here."""
+        rounds, applied = range(first, last + 1), self.coord.protocol.undoing.applied
+        if len(rounds) > self.cfg.swarm.rollback_rounds or any(k not in applied or k not in self.counts for k in rounds):
+            return None
+        total: dict[str, torch.Tensor] = {}
+        for k in rounds:
+            for name, value in applied[k].items():
+                total[name] = total[name] + value.double() if name in total else value.double()
+        return total, RolledBack(first=first, last=last, contributions=sum(self.counts[k][0] for k in rounds),
+                                 heads=sum(self.counts[k][1] for k in rounds))
+
+    def _ready(self, result: RoundResult) -> dict[str, ReadyRecord]:
+        """The ready records of `result`'s round, by writer."""
+        if result.missed or not result.members:
+            return {}
+        coord, r = self.coord, result.round
+        return {who: rec for who, rec in dht_io.by_writer(dht_io.read(coord.dht, coord.keys.ready(r), ReadyRecord,
+                                                                      coord.clock.now())).items() if rec.round == r}
+
+    def _count(self, result: RoundResult, ready: dict[str, ReadyRecord]) -> None:
+        """How many contributions and heads round `result.round` merged (what bounds a rollback's values)."""
+        keep = self.cfg.swarm.rollback_rounds
+        if keep <= 0 or result.missed or not result.members:
+            return
+        r = result.round
+        self.counts[r] = (len(result.members), sum(len(ready[w].heads) if w in ready else self.cfg.swarm.max_heads_per_peer
+                                                   for w in result.members))
+        for old in [k for k in self.counts if k <= r - keep]:
+            del self.counts[old]
+
+    def _draw(self, result: RoundResult, shares: dict[str, dict], ready: dict[str, ReadyRecord]) -> None:
         held, coord = self.round_w, self.coord
         if held is None or held[0] != result.round or result.missed or not result.members:
             return
         r, w, digest = held
-        ready = {who: rec for who, rec in dht_io.by_writer(dht_io.read(coord.dht, coord.keys.ready(r), ReadyRecord,
-                                                                       coord.clock.now())).items() if rec.round == r}
         heads = sorted(h for writer in result.members if writer in ready for h in ready[writer].heads)
         chosen = set(sampled(coord.rt.identity, coord.keys.run_id, r, heads, self.rate))
         checks: dict[str, Held] = {}

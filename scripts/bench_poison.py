@@ -21,10 +21,11 @@ drawn with probability R; a drawn one is caught (every attack here fails its red
 is taken out two rounds on exactly as the swarm takes it out (each round's contribution clipped as
 that round clipped it, summed, rounded as the undo travels), it is left out of the next round (the
 coordinator revoked its writer) and from then on its head sends its honest change (another
-volunteer's). With `--rollback` each verified attack runs once more with a design the swarm does not
-have, to measure what it would buy: instead of the hostile head's contributions alone, every
-contribution merged since its first unverified round is taken out (W goes back to where it was
-then, the honest heads' own states do not).
+volunteer's): `swarm.rollback_rounds: 0`. With `--rollback` each verified attack runs once more
+with the consequences a rollback (`swarm.rollback_rounds`, the default) gives it: instead of the
+hostile head's contributions alone, every contribution merged since its first unverified round is
+taken out, the round that takes them out merges none of its own (W goes back to where it was
+then), and every head starts afresh (its factors and optimizer moments, trained on the poisoned W).
 
     python scripts/bench_poison.py [--config configs/digits-vit-tiny.yaml] [--rounds 20] [--hostile 1 2] \\
         [--attacks shrink flip zeros noise] [--verify-rate 0.25] [--set swarm.max_relative_update=0.5 ...] \\
@@ -101,6 +102,7 @@ def run_one(job: tuple) -> dict:
     added = Unverified()          # what each hostile head added so far (no round of it passed a redo)
     undo: dict[int, dict] = {}    # round -> what it takes out
     applied: dict[int, dict] = {}  # round -> what it added to W (rollback)
+    void: set[int] = set()         # rounds that roll back, and so merge none of their own
 
     def reduce(model, dtype="fp32", reduced="fp32", robust_clip=0.0, max_update=float("inf"),
                max_relative_update=float("inf"), reach=None, targets=None, dither=None):
@@ -143,15 +145,42 @@ def run_one(job: tuple) -> dict:
                     shares[name] = shares[name] + value.double() if name in shares else value.double().clone()
             if shares:
                 undo[r + UNDO_DELAY] = dequantized(reduced_tensors(shares, reduced), reduced, shapes_of(shares))
-        out = subtract(totals, undo.pop(r)) if r in undo else totals
+            if rolled:
+                void.add(r + UNDO_DELAY)
+        if r in void:  # rolled back: none of this round's own, and out what the round before added
+            out = subtract(subtract({name: torch.zeros_like(v) for name, v in totals.items()}, undo.pop(r)),
+                           applied[r - 1])
+        else:
+            out = subtract(totals, undo.pop(r)) if r in undo else totals
         applied[r] = {name: value.double() for name, value in out.items()}
         return out
 
+    trainers = []  # the simulation's head trainer: a rollback starts every head afresh
+
+    class Trainer(simulate.HeadTrainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            trainers.append(self)
+
+    merge, afresh = reduce, set()
+
+    def reduce(model, *args, **kwargs):  # noqa: F811 (the merge above, then the heads afresh where rolled back)
+        r = stats["round"]
+        totals = merge(model, *args, **kwargs)
+        if r in afresh:
+            heads = list(model.head_ids)
+            trainers[-1].set_heads([])
+            trainers[-1].set_heads(heads)
+        if rollback:
+            afresh.update(at + UNDO_DELAY for at in caught.values() if at == r)
+        return totals
+
+    head_trainer, simulate.HeadTrainer = simulate.HeadTrainer, Trainer
     original, simulate.reduce_in_process = simulate.reduce_in_process, reduce
     try:
         result = simulate.simulate(cfg, "lte")
     finally:  # a process that simulates again after this one (a test worker) gets the swarm's merge back
-        simulate.reduce_in_process = original
+        simulate.reduce_in_process, simulate.HeadTrainer = original, head_trainer
     norms = {name: layer.weight_store.master.norm().item() for name, layer in result.model.layers()}
     return {"attack": attack or "none", "hostile": hostile if attack else 0, "verify_rate": verify_rate,
             "rollback": rollback, "caught": sorted(caught.values()), "accuracy": result.accuracy, "loss": result.loss,

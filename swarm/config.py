@@ -221,6 +221,12 @@ class SwarmConfig(_Strict):
                                          "on each; drawn from its signature over the round, which no holder can "
                                          "compute before it offered. A contribution that does not reproduce is "
                                          "taken out of W two rounds on, by every peer, and its writer's key revoked")
+    rollback_rounds: int = Field(
+        8, ge=0, le=64, description="with swarm.verify_rate: a contribution that does not reproduce takes with it every "
+                                    "contribution merged since its writer's first round no verdict passed, when those "
+                                    "are at most this many rounds (W goes back to where it was then, and every head "
+                                    "starts afresh: the honest work of those rounds was trained against the cheat's); "
+                                    "more rounds, or 0: only its writer's contributions are taken out")
     verifiers: int = Field(
         2, ge=0, le=8, description="with swarm.verify_rate: spare volunteers (standing by without a head) that redo a "
                                    "round's drawn heads, instead of the coordinator; a round all of them pass passes, "

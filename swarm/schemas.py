@@ -214,6 +214,16 @@ class Undone(_Record):
     heads: int = Field(ge=1, le=4096, alias="h")
 
 
+class RolledBack(_Record):
+    """Every contribution merged in rounds `first` to `last` taken out again: `contributions` of
+    them, covering `heads` heads in all (what bounds their values)."""
+
+    first: int = Field(ge=0, alias="f")
+    last: int = Field(ge=0, alias="l")
+    contributions: int = Field(ge=1, le=1_000_000, alias="n")
+    heads: int = Field(ge=1, le=1_000_000, alias="h")
+
+
 class UndoRecord(_Record):
     """The coordinator's word that merge round `round` subtracts from its totals what the
     contributions `undone` added to theirs (their writers' found not to reproduce), as one reduced
@@ -222,6 +232,9 @@ class UndoRecord(_Record):
     round: int = Field(ge=0, alias="r")
     undone: list[Undone] = Field(min_length=1, max_length=64, alias="u")
     digest: Digest = Field(alias="d")
+    rollback: RolledBack | None = Field(
+        None, alias="b", description="the blob takes out every contribution of these rounds (the undone writers' "
+                                     "among them), and every head starts afresh after the round")
 
 
 class Reduction(_Record):

@@ -5,6 +5,7 @@ and a verifier its redo contradicts is revoked. In memory, on the real roles."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from peers.trainer import Trainer
 from peers.verify import TOLERANCE
@@ -96,3 +97,69 @@ def test_with_no_spare_volunteer_or_none_asked_for_the_coordinator_redoes_every_
     verdicts = coordinator.events.of("verdict")
     assert verdicts and all(v["by"] == "coordinator" and v["passed"] for v in verdicts)
     assert len(coordinator.events.of("redo")) == len(verdicts)
+
+
+def test_a_cheat_caught_within_the_rollback_window_takes_w_back_to_before_its_first_round(tmp_path, monkeypatch):
+    """`swarm.rollback_rounds`: the cheat's rounds 0-2 go unverified until round 2 is drawn. Two
+    rounds on, every peer takes out of W all that rounds 0-3 added (every head's contributions, the
+    honest reactions to the cheat's among them) and merges none of round 4's own: W is back where it
+    was when the run began, on every peer alike and without a re-sync, and every volunteer's heads
+    start afresh."""
+    import peers.verification
+    from swarm.rounds.machine import MergeProtocol
+    from swarm.rounds.undo import Undoing
+
+    loaded, noted, w_after = {}, {}, {}
+    load, note, merge = Undoing.load, Undoing.note, MergeProtocol._merge
+
+    def recorded_load(self, mr):
+        values = load(self, mr)
+        if values is not None:
+            loaded[(self.ctx.peer, mr.round)] = (values, mr.rolled_back)
+        return values
+
+    def recorded_note(self, r, totals):
+        noted[(self.ctx.peer, r)] = {name: value.double().clone() for name, value in totals.items()}
+        return note(self, r, totals)
+
+    def recorded_merge(self, mr, totals, members):
+        out = merge(self, mr, totals, members)
+        w_after[(self.ctx.peer, mr.round)] = {k: v.clone() for k, v in self.model.shared_state().items()}
+        return out
+
+    monkeypatch.setattr(Undoing, "load", recorded_load)
+    monkeypatch.setattr(Undoing, "note", recorded_note)
+    monkeypatch.setattr(MergeProtocol, "_merge", recorded_merge)
+    monkeypatch.setattr(peers.verification, "sampled", lambda identity, run_id, r, heads, rate: heads if r >= 2 else [])
+    cfg = tiny_config(heads=4, merge_every=2, rounds=8, min_heads=4, verify_rate=1.0, verifiers=0)
+    assert cfg.swarm.rollback_rounds >= 3
+    mem = MemorySwarm(cfg, tmp_path)
+    coordinator = mem.coordinator()
+    began = {k: v.clone() for k, v in coordinator.role.model.shared_state().items()}
+    honest = [mem.trainer(f"p{i}") for i in range(3)]
+    mem.trainer("cheat", role=_TurnedAround)
+    mem.run(max_seconds=1200)
+    (undo,) = coordinator.events.of("undo")
+    assert undo["round"] == 2 and undo["at"] == 4 and undo["rollback"] == [0, 2]
+    authority = coordinator.role.peer
+    blob = {}
+    for k in range(3):
+        for name, value in noted[(authority, k)].items():
+            blob[name] = blob[name] + value if name in blob else value
+    peers = [node.role.peer for node in [coordinator, *honest]]
+    assert {peer for peer, _ in loaded} >= set(peers) and {at for _, at in loaded} == {4}
+    for peer in peers:
+        values, rolled_back = loaded[(peer, 4)]
+        assert rolled_back and all(torch.equal(values[name], blob[name].float()) for name in blob)
+        # round 4 adds none of its own: out go the blob and what round 3 added
+        added, before = noted[(peer, 4)], noted[(peer, 3)]
+        assert all(torch.equal(added[name], -(values[name].double() + before[name])) for name in before)
+        assert {k: v for k, v in w_after[(peer, 4)].items()}.keys() == began.keys()
+        for name, value in began.items():  # W as the run began, to the float rounding of the sums
+            assert torch.allclose(w_after[(peer, 4)][name].double(), value.double(), rtol=0, atol=1e-5), (peer[:6], name)
+    for node in honest:
+        assert [e["round"] for e in node.events.of("afresh")] == [5], node.name
+        at = [e for e in node.events.of("round") if e["round"] == 4]
+        assert at and not at[0]["resynced"] and at[0]["merged"]
+    assert coordinator.events.of("afresh") == []
+    assert len(set(mem.digests("coordinator", *[n.name for n in honest]).values())) == 1

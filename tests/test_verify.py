@@ -217,8 +217,9 @@ def test_a_contribution_that_does_not_reproduce_is_taken_out_by_every_peer_alike
     monkeypatch.setattr(MergeProtocol, "_merge", merged)
     # the draw's own properties are tested below; here the rounds it draws are the test's
     monkeypatch.setattr(peers.verification, "sampled", lambda identity, run_id, r, heads, rate: heads if r >= first_drawn else [])
-    # the coordinator redoes every round itself (the spare volunteer is no verifier: see below)
-    cfg = tiny_config(heads=4, merge_every=2, rounds=14, min_heads=4, verify_rate=1.0, verifiers=0)
+    # the coordinator redoes every round itself (the spare volunteer is no verifier: see below), and takes
+    # out the cheat's contributions alone (a rollback: test_verifiers.py)
+    cfg = tiny_config(heads=4, merge_every=2, rounds=14, min_heads=4, verify_rate=1.0, verifiers=0, rollback_rounds=0)
     mem = MemorySwarm(cfg, tmp_path)
     coordinator = mem.coordinator()
     _Recorded.sent = {}

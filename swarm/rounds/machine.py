@@ -58,7 +58,7 @@ from swarm.rounds.gather import gather
 from swarm.rounds.reduction import Reduction
 from swarm.rounds.state_transfer import StateTransfer
 from swarm.rounds.types import MergeRound, RoundResult, RoundScope, RoundStep
-from swarm.rounds.undo import Undoing, subtract
+from swarm.rounds.undo import Undoing
 from swarm.schemas import HashRecord, ReadyRecord
 from swarm.transport import TransferError
 from swarm.wire import apply_reduced, split_totals
@@ -330,8 +330,8 @@ class MergeProtocol:
         round's bytes move (swarm.overlap) applies it only at the end of those steps
         (`apply_pending`), so that its heads train on the same W as in the simulation; it votes for
         the W it will then hold."""
-        if mr.undo is not None:
-            totals = subtract(totals, mr.undo)
+        totals = self.undoing.taken_out(mr, totals)
+        self.undoing.note(mr.round, totals)
         if self.cfg.overlap and mr.contribution is not None:
             mr.totals = totals
             mr.digest = self.model.digest_after(*split_totals(self.model, totals))
@@ -491,4 +491,5 @@ class MergeProtocol:
         mr.mark("done", self.clock.monotonic())
         result.phases = dict(mr.marks)
         result.dht_reads = self.ctx.dht_reads - mr.reads_before
+        result.rolled_back = mr.rolled_back
         mr.step, mr.result, mr.wait = RoundStep.DONE, result, 0.0

@@ -44,6 +44,7 @@ class RoundResult:
     # seconds from entering the round to each step we reached: where a round's time goes
     phases: dict[str, float] = field(default_factory=dict)
     dht_reads: int = 0             # DHT keys read while in the round (each from `swarm.read_replicas` nodes)
+    rolled_back: bool = False      # the round rolled W back (`undo`): the heads start afresh
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,7 @@ class MergeRound:
     slow: set[str] = field(default_factory=set)  # members' addresses that let a fetch of this round time out
     totals: dict[str, torch.Tensor] | None = None  # the merge, when it applies later (swarm.overlap)
     undo: dict[str, torch.Tensor] | None = None  # what the round takes out of its totals again (`undo`)
+    rolled_back: bool = False      # ... every contribution of some rounds: every head starts afresh after it
     shares: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # (the coordinator's) per member, what it added
     pending: bool = False          # agreed, not yet applied to our W (`MergeProtocol.apply_pending`)
 
