@@ -353,8 +353,8 @@ class Trainer:
         if (not self.commits or self.starts_round != r  # carried over: it trained on an older W
                 or any(s is None or s.steps != self.unmerged_steps for s in starts)):
             return None
-        for h, start in zip(heads, starts):
-            self.protocol.ctx.serve(r, self.keys.round_start_blob(r, self.peer, h), start.encode())
+        for h, start in zip(heads, starts):  # encoded only if someone asks: most rounds are never drawn
+            self.protocol.ctx.serve(r, self.keys.round_start_blob(r, self.peer, h), start.encode)
         return [start.digest() for start in starts]
 
     def _missed(self) -> None:

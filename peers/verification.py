@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import torch
 
 from peers.data import DataSource, ImageShape
-from peers.verify import TOLERANCE, judge, sampled
+from peers.verify import TOLERANCE, judge, sampled, start_bound
 from swarm import dht_io
 from swarm.config import RunConfig
 from swarm.rounds import RoundResult
@@ -87,6 +87,7 @@ class Verification:
         # to W the merge keeps: `Undoing.applied`)
         self.counts: dict[int, tuple[int, int]] = {}
         self._source: DataSource | None = None
+        self._start_bytes = start_bound(coord.model)  # what fetching one head's start may take
 
     # ---- a round begins, a round ends --------------------------------------------------------
     def begin(self, r: int) -> None:
@@ -215,7 +216,7 @@ class Verification:
         coord.keep_published()  # fetches take up to a request timeout each
         try:
             starts = [coord.server.fetch(rec.p2p, coord.keys.round_start_blob(r, writer, head), swarm.request_timeout,
-                                         ctx.max_state_bytes) for head in rec.heads]
+                                         self._start_bytes) for head in rec.heads]
             blob = coord.server.fetch(rec.p2p, coord.keys.contribution_blob(r, writer), swarm.request_timeout,
                                       ctx.max_contribution_bytes)
         except NETWORK_ERRORS as exc:

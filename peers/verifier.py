@@ -17,7 +17,7 @@ import logging
 
 from peers.data import DataSource
 from peers.models import create_lte_model
-from peers.verify import TOLERANCE, judge
+from peers.verify import TOLERANCE, judge, start_bound
 from swarm import dht_io
 from swarm.config import RunConfig
 from swarm.lte_model import LTEModel
@@ -70,7 +70,7 @@ class Verifier:
                 contribution = ctx.server.fetch(given.p2p, ctx.keys.check_blob(r, check.writer), swarm.request_timeout,
                                                 ctx.max_contribution_bytes)
                 starts = [ctx.server.fetch(given.p2p, ctx.keys.check_blob(r, f"{check.writer}/{head}"),
-                                           swarm.request_timeout, ctx.max_state_bytes) for head in check.heads]
+                                           swarm.request_timeout, start_bound(ctx.model)) for head in check.heads]
             except NETWORK_ERRORS as exc:
                 log.info("round %d: cannot fetch the check of %s: %s", r, check.writer[:8], exc)
                 continue

@@ -91,6 +91,18 @@ class RoundStart:
         return h.hexdigest()
 
 
+def start_bound(model: LTEModel) -> int:
+    """The most bytes a round's start of one head of `model`'s run can take (what a fetch of one
+    is allowed): its slice of every head tensor and, per trainable parameter, of the two AdamW
+    moments and the step count, with room for the encoding's headers. More than W's own bound: a
+    head holds its factors three times (with their baselines and what was last sent) and the
+    moments twice."""
+    per_head = [math.prod(t.shape[1:]) * t.element_size() for name, t in model.state_dict().items()
+                if name.startswith(HEAD_STATE)]
+    params = [math.prod(p.shape[1:]) * p.element_size() for _, p in model.named_parameters() if p.requires_grad]
+    return sum(per_head) + 2 * sum(params) + 1024 * (len(per_head) + 3 * len(params)) + (1 << 16)
+
+
 class Counted:
     """A head's stream of batches, counting what it yielded: the cursor of the head's next round."""
 

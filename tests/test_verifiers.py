@@ -163,3 +163,32 @@ def test_a_cheat_caught_within_the_rollback_window_takes_w_back_to_before_its_fi
         assert at and not at[0]["resynced"] and at[0]["merged"]
     assert coordinator.events.of("afresh") == []
     assert len(set(mem.digests("coordinator", *[n.name for n in honest]).values())) == 1
+
+
+@pytest.mark.xdist_group("processes")
+def test_a_spare_volunteer_of_a_real_swarm_redoes_the_rounds_it_is_given(tmp_path):
+    """Real processes on loopback (hivemind's DHT and transport, the CLI): two volunteers hold the
+    run's two heads, a third stands by; the coordinator gives it the drawn rounds, it fetches W as
+    each began and the holders' starts and contributions (a start with optimizer moments is larger
+    than W) from the coordinator, and its passes stand."""
+    from peers.local_swarm import LocalSwarm
+    from tests.harness import warnings_of, write_config
+
+    swarm = LocalSwarm(tmp_path, write_config(tmp_path / "run.yaml", heads=2, merge_every=20, rounds=60, min_heads=2,
+                                              verify_rate=1.0, verifiers=1))
+    try:
+        coordinator = swarm.start_coordinator()
+        holders = [swarm.join(f"p{i}") for i in range(2)]
+        for p in holders:
+            p.wait_for(lambda es: any(e["event"] == "heads" for e in es), 120, "a head")
+        spare = swarm.join("spare")
+        spare.wait_for(lambda es: any(e["event"] == "checked" for e in es), 120, "a check done")
+        coordinator.wait_for(lambda es: any(e["event"] == "verdict" and e["by"] == "verifiers" for e in es), 60,
+                             "a verdict from the verifier")
+        checked = spare.of("checked")
+        assert checked and all(c["passed"] and c["mismatch"] < 1e-6 for c in checked), checked
+        assert all(v["passed"] for v in coordinator.of("verdict")), coordinator.of("verdict")
+        assert coordinator.of("undo") == [] and coordinator.of("lying_verifier") == []
+        assert "cannot" not in warnings_of(coordinator) + warnings_of(spare)
+    finally:
+        swarm.close()

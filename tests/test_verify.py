@@ -33,6 +33,12 @@ def test_a_round_redone_from_its_start_is_the_holders_own_bit_for_bit():
     for r in range(2):
         start = verify.snapshot(holder, trainer.optimizer, head, r * steps, r * steps, steps)
         blob = start.encode()
+        # what a fetch of a start allows, reckoned from a model holding no head (the coordinator's):
+        # room for every value even where none repeats, not much more
+        raw = sum(t.numel() * t.element_size() for t in start.tensors.values()) + sum(
+            t.numel() * t.element_size() for m in start.moments.values() for t in m.values())
+        bound = verify.start_bound(create_lte_model(cfg, []))
+        assert len(blob) <= raw < bound < 2 * raw + (1 << 20)
         again = verify.RoundStart.decode(blob)
         assert again.digest() == start.digest() and bool(again.moments) == (r > 0)
         assert set(again.tensors) == set(start.tensors)

@@ -78,8 +78,9 @@ class RoundContext:
         """When a record of a round may go: three round timeouts from now."""
         return self.clock.now() + self.cfg.round_timeout * 3
 
-    def serve(self, r: int, name: str, blob: bytes) -> None:
-        """Serve a blob of round r; what we served for rounds long past is dropped."""
+    def serve(self, r: int, name: str, blob: bytes | Callable[[], bytes]) -> None:
+        """Serve a blob of round r (or what makes it, called when asked for); what we served for
+        rounds long past is dropped."""
         self.server.publish(name, blob)
         self._served.setdefault(r, []).append(name)
         for old in [k for k in self._served if k <= r - KEEP_CONTRIBUTIONS]:
