@@ -22,9 +22,9 @@ is taken out two rounds on exactly as the swarm takes it out (each round's contr
 that round clipped it, summed, rounded as the undo travels), it is left out of the next round (the
 coordinator revoked its writer) and from then on its head sends its honest change (another
 volunteer's): `swarm.rollback_rounds: 0`. With `--rollback` each verified attack runs once more
-with the consequences a rollback (`swarm.rollback_rounds`, the default) gives it: instead of the
-hostile head's contributions alone, every contribution merged since its first unverified round is
-taken out, the round that takes them out merges none of its own (W goes back to where it was
+with the consequences a rollback (`swarm.rollback_rounds`, the default) gives it: when the hostile
+head's first unverified round is at most that many rounds back, instead of its contributions
+alone every contribution merged since then is taken out, the round that takes them out merges none of its own (W goes back to where it was
 then), and every head starts afresh (its factors and optimizer moments, trained on the poisoned W).
 
     python scripts/bench_poison.py [--config configs/digits-vit-tiny.yaml] [--rounds 20] [--hostile 1 2] \\
@@ -106,6 +106,7 @@ def run_one(job: tuple) -> dict:
 
     def reduce(model, dtype="fp32", reduced="fp32", robust_clip=0.0, max_update=float("inf"),
                max_relative_update=float("inf"), reach=None, targets=None, dither=None):
+        nonlocal added
         r = stats["round"]
         stats["round"] += 1
         contributions, forged_now = [], set()
@@ -132,7 +133,7 @@ def run_one(job: tuple) -> dict:
                     added.add(peer, r, 1, share)
             shares, rolled = {}, False
             for pending in [added.pop(f"{h:020d}") for h, at in caught.items() if at == r]:
-                if rollback:
+                if rollback and r - pending.undone.first + 1 <= cfg.swarm.rollback_rounds:
                     for k in range(pending.undone.first, r):
                         for name, value in applied[k].items():
                             shares[name] = shares[name] + value if name in shares else value.clone()
@@ -140,9 +141,10 @@ def run_one(job: tuple) -> dict:
                     continue
                 for name, value in pending.total.items():
                     shares[name] = shares[name] + value if name in shares else value
-            if rolled:  # and this round's, as it is applied
+            if rolled:  # and this round's, as it is applied; the other heads' sums are out of W with it
                 for name, value in (subtract(totals, undo[r]) if r in undo else totals).items():
                     shares[name] = shares[name] + value.double() if name in shares else value.double().clone()
+                added = Unverified()
             if shares:
                 undo[r + UNDO_DELAY] = dequantized(reduced_tensors(shares, reduced), reduced, shapes_of(shares))
             if rolled:
