@@ -25,13 +25,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 from dataclasses import dataclass, field
 
 import torch
 
 from peers.data import DataSource, ImageShape
-from peers.verify import TOLERANCE, judge, sampled, start_bound
+from peers.verify import TOLERANCE, judge, sampled, start_bound, verdict
 from swarm import dht_io
 from swarm.config import RunConfig
 from swarm.rounds import RoundResult
@@ -39,7 +38,7 @@ from swarm.rounds.undo import Unverified
 from swarm.schemas import (Check, CheckRecord, PeerStatus, ReadyRecord, RolledBack, RoundChecks, Undone, Verdict,
                            VerdictRecord)
 from swarm.transport import NETWORK_ERRORS
-from swarm.wire import ContributionError, clipped_share, decode_contribution, encode_shared_state
+from swarm.wire import Contribution, clipped_share, encode_shared_state
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +92,8 @@ class Verification:
     def begin(self, r: int) -> None:
         """Round r begins: keep W as it is, which is what its heads train on."""
         if self.rate > 0:
-            model = self.coord.model
-            self.round_w = (r, {k: v.detach().clone() for k, v in model.shared_state().items()}, model.state_digest())
+            state = self.coord.model.shared_state()
+            self.round_w = (r, {k: v.detach().clone() for k, v in state.items()}, self.coord.protocol.w_digest())
 
     def after(self, result: RoundResult, shares: dict[str, dict]) -> tuple[list[str], list[str]]:
         """Round `result.round` is merged (`shares`: what each member added, clipped as merged):
@@ -129,7 +128,7 @@ class Verification:
             undone.append(entry.undone)
             for name, value in entry.total.items():
                 total[name] = total[name] + value if name in total else value
-        rolled = self._rollback(min((u.first for u in undone), default=r), r) if undone else None
+        rolled = self._rollback(min(u.first for u in undone), r) if undone else None
         if rolled is None:
             return undone, total, None
         total, rollback = rolled
@@ -291,24 +290,25 @@ class Verification:
                 said = [reports[v][writer] for v in out.verifiers if writer in reports.get(v, {})]
                 doubted = any(v.mismatch > TOLERANCE for v in said)
                 if out.verifiers and len(said) == len(out.verifiers) and not doubted:
-                    verdict, by = Verdict(writer=writer, heads=out.held[writer].check.heads,
-                                          mismatch=max(v.mismatch for v in said), passed=True), "verifiers"
+                    judged, by = Verdict(writer=writer, heads=out.held[writer].check.heads,
+                                         mismatch=max(v.mismatch for v in said), passed=True), "verifiers"
+                    submitted = None
                 elif doubted or now >= out.due:
-                    verdict, by = self._redo(out, writer), "coordinator"
+                    (judged, submitted), by = self._redo(out, writer), "coordinator"
                     liars |= {v for v in out.verifiers if writer in reports.get(v, {})
-                              and _lied(reports[v][writer].mismatch, verdict.mismatch)}
+                              and _lied(reports[v][writer].mismatch, judged.mismatch)}
                 else:
                     continue  # its verifiers are still at it
                 held = out.held.pop(writer)
-                out.decided.append(verdict)
-                self.coord.events.emit("verdict", round=r, writer=writer, heads=verdict.heads,
-                                       mismatch=verdict.mismatch, passed=verdict.passed, by=by)
-                if not verdict.passed:
+                out.decided.append(judged)
+                self.coord.events.emit("verdict", round=r, writer=writer, heads=judged.heads,
+                                       mismatch=judged.mismatch, passed=judged.passed, by=by)
+                if not judged.passed:  # only a redo of ours fails a check (`submitted` is what it read)
                     log.warning("round %d: the contribution of %s (heads %s) is %.3g from its round redone: it does "
                                 "not reproduce; taking out what it added in the rounds no verdict passed, and "
-                                "revoking its key", r, writer[:8], verdict.heads, verdict.mismatch)
-                    if held.share is None:  # we did not hold it: as it reads, unclipped
-                        held.share = self._read_share(writer, held)
+                                "revoking its key", r, writer[:8], judged.heads, judged.mismatch)
+                    if held.share is None and submitted is not None:  # we did not hold it: as it reads, unclipped
+                        held.share = clipped_share(self.coord.model, submitted, {})
                     failed[writer] = held
                     if held.share is not None:
                         self.unverified.add(writer, r, len(held.check.heads), held.share)
@@ -319,24 +319,17 @@ class Verification:
             self.coord.events.emit("lying_verifier", verifier=liar)
         return sorted(failed), sorted(liars)
 
-    def _redo(self, out: OutRound, writer: str) -> Verdict:
-        """The coordinator's own verdict on `writer`'s contribution to `out`'s round."""
+    def _redo(self, out: OutRound, writer: str) -> tuple[Verdict, Contribution | None]:
+        """The coordinator's own verdict on `writer`'s contribution to `out`'s round, and the
+        contribution as it reads (None if it does not)."""
         cfg, held = self.cfg, out.held[writer]
         if self._source is None:
             self._source = DataSource(cfg.data, ImageShape(cfg.model.image_size, cfg.model.channels), seed=cfg.train.seed)
         self.coord.keep_published()  # a redo takes a head's T steps: peers must not take us for gone meanwhile
-        distance, _ = judge(cfg, out.w, self.coord.model, writer, held.check.heads, held.check.starts, held.starts,
-                            held.blob, self._source)
+        distance, submitted = judge(cfg, out.w, self.coord.model, writer, held.check.heads, held.check.starts,
+                                    held.starts, held.blob, self._source)
         self.coord.events.emit("redo", round=out.round, writer=writer)
-        return Verdict(writer=writer, heads=held.check.heads, mismatch=min(distance, 1e9), passed=distance <= TOLERANCE)
-
-    def _read_share(self, writer: str, held: Held) -> dict[str, torch.Tensor] | None:
-        try:
-            submitted = decode_contribution(held.blob, writer, self.coord.model, max_update=math.inf,
-                                            dtype=self.cfg.swarm.contribution_dtype)
-        except ContributionError:
-            return None
-        return clipped_share(self.coord.model, submitted, {})
+        return verdict(writer, held.check.heads, distance), submitted
 
     def _close(self, out: OutRound) -> None:
         """Every check of `out` is decided: publish the verdicts, stop serving its blobs."""

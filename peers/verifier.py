@@ -17,7 +17,7 @@ import logging
 
 from peers.data import DataSource
 from peers.models import create_lte_model
-from peers.verify import TOLERANCE, judge, start_bound
+from peers.verify import judge, start_bound, verdict
 from swarm import dht_io
 from swarm.config import RunConfig
 from swarm.lte_model import LTEModel
@@ -38,6 +38,7 @@ class Verifier:
         self.done: set[int] = set()  # rounds whose checks given to us we did (or gave up)
         self.checked = 0  # contributions redone, all run long
         self._w: LTEModel | None = None  # holds W of the round checked (not the volunteer's own W)
+        self._start_bytes = start_bound(ctx.model)  # what fetching one head's start may take
 
     def poll(self) -> None:
         """Read the checks that are out; do those given to us that we have not done."""
@@ -70,7 +71,7 @@ class Verifier:
                 contribution = ctx.server.fetch(given.p2p, ctx.keys.check_blob(r, check.writer), swarm.request_timeout,
                                                 ctx.max_contribution_bytes)
                 starts = [ctx.server.fetch(given.p2p, ctx.keys.check_blob(r, f"{check.writer}/{head}"),
-                                           swarm.request_timeout, start_bound(ctx.model)) for head in check.heads]
+                                           swarm.request_timeout, self._start_bytes) for head in check.heads]
             except NETWORK_ERRORS as exc:
                 log.info("round %d: cannot fetch the check of %s: %s", r, check.writer[:8], exc)
                 continue
@@ -79,11 +80,10 @@ class Verifier:
                 continue
             distance, _ = judge(self.cfg, w, self._w, check.writer, check.heads, check.starts, starts, contribution,
                                 self.source)
-            verdict = Verdict(writer=check.writer, heads=check.heads, mismatch=min(distance, 1e9),
-                              passed=distance <= TOLERANCE)
-            verdicts.append(self.judged(verdict))
+            found = verdict(check.writer, check.heads, distance)
+            verdicts.append(self.judged(found))
             self.checked += 1
-            self.events.emit("checked", round=r, writer=check.writer, mismatch=verdict.mismatch, passed=verdict.passed)
+            self.events.emit("checked", round=r, writer=check.writer, mismatch=found.mismatch, passed=found.passed)
         if verdicts:
             dht_io.store(ctx.dht, ctx.keys.verdicts(r), ctx.identity, VerdictRecord(round=r, verdicts=verdicts),
                          ctx.expiration())

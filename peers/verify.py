@@ -28,6 +28,7 @@ from swarm.config import RunConfig
 from swarm.head_adamw import HeadAdamW
 from swarm.identity import Identity
 from swarm.lte_model import LTEModel
+from swarm.schemas import Verdict
 from swarm.wire import Contribution, ContributionError, decode_contribution
 
 # What is a head's own in an LTEModel's state: its factors (and their baselines), its replicas.
@@ -229,6 +230,11 @@ def mismatch(reproduced: dict[str, torch.Tensor], submitted: dict[str, torch.Ten
         size = float(redo.double().norm())
         worst = max(worst, diff / size if size > 0 else (0.0 if diff == 0 else float("inf")))
     return worst
+
+
+def verdict(writer: str, heads: list[int], distance: float) -> Verdict:
+    """The verdict on `writer`'s contribution to `heads` that a redo found `distance` away (`judge`)."""
+    return Verdict(writer=writer, heads=heads, mismatch=min(distance, 1e9), passed=distance <= TOLERANCE)
 
 
 def judge(cfg: RunConfig, w: dict[str, torch.Tensor], model: LTEModel, writer: str, heads: list[int],
